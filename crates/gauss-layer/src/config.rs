@@ -1,0 +1,247 @@
+//! Layer configuration: a plain struct with [`Default`], validated once, serializable so that
+//! checkpoints can embed it.
+//!
+//! ```
+//! use gauss_layer::{GaussLayerConfig, Parameterization};
+//! let config = GaussLayerConfig {
+//!     parameterization: Parameterization::Diag,
+//!     tanh: true,
+//!     ..Default::default()
+//! };
+//! config.validate().unwrap();
+//! let json = serde_json::to_string(&config).unwrap();
+//! let back: GaussLayerConfig = serde_json::from_str(&json).unwrap();
+//! assert_eq!(config, back);
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{GaussError, Result};
+
+/// How each neuron's precision matrix `P` is stored and mapped to a positive-definite matrix.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Parameterization {
+    /// `P = L Lᵀ`, `L` lower triangular with its diagonal mapped through a positive map plus a
+    /// floor. Positive definite for every finite raw value.
+    #[default]
+    Cholesky,
+    /// `P = (A + Aᵀ)/2`, `A` stored directly. Not always positive definite: check and repair
+    /// it after optimizer steps (see [`crate::repair`]).
+    Direct,
+    /// `P = expm((A + Aᵀ)/2)`. Positive definite; `log det P = tr A`.
+    Expm,
+    /// `P = diag(exp θ)`.
+    Diag,
+    /// `P = exp(θ) I`.
+    Sphere,
+}
+
+impl Parameterization {
+    /// All parameterizations, in a fixed order.
+    pub const ALL: [Parameterization; 5] = [
+        Parameterization::Cholesky,
+        Parameterization::Direct,
+        Parameterization::Expm,
+        Parameterization::Diag,
+        Parameterization::Sphere,
+    ];
+
+    /// The lower-case name used in configs, CLIs and reference files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Parameterization::Cholesky => "cholesky",
+            Parameterization::Direct => "direct",
+            Parameterization::Expm => "expm",
+            Parameterization::Diag => "diag",
+            Parameterization::Sphere => "sphere",
+        }
+    }
+
+    /// Whether `P` is a full (d, d) matrix rather than a diagonal.
+    pub fn is_full(self) -> bool {
+        matches!(
+            self,
+            Parameterization::Cholesky | Parameterization::Direct | Parameterization::Expm
+        )
+    }
+}
+
+impl std::fmt::Display for Parameterization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Parameterization {
+    type Err = GaussError;
+    fn from_str(s: &str) -> Result<Self> {
+        Parameterization::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                GaussError::config(
+                    "parameterization",
+                    format!("must be one of cholesky, direct, expm, diag, sphere; got {s:?}"),
+                )
+            })
+    }
+}
+
+/// The positive map applied to the diagonal of the Cholesky factor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PositiveMap {
+    /// `softplus(r) = log(1 + e^r)`: gradients stay bounded for large raw values.
+    #[default]
+    Softplus,
+    /// `exp(r)`.
+    Exp,
+}
+
+/// Which squared-Mahalanobis kernel the layer uses (DESIGN §4).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DistanceKernel {
+    /// Pick by parameterization, shape and a cheap conditioning check.
+    #[default]
+    Auto,
+    /// One GEMM of the inputs against the stacked factors (needs a factor `P = F Fᵀ`).
+    Projected,
+    /// `<x⊗x, P> - 2 x·(P c) + cᵀ P c` over the d(d+1)/2 distinct products (centered, clamped).
+    Expanded,
+    /// The (B, Z, d) broadcast form. Slow and memory hungry: a test oracle.
+    Naive,
+}
+
+/// Initialization of a freshly created layer (FGN defaults).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InitConfig {
+    /// Standard deviation of the centers, drawn from N(0, std²). FGN: 0.1.
+    pub center_std: f64,
+    /// Initial precision `P ≈ precision_scale · I`; `None` means `1 / in_features`.
+    pub precision_scale: Option<f64>,
+    /// Size of the tiny symmetric random perturbation added to the initial precision
+    /// (relative to `precision_scale`), so that neurons are not exactly alike.
+    pub perturbation: f64,
+}
+
+impl Default for InitConfig {
+    fn default() -> Self {
+        Self {
+            center_std: 0.1,
+            precision_scale: None,
+            perturbation: 1e-3,
+        }
+    }
+}
+
+/// Configuration of one [`crate::GaussLayer`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GaussLayerConfig {
+    /// How the precision is stored. Default: [`Parameterization::Cholesky`].
+    pub parameterization: Parameterization,
+    /// Positive map of the Cholesky diagonal. Default: softplus.
+    pub positive_map: PositiveMap,
+    /// Added to the mapped Cholesky diagonal (`L_ii = map(raw_ii) + floor`), so `P` stays
+    /// positive definite with a margin. Must be `>= 0`. Default `1e-6`.
+    pub factor_diag_floor: f64,
+    /// Smallest width (standard deviation) the Gaussian may take, or `None`. A floor keeps a
+    /// neuron's gradient alive so it can always grow back. Must be `> 0` when set.
+    pub width_floor: Option<f64>,
+    /// `tanh` on the linear part: `y = tanh(Wx + b) · g`.
+    pub tanh: bool,
+    /// Tied bias `b = -W·c`: the linear part's zero line passes through the center.
+    pub tied_bias: bool,
+    /// Gaussian-only output `y = g` (an RBF layer, no linear part).
+    pub gaussian_only: bool,
+    /// Which distance kernel to use. Default: automatic.
+    pub kernel: DistanceKernel,
+    /// Initialization of a freshly created layer.
+    pub init: InitConfig,
+}
+
+impl Default for GaussLayerConfig {
+    fn default() -> Self {
+        Self {
+            parameterization: Parameterization::Cholesky,
+            positive_map: PositiveMap::Softplus,
+            factor_diag_floor: 1e-6,
+            width_floor: None,
+            tanh: false,
+            tied_bias: false,
+            gaussian_only: false,
+            kernel: DistanceKernel::Auto,
+            init: InitConfig::default(),
+        }
+    }
+}
+
+fn check_finite_non_negative(field: &'static str, value: f64) -> Result<()> {
+    if !value.is_finite() || value < 0.0 {
+        return Err(GaussError::config(
+            field,
+            format!("must be finite and >= 0, got {value}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_finite_positive(field: &'static str, value: f64) -> Result<()> {
+    if !value.is_finite() || value <= 0.0 {
+        return Err(GaussError::config(
+            field,
+            format!("must be finite and > 0, got {value}"),
+        ));
+    }
+    Ok(())
+}
+
+impl GaussLayerConfig {
+    /// Checks that the config can work; called once by the constructors.
+    pub fn validate(&self) -> Result<()> {
+        check_finite_non_negative("factor_diag_floor", self.factor_diag_floor)?;
+        if let Some(width) = self.width_floor {
+            check_finite_positive("width_floor", width)?;
+        }
+        check_finite_non_negative("init.center_std", self.init.center_std)?;
+        check_finite_non_negative("init.perturbation", self.init.perturbation)?;
+        if let Some(scale) = self.init.precision_scale {
+            check_finite_positive("init.precision_scale", scale)?;
+        }
+        if self.gaussian_only && (self.tanh || self.tied_bias) {
+            return Err(GaussError::config(
+                "gaussian_only",
+                "has no linear part, so `tanh` and `tied_bias` must be false",
+            ));
+        }
+        if self.kernel == DistanceKernel::Projected
+            && self.parameterization == Parameterization::Direct
+        {
+            return Err(GaussError::config(
+                "kernel",
+                "`projected` needs a factor P = F Fᵀ, which the `direct` parameterization does not keep; use `auto`, `expanded` or `naive`",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the layer sizes together with the config.
+    pub fn validate_sizes(&self, in_features: usize, out_features: usize) -> Result<()> {
+        if in_features == 0 {
+            return Err(GaussError::config(
+                "in_features",
+                "must be >= 1, got 0",
+            ));
+        }
+        if out_features == 0 {
+            return Err(GaussError::config(
+                "out_features",
+                "must be >= 1, got 0",
+            ));
+        }
+        self.validate()
+    }
+}

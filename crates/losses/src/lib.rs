@@ -1,0 +1,2 @@
+//! Losses for Gaussian neurons.
+#![warn(missing_docs)]
