@@ -1,12 +1,32 @@
 //! The Gaussian-neuron layer (Finite Gaussian Neuron): `y = (Wx + b) · g`.
 //!
-//! SKELETON: signatures are the contract other modules build on; bodies are being filled in.
+//! `g = exp(-m2/2)` with `m2 = (x − c)ᵀ P (x − c)` per neuron; options (see
+//! [`GaussLayerConfig`]): `tanh` on the linear part, tied bias `b = −W·c`, Gaussian-only
+//! output `y = g`, gating by the previous layer's Gaussians, a width floor.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{Module, VarBuilder, VarMap};
+//! use gauss_layer::{gauss_layer, GaussLayerConfig};
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+//! let layer = gauss_layer(4, 3, GaussLayerConfig::default(), vb.pp("gauss"))?;
+//! let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu)?;
+//! let (y, g) = layer.forward_with_gaussian(&x, None)?;
+//! assert_eq!(y.dims(), &[2, 3]);
+//! assert_eq!(g.dims(), &[2, 3]);
+//! // Tensors are registered as gauss.weight, gauss.bias, gauss.center, gauss.precision_factor.
+//! assert!(varmap.data().lock().unwrap().contains_key("gauss.precision_factor"));
+//! # Ok::<(), gauss_layer::GaussError>(())
+//! ```
 
-use candle_core::Tensor;
-use candle_nn::VarBuilder;
+use candle_core::{DType, Tensor, D};
+use candle_nn::{Init, VarBuilder};
 
+use crate::activation;
 use crate::config::GaussLayerConfig;
-use crate::error::Result;
+use crate::error::{GaussError, Result};
+use crate::kernels;
 use crate::precision::Precision;
 
 /// A layer of `out_features` Gaussian neurons over `in_features` inputs.
@@ -19,8 +39,37 @@ pub struct GaussLayer {
     config: GaussLayerConfig,
 }
 
+fn check_dtype(what: &str, tensor: &Tensor, expected: DType) -> Result<()> {
+    if tensor.dtype() != expected {
+        return Err(GaussError::DType {
+            what: what.to_string(),
+            expected,
+            got: tensor.dtype(),
+        });
+    }
+    Ok(())
+}
+
+fn check_device(what: &str, tensor: &Tensor, center: &Tensor) -> Result<()> {
+    if !tensor.device().same_device(center.device()) {
+        return Err(GaussError::config(
+            "device",
+            format!(
+                "{what} is on {:?} but center is on {:?}",
+                tensor.device().location(),
+                center.device().location()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl GaussLayer {
     /// Builds a layer from tensors.
+    ///
+    /// Every tensor must have the dtype and device of `center`. The precision must have been
+    /// built with the same parameterization, positive map, factor floor and width floor as
+    /// `config` (e.g. `Precision::from_raw(raw, d, &config)`).
     ///
     /// # Shapes
     /// `weight`: (Z, d) (`None` only for `gaussian_only`), `bias`: (Z) (`None` for tied bias,
@@ -32,8 +81,116 @@ impl GaussLayer {
         precision: Precision,
         config: GaussLayerConfig,
     ) -> Result<Self> {
-        let _ = (weight, bias, center, precision, config);
-        todo!()
+        config.validate()?;
+        let cd = center.dims();
+        if cd.len() != 2 || cd[0] == 0 || cd[1] == 0 {
+            return Err(GaussError::shape("center", "(Z, d) with Z, d >= 1", cd));
+        }
+        let (z, d) = (cd[0], cd[1]);
+        let dtype = center.dtype();
+        if !matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64) {
+            return Err(GaussError::DType {
+                what: "center".into(),
+                expected: DType::F32,
+                got: dtype,
+            });
+        }
+        match (&weight, config.gaussian_only) {
+            (Some(_), true) => {
+                return Err(GaussError::config(
+                    "gaussian_only",
+                    "a Gaussian-only layer has no linear part, but a weight was given",
+                ))
+            }
+            (None, false) => {
+                return Err(GaussError::config(
+                    "gaussian_only",
+                    "is false, so the layer needs a weight (Z, d), but none was given",
+                ))
+            }
+            (Some(w), false) => {
+                if w.dims() != [z, d] {
+                    return Err(GaussError::shape("weight", format!("({z}, {d})"), w.dims()));
+                }
+                check_dtype("weight", w, dtype)?;
+                check_device("weight", w, &center)?;
+            }
+            (None, true) => {}
+        }
+        if let Some(b) = &bias {
+            if config.tied_bias || config.gaussian_only {
+                return Err(GaussError::config(
+                    if config.tied_bias {
+                        "tied_bias"
+                    } else {
+                        "gaussian_only"
+                    },
+                    "the layer computes no stored bias, but a bias was given",
+                ));
+            }
+            if b.dims() != [z] {
+                return Err(GaussError::shape("bias", format!("({z})"), b.dims()));
+            }
+            check_dtype("bias", b, dtype)?;
+            check_device("bias", b, &center)?;
+        }
+        let name = Precision::tensor_name(precision.parameterization());
+        if precision.parameterization() != config.parameterization {
+            return Err(GaussError::config(
+                "parameterization",
+                format!(
+                    "config says {} but the precision is {}",
+                    config.parameterization,
+                    precision.parameterization()
+                ),
+            ));
+        }
+        if precision.positive_map() != config.positive_map
+            || precision.factor_diag_floor() != config.factor_diag_floor
+            || precision.width_floor() != config.width_floor
+        {
+            return Err(GaussError::config(
+                "precision",
+                "was built with another positive_map, factor_diag_floor or width_floor than the layer config",
+            ));
+        }
+        let expected_raw = Precision::raw_shape(config.parameterization, z, d);
+        if precision.raw().dims() != expected_raw.as_slice() || precision.dim() != d {
+            return Err(GaussError::shape(
+                format!("precision tensor `{name}`"),
+                format!("{expected_raw:?} (Z = {z} neurons over d = {d} inputs)"),
+                precision.raw().dims(),
+            ));
+        }
+        check_dtype(
+            &format!("precision tensor `{name}`"),
+            precision.raw(),
+            dtype,
+        )?;
+        check_device(
+            &format!("precision tensor `{name}`"),
+            precision.raw(),
+            &center,
+        )?;
+        Ok(Self {
+            weight,
+            bias,
+            center,
+            precision,
+            config,
+        })
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<()> {
+        let d = self.in_features();
+        if x.rank() != 2 || x.dims()[1] != d {
+            return Err(GaussError::shape(
+                "input x",
+                format!("(batch, {d})"),
+                x.dims(),
+            ));
+        }
+        check_dtype("input x", x, self.center.dtype())
     }
 
     /// Output `y` and the (gated) Gaussian activations `g`, gated by `prev_g` when given.
@@ -45,8 +202,37 @@ impl GaussLayer {
         x: &Tensor,
         prev_g: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor)> {
-        let _ = (x, prev_g);
-        todo!()
+        self.check_input(x)?;
+        if let Some(prev) = prev_g {
+            let batch = x.dims()[0];
+            if prev.rank() != 2 || prev.dims()[0] != batch || prev.dims()[1] == 0 {
+                return Err(GaussError::shape(
+                    "prev_g",
+                    format!("({batch}, K) with K >= 1 (the batch size of x)"),
+                    prev.dims(),
+                ));
+            }
+            check_dtype("prev_g", prev, self.center.dtype())?;
+        }
+        let m2 = self.mahalanobis_sq(x)?;
+        let mut g = activation::gaussian(&m2)?;
+        if let Some(prev) = prev_g {
+            g = activation::gate(&g, prev)?;
+        }
+        let Some(weight) = &self.weight else {
+            return Ok((g.clone(), g));
+        };
+        let mut linear = x.matmul(&weight.t()?)?;
+        if self.config.tied_bias {
+            let tied = (weight * &self.center)?.sum(D::Minus1)?.neg()?;
+            linear = linear.broadcast_add(&tied.unsqueeze(0)?)?;
+        } else if let Some(bias) = &self.bias {
+            linear = linear.broadcast_add(&bias.unsqueeze(0)?)?;
+        }
+        if self.config.tanh {
+            linear = linear.tanh()?;
+        }
+        Ok(((linear * &g)?, g))
     }
 
     /// Squared Mahalanobis distances through the configured kernel.
@@ -54,8 +240,8 @@ impl GaussLayer {
     /// # Shapes
     /// `x`: (B, d) → (B, Z)
     pub fn mahalanobis_sq(&self, x: &Tensor) -> Result<Tensor> {
-        let _ = x;
-        todo!()
+        self.check_input(x)?;
+        kernels::mahalanobis_sq(x, &self.center, &self.precision, self.config.kernel)
     }
 
     /// `d`.
@@ -100,15 +286,246 @@ impl candle_nn::Module for GaussLayer {
     }
 }
 
-/// Creates (or loads) a layer through a `VarBuilder`. Tensor names: `weight` (Z, d),
-/// `bias` (Z), `center` (Z, d), and the precision's raw tensor under
-/// [`Precision::tensor_name`].
+/// Creates (or loads) a layer through a `VarBuilder`.
+///
+/// Tensor names (under the builder's prefix):
+///
+/// | name | shape | when | initialization (FGN) |
+/// |---|---|---|---|
+/// | `weight` | (Z, d) | not `gaussian_only` | Kaiming uniform (fan-in) |
+/// | `bias` | (Z) | neither `tied_bias` nor `gaussian_only` | uniform ±1/√d, like `candle_nn::linear` |
+/// | `center` | (Z, d) | always | N(0, `init.center_std`²) |
+/// | [`Precision::tensor_name`] | [`Precision::raw_shape`] | always | `P ≈ init.precision_scale · I` (default 1/d) plus a tiny symmetric perturbation, through the inverse map ([`Precision::initial_raw`]) |
+///
+/// When the builder already holds a tensor (loading from safetensors, or a `VarMap` that
+/// has it) it is used as is. A missing precision tensor in a `VarMap` is created and filled
+/// in place with the FGN initial value.
 pub fn gauss_layer(
     in_features: usize,
     out_features: usize,
     config: GaussLayerConfig,
     vb: VarBuilder,
 ) -> Result<GaussLayer> {
-    let _ = (in_features, out_features, config, vb);
-    todo!()
+    config.validate_sizes(in_features, out_features)?;
+    let (z, d) = (out_features, in_features);
+    let weight = if config.gaussian_only {
+        None
+    } else {
+        Some(vb.get_with_hints((z, d), "weight", candle_nn::init::DEFAULT_KAIMING_UNIFORM)?)
+    };
+    let bias = if config.gaussian_only || config.tied_bias {
+        None
+    } else {
+        let bound = 1.0 / (d as f64).sqrt();
+        Some(vb.get_with_hints(
+            z,
+            "bias",
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?)
+    };
+    let center_init = if config.init.center_std > 0.0 {
+        Init::Randn {
+            mean: 0.0,
+            stdev: config.init.center_std,
+        }
+    } else {
+        Init::Const(0.0)
+    };
+    let center = vb.get_with_hints((z, d), "center", center_init)?;
+
+    let name = Precision::tensor_name(config.parameterization);
+    let shape = Precision::raw_shape(config.parameterization, z, d);
+    let raw = if vb.contains_tensor(name) {
+        vb.get(shape, name)?
+    } else {
+        // Init hints cannot express the inverse-mapped FGN value, so create the variable and
+        // write the value into its storage (it is the VarMap's own Var).
+        let raw = vb.get_with_hints(shape, name, Init::Const(0.0))?;
+        let initial = Precision::initial_raw(z, d, &config, raw.dtype(), raw.device())?;
+        raw.slice_set(&initial, 0, 0)?;
+        raw
+    };
+    let precision = Precision::from_raw(raw, d, &config)?;
+    GaussLayer::new(weight, bias, center, precision, config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{InitConfig, Parameterization};
+    use crate::testing::{all_finite, relative_error};
+    use candle_core::{Device, Var};
+    use candle_nn::{Module, VarMap};
+
+    fn build(
+        config: GaussLayerConfig,
+        d: usize,
+        z: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(VarMap, GaussLayer)> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, dtype, device);
+        let layer = gauss_layer(d, z, config, vb)?;
+        Ok((varmap, layer))
+    }
+
+    fn bad_inputs_are_shape_errors(device: &Device) -> Result<()> {
+        let (_, layer) = build(GaussLayerConfig::default(), 4, 3, DType::F32, device)?;
+        let expect_shape = |result: Result<(Tensor, Tensor)>, needle: &str| match result {
+            Err(GaussError::Shape { what, expected, .. }) => {
+                assert!(
+                    format!("{what} {expected}").contains(needle),
+                    "{what}: {expected}"
+                )
+            }
+            other => panic!("expected a shape error, got {other:?}"),
+        };
+        let rank1 = Tensor::zeros(4, DType::F32, device)?;
+        expect_shape(layer.forward_with_gaussian(&rank1, None), "(batch, 4)");
+        let wide = Tensor::zeros((2, 5), DType::F32, device)?;
+        expect_shape(layer.forward_with_gaussian(&wide, None), "(batch, 4)");
+        let x = Tensor::zeros((2, 4), DType::F32, device)?;
+        let prev = Tensor::ones((3, 6), DType::F32, device)?;
+        expect_shape(layer.forward_with_gaussian(&x, Some(&prev)), "prev_g");
+        let x64 = Tensor::zeros((2, 4), DType::F64, device)?;
+        assert!(matches!(
+            layer.forward_with_gaussian(&x64, None),
+            Err(GaussError::DType { .. })
+        ));
+        // Through the Module trait the error is a candle error carrying the message.
+        let err = layer.forward(&wide).unwrap_err().to_string();
+        assert!(err.contains("(batch, 4)"), "{err}");
+        Ok(())
+    }
+    crate::test_device!(bad_inputs_are_shape_errors);
+
+    #[test]
+    fn invalid_configs_and_tensors_are_errors() {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let bad = |r: Result<GaussLayer>| {
+            assert!(matches!(r, Err(GaussError::InvalidConfig { .. })), "{r:?}")
+        };
+        bad(gauss_layer(0, 3, GaussLayerConfig::default(), vb.pp("a")));
+        bad(gauss_layer(3, 0, GaussLayerConfig::default(), vb.pp("b")));
+        let floor = GaussLayerConfig {
+            width_floor: Some(-1.0),
+            ..Default::default()
+        };
+        bad(gauss_layer(3, 2, floor, vb.pp("c")));
+        // Misshapen tensors in new() name the tensor.
+        let config = GaussLayerConfig::default();
+        let center = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
+        let raw = Tensor::zeros((2, 3, 3), DType::F32, &dev).unwrap();
+        let precision = Precision::from_raw(raw, 3, &config).unwrap();
+        let weight = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
+        let err = GaussLayer::new(Some(weight), None, center, precision, config).unwrap_err();
+        assert!(err.to_string().contains("weight"), "{err}");
+    }
+
+    /// Forward and backward through every parameterization stay finite for inputs of
+    /// magnitude 1e4 and for Gaussians so narrow that g underflows to 0.
+    fn finite_inputs_give_finite_outputs_and_gradients(device: &Device) -> Result<()> {
+        for dtype in [DType::F32, DType::F64] {
+            for parameterization in Parameterization::ALL {
+                for (scale, magnitude) in [(1e-2, 1e4), (1e6, 1.0), (1e6, 1e4)] {
+                    let config = GaussLayerConfig {
+                        parameterization,
+                        tanh: parameterization == Parameterization::Expm,
+                        init: InitConfig {
+                            precision_scale: Some(scale),
+                            ..Default::default()
+                        },
+                        ..Default::default()
+                    };
+                    let (varmap, layer) = build(config, 6, 4, dtype, device)?;
+                    let x =
+                        (Tensor::randn(0f32, 1.0, (5, 6), device)?.to_dtype(dtype)? * magnitude)?;
+                    let x = Var::from_tensor(&x)?;
+                    let prev = Tensor::rand(0f32, 1.0, (5, 2), device)?.to_dtype(dtype)?;
+                    let (y, g) = layer.forward_with_gaussian(x.as_tensor(), Some(&prev))?;
+                    let what =
+                        format!("{parameterization} {dtype:?} scale {scale} |x| {magnitude}");
+                    assert!(all_finite(&y)? && all_finite(&g)?, "{what}: outputs");
+                    if scale == 1e6 {
+                        // g underflows (m2 ≫ 1500), the case the promise is about.
+                        assert_eq!(
+                            crate::testing::max_abs(&g)?,
+                            0.0,
+                            "{what}: g should underflow"
+                        );
+                    }
+                    let loss = (y.sum_all()? + g.sum_all()?)?;
+                    let grads = loss.backward()?;
+                    let mut vars: Vec<(String, Var)> =
+                        varmap.data().lock().unwrap().clone().into_iter().collect();
+                    vars.push(("x".into(), x));
+                    for (name, var) in vars {
+                        let grad = grads.get(var.as_tensor()).ok_or_else(|| {
+                            GaussError::config("test", format!("{what}: no gradient for {name}"))
+                        })?;
+                        assert!(all_finite(grad)?, "{what}: gradient of {name}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    crate::test_device!(finite_inputs_give_finite_outputs_and_gradients);
+
+    fn options_follow_their_definitions(device: &Device) -> Result<()> {
+        let x = Tensor::randn(0f64, 1.0, (5, 3), device)?;
+        let base = GaussLayerConfig {
+            parameterization: Parameterization::Diag,
+            ..Default::default()
+        };
+        let (_, plain) = build(base.clone(), 3, 2, DType::F64, device)?;
+        let (y, g) = plain.forward_with_gaussian(&x, None)?;
+        let weight = plain.weight().unwrap();
+        let linear = x
+            .matmul(&weight.t()?)?
+            .broadcast_add(&plain.bias().unwrap().unsqueeze(0)?)?;
+        assert!(relative_error(&y, &(&linear * &g)?)? < 1e-14);
+        assert!(relative_error(&plain.forward(&x)?, &y)? < 1e-14);
+
+        // Tied bias: b = −W·c, so y = W(x − c) · g; same tensors otherwise.
+        let tied_config = GaussLayerConfig {
+            tied_bias: true,
+            tanh: true,
+            ..base.clone()
+        };
+        let tied = GaussLayer::new(
+            Some(weight.clone()),
+            None,
+            plain.center().clone(),
+            Precision::from_raw(plain.precision().raw().clone(), 3, &tied_config)?,
+            tied_config,
+        )?;
+        let (y_tied, _) = tied.forward_with_gaussian(&x, None)?;
+        let shifted = x
+            .unsqueeze(1)?
+            .broadcast_sub(&plain.center().unsqueeze(0)?)?;
+        let expected = shifted
+            .broadcast_mul(&weight.unsqueeze(0)?)?
+            .sum(D::Minus1)?
+            .tanh()?;
+        assert!(relative_error(&y_tied, &(expected * &g)?)? < 1e-14);
+
+        // Gaussian-only: y = g.
+        let rbf_config = GaussLayerConfig {
+            gaussian_only: true,
+            ..base
+        };
+        let (_, rbf) = build(rbf_config, 3, 2, DType::F64, device)?;
+        let (y, g) = rbf.forward_with_gaussian(&x, None)?;
+        assert!(relative_error(&y, &g)? == 0.0);
+        assert!(rbf.weight().is_none() && rbf.bias().is_none());
+        Ok(())
+    }
+    crate::test_device!(options_follow_their_definitions);
 }

@@ -14,8 +14,10 @@ pub mod linalg;
 pub mod net;
 pub mod precision;
 pub mod repair;
+pub mod testing;
 
 pub use config::{DistanceKernel, GaussLayerConfig, InitConfig, Parameterization, PositiveMap};
 pub use error::{GaussError, Result};
 pub use layer::{gauss_layer, GaussLayer};
 pub use precision::Precision;
+pub use net::{GaussNet, GaussNetConfig};

@@ -1,1 +1,384 @@
-//! (being written)
+//! A feed-forward network of Gaussian layers (the FGN "Feedforward_FGN_net").
+//!
+//! Layout, as in the FGN work: an optional batch norm on the input, then Gaussian layers; between
+//! two Gaussian layers an optional batch norm and an optional dropout. Each layer's Gaussians
+//! are gated by the previous layer's (`g ← g · max_k g_prev[k]`, when [`GaussNetConfig::gate`]
+//! is on), so an input far from everything the first layer has seen gives `g ≈ 0` all the way up
+//! and logits near 0: a softmax near uniform, the network's "I don't know".
+//!
+//! Tensor names (VarBuilder and checkpoint): `layers.{i}.weight`, `layers.{i}.bias`,
+//! `layers.{i}.center`, `layers.{i}.<precision name>` (see [`crate::Precision::tensor_name`]),
+//! `norms.{i}.{running_mean,running_var,weight,bias}` for the batch norm after hidden layer `i`,
+//! and `input_norm.*` for the input batch norm.
+//!
+//! ```no_run
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use gauss_layer::net::{GaussNet, GaussNetConfig};
+//!
+//! let config = GaussNetConfig { in_features: 4, hidden: vec![8], out_features: 3, ..Default::default() };
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+//! let net = GaussNet::new(config, vb)?;
+//! let x = Tensor::zeros((5, 4), DType::F32, &Device::Cpu)?;
+//! let logits = net.forward(&x, false)?;
+//! assert_eq!(logits.dims(), &[5, 3]);
+//! # Ok::<(), gauss_layer::GaussError>(())
+//! ```
+
+use candle_core::{Tensor, D};
+use candle_nn::{BatchNorm, Dropout, ModuleT, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::config::GaussLayerConfig;
+use crate::error::{GaussError, Result};
+use crate::layer::{gauss_layer, GaussLayer};
+use crate::precision::Precision;
+
+/// Configuration of a [`GaussNet`]; serializable so checkpoints carry it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GaussNetConfig {
+    /// Width of the input.
+    pub in_features: usize,
+    /// Widths of the hidden Gaussian layers, in order (may be empty).
+    pub hidden: Vec<usize>,
+    /// Width of the output layer (number of classes for a classifier).
+    pub out_features: usize,
+    /// Config of the hidden layers.
+    pub layer: GaussLayerConfig,
+    /// Config of the output layer; `None` uses [`GaussNetConfig::layer`].
+    pub output_layer: Option<GaussLayerConfig>,
+    /// Batch norm on the input (FGN's `ib`).
+    pub input_batch_norm: bool,
+    /// Batch norm after every hidden layer.
+    pub batch_norm: bool,
+    /// Epsilon of the batch norms.
+    pub batch_norm_eps: f64,
+    /// Dropout probability after every hidden layer (0 = none), active only in training.
+    pub dropout: f32,
+    /// Gate each layer's Gaussians by the previous layer's (`g ← g · max_k g_prev[k]`).
+    pub gate: bool,
+}
+
+impl Default for GaussNetConfig {
+    fn default() -> Self {
+        Self {
+            in_features: 1,
+            hidden: Vec::new(),
+            out_features: 1,
+            layer: GaussLayerConfig::default(),
+            output_layer: None,
+            input_batch_norm: false,
+            batch_norm: false,
+            batch_norm_eps: 1e-5,
+            dropout: 0.0,
+            gate: true,
+        }
+    }
+}
+
+impl GaussNetConfig {
+    /// Checks sizes, probabilities and the layer configs.
+    pub fn validate(&self) -> Result<()> {
+        if self.in_features == 0 {
+            return Err(GaussError::config("in_features", "must be >= 1, got 0"));
+        }
+        if self.out_features == 0 {
+            return Err(GaussError::config("out_features", "must be >= 1, got 0"));
+        }
+        if let Some(i) = self.hidden.iter().position(|&w| w == 0) {
+            return Err(GaussError::config(
+                "hidden",
+                format!("every hidden width must be >= 1, got 0 at position {i}"),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(GaussError::config(
+                "dropout",
+                format!("must be in [0, 1), got {}", self.dropout),
+            ));
+        }
+        if !self.batch_norm_eps.is_finite() || self.batch_norm_eps < 0.0 {
+            return Err(GaussError::config(
+                "batch_norm_eps",
+                format!("must be finite and >= 0, got {}", self.batch_norm_eps),
+            ));
+        }
+        self.layer.validate()?;
+        if let Some(output) = &self.output_layer {
+            output.validate()?;
+        }
+        Ok(())
+    }
+
+    /// `(in_features, out_features, config)` of every Gaussian layer, in order.
+    pub fn layer_specs(&self) -> Vec<(usize, usize, GaussLayerConfig)> {
+        let mut specs = Vec::with_capacity(self.hidden.len() + 1);
+        let mut width = self.in_features;
+        for &next in &self.hidden {
+            specs.push((width, next, self.layer.clone()));
+            width = next;
+        }
+        let output = self
+            .output_layer
+            .clone()
+            .unwrap_or_else(|| self.layer.clone());
+        specs.push((width, self.out_features, output));
+        specs
+    }
+}
+
+/// A stack of [`GaussLayer`]s with optional batch norm and dropout between them.
+#[derive(Clone, Debug)]
+pub struct GaussNet {
+    config: GaussNetConfig,
+    input_norm: Option<BatchNorm>,
+    layers: Vec<GaussLayer>,
+    norms: Vec<Option<BatchNorm>>,
+    dropout: Option<Dropout>,
+}
+
+impl GaussNet {
+    /// Creates (or loads) the network's tensors through `vb` (see the module docs for names).
+    pub fn new(config: GaussNetConfig, vb: VarBuilder) -> Result<Self> {
+        config.validate()?;
+        let norm_config = candle_nn::BatchNormConfig {
+            eps: config.batch_norm_eps,
+            ..Default::default()
+        };
+        let input_norm = if config.input_batch_norm {
+            Some(candle_nn::batch_norm(
+                config.in_features,
+                norm_config,
+                vb.pp("input_norm"),
+            )?)
+        } else {
+            None
+        };
+        let specs = config.layer_specs();
+        let mut layers = Vec::with_capacity(specs.len());
+        let mut norms = Vec::with_capacity(specs.len().saturating_sub(1));
+        for (i, (fan_in, fan_out, layer_config)) in specs.into_iter().enumerate() {
+            layers.push(gauss_layer(
+                fan_in,
+                fan_out,
+                layer_config,
+                vb.pp("layers").pp(i),
+            )?);
+            if i < config.hidden.len() {
+                norms.push(if config.batch_norm {
+                    Some(candle_nn::batch_norm(
+                        fan_out,
+                        norm_config,
+                        vb.pp("norms").pp(i),
+                    )?)
+                } else {
+                    None
+                });
+            }
+        }
+        let dropout = (config.dropout > 0.0).then(|| Dropout::new(config.dropout));
+        Ok(Self {
+            config,
+            input_norm,
+            layers,
+            norms,
+            dropout,
+        })
+    }
+
+    /// Assembles a network from parts (used by importers and conversions).
+    ///
+    /// `norms[i]` is the batch norm after hidden layer `i` (one entry per hidden layer, `None`
+    /// where there is none); `config` must describe the parts (sizes, batch norm flags).
+    pub fn from_parts(
+        config: GaussNetConfig,
+        input_norm: Option<BatchNorm>,
+        layers: Vec<GaussLayer>,
+        norms: Vec<Option<BatchNorm>>,
+    ) -> Result<Self> {
+        config.validate()?;
+        let specs = config.layer_specs();
+        if layers.len() != specs.len() {
+            return Err(GaussError::config(
+                "hidden",
+                format!(
+                    "config describes {} layers, {} were given",
+                    specs.len(),
+                    layers.len()
+                ),
+            ));
+        }
+        for (i, (layer, (fan_in, fan_out, _))) in layers.iter().zip(&specs).enumerate() {
+            if layer.in_features() != *fan_in || layer.out_features() != *fan_out {
+                return Err(GaussError::shape(
+                    format!("layer {i}"),
+                    format!("({fan_out}, {fan_in}) neurons × inputs"),
+                    &[layer.out_features(), layer.in_features()],
+                ));
+            }
+        }
+        if norms.len() != config.hidden.len() {
+            return Err(GaussError::config(
+                "batch_norm",
+                format!(
+                    "one entry per hidden layer expected ({}), got {}",
+                    config.hidden.len(),
+                    norms.len()
+                ),
+            ));
+        }
+        if input_norm.is_some() != config.input_batch_norm
+            || norms.iter().any(|n| n.is_some() != config.batch_norm)
+        {
+            return Err(GaussError::config(
+                "batch_norm",
+                "the batch norms given do not match the config's flags",
+            ));
+        }
+        let dropout = (config.dropout > 0.0).then(|| Dropout::new(config.dropout));
+        Ok(Self {
+            config,
+            input_norm,
+            layers,
+            norms,
+            dropout,
+        })
+    }
+
+    /// Logits of the output layer. `train` switches batch norm to batch statistics (updating the
+    /// running ones) and turns dropout on.
+    ///
+    /// # Shapes
+    /// `x`: (B, in_features) → (B, out_features)
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.run(x, train, false)?.0)
+    }
+
+    /// Logits and every layer's (gated) Gaussian activations, in layer order.
+    ///
+    /// # Shapes
+    /// `x`: (B, in_features) → (B, out_features) and one (B, Z_i) per layer
+    pub fn forward_with_gaussians(&self, x: &Tensor, train: bool) -> Result<(Tensor, Vec<Tensor>)> {
+        self.run(x, train, true)
+    }
+
+    fn run(&self, x: &Tensor, train: bool, keep_all: bool) -> Result<(Tensor, Vec<Tensor>)> {
+        if x.rank() != 2 || x.dim(1)? != self.config.in_features {
+            return Err(GaussError::shape(
+                "input x",
+                format!("(batch, {})", self.config.in_features),
+                x.dims(),
+            ));
+        }
+        let mut h = match &self.input_norm {
+            Some(norm) => norm.forward_t(x, train)?,
+            None => x.clone(),
+        };
+        let mut gaussians = Vec::with_capacity(if keep_all { self.layers.len() } else { 0 });
+        let mut prev_g: Option<Tensor> = None;
+        let last = self.layers.len() - 1;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let gate = if self.config.gate {
+                prev_g.as_ref()
+            } else {
+                None
+            };
+            let (y, g) = layer.forward_with_gaussian(&h, gate)?;
+            h = y;
+            if i < last {
+                if let Some(norm) = &self.norms[i] {
+                    h = norm.forward_t(&h, train)?;
+                }
+                if let Some(dropout) = &self.dropout {
+                    h = dropout.forward(&h, train)?;
+                }
+            }
+            if keep_all {
+                gaussians.push(g.clone());
+            }
+            prev_g = Some(g);
+        }
+        Ok((h, gaussians))
+    }
+
+    /// The largest Gaussian activation of the output layer per input: near 0 means the network
+    /// has not seen anything like this input ("I don't know").
+    ///
+    /// # Shapes
+    /// `x`: (B, in_features) → (B)
+    pub fn max_gaussian(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, gaussians) = self.forward_with_gaussians(x, false)?;
+        match gaussians.last() {
+            Some(g) => Ok(g.max(D::Minus1)?),
+            None => Err(GaussError::config("hidden", "network has no layers")),
+        }
+    }
+
+    /// The Gaussian layers, in order (for losses over all layers, e.g. the λ-loss).
+    pub fn layers(&self) -> &[GaussLayer] {
+        &self.layers
+    }
+
+    /// The batch norm after each hidden layer (`None` where there is none).
+    pub fn norms(&self) -> &[Option<BatchNorm>] {
+        &self.norms
+    }
+
+    /// The input batch norm, if any.
+    pub fn input_norm(&self) -> Option<&BatchNorm> {
+        self.input_norm.as_ref()
+    }
+
+    /// The config.
+    pub fn config(&self) -> &GaussNetConfig {
+        &self.config
+    }
+
+    /// Every tensor of the network under its VarBuilder/checkpoint name, sorted by name.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        if let Some(norm) = &self.input_norm {
+            push_norm(&mut out, "input_norm", norm);
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let prefix = format!("layers.{i}");
+            if let Some(w) = layer.weight() {
+                out.push((format!("{prefix}.weight"), w.clone()));
+            }
+            if let Some(b) = layer.bias() {
+                out.push((format!("{prefix}.bias"), b.clone()));
+            }
+            out.push((format!("{prefix}.center"), layer.center().clone()));
+            let precision = layer.precision();
+            let name = Precision::tensor_name(precision.parameterization());
+            out.push((format!("{prefix}.{name}"), precision.raw().clone()));
+        }
+        for (i, norm) in self.norms.iter().enumerate() {
+            if let Some(norm) = norm {
+                push_norm(&mut out, &format!("norms.{i}"), norm);
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}
+
+fn push_norm(out: &mut Vec<(String, Tensor)>, prefix: &str, norm: &BatchNorm) {
+    out.push((
+        format!("{prefix}.running_mean"),
+        norm.running_mean().clone(),
+    ));
+    out.push((format!("{prefix}.running_var"), norm.running_var().clone()));
+    if let Some((w, b)) = norm.weight_and_bias() {
+        out.push((format!("{prefix}.weight"), w.clone()));
+        out.push((format!("{prefix}.bias"), b.clone()));
+    }
+}
+
+impl ModuleT for GaussNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        Ok(self.forward(x, train)?)
+    }
+}

@@ -1,0 +1,565 @@
+//! Fused CPU kernel for the projected form `m2[b, z] = |F_zᵀ (x_b - c_z)|²` (DESIGN §4).
+//!
+//! Forward: per (batch chunk × neuron block) tile one GEMM of the (shifted) inputs against the
+//! factors of the block stacked side by side, minus the precomputed `F_zᵀ c_z`, squared and
+//! summed per neuron. Backward: with `W_bz = 2 G_bz u_bz`, per neuron block one GEMM builds
+//! `U`, one adds `W Fᵀ` to `∂x` and one adds `Xᵀ W` to `∂F`; `∂c_z = -F_z Σ_b W_bz`. Neither
+//! direction materializes anything of size (B, Z, d) or (B, Z·d) beyond one tile per thread.
+//!
+//! Inputs are shifted by the mean of the centers first (`m2` does not change when x and c
+//! move together), so that `F(x - c)` loses fewer digits when the centers sit far from 0.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::cpu::{
+    check_float, matmul, neurons_per_block, row_major, row_mean, rows_per_chunk, squared_distance,
+    with_row_major, MatRef, Real, TILE_ROWS,
+};
+use crate::config::PositiveMap;
+use crate::error::{GaussError, Result};
+
+/// Sizes of one call: B inputs, d dims, Z neurons.
+#[derive(Clone, Copy, Debug)]
+struct Sizes {
+    batch: usize,
+    dim: usize,
+    neurons: usize,
+}
+
+fn sizes_from_dims(x: &[usize], center: &[usize], factor: &[usize]) -> Result<Sizes> {
+    let &[batch, dim] = x else {
+        return Err(GaussError::shape("input x", "(batch, d)", x));
+    };
+    let expected = format!("({}, {dim})", center.first().copied().unwrap_or(0));
+    let &[neurons, center_dim] = center else {
+        return Err(GaussError::shape("center", "(Z, d)", center));
+    };
+    if center_dim != dim {
+        return Err(GaussError::shape("center", expected, center));
+    }
+    if factor != [neurons, dim, dim] {
+        return Err(GaussError::shape(
+            "precision factor",
+            format!("({neurons}, {dim}, {dim})"),
+            factor,
+        ));
+    }
+    Ok(Sizes {
+        batch,
+        dim,
+        neurons,
+    })
+}
+
+/// How the op's third input becomes the factor `F` (so the Cholesky map from raw parameters
+/// runs inside the op, without (Z, d, d) temporaries and their backward ops).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum FactorMap {
+    /// The input is `F`.
+    Identity,
+    /// The input is the raw Cholesky parameter:
+    /// `F = tril(raw, -1) + diag(map(diag raw) + floor)`; entries above the diagonal unused.
+    Cholesky {
+        positive_map: PositiveMap,
+        floor: f64,
+    },
+}
+
+fn positive_value(map: PositiveMap, r: f64) -> f64 {
+    match map {
+        // log(1 + e^r), without overflow for large r.
+        PositiveMap::Softplus => r.max(0.0) + (-r.abs()).exp().ln_1p(),
+        PositiveMap::Exp => r.exp(),
+    }
+}
+
+fn positive_slope(map: PositiveMap, r: f64) -> f64 {
+    match map {
+        PositiveMap::Softplus => 1.0 / (1.0 + (-r).exp()),
+        PositiveMap::Exp => r.exp(),
+    }
+}
+
+impl FactorMap {
+    /// `F_z` (d×d, row-major) from the op's input block of one neuron.
+    fn factor_of<'a, T: Real>(self, input: &'a [T], dim: usize, scratch: &'a mut [T]) -> &'a [T] {
+        match self {
+            FactorMap::Identity => input,
+            FactorMap::Cholesky {
+                positive_map,
+                floor,
+            } => {
+                for i in 0..dim {
+                    for j in 0..dim {
+                        scratch[i * dim + j] = match j.cmp(&i) {
+                            std::cmp::Ordering::Less => input[i * dim + j],
+                            std::cmp::Ordering::Equal => T::from_f64(
+                                positive_value(positive_map, input[i * dim + i].to_f64()) + floor,
+                            ),
+                            std::cmp::Ordering::Greater => T::zero(),
+                        };
+                    }
+                }
+                scratch
+            }
+        }
+    }
+
+    /// Turns `∂F_z` into the gradient of the op's input block, in place.
+    fn chain<T: Real>(self, input: &[T], dim: usize, grad: &mut [T]) {
+        if let FactorMap::Cholesky { positive_map, .. } = self {
+            for i in 0..dim {
+                let slope = positive_slope(positive_map, input[i * dim + i].to_f64());
+                grad[i * dim + i] = T::from_f64(grad[i * dim + i].to_f64() * slope);
+                grad[i * dim + i + 1..(i + 1) * dim].fill(T::zero());
+            }
+        }
+    }
+}
+
+/// Copies the factors of neurons `z0..z0 + count` side by side into `stacked` (d, count·d):
+/// `stacked[i, k·d + j] = F[z0 + k, i, j]`.
+fn stack_factors<T: Real>(
+    factor: &[T],
+    map: FactorMap,
+    (z0, count, dim): (usize, usize, usize),
+    stacked: &mut [T],
+    scratch: &mut [T],
+) {
+    let cols = count * dim;
+    for k in 0..count {
+        let input = &factor[(z0 + k) * dim * dim..(z0 + k + 1) * dim * dim];
+        let f = map.factor_of(input, dim, scratch);
+        for i in 0..dim {
+            stacked[i * cols + k * dim..i * cols + (k + 1) * dim]
+                .copy_from_slice(&f[i * dim..(i + 1) * dim]);
+        }
+    }
+}
+
+/// The shift (mean center) and the projected shifted centers `F_zᵀ (c_z - shift)`, (Z, d),
+/// accumulated in f64 (Z·d² work) so that only the batch GEMM rounds in the working dtype.
+fn shift_and_projected_centers<T: Real>(
+    center: &[T],
+    factor: &[T],
+    map: FactorMap,
+    s: Sizes,
+) -> (Vec<T>, Vec<T>) {
+    let dim = s.dim;
+    let shift: Vec<T> = row_mean(center, s.neurons, dim)
+        .into_iter()
+        .map(T::from_f64)
+        .collect();
+    let mut projected = vec![T::zero(); s.neurons * dim];
+    let mut shifted = vec![0f64; dim];
+    let mut acc = vec![0f64; dim];
+    let mut scratch = vec![T::zero(); dim * dim];
+    for z in 0..s.neurons {
+        for i in 0..dim {
+            // The same rounded shift as the inputs get, so both sides see one shift.
+            shifted[i] = center[z * dim + i].to_f64() - shift[i].to_f64();
+        }
+        acc.fill(0.0);
+        let f = map.factor_of(
+            &factor[z * dim * dim..(z + 1) * dim * dim],
+            dim,
+            &mut scratch,
+        );
+        for (i, &ci) in shifted.iter().enumerate() {
+            for (a, &fij) in acc.iter_mut().zip(&f[i * dim..(i + 1) * dim]) {
+                *a += fij.to_f64() * ci;
+            }
+        }
+        for (p, &a) in projected[z * dim..(z + 1) * dim].iter_mut().zip(&acc) {
+            *p = T::from_f64(a);
+        }
+    }
+    (shift, projected)
+}
+
+fn shift_rows<T: Real>(x: &[T], shift: &[T], out: &mut [T]) {
+    for (row_out, row_in) in out
+        .chunks_exact_mut(shift.len())
+        .zip(x.chunks_exact(shift.len()))
+    {
+        for ((o, &v), &m) in row_out.iter_mut().zip(row_in).zip(shift) {
+            *o = v - m;
+        }
+    }
+}
+
+/// `m2` (B, Z), row-major, from row-major x (B, d), center (Z, d), factor (Z, d, d).
+fn forward<T: Real>(x: &[T], center: &[T], factor: &[T], map: FactorMap, s: Sizes) -> Vec<T> {
+    let Sizes {
+        batch,
+        dim,
+        neurons,
+    } = s;
+    let mut out = vec![T::zero(); batch * neurons];
+    if batch == 0 || neurons == 0 || dim == 0 {
+        return out;
+    }
+    let (shift, projected_centers) = shift_and_projected_centers(center, factor, map, s);
+    let block = neurons_per_block(dim, neurons);
+    let chunk_rows = rows_per_chunk(batch);
+    out.par_chunks_mut(chunk_rows * neurons)
+        .enumerate()
+        .for_each(|(chunk, out_chunk)| {
+            let row0 = chunk * chunk_rows;
+            let rows = out_chunk.len() / neurons;
+            let mut xs = vec![T::zero(); rows * dim];
+            shift_rows(&x[row0 * dim..(row0 + rows) * dim], &shift, &mut xs);
+            let mut stacked = vec![T::zero(); dim * block * dim];
+            let mut scratch = vec![T::zero(); dim * dim];
+            let mut tile = vec![T::zero(); TILE_ROWS.min(rows) * block * dim];
+            for z0 in (0..neurons).step_by(block) {
+                let count = block.min(neurons - z0);
+                let cols = count * dim;
+                stack_factors(factor, map, (z0, count, dim), &mut stacked, &mut scratch);
+                for t0 in (0..rows).step_by(TILE_ROWS) {
+                    let tile_rows = TILE_ROWS.min(rows - t0);
+                    matmul(
+                        (tile_rows, cols, dim),
+                        &mut tile,
+                        cols,
+                        false,
+                        MatRef {
+                            data: &xs[t0 * dim..(t0 + tile_rows) * dim],
+                            row_stride: dim,
+                            col_stride: 1,
+                        },
+                        MatRef {
+                            data: &stacked[..dim * cols],
+                            row_stride: cols,
+                            col_stride: 1,
+                        },
+                    );
+                    for r in 0..tile_rows {
+                        let out_row = &mut out_chunk[(t0 + r) * neurons + z0..][..count];
+                        for (k, o) in out_row.iter_mut().enumerate() {
+                            *o = squared_distance(
+                                &tile[r * cols + k * dim..][..dim],
+                                &projected_centers[(z0 + k) * dim..][..dim],
+                            );
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// Gradients `(∂x (B, d), ∂c (Z, d), ∂F (Z, d, d))` of `Σ G ∘ m2`, row-major.
+fn backward<T: Real>(
+    x: &[T],
+    center: &[T],
+    factor: &[T],
+    grad: &[T],
+    map: FactorMap,
+    s: Sizes,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let Sizes {
+        batch,
+        dim,
+        neurons,
+    } = s;
+    let mut grad_factor = vec![T::zero(); neurons * dim * dim];
+    let mut grad_center = vec![T::zero(); neurons * dim];
+    if batch == 0 || neurons == 0 || dim == 0 {
+        return (vec![T::zero(); batch * dim], grad_center, grad_factor);
+    }
+    let (shift, projected_centers) = shift_and_projected_centers(center, factor, map, s);
+    let block = neurons_per_block(dim, neurons);
+    let two = T::from_f64(2.0);
+    let grad_x = grad_factor
+        .par_chunks_mut(block * dim * dim)
+        .zip(grad_center.par_chunks_mut(block * dim))
+        .enumerate()
+        .fold(
+            || vec![T::zero(); batch * dim],
+            |mut grad_x, (b, (grad_factor_block, grad_center_block))| {
+                let z0 = b * block;
+                let count = grad_center_block.len() / dim;
+                let cols = count * dim;
+                let mut stacked = vec![T::zero(); dim * cols];
+                let mut scratch = vec![T::zero(); dim * dim];
+                stack_factors(factor, map, (z0, count, dim), &mut stacked, &mut scratch);
+                let mut xs = vec![T::zero(); TILE_ROWS * dim];
+                let mut tile = vec![T::zero(); TILE_ROWS * cols];
+                let mut xt_w = vec![T::zero(); dim * cols];
+                let mut w_sum = vec![T::zero(); cols];
+                for t0 in (0..batch).step_by(TILE_ROWS) {
+                    let rows = TILE_ROWS.min(batch - t0);
+                    let xs = &mut xs[..rows * dim];
+                    shift_rows(&x[t0 * dim..(t0 + rows) * dim], &shift, xs);
+                    let xs_view = MatRef {
+                        data: &*xs,
+                        row_stride: dim,
+                        col_stride: 1,
+                    };
+                    matmul(
+                        (rows, cols, dim),
+                        &mut tile,
+                        cols,
+                        false,
+                        xs_view,
+                        MatRef {
+                            data: &stacked,
+                            row_stride: cols,
+                            col_stride: 1,
+                        },
+                    );
+                    // U → W = 2 G ∘ U, in place.
+                    for r in 0..rows {
+                        let g_row = &grad[(t0 + r) * neurons + z0..][..count];
+                        let w_row = &mut tile[r * cols..(r + 1) * cols];
+                        for (k, &g) in g_row.iter().enumerate() {
+                            let g2 = two * g;
+                            let pc = &projected_centers[(z0 + k) * dim..][..dim];
+                            let w = &mut w_row[k * dim..(k + 1) * dim];
+                            let sum = &mut w_sum[k * dim..(k + 1) * dim];
+                            for ((wj, &pj), sj) in w.iter_mut().zip(pc).zip(sum.iter_mut()) {
+                                *wj = g2 * (*wj - pj);
+                                *sj += *wj;
+                            }
+                        }
+                    }
+                    let w_view = MatRef {
+                        data: &tile[..rows * cols],
+                        row_stride: cols,
+                        col_stride: 1,
+                    };
+                    // ∂x rows += W · stackedᵀ
+                    matmul(
+                        (rows, dim, cols),
+                        &mut grad_x[t0 * dim..(t0 + rows) * dim],
+                        dim,
+                        true,
+                        w_view,
+                        MatRef {
+                            data: &stacked,
+                            row_stride: 1,
+                            col_stride: cols,
+                        },
+                    );
+                    // Xᵀ W, with X the shifted inputs.
+                    matmul(
+                        (dim, cols, rows),
+                        &mut xt_w,
+                        cols,
+                        true,
+                        MatRef {
+                            data: &*xs,
+                            row_stride: 1,
+                            col_stride: dim,
+                        },
+                        w_view,
+                    );
+                }
+                for k in 0..count {
+                    let z = z0 + k;
+                    let sum = &w_sum[k * dim..(k + 1) * dim];
+                    for i in 0..dim {
+                        // Σ_b (x_b - c_z) W_bzᵀ = Σ_b (x_b - s) W_bzᵀ - (c_z - s) Σ_b W_bzᵀ
+                        let ci = center[z * dim + i] - shift[i];
+                        let out = &mut grad_factor_block[k * dim * dim + i * dim..][..dim];
+                        let xw = &xt_w[i * cols + k * dim..][..dim];
+                        let mut fs = T::zero();
+                        let f_row = &stacked[i * cols + k * dim..][..dim];
+                        for ((o, &a), (&sj, &fij)) in
+                            out.iter_mut().zip(xw).zip(sum.iter().zip(f_row))
+                        {
+                            *o = a - ci * sj;
+                            fs += fij * sj;
+                        }
+                        grad_center_block[k * dim + i] = T::zero() - fs;
+                    }
+                    map.chain(
+                        &factor[z * dim * dim..(z + 1) * dim * dim],
+                        dim,
+                        &mut grad_factor_block[k * dim * dim..(k + 1) * dim * dim],
+                    );
+                }
+                grad_x
+            },
+        )
+        .reduce(
+            || vec![T::zero(); batch * dim],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, &y)| *x += y);
+                a
+            },
+        );
+    (grad_x, grad_center, grad_factor)
+}
+
+/// The Candle op: inputs (x, center, factor), output m2 (B, Z).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ProjectedMahalanobisSq {
+    map: FactorMap,
+}
+
+impl CustomOp3 for ProjectedMahalanobisSq {
+    fn name(&self) -> &'static str {
+        "projected-mahalanobis-sq"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let sizes = sizes_from_dims(l1.dims(), l2.dims(), l3.dims())?;
+        let shape = Shape::from((sizes.batch, sizes.neurons));
+        match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let out = forward::<f32>(
+                    &row_major(s1, l1)?,
+                    &row_major(s2, l2)?,
+                    &row_major(s3, l3)?,
+                    self.map,
+                    sizes,
+                );
+                Ok((CpuStorage::F32(out), shape))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let out = forward::<f64>(
+                    &row_major(s1, l1)?,
+                    &row_major(s2, l2)?,
+                    &row_major(s3, l3)?,
+                    self.map,
+                    sizes,
+                );
+                Ok((CpuStorage::F64(out), shape))
+            }
+            _ => bail!(
+                "{}: x, center and factor must all be f32 or all f64, got {:?}, {:?}, {:?}",
+                self.name(),
+                s1.dtype(),
+                s2.dtype(),
+                s3.dtype()
+            ),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        center: &Tensor,
+        factor: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (gx, gc, gf) = match x.dtype() {
+            DType::F32 => backward_tensors::<f32>(x, center, factor, grad, self.map)?,
+            DType::F64 => backward_tensors::<f64>(x, center, factor, grad, self.map)?,
+            other => bail!("{}: supports f32 and f64, got {other:?}", self.name()),
+        };
+        Ok((Some(gx), Some(gc), Some(gf)))
+    }
+}
+
+fn backward_tensors<T: Real>(
+    x: &Tensor,
+    center: &Tensor,
+    factor: &Tensor,
+    grad: &Tensor,
+    map: FactorMap,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let sizes = sizes_from_dims(x.dims(), center.dims(), factor.dims())?;
+    let grad = grad.to_dtype(T::DTYPE)?;
+    let (gx, gc, gf) = with_row_major::<T, _>(x, |x| {
+        with_row_major::<T, _>(center, |c| {
+            with_row_major::<T, _>(factor, |f| {
+                with_row_major::<T, _>(&grad, |g| Ok(backward(x, c, f, g, map, sizes)))
+            })
+        })
+    })?;
+    let device = x.device();
+    Ok((
+        Tensor::from_vec(gx, (sizes.batch, sizes.dim), device)?,
+        Tensor::from_vec(gc, (sizes.neurons, sizes.dim), device)?,
+        Tensor::from_vec(gf, (sizes.neurons, sizes.dim, sizes.dim), device)?,
+    ))
+}
+
+/// The projected form through the fused CPU op (with its fused backward).
+///
+/// # Shapes
+/// `x`: (B, d), `center`: (Z, d), `factor`: (Z, d, d) with `P_z = F_z F_zᵀ` → (B, Z)
+///
+/// # Errors
+/// Wrong shapes, mixed dtypes, a dtype other than f32/f64, or a tensor not on the CPU.
+pub fn mahalanobis_sq_projected_fused(
+    x: &Tensor,
+    center: &Tensor,
+    factor: &Tensor,
+) -> Result<Tensor> {
+    apply(x, center, factor, FactorMap::Identity)
+}
+
+/// The projected form straight from the raw Cholesky parameter, fused: the factor
+/// `L = tril(raw, -1) + diag(map(diag raw) + floor)` is built inside the op, tile by tile, so
+/// neither `L` nor its backward ops exist as (Z, d, d) tensors. Gradients flow to `x`,
+/// `center` and `raw` (zero above the diagonal).
+///
+/// # Shapes
+/// `x`: (B, d), `center`: (Z, d), `raw`: (Z, d, d) → (B, Z)
+///
+/// # Errors
+/// As [`mahalanobis_sq_projected_fused`]; also a negative or non-finite `floor`.
+pub fn mahalanobis_sq_cholesky_fused(
+    x: &Tensor,
+    center: &Tensor,
+    raw: &Tensor,
+    positive_map: PositiveMap,
+    floor: f64,
+) -> Result<Tensor> {
+    if !floor.is_finite() || floor < 0.0 {
+        return Err(GaussError::config(
+            "factor_diag_floor",
+            format!("must be finite and >= 0, got {floor}"),
+        ));
+    }
+    apply(
+        x,
+        center,
+        raw,
+        FactorMap::Cholesky {
+            positive_map,
+            floor,
+        },
+    )
+}
+
+fn apply(x: &Tensor, center: &Tensor, factor: &Tensor, map: FactorMap) -> Result<Tensor> {
+    sizes_from_dims(x.dims(), center.dims(), factor.dims())?;
+    check_same_dtype(x, center, "center")?;
+    check_same_dtype(x, factor, "precision factor")?;
+    check_float("projected Mahalanobis kernel", x.dtype())?;
+    if !x.device().is_cpu() {
+        return Err(candle_core::Error::Msg(
+            "the fused projected kernel runs on the CPU only; use distance::mahalanobis_sq_projected"
+                .into(),
+        )
+        .into());
+    }
+    Ok(x.apply_op3(center, factor, ProjectedMahalanobisSq { map })?)
+}
+
+pub(crate) fn check_same_dtype(x: &Tensor, other: &Tensor, what: &str) -> Result<()> {
+    if other.dtype() != x.dtype() {
+        return Err(GaussError::DType {
+            what: what.to_string(),
+            expected: x.dtype(),
+            got: other.dtype(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! Test helpers shared by this crate's tests and the workspace's integration tests:
+//! the [`test_device!`](crate::test_device) macro (one test per enabled device, in the style
+//! of candle's own) and tensor comparisons.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use gauss_layer::testing::relative_error;
+//! let a = Tensor::new(&[1.0f64, 2.0], &Device::Cpu)?;
+//! let b = Tensor::new(&[1.0f64, 2.5], &Device::Cpu)?;
+//! // max |a − b| / max |b| = 0.5 / 2.5
+//! assert!((relative_error(&a, &b)? - 0.2).abs() < 1e-15);
+//! # Ok::<(), gauss_layer::GaussError>(())
+//! ```
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{GaussError, Result};
+
+#[doc(hidden)]
+pub use candle_core::Device as __Device;
+
+/// Expands a test body `fn(&Device) -> Result<(), E>` (any `E: Debug`, e.g. `anyhow::Error`)
+/// into one `#[test]` per device the build enables: CPU always, CUDA with the `cuda` feature,
+/// Metal with the `metal` feature (features of the crate that invokes the macro).
+///
+/// Two forms:
+/// - `test_device!(body)` makes a module `body` with tests `body::cpu`, `body::cuda`,
+///   `body::metal` (a module and a function may share a name);
+/// - `test_device!(body, body_cpu, body_cuda, body_metal)` names the tests explicitly, like
+///   candle's macro.
+///
+/// ```ignore
+/// fn forward_shapes(device: &candle_core::Device) -> anyhow::Result<()> { Ok(()) }
+/// gauss_layer::test_device!(forward_shapes);
+/// ```
+#[macro_export]
+macro_rules! test_device {
+    ($body:ident) => {
+        mod $body {
+            #[test]
+            fn cpu() {
+                if let Err(e) = super::$body(&$crate::testing::__Device::Cpu) {
+                    panic!("{}: {e:?}", stringify!($body));
+                }
+            }
+            #[cfg(feature = "cuda")]
+            #[test]
+            fn cuda() {
+                let device = $crate::testing::__Device::new_cuda(0).expect("a CUDA device");
+                if let Err(e) = super::$body(&device) {
+                    panic!("{}: {e:?}", stringify!($body));
+                }
+            }
+            #[cfg(feature = "metal")]
+            #[test]
+            fn metal() {
+                let device = $crate::testing::__Device::new_metal(0).expect("a Metal device");
+                if let Err(e) = super::$body(&device) {
+                    panic!("{}: {e:?}", stringify!($body));
+                }
+            }
+        }
+    };
+    ($body:ident, $cpu:ident, $cuda:ident, $metal:ident) => {
+        #[test]
+        fn $cpu() {
+            if let Err(e) = $body(&$crate::testing::__Device::Cpu) {
+                panic!("{}: {e:?}", stringify!($body));
+            }
+        }
+        #[cfg(feature = "cuda")]
+        #[test]
+        fn $cuda() {
+            let device = $crate::testing::__Device::new_cuda(0).expect("a CUDA device");
+            if let Err(e) = $body(&device) {
+                panic!("{}: {e:?}", stringify!($body));
+            }
+        }
+        #[cfg(feature = "metal")]
+        #[test]
+        fn $metal() {
+            let device = $crate::testing::__Device::new_metal(0).expect("a Metal device");
+            if let Err(e) = $body(&device) {
+                panic!("{}: {e:?}", stringify!($body));
+            }
+        }
+    };
+}
+
+/// Largest absolute value of a tensor, in f64.
+pub fn max_abs(tensor: &Tensor) -> Result<f64> {
+    if tensor.elem_count() == 0 {
+        return Ok(0.0);
+    }
+    Ok(tensor
+        .to_dtype(DType::F64)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()?)
+}
+
+/// `max |actual − expected| / max(max |expected|, tiny)`, in f64 (both converted), after
+/// checking that the shapes agree. NaN anywhere gives NaN (so it fails any tolerance).
+pub fn relative_error(actual: &Tensor, expected: &Tensor) -> Result<f64> {
+    if actual.dims() != expected.dims() {
+        return Err(GaussError::shape(
+            "actual tensor",
+            format!("{:?} (the expected tensor's shape)", expected.dims()),
+            actual.dims(),
+        ));
+    }
+    let a = actual
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    let b = expected
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    let mut diff = 0.0f64;
+    let mut scale = 0.0f64;
+    for (x, y) in a.iter().zip(&b) {
+        let d = (x - y).abs();
+        if d.is_nan() {
+            return Ok(f64::NAN);
+        }
+        diff = diff.max(d);
+        scale = scale.max(y.abs());
+    }
+    Ok(diff / scale.max(f64::MIN_POSITIVE))
+}
+
+/// The tolerance on [`relative_error`] this project tests a dtype to: 1e-9 for f64, 1e-4 for
+/// f32, 1e-2 for the half types.
+pub fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => 1e-9,
+        DType::F32 => 1e-4,
+        _ => 1e-2,
+    }
+}
+
+/// Whether every element is finite (no NaN, no ±∞).
+pub fn all_finite(tensor: &Tensor) -> Result<bool> {
+    Ok(tensor
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?
+        .iter()
+        .all(|v| v.is_finite()))
+}

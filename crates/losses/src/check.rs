@@ -1,0 +1,69 @@
+//! Input checks shared by the losses: every tensor argument is checked once, up front, so a
+//! wrong call fails with an error naming the argument, the expected shape and the one that
+//! came, instead of a broadcast error deep inside a computation.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{LossError, Result};
+
+/// Checks a batch of samples `x`: rank 2, at least one row, `width` columns when given.
+/// Returns `(batch, width)`.
+pub(crate) fn samples(x: &Tensor, what: &str, width: Option<usize>) -> Result<(usize, usize)> {
+    let expected = || match width {
+        Some(d) => format!("(batch, {d})"),
+        None => "(batch, features)".to_string(),
+    };
+    let &[batch, features] = x.dims() else {
+        return Err(LossError::shape(what, expected(), x.dims()));
+    };
+    if width.is_some_and(|d| d != features) {
+        return Err(LossError::shape(what, expected(), x.dims()));
+    }
+    if batch == 0 {
+        return Err(LossError::EmptyBatch {
+            what: what.to_string(),
+            got: x.dims().to_vec(),
+        });
+    }
+    Ok((batch, features))
+}
+
+/// Checks a vector of length `len`.
+pub(crate) fn vector(v: &Tensor, what: &str, len: usize) -> Result<()> {
+    if v.dims() != [len] {
+        return Err(LossError::shape(what, format!("({len})"), v.dims()));
+    }
+    Ok(())
+}
+
+/// Checks a square `(d, d)` matrix.
+pub(crate) fn square(m: &Tensor, what: &str, d: usize) -> Result<()> {
+    if m.dims() != [d, d] {
+        return Err(LossError::shape(what, format!("({d}, {d})"), m.dims()));
+    }
+    Ok(())
+}
+
+/// Checks a batch of square matrices `(Z, d, d)` with `Z >= 1`, returning `(Z, d)`.
+pub(crate) fn square_batch(m: &Tensor, what: &str) -> Result<(usize, usize)> {
+    match *m.dims() {
+        [z, d, e] if d == e && z > 0 && d > 0 => Ok((z, d)),
+        _ => Err(LossError::shape(
+            what,
+            "(neurons, d, d) with at least one neuron",
+            m.dims(),
+        )),
+    }
+}
+
+/// Checks that `t` has the dtype `expected`.
+pub(crate) fn dtype(t: &Tensor, what: &str, expected: DType) -> Result<()> {
+    if t.dtype() != expected {
+        return Err(LossError::DType {
+            what: what.to_string(),
+            expected,
+            got: t.dtype(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! The λ-loss: a penalty on the eigenvalues of each neuron's covariance `S_z = P_z⁻¹`,
+//! computed through traces and log-determinants (no eigendecomposition), with gradients,
+//! for every parameterization.
+//!
+//! | variant | value | per neuron |
+//! |---|---|---|
+//! | [`LambdaLoss::TraceCovariance`] (default) | `mean_z tr(S_z)/d` | mean covariance eigenvalue; the FGN "sigma loss" for diag and sphere |
+//! | [`LambdaLoss::LogdetCovariance`] | `mean_z log|S_z|` | log volume |
+//! | [`LambdaLoss::NegTracePrecision`] | `−mean_z tr(P_z)/d` | the FGN proxy for full matrices |
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use gauss_losses::LambdaLoss;
+//! // One neuron with P = diag(4, 1): S = diag(1/4, 1), mean eigenvalue 5/8.
+//! let tril = Tensor::new(&[[[2.0f64, 0.0], [0.0, 1.0]]], &Device::Cpu)?;
+//! let value = LambdaLoss::TraceCovariance.of_factor(&tril)?.to_scalar::<f64>()?;
+//! assert!((value - 0.625).abs() < 1e-12);
+//! # Ok::<(), gauss_losses::LossError>(())
+//! ```
+
+use candle_core::Tensor;
+use gauss_layer::{linalg, GaussLayer, Precision};
+use serde::{Deserialize, Serialize};
+
+use crate::check;
+use crate::error::{LossError, Result};
+use crate::gaussian::log_det_from_triangular;
+use crate::positive_definite::ensure_positive_definite;
+
+/// Which penalty on the covariance eigenvalues to use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LambdaLoss {
+    /// `mean_z tr(S_z)/d`: the mean eigenvalue of the covariances.
+    #[default]
+    TraceCovariance,
+    /// `mean_z log|S_z| = −mean_z log|P_z|`: the mean log volume.
+    LogdetCovariance,
+    /// `−mean_z tr(P_z)/d`: the FGN proxy for full matrices.
+    NegTracePrecision,
+}
+
+impl LambdaLoss {
+    /// All variants, in a fixed order.
+    pub const ALL: [LambdaLoss; 3] = [
+        LambdaLoss::TraceCovariance,
+        LambdaLoss::LogdetCovariance,
+        LambdaLoss::NegTracePrecision,
+    ];
+
+    /// The snake-case name used in configs, CLIs and reference files.
+    pub fn name(self) -> &'static str {
+        match self {
+            LambdaLoss::TraceCovariance => "trace_covariance",
+            LambdaLoss::LogdetCovariance => "logdet_covariance",
+            LambdaLoss::NegTracePrecision => "neg_trace_precision",
+        }
+    }
+
+    /// The per-neuron term whose mean is the loss.
+    ///
+    /// A `direct` precision that is not positive definite is an error (see
+    /// [`crate::positive_definite`]).
+    ///
+    /// # Shapes
+    /// → (Z)
+    pub fn per_neuron(self, precision: &Precision) -> Result<Tensor> {
+        ensure_positive_definite(precision)?;
+        let d = precision.dim() as f64;
+        Ok(match self {
+            LambdaLoss::TraceCovariance => (precision.trace_covariance()? / d)?,
+            LambdaLoss::LogdetCovariance => precision.log_det_precision()?.neg()?,
+            LambdaLoss::NegTracePrecision => (precision.trace_precision()? / -d)?,
+        })
+    }
+
+    /// The loss of one precision (mean over its neurons).
+    ///
+    /// # Shapes
+    /// → ()
+    pub fn of_precision(self, precision: &Precision) -> Result<Tensor> {
+        Ok(self.per_neuron(precision)?.mean_all()?)
+    }
+
+    /// The loss of one layer (mean over its neurons).
+    ///
+    /// # Shapes
+    /// → ()
+    pub fn of_layer(self, layer: &GaussLayer) -> Result<Tensor> {
+        self.of_precision(layer.precision())
+    }
+
+    /// The loss of several layers: the mean of the per-neuron terms over all neurons of all
+    /// layers (so a layer weighs by its width, and the value does not grow with depth).
+    /// Errors when there are no layers.
+    ///
+    /// # Shapes
+    /// → ()
+    pub fn of_layers<'a>(self, layers: impl IntoIterator<Item = &'a GaussLayer>) -> Result<Tensor> {
+        let mut total: Option<Tensor> = None;
+        let mut neurons = 0usize;
+        for layer in layers {
+            let terms = self.per_neuron(layer.precision())?;
+            neurons += terms.elem_count();
+            let sum = terms.sum_all()?;
+            total = Some(match total {
+                None => sum,
+                Some(acc) => (acc + sum)?,
+            });
+        }
+        let total = total.ok_or(LossError::NoLayers { what: "λ-loss" })?;
+        Ok((total / neurons as f64)?)
+    }
+
+    /// The per-neuron term from precision factors `P_z = L_z L_z ᵀ` given directly (the
+    /// functional core; `L` is the lower triangle of `tril`): `tr S = |L⁻¹|²_F`,
+    /// `log|S| = −2 Σ log|L_ii|`, `tr P = |L|²_F`.
+    ///
+    /// # Shapes
+    /// `tril`: (Z, d, d) → (Z)
+    pub fn per_neuron_from_factor(self, tril: &Tensor) -> Result<Tensor> {
+        let (_, d) = check::square_batch(tril, "precision factors tril")?;
+        let factor = linalg::tril(tril)?;
+        let d = d as f64;
+        Ok(match self {
+            LambdaLoss::TraceCovariance => {
+                (linalg::tril_inverse(&factor)?.sqr()?.sum((1, 2))? / d)?
+            }
+            LambdaLoss::LogdetCovariance => log_det_from_triangular(&factor)?.neg()?,
+            LambdaLoss::NegTracePrecision => (factor.sqr()?.sum((1, 2))? / -d)?,
+        })
+    }
+
+    /// The loss from precision factors given directly (mean over neurons).
+    ///
+    /// # Shapes
+    /// `tril`: (Z, d, d) → ()
+    pub fn of_factor(self, tril: &Tensor) -> Result<Tensor> {
+        Ok(self.per_neuron_from_factor(tril)?.mean_all()?)
+    }
+}
+
+impl std::fmt::Display for LambdaLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for LambdaLoss {
+    type Err = LossError;
+    fn from_str(s: &str) -> Result<Self> {
+        LambdaLoss::ALL
+            .into_iter()
+            .find(|variant| variant.name() == s)
+            .ok_or_else(|| LossError::InvalidConfig {
+                field: "lambda_loss",
+                reason: format!(
+                    "must be one of trace_covariance, logdet_covariance, neg_trace_precision; got {s:?}"
+                ),
+            })
+    }
+}

@@ -1,0 +1,82 @@
+//! Gaussian-mixture NLL over the neurons of a [`GaussLayer`], with learnable mixture
+//! weights `π = softmax(logits)`:
+//!
+//! `nll(x) = −log Σ_z π_z N(x | c_z, P_z⁻¹) = −logsumexp_z(log π_z − nll_z(x))`.
+//!
+//! Everything stays in the log domain, so far-away samples give large finite losses rather
+//! than `log 0`. Minimizing the mean over the layer's centers, precisions and the logits fits
+//! the layer as a mixture by gradient descent.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use gauss_layer::{gauss_layer, GaussLayerConfig};
+//! use gauss_losses::{mixture_logits, mixture_nll, Reduction};
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+//! let layer = gauss_layer(2, 3, GaussLayerConfig::default(), vb.pp("layer"))?;
+//! let logits = mixture_logits(3, vb.pp("mixture"))?;
+//! let x = Tensor::randn(0.0f64, 1.0, (8, 2), &Device::Cpu)?;
+//! let loss = mixture_nll(&layer, &x, &logits, Reduction::Mean)?;
+//! assert_eq!(loss.dims(), &[] as &[usize]);
+//! # Ok::<(), gauss_losses::LossError>(())
+//! ```
+
+use candle_core::Tensor;
+use candle_nn::{Init, VarBuilder};
+use gauss_layer::GaussLayer;
+
+use crate::check;
+use crate::error::{LossError, Result};
+use crate::layer_nll::layer_nll;
+use crate::reduction::Reduction;
+
+/// The learnable mixture logits of `num_components` components, named `mixture_logits` in
+/// `vb`, initialized to zero (equal weights).
+///
+/// # Shapes
+/// → (Z)
+pub fn mixture_logits(num_components: usize, vb: VarBuilder) -> Result<Tensor> {
+    Ok(vb.get_with_hints(num_components, "mixture_logits", Init::Const(0.0))?)
+}
+
+/// Mixture NLL from the per-component NLLs; the logits are normalized with `log_softmax`,
+/// so any real logits are valid.
+///
+/// # Shapes
+/// `component_nll`: (B, Z), `logits`: (Z) → (B) for [`Reduction::None`], () otherwise
+pub fn mixture_nll_from_components(
+    component_nll: &Tensor,
+    logits: &Tensor,
+    reduction: Reduction,
+) -> Result<Tensor> {
+    let (_, components) = check::samples(component_nll, "component nll", None)?;
+    check::vector(logits, "mixture logits", components)?;
+    check::dtype(logits, "mixture logits", component_nll.dtype())?;
+    let log_weights = candle_nn::ops::log_softmax(logits, 0)?;
+    let log_joint = log_weights.broadcast_sub(component_nll)?;
+    let nll = log_joint.log_sum_exp(1)?.neg()?;
+    reduction.apply(&nll)
+}
+
+/// Mixture NLL of samples `x` under the layer's neurons weighted by `softmax(logits)`.
+///
+/// # Shapes
+/// `x`: (B, d), `logits`: (Z) → (B) for [`Reduction::None`], () otherwise
+pub fn mixture_nll(
+    layer: &GaussLayer,
+    x: &Tensor,
+    logits: &Tensor,
+    reduction: Reduction,
+) -> Result<Tensor> {
+    let components = layer.out_features();
+    if logits.dims() != [components] {
+        return Err(LossError::shape(
+            "mixture logits",
+            format!("({components}), one per neuron"),
+            logits.dims(),
+        ));
+    }
+    let component_nll = layer_nll(layer, x, Reduction::None)?;
+    mixture_nll_from_components(&component_nll, logits, reduction)
+}

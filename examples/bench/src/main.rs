@@ -1,0 +1,214 @@
+//! Times one Gaussian-neuron layer (forward, and forward + backward of `sum(y)` to every
+//! parameter) against one Candle matmul of equal FLOPs, (B, d) × (d, Z·d), in the same run,
+//! and measures the peak heap during one forward. Prints one JSON line.
+//!
+//! ```text
+//! cargo run --release -p bench -- --batch 256 --in 32 --out 64 --param cholesky --backward
+//! ```
+
+mod alloc;
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Module, VarBuilder, VarMap};
+use clap::Parser;
+use gauss_layer::{gauss_layer, kernels, DistanceKernel, GaussLayerConfig, Parameterization};
+use serde::Serialize;
+
+#[global_allocator]
+static ALLOCATOR: alloc::CountingAllocator = alloc::CountingAllocator;
+
+#[derive(Parser, Debug)]
+#[command(about = "Time a Gaussian-neuron layer against a matmul of equal FLOPs")]
+struct Args {
+    /// Batch size B.
+    #[arg(long)]
+    batch: usize,
+    /// Input width d.
+    #[arg(long = "in")]
+    in_features: usize,
+    /// Number of neurons Z.
+    #[arg(long = "out")]
+    out_features: usize,
+    /// Parameterization: cholesky, direct, expm, diag, sphere.
+    #[arg(long, default_value = "cholesky")]
+    param: String,
+    /// f32 or f64.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Also time forward + backward of sum(y) to every parameter.
+    #[arg(long)]
+    backward: bool,
+    /// cpu, cuda or metal.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Timed repetitions (the median is reported).
+    #[arg(long, default_value_t = 30)]
+    iters: usize,
+    /// Untimed repetitions first.
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// Distance kernel: auto, projected, expanded, naive.
+    #[arg(long, default_value = "auto")]
+    kernel: String,
+}
+
+#[derive(Serialize)]
+struct Report {
+    batch: usize,
+    in_features: usize,
+    out_features: usize,
+    param: String,
+    dtype: String,
+    device: String,
+    kernel: &'static str,
+    threads: usize,
+    iters: usize,
+    forward_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    forward_backward_ms: Option<f64>,
+    matmul_equal_flops_ms: f64,
+    forward_ratio: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    forward_backward_ratio: Option<f64>,
+    /// Peak live heap bytes during one forward, counting what was already live (input,
+    /// parameters, runtime).
+    peak_bytes: usize,
+    /// Live heap bytes just before that forward.
+    baseline_bytes: usize,
+    /// Bytes of input + output + parameters.
+    io_param_bytes: usize,
+    peak_ratio: f64,
+}
+
+fn parse_kernel(name: &str) -> Result<DistanceKernel> {
+    Ok(match name {
+        "auto" => DistanceKernel::Auto,
+        "projected" => DistanceKernel::Projected,
+        "expanded" => DistanceKernel::Expanded,
+        "naive" => DistanceKernel::Naive,
+        other => bail!("--kernel must be auto, projected, expanded or naive, got {other:?}"),
+    })
+}
+
+fn parse_device(name: &str) -> Result<Device> {
+    Ok(match name {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0).context("--device cuda (build with --features cuda)")?,
+        "metal" => Device::new_metal(0).context("--device metal (build with --features metal)")?,
+        other => bail!("--device must be cpu, cuda or metal, got {other:?}"),
+    })
+}
+
+fn parse_dtype(name: &str) -> Result<DType> {
+    Ok(match name {
+        "f32" => DType::F32,
+        "f64" => DType::F64,
+        other => bail!("--dtype must be f32 or f64, got {other:?}"),
+    })
+}
+
+/// Median wall time in milliseconds of `f` over `iters` runs after `warmup` runs.
+fn median_ms(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(iters.max(1));
+    for _ in 0..iters.max(1) {
+        let start = Instant::now();
+        f()?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let device = parse_device(&args.device)?;
+    let dtype = parse_dtype(&args.dtype)?;
+    let parameterization: Parameterization = args.param.parse()?;
+    let (b, d, z) = (args.batch, args.in_features, args.out_features);
+    let config = GaussLayerConfig {
+        parameterization,
+        kernel: parse_kernel(&args.kernel)?,
+        ..Default::default()
+    };
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, dtype, &device);
+    let layer = gauss_layer(d, z, config, vb)?;
+    let x = Tensor::randn(0f32, 1f32, (b, d), &device)?.to_dtype(dtype)?;
+    let kernel =
+        kernels::resolve_kernel(&x, layer.center(), layer.precision(), layer.config().kernel)?
+            .name();
+
+    // Peak heap of one forward, measured first so nothing else of this run is live.
+    for _ in 0..args.warmup.max(1) {
+        drop(layer.forward(&x)?);
+    }
+    device.synchronize()?;
+    let baseline_bytes = alloc::live_bytes();
+    alloc::reset_peak();
+    let y = layer.forward(&x)?;
+    device.synchronize()?;
+    let peak_bytes = alloc::peak_bytes();
+    let element = dtype.size_in_bytes();
+    let param_elements: usize = varmap
+        .all_vars()
+        .iter()
+        .map(|v| v.as_tensor().elem_count())
+        .sum();
+    let io_param_bytes = (x.elem_count() + y.elem_count() + param_elements) * element;
+    drop(y);
+
+    let forward_ms = median_ms(args.warmup, args.iters, || {
+        let y = layer.forward(&x)?;
+        device.synchronize()?;
+        drop(y);
+        Ok(())
+    })?;
+    let forward_backward_ms = if args.backward {
+        Some(median_ms(args.warmup, args.iters, || {
+            let y = layer.forward(&x)?;
+            let grads = y.sum_all()?.backward()?;
+            device.synchronize()?;
+            drop(grads);
+            Ok(())
+        })?)
+    } else {
+        None
+    };
+    let lhs = Tensor::randn(0f32, 1f32, (b, d), &device)?.to_dtype(dtype)?;
+    let rhs = Tensor::randn(0f32, 1f32, (d, z * d), &device)?.to_dtype(dtype)?;
+    let matmul_equal_flops_ms = median_ms(args.warmup, args.iters, || {
+        let product = lhs.matmul(&rhs)?;
+        device.synchronize()?;
+        drop(product);
+        Ok(())
+    })?;
+
+    let report = Report {
+        batch: b,
+        in_features: d,
+        out_features: z,
+        param: parameterization.name().to_string(),
+        dtype: args.dtype,
+        device: args.device,
+        kernel,
+        threads: rayon::current_num_threads(),
+        iters: args.iters,
+        forward_ms,
+        forward_backward_ms,
+        matmul_equal_flops_ms,
+        forward_ratio: forward_ms / matmul_equal_flops_ms,
+        forward_backward_ratio: forward_backward_ms.map(|t| t / matmul_equal_flops_ms),
+        peak_bytes,
+        baseline_bytes,
+        io_param_bytes,
+        peak_ratio: peak_bytes as f64 / io_param_bytes as f64,
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}

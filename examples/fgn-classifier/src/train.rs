@@ -1,0 +1,155 @@
+//! Training loops: a classical MLP (candle_nn `Linear` + ReLU, cross-entropy) and an FGN
+//! network (`GaussNet`, the FGN objective: cross-entropy + λ_l2·mean(w²) + λ_sig·λ-loss).
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{AdamW, Linear, Module, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use gauss_layer::{GaussNet, GaussNetConfig};
+use gauss_losses::{fgn_objective, FgnObjectiveConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+
+use crate::data::Split;
+use crate::evaluate::Classifier;
+
+/// A classical multi-layer perceptron: `Linear` layers with ReLU between them.
+pub struct Mlp {
+    pub layers: Vec<Linear>,
+}
+
+impl Mlp {
+    pub fn new(sizes: &[usize], vb: VarBuilder) -> Result<Self> {
+        let layers = sizes
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| candle_nn::linear(w[0], w[1], vb.pp(i)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { layers })
+    }
+}
+
+impl Classifier for Mlp {
+    fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut h = x.clone();
+        let last = self.layers.len() - 1;
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer.forward(&h)?;
+            if i < last {
+                h = h.relu()?;
+            }
+        }
+        Ok(h)
+    }
+}
+
+/// Settings shared by both training loops.
+pub struct Schedule {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+}
+
+fn progress(label: &str, steps: u64) -> ProgressBar {
+    let bar = ProgressBar::new(steps);
+    let style = ProgressStyle::with_template(
+        "{prefix:>9} [{elapsed_precise}] {bar:30} {pos}/{len} epochs {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_prefix(label.to_string());
+    bar
+}
+
+/// Mini-batches of a shuffled epoch, copied to `device`.
+fn batches(
+    split: &Split,
+    batch_size: usize,
+    rng: &mut StdRng,
+    device: &Device,
+) -> Result<Vec<(Tensor, Tensor)>> {
+    let mut order: Vec<u32> = (0..split.len() as u32).collect();
+    order.shuffle(rng);
+    let mut out = Vec::new();
+    for chunk in order.chunks(batch_size) {
+        let index = Tensor::new(chunk, &Device::Cpu)?;
+        let x = split.images.index_select(&index, 0)?.to_device(device)?;
+        let y = split.labels.index_select(&index, 0)?.to_device(device)?;
+        out.push((x, y));
+    }
+    Ok(out)
+}
+
+fn optimizer(varmap: &VarMap, learning_rate: f64) -> Result<AdamW> {
+    Ok(AdamW::new(
+        varmap.all_vars(),
+        ParamsAdamW {
+            lr: learning_rate,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?)
+}
+
+/// Trains a classical MLP with cross-entropy.
+pub fn train_mlp(
+    sizes: &[usize],
+    train: &Split,
+    schedule: &Schedule,
+    rng: &mut StdRng,
+    device: &Device,
+) -> Result<(Mlp, VarMap)> {
+    let mut varmap = VarMap::new();
+    let mlp = Mlp::new(sizes, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    crate::init::seeded_mlp(&mut varmap, sizes, rng)?;
+    let mut opt = optimizer(&varmap, schedule.learning_rate)?;
+    let bar = progress("classical", schedule.epochs as u64);
+    for _ in 0..schedule.epochs {
+        let mut total = 0.0;
+        let mut count = 0;
+        for (x, y) in batches(train, schedule.batch_size, rng, device)? {
+            let loss = candle_nn::loss::cross_entropy(&mlp.logits(&x)?, &y)?;
+            opt.backward_step(&loss)?;
+            total += loss.to_scalar::<f32>()? as f64;
+            count += 1;
+        }
+        bar.set_message(format!("loss {:.4}", total / count.max(1) as f64));
+        bar.inc(1);
+    }
+    bar.finish();
+    Ok((mlp, varmap))
+}
+
+/// Trains an FGN network with the FGN objective; returns it with its variables.
+pub fn train_fgn(
+    config: GaussNetConfig,
+    objective: &FgnObjectiveConfig,
+    train: &Split,
+    schedule: &Schedule,
+    rng: &mut StdRng,
+    device: &Device,
+) -> Result<(GaussNet, VarMap)> {
+    let mut varmap = VarMap::new();
+    let net = GaussNet::new(config, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    crate::init::seeded_fgn(&mut varmap, &net, train, rng)?;
+    let mut opt = optimizer(&varmap, schedule.learning_rate)?;
+    let bar = progress("fgn", schedule.epochs as u64);
+    for _ in 0..schedule.epochs {
+        let mut total = 0.0;
+        let mut count = 0;
+        for (x, y) in batches(train, schedule.batch_size, rng, device)? {
+            let logits = net.forward(&x, true)?;
+            let loss = fgn_objective(&logits, &y, net.layers(), objective)?;
+            opt.backward_step(&loss.total)?;
+            total += loss
+                .cross_entropy
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            count += 1;
+        }
+        bar.set_message(format!("cross-entropy {:.4}", total / count.max(1) as f64));
+        bar.inc(1);
+    }
+    bar.finish();
+    Ok((net, varmap))
+}

@@ -1,0 +1,171 @@
+//! Every damaged checkpoint gives `GaussError::Checkpoint` naming the tensor or field at fault,
+//! never a panic.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use gauss_layer::{GaussError, GaussLayerConfig, GaussNet, GaussNetConfig, Parameterization};
+
+fn temp_dir(name: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("gauss-corrupt-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// A small saved network and its (name → tensor) map and metadata.
+fn saved(dir: &Path) -> Result<(PathBuf, HashMap<String, Tensor>, HashMap<String, String>)> {
+    let config = GaussNetConfig {
+        in_features: 3,
+        hidden: vec![4],
+        out_features: 2,
+        layer: GaussLayerConfig {
+            parameterization: Parameterization::Diag,
+            ..Default::default()
+        },
+        batch_norm: true,
+        ..Default::default()
+    };
+    let varmap = VarMap::new();
+    let net = GaussNet::new(
+        config,
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )?;
+    let path = dir.join("good.safetensors");
+    net.save(&path)?;
+    let bytes = std::fs::read(&path)?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    Ok((path, tensors, metadata))
+}
+
+fn write(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let bytes = safetensors::tensor::serialize(
+        tensors.iter().map(|(k, v)| (k.as_str(), v)),
+        Some(metadata),
+    )?;
+    std::fs::write(path, bytes)?;
+    Ok(())
+}
+
+/// Loads `path` and returns the checkpoint error's reason, failing on success or another error.
+fn reason(path: &Path, dtype: Option<DType>) -> String {
+    match GaussNet::load(path, &Device::Cpu, dtype) {
+        Ok(_) => panic!("{} loaded but should not", path.display()),
+        Err(GaussError::Checkpoint { reason, .. }) => reason,
+        Err(other) => panic!("expected a checkpoint error, got {other}"),
+    }
+}
+
+#[test]
+fn damaged_checkpoints_name_what_is_wrong() -> Result<()> {
+    let dir = temp_dir("cases")?;
+    let (good, tensors, metadata) = saved(&dir)?;
+    let bytes = std::fs::read(&good)?;
+    let victim = "layers.0.center";
+    assert!(tensors.contains_key(victim), "test assumes {victim} exists");
+
+    // Missing tensor.
+    let mut t = tensors.clone();
+    t.remove(victim);
+    let p = dir.join("missing.safetensors");
+    write(&p, &t, metadata.clone())?;
+    let r = reason(&p, None);
+    assert!(r.contains(victim) && r.contains("missing"), "{r}");
+
+    // Wrong shape.
+    let mut t = tensors.clone();
+    t.insert(
+        victim.into(),
+        Tensor::zeros((4, 5), DType::F32, &Device::Cpu)?,
+    );
+    let p = dir.join("shape.safetensors");
+    write(&p, &t, metadata.clone())?;
+    let r = reason(&p, None);
+    assert!(r.contains(victim) && r.contains("shape"), "{r}");
+
+    // Wrong dtype: an error without a requested dtype, converted with one.
+    let mut t = tensors.clone();
+    t.insert(victim.into(), tensors[victim].to_dtype(DType::F64)?);
+    let p = dir.join("dtype.safetensors");
+    write(&p, &t, metadata.clone())?;
+    let r = reason(&p, None);
+    assert!(r.contains(victim) && r.contains("dtype"), "{r}");
+    let converted = GaussNet::load(&p, &Device::Cpu, Some(DType::F32))?;
+    assert_eq!(converted.layers()[0].center().dtype(), DType::F32);
+
+    // Unexpected extra tensor.
+    let mut t = tensors.clone();
+    t.insert(
+        "layers.9.weight".into(),
+        Tensor::zeros(2, DType::F32, &Device::Cpu)?,
+    );
+    let p = dir.join("extra.safetensors");
+    write(&p, &t, metadata.clone())?;
+    let r = reason(&p, None);
+    assert!(
+        r.contains("layers.9.weight") && r.contains("unexpected"),
+        "{r}"
+    );
+
+    // Truncated file: every cut gives an error (header cut, data cut).
+    for cut in [0, 4, 8, 20, bytes.len() / 2, bytes.len() - 1] {
+        let p = dir.join(format!("truncated-{cut}.safetensors"));
+        std::fs::write(&p, &bytes[..cut])?;
+        let r = reason(&p, None);
+        assert!(r.contains("safetensors"), "cut at {cut}: {r}");
+    }
+
+    // Not a safetensors file at all.
+    let p = dir.join("text.safetensors");
+    std::fs::write(
+        &p,
+        b"this is not a checkpoint, just some text that is long enough",
+    )?;
+    let r = reason(&p, None);
+    assert!(r.contains("safetensors"), "{r}");
+
+    // A safetensors file without our metadata.
+    let p = dir.join("plain.safetensors");
+    write(&p, &tensors, HashMap::new())?;
+    let r = reason(&p, None);
+    assert!(r.contains("`format`") && r.contains("missing"), "{r}");
+
+    // Unknown format version, and a version that is not a number.
+    for (version, needle) in [("99", "99"), ("one", "not an integer")] {
+        let mut m = metadata.clone();
+        m.insert("format_version".into(), version.into());
+        let p = dir.join(format!("version-{version}.safetensors"));
+        write(&p, &tensors, m)?;
+        let r = reason(&p, None);
+        assert!(r.contains("format_version") && r.contains(needle), "{r}");
+    }
+
+    // Config that does not parse, and one that parses but is invalid.
+    for (config, needle) in [
+        ("{not json", "does not parse"),
+        (r#"{"in_features": 0}"#, "invalid"),
+    ] {
+        let mut m = metadata.clone();
+        m.insert("config".into(), config.into());
+        let p = dir.join("config.safetensors");
+        write(&p, &tensors, m)?;
+        let r = reason(&p, None);
+        assert!(r.contains("`config`") && r.contains(needle), "{r}");
+    }
+
+    // A missing file is an I/O error naming the path.
+    match GaussNet::load(dir.join("absent.safetensors"), &Device::Cpu, None) {
+        Err(GaussError::Io { path, .. }) => assert!(path.contains("absent")),
+        other => panic!("expected an I/O error, got {other:?}"),
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! Save → load of a `GaussNet` gives bit-identical outputs on CPU, keeps user metadata, and
+//! converts dtypes on request. Saving is atomic (no temporary file left behind).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use gauss_layer::checkpoint;
+use gauss_layer::{GaussLayerConfig, GaussNet, GaussNetConfig, Parameterization};
+
+fn temp_dir(name: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("gauss-ckpt-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn net(config: GaussNetConfig, dtype: DType) -> Result<(GaussNet, VarMap)> {
+    let varmap = VarMap::new();
+    let net = GaussNet::new(
+        config,
+        VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu),
+    )?;
+    Ok((net, varmap))
+}
+
+fn bits(t: &Tensor) -> Result<Vec<u64>> {
+    Ok(t.flatten_all()?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?
+        .into_iter()
+        .map(f64::to_bits)
+        .collect())
+}
+
+fn configs() -> Vec<GaussNetConfig> {
+    let mut out = Vec::new();
+    for parameterization in Parameterization::ALL {
+        out.push(GaussNetConfig {
+            in_features: 5,
+            hidden: vec![7, 4],
+            out_features: 3,
+            layer: GaussLayerConfig {
+                parameterization,
+                tanh: true,
+                ..Default::default()
+            },
+            output_layer: Some(GaussLayerConfig {
+                parameterization,
+                ..Default::default()
+            }),
+            input_batch_norm: true,
+            batch_norm: true,
+            dropout: 0.25,
+            ..Default::default()
+        });
+    }
+    out
+}
+
+#[test]
+fn save_then_load_gives_bit_identical_outputs() -> Result<()> {
+    let dir = temp_dir("roundtrip")?;
+    let x = Tensor::randn(0f32, 1.0, (9, 5), &Device::Cpu)?;
+    for config in configs() {
+        let name = config.layer.parameterization.name();
+        let (net, _vars) = net(config.clone(), DType::F32)?;
+        // One training-mode pass moves the batch-norm running statistics off their defaults,
+        // so the round trip also covers them.
+        net.forward(&x, true)?;
+        let (before, gaussians_before) = net.forward_with_gaussians(&x, false)?;
+        let path = dir.join(format!("{name}.safetensors"));
+        net.save(&path)?;
+        let loaded = GaussNet::load(&path, &Device::Cpu, None)?;
+        assert_eq!(loaded.config(), &config, "{name}: config comes back");
+        let (after, gaussians_after) = loaded.forward_with_gaussians(&x, false)?;
+        assert_eq!(bits(&before)?, bits(&after)?, "{name}: outputs differ");
+        for (g0, g1) in gaussians_before.iter().zip(&gaussians_after) {
+            assert_eq!(bits(g0)?, bits(g1)?, "{name}: Gaussians differ");
+        }
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn metadata_and_dtype_conversion() -> Result<()> {
+    let dir = temp_dir("meta")?;
+    let config = GaussNetConfig {
+        in_features: 3,
+        hidden: vec![4],
+        out_features: 2,
+        layer: GaussLayerConfig {
+            parameterization: Parameterization::Diag,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (net, _vars) = net(config, DType::F32)?;
+    let path = dir.join("net.safetensors");
+    let mut meta = BTreeMap::new();
+    meta.insert(
+        "test_accuracy".to_string(),
+        "0.9722222222222222".to_string(),
+    );
+    meta.insert(
+        "format".to_string(),
+        "user value, not the format field".to_string(),
+    );
+    checkpoint::save_with_metadata(&net, &path, &meta)?;
+    // Overwriting an existing checkpoint goes through the same temporary file + rename.
+    checkpoint::save_with_metadata(&net, &path, &meta)?;
+
+    let loaded = checkpoint::load(&path, &Device::Cpu, None)?;
+    assert_eq!(loaded.user_metadata, meta);
+    assert_eq!(loaded.stored_dtype, DType::F32);
+    // The loaded VarMap holds every tensor of the network, ready for an optimizer.
+    let names: Vec<String> = net.named_tensors().into_iter().map(|(n, _)| n).collect();
+    let data = loaded.varmap.data().lock().expect("lock");
+    for name in &names {
+        assert!(data.contains_key(name), "VarMap lacks {name}");
+    }
+    drop(data);
+
+    let x = Tensor::randn(0f32, 1.0, (6, 3), &Device::Cpu)?;
+    let as_f64 = GaussNet::load(&path, &Device::Cpu, Some(DType::F64))?;
+    let y64 = as_f64.forward(&x.to_dtype(DType::F64)?, false)?;
+    assert_eq!(y64.dtype(), DType::F64);
+    let y32 = net.forward(&x, false)?.to_dtype(DType::F64)?;
+    // f32 weights widened to f64 exactly; only the f32 vs f64 arithmetic differs (f32 tolerance).
+    let diff = (y64 - y32)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    assert!(diff < 1e-4, "f64 load differs by {diff}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -1,0 +1,86 @@
+//! Classical → Gaussian conversion keeps the linear layer's outputs near the data (within the
+//! Gaussian's tolerance `|y_lin| · (1 - g)`, `1 - g ≤ m2/2`) and puts every center on its
+//! neuron's zero line (`w·c + b = 0`).
+
+use anyhow::Result;
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::Linear;
+use gauss_layer::convert::{linear_to_gauss_layer, mlp_to_gauss_net, ConvertOptions};
+use gauss_layer::Parameterization;
+
+fn randn(shape: &[usize], std: f64) -> Result<Tensor> {
+    Ok(Tensor::randn(0f64, std, shape, &Device::Cpu)?)
+}
+
+fn linear(fan_in: usize, fan_out: usize) -> Result<Linear> {
+    Ok(Linear::new(
+        randn(&[fan_out, fan_in], 0.5)?,
+        Some(randn(&[fan_out], 0.5)?),
+    ))
+}
+
+#[test]
+fn converted_layer_matches_near_the_data_and_centers_lie_on_zero_lines() -> Result<()> {
+    let lin = linear(6, 5)?;
+    let x = randn(&[32, 6], 1.0)?;
+    let scale = 1e-4;
+    for parameterization in Parameterization::ALL {
+        let options = ConvertOptions {
+            parameterization,
+            precision_scale: scale,
+            ..Default::default()
+        };
+        let layer = linear_to_gauss_layer(&lin, &options)?;
+        let w = lin.weight();
+        let b = lin.bias().expect("bias");
+        // Zero line: w·c + b = 0 (closed form; f64 rounding only).
+        let on_line = ((layer.center() * w)?.sum(D::Minus1)? + b)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(on_line < 1e-12, "{parameterization}: w·c + b = {on_line}");
+
+        let y_lin = lin.forward(&x)?;
+        let (y, g) = layer.forward_with_gaussian(&x, None)?;
+        // m2 = scale · |x - c|² for P = scale · I, and 1 - exp(-m2/2) ≤ m2/2.
+        let delta = x
+            .unsqueeze(1)?
+            .broadcast_sub(&layer.center().unsqueeze(0)?)?;
+        let m2 = (delta.sqr()?.sum(D::Minus1)? * scale)?;
+        let expected_g = (m2.neg()? * 0.5)?.exp()?;
+        let g_err = (&g - &expected_g)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(
+            g_err < 1e-9,
+            "{parameterization}: g differs from exp(-m2/2) by {g_err}"
+        );
+        let bound = ((y_lin.abs()? * (&m2 * 0.5)?)? + 1e-12)?;
+        let excess = ((y - &y_lin)?.abs()? - bound)?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(
+            excess <= 0.0,
+            "{parameterization}: outside tolerance by {excess}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn converted_tanh_mlp_matches_the_classical_one_near_the_data() -> Result<()> {
+    let layers = vec![linear(4, 8)?, linear(8, 3)?];
+    let x = randn(&[16, 4], 1.0)?;
+    let options = ConvertOptions {
+        precision_scale: 1e-6,
+        tanh: true,
+        ..Default::default()
+    };
+    let net = mlp_to_gauss_net(&layers, &options)?;
+    let classical = layers[1].forward(&layers[0].forward(&x)?.tanh()?)?;
+    let y = net.forward(&x, false)?;
+    let diff = (&y - &classical)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    let scale = classical.abs()?.max_all()?.to_scalar::<f64>()?;
+    // Each Gaussian is within ~1e-6·|x-c|²/2 of 1: a relative error of order 1e-4 here.
+    assert!(diff / scale < 1e-3, "relative difference {}", diff / scale);
+    assert_eq!(y.dtype(), DType::F64);
+    Ok(())
+}

@@ -1,0 +1,183 @@
+//! The covariance-factor NLL's autograd gradients equal J. Rennie's closed forms
+//! (DESIGN §2; "Gradient Calculations for the Mean, Covariance Matrix Parameterization of the
+//! Multivariate Normal", eqs. 7, 9, 14) on random data:
+//! `dJ/dμ = −Σ_a S⁻¹(x_a − μ)`, `dJ/dΛ = n S⁻¹Λ − S⁻¹RᵀRS⁻¹Λ`, `J = Σ_a nll(x_a)`,
+//! `R` the centered data. The expected values are computed on the host in plain f64 with a
+//! Gauss-Jordan inverse, independently of the crate's triangular inverse.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var};
+use gauss_losses::{nll_covariance_factor, nll_precision_factor, Reduction};
+use rand::{Rng, SeedableRng};
+
+type Matrix = Vec<Vec<f64>>;
+
+fn matmul(a: &Matrix, b: &Matrix) -> Matrix {
+    let (n, k, m) = (a.len(), b.len(), b[0].len());
+    (0..n)
+        .map(|i| {
+            (0..m)
+                .map(|j| (0..k).map(|l| a[i][l] * b[l][j]).sum())
+                .collect()
+        })
+        .collect()
+}
+
+fn transpose(a: &Matrix) -> Matrix {
+    (0..a[0].len())
+        .map(|j| a.iter().map(|row| row[j]).collect())
+        .collect()
+}
+
+/// Gauss-Jordan with partial pivoting; the test matrices are well conditioned.
+fn inverse(a: &Matrix) -> Matrix {
+    let d = a.len();
+    let mut aug: Matrix = a
+        .iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let mut r = row.clone();
+            r.extend((0..d).map(|j| if i == j { 1.0 } else { 0.0 }));
+            r
+        })
+        .collect();
+    for col in 0..d {
+        let pivot = (col..d)
+            .max_by(|&p, &q| aug[p][col].abs().total_cmp(&aug[q][col].abs()))
+            .unwrap_or(col);
+        aug.swap(col, pivot);
+        let p = aug[col][col];
+        for v in aug[col].iter_mut() {
+            *v /= p;
+        }
+        for row in 0..d {
+            if row != col {
+                let f = aug[row][col];
+                for j in 0..2 * d {
+                    aug[row][j] -= f * aug[col][j];
+                }
+            }
+        }
+    }
+    aug.into_iter().map(|r| r[d..].to_vec()).collect()
+}
+
+fn to_matrix(t: &Tensor) -> Result<Matrix> {
+    Ok(t.to_vec2::<f64>()?)
+}
+
+fn assert_close(got: &Matrix, expected: &Matrix, what: &str) {
+    let scale = expected
+        .iter()
+        .flatten()
+        .fold(0.0f64, |m, v| m.max(v.abs()))
+        .max(1e-300);
+    for (i, (g, e)) in got
+        .iter()
+        .flatten()
+        .zip(expected.iter().flatten())
+        .enumerate()
+    {
+        assert!(
+            (g - e).abs() <= 1e-9 * scale,
+            "{what}[{i}]: got {g}, expected {e}"
+        );
+    }
+}
+
+fn random_case(seed: u64, n: usize, d: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let x: Vec<f64> = (0..n * d).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let mean: Vec<f64> = (0..d).map(|_| rng.random_range(-0.5..0.5)).collect();
+    let mut lam = vec![0.0; d * d];
+    for i in 0..d {
+        for j in 0..=i {
+            lam[i * d + j] = if i == j {
+                rng.random_range(0.5..1.5)
+            } else {
+                rng.random_range(-0.5..0.5)
+            };
+        }
+    }
+    let dev = Device::Cpu;
+    Ok((
+        Tensor::from_vec(x, (n, d), &dev)?,
+        Tensor::from_vec(mean, d, &dev)?,
+        Tensor::from_vec(lam, (d, d), &dev)?,
+    ))
+}
+
+#[test]
+fn covariance_factor_gradients_match_rennie_closed_forms() -> Result<()> {
+    for (seed, n, d) in [(1u64, 40usize, 3usize), (2, 25, 5), (3, 60, 7)] {
+        let (x, mean, lam) = random_case(seed, n, d)?;
+        let mean_var = Var::from_tensor(&mean)?;
+        let lam_var = Var::from_tensor(&lam)?;
+        let loss = nll_covariance_factor(&x, &mean_var, &lam_var, Reduction::Sum)?;
+        let grads = loss.backward()?;
+        let grad_mean = grads.get(&mean_var).expect("mean has a gradient");
+        let grad_lam = grads.get(&lam_var).expect("scale_tril has a gradient");
+
+        let lam_m = to_matrix(&lam)?;
+        let s_inv = inverse(&matmul(&lam_m, &transpose(&lam_m)));
+        let centered = to_matrix(&x.broadcast_sub(&mean)?)?;
+        // dJ/dμ = −S⁻¹ Σ_a (x_a − μ)
+        let col_sum: Matrix = (0..d)
+            .map(|j| vec![centered.iter().map(|r| r[j]).sum::<f64>()])
+            .collect();
+        let expected_mean: Vec<f64> = matmul(&s_inv, &col_sum).iter().map(|r| -r[0]).collect();
+        assert_close(
+            &vec![grad_mean.to_vec1::<f64>()?],
+            &vec![expected_mean],
+            "dJ/dmu",
+        );
+        // dJ/dΛ = n S⁻¹Λ − S⁻¹RᵀRS⁻¹Λ; autograd sees only the lower triangle of Λ.
+        let s_inv_lam = matmul(&s_inv, &lam_m);
+        let scatter = matmul(&transpose(&centered), &centered);
+        let second = matmul(&matmul(&s_inv, &scatter), &s_inv_lam);
+        let expected_lam: Matrix = (0..d)
+            .map(|i| {
+                (0..d)
+                    .map(|j| {
+                        if j <= i {
+                            n as f64 * s_inv_lam[i][j] - second[i][j]
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        assert_close(&to_matrix(grad_lam)?, &expected_lam, "dJ/dLambda");
+    }
+    Ok(())
+}
+
+/// The two parameterizations describe the same Gaussian when `L = chol(S⁻¹)`; here `S⁻¹`
+/// and its factor are built on the host, so both NLLs must agree to rounding.
+#[test]
+fn covariance_and_precision_factor_nll_agree() -> Result<()> {
+    let (x, mean, lam) = random_case(7, 30, 4)?;
+    let lam_m = to_matrix(&lam)?;
+    let p = inverse(&matmul(&lam_m, &transpose(&lam_m)));
+    // Host Cholesky of P.
+    let d = p.len();
+    let mut l = vec![vec![0.0; d]; d];
+    for i in 0..d {
+        for j in 0..=i {
+            let s: f64 = (0..j).map(|k| l[i][k] * l[j][k]).sum();
+            l[i][j] = if i == j {
+                (p[i][i] - s).sqrt()
+            } else {
+                (p[i][j] - s) / l[j][j]
+            };
+        }
+    }
+    let tril = Tensor::new(l, &Device::Cpu)?.to_dtype(DType::F64)?;
+    let by_cov = nll_covariance_factor(&x, &mean, &lam, Reduction::None)?.to_vec1::<f64>()?;
+    let by_prec = nll_precision_factor(&x, &mean, &tril, Reduction::None)?.to_vec1::<f64>()?;
+    for (a, b) in by_cov.iter().zip(&by_prec) {
+        assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "{a} vs {b}");
+    }
+    Ok(())
+}
