@@ -40,11 +40,12 @@ fn inverse(a: &Matrix) -> Matrix {
         for v in aug[col].iter_mut() {
             *v /= p;
         }
-        for row in 0..d {
+        let pivot_row = aug[col].clone();
+        for (row, values) in aug.iter_mut().enumerate() {
             if row != col {
-                let f = aug[row][col];
-                for j in 0..2 * d {
-                    aug[row][j] -= f * aug[col][j];
+                let f = values[col];
+                for (v, p) in values.iter_mut().zip(&pivot_row) {
+                    *v -= f * p;
                 }
             }
         }

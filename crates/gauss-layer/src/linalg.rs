@@ -34,11 +34,17 @@ fn square_dim(matrices: &Tensor, what: &str, rank: Option<usize>) -> Result<usiz
 }
 
 /// Swaps the last two dimensions (a batched transpose).
+///
+/// # Shapes
+/// `matrices`: (..., m, n) → (..., n, m)
 pub fn transpose(matrices: &Tensor) -> Result<Tensor> {
     Ok(matrices.transpose(D::Minus2, D::Minus1)?)
 }
 
 /// Identity matrix of size d in the dtype and on the device of `like`.
+///
+/// # Shapes
+/// `like`: any → (d, d)
 pub fn eye_like(d: usize, like: &Tensor) -> Result<Tensor> {
     Ok(Tensor::eye(d, like.dtype(), like.device())?)
 }
@@ -108,6 +114,9 @@ pub fn trace(matrices: &Tensor) -> Result<Tensor> {
 
 /// Batched `A B` with both operands made contiguous first (cuBLAS and Metal accept fewer
 /// stride patterns than the CPU backend).
+///
+/// # Shapes
+/// `a`: (..., m, k), `b`: (..., k, n) → (..., m, n)
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(a.contiguous()?.matmul(&b.contiguous()?)?)
 }

@@ -80,6 +80,11 @@ pub fn positive_map_derivative(map: PositiveMap, raw: f64) -> f64 {
     }
 }
 
+/// `x > 0`, false for NaN.
+fn is_positive(x: f64) -> bool {
+    x > 0.0
+}
+
 fn is_float(dtype: DType) -> bool {
     matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
 }
@@ -197,6 +202,9 @@ impl Precision {
 
     /// The same precision with another raw tensor (e.g. after a repair), checked like
     /// [`Precision::from_raw`].
+    ///
+    /// # Shapes
+    /// `raw`: as in [`Precision::from_raw`]
     pub fn with_raw(&self, raw: Tensor) -> Result<Self> {
         Self::from_raw(raw, self.dim, &self.config_view())
     }
@@ -548,13 +556,13 @@ fn base_precision_block(
     let (eigenvalues, vectors) = repair::symmetric_eigen(&repair::symmetric_block(block, d))?;
     let s2 = sigma * sigma;
     for &l in &eigenvalues {
-        if !(l > 0.0) {
+        if !is_positive(l) {
             return Err(GaussError::NotPositiveDefinite {
                 neuron,
                 min_eigenvalue: eigenvalues[0],
             });
         }
-        if !(1.0 - s2 * l > 0.0) {
+        if !is_positive(1.0 - s2 * l) {
             return Err(GaussError::config(
                 "width_floor",
                 format!(
@@ -603,7 +611,7 @@ fn raw_from_precision_block(
                     raw[i * d + j] = l[(i, j)];
                 }
                 let above_floor = l[(i, i)] - config.factor_diag_floor;
-                if !(above_floor > 0.0) {
+                if !is_positive(above_floor) {
                     return Err(GaussError::config(
                         "factor_diag_floor",
                         format!(
@@ -620,7 +628,7 @@ fn raw_from_precision_block(
         Parameterization::Expm => {
             let (eigenvalues, vectors) =
                 repair::symmetric_eigen(&repair::symmetric_block(block, d))?;
-            if !(eigenvalues[0] > 0.0) {
+            if !is_positive(eigenvalues[0]) {
                 return Err(not_pd(block));
             }
             Ok(repair::from_eigen(&eigenvalues, &vectors, f64::ln))
@@ -636,7 +644,7 @@ fn raw_from_precision_block(
                 ));
             }
             let diagonal: Vec<f64> = (0..d).map(|i| block[i * d + i]).collect();
-            if diagonal.iter().any(|&p| !(p > 0.0)) {
+            if diagonal.iter().any(|&p| !is_positive(p)) {
                 return Err(not_pd(block));
             }
             if config.parameterization == Parameterization::Diag {

@@ -29,9 +29,14 @@ pub use candle_core::Device as __Device;
 /// - `test_device!(body, body_cpu, body_cuda, body_metal)` names the tests explicitly, like
 ///   candle's macro.
 ///
-/// ```ignore
-/// fn forward_shapes(device: &candle_core::Device) -> anyhow::Result<()> { Ok(()) }
+/// ```
+/// fn forward_shapes(device: &candle_core::Device) -> Result<(), gauss_layer::GaussError> {
+///     let x = candle_core::Tensor::zeros((2, 3), candle_core::DType::F32, device)?;
+///     assert_eq!(x.dims(), &[2, 3]);
+///     Ok(())
+/// }
 /// gauss_layer::test_device!(forward_shapes);
+/// # fn main() {}
 /// ```
 #[macro_export]
 macro_rules! test_device {
@@ -87,7 +92,10 @@ macro_rules! test_device {
     };
 }
 
-/// Largest absolute value of a tensor, in f64.
+/// Largest absolute value of a tensor, in f64 (0 for an empty tensor).
+///
+/// # Shapes
+/// `tensor`: any
 pub fn max_abs(tensor: &Tensor) -> Result<f64> {
     if tensor.elem_count() == 0 {
         return Ok(0.0);
@@ -102,6 +110,9 @@ pub fn max_abs(tensor: &Tensor) -> Result<f64> {
 
 /// `max |actual − expected| / max(max |expected|, tiny)`, in f64 (both converted), after
 /// checking that the shapes agree. NaN anywhere gives NaN (so it fails any tolerance).
+///
+/// # Shapes
+/// `actual`, `expected`: the same shape
 pub fn relative_error(actual: &Tensor, expected: &Tensor) -> Result<f64> {
     if actual.dims() != expected.dims() {
         return Err(GaussError::shape(
@@ -142,6 +153,9 @@ pub fn tolerance(dtype: DType) -> f64 {
 }
 
 /// Whether every element is finite (no NaN, no ±∞).
+///
+/// # Shapes
+/// `tensor`: any
 pub fn all_finite(tensor: &Tensor) -> Result<bool> {
     Ok(tensor
         .to_dtype(DType::F64)?

@@ -41,8 +41,9 @@ struct Args {
     /// Convergence: stop once every gradient entry is below this.
     #[arg(long, default_value_t = 1e-7)]
     grad_tol: f64,
-    /// Floor on the eigenvalues of a repaired `direct` precision; default 1e-2 / tr(sample
-    /// covariance), a hundred times below the smallest precision eigenvalue of the MLE.
+    /// Floor on the eigenvalues of a repaired `direct` precision; default 0.1 / tr(sample
+    /// covariance), at least ten times below the smallest precision eigenvalue of the MLE
+    /// (a floor near zero lets one repair feed Adam a huge `P⁻¹` gradient that stalls it).
     #[arg(long)]
     min_eigenvalue: Option<f64>,
     /// Seed of the synthetic data and of the initialization.
@@ -105,7 +106,7 @@ fn main() -> Result<()> {
         grad_tol: args.grad_tol,
         min_eigenvalue: match args.min_eigenvalue {
             Some(floor) => floor,
-            None => 1e-2 / mle.total_variance,
+            None => 0.1 / mle.total_variance,
         },
         seed: args.seed,
     };

@@ -420,3 +420,63 @@ fn cholesky_fused_matches_tensor_op_factor_forward_and_backward() -> TestResult 
     }
     Ok(())
 }
+
+fn cpu_ms() -> f64 {
+    let mut total = 0u64;
+    for entry in std::fs::read_dir("/proc/self/task").unwrap() {
+        let p = entry.unwrap().path().join("schedstat");
+        if let Ok(t) = std::fs::read_to_string(p) {
+            total += t.split_whitespace().next().unwrap().parse::<u64>().unwrap();
+        }
+    }
+    total as f64 / 1e6
+}
+
+#[test]
+#[ignore]
+fn scratch_timing() -> TestResult {
+    use std::time::Instant;
+    let shapes: Vec<(usize, usize, usize)> = match std::env::var("SHAPES") {
+        Ok(s) => s.split(';').map(|t| { let v: Vec<usize> = t.split(',').map(|x| x.parse().unwrap()).collect(); (v[0], v[1], v[2]) }).collect(),
+        Err(_) => vec![(256, 32, 64), (512, 64, 128), (1024, 16, 256), (256, 128, 32)],
+    };
+    for (b, d, z) in shapes {
+        let x = Tensor::randn(0f32, 1f32, (b, d), &Device::Cpu)?;
+        let center = Tensor::randn(0f32, 1f32, (z, d), &Device::Cpu)?;
+        let factor = Var::from_tensor(&Tensor::randn(0f32, 1f32, (z, d, d), &Device::Cpu)?)?;
+        let rhs = Tensor::randn(0f32, 1f32, (d, z * d), &Device::Cpu)?;
+        let med = |f: &mut dyn FnMut()| {
+            for _ in 0..3 {
+                f()
+            }
+            let c0 = cpu_ms();
+            let mut t: Vec<f64> = (0..21)
+                .map(|_| {
+                    let s = Instant::now();
+                    f();
+                    s.elapsed().as_secs_f64() * 1e3
+                })
+                .collect();
+            let cpu = (cpu_ms() - c0) / 21.0;
+            t.sort_by(f64::total_cmp);
+            (t[10], cpu)
+        };
+        let mm = med(&mut || drop(x.matmul(&rhs).unwrap()));
+        let fwd = med(&mut || drop(mahalanobis_sq_projected_fused(&x, &center, factor.as_tensor()).unwrap()));
+        let g = Tensor::ones((b, z), DType::F32, &Device::Cpu)?;
+        let mut split = (0.0, 0.0);
+        let bwd = med(&mut || {
+            let s = Instant::now();
+            let m2 = mahalanobis_sq_projected_fused(&x, &center, factor.as_tensor()).unwrap();
+            let s2 = Instant::now();
+            drop(m2.mul(&g).unwrap().sum_all().unwrap().backward().unwrap());
+            split.0 += (s2 - s).as_secs_f64() * 1e3;
+            split.1 += s2.elapsed().as_secs_f64() * 1e3;
+        });
+        eprintln!("in fwdbwd: fwd {:.3} bwd {:.3}", split.0 / 24.0, split.1 / 24.0);
+        let t0 = super::projected::T0.swap(0, std::sync::atomic::Ordering::Relaxed) as f64 / 1e6 / 24.0;
+        eprintln!("my backward fn wall {t0:.3} ms");
+        eprintln!("B{b} d{d} Z{z}: wall matmul {:.3} fwd {:.2}x fwdbwd {:.2}x | cpu matmul {:.3} fwd {:.2}x fwdbwd {:.2}x", mm.0, fwd.0/mm.0, bwd.0/mm.0, mm.1, fwd.1/mm.1, bwd.1/mm.1);
+    }
+    Ok(())
+}
