@@ -15,8 +15,11 @@ fn temp_dir(name: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// A small saved network and its (name → tensor) map and metadata.
-fn saved(dir: &Path) -> Result<(PathBuf, HashMap<String, Tensor>, HashMap<String, String>)> {
+/// A saved checkpoint: its path, its (name → tensor) map and its metadata.
+type Saved = (PathBuf, HashMap<String, Tensor>, HashMap<String, String>);
+
+/// A small saved network.
+fn saved(dir: &Path) -> Result<Saved> {
     let config = GaussNetConfig {
         in_features: 3,
         hidden: vec![4],

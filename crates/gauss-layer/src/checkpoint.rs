@@ -13,7 +13,7 @@
 //! - Users may store their own string metadata (test accuracy, input normalization, ...); it
 //!   comes back in [`LoadedCheckpoint::user_metadata`].
 //!
-//! ```no_run
+//! ```
 //! use std::collections::BTreeMap;
 //! use candle_core::{DType, Device};
 //! use candle_nn::{VarBuilder, VarMap};
@@ -25,10 +25,13 @@
 //! let net = GaussNet::new(config, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
 //! let mut extra = BTreeMap::new();
 //! extra.insert("test_accuracy".to_string(), "0.97".to_string());
-//! checkpoint::save_with_metadata(&net, "net.safetensors", &extra)?;
-//! let loaded = checkpoint::load("net.safetensors", &Device::Cpu, None)?;
+//! let path = std::env::temp_dir().join(format!("doc-net-{}.safetensors", std::process::id()));
+//! checkpoint::save_with_metadata(&net, &path, &extra)?;
+//! let loaded = checkpoint::load(&path, &Device::Cpu, None)?;
 //! assert_eq!(loaded.user_metadata["test_accuracy"], "0.97");
-//! let again = GaussNet::load("net.safetensors", &Device::Cpu, Some(DType::F64))?;
+//! let again = GaussNet::load(&path, &Device::Cpu, Some(DType::F64))?;
+//! assert_eq!(again.layers()[0].center().dtype(), DType::F64);
+//! std::fs::remove_file(&path).unwrap();
 //! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 

@@ -10,7 +10,7 @@
 //! (use [`ConvertOptions::tanh`]); a ReLU MLP converts only approximately (the Gaussian layer has
 //! no ReLU), so retrain it.
 //!
-//! ```no_run
+//! ```
 //! use candle_core::{DType, Device, Tensor};
 //! use gauss_layer::convert::{linear_to_gauss_layer, ConvertOptions};
 //!

@@ -1,5 +1,41 @@
-//! Gaussian neurons for Candle.
+//! Gaussian neurons for Candle: layers whose output neurons each own a center `c` and a
+//! learnable precision (inverse covariance) matrix `P`.
+//!
+//! The layer is the Finite Gaussian Neuron (F. Grezes, arXiv 2306.07796): a classical neuron
+//! times a Gaussian, `y = (Wx + b) · g` with `g = exp(-m2/2)` and
+//! `m2 = (x − c)ᵀ P (x − c)`, so a network of them answers "I don't know" far from its
+//! training data. The same `P` defines the normal N(c, P⁻¹), fitted by NLL with the
+//! `gauss-losses` crate.
+//!
+//! - [`GaussLayer`] / [`gauss_layer`]: the layer, built from tensors or through a `VarBuilder`;
+//!   a [`candle_nn::Module`].
+//! - [`Precision`]: the five parameterizations of `P` ([`Parameterization`]): cholesky
+//!   (default), direct (with [`repair`]), expm, diag, sphere.
+//! - A functional core of pure tensor functions: [`distance`], [`activation`], [`linalg`],
+//!   with the fused CPU kernels and their automatic choice in [`kernels`].
+//! - [`GaussNet`]: a stack of layers; [`checkpoint`]: self-describing safetensors files;
+//!   [`import`]: PyTorch FGN state dicts; [`convert`]: classical `Linear` → Gaussian neurons.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{Module, VarBuilder, VarMap};
+//! use gauss_layer::{gauss_layer, GaussLayerConfig};
+//!
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+//! let layer = gauss_layer(2, 3, GaussLayerConfig::default(), vb)?;
+//! // Far from every center the Gaussians vanish and so does the output.
+//! let far = Tensor::new(&[[1e3f32, -1e3]], &Device::Cpu)?;
+//! let y = layer.forward(&far)?;
+//! assert!(y.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+//! # Ok::<(), gauss_layer::GaussError>(())
+//! ```
 #![warn(missing_docs)]
+
+/// The README's code blocks, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
 
 pub mod activation;
 pub mod checkpoint;

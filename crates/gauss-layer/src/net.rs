@@ -11,7 +11,7 @@
 //! `norms.{i}.{running_mean,running_var,weight,bias}` for the batch norm after hidden layer `i`,
 //! and `input_norm.*` for the input batch norm.
 //!
-//! ```no_run
+//! ```
 //! use candle_core::{DType, Device, Tensor};
 //! use candle_nn::{VarBuilder, VarMap};
 //! use gauss_layer::net::{GaussNet, GaussNetConfig};

@@ -53,6 +53,10 @@ struct Args {
     /// Distance kernel: auto, projected, expanded, naive.
     #[arg(long, default_value = "auto")]
     kernel: String,
+    /// Time `kernels::fused_layer::gauss_layer_forward_fused` on the layer's own tensors
+    /// instead of `GaussLayer::forward` (the whole layer as one CPU op).
+    #[arg(long)]
+    fused_layer: bool,
 }
 
 #[derive(Serialize)]
@@ -64,6 +68,8 @@ struct Report {
     dtype: String,
     device: String,
     kernel: &'static str,
+    /// `layer` (GaussLayer::forward) or `fused_layer` (the one-op layer forward).
+    path: &'static str,
     threads: usize,
     iters: usize,
     forward_ms: f64,
@@ -73,13 +79,16 @@ struct Report {
     forward_ratio: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     forward_backward_ratio: Option<f64>,
-    /// Peak live heap bytes during one forward, counting what was already live (input,
-    /// parameters, runtime).
+    /// Heap bytes one forward needs at its peak: input + parameters (live before it) plus
+    /// the most bytes it had allocated at once (`peak_live_bytes - baseline_bytes`).
     peak_bytes: usize,
-    /// Live heap bytes just before that forward.
+    /// Peak of all live heap bytes of the process during that forward.
+    peak_live_bytes: usize,
+    /// All live heap bytes just before that forward (runtime, thread pools, input, parameters).
     baseline_bytes: usize,
     /// Bytes of input + output + parameters.
     io_param_bytes: usize,
+    /// `peak_bytes / io_param_bytes` (target <= 1.5).
     peak_ratio: f64,
 }
 
@@ -143,17 +152,37 @@ fn main() -> Result<()> {
     let kernel =
         kernels::resolve_kernel(&x, layer.center(), layer.precision(), layer.config().kernel)?
             .name();
+    let forward = |x: &Tensor| -> Result<Tensor> {
+        if args.fused_layer {
+            let weight = layer
+                .weight()
+                .context("--fused-layer needs a linear part")?;
+            let fused = kernels::fused_layer::gauss_layer_forward_fused(
+                x,
+                layer.center(),
+                weight,
+                layer.bias(),
+                layer.precision(),
+                layer.config().kernel,
+            )?;
+            Ok(fused
+                .context("--fused-layer: no fused path for this layer/device")?
+                .0)
+        } else {
+            Ok(layer.forward(x)?)
+        }
+    };
 
     // Peak heap of one forward, measured first so nothing else of this run is live.
     for _ in 0..args.warmup.max(1) {
-        drop(layer.forward(&x)?);
+        drop(forward(&x)?);
     }
     device.synchronize()?;
     let baseline_bytes = alloc::live_bytes();
     alloc::reset_peak();
-    let y = layer.forward(&x)?;
+    let y = forward(&x)?;
     device.synchronize()?;
-    let peak_bytes = alloc::peak_bytes();
+    let peak_live_bytes = alloc::peak_bytes();
     let element = dtype.size_in_bytes();
     let param_elements: usize = varmap
         .all_vars()
@@ -161,17 +190,18 @@ fn main() -> Result<()> {
         .map(|v| v.as_tensor().elem_count())
         .sum();
     let io_param_bytes = (x.elem_count() + y.elem_count() + param_elements) * element;
+    let peak_bytes = peak_live_bytes - baseline_bytes + (x.elem_count() + param_elements) * element;
     drop(y);
 
     let forward_ms = median_ms(args.warmup, args.iters, || {
-        let y = layer.forward(&x)?;
+        let y = forward(&x)?;
         device.synchronize()?;
         drop(y);
         Ok(())
     })?;
     let forward_backward_ms = if args.backward {
         Some(median_ms(args.warmup, args.iters, || {
-            let y = layer.forward(&x)?;
+            let y = forward(&x)?;
             let grads = y.sum_all()?.backward()?;
             device.synchronize()?;
             drop(grads);
@@ -197,6 +227,11 @@ fn main() -> Result<()> {
         dtype: args.dtype,
         device: args.device,
         kernel,
+        path: if args.fused_layer {
+            "fused_layer"
+        } else {
+            "layer"
+        },
         threads: rayon::current_num_threads(),
         iters: args.iters,
         forward_ms,
@@ -205,6 +240,7 @@ fn main() -> Result<()> {
         forward_ratio: forward_ms / matmul_equal_flops_ms,
         forward_backward_ratio: forward_backward_ms.map(|t| t / matmul_equal_flops_ms),
         peak_bytes,
+        peak_live_bytes,
         baseline_bytes,
         io_param_bytes,
         peak_ratio: peak_bytes as f64 / io_param_bytes as f64,

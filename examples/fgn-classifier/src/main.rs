@@ -301,7 +301,18 @@ fn main() {
     match result {
         Ok(value) => println!("{value}"),
         Err(err) => {
-            let message = format!("{err:#}").replace('\n', " ");
+            // One line: each cause once (some errors already quote their source).
+            let mut message = String::new();
+            for cause in err.chain() {
+                let text = cause.to_string();
+                if !message.contains(&text) {
+                    if !message.is_empty() {
+                        message.push_str(": ");
+                    }
+                    message.push_str(&text);
+                }
+            }
+            let message = message.replace('\n', " ");
             eprintln!("error: {message}");
             std::process::exit(1);
         }

@@ -2,13 +2,28 @@
 //! checked GEMM call, tile sizes and a vectorizable squared distance.
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use rayon::prelude::*;
 
 use candle_core::{bail, CpuStorage, DType, Layout, Tensor, WithDType};
 
 /// The float types the fused kernels run on (the ones `gemm` supports and the layer uses).
-pub(crate) trait Real: WithDType {}
-impl Real for f32 {}
-impl Real for f64 {}
+pub(crate) trait Real: WithDType {
+    /// `e^self`.
+    fn exp(self) -> Self;
+}
+impl Real for f32 {
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+}
+impl Real for f64 {
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+}
 
 /// Columns of one GEMM tile (neurons per block × d): wide enough for `gemm` to run at speed,
 /// small enough that the tile stays in L2.
@@ -22,11 +37,47 @@ pub(crate) fn neurons_per_block(dim: usize, neurons: usize) -> usize {
     (TILE_COLS / dim.max(1)).clamp(1, neurons.max(1))
 }
 
+/// Threads of the rayon pool the kernels run on (the one Candle's matmul uses too).
+pub(crate) fn pool_threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
 /// Rows per parallel batch chunk: about two chunks per thread, so both cores stay busy while
 /// each chunk amortizes its copy of the stacked factors.
 pub(crate) fn rows_per_chunk(batch: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
-    batch.div_ceil(2 * threads).clamp(8, 1024)
+    batch.div_ceil(2 * pool_threads()).clamp(8, 1024)
+}
+
+/// Runs `work(state, item)` for every item in `0..items` on the rayon pool, handing items out
+/// dynamically (one shared cursor), so a thread that lags behind is not waited for.
+/// (Candle's spinning barrier pool measured slower here when cores are shared.)
+/// Each thread that takes an item makes one `state` with `init`; all states are returned.
+pub(crate) fn for_each_item<S: Send>(
+    items: usize,
+    init: impl Fn() -> S + Sync,
+    work: impl Fn(&mut S, usize) + Sync,
+) -> Vec<S> {
+    let cursor = AtomicUsize::new(0);
+    let states = Mutex::new(Vec::new());
+    let run = |_thread: usize| {
+        let mut state = None;
+        loop {
+            let item = cursor.fetch_add(1, Ordering::Relaxed);
+            if item >= items {
+                break;
+            }
+            work(state.get_or_insert_with(&init), item);
+        }
+        if let Some(state) = state {
+            states.lock().unwrap_or_else(|e| e.into_inner()).push(state);
+        }
+    };
+    if items <= 1 {
+        run(0);
+    } else {
+        (0..pool_threads().min(items)).into_par_iter().for_each(run);
+    }
+    states.into_inner().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The elements of a CPU tensor in row-major order: borrowed when contiguous, gathered
@@ -86,6 +137,48 @@ pub(crate) struct MatRef<'a, T> {
     pub data: &'a [T],
     pub row_stride: usize,
     pub col_stride: usize,
+}
+
+fn lock<S>(slot: &Mutex<S>) -> std::sync::MutexGuard<'_, S> {
+    slot.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `work(i, chunk_a_i, chunk_b_i)` over matching chunks of two slices (`a` in chunks of
+/// `a_len`, `b` in chunks of `b_len`), in parallel.
+pub(crate) fn for_each_chunk_pair_mut<T: Send, U: Send>(
+    a: &mut [T],
+    a_len: usize,
+    b: &mut [U],
+    b_len: usize,
+    work: impl Fn(usize, &mut [T], &mut [U]) + Sync,
+) {
+    // One uncontended lock per chunk hands each chunk to exactly one thread, without unsafe.
+    let chunks: Vec<Mutex<(&mut [T], &mut [U])>> = a
+        .chunks_mut(a_len.max(1))
+        .zip(b.chunks_mut(b_len.max(1)))
+        .map(Mutex::new)
+        .collect();
+    for_each_item(
+        chunks.len(),
+        || (),
+        |(), i| {
+            let mut guard = lock(&chunks[i]);
+            let (a, b) = &mut *guard;
+            work(i, a, b)
+        },
+    );
+}
+
+/// Runs `work(i, chunk_i)` over the chunks of `data` of `chunk_len`, in parallel on Candle's
+/// rayon pool.
+pub(crate) fn for_each_chunk_mut<T: Send>(
+    data: &mut [T],
+    chunk_len: usize,
+    work: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let count = data.len().div_ceil(chunk_len.max(1));
+    let mut none = vec![(); count];
+    for_each_chunk_pair_mut(data, chunk_len, &mut none, 1, |i, chunk, _| work(i, chunk));
 }
 
 /// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)`, single-threaded (callers parallelize over

@@ -4,9 +4,11 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
-use super::cpu::{check_float, row_major, rows_per_chunk, with_row_major, Real};
+use super::cpu::{
+    check_float, for_each_chunk_mut, for_each_chunk_pair_mut, row_major, rows_per_chunk,
+    with_row_major, Real,
+};
 use super::projected::check_same_dtype;
 use crate::error::{GaussError, Result};
 
@@ -71,18 +73,16 @@ fn forward<T: Real>(x: &[T], center: &[T], diagonal: &[T], dims: (usize, usize, 
         return out;
     }
     let chunk_rows = rows_per_chunk(batch);
-    out.par_chunks_mut(chunk_rows * neurons)
-        .enumerate()
-        .for_each(|(chunk, out_chunk)| {
-            let row0 = chunk * chunk_rows;
-            for (r, out_row) in out_chunk.chunks_exact_mut(neurons).enumerate() {
-                let xb = &x[(row0 + r) * dim..(row0 + r + 1) * dim];
-                for (z, o) in out_row.iter_mut().enumerate() {
-                    let range = z * dim..(z + 1) * dim;
-                    *o = weighted_squared_distance(xb, &center[range.clone()], &diagonal[range]);
-                }
+    for_each_chunk_mut(&mut out, chunk_rows * neurons, |chunk, out_chunk| {
+        let row0 = chunk * chunk_rows;
+        for (r, out_row) in out_chunk.chunks_exact_mut(neurons).enumerate() {
+            let xb = &x[(row0 + r) * dim..(row0 + r + 1) * dim];
+            for (z, o) in out_row.iter_mut().enumerate() {
+                let range = z * dim..(z + 1) * dim;
+                *o = weighted_squared_distance(xb, &center[range.clone()], &diagonal[range]);
             }
-        });
+        }
+    });
     out
 }
 
@@ -102,23 +102,28 @@ fn backward<T: Real>(
         return (grad_x, grad_center, grad_diagonal);
     }
     // ∂x_b = 2 Σ_z G_bz p_z ∘ (x_b - c_z)
-    grad_x.par_chunks_mut(dim).enumerate().for_each(|(b, gx)| {
-        let xb = &x[b * dim..(b + 1) * dim];
-        for z in 0..neurons {
-            let g2 = two * grad[b * neurons + z];
-            let c = &center[z * dim..(z + 1) * dim];
-            let p = &diagonal[z * dim..(z + 1) * dim];
-            for i in 0..dim {
-                gx[i] += g2 * p[i] * (xb[i] - c[i]);
+    let chunk_rows = rows_per_chunk(batch);
+    for_each_chunk_mut(&mut grad_x, chunk_rows * dim, |chunk, gx_chunk| {
+        for (r, gx) in gx_chunk.chunks_exact_mut(dim).enumerate() {
+            let b = chunk * chunk_rows + r;
+            let xb = &x[b * dim..(b + 1) * dim];
+            for z in 0..neurons {
+                let g2 = two * grad[b * neurons + z];
+                let c = &center[z * dim..(z + 1) * dim];
+                let p = &diagonal[z * dim..(z + 1) * dim];
+                for i in 0..dim {
+                    gx[i] += g2 * p[i] * (xb[i] - c[i]);
+                }
             }
         }
     });
     // ∂c_z = -2 p_z ∘ Σ_b G_bz (x_b - c_z),  ∂p_z = Σ_b G_bz (x_b - c_z)²
-    grad_center
-        .par_chunks_mut(dim)
-        .zip(grad_diagonal.par_chunks_mut(dim))
-        .enumerate()
-        .for_each(|(z, (gc, gp))| {
+    for_each_chunk_pair_mut(
+        &mut grad_center,
+        dim,
+        &mut grad_diagonal,
+        dim,
+        |z, gc, gp| {
             let c = &center[z * dim..(z + 1) * dim];
             for b in 0..batch {
                 let g = grad[b * neurons + z];
@@ -134,7 +139,8 @@ fn backward<T: Real>(
             for i in 0..dim {
                 gc[i] = T::zero() - two * p[i] * gc[i];
             }
-        });
+        },
+    );
     (grad_x, grad_center, grad_diagonal)
 }
 
@@ -211,7 +217,7 @@ fn backward_tensors<T: Real>(
     grad: &Tensor,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     let dims = sizes_from_dims(x.dims(), center.dims(), diagonal.dims())?;
-    let grad = grad.to_dtype(T::DTYPE)?;
+    let grad = grad.to_dtype(T::DTYPE)?.contiguous()?;
     let (gx, gc, gp) = with_row_major::<T, _>(x, |x| {
         with_row_major::<T, _>(center, |c| {
             with_row_major::<T, _>(diagonal, |p| {

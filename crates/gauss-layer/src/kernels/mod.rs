@@ -6,7 +6,8 @@
 //! | precision | CPU (f32/f64) | other devices |
 //! |---|---|---|
 //! | diag, sphere | fused diagonal op (B·Z·d) | [`distance::mahalanobis_sq_diagonal`] |
-//! | cholesky, expm (a factor `P = F Fᵀ`) | fused projected op | [`distance::mahalanobis_sq_projected`] |
+//! | cholesky without width floor | fused projected op fed the raw parameter (`L` built in the op) | [`distance::mahalanobis_sq_projected`] |
+//! | cholesky with width floor, expm (a factor `P = F Fᵀ`) | fused projected op | [`distance::mahalanobis_sq_projected`] |
 //! | direct (no factor) | expanded form when [`expanded::expanded_is_accurate`], else naive | same |
 //!
 //! `Expanded` and `Naive` in the config force those forms (diag and sphere always take their
@@ -27,13 +28,14 @@
 mod cpu;
 pub mod diagonal;
 pub mod expanded;
+pub mod fused_layer;
 pub mod projected;
 #[cfg(test)]
 mod tests;
 
 use candle_core::{DType, Tensor};
 
-use crate::config::DistanceKernel;
+use crate::config::{DistanceKernel, Parameterization};
 use crate::distance;
 use crate::error::{GaussError, Result};
 use crate::precision::Precision;
@@ -45,8 +47,11 @@ pub enum ResolvedKernel {
     DiagonalFused,
     /// Tensor-op form for a diagonal precision.
     DiagonalTensorOps,
-    /// Fused CPU op for the projected form.
+    /// Fused CPU op for the projected form, fed the factor from [`Precision::factor`].
     ProjectedFused,
+    /// Fused CPU op for the projected form straight from the raw Cholesky parameter (the
+    /// factor is built inside the op): cholesky without a width floor.
+    CholeskyFused,
     /// Tensor-op form of the projected form (one GEMM against the stacked factors).
     ProjectedTensorOps,
     /// Expanded symmetric form (tensor ops).
@@ -62,6 +67,7 @@ impl ResolvedKernel {
             ResolvedKernel::DiagonalFused => "diagonal_fused",
             ResolvedKernel::DiagonalTensorOps => "diagonal_tensor_ops",
             ResolvedKernel::ProjectedFused => "projected_fused",
+            ResolvedKernel::CholeskyFused => "cholesky_fused",
             ResolvedKernel::ProjectedTensorOps => "projected_tensor_ops",
             ResolvedKernel::Expanded => "expanded",
             ResolvedKernel::Naive => "naive",
@@ -76,6 +82,7 @@ fn fused_cpu(x: &Tensor) -> bool {
 
 /// What the parameterization offers, computed once per call.
 enum Operand {
+    Raw,
     Diagonal(Tensor),
     Factor(Tensor),
     Matrix(Tensor),
@@ -100,6 +107,14 @@ fn choose(
             ResolvedKernel::DiagonalTensorOps
         };
         return Ok((resolved, Operand::Diagonal(diagonal)));
+    }
+    let plain_cholesky = precision.parameterization() == Parameterization::Cholesky
+        && precision.width_floor().is_none();
+    if plain_cholesky
+        && fused_cpu(x)
+        && matches!(kernel, DistanceKernel::Auto | DistanceKernel::Projected)
+    {
+        return Ok((ResolvedKernel::CholeskyFused, Operand::Raw));
     }
     if kernel == DistanceKernel::Expanded {
         return Ok((
@@ -161,6 +176,13 @@ pub fn mahalanobis_sq(
 ) -> Result<Tensor> {
     let (resolved, operand) = choose(x, center, precision, kernel)?;
     match (resolved, operand) {
+        (_, Operand::Raw) => projected::mahalanobis_sq_cholesky_fused(
+            x,
+            center,
+            precision.raw(),
+            precision.positive_map(),
+            precision.factor_diag_floor(),
+        ),
         (ResolvedKernel::DiagonalFused, Operand::Diagonal(p)) => {
             diagonal::mahalanobis_sq_diagonal_fused(x, center, &p)
         }

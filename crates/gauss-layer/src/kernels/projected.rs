@@ -11,24 +11,24 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
-use rayon::prelude::*;
+use std::sync::{Mutex, MutexGuard};
 
 use super::cpu::{
-    check_float, matmul, neurons_per_block, row_major, row_mean, rows_per_chunk, squared_distance,
-    with_row_major, MatRef, Real, TILE_ROWS,
+    check_float, for_each_item, matmul, neurons_per_block, row_major, row_mean, rows_per_chunk,
+    squared_distance, with_row_major, MatRef, Real, TILE_ROWS,
 };
 use crate::config::PositiveMap;
 use crate::error::{GaussError, Result};
 
 /// Sizes of one call: B inputs, d dims, Z neurons.
 #[derive(Clone, Copy, Debug)]
-struct Sizes {
-    batch: usize,
-    dim: usize,
-    neurons: usize,
+pub(super) struct Sizes {
+    pub batch: usize,
+    pub dim: usize,
+    pub neurons: usize,
 }
 
-fn sizes_from_dims(x: &[usize], center: &[usize], factor: &[usize]) -> Result<Sizes> {
+pub(super) fn sizes_from_dims(x: &[usize], center: &[usize], factor: &[usize]) -> Result<Sizes> {
     let &[batch, dim] = x else {
         return Err(GaussError::shape("input x", "(batch, d)", x));
     };
@@ -83,30 +83,6 @@ fn positive_slope(map: PositiveMap, r: f64) -> f64 {
 }
 
 impl FactorMap {
-    /// `F_z` (d×d, row-major) from the op's input block of one neuron.
-    fn factor_of<'a, T: Real>(self, input: &'a [T], dim: usize, scratch: &'a mut [T]) -> &'a [T] {
-        match self {
-            FactorMap::Identity => input,
-            FactorMap::Cholesky {
-                positive_map,
-                floor,
-            } => {
-                for i in 0..dim {
-                    for j in 0..dim {
-                        scratch[i * dim + j] = match j.cmp(&i) {
-                            std::cmp::Ordering::Less => input[i * dim + j],
-                            std::cmp::Ordering::Equal => T::from_f64(
-                                positive_value(positive_map, input[i * dim + i].to_f64()) + floor,
-                            ),
-                            std::cmp::Ordering::Greater => T::zero(),
-                        };
-                    }
-                }
-                scratch
-            }
-        }
-    }
-
     /// Turns `∂F_z` into the gradient of the op's input block, in place.
     fn chain<T: Real>(self, input: &[T], dim: usize, grad: &mut [T]) {
         if let FactorMap::Cholesky { positive_map, .. } = self {
@@ -119,22 +95,67 @@ impl FactorMap {
     }
 }
 
+/// The factors `F_z` as the op sees them: its input and, for the Cholesky map, the mapped
+/// diagonal computed once per call (Z·d values).
+struct Factors<'a, T> {
+    input: &'a [T],
+    dim: usize,
+    mapped_diagonal: Option<Vec<T>>,
+}
+
+impl<'a, T: Real> Factors<'a, T> {
+    fn new(input: &'a [T], map: FactorMap, s: Sizes) -> Self {
+        let dim = s.dim;
+        let mapped_diagonal = match map {
+            FactorMap::Identity => None,
+            FactorMap::Cholesky {
+                positive_map,
+                floor,
+            } => Some(
+                (0..s.neurons * dim)
+                    .map(|k| {
+                        let (z, i) = (k / dim, k % dim);
+                        let raw = input[z * dim * dim + i * dim + i].to_f64();
+                        T::from_f64(positive_value(positive_map, raw) + floor)
+                    })
+                    .collect(),
+            ),
+        };
+        Self {
+            input,
+            dim,
+            mapped_diagonal,
+        }
+    }
+
+    /// Writes row `i` of `F_z` into `out` (length d).
+    #[inline]
+    fn write_row(&self, z: usize, i: usize, out: &mut [T]) {
+        let d = self.dim;
+        let src = &self.input[z * d * d + i * d..][..d];
+        match &self.mapped_diagonal {
+            None => out.copy_from_slice(src),
+            Some(diagonal) => {
+                out[..i].copy_from_slice(&src[..i]);
+                out[i] = diagonal[z * d + i];
+                out[i + 1..].fill(T::zero());
+            }
+        }
+    }
+}
+
 /// Copies the factors of neurons `z0..z0 + count` side by side into `stacked` (d, count·d):
 /// `stacked[i, k·d + j] = F[z0 + k, i, j]`.
 fn stack_factors<T: Real>(
-    factor: &[T],
-    map: FactorMap,
-    (z0, count, dim): (usize, usize, usize),
+    factors: &Factors<'_, T>,
+    (z0, count): (usize, usize),
     stacked: &mut [T],
-    scratch: &mut [T],
 ) {
+    let dim = factors.dim;
     let cols = count * dim;
     for k in 0..count {
-        let input = &factor[(z0 + k) * dim * dim..(z0 + k + 1) * dim * dim];
-        let f = map.factor_of(input, dim, scratch);
         for i in 0..dim {
-            stacked[i * cols + k * dim..i * cols + (k + 1) * dim]
-                .copy_from_slice(&f[i * dim..(i + 1) * dim]);
+            factors.write_row(z0 + k, i, &mut stacked[i * cols + k * dim..][..dim]);
         }
     }
 }
@@ -143,8 +164,7 @@ fn stack_factors<T: Real>(
 /// accumulated in f64 (Z·d² work) so that only the batch GEMM rounds in the working dtype.
 fn shift_and_projected_centers<T: Real>(
     center: &[T],
-    factor: &[T],
-    map: FactorMap,
+    factors: &Factors<'_, T>,
     s: Sizes,
 ) -> (Vec<T>, Vec<T>) {
     let dim = s.dim;
@@ -155,20 +175,16 @@ fn shift_and_projected_centers<T: Real>(
     let mut projected = vec![T::zero(); s.neurons * dim];
     let mut shifted = vec![0f64; dim];
     let mut acc = vec![0f64; dim];
-    let mut scratch = vec![T::zero(); dim * dim];
+    let mut row = vec![T::zero(); dim];
     for z in 0..s.neurons {
         for i in 0..dim {
             // The same rounded shift as the inputs get, so both sides see one shift.
             shifted[i] = center[z * dim + i].to_f64() - shift[i].to_f64();
         }
         acc.fill(0.0);
-        let f = map.factor_of(
-            &factor[z * dim * dim..(z + 1) * dim * dim],
-            dim,
-            &mut scratch,
-        );
         for (i, &ci) in shifted.iter().enumerate() {
-            for (a, &fij) in acc.iter_mut().zip(&f[i * dim..(i + 1) * dim]) {
+            factors.write_row(z, i, &mut row);
+            for (a, &fij) in acc.iter_mut().zip(&row) {
                 *a += fij.to_f64() * ci;
             }
         }
@@ -190,34 +206,60 @@ fn shift_rows<T: Real>(x: &[T], shift: &[T], out: &mut [T]) {
     }
 }
 
+/// Locks a per-item slot (each is taken by exactly one item, so never contended).
+fn lock<S>(slot: &Mutex<S>) -> MutexGuard<'_, S> {
+    slot.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// `m2` (B, Z), row-major, from row-major x (B, d), center (Z, d), factor (Z, d, d).
 fn forward<T: Real>(x: &[T], center: &[T], factor: &[T], map: FactorMap, s: Sizes) -> Vec<T> {
+    let mut out = vec![T::zero(); s.batch * s.neurons];
+    forward_into(&mut out, x, center, factor, map, s);
+    out
+}
+
+/// [`forward`] into a caller's (B, Z) buffer.
+pub(super) fn forward_into<T: Real>(
+    out: &mut [T],
+    x: &[T],
+    center: &[T],
+    factor: &[T],
+    map: FactorMap,
+    s: Sizes,
+) {
     let Sizes {
         batch,
         dim,
         neurons,
     } = s;
-    let mut out = vec![T::zero(); batch * neurons];
     if batch == 0 || neurons == 0 || dim == 0 {
-        return out;
+        out.fill(T::zero());
+        return;
     }
-    let (shift, projected_centers) = shift_and_projected_centers(center, factor, map, s);
+    let factors = Factors::new(factor, map, s);
+    let (shift, projected_centers) = shift_and_projected_centers(center, &factors, s);
     let block = neurons_per_block(dim, neurons);
     let chunk_rows = rows_per_chunk(batch);
-    out.par_chunks_mut(chunk_rows * neurons)
-        .enumerate()
-        .for_each(|(chunk, out_chunk)| {
+    let chunks: Vec<Mutex<&mut [T]>> = out[..batch * neurons]
+        .chunks_mut(chunk_rows * neurons)
+        .map(Mutex::new)
+        .collect();
+    for_each_item(
+        chunks.len(),
+        || (),
+        |(), chunk| {
+            let mut out_chunk = lock(&chunks[chunk]);
+            let out_chunk: &mut [T] = &mut out_chunk;
             let row0 = chunk * chunk_rows;
             let rows = out_chunk.len() / neurons;
             let mut xs = vec![T::zero(); rows * dim];
             shift_rows(&x[row0 * dim..(row0 + rows) * dim], &shift, &mut xs);
             let mut stacked = vec![T::zero(); dim * block * dim];
-            let mut scratch = vec![T::zero(); dim * dim];
             let mut tile = vec![T::zero(); TILE_ROWS.min(rows) * block * dim];
             for z0 in (0..neurons).step_by(block) {
                 let count = block.min(neurons - z0);
                 let cols = count * dim;
-                stack_factors(factor, map, (z0, count, dim), &mut stacked, &mut scratch);
+                stack_factors(&factors, (z0, count), &mut stacked);
                 for t0 in (0..rows).step_by(TILE_ROWS) {
                     let tile_rows = TILE_ROWS.min(rows - t0);
                     matmul(
@@ -247,12 +289,13 @@ fn forward<T: Real>(x: &[T], center: &[T], factor: &[T], map: FactorMap, s: Size
                     }
                 }
             }
-        });
-    out
+        },
+    );
+    drop(chunks);
 }
 
 /// Gradients `(∂x (B, d), ∂c (Z, d), ∂F (Z, d, d))` of `Σ G ∘ m2`, row-major.
-fn backward<T: Real>(
+pub(super) fn backward<T: Real>(
     x: &[T],
     center: &[T],
     factor: &[T],
@@ -270,128 +313,131 @@ fn backward<T: Real>(
     if batch == 0 || neurons == 0 || dim == 0 {
         return (vec![T::zero(); batch * dim], grad_center, grad_factor);
     }
-    let (shift, projected_centers) = shift_and_projected_centers(center, factor, map, s);
+    let factors = Factors::new(factor, map, s);
+    let (shift, projected_centers) = shift_and_projected_centers(center, &factors, s);
     let block = neurons_per_block(dim, neurons);
     let two = T::from_f64(2.0);
-    let grad_x = grad_factor
-        .par_chunks_mut(block * dim * dim)
-        .zip(grad_center.par_chunks_mut(block * dim))
-        .enumerate()
-        .fold(
-            || vec![T::zero(); batch * dim],
-            |mut grad_x, (b, (grad_factor_block, grad_center_block))| {
-                let z0 = b * block;
-                let count = grad_center_block.len() / dim;
-                let cols = count * dim;
-                let mut stacked = vec![T::zero(); dim * cols];
-                let mut scratch = vec![T::zero(); dim * dim];
-                stack_factors(factor, map, (z0, count, dim), &mut stacked, &mut scratch);
-                let mut xs = vec![T::zero(); TILE_ROWS * dim];
-                let mut tile = vec![T::zero(); TILE_ROWS * cols];
-                let mut xt_w = vec![T::zero(); dim * cols];
-                let mut w_sum = vec![T::zero(); cols];
-                for t0 in (0..batch).step_by(TILE_ROWS) {
-                    let rows = TILE_ROWS.min(batch - t0);
-                    let xs = &mut xs[..rows * dim];
-                    shift_rows(&x[t0 * dim..(t0 + rows) * dim], &shift, xs);
-                    let xs_view = MatRef {
-                        data: &*xs,
-                        row_stride: dim,
-                        col_stride: 1,
-                    };
-                    matmul(
-                        (rows, cols, dim),
-                        &mut tile,
-                        cols,
-                        false,
-                        xs_view,
-                        MatRef {
-                            data: &stacked,
-                            row_stride: cols,
-                            col_stride: 1,
-                        },
-                    );
-                    // U → W = 2 G ∘ U, in place.
-                    for r in 0..rows {
-                        let g_row = &grad[(t0 + r) * neurons + z0..][..count];
-                        let w_row = &mut tile[r * cols..(r + 1) * cols];
-                        for (k, &g) in g_row.iter().enumerate() {
-                            let g2 = two * g;
-                            let pc = &projected_centers[(z0 + k) * dim..][..dim];
-                            let w = &mut w_row[k * dim..(k + 1) * dim];
-                            let sum = &mut w_sum[k * dim..(k + 1) * dim];
-                            for ((wj, &pj), sj) in w.iter_mut().zip(pc).zip(sum.iter_mut()) {
-                                *wj = g2 * (*wj - pj);
-                                *sj += *wj;
-                            }
-                        }
-                    }
-                    let w_view = MatRef {
-                        data: &tile[..rows * cols],
+    let blocks: Vec<Mutex<(&mut [T], &mut [T])>> = grad_factor
+        .chunks_mut(block * dim * dim)
+        .zip(grad_center.chunks_mut(block * dim))
+        .map(Mutex::new)
+        .collect();
+    let partial_grad_x = for_each_item(
+        blocks.len(),
+        || vec![T::zero(); batch * dim],
+        |grad_x, b| {
+            let mut guard = lock(&blocks[b]);
+            let (grad_factor_block, grad_center_block) = &mut *guard;
+            let z0 = b * block;
+            let count = grad_center_block.len() / dim;
+            let cols = count * dim;
+            let mut stacked = vec![T::zero(); dim * cols];
+            stack_factors(&factors, (z0, count), &mut stacked);
+            let mut xs = vec![T::zero(); TILE_ROWS * dim];
+            let mut tile = vec![T::zero(); TILE_ROWS * cols];
+            let mut xt_w = vec![T::zero(); dim * cols];
+            let mut w_sum = vec![T::zero(); cols];
+            for t0 in (0..batch).step_by(TILE_ROWS) {
+                let rows = TILE_ROWS.min(batch - t0);
+                let xs = &mut xs[..rows * dim];
+                shift_rows(&x[t0 * dim..(t0 + rows) * dim], &shift, xs);
+                let xs_view = MatRef {
+                    data: &*xs,
+                    row_stride: dim,
+                    col_stride: 1,
+                };
+                matmul(
+                    (rows, cols, dim),
+                    &mut tile,
+                    cols,
+                    false,
+                    xs_view,
+                    MatRef {
+                        data: &stacked,
                         row_stride: cols,
                         col_stride: 1,
-                    };
-                    // ∂x rows += W · stackedᵀ
-                    matmul(
-                        (rows, dim, cols),
-                        &mut grad_x[t0 * dim..(t0 + rows) * dim],
-                        dim,
-                        true,
-                        w_view,
-                        MatRef {
-                            data: &stacked,
-                            row_stride: 1,
-                            col_stride: cols,
-                        },
-                    );
-                    // Xᵀ W, with X the shifted inputs.
-                    matmul(
-                        (dim, cols, rows),
-                        &mut xt_w,
-                        cols,
-                        true,
-                        MatRef {
-                            data: &*xs,
-                            row_stride: 1,
-                            col_stride: dim,
-                        },
-                        w_view,
-                    );
-                }
-                for k in 0..count {
-                    let z = z0 + k;
-                    let sum = &w_sum[k * dim..(k + 1) * dim];
-                    for i in 0..dim {
-                        // Σ_b (x_b - c_z) W_bzᵀ = Σ_b (x_b - s) W_bzᵀ - (c_z - s) Σ_b W_bzᵀ
-                        let ci = center[z * dim + i] - shift[i];
-                        let out = &mut grad_factor_block[k * dim * dim + i * dim..][..dim];
-                        let xw = &xt_w[i * cols + k * dim..][..dim];
-                        let mut fs = T::zero();
-                        let f_row = &stacked[i * cols + k * dim..][..dim];
-                        for ((o, &a), (&sj, &fij)) in
-                            out.iter_mut().zip(xw).zip(sum.iter().zip(f_row))
-                        {
-                            *o = a - ci * sj;
-                            fs += fij * sj;
+                    },
+                );
+                // U → W = 2 G ∘ U, in place.
+                for r in 0..rows {
+                    let g_row = &grad[(t0 + r) * neurons + z0..][..count];
+                    let w_row = &mut tile[r * cols..(r + 1) * cols];
+                    for (k, &g) in g_row.iter().enumerate() {
+                        let g2 = two * g;
+                        let pc = &projected_centers[(z0 + k) * dim..][..dim];
+                        let w = &mut w_row[k * dim..(k + 1) * dim];
+                        let sum = &mut w_sum[k * dim..(k + 1) * dim];
+                        for ((wj, &pj), sj) in w.iter_mut().zip(pc).zip(sum.iter_mut()) {
+                            *wj = g2 * (*wj - pj);
+                            *sj += *wj;
                         }
-                        grad_center_block[k * dim + i] = T::zero() - fs;
                     }
-                    map.chain(
-                        &factor[z * dim * dim..(z + 1) * dim * dim],
-                        dim,
-                        &mut grad_factor_block[k * dim * dim..(k + 1) * dim * dim],
-                    );
                 }
-                grad_x
-            },
-        )
-        .reduce(
-            || vec![T::zero(); batch * dim],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, &y)| *x += y);
-                a
-            },
-        );
+                let w_view = MatRef {
+                    data: &tile[..rows * cols],
+                    row_stride: cols,
+                    col_stride: 1,
+                };
+                // ∂x rows += W · stackedᵀ
+                matmul(
+                    (rows, dim, cols),
+                    &mut grad_x[t0 * dim..(t0 + rows) * dim],
+                    dim,
+                    true,
+                    w_view,
+                    MatRef {
+                        data: &stacked,
+                        row_stride: 1,
+                        col_stride: cols,
+                    },
+                );
+                // Xᵀ W, with X the shifted inputs.
+                matmul(
+                    (dim, cols, rows),
+                    &mut xt_w,
+                    cols,
+                    true,
+                    MatRef {
+                        data: &*xs,
+                        row_stride: 1,
+                        col_stride: dim,
+                    },
+                    w_view,
+                );
+            }
+            for k in 0..count {
+                let z = z0 + k;
+                let sum = &w_sum[k * dim..(k + 1) * dim];
+                for i in 0..dim {
+                    // Σ_b (x_b - c_z) W_bzᵀ = Σ_b (x_b - s) W_bzᵀ - (c_z - s) Σ_b W_bzᵀ
+                    let ci = center[z * dim + i] - shift[i];
+                    let out = &mut grad_factor_block[k * dim * dim + i * dim..][..dim];
+                    let xw = &xt_w[i * cols + k * dim..][..dim];
+                    let mut fs = T::zero();
+                    let f_row = &stacked[i * cols + k * dim..][..dim];
+                    for ((o, &a), (&sj, &fij)) in out.iter_mut().zip(xw).zip(sum.iter().zip(f_row))
+                    {
+                        *o = a - ci * sj;
+                        fs += fij * sj;
+                    }
+                    grad_center_block[k * dim + i] = T::zero() - fs;
+                }
+                map.chain(
+                    &factor[z * dim * dim..(z + 1) * dim * dim],
+                    dim,
+                    &mut grad_factor_block[k * dim * dim..(k + 1) * dim * dim],
+                );
+            }
+        },
+    );
+    drop(blocks);
+    let mut partials = partial_grad_x.into_iter();
+    let mut grad_x = partials
+        .next()
+        .unwrap_or_else(|| vec![T::zero(); batch * dim]);
+    for partial in partials {
+        grad_x.iter_mut().zip(&partial).for_each(|(a, &b)| *a += b);
+    }
     (grad_x, grad_center, grad_factor)
 }
 
@@ -473,8 +519,7 @@ fn backward_tensors<T: Real>(
     map: FactorMap,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     let sizes = sizes_from_dims(x.dims(), center.dims(), factor.dims())?;
-    let grad = grad.to_dtype(T::DTYPE)?;
-    let __t = std::time::Instant::now();
+    let grad = grad.to_dtype(T::DTYPE)?.contiguous()?;
     let (gx, gc, gf) = with_row_major::<T, _>(x, |x| {
         with_row_major::<T, _>(center, |c| {
             with_row_major::<T, _>(factor, |f| {
@@ -482,7 +527,6 @@ fn backward_tensors<T: Real>(
             })
         })
     })?;
-    T0.fetch_add(__t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
     let device = x.device();
     Ok((
         Tensor::from_vec(gx, (sizes.batch, sizes.dim), device)?,
@@ -565,5 +609,3 @@ pub(crate) fn check_same_dtype(x: &Tensor, other: &Tensor, what: &str) -> Result
     }
     Ok(())
 }
-
-pub static T0: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

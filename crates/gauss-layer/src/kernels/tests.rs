@@ -421,6 +421,164 @@ fn cholesky_fused_matches_tensor_op_factor_forward_and_backward() -> TestResult 
     Ok(())
 }
 
+/// The dispatcher through every parameterization (with and without a width floor) against
+/// the naive kernel: values and gradients to x, centers and the raw precision parameter.
+#[test]
+fn dispatcher_agrees_with_naive_for_every_parameterization() -> TestResult {
+    use super::{mahalanobis_sq, resolve_kernel, ResolvedKernel};
+    use crate::config::{DistanceKernel, GaussLayerConfig, Parameterization};
+    use crate::precision::Precision;
+    let (batch, dim, neurons) = (23, 5, 7);
+    for parameterization in Parameterization::ALL {
+        for width_floor in [None, Some(0.5)] {
+            let config = GaussLayerConfig {
+                parameterization,
+                width_floor,
+                ..Default::default()
+            };
+            let c = case(17, batch, dim, neurons, 3.0);
+            let mut rng = StdRng::seed_from_u64(117);
+            let raw_shape = Precision::raw_shape(parameterization, neurons, dim);
+            let mut raw = normal(&mut rng, &raw_shape, 0.3);
+            if parameterization == Parameterization::Direct {
+                // A clearly positive definite P for the direct form.
+                raw = precision_of(&c)?;
+            }
+            let upstream = normal(&mut rng, &[batch, neurons], 1.0);
+            let run = |kernel: DistanceKernel| {
+                gradients(
+                    |x, center, raw| {
+                        let precision = Precision::from_raw(raw.clone(), dim, &config)?;
+                        mahalanobis_sq(x, center, &precision, kernel)
+                    },
+                    [&c.x, &c.center, &raw],
+                    &upstream,
+                )
+            };
+            let precision = Precision::from_raw(raw.clone(), dim, &config)?;
+            let resolved = resolve_kernel(&c.x, &c.center, &precision, DistanceKernel::Auto)?;
+            let expected_kernel = match (parameterization, width_floor) {
+                (Parameterization::Cholesky, None) => ResolvedKernel::CholeskyFused,
+                (Parameterization::Cholesky | Parameterization::Expm, _) => {
+                    ResolvedKernel::ProjectedFused
+                }
+                (Parameterization::Direct, _) => ResolvedKernel::Expanded,
+                _ => ResolvedKernel::DiagonalFused,
+            };
+            assert_eq!(
+                resolved, expected_kernel,
+                "{parameterization} {width_floor:?}"
+            );
+            let auto = mahalanobis_sq(&c.x, &c.center, &precision, DistanceKernel::Auto)?;
+            let naive = mahalanobis_sq(&c.x, &c.center, &precision, DistanceKernel::Naive)?;
+            let err = max_relative_error(&auto, &naive, 1.0);
+            assert!(
+                err < 1e-9,
+                "{parameterization} {width_floor:?}: m2 error {err:e}"
+            );
+            let fast = run(DistanceKernel::Auto)?;
+            let slow = run(DistanceKernel::Naive)?;
+            for (name, (a, b)) in ["x", "center", "raw"].iter().zip(fast.iter().zip(&slow)) {
+                let scale = b.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-12);
+                let err = max_relative_error(a, b, scale);
+                assert!(
+                    err < 1e-8,
+                    "{parameterization} {width_floor:?}: ∂{name} error {err:e}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The fused layer op against the layer composed from tensor ops (naive distances), for
+/// cholesky (raw fed to the op), cholesky with a width floor and expm (factor fed to the op),
+/// with and without a bias: outputs and gradients to every input.
+#[test]
+fn fused_layer_matches_composed_layer() -> TestResult {
+    use super::fused_layer::gauss_layer_forward_fused;
+    use super::mahalanobis_sq;
+    use crate::config::{DistanceKernel, GaussLayerConfig, Parameterization};
+    use crate::precision::Precision;
+    let (batch, dim, neurons) = (19, 6, 9);
+    let cases = [
+        (Parameterization::Cholesky, None, true),
+        (Parameterization::Cholesky, None, false),
+        (Parameterization::Cholesky, Some(0.7), true),
+        (Parameterization::Expm, None, true),
+    ];
+    for (parameterization, width_floor, with_bias) in cases {
+        let config = GaussLayerConfig {
+            parameterization,
+            width_floor,
+            ..Default::default()
+        };
+        let c = case(18, batch, dim, neurons, 2.0);
+        let mut rng = StdRng::seed_from_u64(118);
+        let raw = normal(&mut rng, &[neurons, dim, dim], 0.3);
+        let weight = normal(&mut rng, &[neurons, dim], 1.0);
+        let bias = normal(&mut rng, &[neurons], 1.0);
+        let up_y = normal(&mut rng, &[batch, neurons], 1.0);
+        let up_g = normal(&mut rng, &[batch, neurons], 1.0);
+        let tensors = [&c.x, &c.center, &raw, &weight, &bias];
+        let run = |fused: bool| -> std::result::Result<Vec<Tensor>, Box<dyn std::error::Error>> {
+            let vars = tensors
+                .iter()
+                .map(|t| Var::from_tensor(t))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let [x, center, raw, weight, bias] = [0, 1, 2, 3, 4].map(|i| vars[i].as_tensor());
+            let precision = Precision::from_raw(raw.clone(), dim, &config)?;
+            let bias = with_bias.then_some(bias);
+            let (y, g) = if fused {
+                gauss_layer_forward_fused(
+                    x,
+                    center,
+                    weight,
+                    bias,
+                    &precision,
+                    DistanceKernel::Auto,
+                )?
+                .ok_or("fused path expected")?
+            } else {
+                let m2 = mahalanobis_sq(x, center, &precision, DistanceKernel::Naive)?;
+                let g = (m2 * -0.5)?.exp()?;
+                let mut linear = x.matmul(&weight.t()?)?;
+                if let Some(bias) = bias {
+                    linear = linear.broadcast_add(&bias.unsqueeze(0)?)?;
+                }
+                ((linear * &g)?, g)
+            };
+            let loss = (y.mul(&up_y)?.sum_all()? + g.mul(&up_g)?.sum_all()?)?;
+            let grads = loss.backward()?;
+            let mut out = vec![y, g];
+            for (i, v) in vars.iter().enumerate() {
+                if i == 4 && !with_bias {
+                    continue;
+                }
+                out.push(
+                    grads
+                        .get(v.as_tensor())
+                        .cloned()
+                        .ok_or("missing gradient")?,
+                );
+            }
+            Ok(out)
+        };
+        let fused = run(true)?;
+        let composed = run(false)?;
+        let names = ["y", "g", "∂x", "∂center", "∂raw", "∂weight", "∂bias"];
+        for (name, (a, b)) in names.iter().zip(fused.iter().zip(&composed)) {
+            let scale = b.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-12);
+            let err = max_relative_error(a, b, scale);
+            assert!(
+                err < 1e-9,
+                "{parameterization} floor {width_floor:?} bias {with_bias}: {name} error {err:e}"
+            );
+        }
+    }
+    Ok(())
+}
+
 fn cpu_ms() -> f64 {
     let mut total = 0u64;
     for entry in std::fs::read_dir("/proc/self/task").unwrap() {
@@ -437,8 +595,19 @@ fn cpu_ms() -> f64 {
 fn scratch_timing() -> TestResult {
     use std::time::Instant;
     let shapes: Vec<(usize, usize, usize)> = match std::env::var("SHAPES") {
-        Ok(s) => s.split(';').map(|t| { let v: Vec<usize> = t.split(',').map(|x| x.parse().unwrap()).collect(); (v[0], v[1], v[2]) }).collect(),
-        Err(_) => vec![(256, 32, 64), (512, 64, 128), (1024, 16, 256), (256, 128, 32)],
+        Ok(s) => s
+            .split(';')
+            .map(|t| {
+                let v: Vec<usize> = t.split(',').map(|x| x.parse().unwrap()).collect();
+                (v[0], v[1], v[2])
+            })
+            .collect(),
+        Err(_) => vec![
+            (256, 32, 64),
+            (512, 64, 128),
+            (1024, 16, 256),
+            (256, 128, 32),
+        ],
     };
     for (b, d, z) in shapes {
         let x = Tensor::randn(0f32, 1f32, (b, d), &Device::Cpu)?;
@@ -462,7 +631,9 @@ fn scratch_timing() -> TestResult {
             (t[10], cpu)
         };
         let mm = med(&mut || drop(x.matmul(&rhs).unwrap()));
-        let fwd = med(&mut || drop(mahalanobis_sq_projected_fused(&x, &center, factor.as_tensor()).unwrap()));
+        let fwd = med(&mut || {
+            drop(mahalanobis_sq_projected_fused(&x, &center, factor.as_tensor()).unwrap())
+        });
         let g = Tensor::ones((b, z), DType::F32, &Device::Cpu)?;
         let mut split = (0.0, 0.0);
         let bwd = med(&mut || {
@@ -473,9 +644,11 @@ fn scratch_timing() -> TestResult {
             split.0 += (s2 - s).as_secs_f64() * 1e3;
             split.1 += s2.elapsed().as_secs_f64() * 1e3;
         });
-        eprintln!("in fwdbwd: fwd {:.3} bwd {:.3}", split.0 / 24.0, split.1 / 24.0);
-        let t0 = super::projected::T0.swap(0, std::sync::atomic::Ordering::Relaxed) as f64 / 1e6 / 24.0;
-        eprintln!("my backward fn wall {t0:.3} ms");
+        eprintln!(
+            "in fwdbwd: fwd {:.3} bwd {:.3}",
+            split.0 / 24.0,
+            split.1 / 24.0
+        );
         eprintln!("B{b} d{d} Z{z}: wall matmul {:.3} fwd {:.2}x fwdbwd {:.2}x | cpu matmul {:.3} fwd {:.2}x fwdbwd {:.2}x", mm.0, fwd.0/mm.0, bwd.0/mm.0, mm.1, fwd.1/mm.1, bwd.1/mm.1);
     }
     Ok(())
