@@ -125,6 +125,13 @@ pub struct InitConfig {
     /// Size of the tiny symmetric random perturbation added to the initial precision
     /// (relative to `precision_scale`), so that neurons are not exactly alike.
     pub perturbation: f64,
+    /// Seed of every random draw of the initialization (weights, bias, centers, precision
+    /// perturbation). `Some`: the values come from a seeded host generator (see
+    /// [`crate::init`]) and are moved to the layer's device and dtype, so a seed gives
+    /// bit-identical layers on every run and device. `None` (the default): Candle's generator
+    /// on the layer's device, which cannot be seeded on the CPU. A [`crate::GaussNet`] gives
+    /// layer `i` the seed [`crate::init::layer_seed`]`(seed, i)`.
+    pub seed: Option<u64>,
 }
 
 impl Default for InitConfig {
@@ -133,6 +140,7 @@ impl Default for InitConfig {
             center_std: 0.1,
             precision_scale: None,
             perturbation: 1e-3,
+            seed: None,
         }
     }
 }

@@ -20,12 +20,13 @@
 //! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Shape, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
 use crate::activation;
 use crate::config::GaussLayerConfig;
 use crate::error::{GaussError, Result};
+use crate::init::{self, InitStream};
 use crate::kernels;
 use crate::precision::Precision;
 
@@ -297,9 +298,13 @@ impl candle_nn::Module for GaussLayer {
 /// | `center` | (Z, d) | always | N(0, `init.center_std`²) |
 /// | [`Precision::tensor_name`] | [`Precision::raw_shape`] | always | `P ≈ init.precision_scale · I` (default 1/d) plus a tiny symmetric perturbation, through the inverse map ([`Precision::initial_raw`]) |
 ///
+/// With `config.init.seed` set, every random value above comes from the seeded host streams
+/// of [`crate::init`] instead of Candle's generator: the same seed gives bit-identical layers
+/// on every run and device.
+///
 /// When the builder already holds a tensor (loading from safetensors, or a `VarMap` that
 /// has it) it is used as is. A missing precision tensor in a `VarMap` is created and filled
-/// in place with the FGN initial value.
+/// in place with the FGN initial value (likewise every missing tensor of a seeded layer).
 pub fn gauss_layer(
     in_features: usize,
     out_features: usize,
@@ -308,22 +313,31 @@ pub fn gauss_layer(
 ) -> Result<GaussLayer> {
     config.validate_sizes(in_features, out_features)?;
     let (z, d) = (out_features, in_features);
+    let seed = config.init.seed;
     let weight = if config.gaussian_only {
         None
     } else {
-        Some(vb.get_with_hints((z, d), "weight", candle_nn::init::DEFAULT_KAIMING_UNIFORM)?)
+        Some(get_or_init(
+            &vb,
+            (z, d),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_UNIFORM,
+            seed.map(|s| (s, InitStream::Weight)),
+        )?)
     };
     let bias = if config.gaussian_only || config.tied_bias {
         None
     } else {
         let bound = 1.0 / (d as f64).sqrt();
-        Some(vb.get_with_hints(
+        Some(get_or_init(
+            &vb,
             z,
             "bias",
             Init::Uniform {
                 lo: -bound,
                 up: bound,
             },
+            seed.map(|s| (s, InitStream::Bias)),
         )?)
     };
     let center_init = if config.init.center_std > 0.0 {
@@ -334,7 +348,13 @@ pub fn gauss_layer(
     } else {
         Init::Const(0.0)
     };
-    let center = vb.get_with_hints((z, d), "center", center_init)?;
+    let center = get_or_init(
+        &vb,
+        (z, d),
+        "center",
+        center_init,
+        seed.map(|s| (s, InitStream::Center)),
+    )?;
 
     let name = Precision::tensor_name(config.parameterization);
     let shape = Precision::raw_shape(config.parameterization, z, d);
@@ -350,6 +370,29 @@ pub fn gauss_layer(
     };
     let precision = Precision::from_raw(raw, d, &config)?;
     GaussLayer::new(weight, bias, center, precision, config)
+}
+
+/// The builder's tensor `name`, created with `init` when missing: by Candle's generator, or,
+/// given a seed and stream, from the seeded host stream written into the new variable.
+fn get_or_init<S: Into<Shape>>(
+    vb: &VarBuilder,
+    shape: S,
+    name: &str,
+    init: Init,
+    seeded: Option<(u64, InitStream)>,
+) -> Result<Tensor> {
+    let shape = shape.into();
+    let Some((seed, stream)) = seeded else {
+        return Ok(vb.get_with_hints(shape, name, init)?);
+    };
+    if vb.contains_tensor(name) {
+        return Ok(vb.get(shape, name)?);
+    }
+    let var = vb.get_with_hints(shape.clone(), name, Init::Const(0.0))?;
+    let values = init::sample(init, &shape, &mut init::stream_rng(seed, stream))?;
+    let value = init::host_tensor(values, &shape, var.dtype(), var.device())?;
+    var.slice_set(&value, 0, 0)?;
+    Ok(var)
 }
 
 #[cfg(test)]

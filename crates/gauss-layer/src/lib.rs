@@ -44,6 +44,7 @@ pub mod convert;
 pub mod distance;
 pub mod error;
 pub mod import;
+pub mod init;
 pub mod kernels;
 pub mod layer;
 pub mod linalg;

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::GaussLayerConfig;
 use crate::error::{GaussError, Result};
+use crate::init::layer_seed;
 use crate::layer::{gauss_layer, GaussLayer};
 use crate::precision::Precision;
 
@@ -159,7 +160,9 @@ impl GaussNet {
         let specs = config.layer_specs();
         let mut layers = Vec::with_capacity(specs.len());
         let mut norms = Vec::with_capacity(specs.len().saturating_sub(1));
-        for (i, (fan_in, fan_out, layer_config)) in specs.into_iter().enumerate() {
+        for (i, (fan_in, fan_out, mut layer_config)) in specs.into_iter().enumerate() {
+            // Distinct seeds, so that equally shaped layers do not start alike.
+            layer_config.init.seed = layer_config.init.seed.map(|s| layer_seed(s, i));
             layers.push(gauss_layer(
                 fan_in,
                 fan_out,

@@ -36,6 +36,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::{GaussLayerConfig, Parameterization, PositiveMap};
 use crate::error::{GaussError, Result};
+use crate::init;
 use crate::linalg;
 use crate::repair;
 
@@ -498,8 +499,9 @@ impl Precision {
 
     /// The FGN initial raw tensor: `P ≈ scale · I` with a tiny symmetric random perturbation
     /// of relative size `config.init.perturbation` (`scale = config.init.precision_scale`,
-    /// default `1/d`), mapped through the inverse of the parameterization. Random numbers come
-    /// from Candle's generator on `device`.
+    /// default `1/d`), mapped through the inverse of the parameterization. The noise comes from
+    /// the seeded host stream [`crate::init::InitStream::Precision`] when `config.init.seed` is
+    /// set (the same bits on every device), else from Candle's generator on `device`.
     ///
     /// # Shapes
     /// → the raw shape for (Z, d) (see [`Precision::raw_shape`])
@@ -513,8 +515,16 @@ impl Precision {
         config.validate_sizes(d, z)?;
         let scale = config.init.precision_scale.unwrap_or(1.0 / d as f64);
         let eps = config.init.perturbation;
-        let noise = Tensor::randn(0f32, 1f32, (z, d, d), device)?;
-        let (_, _, noise) = repair::to_host_matrices(&noise, "initial noise")?;
+        let noise = match config.init.seed {
+            Some(seed) => {
+                let mut rng = init::stream_rng(seed, init::InitStream::Precision);
+                init::normal(&mut rng, z * d * d, 0.0, 1.0)?
+            }
+            None => {
+                let noise = Tensor::randn(0f32, 1f32, (z, d, d), device)?;
+                repair::to_host_matrices(&noise, "initial noise")?.2
+            }
+        };
         let mut values = vec![0.0; z * d * d];
         for neuron in 0..z {
             for i in 0..d {

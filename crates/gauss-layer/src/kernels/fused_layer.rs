@@ -28,7 +28,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::cpu::{
     for_each_chunk_mut, for_each_chunk_pair_mut, matmul, row_major, rows_per_chunk, with_row_major,
-    MatRef, Real,
+    MatRef, Real, TILE_ROWS,
 };
 use super::projected::{backward, forward_into, sizes_from_dims, FactorMap, Sizes};
 use crate::config::{DistanceKernel, Parameterization};
@@ -230,25 +230,29 @@ impl FusedGaussLayer {
     }
 }
 
-/// `out (rows, Z) = x_rows (rows, d) · Wᵀ`.
+/// `out (rows, Z) = x_rows (rows, d) · Wᵀ`, in tiles of [`TILE_ROWS`] rows (so GEMM's packing
+/// buffers stay tile-sized).
 fn linear_rows<T: Real>(out: &mut [T], x_rows: &[T], weight: &[T], s: Sizes) {
-    let rows = out.len() / s.neurons.max(1);
-    matmul(
-        (rows, s.neurons, s.dim),
-        out,
-        s.neurons,
-        false,
-        MatRef {
-            data: x_rows,
-            row_stride: s.dim,
-            col_stride: 1,
-        },
-        MatRef {
-            data: weight,
-            row_stride: 1,
-            col_stride: s.dim,
-        },
-    );
+    let tile = TILE_ROWS * s.neurons.max(1);
+    for (t, out) in out.chunks_mut(tile).enumerate() {
+        let rows = out.len() / s.neurons.max(1);
+        matmul(
+            (rows, s.neurons, s.dim),
+            out,
+            s.neurons,
+            false,
+            MatRef {
+                data: &x_rows[t * TILE_ROWS * s.dim..][..rows * s.dim],
+                row_stride: s.dim,
+                col_stride: 1,
+            },
+            MatRef {
+                data: weight,
+                row_stride: 1,
+                col_stride: s.dim,
+            },
+        );
+    }
 }
 
 impl CustomOp3 for FusedGaussLayer {

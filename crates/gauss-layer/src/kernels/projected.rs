@@ -252,8 +252,9 @@ pub(super) fn forward_into<T: Real>(
             let out_chunk: &mut [T] = &mut out_chunk;
             let row0 = chunk * chunk_rows;
             let rows = out_chunk.len() / neurons;
-            let mut xs = vec![T::zero(); rows * dim];
-            shift_rows(&x[row0 * dim..(row0 + rows) * dim], &shift, &mut xs);
+            // Shifted per tile (a B·d copy per neuron block, 1/256 of the GEMM work), so the
+            // forward holds no chunk-sized copy of the inputs.
+            let mut xs = vec![T::zero(); TILE_ROWS.min(rows) * dim];
             let mut stacked = vec![T::zero(); dim * block * dim];
             let mut tile = vec![T::zero(); TILE_ROWS.min(rows) * block * dim];
             for z0 in (0..neurons).step_by(block) {
@@ -262,13 +263,16 @@ pub(super) fn forward_into<T: Real>(
                 stack_factors(&factors, (z0, count), &mut stacked);
                 for t0 in (0..rows).step_by(TILE_ROWS) {
                     let tile_rows = TILE_ROWS.min(rows - t0);
+                    let first = (row0 + t0) * dim;
+                    let xs = &mut xs[..tile_rows * dim];
+                    shift_rows(&x[first..first + tile_rows * dim], &shift, xs);
                     matmul(
                         (tile_rows, cols, dim),
                         &mut tile,
                         cols,
                         false,
                         MatRef {
-                            data: &xs[t0 * dim..(t0 + tile_rows) * dim],
+                            data: xs,
                             row_stride: dim,
                             col_stride: 1,
                         },
