@@ -6,14 +6,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
-use gauss_layer::{GaussError, GaussLayerConfig, GaussNet, GaussNetConfig, Parameterization};
+use gauss_layer::{GaussError, GaussNet, GaussNetConfig};
 
-fn temp_dir(name: &str) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("gauss-corrupt-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
+mod common;
+use common::{new_net, small_diag_net_config, temp_dir};
 
 /// A saved checkpoint: its path, its (name → tensor) map and its metadata.
 type Saved = (PathBuf, HashMap<String, Tensor>, HashMap<String, String>);
@@ -21,21 +17,10 @@ type Saved = (PathBuf, HashMap<String, Tensor>, HashMap<String, String>);
 /// A small saved network.
 fn saved(dir: &Path) -> Result<Saved> {
     let config = GaussNetConfig {
-        in_features: 3,
-        hidden: vec![4],
-        out_features: 2,
-        layer: GaussLayerConfig {
-            parameterization: Parameterization::Diag,
-            ..Default::default()
-        },
         batch_norm: true,
-        ..Default::default()
+        ..small_diag_net_config()
     };
-    let varmap = VarMap::new();
-    let net = GaussNet::new(
-        config,
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-    )?;
+    let (net, _varmap) = new_net(config, DType::F32)?;
     let path = dir.join("good.safetensors");
     net.save(&path)?;
     let bytes = std::fs::read(&path)?;
@@ -69,7 +54,7 @@ fn reason(path: &Path, dtype: Option<DType>) -> String {
 
 #[test]
 fn damaged_checkpoints_name_what_is_wrong() -> Result<()> {
-    let dir = temp_dir("cases")?;
+    let dir = temp_dir("corrupt-cases")?;
     let (good, tensors, metadata) = saved(&dir)?;
     let bytes = std::fs::read(&good)?;
     let victim = "layers.0.center";

@@ -2,28 +2,14 @@
 //! converts dtypes on request. Saving is atomic (no temporary file left behind).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
 use gauss_layer::checkpoint;
 use gauss_layer::{GaussLayerConfig, GaussNet, GaussNetConfig, Parameterization};
 
-fn temp_dir(name: &str) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("gauss-ckpt-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
-fn net(config: GaussNetConfig, dtype: DType) -> Result<(GaussNet, VarMap)> {
-    let varmap = VarMap::new();
-    let net = GaussNet::new(
-        config,
-        VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu),
-    )?;
-    Ok((net, varmap))
-}
+mod common;
+use common::{new_net, small_diag_net_config, temp_dir};
 
 fn bits(t: &Tensor) -> Result<Vec<u64>> {
     Ok(t.flatten_all()?
@@ -61,11 +47,11 @@ fn configs() -> Vec<GaussNetConfig> {
 
 #[test]
 fn save_then_load_gives_bit_identical_outputs() -> Result<()> {
-    let dir = temp_dir("roundtrip")?;
+    let dir = temp_dir("ckpt-roundtrip")?;
     let x = Tensor::randn(0f32, 1.0, (9, 5), &Device::Cpu)?;
     for config in configs() {
         let name = config.layer.parameterization.name();
-        let (net, _vars) = net(config.clone(), DType::F32)?;
+        let (net, _vars) = new_net(config.clone(), DType::F32)?;
         // One training-mode pass moves the batch-norm running statistics off their defaults,
         // so the round trip also covers them.
         net.forward(&x, true)?;
@@ -91,18 +77,8 @@ fn save_then_load_gives_bit_identical_outputs() -> Result<()> {
 
 #[test]
 fn metadata_and_dtype_conversion() -> Result<()> {
-    let dir = temp_dir("meta")?;
-    let config = GaussNetConfig {
-        in_features: 3,
-        hidden: vec![4],
-        out_features: 2,
-        layer: GaussLayerConfig {
-            parameterization: Parameterization::Diag,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let (net, _vars) = net(config, DType::F32)?;
+    let dir = temp_dir("ckpt-meta")?;
+    let (net, _vars) = new_net(small_diag_net_config(), DType::F32)?;
     let path = dir.join("net.safetensors");
     let mut meta = BTreeMap::new();
     meta.insert(

@@ -14,7 +14,7 @@ mod conformance {
 }
 
 use candle_core::{DType, Device};
-use conformance::common::{self, Report};
+use conformance::common::{self, Case, Report};
 
 /// Checks every reference file in `dtype` on `device`, reporting all failures at once.
 fn run_reference_files(dtype: DType, device: &Device) -> anyhow::Result<()> {
@@ -22,10 +22,16 @@ fn run_reference_files(dtype: DType, device: &Device) -> anyhow::Result<()> {
     let files = common::load_reference_files(&dir)?;
     let mut report = Report::new(dtype);
     for file in &files {
+        let mut case = Case {
+            file,
+            dtype,
+            device,
+            report: &mut report,
+        };
         let outcome = match file.kind.as_str() {
-            "layer" => conformance::layer::check(file, dtype, device, &mut report),
-            "nll" => conformance::nll::check(file, dtype, device, &mut report),
-            "lambda" => conformance::lambda::check(file, dtype, device, &mut report),
+            "layer" => conformance::layer::check(&mut case),
+            "nll" => conformance::nll::check(&mut case),
+            "lambda" => conformance::lambda::check(&mut case),
             other => Err(anyhow::anyhow!(
                 "unknown kind {other:?} (known: layer, nll, lambda)"
             )),

@@ -3,14 +3,13 @@
 //! neuron's zero line (`w·c + b = 0`).
 
 use anyhow::Result;
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Module, D};
 use candle_nn::Linear;
 use gauss_layer::convert::{linear_to_gauss_layer, mlp_to_gauss_net, ConvertOptions};
 use gauss_layer::Parameterization;
 
-fn randn(shape: &[usize], std: f64) -> Result<Tensor> {
-    Ok(Tensor::randn(0f64, std, shape, &Device::Cpu)?)
-}
+mod common;
+use common::randn;
 
 fn linear(fan_in: usize, fan_out: usize) -> Result<Linear> {
     Ok(Linear::new(

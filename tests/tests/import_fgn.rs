@@ -12,14 +12,14 @@ use gauss_layer::import::{
     fgn_layer_from_tensors, fgn_net_from_tensors, import_fgn_net, FgnCovarType, FgnImportOptions,
     FgnNetLayout,
 };
+use gauss_layer::testing::relative_error;
 use gauss_layer::GaussError;
+
+mod common;
+use common::randn;
 
 const Z: usize = 4;
 const DIM: usize = 3;
-
-fn randn(shape: &[usize], std: f64) -> Result<Tensor> {
-    Ok(Tensor::randn(0f64, std, shape, &Device::Cpu)?)
-}
 
 /// The PyTorch `q` (its exponent, without the 1/2) for each covar type.
 fn torch_q(
@@ -112,12 +112,6 @@ fn layer_tensors(prefix: &str, d: usize, kind: FgnCovarType) -> Result<HashMap<S
     Ok(t)
 }
 
-fn max_rel_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
-    let scale = b.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-300);
-    Ok(diff / scale)
-}
-
 #[test]
 fn every_covar_type_matches_the_pytorch_formula() -> Result<()> {
     let x = randn(&[7, DIM], 0.7)?;
@@ -139,8 +133,8 @@ fn every_covar_type_matches_the_pytorch_formula() -> Result<()> {
             let (y, g) = layer.forward_with_gaussian(&x, None)?;
             let (y_ref, g_ref) = torch_layer(&x, &t, "", kind, non_lin, free_biases)?;
             // f64 tolerance (design notes: ~1e-9 relative).
-            assert!(max_rel_diff(&g, &g_ref)? < 1e-9, "{kind:?} g");
-            assert!(max_rel_diff(&y, &y_ref)? < 1e-9, "{kind:?} y");
+            assert!(relative_error(&g, &g_ref)? < 1e-9, "{kind:?} g");
+            assert!(relative_error(&y, &y_ref)? < 1e-9, "{kind:?} y");
         }
     }
     Ok(())
@@ -154,7 +148,7 @@ fn sphere_and_diag_are_inferred_from_shape() -> Result<()> {
         let layer = fgn_layer_from_tensors(&t, "", &FgnImportOptions::default())?;
         let (y, _) = layer.forward_with_gaussian(&x, None)?;
         let (y_ref, _) = torch_layer(&x, &t, "", kind, false, true)?;
-        assert!(max_rel_diff(&y, &y_ref)? < 1e-9, "{kind:?}");
+        assert!(relative_error(&y, &y_ref)? < 1e-9, "{kind:?}");
     }
     // A (Z, d, d) inv_covars is ambiguous (full or chol) and must be named.
     let t = layer_tensors("", DIM, FgnCovarType::Chol)?;
@@ -235,14 +229,14 @@ fn feedforward_fgn_net_matches_and_loads_from_a_file() -> Result<()> {
     let net = fgn_net_from_tensors(&t, &FgnNetLayout::default(), &options)?;
     assert_eq!(net.config().hidden, vec![Z]);
     let y = net.forward(&x, false)?;
-    assert!(max_rel_diff(&y, &expected)? < 1e-9);
+    assert!(relative_error(&y, &expected)? < 1e-9);
 
     // Through a file, as a user exports it with safetensors.torch.save_file.
     let path = std::env::temp_dir().join(format!("fgn-import-{}.safetensors", std::process::id()));
     candle_core::safetensors::save(&t, &path)?;
     let from_file = import_fgn_net(&path, &Device::Cpu, DType::F64, &options)?;
     let y_file = from_file.forward(&x, false)?;
-    assert!(max_rel_diff(&y_file, &expected)? < 1e-9);
+    assert!(relative_error(&y_file, &expected)? < 1e-9);
     std::fs::remove_file(&path)?;
     Ok(())
 }

@@ -7,9 +7,11 @@ use candle_nn::{Module, Optimizer, VarBuilder, VarMap};
 use gauss_layer::testing::relative_error;
 use gauss_layer::{gauss_layer, GaussLayerConfig, Parameterization, Precision};
 
+mod common;
+use common::temp_dir;
+
 fn layer_saves_and_loads_under_documented_names(device: &Device) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("gauss-layer-vb-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let dir = temp_dir("layer-vb")?;
     for parameterization in Parameterization::ALL {
         let config = GaussLayerConfig {
             parameterization,

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use gauss_layer::testing::max_abs;
 use gauss_layer::{gauss_layer, linalg, repair, GaussLayerConfig, Parameterization, Precision};
 use gauss_losses::{layer_nll, Reduction};
 
@@ -108,10 +109,7 @@ fn check_fit(file: &str, parameterization: Parameterization) -> Result<()> {
     let total_variance = linalg::trace(&mle_cov.unsqueeze(0)?)?.sum_all()?;
     let direct_floor = 0.1 / total_variance.to_scalar::<f64>()?;
     let (mean, covariance) = fit(get("x")?, parameterization, direct_floor)?;
-    let mean_err = (mean - get("mle_mean")?)?
-        .abs()?
-        .max_all()?
-        .to_scalar::<f64>()?;
+    let mean_err = max_abs(&(mean - get("mle_mean")?)?)?;
     let cov_err = ((covariance - mle_cov)?.sqr()?.sum_all()?.sqrt()?
         / mle_cov.sqr()?.sum_all()?.sqrt()?)?
     .to_scalar::<f64>()?;

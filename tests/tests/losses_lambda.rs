@@ -10,66 +10,8 @@ use gauss_layer::{GaussLayer, GaussLayerConfig, Parameterization, Precision};
 use gauss_losses::LambdaLoss;
 use rand::{Rng, SeedableRng};
 
-type Matrix = Vec<Vec<f64>>;
-
-fn matmul(a: &Matrix, b: &Matrix) -> Matrix {
-    let (n, k, m) = (a.len(), b.len(), b[0].len());
-    (0..n)
-        .map(|i| {
-            (0..m)
-                .map(|j| (0..k).map(|l| a[i][l] * b[l][j]).sum())
-                .collect()
-        })
-        .collect()
-}
-
-/// Gauss-Jordan inverse of a symmetric positive-definite matrix (no pivoting needed).
-fn inverse(a: &Matrix) -> Matrix {
-    let d = a.len();
-    let mut aug: Matrix = a
-        .iter()
-        .enumerate()
-        .map(|(i, row)| {
-            let mut r = row.clone();
-            r.extend((0..d).map(|j| if i == j { 1.0 } else { 0.0 }));
-            r
-        })
-        .collect();
-    for col in 0..d {
-        let p = aug[col][col];
-        for v in aug[col].iter_mut() {
-            *v /= p;
-        }
-        let pivot_row = aug[col].clone();
-        for (row, values) in aug.iter_mut().enumerate() {
-            if row != col {
-                let f = values[col];
-                for (v, p) in values.iter_mut().zip(&pivot_row) {
-                    *v -= f * p;
-                }
-            }
-        }
-    }
-    aug.into_iter().map(|r| r[d..].to_vec()).collect()
-}
-
-fn log_det_spd(a: &Matrix) -> f64 {
-    let d = a.len();
-    let mut l = vec![vec![0.0; d]; d];
-    let mut log_det = 0.0;
-    for i in 0..d {
-        for j in 0..=i {
-            let s: f64 = (0..j).map(|k| l[i][k] * l[j][k]).sum();
-            if i == j {
-                l[i][i] = (a[i][i] - s).sqrt();
-                log_det += 2.0 * l[i][i].ln();
-            } else {
-                l[i][j] = (a[i][j] - s) / l[j][j];
-            }
-        }
-    }
-    log_det
-}
+mod common;
+use common::{gradient_of, inverse, log_det_spd, matmul, transpose, Matrix};
 
 /// Z random SPD matrices `B Bᵀ + d·0.5 I`, well conditioned.
 fn random_spd(seed: u64, z: usize, d: usize) -> Vec<Matrix> {
@@ -85,12 +27,6 @@ fn random_spd(seed: u64, z: usize, d: usize) -> Vec<Matrix> {
             }
             p
         })
-        .collect()
-}
-
-fn transpose(a: &Matrix) -> Matrix {
-    (0..a[0].len())
-        .map(|j| a.iter().map(|row| row[j]).collect())
         .collect()
 }
 
@@ -170,11 +106,7 @@ fn lambda_over_diag_and_sphere_is_the_fgn_sigma_loss() -> Result<()> {
     let loss = LambdaLoss::TraceCovariance.of_precision(&precision)?;
     let expected: f64 = log_p.iter().flatten().map(|t| (-t).exp()).sum::<f64>() / 6.0;
     assert_rel(loss.to_scalar::<f64>()?, expected, 1e-12, "diag sigma loss");
-    let grad = loss
-        .backward()?
-        .get(&raw)
-        .expect("raw has a gradient")
-        .to_vec2::<f64>()?;
+    let grad = gradient_of(&loss, &raw)?.to_vec2::<f64>()?;
     for (g_row, t_row) in grad.iter().zip(&log_p) {
         for (g, t) in g_row.iter().zip(t_row) {
             assert_rel(*g, -(-t).exp() / 6.0, 1e-12, "diag sigma loss gradient");
@@ -196,11 +128,7 @@ fn lambda_over_diag_and_sphere_is_the_fgn_sigma_loss() -> Result<()> {
         1e-12,
         "sphere sigma loss",
     );
-    let grad = loss
-        .backward()?
-        .get(&raw)
-        .expect("raw has a gradient")
-        .to_vec1::<f64>()?;
+    let grad = gradient_of(&loss, &raw)?.to_vec1::<f64>()?;
     for (g, t) in grad.iter().zip(&log_s) {
         assert_rel(*g, -(-t).exp() / 4.0, 1e-12, "sphere sigma loss gradient");
     }
@@ -236,11 +164,7 @@ fn lambda_gradients_for_direct_match_closed_forms() -> Result<()> {
             &config(Parameterization::Direct),
         )?;
         let loss = variant.of_precision(&precision)?;
-        let grad = loss
-            .backward()?
-            .get(&raw)
-            .expect("raw has a gradient")
-            .to_vec3::<f64>()?;
+        let grad = gradient_of(&loss, &raw)?.to_vec3::<f64>()?;
         for (p, g) in ps.iter().zip(&grad) {
             let s = inverse(p);
             let expected: Matrix = match variant {
@@ -286,11 +210,7 @@ fn lambda_gradients_for_expm_match_closed_forms() -> Result<()> {
         let precision =
             Precision::from_raw(raw.as_tensor().clone(), 3, &config(Parameterization::Expm))?;
         let loss = variant.of_precision(&precision)?;
-        let grad = loss
-            .backward()?
-            .get(&raw)
-            .expect("raw has a gradient")
-            .to_vec3::<f64>()?;
+        let grad = gradient_of(&loss, &raw)?.to_vec3::<f64>()?;
         for (p, g) in ps.iter().zip(&grad) {
             let s = inverse(p);
             for i in 0..p.len() {

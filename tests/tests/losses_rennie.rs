@@ -10,58 +10,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use gauss_losses::{nll_covariance_factor, nll_precision_factor, Reduction};
 use rand::{Rng, SeedableRng};
 
-type Matrix = Vec<Vec<f64>>;
-
-fn matmul(a: &Matrix, b: &Matrix) -> Matrix {
-    let (n, k, m) = (a.len(), b.len(), b[0].len());
-    (0..n)
-        .map(|i| {
-            (0..m)
-                .map(|j| (0..k).map(|l| a[i][l] * b[l][j]).sum())
-                .collect()
-        })
-        .collect()
-}
-
-fn transpose(a: &Matrix) -> Matrix {
-    (0..a[0].len())
-        .map(|j| a.iter().map(|row| row[j]).collect())
-        .collect()
-}
-
-/// Gauss-Jordan with partial pivoting; the test matrices are well conditioned.
-fn inverse(a: &Matrix) -> Matrix {
-    let d = a.len();
-    let mut aug: Matrix = a
-        .iter()
-        .enumerate()
-        .map(|(i, row)| {
-            let mut r = row.clone();
-            r.extend((0..d).map(|j| if i == j { 1.0 } else { 0.0 }));
-            r
-        })
-        .collect();
-    for col in 0..d {
-        let pivot = (col..d)
-            .max_by(|&p, &q| aug[p][col].abs().total_cmp(&aug[q][col].abs()))
-            .unwrap_or(col);
-        aug.swap(col, pivot);
-        let p = aug[col][col];
-        for v in aug[col].iter_mut() {
-            *v /= p;
-        }
-        let pivot_row = aug[col].clone();
-        for (row, values) in aug.iter_mut().enumerate() {
-            if row != col {
-                let f = values[col];
-                for (v, p) in values.iter_mut().zip(&pivot_row) {
-                    *v -= f * p;
-                }
-            }
-        }
-    }
-    aug.into_iter().map(|r| r[d..].to_vec()).collect()
-}
+mod common;
+use common::{cholesky, inverse, matmul, transpose, Matrix};
 
 fn to_matrix(t: &Tensor) -> Result<Matrix> {
     Ok(t.to_vec2::<f64>()?)
@@ -161,20 +111,7 @@ fn covariance_and_precision_factor_nll_agree() -> Result<()> {
     let (x, mean, lam) = random_case(7, 30, 4)?;
     let lam_m = to_matrix(&lam)?;
     let p = inverse(&matmul(&lam_m, &transpose(&lam_m)));
-    // Host Cholesky of P.
-    let d = p.len();
-    let mut l = vec![vec![0.0; d]; d];
-    for i in 0..d {
-        for j in 0..=i {
-            let s: f64 = (0..j).map(|k| l[i][k] * l[j][k]).sum();
-            l[i][j] = if i == j {
-                (p[i][i] - s).sqrt()
-            } else {
-                (p[i][j] - s) / l[j][j]
-            };
-        }
-    }
-    let tril = Tensor::new(l, &Device::Cpu)?.to_dtype(DType::F64)?;
+    let tril = Tensor::new(cholesky(&p), &Device::Cpu)?.to_dtype(DType::F64)?;
     let by_cov = nll_covariance_factor(&x, &mean, &lam, Reduction::None)?.to_vec1::<f64>()?;
     let by_prec = nll_precision_factor(&x, &mean, &tril, Reduction::None)?.to_vec1::<f64>()?;
     for (a, b) in by_cov.iter().zip(&by_prec) {

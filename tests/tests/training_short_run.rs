@@ -2,11 +2,14 @@
 //! checkpoint loaded for training resumes from the same loss.
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use gauss_layer::checkpoint;
 use gauss_layer::{GaussLayerConfig, GaussNet, GaussNetConfig, Parameterization};
 use gauss_losses::{fgn_objective, FgnObjectiveConfig};
+
+mod common;
+use common::new_net;
 
 /// Two Gaussian blobs in 4-D around ±1 on every axis, labels 0 and 1 (deterministic).
 fn blobs() -> Result<(Tensor, Tensor)> {
@@ -24,6 +27,18 @@ fn blobs() -> Result<(Tensor, Tensor)> {
         (noise + shift)?,
         Tensor::new(labels.as_slice(), &Device::Cpu)?,
     ))
+}
+
+/// The optimizer of both the first run and the resumed one.
+fn adamw(vars: Vec<Var>) -> Result<AdamW> {
+    Ok(AdamW::new(
+        vars,
+        ParamsAdamW {
+            lr: 0.05,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?)
 }
 
 fn loss(net: &GaussNet, x: &Tensor, y: &Tensor, objective: &FgnObjectiveConfig) -> Result<Tensor> {
@@ -49,20 +64,9 @@ fn short_training_lowers_the_loss_and_resumes_from_a_checkpoint() -> Result<()> 
         }),
         ..Default::default()
     };
-    let varmap = VarMap::new();
-    let net = GaussNet::new(
-        config,
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-    )?;
+    let (net, varmap) = new_net(config, DType::F32)?;
     let objective = FgnObjectiveConfig::default();
-    let mut opt = AdamW::new(
-        varmap.all_vars(),
-        ParamsAdamW {
-            lr: 0.05,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
+    let mut opt = adamw(varmap.all_vars())?;
     let before = loss(&net, &x, &y, &objective)?.to_scalar::<f32>()?;
     for _ in 0..40 {
         let logits = net.forward(&x, true)?;
@@ -85,14 +89,7 @@ fn short_training_lowers_the_loss_and_resumes_from_a_checkpoint() -> Result<()> 
         after.to_bits(),
         "resumed loss {resumed} vs {after}"
     );
-    let mut opt = AdamW::new(
-        loaded.varmap.all_vars(),
-        ParamsAdamW {
-            lr: 0.05,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
+    let mut opt = adamw(loaded.varmap.all_vars())?;
     for _ in 0..10 {
         let logits = loaded.net.forward(&x, true)?;
         opt.backward_step(&fgn_objective(&logits, &y, loaded.net.layers(), &objective)?.total)?;

@@ -1,5 +1,6 @@
 //! Criterion benches: the layer's forward and forward + backward (of `sum(y)` to every
-//! parameter), and the fused projected kernel alone, at a couple of (B, d, Z) shapes, f32, CPU.
+//! parameter), the same through the one-op fused layer forward, and the fused projected kernel
+//! alone, at a couple of (B, d, Z) shapes, f32, CPU.
 //! `examples/bench` prints the same figures as one JSON line beside a matmul of equal FLOPs.
 
 use std::hint::black_box;
@@ -7,6 +8,7 @@ use std::hint::black_box;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Module, VarBuilder, VarMap};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use gauss_layer::kernels::fused_layer::gauss_layer_forward_fused;
 use gauss_layer::kernels::projected::mahalanobis_sq_projected_fused;
 use gauss_layer::{gauss_layer, GaussLayerConfig};
 
@@ -28,6 +30,33 @@ fn layer_benches(c: &mut Criterion) {
             b.iter(|| {
                 let y = layer.forward(&x).expect("forward");
                 black_box(y.sum_all().and_then(|s| s.backward()).expect("backward"))
+            })
+        });
+        let fused = || {
+            let weight = layer.weight().expect("weight");
+            gauss_layer_forward_fused(
+                &x,
+                layer.center(),
+                weight,
+                layer.bias(),
+                layer.precision(),
+                layer.config().kernel,
+            )
+            .expect("fused forward")
+            .expect("fused path")
+            .0
+        };
+        group.bench_function(BenchmarkId::new("fused_forward", &id), |b| {
+            b.iter(|| black_box(fused()))
+        });
+        group.bench_function(BenchmarkId::new("fused_forward_backward", &id), |b| {
+            b.iter(|| {
+                black_box(
+                    fused()
+                        .sum_all()
+                        .and_then(|s| s.backward())
+                        .expect("backward"),
+                )
             })
         });
     }

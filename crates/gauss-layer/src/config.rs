@@ -253,3 +253,27 @@ impl GaussLayerConfig {
         self.validate()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_seed_round_trips_and_old_json_still_parses() {
+        let seeded = GaussLayerConfig {
+            init: InitConfig {
+                seed: Some(u64::MAX),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&seeded).unwrap();
+        assert_eq!(serde_json::from_str::<GaussLayerConfig>(&json).unwrap(), seeded);
+        // A config written before `seed` existed: no seed, device generator.
+        let old = r#"{"parameterization":"diag","init":{"center_std":0.2,"precision_scale":null,"perturbation":0.001}}"#;
+        let parsed: GaussLayerConfig = serde_json::from_str(old).unwrap();
+        assert_eq!(parsed.init.seed, None);
+        assert_eq!(parsed.init.center_std, 0.2);
+        assert_eq!(parsed.parameterization, Parameterization::Diag);
+    }
+}

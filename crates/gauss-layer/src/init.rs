@@ -179,4 +179,49 @@ mod tests {
         assert!(values.iter().any(|v| v.abs() > 0.5 * bound));
         Ok(())
     }
+
+    fn centers(net: &crate::GaussNet) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::new();
+        for layer in net.layers() {
+            out.push(layer.center().flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn seeded_nets_repeat_and_their_layers_differ() -> Result<()> {
+        use crate::{gauss_layer, GaussLayerConfig, GaussNet, GaussNetConfig, InitConfig};
+        use candle_nn::{VarBuilder, VarMap};
+        let layer = GaussLayerConfig {
+            init: InitConfig {
+                seed: Some(9),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        // Three equally shaped layers: only their seeds tell them apart.
+        let config = GaussNetConfig {
+            in_features: 4,
+            hidden: vec![4, 4],
+            out_features: 4,
+            layer: layer.clone(),
+            ..Default::default()
+        };
+        let build = |config: &GaussNetConfig| {
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+            GaussNet::new(config.clone(), vb)
+        };
+        let net = centers(&build(&config)?)?;
+        assert_eq!(net, centers(&build(&config)?)?);
+        assert_ne!(net[0], net[1]);
+        assert_ne!(net[1], net[2]);
+
+        // Layer 0 of a net is the layer built alone with the net's seed.
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let alone = gauss_layer(4, 4, layer, vb)?;
+        assert_eq!(net[0], alone.center().flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
+    }
 }

@@ -215,6 +215,16 @@ impl GaussLayer {
             }
             check_dtype("prev_g", prev, self.center.dtype())?;
         }
+        if let Some((y, g)) = self.forward_fused(x)? {
+            // Gating multiplies g, and so y = linear·g, by the same per-row factor.
+            return match prev_g {
+                Some(prev) => {
+                    let strongest = prev.max_keepdim(D::Minus1)?;
+                    Ok((y.broadcast_mul(&strongest)?, g.broadcast_mul(&strongest)?))
+                }
+                None => Ok((y, g)),
+            };
+        }
         let m2 = self.mahalanobis_sq(x)?;
         let mut g = activation::gaussian(&m2)?;
         if let Some(prev) = prev_g {
@@ -224,16 +234,43 @@ impl GaussLayer {
             return Ok((g.clone(), g));
         };
         let mut linear = x.matmul(&weight.t()?)?;
-        if self.config.tied_bias {
-            let tied = (weight * &self.center)?.sum(D::Minus1)?.neg()?;
-            linear = linear.broadcast_add(&tied.unsqueeze(0)?)?;
-        } else if let Some(bias) = &self.bias {
+        if let Some(bias) = self.effective_bias(weight)? {
             linear = linear.broadcast_add(&bias.unsqueeze(0)?)?;
         }
         if self.config.tanh {
             linear = linear.tanh()?;
         }
         Ok(((linear * &g)?, g))
+    }
+
+    /// The bias of the linear part: `-W·c` when tied, else the stored one (if any).
+    fn effective_bias(&self, weight: &Tensor) -> Result<Option<Tensor>> {
+        if self.config.tied_bias {
+            return Ok(Some((weight * &self.center)?.sum(D::Minus1)?.neg()?));
+        }
+        Ok(self.bias.clone())
+    }
+
+    /// The whole layer as one fused CPU op where it applies (a linear part without `tanh`,
+    /// a factor-based precision, f32/f64 on the CPU; see
+    /// [`kernels::fused_layer::gauss_layer_forward_fused`]): fewer (B, Z) temporaries and
+    /// passes over memory than composing the layer from tensor ops. `None` elsewhere.
+    fn forward_fused(&self, x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(weight) = &self.weight else {
+            return Ok(None);
+        };
+        if self.config.tanh {
+            return Ok(None);
+        }
+        let bias = self.effective_bias(weight)?;
+        kernels::fused_layer::gauss_layer_forward_fused(
+            x,
+            &self.center,
+            weight,
+            bias.as_ref(),
+            &self.precision,
+            self.config.kernel,
+        )
     }
 
     /// Squared Mahalanobis distances through the configured kernel.
@@ -571,4 +608,55 @@ mod tests {
         Ok(())
     }
     crate::test_device!(options_follow_their_definitions);
+
+    /// Every tensor of a layer, as f32 bits on the host, in a fixed order.
+    fn layer_bits(layer: &GaussLayer) -> Result<Vec<Vec<u32>>> {
+        let tensors = [
+            layer.weight(),
+            layer.bias(),
+            Some(layer.center()),
+            Some(layer.precision().raw()),
+        ];
+        let mut bits = Vec::new();
+        for tensor in tensors.into_iter().flatten() {
+            let host = tensor.flatten_all()?.to_device(&Device::Cpu)?;
+            bits.push(host.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect());
+        }
+        Ok(bits)
+    }
+
+    fn seeded_layers_are_bit_identical(device: &Device) -> Result<()> {
+        for parameterization in Parameterization::ALL {
+            let seeded = |seed| GaussLayerConfig {
+                parameterization,
+                init: InitConfig {
+                    seed: Some(seed),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let (_, first) = build(seeded(11), 5, 4, DType::F32, device)?;
+            let (_, again) = build(seeded(11), 5, 4, DType::F32, device)?;
+            let (_, on_cpu) = build(seeded(11), 5, 4, DType::F32, &Device::Cpu)?;
+            let (_, other) = build(seeded(12), 5, 4, DType::F32, device)?;
+            let bits = layer_bits(&first)?;
+            assert_eq!(
+                bits.len(),
+                4,
+                "{parameterization}: weight, bias, center, raw"
+            );
+            assert_eq!(bits, layer_bits(&again)?, "{parameterization}: same seed");
+            // The host draws are rounded on the CPU, so the device does not matter.
+            assert_eq!(
+                bits,
+                layer_bits(&on_cpu)?,
+                "{parameterization}: same seed on CPU"
+            );
+            for (i, (a, b)) in bits.iter().zip(layer_bits(&other)?).enumerate() {
+                assert_ne!(a, &b, "{parameterization}: tensor {i} ignores the seed");
+            }
+        }
+        Ok(())
+    }
+    crate::test_device!(seeded_layers_are_bit_identical);
 }

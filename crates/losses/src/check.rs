@@ -44,6 +44,22 @@ pub(crate) fn square(m: &Tensor, what: &str, d: usize) -> Result<()> {
     Ok(())
 }
 
+/// Checks the arguments of a single-Gaussian NLL: samples `x` (N, d), a `mean` (d) and a
+/// square `factor` (d, d) named `factor_what`, both in `x`'s dtype. Returns `d`.
+pub(crate) fn gaussian_args(
+    x: &Tensor,
+    mean: &Tensor,
+    factor: &Tensor,
+    factor_what: &str,
+) -> Result<usize> {
+    let (_, d) = samples(x, "samples x", None)?;
+    vector(mean, "mean", d)?;
+    square(factor, factor_what, d)?;
+    dtype(mean, "mean", x.dtype())?;
+    dtype(factor, factor_what, x.dtype())?;
+    Ok(d)
+}
+
 /// Checks a batch of square matrices `(Z, d, d)` with `Z >= 1`, returning `(Z, d)`.
 pub(crate) fn square_batch(m: &Tensor, what: &str) -> Result<(usize, usize)> {
     match *m.dims() {

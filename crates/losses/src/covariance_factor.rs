@@ -41,11 +41,7 @@ pub fn nll_covariance_factor(
     scale_tril: &Tensor,
     reduction: Reduction,
 ) -> Result<Tensor> {
-    let (_, d) = check::samples(x, "samples x", None)?;
-    check::vector(mean, "mean", d)?;
-    check::square(scale_tril, "covariance factor scale_tril", d)?;
-    check::dtype(mean, "mean", x.dtype())?;
-    check::dtype(scale_tril, "covariance factor scale_tril", x.dtype())?;
+    let d = check::gaussian_args(x, mean, scale_tril, "covariance factor scale_tril")?;
 
     let factor = linalg::tril(&scale_tril.unsqueeze(0)?)?;
     let inverse = linalg::tril_inverse(&factor)?.squeeze(0)?;

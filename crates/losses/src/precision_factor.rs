@@ -39,11 +39,7 @@ pub fn nll_precision_factor(
     tril: &Tensor,
     reduction: Reduction,
 ) -> Result<Tensor> {
-    let (_, d) = check::samples(x, "samples x", None)?;
-    check::vector(mean, "mean", d)?;
-    check::square(tril, "precision factor tril", d)?;
-    check::dtype(mean, "mean", x.dtype())?;
-    check::dtype(tril, "precision factor tril", x.dtype())?;
+    let d = check::gaussian_args(x, mean, tril, "precision factor tril")?;
 
     let factor = linalg::tril(&tril.unsqueeze(0)?)?;
     let centered = x.broadcast_sub(mean)?;

@@ -1,7 +1,7 @@
-//! Seeded initialization. Candle's CPU random generator cannot be seeded, so the tensors that
-//! decide where training goes (weights, biases, centers) are redrawn from a seeded generator.
-//! The precisions keep the layer's deterministic initial width (their random perturbation is
-//! relative 1e-3 and does not matter).
+//! Seeded initialization. The FGN network seeds itself (`InitConfig::seed`); here only its
+//! first-layer centers move onto training images. Candle's CPU random generator cannot be
+//! seeded, so the classical MLP's `Linear` weights and biases are redrawn from a seeded
+//! generator.
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
@@ -9,7 +9,6 @@ use candle_nn::VarMap;
 use gauss_layer::GaussNet;
 use rand::rngs::StdRng;
 use rand::Rng;
-use rand_distr::{Distribution, Normal};
 
 use crate::data::Split;
 
@@ -60,44 +59,27 @@ pub fn seeded_mlp(varmap: &mut VarMap, sizes: &[usize], rng: &mut StdRng) -> Res
     Ok(())
 }
 
-/// Seeded FGN weights and biases (Kaiming uniform), first-layer centers on random training
-/// images (each neuron starts where the data is), deeper centers N(0, 0.1²).
-pub fn seeded_fgn(
+/// Data-driven first-layer centers: each neuron starts on a random training image, where the
+/// data is. Everything else (weights, biases, deeper centers, precisions) comes from the layers'
+/// own seeded initialization ([`gauss_layer::InitConfig::seed`]).
+pub fn centers_on_training_images(
     varmap: &mut VarMap,
     net: &GaussNet,
     train: &Split,
     rng: &mut StdRng,
 ) -> Result<()> {
-    let normal = Normal::new(0.0f64, 0.1)?;
-    for (i, layer) in net.layers().iter().enumerate() {
-        let (z, d) = (layer.out_features(), layer.in_features());
-        let like = layer.center();
-        let bound = 1.0 / (d as f64).sqrt();
-        set(
-            varmap,
-            &format!("layers.{i}.weight"),
-            uniform(rng, &[z, d], bound * 3f64.sqrt(), like)?,
-        )?;
-        set(
-            varmap,
-            &format!("layers.{i}.bias"),
-            uniform(rng, &[z], bound, like)?,
-        )?;
-        let center = if i == 0 {
-            let picks: Vec<u32> = (0..z)
-                .map(|_| rng.random_range(0..train.len() as u32))
-                .collect();
-            let index = Tensor::new(picks.as_slice(), &Device::Cpu)?;
-            train.images.index_select(&index, 0)?
-        } else {
-            let values: Vec<f32> = (0..z * d).map(|_| normal.sample(rng) as f32).collect();
-            Tensor::from_vec(values, (z, d), &Device::Cpu)?
-        };
-        set(
-            varmap,
-            &format!("layers.{i}.center"),
-            center.to_dtype(like.dtype())?.to_device(like.device())?,
-        )?;
-    }
-    Ok(())
+    let Some(first) = net.layers().first() else {
+        return Ok(());
+    };
+    let like = first.center();
+    let picks: Vec<u32> = (0..first.out_features())
+        .map(|_| rng.random_range(0..train.len() as u32))
+        .collect();
+    let index = Tensor::new(picks.as_slice(), &Device::Cpu)?;
+    let center = train.images.index_select(&index, 0)?;
+    set(
+        varmap,
+        "layers.0.center",
+        center.to_dtype(like.dtype())?.to_device(like.device())?,
+    )
 }

@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Parser, Subcommand, ValueEnum};
 use gauss_layer::checkpoint;
-use gauss_layer::{GaussLayerConfig, GaussNetConfig, Parameterization};
+use gauss_layer::{GaussLayerConfig, GaussNetConfig, InitConfig, Parameterization};
 use gauss_losses::FgnObjectiveConfig;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -169,6 +169,11 @@ fn train(args: TrainArgs) -> Result<Value> {
     }
 
     if !args.classical_only {
+        // Every layer draws its initial values from this seed (each its own stream).
+        let init = InitConfig {
+            seed: Some(args.seed),
+            ..Default::default()
+        };
         let config = GaussNetConfig {
             in_features: features,
             hidden: args.hidden.clone(),
@@ -176,10 +181,12 @@ fn train(args: TrainArgs) -> Result<Value> {
             layer: GaussLayerConfig {
                 parameterization: args.param,
                 tanh: true,
+                init: init.clone(),
                 ..Default::default()
             },
             output_layer: Some(GaussLayerConfig {
                 parameterization: args.param,
+                init,
                 ..Default::default()
             }),
             gate: true,

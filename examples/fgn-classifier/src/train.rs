@@ -131,7 +131,7 @@ pub fn train_fgn(
 ) -> Result<(GaussNet, VarMap)> {
     let mut varmap = VarMap::new();
     let net = GaussNet::new(config, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
-    crate::init::seeded_fgn(&mut varmap, &net, train, rng)?;
+    crate::init::centers_on_training_images(&mut varmap, &net, train, rng)?;
     let mut opt = optimizer(&varmap, schedule.learning_rate)?;
     let bar = progress("fgn", schedule.epochs as u64);
     for _ in 0..schedule.epochs {

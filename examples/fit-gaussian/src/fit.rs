@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use gauss_layer::net::{GaussNet, GaussNetConfig};
-use gauss_layer::{repair, GaussLayerConfig, Parameterization, Precision};
+use gauss_layer::{repair, GaussLayerConfig, InitConfig, Parameterization, Precision};
 use gauss_losses::{layer_nll, Reduction};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -25,7 +25,7 @@ pub struct FitOptions {
     pub grad_tol: f64,
     /// Smallest eigenvalue a repaired `direct` precision keeps.
     pub min_eigenvalue: f64,
-    /// Seed of the initialization (honored on accelerators; Candle's CPU generator has no seed).
+    /// Seed of the initialization (`InitConfig::seed`: the same start on every run and device).
     pub seed: u64,
 }
 
@@ -70,10 +70,6 @@ fn progress_bar(steps: usize) -> ProgressBar {
 /// # Shapes
 /// `x`: (N, d), f64
 pub fn fit(x: &Tensor, device: &Device, options: &FitOptions) -> Result<Fitted> {
-    // Candle's CPU generator cannot be seeded; accelerators can.
-    if !device.is_cpu() {
-        device.set_seed(options.seed)?;
-    }
     let d = x.dim(1)?;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F64, device);
@@ -83,6 +79,10 @@ pub fn fit(x: &Tensor, device: &Device, options: &FitOptions) -> Result<Fitted> 
         layer: GaussLayerConfig {
             parameterization: options.parameterization,
             gaussian_only: true,
+            init: InitConfig {
+                seed: Some(options.seed),
+                ..Default::default()
+            },
             ..Default::default()
         },
         gate: false,

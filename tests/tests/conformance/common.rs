@@ -1,11 +1,17 @@
-//! Loading reference files and collecting comparison failures.
+//! Loading reference files, collecting comparison failures, and the gradient plumbing the
+//! kinds share (reading a gradient, mapping a cholesky factor to the layer's raw tensor and
+//! its gradient back).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use gauss_layer::linalg;
+use gauss_layer::precision::{positive_map_derivative, positive_map_inverse};
 use gauss_layer::testing::{relative_error, tolerance};
+use gauss_layer::GaussLayerConfig;
 
 /// The directory of reference files: `GAUSS_REFERENCE_DIR`, or the project's own copy.
 pub fn reference_dir() -> PathBuf {
@@ -147,4 +153,105 @@ impl Report {
         );
         Ok(())
     }
+}
+
+/// One reference file checked in one dtype on one device, its comparisons going to `report`.
+pub struct Case<'a> {
+    /// The reference file.
+    pub file: &'a ReferenceFile,
+    /// The working dtype.
+    pub dtype: DType,
+    /// The working device.
+    pub device: &'a Device,
+    /// Where the comparisons go.
+    pub report: &'a mut Report,
+}
+
+impl Case<'_> {
+    /// A tensor of the file in the working dtype on the working device.
+    pub fn tensor(&self, name: &str) -> anyhow::Result<Tensor> {
+        self.file.tensor(name, self.dtype, self.device)
+    }
+
+    /// Compares `actual` with the file's tensor `expected`, reported under `label`; an error
+    /// only when the file lacks `expected`.
+    pub fn compare(&mut self, label: &str, actual: &Tensor, expected: &str) -> anyhow::Result<()> {
+        let expected = self.tensor(expected)?;
+        self.report
+            .compare(&self.file.name, label, actual, &expected);
+        Ok(())
+    }
+
+    /// Compares `actual` with a tensor computed by the test (not read from the file).
+    pub fn compare_to(&mut self, label: &str, actual: &Tensor, expected: &Tensor) {
+        self.report
+            .compare(&self.file.name, label, actual, expected);
+    }
+
+    /// Records a failure that is not a comparison.
+    pub fn fail(&mut self, label: &str, error: String) {
+        self.report.fail(&self.file.name, label, error);
+    }
+}
+
+/// The gradient that reached `var`, or an error naming `what`.
+pub fn gradient(grads: &GradStore, var: &Var, what: &str) -> anyhow::Result<Tensor> {
+    grads
+        .get(var.as_tensor())
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no gradient reached {what}"))
+}
+
+/// The raw tensor of a cholesky precision (with `config`'s positive map and floor) whose
+/// factor is `factor`, computed in f64 on the host. Needs `L_ii > floor`.
+///
+/// # Shapes
+/// `factor`: (Z, d, d) → (Z, d, d), f64 on the CPU
+pub fn cholesky_raw_from_factor(
+    factor: &Tensor,
+    config: &GaussLayerConfig,
+) -> anyhow::Result<Tensor> {
+    let (z, d, _) = factor.dims3()?;
+    let mut values = factor
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    for n in 0..z {
+        for i in 0..d {
+            let k = n * d * d + i * d + i;
+            anyhow::ensure!(
+                values[k] > config.factor_diag_floor,
+                "factor diagonal {} of neuron {n} is not above the floor {}",
+                values[k],
+                config.factor_diag_floor
+            );
+            values[k] =
+                positive_map_inverse(config.positive_map, values[k] - config.factor_diag_floor);
+        }
+    }
+    Ok(Tensor::from_vec(values, (z, d, d), &Device::Cpu)?)
+}
+
+/// The gradient with respect to a cholesky raw tensor → the gradient with respect to its
+/// factor `L`: the diagonal is divided by the positive map's derivative at the raw value.
+///
+/// # Shapes
+/// `grad_raw`, `raw`: (Z, d, d) → (Z, d, d)
+pub fn chain_raw_gradient_to_factor(
+    grad_raw: &Tensor,
+    raw: &Tensor,
+    config: &GaussLayerConfig,
+) -> anyhow::Result<Tensor> {
+    let raw_diag = linalg::diagonal(raw)?.to_dtype(DType::F64)?;
+    let derivative: Vec<f64> = raw_diag
+        .flatten_all()?
+        .to_vec1::<f64>()?
+        .into_iter()
+        .map(|r| positive_map_derivative(config.positive_map, r))
+        .collect();
+    let derivative = Tensor::from_vec(derivative, raw_diag.dims(), &Device::Cpu)?
+        .to_dtype(grad_raw.dtype())?
+        .to_device(grad_raw.device())?;
+    let diag = (linalg::diagonal(grad_raw)? / derivative)?;
+    Ok((linalg::strict_tril(grad_raw)? + linalg::diag_embed(&diag)?)?)
 }

@@ -8,11 +8,9 @@
 //! the reference tensor itself.
 
 use candle_core::{DType, Device, Tensor, Var};
-use gauss_layer::linalg;
-use gauss_layer::precision::{positive_map_derivative, positive_map_inverse};
 use gauss_layer::{GaussLayer, GaussLayerConfig, Parameterization, Precision};
 
-use super::common::{ReferenceFile, Report};
+use super::common::{chain_raw_gradient_to_factor, cholesky_raw_from_factor, gradient, Case};
 
 /// The reference parameter → the layer's raw tensor, computed in f64 on the host.
 fn raw_from_reference(
@@ -21,20 +19,7 @@ fn raw_from_reference(
     config: &GaussLayerConfig,
 ) -> anyhow::Result<Tensor> {
     Ok(match parameterization {
-        Parameterization::Cholesky => {
-            let (z, d, _) = param.dims3()?;
-            let mut values = param.flatten_all()?.to_vec1::<f64>()?;
-            for n in 0..z {
-                for i in 0..d {
-                    let k = n * d * d + i * d + i;
-                    values[k] = positive_map_inverse(
-                        config.positive_map,
-                        values[k] - config.factor_diag_floor,
-                    );
-                }
-            }
-            Tensor::from_vec(values, (z, d, d), &Device::Cpu)?
-        }
+        Parameterization::Cholesky => cholesky_raw_from_factor(param, config)?,
         Parameterization::Direct | Parameterization::Expm => param.clone(),
         Parameterization::Diag | Parameterization::Sphere => param.log()?,
     })
@@ -50,54 +35,31 @@ fn chain_to_reference(
     config: &GaussLayerConfig,
 ) -> anyhow::Result<Tensor> {
     Ok(match parameterization {
-        Parameterization::Cholesky => {
-            let raw_diag = linalg::diagonal(raw)?.to_dtype(DType::F64)?;
-            let derivative: Vec<f64> = raw_diag
-                .flatten_all()?
-                .to_vec1::<f64>()?
-                .into_iter()
-                .map(|r| positive_map_derivative(config.positive_map, r))
-                .collect();
-            let derivative = Tensor::from_vec(derivative, raw_diag.dims(), &Device::Cpu)?
-                .to_dtype(grad_raw.dtype())?
-                .to_device(grad_raw.device())?;
-            let diag = (linalg::diagonal(grad_raw)? / derivative)?;
-            (linalg::strict_tril(grad_raw)? + linalg::diag_embed(&diag)?)?
-        }
+        Parameterization::Cholesky => chain_raw_gradient_to_factor(grad_raw, raw, config)?,
         Parameterization::Direct | Parameterization::Expm => grad_raw.clone(),
         Parameterization::Diag | Parameterization::Sphere => (grad_raw / param)?,
     })
 }
 
-/// Checks one `layer` reference file in `dtype` on `device`.
-pub fn check(
-    file: &ReferenceFile,
-    dtype: DType,
-    device: &Device,
-    report: &mut Report,
-) -> anyhow::Result<()> {
-    let parameterization: Parameterization = file.meta("param")?.parse()?;
-    let param_tensor = file.meta("param_tensor")?;
-    let t = |name: &str| file.tensor(name, dtype, device);
+/// Checks one `layer` reference file.
+pub fn check(case: &mut Case) -> anyhow::Result<()> {
+    let parameterization: Parameterization = case.file.meta("param")?.parse()?;
+    let param_tensor = case.file.meta("param_tensor")?;
     let config = GaussLayerConfig {
         parameterization,
         ..Default::default()
     };
 
-    let param = t(param_tensor)?;
+    let param = case.tensor(param_tensor)?;
     let raw = raw_from_reference(
         parameterization,
-        &file.tensor(param_tensor, DType::F64, &Device::Cpu)?,
+        &case.file.tensor(param_tensor, DType::F64, &Device::Cpu)?,
         &config,
     )?
-    .to_dtype(dtype)?
-    .to_device(device)?;
-    let (x, center, weight, bias) = (
-        Var::from_tensor(&t("x")?)?,
-        Var::from_tensor(&t("center")?)?,
-        Var::from_tensor(&t("weight")?)?,
-        Var::from_tensor(&t("bias")?)?,
-    );
+    .to_dtype(case.dtype)?
+    .to_device(case.device)?;
+    let var = |name: &str| -> anyhow::Result<Var> { Ok(Var::from_tensor(&case.tensor(name)?)?) };
+    let (x, center, weight, bias) = (var("x")?, var("center")?, var("weight")?, var("bias")?);
     let raw = Var::from_tensor(&raw)?;
     let d = center.dims()[1];
     let build = |config: GaussLayerConfig| -> anyhow::Result<GaussLayer> {
@@ -111,42 +73,28 @@ pub fn check(
         )?)
     };
     let layer = build(config.clone())?;
-    let name = &file.name;
 
-    report.compare(
-        name,
-        "precision_matrix",
-        &layer.precision().precision_matrix()?,
-        &t("precision_matrix")?,
-    );
-    report.compare(
-        name,
-        "mahalanobis_sq",
-        &layer.mahalanobis_sq(x.as_tensor())?,
-        &t("mahalanobis_sq")?,
-    );
+    let precision_matrix = layer.precision().precision_matrix()?;
+    case.compare("precision_matrix", &precision_matrix, "precision_matrix")?;
+    let mahalanobis_sq = layer.mahalanobis_sq(x.as_tensor())?;
+    case.compare("mahalanobis_sq", &mahalanobis_sq, "mahalanobis_sq")?;
     let (output, gaussian) = layer.forward_with_gaussian(x.as_tensor(), None)?;
-    report.compare(name, "gaussian", &gaussian, &t("gaussian")?);
-    report.compare(name, "output", &output, &t("output")?);
+    case.compare("gaussian", &gaussian, "gaussian")?;
+    case.compare("output", &output, "output")?;
 
     let tanh_layer = build(GaussLayerConfig {
         tanh: true,
         ..config.clone()
     })?;
     let (output_tanh, _) = tanh_layer.forward_with_gaussian(x.as_tensor(), None)?;
-    report.compare(name, "output_tanh", &output_tanh, &t("output_tanh")?);
+    case.compare("output_tanh", &output_tanh, "output_tanh")?;
 
-    let (output_gated, _) = layer.forward_with_gaussian(x.as_tensor(), Some(&t("prev_g")?))?;
-    report.compare(name, "output_gated", &output_gated, &t("output_gated")?);
+    let prev_g = case.tensor("prev_g")?;
+    let (output_gated, _) = layer.forward_with_gaussian(x.as_tensor(), Some(&prev_g))?;
+    case.compare("output_gated", &output_gated, "output_gated")?;
 
-    let loss = (&output * t("upstream")?)?.sum_all()?;
+    let loss = (&output * case.tensor("upstream")?)?.sum_all()?;
     let grads = loss.backward()?;
-    let grad = |var: &Var, what: &str| -> anyhow::Result<Tensor> {
-        grads
-            .get(var.as_tensor())
-            .cloned()
-            .ok_or_else(|| anyhow::anyhow!("no gradient reached {what}"))
-    };
     for (var, tensor) in [
         (&x, "x"),
         (&center, "center"),
@@ -154,21 +102,19 @@ pub fn check(
         (&bias, "bias"),
     ] {
         let expected_name = format!("grad_{tensor}");
-        report.compare(
-            name,
+        case.compare(
             &expected_name,
-            &grad(var, tensor)?,
-            &t(&expected_name)?,
-        );
+            &gradient(&grads, var, tensor)?,
+            &expected_name,
+        )?;
     }
     let grad_param = chain_to_reference(
         parameterization,
-        &grad(&raw, param_tensor)?,
+        &gradient(&grads, &raw, param_tensor)?,
         raw.as_tensor(),
         &param,
         &config,
     )?;
     let expected_name = format!("grad_{param_tensor}");
-    report.compare(name, &expected_name, &grad_param, &t(&expected_name)?);
-    Ok(())
+    case.compare(&expected_name, &grad_param, &expected_name)
 }

@@ -15,117 +15,53 @@ use candle_core::{DType, Device, Tensor, Var};
 use gauss_layer::{linalg, GaussLayer, GaussLayerConfig, Parameterization, Precision};
 use gauss_losses::{layer_nll, nll_covariance_factor, nll_precision_factor, Reduction};
 
-use super::common::{ReferenceFile, Report};
-use super::lambda::{chain_raw_gradient_to_factor, cholesky_raw_from_factor};
+use super::common::{chain_raw_gradient_to_factor, cholesky_raw_from_factor, gradient, Case};
 
-fn gradient(
-    grads: &candle_core::backprop::GradStore,
-    var: &Var,
-    what: &str,
-) -> anyhow::Result<Tensor> {
-    grads
-        .get(var.as_tensor())
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("no gradient reached {what}"))
-}
-
-fn check_precision_factor(
-    file: &ReferenceFile,
-    dtype: DType,
-    device: &Device,
-    report: &mut Report,
-) -> anyhow::Result<()> {
-    let t = |name: &str| file.tensor(name, dtype, device);
-    let name = &file.name;
-    let x = t("x")?;
-    let mean = Var::from_tensor(&t("mean")?)?;
-    let tril = Var::from_tensor(&t("tril")?)?;
+fn check_precision_factor(case: &mut Case) -> anyhow::Result<()> {
+    let x = case.tensor("x")?;
+    let mean = Var::from_tensor(&case.tensor("mean")?)?;
+    let tril = Var::from_tensor(&case.tensor("tril")?)?;
     let nll = |reduction| nll_precision_factor(&x, mean.as_tensor(), tril.as_tensor(), reduction);
-    report.compare(name, "nll", &nll(Reduction::None)?, &t("nll")?);
-    report.compare(
-        name,
-        "nll_sum",
-        &nll(Reduction::Sum)?.reshape(1)?,
-        &t("nll_sum")?,
-    );
+    case.compare("nll", &nll(Reduction::None)?, "nll")?;
+    case.compare("nll_sum", &nll(Reduction::Sum)?.reshape(1)?, "nll_sum")?;
     let nll_mean = nll(Reduction::Mean)?;
-    report.compare(name, "nll_mean", &nll_mean.reshape(1)?, &t("nll_mean")?);
+    case.compare("nll_mean", &nll_mean.reshape(1)?, "nll_mean")?;
     let grads = nll_mean.backward()?;
-    report.compare(
-        name,
-        "grad_mean",
-        &gradient(&grads, &mean, "mean")?,
-        &t("grad_mean")?,
-    );
-    report.compare(
-        name,
-        "grad_tril",
-        &gradient(&grads, &tril, "tril")?,
-        &t("grad_tril")?,
-    );
-    Ok(())
+    case.compare("grad_mean", &gradient(&grads, &mean, "mean")?, "grad_mean")?;
+    case.compare("grad_tril", &gradient(&grads, &tril, "tril")?, "grad_tril")
 }
 
-fn check_covariance_factor(
-    file: &ReferenceFile,
-    dtype: DType,
-    device: &Device,
-    report: &mut Report,
-) -> anyhow::Result<()> {
-    let t = |name: &str| file.tensor(name, dtype, device);
-    let name = &file.name;
-    let x = t("x")?;
-    let mean = Var::from_tensor(&t("mean")?)?;
-    let scale_tril = Var::from_tensor(&t("scale_tril")?)?;
+fn check_covariance_factor(case: &mut Case) -> anyhow::Result<()> {
+    let x = case.tensor("x")?;
+    let mean = Var::from_tensor(&case.tensor("mean")?)?;
+    let scale_tril = Var::from_tensor(&case.tensor("scale_tril")?)?;
     let nll =
         |reduction| nll_covariance_factor(&x, mean.as_tensor(), scale_tril.as_tensor(), reduction);
-    report.compare(
-        name,
-        "nll (covariance factor)",
-        &nll(Reduction::None)?,
-        &t("nll")?,
-    );
-    report.compare(
-        name,
-        "nll_mean (covariance factor)",
-        &nll(Reduction::Mean)?.reshape(1)?,
-        &t("nll_mean")?,
-    );
+    case.compare("nll (covariance factor)", &nll(Reduction::None)?, "nll")?;
+    let nll_mean = nll(Reduction::Mean)?.reshape(1)?;
+    case.compare("nll_mean (covariance factor)", &nll_mean, "nll_mean")?;
     let nll_sum = nll(Reduction::Sum)?;
-    report.compare(
-        name,
+    case.compare(
         "nll_sum (covariance factor)",
         &nll_sum.reshape(1)?,
-        &t("nll_sum")?,
-    );
+        "nll_sum",
+    )?;
     let grads = nll_sum.backward()?;
-    report.compare(
-        name,
-        "grad_mean_sum",
-        &gradient(&grads, &mean, "mean")?,
-        &t("grad_mean_sum")?,
-    );
-    report.compare(
-        name,
+    let grad_mean = gradient(&grads, &mean, "mean")?;
+    case.compare("grad_mean_sum", &grad_mean, "grad_mean_sum")?;
+    let grad_scale_tril = gradient(&grads, &scale_tril, "scale_tril")?;
+    case.compare(
         "grad_scale_tril_sum",
-        &gradient(&grads, &scale_tril, "scale_tril")?,
-        &t("grad_scale_tril_sum")?,
-    );
-    Ok(())
+        &grad_scale_tril,
+        "grad_scale_tril_sum",
+    )
 }
 
-fn check_layer(
-    file: &ReferenceFile,
-    dtype: DType,
-    device: &Device,
-    report: &mut Report,
-) -> anyhow::Result<()> {
-    let t = |name: &str| file.tensor(name, dtype, device);
-    let name = &file.name;
-    let x = t("x")?;
-    let factor = t("tril")?.unsqueeze(0)?;
+fn check_layer(case: &mut Case) -> anyhow::Result<()> {
+    let x = case.tensor("x")?;
+    let factor = case.tensor("tril")?.unsqueeze(0)?;
     let d = factor.dim(1)?;
-    let center = Var::from_tensor(&t("mean")?.unsqueeze(0)?)?;
+    let center = Var::from_tensor(&case.tensor("mean")?.unsqueeze(0)?)?;
     let layer = |precision: Precision, config: GaussLayerConfig| -> anyhow::Result<GaussLayer> {
         Ok(GaussLayer::new(
             None,
@@ -141,40 +77,31 @@ fn check_layer(
         ..Default::default()
     };
     let raw = cholesky_raw_from_factor(
-        &file
+        &case
+            .file
             .tensor("tril", DType::F64, &Device::Cpu)?
             .unsqueeze(0)?,
         &cholesky,
     )?
-    .to_dtype(dtype)?
-    .to_device(device)?;
+    .to_dtype(case.dtype)?
+    .to_device(case.device)?;
     let raw = Var::from_tensor(&raw)?;
     let precision = Precision::from_raw(raw.as_tensor().clone(), d, &cholesky)?;
     let cholesky_layer = layer(precision, cholesky.clone())?;
     let per_sample = layer_nll(&cholesky_layer, &x, Reduction::None)?.squeeze(1)?;
-    report.compare(name, "nll (cholesky layer)", &per_sample, &t("nll")?);
+    case.compare("nll (cholesky layer)", &per_sample, "nll")?;
     let nll_mean = layer_nll(&cholesky_layer, &x, Reduction::Mean)?;
-    report.compare(
-        name,
-        "nll_mean (cholesky layer)",
-        &nll_mean,
-        &t("nll_mean")?,
-    );
+    case.compare("nll_mean (cholesky layer)", &nll_mean, "nll_mean")?;
     let grads = nll_mean.sum_all()?.backward()?;
-    report.compare(
-        name,
-        "grad_mean (cholesky layer)",
-        &gradient(&grads, &center, "center")?.squeeze(0)?,
-        &t("grad_mean")?,
-    );
+    let grad_mean = gradient(&grads, &center, "center")?.squeeze(0)?;
+    case.compare("grad_mean (cholesky layer)", &grad_mean, "grad_mean")?;
     let grad_raw = gradient(&grads, &raw, "raw factor")?;
     let grad_tril = chain_raw_gradient_to_factor(&grad_raw, raw.as_tensor(), &cholesky)?;
-    report.compare(
-        name,
+    case.compare(
         "grad_tril (cholesky layer, chained)",
         &grad_tril.squeeze(0)?,
-        &t("grad_tril")?,
-    );
+        "grad_tril",
+    )?;
 
     let direct = GaussLayerConfig {
         parameterization: Parameterization::Direct,
@@ -183,46 +110,33 @@ fn check_layer(
     let matrix = linalg::matmul(&factor, &linalg::transpose(&factor)?)?;
     let direct_layer = layer(Precision::from_raw(matrix, d, &direct)?, direct)?;
     let per_sample = layer_nll(&direct_layer, &x, Reduction::None)?.squeeze(1)?;
-    report.compare(name, "nll (direct layer)", &per_sample, &t("nll")?);
-    Ok(())
+    case.compare("nll (direct layer)", &per_sample, "nll")
 }
 
-fn check_maximum_likelihood(
-    file: &ReferenceFile,
-    dtype: DType,
-    device: &Device,
-    report: &mut Report,
-) -> anyhow::Result<()> {
-    let t = |name: &str| file.tensor(name, dtype, device);
-    let name = &file.name;
-    let x = t("x")?;
+fn check_maximum_likelihood(case: &mut Case) -> anyhow::Result<()> {
+    let x = case.tensor("x")?;
     let n = x.dim(0)? as f64;
     let sample_mean = x.mean(0)?;
-    report.compare(name, "mle_mean", &sample_mean, &t("mle_mean")?);
+    case.compare("mle_mean", &sample_mean, "mle_mean")?;
     let centered = x.broadcast_sub(&sample_mean)?;
     let covariance = (centered.t()?.matmul(&centered)? / n)?;
-    report.compare(name, "mle_covariance", &covariance, &t("mle_covariance")?);
-    let factor = t("mle_precision_tril")?;
+    case.compare("mle_covariance", &covariance, "mle_covariance")?;
+    let factor = case.tensor("mle_precision_tril")?;
     let precision = factor.matmul(&factor.t()?)?;
     let d = factor.dim(0)?;
-    report.compare(
-        name,
+    let identity = precision.matmul(&case.tensor("mle_covariance")?)?;
+    case.compare_to(
         "mle_precision_tril · its transpose · mle_covariance (identity)",
-        &precision.matmul(&t("mle_covariance")?)?,
-        &Tensor::eye(d, dtype, device)?,
+        &identity,
+        &Tensor::eye(d, case.dtype, case.device)?,
     );
     Ok(())
 }
 
 /// Checks one `nll` reference file.
-pub fn check(
-    file: &ReferenceFile,
-    dtype: DType,
-    device: &Device,
-    report: &mut Report,
-) -> anyhow::Result<()> {
-    check_precision_factor(file, dtype, device, report)?;
-    check_covariance_factor(file, dtype, device, report)?;
-    check_layer(file, dtype, device, report)?;
-    check_maximum_likelihood(file, dtype, device, report)
+pub fn check(case: &mut Case) -> anyhow::Result<()> {
+    check_precision_factor(case)?;
+    check_covariance_factor(case)?;
+    check_layer(case)?;
+    check_maximum_likelihood(case)
 }

@@ -27,7 +27,7 @@ impl Real for f64 {
 
 /// Columns of one GEMM tile (neurons per block × d): wide enough for `gemm` to run at speed,
 /// small enough that the tile stays in L2.
-const TILE_COLS: usize = 256;
+const TILE_COLS: usize = 128;
 
 /// Rows (inputs) of one GEMM tile.
 pub(crate) const TILE_ROWS: usize = 64;

@@ -44,9 +44,10 @@ struct FusedGaussLayer {
 }
 
 /// Center, weight and bias (zeros without one) split out of the packed parameters.
-struct Params<T> {
+struct Params<'a, T> {
     center: Vec<T>,
-    weight: Vec<T>,
+    /// W (Z, d), read in place from the packed parameters.
+    weight: MatRef<'a, T>,
     bias: Vec<T>,
 }
 
@@ -74,16 +75,19 @@ impl FusedGaussLayer {
         sizes_from_dims(x, &[neurons, dim], factor)
     }
 
-    fn split<T: Real>(&self, params: &[T], s: Sizes) -> Params<T> {
+    fn split<'a, T: Real>(&self, params: &'a [T], s: Sizes) -> Params<'a, T> {
         let width = self.width(s.dim);
         let mut out = Params {
             center: Vec::with_capacity(s.neurons * s.dim),
-            weight: Vec::with_capacity(s.neurons * s.dim),
+            weight: MatRef {
+                data: params.get(s.dim..).unwrap_or(&[]),
+                row_stride: width,
+                col_stride: 1,
+            },
             bias: vec![T::zero(); s.neurons],
         };
         for (z, row) in params.chunks_exact(width).enumerate() {
             out.center.extend_from_slice(&row[..s.dim]);
-            out.weight.extend_from_slice(&row[s.dim..2 * s.dim]);
             if self.has_bias {
                 out.bias[z] = row[2 * s.dim];
             }
@@ -110,7 +114,7 @@ impl FusedGaussLayer {
             |chunk, y, g| {
                 let row0 = chunk * chunk_rows;
                 let rows = y.len() / neurons;
-                linear_rows(y, &x[row0 * dim..(row0 + rows) * dim], &p.weight, s);
+                linear_rows(y, &x[row0 * dim..(row0 + rows) * dim], p.weight, s);
                 for (y_row, g_row) in y.chunks_exact_mut(neurons).zip(g.chunks_exact_mut(neurons)) {
                     for ((yv, gv), &b) in y_row.iter_mut().zip(g_row.iter_mut()).zip(&p.bias) {
                         *gv = (half * *gv).exp();
@@ -151,7 +155,7 @@ impl FusedGaussLayer {
                 |chunk, gl, gm| {
                     let row0 = chunk * chunk_rows;
                     let rows = gl.len() / neurons;
-                    linear_rows(gl, &x[row0 * dim..(row0 + rows) * dim], &p.weight, s);
+                    linear_rows(gl, &x[row0 * dim..(row0 + rows) * dim], p.weight, s);
                     let e0 = row0 * neurons;
                     for (e, (l, m)) in gl.iter_mut().zip(gm.iter_mut()).enumerate() {
                         let lin = *l + p.bias[e % neurons];
@@ -182,11 +186,7 @@ impl FusedGaussLayer {
                     row_stride: neurons,
                     col_stride: 1,
                 },
-                MatRef {
-                    data: &p.weight,
-                    row_stride: dim,
-                    col_stride: 1,
-                },
+                p.weight,
             );
         });
         // ∂W = ∂linᵀ x, ∂b = Σ_b ∂lin
@@ -232,7 +232,7 @@ impl FusedGaussLayer {
 
 /// `out (rows, Z) = x_rows (rows, d) · Wᵀ`, in tiles of [`TILE_ROWS`] rows (so GEMM's packing
 /// buffers stay tile-sized).
-fn linear_rows<T: Real>(out: &mut [T], x_rows: &[T], weight: &[T], s: Sizes) {
+fn linear_rows<T: Real>(out: &mut [T], x_rows: &[T], weight: MatRef<'_, T>, s: Sizes) {
     let tile = TILE_ROWS * s.neurons.max(1);
     for (t, out) in out.chunks_mut(tile).enumerate() {
         let rows = out.len() / s.neurons.max(1);
@@ -246,10 +246,11 @@ fn linear_rows<T: Real>(out: &mut [T], x_rows: &[T], weight: &[T], s: Sizes) {
                 row_stride: s.dim,
                 col_stride: 1,
             },
+            // Wᵀ: element (i, z) is W[z, i].
             MatRef {
-                data: weight,
-                row_stride: 1,
-                col_stride: s.dim,
+                data: weight.data,
+                row_stride: weight.col_stride,
+                col_stride: weight.row_stride,
             },
         );
     }

@@ -298,6 +298,11 @@ pub(super) fn forward_into<T: Real>(
     drop(chunks);
 }
 
+/// Rows per backward tile: larger than the forward's, since the backward's memory is not
+/// held against a budget and its three GEMMs per tile (one with k = rows) run faster with
+/// fewer, larger calls.
+const BACKWARD_TILE_ROWS: usize = 256;
+
 /// Gradients `(∂x (B, d), ∂c (Z, d), ∂F (Z, d, d))` of `Σ G ∘ m2`, row-major.
 pub(super) fn backward<T: Real>(
     x: &[T],
@@ -337,12 +342,12 @@ pub(super) fn backward<T: Real>(
             let cols = count * dim;
             let mut stacked = vec![T::zero(); dim * cols];
             stack_factors(&factors, (z0, count), &mut stacked);
-            let mut xs = vec![T::zero(); TILE_ROWS * dim];
-            let mut tile = vec![T::zero(); TILE_ROWS * cols];
+            let mut xs = vec![T::zero(); BACKWARD_TILE_ROWS * dim];
+            let mut tile = vec![T::zero(); BACKWARD_TILE_ROWS * cols];
             let mut xt_w = vec![T::zero(); dim * cols];
             let mut w_sum = vec![T::zero(); cols];
-            for t0 in (0..batch).step_by(TILE_ROWS) {
-                let rows = TILE_ROWS.min(batch - t0);
+            for t0 in (0..batch).step_by(BACKWARD_TILE_ROWS) {
+                let rows = BACKWARD_TILE_ROWS.min(batch - t0);
                 let xs = &mut xs[..rows * dim];
                 shift_rows(&x[t0 * dim..(t0 + rows) * dim], &shift, xs);
                 let xs_view = MatRef {
