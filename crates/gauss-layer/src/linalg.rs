@@ -241,18 +241,10 @@ pub fn expm_symmetric(symmetric: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_abs;
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
+        max_abs(&(a - b).unwrap()).unwrap()
     }
 
     fn random_lower(z: usize, d: usize, seed: u64) -> Tensor {

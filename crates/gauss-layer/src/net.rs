@@ -181,14 +181,24 @@ impl GaussNet {
                 });
             }
         }
+        Ok(Self::assemble(config, input_norm, layers, norms))
+    }
+
+    /// The network of checked parts, with the dropout its config asks for.
+    fn assemble(
+        config: GaussNetConfig,
+        input_norm: Option<BatchNorm>,
+        layers: Vec<GaussLayer>,
+        norms: Vec<Option<BatchNorm>>,
+    ) -> Self {
         let dropout = (config.dropout > 0.0).then(|| Dropout::new(config.dropout));
-        Ok(Self {
+        Self {
             config,
             input_norm,
             layers,
             norms,
             dropout,
-        })
+        }
     }
 
     /// Assembles a network from parts (used by importers and conversions).
@@ -240,14 +250,7 @@ impl GaussNet {
                 "the batch norms given do not match the config's flags",
             ));
         }
-        let dropout = (config.dropout > 0.0).then(|| Dropout::new(config.dropout));
-        Ok(Self {
-            config,
-            input_norm,
-            layers,
-            norms,
-            dropout,
-        })
+        Ok(Self::assemble(config, input_norm, layers, norms))
     }
 
     /// Logits of the output layer. `train` switches batch norm to batch statistics (updating the
