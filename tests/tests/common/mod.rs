@@ -111,9 +111,13 @@ pub fn gradient_of(loss: &Tensor, var: &Var) -> Result<Tensor> {
         .ok_or_else(|| anyhow::anyhow!("no gradient reached the variable"))
 }
 
-/// A fresh directory `gauss-tests-{name}-{pid}` under the system temporary directory.
+/// A fresh directory `gauss-tests-{name}-{pid}-{call}` under the system temporary directory.
 pub fn temp_dir(name: &str) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("gauss-tests-{name}-{}", std::process::id()));
+    // Unique per call, so device variants of one test (run in parallel) never share files.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir =
+        std::env::temp_dir().join(format!("gauss-tests-{name}-{}-{call}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
