@@ -129,11 +129,18 @@ pub fn gram(a: &Tensor) -> Result<Tensor> {
     matmul(a, &transpose(a)?)
 }
 
-/// Inverse of a batch of lower-triangular matrices with nonzero diagonal, by recursive 2×2
-/// block inversion (matmuls only): differentiable on every device.
+/// Size up to which [`tril_inverse`] inverts a diagonal block directly.
+const TRIL_INVERSE_BLOCK: usize = 8;
+
+/// Inverse of a batch of lower-triangular matrices with nonzero diagonal, in matmuls and
+/// elementwise ops only: differentiable on every device.
 ///
-/// `[[A, 0], [C, D]]⁻¹ = [[A⁻¹, 0], [-D⁻¹ C A⁻¹, D⁻¹]]`; log₂ d levels of recursion.
-/// The upper triangle of `lower` is ignored.
+/// Recursive 2×2 block inversion `[[A, 0], [C, D]]⁻¹ = [[A⁻¹, 0], [-D⁻¹ C A⁻¹, D⁻¹]]` down
+/// to blocks of size ≤ 8, each inverted directly: with `T = diag(δ)(I − N)`, `N` strictly
+/// lower triangular and so nilpotent, `T⁻¹ = (I + N)(I + N²)(I + N⁴) diag(δ)⁻¹`, exact after
+/// ⌈log₂ b⌉ factors. About a dozen ops per 8×8 block instead of recursing to 1×1 blocks
+/// (which costs ops per row). The upper triangle of `lower` is ignored (masked, so it must
+/// be finite).
 ///
 /// # Shapes
 /// `lower`: (Z, d, d) → (Z, d, d)
@@ -143,8 +150,8 @@ pub fn tril_inverse(lower: &Tensor) -> Result<Tensor> {
 }
 
 fn tril_inverse_rec(lower: &Tensor, d: usize) -> Result<Tensor> {
-    if d == 1 {
-        return Ok(lower.recip()?);
+    if d <= TRIL_INVERSE_BLOCK {
+        return small_tril_inverse(lower, d);
     }
     let h = d / 2;
     let top = lower.narrow(1, 0, h)?.narrow(2, 0, h)?;
@@ -158,6 +165,34 @@ fn tril_inverse_rec(lower: &Tensor, d: usize) -> Result<Tensor> {
     let upper_rows = Tensor::cat(&[&top_inv, &zeros], 2)?;
     let lower_rows = Tensor::cat(&[&corner, &bottom_inv], 2)?;
     Ok(Tensor::cat(&[&upper_rows, &lower_rows], 1)?)
+}
+
+/// Inverse of small lower-triangular blocks by the nilpotent doubling product (see
+/// [`tril_inverse`]).
+///
+/// # Shapes
+/// `lower`: (Z, b, b) → (Z, b, b)
+fn small_tril_inverse(lower: &Tensor, b: usize) -> Result<Tensor> {
+    let (dtype, device) = (lower.dtype(), lower.device());
+    let eye = Tensor::eye(b, dtype, device)?;
+    if b == 1 {
+        return Ok(lower.recip()?);
+    }
+    let strict_lower = (Tensor::tril2(b, dtype, device)? - &eye)?;
+    let delta = lower.broadcast_mul(&eye)?.sum_keepdim(2)?; // (Z, b, 1)
+    let nilpotent = lower
+        .broadcast_mul(&strict_lower)?
+        .broadcast_div(&delta)?
+        .neg()?;
+    let mut product = nilpotent.broadcast_add(&eye)?;
+    let mut power = nilpotent;
+    let mut reach = 2;
+    while reach < b {
+        power = matmul(&power, &power)?;
+        product = matmul(&product, &power.broadcast_add(&eye)?)?;
+        reach *= 2;
+    }
+    Ok(product.broadcast_div(&delta.transpose(1, 2)?)?)
 }
 
 /// Cholesky factor `L` (lower, positive diagonal) of a batch of SPD matrices, column by
@@ -191,23 +226,121 @@ pub fn cholesky(spd: &Tensor) -> Result<Tensor> {
     Ok(Tensor::cat(&columns, 2)?)
 }
 
-/// Taylor degree used by [`expm_symmetric`] after scaling to norm ≤ 1/2: the truncation
-/// error `0.5¹⁹/19!` is far below f64 rounding.
-const EXPM_TAYLOR_DEGREE: usize = 18;
+/// Largest norm of the scaled argument of the Taylor polynomial in [`expm_symmetric`]:
+/// keeps the cancellation between alternating terms (a factor of at most `e^{2θ}`) small.
+const EXPM_MAX_SCALED_NORM: f64 = 1.0;
 
-/// Matrix exponential of a batch of symmetric matrices (scaling and squaring with a Taylor
-/// polynomial, matmuls only): differentiable on every device.
+/// Unit roundoff of a floating dtype: the Taylor truncation error is pushed below it.
+fn unit_roundoff(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => f64::EPSILON / 2.0,
+        DType::F32 => f32::EPSILON as f64 / 2.0,
+        DType::F16 => 2f64.powi(-11),
+        _ => 2f64.powi(-8),
+    }
+}
+
+/// The smallest Taylor degree m whose truncation error for `‖X‖ ≤ norm`, relative to
+/// `‖expm(X)‖ ≥ e^{−norm}`, is below `tolerance`: the tail `Σ_{k>m} normᵏ/k!` is at most
+/// `norm^{m+1}/(m+1)! · e^{norm}`.
+fn taylor_degree(norm: f64, tolerance: f64) -> usize {
+    let mut term = 1.0; // norm^k / k!
+    let mut degree = 0;
+    while degree < 40 {
+        term *= norm / (degree + 1) as f64;
+        if term * (2.0 * norm).exp() < tolerance {
+            break;
+        }
+        degree += 1;
+    }
+    degree.max(1)
+}
+
+/// Matmuls of the Paterson–Stockmeyer evaluation of a degree-m polynomial with block size q.
+fn paterson_stockmeyer_cost(degree: usize, block: usize) -> usize {
+    (block - 1) + (degree + 1).div_ceil(block) - 1
+}
+
+/// `Σ_{k≤m} Xᵏ/k!` by Paterson–Stockmeyer: the powers `X, …, X^q` once, then Horner in `X^q`
+/// over blocks of q terms (about 2√m matmuls instead of m).
+fn taylor_polynomial(x: &Tensor, degree: usize, eye: &Tensor) -> Result<Tensor> {
+    let block = (1..=degree + 1)
+        .min_by_key(|&q| paterson_stockmeyer_cost(degree, q))
+        .unwrap_or(1);
+    let mut powers = vec![x.clone()]; // powers[i] = X^{i+1}
+    for _ in 1..block {
+        let next = matmul(powers.last().unwrap_or(x), x)?;
+        powers.push(next);
+    }
+    let mut coefficients = vec![1.0f64];
+    for k in 1..=degree {
+        coefficients.push(coefficients[k - 1] / k as f64);
+    }
+    // B_j = Σ_{i<q} c_{jq+i} X^i (X^0 = I; the last block may be shorter).
+    let block_sum = |j: usize| -> Result<Tensor> {
+        let mut acc = (eye * coefficients[j * block])?.broadcast_as(x.shape())?;
+        for i in 1..block.min(degree + 1 - j * block) {
+            acc = (acc + (&powers[i - 1] * coefficients[j * block + i])?)?;
+        }
+        Ok(acc)
+    };
+    let blocks = (degree + 1).div_ceil(block);
+    let mut acc = block_sum(blocks - 1)?;
+    if blocks > 1 {
+        let power_q = &powers[block - 1];
+        for j in (0..blocks - 1).rev() {
+            acc = (matmul(&acc, power_q)? + block_sum(j)?)?;
+        }
+    }
+    Ok(acc)
+}
+
+/// Matrix exponential of a batch of symmetric matrices (shift, scaling and squaring with a
+/// Taylor polynomial, matmuls only): differentiable on every device.
 ///
-/// The number of squarings `s` is picked from the largest Frobenius norm in the batch (read
-/// once to the host, one device synchronization) so that `‖A‖/2ˢ ≤ 1/2`; then a degree-18
-/// Taylor polynomial (Horner form) and `s` squarings. Accurate to about 1e-13 relative in
-/// f64 for moderate norms.
+/// `expm(A) = e^μ expm(A − μI)` with `μ = tr(A)/d` (exact: `μI` commutes with `A`) removes
+/// the multiple of the identity that dominates typical precisions. The number of squarings
+/// `s` is the fewest with `‖A − μI‖_F/2ˢ ≤ 1`, read from the largest Frobenius norm in the
+/// batch (one device synchronization); the Taylor degree is the smallest whose truncation
+/// error is below the dtype's unit roundoff, evaluated by Paterson–Stockmeyer. Accurate to
+/// about 1e-13 relative in f64 for moderate norms.
 ///
 /// # Shapes
 /// `symmetric`: (Z, d, d) → (Z, d, d)
 pub fn expm_symmetric(symmetric: &Tensor) -> Result<Tensor> {
-    let d = square_dim(symmetric, "expm_symmetric: symmetric", Some(3))?;
-    let norm = symmetric
+    let (mut acc, squarings, shift) = scaled_expm(symmetric, "expm_symmetric: symmetric")?;
+    for _ in 0..squarings {
+        acc = matmul(&acc, &acc)?;
+    }
+    Ok(acc.broadcast_mul(&shift.exp()?)?)
+}
+
+/// `tr expm(A)` of a batch of symmetric matrices, as [`expm_symmetric`] but with the last
+/// squaring replaced by `tr(E²) = ‖E‖²_F` (E symmetric): one matmul fewer.
+///
+/// # Shapes
+/// `symmetric`: (Z, d, d) → (Z)
+pub fn trace_expm_symmetric(symmetric: &Tensor) -> Result<Tensor> {
+    let (mut acc, squarings, shift) = scaled_expm(symmetric, "trace_expm_symmetric: symmetric")?;
+    let trace = if squarings == 0 {
+        trace(&acc)?
+    } else {
+        for _ in 1..squarings {
+            acc = matmul(&acc, &acc)?;
+        }
+        acc.sqr()?.sum((1, 2))?
+    };
+    Ok((trace * shift.flatten_all()?.exp()?)?)
+}
+
+/// `(expm((A − μI)/2ˢ), s, μ)` with μ = tr(A)/d of shape (Z, 1, 1): see [`expm_symmetric`].
+fn scaled_expm(symmetric: &Tensor, what: &str) -> Result<(Tensor, i32, Tensor)> {
+    let d = square_dim(symmetric, what, Some(3))?;
+    let z = symmetric.dim(0)?;
+    let eye = eye_like(d, symmetric)?;
+    let shift = (trace(symmetric)? / d as f64)?.reshape((z, 1, 1))?;
+    let centered = symmetric.broadcast_sub(&eye.broadcast_mul(&shift)?)?;
+    let norm = centered
         .sqr()?
         .sum((1, 2))?
         .max(0)?
@@ -220,22 +353,15 @@ pub fn expm_symmetric(symmetric: &Tensor) -> Result<Tensor> {
             format!("must be finite, got Frobenius norm {norm}"),
         ));
     }
-    let squarings = if norm > 0.5 {
-        (norm / 0.5).log2().ceil() as i32
+    let squarings = if norm > EXPM_MAX_SCALED_NORM {
+        (norm / EXPM_MAX_SCALED_NORM).log2().ceil() as i32
     } else {
         0
     };
-    let scaled = (symmetric / 2f64.powi(squarings))?;
-    let eye = eye_like(d, symmetric)?;
-    // Horner: I + X/1 (I + X/2 (I + ... (I + X/m))).
-    let mut acc = eye.broadcast_as(symmetric.shape())?.contiguous()?;
-    for k in (1..=EXPM_TAYLOR_DEGREE).rev() {
-        acc = (matmul(&scaled, &acc)? / k as f64)?.broadcast_add(&eye)?;
-    }
-    for _ in 0..squarings {
-        acc = matmul(&acc, &acc)?;
-    }
-    Ok(acc)
+    let scale = 2f64.powi(squarings);
+    let degree = taylor_degree(norm / scale, unit_roundoff(symmetric.dtype()));
+    let acc = taylor_polynomial(&(centered / scale)?, degree, &eye)?;
+    Ok((acc, squarings, shift))
 }
 
 #[cfg(test)]
@@ -267,7 +393,8 @@ mod tests {
 
     #[test]
     fn tril_inverse_is_the_inverse() {
-        for d in [1, 2, 3, 5, 8, 13] {
+        // Sizes around the direct-block size and several recursion levels above it.
+        for d in [1, 2, 3, 5, 8, 9, 13, 40, 64] {
             let lower = random_lower(3, d, d as u64);
             let inverse = tril_inverse(&lower).unwrap();
             let eye = Tensor::eye(d, DType::F64, &Device::Cpu).unwrap();
@@ -329,6 +456,66 @@ mod tests {
             for j in 0..2 {
                 let rel = (e[0][i][j] - expected[i][j]).abs() / expected[i][j].abs();
                 assert!(rel < 1e-12, "relative error {rel}");
+            }
+        }
+    }
+
+    #[test]
+    fn expm_matches_the_eigendecomposition() {
+        // Reference: U diag(exp λ) Uᵀ from faer's symmetric eigendecomposition, for
+        // matrices with a large identity part (the shift) and norms needing squarings.
+        let d = 9;
+        let noise = random_lower(2, d, 31);
+        let eye = Tensor::eye(d, DType::F64, &Device::Cpu).unwrap();
+        for (scale, shift) in [(0.1, -4.0), (1.5, 2.0), (6.0, 0.0)] {
+            let m = ((symmetrize(&noise).unwrap() * scale).unwrap()
+                + (eye.clone() * shift)
+                    .unwrap()
+                    .broadcast_as((2, d, d))
+                    .unwrap())
+            .unwrap();
+            let ours = expm_symmetric(&m).unwrap();
+            let values = m.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let mut expected = Vec::new();
+            for n in 0..2 {
+                let block = crate::repair::symmetric_block(&values[n * d * d..(n + 1) * d * d], d);
+                let (l, u) = crate::repair::symmetric_eigen(&block).unwrap();
+                expected.extend(crate::repair::from_eigen(&l, &u, f64::exp));
+            }
+            let expected = Tensor::from_vec(expected, (2, d, d), &Device::Cpu).unwrap();
+            let rel = max_abs_diff(&ours, &expected) / max_abs(&expected).unwrap();
+            assert!(
+                rel < 1e-12,
+                "scale {scale} shift {shift}: relative error {rel}"
+            );
+            // f32 picks a lower Taylor degree; still accurate to f32 rounding.
+            let ours32 = expm_symmetric(&m.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap();
+            let rel32 = max_abs_diff(&ours32, &expected) / max_abs(&expected).unwrap();
+            assert!(rel32 < 1e-5, "f32 scale {scale}: relative error {rel32}");
+            // The trace shortcut against the trace of the full exponential.
+            let traces = trace_expm_symmetric(&m).unwrap();
+            let expected_traces = trace(&expected).unwrap();
+            let rel = max_abs_diff(&traces, &expected_traces) / max_abs(&expected_traces).unwrap();
+            assert!(rel < 1e-12, "trace: relative error {rel}");
+        }
+    }
+
+    #[test]
+    fn taylor_degree_meets_the_tolerance() {
+        // The tail bound norm^{m+1}/(m+1)! e^{2 norm} is below the tolerance at the chosen
+        // degree and not at the one below.
+        let tail = |norm: f64, m: usize| {
+            (1..=m + 1).fold(1.0, |t, k| t * norm / k as f64) * (2.0 * norm).exp()
+        };
+        for norm in [0.01, 0.3, 1.0] {
+            for dtype in [DType::F32, DType::F64] {
+                let tolerance = unit_roundoff(dtype);
+                let m = taylor_degree(norm, tolerance);
+                assert!(tail(norm, m) < tolerance);
+                assert!(m == 1 || tail(norm, m - 1) >= tolerance);
             }
         }
     }

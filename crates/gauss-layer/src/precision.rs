@@ -464,9 +464,9 @@ impl Precision {
             return Ok(variance.sum(D::Minus1)?);
         }
         let base = match self.parameterization {
-            Parameterization::Expm => linalg::trace(&linalg::expm_symmetric(
-                &linalg::symmetrize(&self.raw)?.neg()?,
-            )?)?,
+            Parameterization::Expm => {
+                linalg::trace_expm_symmetric(&linalg::symmetrize(&self.raw)?.neg()?)?
+            }
             Parameterization::Direct => {
                 linalg::tril_inverse(&linalg::cholesky(&linalg::symmetrize(&self.raw)?)?)?
                     .sqr()?
