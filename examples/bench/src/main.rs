@@ -76,6 +76,11 @@ struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     forward_backward_ms: Option<f64>,
     matmul_equal_flops_ms: f64,
+    /// Fastest runs (less sensitive to other processes on shared cores).
+    forward_min_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    forward_backward_min_ms: Option<f64>,
+    matmul_equal_flops_min_ms: f64,
     forward_ratio: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     forward_backward_ratio: Option<f64>,
@@ -119,8 +124,9 @@ fn parse_dtype(name: &str) -> Result<DType> {
     })
 }
 
-/// Median wall time in milliseconds of `f` over `iters` runs after `warmup` runs.
-fn median_ms(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// Median and fastest wall time in milliseconds of `f` over `iters` runs after `warmup` runs
+/// (the fastest shows what the code does when other processes leave the cores alone).
+fn median_ms(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
     for _ in 0..warmup {
         f()?;
     }
@@ -131,7 +137,17 @@ fn median_ms(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> 
         times.push(start.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    Ok(Timing {
+        median: times[times.len() / 2],
+        min: times[0],
+    })
+}
+
+/// Median and fastest of repeated timings, in milliseconds.
+#[derive(Clone, Copy)]
+struct Timing {
+    median: f64,
+    min: f64,
 }
 
 fn main() -> Result<()> {
@@ -193,13 +209,13 @@ fn main() -> Result<()> {
     let peak_bytes = peak_live_bytes - baseline_bytes + (x.elem_count() + param_elements) * element;
     drop(y);
 
-    let forward_ms = median_ms(args.warmup, args.iters, || {
+    let forward_timing = median_ms(args.warmup, args.iters, || {
         let y = forward(&x)?;
         device.synchronize()?;
         drop(y);
         Ok(())
     })?;
-    let forward_backward_ms = if args.backward {
+    let forward_backward = if args.backward {
         Some(median_ms(args.warmup, args.iters, || {
             let y = forward(&x)?;
             let grads = y.sum_all()?.backward()?;
@@ -212,7 +228,7 @@ fn main() -> Result<()> {
     };
     let lhs = Tensor::randn(0f32, 1f32, (b, d), &device)?.to_dtype(dtype)?;
     let rhs = Tensor::randn(0f32, 1f32, (d, z * d), &device)?.to_dtype(dtype)?;
-    let matmul_equal_flops_ms = median_ms(args.warmup, args.iters, || {
+    let matmul = median_ms(args.warmup, args.iters, || {
         let product = lhs.matmul(&rhs)?;
         device.synchronize()?;
         drop(product);
@@ -234,11 +250,14 @@ fn main() -> Result<()> {
         },
         threads: rayon::current_num_threads(),
         iters: args.iters,
-        forward_ms,
-        forward_backward_ms,
-        matmul_equal_flops_ms,
-        forward_ratio: forward_ms / matmul_equal_flops_ms,
-        forward_backward_ratio: forward_backward_ms.map(|t| t / matmul_equal_flops_ms),
+        forward_ms: forward_timing.median,
+        forward_backward_ms: forward_backward.map(|t| t.median),
+        matmul_equal_flops_ms: matmul.median,
+        forward_min_ms: forward_timing.min,
+        forward_backward_min_ms: forward_backward.map(|t| t.min),
+        matmul_equal_flops_min_ms: matmul.min,
+        forward_ratio: forward_timing.median / matmul.median,
+        forward_backward_ratio: forward_backward.map(|t| t.median / matmul.median),
         peak_bytes,
         peak_live_bytes,
         baseline_bytes,

@@ -169,6 +169,31 @@ pub(crate) fn for_each_chunk_pair_mut<T: Send, U: Send>(
     );
 }
 
+/// Multiply-adds below which a loop runs on the calling thread: waking the pool costs more.
+pub(crate) const PARALLEL_MIN_WORK: usize = 1 << 18;
+
+/// [`for_each_chunk_pair_mut`], or a plain loop on the calling thread when `work` (about the
+/// multiply-adds of all chunks) is below [`PARALLEL_MIN_WORK`].
+pub(crate) fn for_each_chunk_pair_mut_sized<T: Send, U: Send>(
+    work: usize,
+    a: &mut [T],
+    a_len: usize,
+    b: &mut [U],
+    b_len: usize,
+    f: impl Fn(usize, &mut [T], &mut [U]) + Sync,
+) {
+    if work >= PARALLEL_MIN_WORK {
+        return for_each_chunk_pair_mut(a, a_len, b, b_len, f);
+    }
+    for (i, (a, b)) in a
+        .chunks_mut(a_len.max(1))
+        .zip(b.chunks_mut(b_len.max(1)))
+        .enumerate()
+    {
+        f(i, a, b);
+    }
+}
+
 /// Runs `work(i, chunk_i)` over the chunks of `data` of `chunk_len`, in parallel on Candle's
 /// rayon pool.
 pub(crate) fn for_each_chunk_mut<T: Send>(

@@ -107,29 +107,29 @@ pub fn mahalanobis_sq_expanded(x: &Tensor, center: &Tensor, precision: &Tensor) 
     Ok(m2.relu()?)
 }
 
-/// Largest `|c_z - c̄|² · ‖P_z‖_F` over neurons for which the expanded form keeps its
-/// absolute error in `m2` below about `1e-3` in f32 (and, relatively, far below in f64).
-const F32_SCALE_LIMIT: f64 = 2e3;
-
-/// Cheap conditioning check for the expanded form: its absolute error in `m2` is about
-/// `eps · |c - c̄|² · λ_max(P)` (the size of the terms that cancel, with inputs near the
-/// centers), bounded here through `‖P‖_F >= λ_max`. True when that stays small against the
-/// unit width scale of `g = exp(-m2/2)`.
+/// Cheap conditioning check for the expanded form: its absolute rounding error in `m2` is a
+/// few `eps · |c - c̄|² · ‖P‖` with inputs near the centers (the size of the terms that
+/// cancel), where `‖P‖` bounds the sum of absolute values `|v|ᵀ|P||v|` per unit `|v|²`: the
+/// smaller of the Frobenius and the ∞-norm. True when `max_z |c_z - c̄|²·‖P_z‖` stays under a
+/// limit that keeps that error near `1e-5` in f32 (64) and `1e-10` in f64 (`1e5`) at the unit
+/// width scale of `g = exp(-m2/2)`.
 ///
 /// # Shapes
 /// `center`: (Z, d), `precision`: (Z, d, d)
 pub fn expanded_is_accurate(center: &Tensor, precision: &Tensor) -> Result<bool> {
-    let limit = match center.dtype() {
-        DType::F64 => F32_SCALE_LIMIT * (f32::EPSILON as f64 / f64::EPSILON),
-        _ => F32_SCALE_LIMIT,
-    };
+    let limit = super::expanded_fused::scale_limit(center.dtype());
     let center = center.detach().to_dtype(DType::F64)?;
     let precision = precision.detach().to_dtype(DType::F64)?;
+    let symmetric = precision
+        .add(&precision.transpose(1, 2)?)?
+        .affine(0.5, 0.0)?;
     let spread = center
         .broadcast_sub(&center.mean_keepdim(0)?)?
         .sqr()?
         .sum(D::Minus1)?; // (Z)
-    let norm = precision.sqr()?.sum((1, 2))?.sqrt()?; // (Z)
+    let frobenius = symmetric.sqr()?.sum((1, 2))?.sqrt()?; // (Z)
+    let infinity = symmetric.abs()?.sum(2)?.max(1)?; // (Z)
+    let norm = frobenius.minimum(&infinity)?;
     let worst = spread.mul(&norm)?.max(0)?.to_scalar::<f64>()?;
     Ok(worst.is_finite() && worst <= limit)
 }

@@ -1,10 +1,13 @@
 //! The whole default layer forward as one fused CPU op:
-//! `g = exp(-m2/2)`, `y = (x Wᵀ + b) ∘ g`, with `m2` from the fused projected kernel.
+//! `g = exp(-m2/2)`, `y = (x Wᵀ + b) ∘ g`, with `m2` from the fused expanded or projected
+//! kernel (whichever [`super::expanded_fused`]'s plan picks).
 //!
 //! One op instead of six (B, Z) elementwise ops and a matmul: the only (B, Z) buffers it
-//! creates are its outputs `y` and `g` (packed in one (2, B, Z) storage), in forward and in
-//! what autograd keeps alive. Its backward recomputes the linear part (a B·Z·d GEMM) and runs
-//! the projected kernel's fused backward.
+//! creates are its outputs `y` and `g`, in forward and in what autograd keeps alive. `y` is
+//! the op's own output and `g` a second, free op on it that takes the `g` the forward
+//! computed, so no narrowing of a packed output costs autograd (B, Z) zero-fills and copies.
+//! The backward (on `y`'s node) folds in `∂g` handed over by `g`'s node, recomputes the
+//! linear part (a B·Z·d GEMM) and runs the distance kernel's fused backward once.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -24,23 +27,27 @@
 //! ```
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::cpu::{
     for_each_chunk_mut, for_each_chunk_pair_mut, matmul, row_major, rows_per_chunk, with_row_major,
     MatRef, Real, TILE_ROWS,
 };
-use super::projected::{backward, forward_into, sizes_from_dims, FactorMap, Sizes};
-use crate::config::{DistanceKernel, Parameterization};
+use super::expanded_fused::{plan_for, Plan};
+use super::projected::{sizes_from_dims, Sizes};
+use crate::config::DistanceKernel;
 use crate::error::{GaussError, Result};
 use crate::precision::Precision;
 
 /// The Candle op: inputs x (B, d), params (Z, 2d [+1]) = [center | weight | bias], factor
-/// input (Z, d, d); output (2, B, Z) = [y, g].
-#[derive(Clone, Copy, Debug)]
+/// input (Z, d, d); output `y` (B, Z), with `g` (B, Z) handed to [`GaussianOutput`].
+#[derive(Clone, Debug)]
 struct FusedGaussLayer {
-    map: FactorMap,
+    plan: Plan,
     has_bias: bool,
+    shared: Arc<Shared>,
 }
 
 /// Center, weight and bias (zeros without one) split out of the packed parameters.
@@ -95,14 +102,15 @@ impl FusedGaussLayer {
         out
     }
 
-    fn forward<T: Real>(&self, x: &[T], params: &[T], factor: &[T], s: Sizes) -> Vec<T> {
+    fn forward<T: Real>(&self, x: &[T], params: &[T], factor: &[T], s: Sizes) -> (Vec<T>, Vec<T>) {
         let p = self.split(params, s);
         let (batch, dim, neurons) = (s.batch, s.dim, s.neurons);
-        let mut out = vec![T::zero(); 2 * batch * neurons];
-        let (y, g) = out.split_at_mut(batch * neurons);
-        forward_into(g, x, &p.center, factor, self.map, s); // g holds m2 for now
+        let mut y_out = vec![T::zero(); batch * neurons];
+        let mut g_out = vec![T::zero(); batch * neurons];
+        let (y, g) = (&mut y_out[..], &mut g_out[..]);
+        self.plan.forward_into(g, x, &p.center, factor, s); // g holds m2 for now
         if batch == 0 || neurons == 0 {
-            return out;
+            return (y_out, g_out);
         }
         let chunk_rows = rows_per_chunk(batch);
         let half = T::from_f64(-0.5);
@@ -123,24 +131,25 @@ impl FusedGaussLayer {
                 }
             },
         );
-        out
+        (y_out, g_out)
     }
 
-    /// Gradients (∂x, ∂params, ∂factor input) from the outputs [y, g] and their gradients.
+    /// Gradients (∂x, ∂params, ∂factor input) from `g` and the gradients of `y` and (when
+    /// the loss uses it) `g`.
+    #[allow(clippy::too_many_arguments)]
     fn backward<T: Real>(
         &self,
         x: &[T],
         params: &[T],
         factor: &[T],
-        outputs: &[T],
-        grad: &[T],
+        g: &[T],
+        grad_y: &[T],
+        grad_g: Option<&[T]>,
         s: Sizes,
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let p = self.split(params, s);
         let (batch, dim, neurons) = (s.batch, s.dim, s.neurons);
         let bz = batch * neurons;
-        let (grad_y, grad_g) = grad.split_at(bz);
-        let g = &outputs[bz..];
         let chunk_rows = rows_per_chunk(batch);
         let half = T::from_f64(-0.5);
         // ∂lin = ∂y ∘ g;  ∂m2 = -g/2 ∘ (∂y ∘ lin + ∂g)
@@ -157,17 +166,40 @@ impl FusedGaussLayer {
                     let rows = gl.len() / neurons;
                     linear_rows(gl, &x[row0 * dim..(row0 + rows) * dim], p.weight, s);
                     let e0 = row0 * neurons;
-                    for (e, (l, m)) in gl.iter_mut().zip(gm.iter_mut()).enumerate() {
-                        let lin = *l + p.bias[e % neurons];
-                        let (gy, gv) = (grad_y[e0 + e], g[e0 + e]);
-                        *l = gy * gv;
-                        *m = half * gv * (gy * lin + grad_g[e0 + e]);
+                    let rows_g = &g[e0..e0 + gl.len()];
+                    let rows_gy = &grad_y[e0..e0 + gl.len()];
+                    let rows_gg = grad_g.map(|grad_g| &grad_g[e0..e0 + gl.len()]);
+                    for r in 0..rows {
+                        let span = r * neurons..(r + 1) * neurons;
+                        let (l_row, m_row) = (&mut gl[span.clone()], &mut gm[span.clone()]);
+                        let (g_row, gy_row) = (&rows_g[span.clone()], &rows_gy[span.clone()]);
+                        let iter = l_row
+                            .iter_mut()
+                            .zip(m_row.iter_mut())
+                            .zip(g_row.iter().zip(gy_row))
+                            .zip(&p.bias);
+                        match rows_gg {
+                            Some(gg) => {
+                                for ((((l, m), (&gv, &gy)), &b), &gg) in iter.zip(&gg[span]) {
+                                    let lin = *l + b;
+                                    *l = gy * gv;
+                                    *m = half * gv * (gy * lin + gg);
+                                }
+                            }
+                            None => {
+                                for (((l, m), (&gv, &gy)), &b) in iter {
+                                    let lin = *l + b;
+                                    *l = gy * gv;
+                                    *m = half * gv * gy * lin;
+                                }
+                            }
+                        }
                     }
                 },
             );
         }
         let (mut grad_x, grad_center, grad_factor) =
-            backward(x, &p.center, factor, &grad_m2, self.map, s);
+            self.plan.backward(x, &p.center, factor, &grad_m2, s);
         if bz == 0 || dim == 0 {
             let grad_params = vec![T::zero(); neurons * self.width(dim)];
             return (grad_x, grad_params, grad_factor);
@@ -256,6 +288,20 @@ fn linear_rows<T: Real>(out: &mut [T], x_rows: &[T], weight: MatRef<'_, T>, s: S
     }
 }
 
+/// What the `y` op and the `g` op hand each other: `g` from the forward (until the `g` op
+/// takes it), the `g` tensor for the `y` op's backward, and `∂g` from the `g` op's backward
+/// (which runs first: it consumes `y`).
+#[derive(Debug, Default)]
+struct Shared {
+    g_storage: Mutex<Option<CpuStorage>>,
+    g: Mutex<Option<Tensor>>,
+    grad_g: Mutex<Option<Tensor>>,
+}
+
+fn lock<S>(slot: &Mutex<S>) -> MutexGuard<'_, S> {
+    slot.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl CustomOp3 for FusedGaussLayer {
     fn name(&self) -> &'static str {
         "fused-gauss-layer"
@@ -271,25 +317,25 @@ impl CustomOp3 for FusedGaussLayer {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let sizes = self.sizes(l1.dims(), l2.dims(), l3.dims())?;
-        let shape = Shape::from((2, sizes.batch, sizes.neurons));
-        match (s1, s2, s3) {
+        let shape = Shape::from((sizes.batch, sizes.neurons));
+        let (y, g) = match (s1, s2, s3) {
             (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let out = self.forward::<f32>(
+                let (y, g) = self.forward::<f32>(
                     &row_major(s1, l1)?,
                     &row_major(s2, l2)?,
                     &row_major(s3, l3)?,
                     sizes,
                 );
-                Ok((CpuStorage::F32(out), shape))
+                (CpuStorage::F32(y), CpuStorage::F32(g))
             }
             (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let out = self.forward::<f64>(
+                let (y, g) = self.forward::<f64>(
                     &row_major(s1, l1)?,
                     &row_major(s2, l2)?,
                     &row_major(s3, l3)?,
                     sizes,
                 );
-                Ok((CpuStorage::F64(out), shape))
+                (CpuStorage::F64(y), CpuStorage::F64(g))
             }
             _ => bail!(
                 "{}: inputs must all be f32 or all f64, got {:?}, {:?}, {:?}",
@@ -298,7 +344,9 @@ impl CustomOp3 for FusedGaussLayer {
                 s2.dtype(),
                 s3.dtype()
             ),
-        }
+        };
+        *lock(&self.shared.g_storage) = Some(g);
+        Ok((y, shape))
     }
 
     fn bwd(
@@ -306,15 +354,52 @@ impl CustomOp3 for FusedGaussLayer {
         x: &Tensor,
         params: &Tensor,
         factor: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(g) = lock(&self.shared.g).clone() else {
+            bail!("{}: backward before the g output was made", self.name())
+        };
+        let grad_g = lock(&self.shared.grad_g).take();
         let (gx, gp, gf) = match x.dtype() {
-            DType::F32 => self.backward_tensors::<f32>(x, params, factor, res, grad)?,
-            DType::F64 => self.backward_tensors::<f64>(x, params, factor, res, grad)?,
+            DType::F32 => self.backward_tensors::<f32>(x, params, factor, &g, grad, grad_g)?,
+            DType::F64 => self.backward_tensors::<f64>(x, params, factor, &g, grad, grad_g)?,
             other => bail!("{}: supports f32 and f64, got {other:?}", self.name()),
         };
         Ok((Some(gx), Some(gp), Some(gf)))
+    }
+}
+
+/// The `g` output: takes what the `y` op's forward computed (a function of `y` only so that
+/// autograd runs its backward before the `y` op's, which then folds `∂g` in).
+#[derive(Clone, Debug)]
+struct GaussianOutput {
+    shared: Arc<Shared>,
+}
+
+impl CustomOp1 for GaussianOutput {
+    fn name(&self) -> &'static str {
+        "fused-gauss-layer-g"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _y: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match lock(&self.shared.g_storage).take() {
+            Some(g) => Ok((g, layout.shape().clone())),
+            None => bail!("{}: applied without the layer op's forward", self.name()),
+        }
+    }
+
+    fn bwd(&self, y: &Tensor, _g: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        *lock(&self.shared.grad_g) = Some(grad.detach());
+        // y must receive a gradient for autograd to reach the layer op; a broadcast zero
+        // allocates nothing.
+        Ok(Some(
+            Tensor::zeros((), y.dtype(), y.device())?.broadcast_as(y.shape())?,
+        ))
     }
 }
 
@@ -324,16 +409,26 @@ impl FusedGaussLayer {
         x: &Tensor,
         params: &Tensor,
         factor: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
+        g: &Tensor,
+        grad_y: &Tensor,
+        grad_g: Option<Tensor>,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let s = self.sizes(x.dims(), params.dims(), factor.dims())?;
-        let grad = grad.to_dtype(T::DTYPE)?.contiguous()?;
+        let grad_y = grad_y.to_dtype(T::DTYPE)?.contiguous()?;
+        let grad_g = match grad_g {
+            Some(grad_g) => Some(grad_g.to_dtype(T::DTYPE)?.contiguous()?),
+            None => None,
+        };
         let (gx, gp, gf) = with_row_major::<T, _>(x, |x| {
             with_row_major::<T, _>(params, |p| {
                 with_row_major::<T, _>(factor, |f| {
-                    with_row_major::<T, _>(res, |r| {
-                        with_row_major::<T, _>(&grad, |g| Ok(self.backward(x, p, f, r, g, s)))
+                    with_row_major::<T, _>(g, |g| {
+                        with_row_major::<T, _>(&grad_y, |gy| match &grad_g {
+                            Some(grad_g) => with_row_major::<T, _>(grad_g, |gg| {
+                                Ok(self.backward(x, p, f, g, gy, Some(gg), s))
+                            }),
+                            None => Ok(self.backward(x, p, f, g, gy, None, s)),
+                        })
                     })
                 })
             })
@@ -349,7 +444,8 @@ impl FusedGaussLayer {
 
 /// The default layer's forward, fused into one CPU op: `(y, g)` with `g = exp(-m2/2)` and
 /// `y = (x Wᵀ + b) ∘ g`, or `None` where the fused path does not apply (not on the CPU, not
-/// f32/f64, a diagonal or direct precision, or the `expanded`/`naive` kernel requested), in
+/// f32/f64, a diagonal precision, the `naive` kernel requested, or a direct precision whose
+/// centers are too spread for the expanded form), in
 /// which case the caller composes the layer from tensor ops. Pass a tied bias `-W·c` as
 /// `bias` if the layer uses one; `tanh` and gating are not fused.
 ///
@@ -363,24 +459,8 @@ pub fn gauss_layer_forward_fused(
     precision: &Precision,
     kernel: DistanceKernel,
 ) -> Result<Option<(Tensor, Tensor)>> {
-    let fusable_device = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
-    let fusable_kernel = matches!(kernel, DistanceKernel::Auto | DistanceKernel::Projected);
-    if !fusable_device || !fusable_kernel {
+    let Some((plan, factor_input)) = plan_for(x, center, precision, kernel)? else {
         return Ok(None);
-    }
-    let (map, factor_input) = match precision.parameterization() {
-        Parameterization::Cholesky if precision.width_floor().is_none() => (
-            FactorMap::Cholesky {
-                positive_map: precision.positive_map(),
-                floor: precision.factor_diag_floor(),
-            },
-            precision.raw().clone(),
-        ),
-        Parameterization::Cholesky | Parameterization::Expm => match precision.factor()? {
-            Some(factor) => (FactorMap::Identity, factor),
-            None => return Ok(None),
-        },
-        _ => return Ok(None),
     };
     let (neurons, dim) = center.dims2()?;
     if x.rank() != 2 || x.dims()[1] != dim {
@@ -412,10 +492,16 @@ pub fn gauss_layer_forward_fused(
         super::projected::check_same_dtype(x, part, "layer parameter")?;
     }
     let params = Tensor::cat(&parts, 1)?;
+    let shared = Arc::new(Shared::default());
     let op = FusedGaussLayer {
-        map,
+        plan,
         has_bias: bias.is_some(),
+        shared: shared.clone(),
     };
-    let packed = x.apply_op3(&params, &factor_input, op)?;
-    Ok(Some((packed.get(0)?, packed.get(1)?)))
+    let y = x.apply_op3(&params, &factor_input, op)?;
+    let g = y.apply_op1(GaussianOutput {
+        shared: shared.clone(),
+    })?;
+    *lock(&shared.g) = Some(g.detach());
+    Ok(Some((y, g)))
 }

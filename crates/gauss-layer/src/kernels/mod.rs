@@ -6,13 +6,15 @@
 //! | precision | CPU (f32/f64) | other devices |
 //! |---|---|---|
 //! | diag, sphere | fused diagonal op (B·Z·d) | [`distance::mahalanobis_sq_diagonal`] |
-//! | cholesky without width floor | fused projected op fed the raw parameter (`L` built in the op) | [`distance::mahalanobis_sq_projected`] |
-//! | cholesky with width floor, expm (a factor `P = F Fᵀ`) | fused projected op | [`distance::mahalanobis_sq_projected`] |
-//! | direct (no factor) | expanded form when [`expanded::expanded_is_accurate`], else naive | same |
+//! | cholesky, expm, direct, centers well inside the widths (`Auto`) | fused expanded op (projected forward where the expanded forward's row tiles would be short, see [`expanded_fused`]) | [`distance::mahalanobis_sq_projected`] / [`expanded::mahalanobis_sq_expanded`] |
+//! | cholesky, expm, centers far apart relative to the widths | fused projected op (cholesky without width floor: fed the raw parameter, `L` built in the op) | [`distance::mahalanobis_sq_projected`] |
+//! | direct, centers far apart | naive | naive |
 //!
-//! `Expanded` and `Naive` in the config force those forms (diag and sphere always take their
-//! own exact path except under `Naive`). The fused CPU ops compute `m2` and its gradients with
-//! tiled GEMMs in parallel and never build (B, Z, d) temporaries.
+//! "Well inside" is the cheap conditioning check `max_z |c_z - c̄|²·‖P_z‖ <= limit(dtype)`
+//! (see [`expanded::expanded_is_accurate`]), under which the expanded form keeps its digits.
+//! `Expanded`, `Projected` and `Naive` in the config force those forms (diag and sphere always
+//! take their own exact path except under `Naive`). The fused CPU ops compute `m2` and its
+//! gradients with tiled GEMMs in parallel and never build (B, Z, d) temporaries.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -28,6 +30,7 @@
 mod cpu;
 pub mod diagonal;
 pub mod expanded;
+pub mod expanded_fused;
 pub mod fused_layer;
 pub mod projected;
 #[cfg(test)]
@@ -35,10 +38,12 @@ mod tests;
 
 use candle_core::{DType, Tensor};
 
-use crate::config::{DistanceKernel, Parameterization};
+use crate::config::DistanceKernel;
 use crate::distance;
 use crate::error::{GaussError, Result};
 use crate::precision::Precision;
+use expanded_fused::Plan;
+use projected::FactorMap;
 
 /// The kernel that actually runs once [`DistanceKernel::Auto`] is resolved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -54,6 +59,11 @@ pub enum ResolvedKernel {
     CholeskyFused,
     /// Tensor-op form of the projected form (one GEMM against the stacked factors).
     ProjectedTensorOps,
+    /// Fused CPU op for the expanded symmetric form, forward and backward.
+    ExpandedFused,
+    /// Fused CPU op: projected forward (lean scratch where the expanded forward's row tiles
+    /// would be short), expanded backward.
+    ExpandedBackwardFused,
     /// Expanded symmetric form (tensor ops).
     Expanded,
     /// (B, Z, d) broadcast form.
@@ -69,6 +79,8 @@ impl ResolvedKernel {
             ResolvedKernel::ProjectedFused => "projected_fused",
             ResolvedKernel::CholeskyFused => "cholesky_fused",
             ResolvedKernel::ProjectedTensorOps => "projected_tensor_ops",
+            ResolvedKernel::ExpandedFused => "expanded_fused",
+            ResolvedKernel::ExpandedBackwardFused => "projected_forward_expanded_backward_fused",
             ResolvedKernel::Expanded => "expanded",
             ResolvedKernel::Naive => "naive",
         }
@@ -82,7 +94,7 @@ fn fused_cpu(x: &Tensor) -> bool {
 
 /// What the parameterization offers, computed once per call.
 enum Operand {
-    Raw,
+    Plan(Plan, Tensor),
     Diagonal(Tensor),
     Factor(Tensor),
     Matrix(Tensor),
@@ -108,13 +120,17 @@ fn choose(
         };
         return Ok((resolved, Operand::Diagonal(diagonal)));
     }
-    let plain_cholesky = precision.parameterization() == Parameterization::Cholesky
-        && precision.width_floor().is_none();
-    if plain_cholesky
-        && fused_cpu(x)
-        && matches!(kernel, DistanceKernel::Auto | DistanceKernel::Projected)
-    {
-        return Ok((ResolvedKernel::CholeskyFused, Operand::Raw));
+    if let Some((plan, input)) = expanded_fused::plan_for(x, center, precision, kernel)? {
+        let resolved = match plan {
+            Plan::Projected(FactorMap::Cholesky { .. }) => ResolvedKernel::CholeskyFused,
+            Plan::Projected(FactorMap::Identity) => ResolvedKernel::ProjectedFused,
+            Plan::Expanded {
+                projected_forward: true,
+                ..
+            } => ResolvedKernel::ExpandedBackwardFused,
+            Plan::Expanded { .. } => ResolvedKernel::ExpandedFused,
+        };
+        return Ok((resolved, Operand::Plan(plan, input)));
     }
     if kernel == DistanceKernel::Expanded {
         return Ok((
@@ -176,13 +192,9 @@ pub fn mahalanobis_sq(
 ) -> Result<Tensor> {
     let (resolved, operand) = choose(x, center, precision, kernel)?;
     match (resolved, operand) {
-        (_, Operand::Raw) => projected::mahalanobis_sq_cholesky_fused(
-            x,
-            center,
-            precision.raw(),
-            precision.positive_map(),
-            precision.factor_diag_floor(),
-        ),
+        (_, Operand::Plan(plan, input)) => {
+            Ok(x.apply_op3(center, &input, expanded_fused::FusedMahalanobisSq { plan })?)
+        }
         (ResolvedKernel::DiagonalFused, Operand::Diagonal(p)) => {
             diagonal::mahalanobis_sq_diagonal_fused(x, center, &p)
         }

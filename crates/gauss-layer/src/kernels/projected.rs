@@ -84,7 +84,7 @@ fn positive_slope(map: PositiveMap, r: f64) -> f64 {
 
 impl FactorMap {
     /// Turns `∂F_z` into the gradient of the op's input block, in place.
-    fn chain<T: Real>(self, input: &[T], dim: usize, grad: &mut [T]) {
+    pub(super) fn chain<T: Real>(self, input: &[T], dim: usize, grad: &mut [T]) {
         if let FactorMap::Cholesky { positive_map, .. } = self {
             for i in 0..dim {
                 let slope = positive_slope(positive_map, input[i * dim + i].to_f64());
@@ -97,14 +97,14 @@ impl FactorMap {
 
 /// The factors `F_z` as the op sees them: its input and, for the Cholesky map, the mapped
 /// diagonal computed once per call (Z·d values).
-struct Factors<'a, T> {
+pub(super) struct Factors<'a, T> {
     input: &'a [T],
     dim: usize,
     mapped_diagonal: Option<Vec<T>>,
 }
 
 impl<'a, T: Real> Factors<'a, T> {
-    fn new(input: &'a [T], map: FactorMap, s: Sizes) -> Self {
+    pub(super) fn new(input: &'a [T], map: FactorMap, s: Sizes) -> Self {
         let dim = s.dim;
         let mapped_diagonal = match map {
             FactorMap::Identity => None,
@@ -128,9 +128,14 @@ impl<'a, T: Real> Factors<'a, T> {
         }
     }
 
+    /// True when every `F_z` is lower triangular (the Cholesky map).
+    pub(super) fn is_lower_triangular(&self) -> bool {
+        self.mapped_diagonal.is_some()
+    }
+
     /// Writes row `i` of `F_z` into `out` (length d).
     #[inline]
-    fn write_row(&self, z: usize, i: usize, out: &mut [T]) {
+    pub(super) fn write_row(&self, z: usize, i: usize, out: &mut [T]) {
         let d = self.dim;
         let src = &self.input[z * d * d + i * d..][..d];
         match &self.mapped_diagonal {

@@ -8,6 +8,7 @@ use rand_distr::StandardNormal;
 
 use super::diagonal::mahalanobis_sq_diagonal_fused;
 use super::expanded::{expanded_is_accurate, mahalanobis_sq_expanded};
+use super::expanded_fused::{mahalanobis_sq_expanded_fused, mahalanobis_sq_expanded_fused_factor};
 use super::projected::mahalanobis_sq_projected_fused;
 use crate::error::GaussError;
 
@@ -457,18 +458,34 @@ fn dispatcher_agrees_with_naive_for_every_parameterization() -> TestResult {
             };
             let precision = Precision::from_raw(raw.clone(), dim, &config)?;
             let resolved = resolve_kernel(&c.x, &c.center, &precision, DistanceKernel::Auto)?;
-            let expected_kernel = match (parameterization, width_floor) {
-                (Parameterization::Cholesky, None) => ResolvedKernel::CholeskyFused,
-                (Parameterization::Cholesky | Parameterization::Expm, _) => {
-                    ResolvedKernel::ProjectedFused
+            // Centers of norm 3 with these widths pass the conditioning check: the factor
+            // and matrix forms take the fused expanded op (its forward at full tiles for d = 5).
+            let expected_kernel = match parameterization {
+                Parameterization::Cholesky | Parameterization::Expm | Parameterization::Direct => {
+                    ResolvedKernel::ExpandedFused
                 }
-                (Parameterization::Direct, _) => ResolvedKernel::Expanded,
                 _ => ResolvedKernel::DiagonalFused,
             };
             assert_eq!(
                 resolved, expected_kernel,
                 "{parameterization} {width_floor:?}"
             );
+            for forced in [DistanceKernel::Projected, DistanceKernel::Expanded] {
+                let Ok(kernel) = resolve_kernel(&c.x, &c.center, &precision, forced) else {
+                    continue;
+                };
+                let is_expanded = matches!(
+                    kernel,
+                    ResolvedKernel::ExpandedFused | ResolvedKernel::Expanded
+                );
+                if !matches!(kernel, ResolvedKernel::DiagonalFused) {
+                    assert_eq!(
+                        is_expanded,
+                        forced == DistanceKernel::Expanded,
+                        "{kernel:?}"
+                    );
+                }
+            }
             let auto = mahalanobis_sq(&c.x, &c.center, &precision, DistanceKernel::Auto)?;
             let naive = mahalanobis_sq(&c.x, &c.center, &precision, DistanceKernel::Naive)?;
             let err = max_relative_error(&auto, &naive, 1.0);
@@ -501,13 +518,44 @@ fn fused_layer_matches_composed_layer() -> TestResult {
     use crate::config::{DistanceKernel, GaussLayerConfig, Parameterization};
     use crate::precision::Precision;
     let (batch, dim, neurons) = (19, 6, 9);
+    // Auto takes the expanded form here (centers of norm 2); the forced kernels cover the
+    // projected form and the expanded form from the raw Cholesky parameter.
     let cases = [
-        (Parameterization::Cholesky, None, true),
-        (Parameterization::Cholesky, None, false),
-        (Parameterization::Cholesky, Some(0.7), true),
-        (Parameterization::Expm, None, true),
+        (Parameterization::Cholesky, None, true, DistanceKernel::Auto),
+        (
+            Parameterization::Cholesky,
+            None,
+            false,
+            DistanceKernel::Auto,
+        ),
+        (
+            Parameterization::Cholesky,
+            None,
+            true,
+            DistanceKernel::Projected,
+        ),
+        (
+            Parameterization::Cholesky,
+            None,
+            true,
+            DistanceKernel::Expanded,
+        ),
+        (
+            Parameterization::Cholesky,
+            Some(0.7),
+            true,
+            DistanceKernel::Auto,
+        ),
+        (
+            Parameterization::Cholesky,
+            Some(0.7),
+            true,
+            DistanceKernel::Projected,
+        ),
+        (Parameterization::Expm, None, true, DistanceKernel::Auto),
+        (Parameterization::Direct, None, true, DistanceKernel::Auto),
     ];
-    for (parameterization, width_floor, with_bias) in cases {
+    for (parameterization, width_floor, with_bias, kernel) in cases {
         let config = GaussLayerConfig {
             parameterization,
             width_floor,
@@ -515,7 +563,10 @@ fn fused_layer_matches_composed_layer() -> TestResult {
         };
         let c = case(18, batch, dim, neurons, 2.0);
         let mut rng = StdRng::seed_from_u64(118);
-        let raw = normal(&mut rng, &[neurons, dim, dim], 0.3);
+        let mut raw = normal(&mut rng, &[neurons, dim, dim], 0.3);
+        if parameterization == Parameterization::Direct {
+            raw = precision_of(&c)?;
+        }
         let weight = normal(&mut rng, &[neurons, dim], 1.0);
         let bias = normal(&mut rng, &[neurons], 1.0);
         let up_y = normal(&mut rng, &[batch, neurons], 1.0);
@@ -530,15 +581,8 @@ fn fused_layer_matches_composed_layer() -> TestResult {
             let precision = Precision::from_raw(raw.clone(), dim, &config)?;
             let bias = with_bias.then_some(bias);
             let (y, g) = if fused {
-                gauss_layer_forward_fused(
-                    x,
-                    center,
-                    weight,
-                    bias,
-                    &precision,
-                    DistanceKernel::Auto,
-                )?
-                .ok_or("fused path expected")?
+                gauss_layer_forward_fused(x, center, weight, bias, &precision, kernel)?
+                    .ok_or("fused path expected")?
             } else {
                 let m2 = mahalanobis_sq(x, center, &precision, DistanceKernel::Naive)?;
                 let g = (m2 * -0.5)?.exp()?;
@@ -572,9 +616,205 @@ fn fused_layer_matches_composed_layer() -> TestResult {
             let err = max_relative_error(a, b, scale);
             assert!(
                 err < 1e-9,
-                "{parameterization} floor {width_floor:?} bias {with_bias}: {name} error {err:e}"
+                "{parameterization} floor {width_floor:?} bias {with_bias} {kernel:?}: {name} error {err:e}"
             );
         }
+    }
+    Ok(())
+}
+
+/// Centered `|c_z - c̄|² · ‖P_z‖_∞`, the scale of the terms the expanded form cancels.
+fn expanded_scale(center: &Tensor, precision: &Tensor) -> candle_core::Result<f64> {
+    let spread = center
+        .broadcast_sub(&center.mean_keepdim(0)?)?
+        .sqr()?
+        .sum(D::Minus1)?;
+    let norm = precision.abs()?.sum(2)?.max(1)?;
+    spread.mul(&norm)?.max(0)?.to_scalar::<f64>()
+}
+
+#[test]
+fn expanded_fused_matches_oracle_in_f64() -> TestResult {
+    // Sizes off every tile multiple; d = 40 makes the forward's row tiles shorter than 64, 70
+    // neurons span two neuron blocks, 300 rows several chunks.
+    for (seed, batch, dim, neurons) in [(21, 37, 7, 11), (22, 300, 40, 70), (23, 5, 1, 3)] {
+        let c = case(seed, batch, dim, neurons, 2.0);
+        let expected = oracle_projected(&c.x, &c.center, &c.factor)?;
+        let from_matrix = mahalanobis_sq_expanded_fused(&c.x, &c.center, &precision_of(&c)?)?;
+        let from_factor = mahalanobis_sq_expanded_fused_factor(&c.x, &c.center, &c.factor)?;
+        for m2 in [from_matrix, from_factor] {
+            assert_eq!(m2.dims(), [batch, neurons]);
+            let err = max_relative_error(&m2, &expected, 1.0);
+            assert!(
+                err < 1e-10,
+                "B={batch} d={dim} Z={neurons}: relative error {err:e}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn expanded_fused_f32_within_1e5_where_the_check_passes() -> TestResult {
+    for (seed, batch, dim, neurons, norm) in [
+        (31, 90, 8, 20, 1.0),
+        (32, 70, 16, 33, 2.0),
+        (33, 50, 32, 9, 1.0),
+    ] {
+        let c = case(seed, batch, dim, neurons, norm);
+        let [x, center, factor] =
+            [&c.x, &c.center, &c.factor].map(|t| t.to_dtype(DType::F32).expect("f32"));
+        let precision = factor.matmul(&factor.transpose(1, 2)?)?;
+        assert!(expanded_is_accurate(&center, &precision)?, "seed {seed}");
+        let m2 = mahalanobis_sq_expanded_fused_factor(&x, &center, &factor)?;
+        // The f64 oracle on the very f32 values (floor 1: the unit width scale of g).
+        let as64 = |t: &Tensor| t.to_dtype(DType::F64);
+        let expected = oracle_projected(&as64(&x)?, &as64(&center)?, &as64(&factor)?)?;
+        let err = max_relative_error(&m2, &expected, 1.0);
+        assert!(err < 1e-5, "seed {seed}: relative error {err:e}");
+    }
+    Ok(())
+}
+
+/// Centers of norm 100 (spread far beyond the unit widths): the check sends `Auto` to the
+/// projected form in f32; forced, the expanded form holds only the documented bound
+/// (absolute error a few `eps·|c - c̄|²·‖P‖_∞`), not 1e-5; in f64 it stays within 1e-9.
+#[test]
+fn expanded_fused_far_centers_fall_back_and_keep_the_documented_bound() -> TestResult {
+    use super::{resolve_kernel, ResolvedKernel};
+    use crate::config::{DistanceKernel, GaussLayerConfig};
+    use crate::precision::Precision;
+    let far = case(41, 60, 12, 10, 100.0);
+    let near = case(42, 60, 12, 10, 1.0);
+    let config = GaussLayerConfig::default();
+    for (c, expected) in [
+        (&far, ResolvedKernel::CholeskyFused),
+        (&near, ResolvedKernel::ExpandedFused),
+    ] {
+        let [x, center, factor] =
+            [&c.x, &c.center, &c.factor].map(|t| t.to_dtype(DType::F32).expect("f32"));
+        let precision = Precision::from_raw(factor, 12, &config)?;
+        let kernel = resolve_kernel(&x, &center, &precision, DistanceKernel::Auto)?;
+        assert_eq!(kernel, expected);
+    }
+    let [x, center, factor] =
+        [&far.x, &far.center, &far.factor].map(|t| t.to_dtype(DType::F32).expect("f32"));
+    let m2 = mahalanobis_sq_expanded_fused_factor(&x, &center, &factor)?;
+    let as64 = |t: &Tensor| t.to_dtype(DType::F64);
+    let expected = oracle_projected(&as64(&x)?, &as64(&center)?, &as64(&factor)?)?;
+    let scale = expanded_scale(&as64(&center)?, &precision_of(&far)?)?;
+    let abs_err = (m2.to_dtype(DType::F64)? - &expected)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f64>()?;
+    assert!(
+        abs_err <= 16.0 * f32::EPSILON as f64 * scale,
+        "abs error {abs_err:e} vs scale {scale:e}"
+    );
+    let m2 = mahalanobis_sq_expanded_fused_factor(&far.x, &far.center, &far.factor)?;
+    let expected = oracle_projected(&far.x, &far.center, &far.factor)?;
+    let err = max_relative_error(&m2, &expected, 1.0);
+    assert!(err < 1e-9, "f64 relative error {err:e}");
+    Ok(())
+}
+
+#[test]
+fn expanded_fused_gradients_match_autograd() -> TestResult {
+    use super::expanded_fused::{FusedMahalanobisSq, Plan, Source};
+    use super::projected::FactorMap;
+    use crate::config::PositiveMap;
+    let naive = |x: &Tensor, c: &Tensor, p: &Tensor| -> crate::Result<Tensor> {
+        let diff = x.unsqueeze(1)?.broadcast_sub(&c.unsqueeze(0)?)?;
+        let pd = diff
+            .unsqueeze(2)?
+            .broadcast_matmul(&p.unsqueeze(0)?)?
+            .squeeze(2)?;
+        Ok(pd.mul(&diff)?.sum(D::Minus1)?)
+    };
+    let check = |fast: &[Tensor], slow: &[Tensor], what: &str| {
+        for (name, (a, b)) in ["x", "center", "precision"]
+            .iter()
+            .zip(fast.iter().zip(slow))
+        {
+            let scale = b.abs()?.max_all()?.to_scalar::<f64>()?;
+            let err = max_relative_error(a, b, scale);
+            assert!(err < 1e-10, "{what} ∂{name}: relative error {err:e}");
+        }
+        Ok::<(), candle_core::Error>(())
+    };
+    for (seed, batch, dim, neurons) in [(51, 70, 9, 30), (52, 300, 5, 3), (53, 3, 30, 2)] {
+        let c = case(seed, batch, dim, neurons, 2.0);
+        let mut rng = StdRng::seed_from_u64(seed + 100);
+        let upstream = normal(&mut rng, &[batch, neurons], 1.0);
+        // Matrix input: the op uses its symmetric part, so compare symmetrized ∂P.
+        let p = precision_of(&c)?;
+        let inputs = [&c.x, &c.center, &p];
+        let mut fast = gradients(mahalanobis_sq_expanded_fused, inputs, &upstream)?;
+        let mut slow = gradients(naive, inputs, &upstream)?;
+        let sym = |t: &Tensor| t.add(&t.transpose(1, 2)?)?.affine(0.5, 0.0);
+        fast[2] = sym(&fast[2])?;
+        slow[2] = sym(&slow[2])?;
+        check(&fast, &slow, "matrix")?;
+        let inputs = [&c.x, &c.center, &c.factor];
+        let fast = gradients(mahalanobis_sq_expanded_fused_factor, inputs, &upstream)?;
+        let slow = gradients(|x, c, f| Ok(oracle_projected(x, c, f)?), inputs, &upstream)?;
+        check(&fast, &slow, "factor")?;
+        // Raw Cholesky parameter (map inside the op), expanded and projected forward.
+        let raw = normal(&mut rng, &[neurons, dim, dim], 0.4);
+        let map = FactorMap::Cholesky {
+            positive_map: PositiveMap::Softplus,
+            floor: 1e-3,
+        };
+        let slow = gradients(
+            |x, c, r| {
+                Ok(oracle_projected(
+                    x,
+                    c,
+                    &cholesky_factor_oracle(r, false, 1e-3)?,
+                )?)
+            },
+            [&c.x, &c.center, &raw],
+            &upstream,
+        )?;
+        for projected_forward in [false, true] {
+            let plan = Plan::Expanded {
+                source: Source::Factor(map),
+                projected_forward,
+            };
+            let fast = gradients(
+                |x, c, r| Ok(x.apply_op3(c, r, FusedMahalanobisSq { plan })?),
+                [&c.x, &c.center, &raw],
+                &upstream,
+            )?;
+            check(&fast, &slow, "raw cholesky")?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn expanded_fused_f32_gradients_match_autograd() -> TestResult {
+    let c = case(61, 65, 16, 17, 1.0);
+    let mut rng = StdRng::seed_from_u64(161);
+    let upstream = normal(&mut rng, &[65, 17], 1.0).to_dtype(DType::F32)?;
+    let inputs32 = [&c.x, &c.center, &c.factor].map(|t| t.to_dtype(DType::F32).expect("f32"));
+    let fused = gradients(
+        mahalanobis_sq_expanded_fused_factor,
+        [&inputs32[0], &inputs32[1], &inputs32[2]],
+        &upstream,
+    )?;
+    let inputs64 = inputs32
+        .clone()
+        .map(|t| t.to_dtype(DType::F64).expect("f64"));
+    let oracle = gradients(
+        |x, c, f| Ok(oracle_projected(x, c, f)?),
+        [&inputs64[0], &inputs64[1], &inputs64[2]],
+        &upstream.to_dtype(DType::F64)?,
+    )?;
+    for (a, b) in fused.iter().zip(&oracle) {
+        let scale = b.abs()?.max_all()?.to_scalar::<f64>()?;
+        let err = max_relative_error(a, b, scale);
+        assert!(err < 1e-5, "relative error {err:e}");
     }
     Ok(())
 }

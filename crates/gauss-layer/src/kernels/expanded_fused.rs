@@ -1,0 +1,924 @@
+//! Fused CPU kernel for the expanded symmetric form (DESIGN §4):
+//! `m2[b, z] = <x̃_b⊗x̃_b, P_z> - 2 x̃_b·(P_z c̃_z) + c̃_zᵀ P_z c̃_z`, with `x̃ = x - s`,
+//! `c̃ = c - s` for the mean center `s` (`m2` does not change when x and c move together).
+//!
+//! Each input row becomes one row of `[x̃_i x̃_j (i <= j) | x̃ | 1]` (width
+//! `W = d(d+1)/2 + d + 1`) and each neuron one row of `[w_ij P_ij | -2 P c̃ | c̃ᵀ P c̃]`
+//! (`w = 1` on the diagonal, 2 off it), so the whole form is one GEMM of
+//! (B, W) × (W, Z): about B·Z·d²/2 multiply-adds, half the projected form's. The backward
+//! is two more GEMMs of that size — `Gᵀ [pairs | x̃ | 1]` (every sum over the batch the
+//! precision and center gradients need) and `G [w P | -2 P c̃ | ·]` (what the input gradient
+//! needs) — against three of B·Z·d² for the projected form. Only row tiles of the pair
+//! matrix exist at a time (one per thread), never anything of size (B, Z, d) or (B, Z·d).
+//!
+//! The terms cancel when the centers sit far from each other relative to the widths, so the
+//! automatic choice ([`super::resolve_kernel`] reports it) sends such layers to the
+//! projected form; `m2` is clamped at 0 (the clamp only hides rounding, so the backward
+//! passes gradients through it).
+//! Centering removes the common offset of the centers but not their spread: forced on a
+//! layer whose check fails, the form's absolute error in `m2` is a few
+//! `eps · max_z |c_z - c̄|² · ‖P_z‖_∞` (about 1e-2 in f32 for centers of norm 100 at unit
+//! widths; tested), not the 1e-5 the projected form keeps.
+
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+
+use super::cpu::{
+    for_each_chunk_pair_mut_sized, for_each_item, matmul, row_major, row_mean, rows_per_chunk,
+    with_row_major, MatRef, Real, TILE_ROWS,
+};
+use super::projected::{self, sizes_from_dims, FactorMap, Factors, Sizes};
+use crate::config::{DistanceKernel, Parameterization};
+use crate::error::{GaussError, Result};
+use crate::precision::Precision;
+
+/// What the op's precision input holds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Source {
+    /// A factor (or the raw Cholesky parameter mapped to one): `P = F Fᵀ`.
+    Factor(FactorMap),
+    /// The precision matrix itself (its symmetric part is used).
+    Matrix,
+}
+
+/// Which form runs each direction.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Plan {
+    /// Projected forward and backward.
+    Projected(FactorMap),
+    /// Expanded backward; the forward is expanded too unless `projected_forward` (which
+    /// needs a factor), chosen where the expanded forward's row tiles would be too short for
+    /// the scratch budget.
+    Expanded {
+        source: Source,
+        projected_forward: bool,
+    },
+}
+
+impl Plan {
+    /// `m2` (B, Z) into `out`.
+    pub(super) fn forward_into<T: Real>(
+        self,
+        out: &mut [T],
+        x: &[T],
+        center: &[T],
+        input: &[T],
+        s: Sizes,
+    ) {
+        match self {
+            Plan::Projected(map)
+            | Plan::Expanded {
+                source: Source::Factor(map),
+                projected_forward: true,
+            } => projected::forward_into(out, x, center, input, map, s),
+            Plan::Expanded { source, .. } => forward_into(out, x, center, input, source, s),
+        }
+    }
+
+    /// Gradients `(∂x, ∂c, ∂input)` of `Σ G ∘ m2`.
+    pub(super) fn backward<T: Real>(
+        self,
+        x: &[T],
+        center: &[T],
+        input: &[T],
+        grad: &[T],
+        s: Sizes,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        match self {
+            Plan::Projected(map) => projected::backward(x, center, input, grad, map, s),
+            Plan::Expanded { source, .. } => backward(x, center, input, grad, source, s),
+        }
+    }
+}
+
+/// d(d+1)/2 distinct products of a symmetric matrix.
+fn pair_count(dim: usize) -> usize {
+    dim * (dim + 1) / 2
+}
+
+/// Columns of one pair row: pairs, x̃, 1.
+fn width(dim: usize) -> usize {
+    pair_count(dim) + dim + 1
+}
+
+/// Largest row tile (elements) of the expanded forward per thread: keeps its scratch a
+/// small, fixed overhead on top of the output.
+const FORWARD_TILE_ELEMS: usize = 40 * 1024;
+
+/// Rows of one forward tile.
+fn forward_tile_rows(dim: usize) -> usize {
+    (FORWARD_TILE_ELEMS / width(dim)).clamp(4, TILE_ROWS)
+}
+
+/// Rows of one backward tile (its memory is not budgeted; taller tiles make the
+/// batch-summing GEMM faster).
+fn backward_tile_rows(dim: usize) -> usize {
+    ((1 << 20) / width(dim)).clamp(8, 256)
+}
+
+/// Neurons whose packed rows the forward holds at once.
+const FORWARD_NEURON_BLOCK: usize = 64;
+
+/// The shift (mean center, rounded to `T`) and the centered centers (Z, d).
+fn shift_and_centered<T: Real>(center: &[T], s: Sizes) -> (Vec<T>, Vec<T>) {
+    let shift: Vec<T> = row_mean(center, s.neurons, s.dim)
+        .into_iter()
+        .map(T::from_f64)
+        .collect();
+    let mut centered = vec![T::zero(); s.neurons * s.dim];
+    shift_rows(center, &shift, &mut centered);
+    (shift, centered)
+}
+
+fn shift_rows<T: Real>(x: &[T], shift: &[T], out: &mut [T]) {
+    let dim = shift.len().max(1);
+    for (row_out, row_in) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+        for ((o, &v), &m) in row_out.iter_mut().zip(row_in).zip(shift) {
+            *o = v - m;
+        }
+    }
+}
+
+/// The symmetric `P_z` (d, d) into `p`, with `l` as scratch for the factor.
+fn precision_of<T: Real>(
+    input: &[T],
+    factors: Option<&Factors<'_, T>>,
+    z: usize,
+    dim: usize,
+    l: &mut [T],
+    p: &mut [T],
+) {
+    let block = &input[z * dim * dim..(z + 1) * dim * dim];
+    match factors {
+        Some(factors) if factors.is_lower_triangular() => {
+            for i in 0..dim {
+                factors.write_row(z, i, &mut l[i * dim..(i + 1) * dim]);
+            }
+            lower_gram(l, dim, p);
+        }
+        Some(factors) => {
+            for i in 0..dim {
+                factors.write_row(z, i, &mut l[i * dim..(i + 1) * dim]);
+            }
+            matmul(
+                (dim, dim, dim),
+                p,
+                dim,
+                false,
+                MatRef {
+                    data: l,
+                    row_stride: dim,
+                    col_stride: 1,
+                },
+                MatRef {
+                    data: l,
+                    row_stride: 1,
+                    col_stride: dim,
+                },
+            );
+        }
+        None => {
+            let half = T::from_f64(0.5);
+            for i in 0..dim {
+                for j in 0..dim {
+                    p[i * dim + j] = half * (block[i * dim + j] + block[j * dim + i]);
+                }
+            }
+        }
+    }
+}
+
+/// Row-major (rows × cols) view at `offset` of a row-major matrix with row stride `dim`, or
+/// its transpose.
+fn view<T>(data: &[T], offset: usize, dim: usize, transposed: bool) -> MatRef<'_, T> {
+    let (row_stride, col_stride) = if transposed { (1, dim) } else { (dim, 1) };
+    MatRef {
+        data: &data[offset.min(data.len())..],
+        row_stride,
+        col_stride,
+    }
+}
+
+/// `P = L Lᵀ` for a lower-triangular `L`, in 2×2 blocks `L = [[A, 0], [B, C]]` so that the
+/// zero block costs nothing: `P11 = A Aᵀ`, `P21 = B Aᵀ`, `P22 = B Bᵀ + C Cᵀ` (half the
+/// multiply-adds of a full product).
+fn lower_gram<T: Real>(l: &[T], dim: usize, p: &mut [T]) {
+    let h = dim / 2;
+    let r = dim - h;
+    let (a, b, c) = (0, h * dim, h * dim + h);
+    matmul(
+        (h, h, h),
+        p,
+        dim,
+        false,
+        view(l, a, dim, false),
+        view(l, a, dim, true),
+    );
+    matmul(
+        (r, h, h),
+        &mut p[b..],
+        dim,
+        false,
+        view(l, b, dim, false),
+        view(l, a, dim, true),
+    );
+    matmul(
+        (r, r, h),
+        &mut p[c..],
+        dim,
+        false,
+        view(l, b, dim, false),
+        view(l, b, dim, true),
+    );
+    matmul(
+        (r, r, r),
+        &mut p[c..],
+        dim,
+        true,
+        view(l, c, dim, false),
+        view(l, c, dim, true),
+    );
+    for i in 0..h {
+        for j in h..dim {
+            p[i * dim + j] = p[j * dim + i];
+        }
+    }
+}
+
+/// The lower triangle (and, of the block above it, garbage for the caller to drop) of `S L`
+/// for a lower-triangular `L = [[A, 0], [B, C]]`: `[[S11 A + S12 B, ·], [S21 A + S22 B, S22 C]]`
+/// (5/8 of the multiply-adds of a full product).
+fn lower_product<T: Real>(s: &[T], l: &[T], dim: usize, out: &mut [T]) {
+    let h = dim / 2;
+    let r = dim - h;
+    let (a, b, c) = (0, h * dim, h * dim + h);
+    let (s11, s12, s21, s22) = (0, h, h * dim, h * dim + h);
+    let v = |data, offset| view(data, offset, dim, false);
+    matmul((h, h, h), out, dim, false, v(s, s11), v(l, a));
+    matmul((h, h, r), out, dim, true, v(s, s12), v(l, b));
+    matmul((r, h, h), &mut out[b..], dim, false, v(s, s21), v(l, a));
+    matmul((r, h, r), &mut out[b..], dim, true, v(s, s22), v(l, b));
+    matmul((r, r, r), &mut out[c..], dim, false, v(s, s22), v(l, c));
+}
+
+/// Neuron `z`'s packed row `[w_ij P_ij | -2 P c̃ | c̃ᵀ P c̃]` (the last two in f64).
+fn pack_neuron<T: Real>(
+    input: &[T],
+    factors: Option<&Factors<'_, T>>,
+    centered: &[T],
+    z: usize,
+    dim: usize,
+    row: &mut [T],
+) {
+    let mut l = vec![T::zero(); dim * dim];
+    let mut p = vec![T::zero(); dim * dim];
+    precision_of(input, factors, z, dim, &mut l, &mut p);
+    let two = T::from_f64(2.0);
+    let mut t = 0;
+    for i in 0..dim {
+        row[t] = p[i * dim + i];
+        for j in i + 1..dim {
+            row[t + j - i] = two * p[i * dim + j];
+        }
+        t += dim - i;
+    }
+    let c = &centered[z * dim..(z + 1) * dim];
+    let mut constant = 0f64;
+    for i in 0..dim {
+        let pc: f64 = p[i * dim..(i + 1) * dim]
+            .iter()
+            .zip(c)
+            .map(|(&a, &b)| a.to_f64() * b.to_f64())
+            .sum();
+        row[t + i] = T::from_f64(-2.0 * pc);
+        constant += pc * c[i].to_f64();
+    }
+    row[t + dim] = T::from_f64(constant);
+}
+
+/// Packed rows of neurons `z0..z0 + rows.len() / W`, in parallel.
+fn pack_neurons<T: Real>(
+    input: &[T],
+    factors: Option<&Factors<'_, T>>,
+    centered: &[T],
+    z0: usize,
+    dim: usize,
+    rows: &mut [T],
+) {
+    let count = rows.len() / width(dim).max(1);
+    let work = count * (dim * dim * dim / 6 + dim * dim);
+    let mut none = vec![(); count];
+    for_each_chunk_pair_mut_sized(work, rows, width(dim), &mut none, 1, |k, row, _| {
+        pack_neuron(input, factors, centered, z0 + k, dim, row)
+    });
+}
+
+/// Fills `tile` (rows, W) with `[x̃_i x̃_j | x̃ | 1]` for the rows of `x`.
+fn pair_rows<T: Real>(x: &[T], shift: &[T], tile: &mut [T]) {
+    let dim = shift.len();
+    let w = width(dim);
+    let t_count = pair_count(dim);
+    for (row_x, row) in x.chunks_exact(dim.max(1)).zip(tile.chunks_exact_mut(w)) {
+        let (pairs, rest) = row.split_at_mut(t_count);
+        let xs = &mut rest[..dim];
+        for ((o, &v), &m) in xs.iter_mut().zip(row_x).zip(shift) {
+            *o = v - m;
+        }
+        let mut t = 0;
+        for i in 0..dim {
+            let xi = xs[i];
+            for (o, &xj) in pairs[t..t + dim - i].iter_mut().zip(&xs[i..]) {
+                *o = xi * xj;
+            }
+            t += dim - i;
+        }
+        rest[dim] = T::one();
+    }
+}
+
+fn factors_for<'a, T: Real>(input: &'a [T], source: Source, s: Sizes) -> Option<Factors<'a, T>> {
+    match source {
+        Source::Factor(map) => Some(Factors::new(input, map, s)),
+        Source::Matrix => None,
+    }
+}
+
+/// Expanded forward: `m2` (B, Z) into `out`, clamped at 0.
+fn forward_into<T: Real>(
+    out: &mut [T],
+    x: &[T],
+    center: &[T],
+    input: &[T],
+    source: Source,
+    s: Sizes,
+) {
+    let Sizes {
+        batch,
+        dim,
+        neurons,
+    } = s;
+    out.fill(T::zero());
+    if batch == 0 || neurons == 0 || dim == 0 {
+        return;
+    }
+    let w = width(dim);
+    let factors = factors_for(input, source, s);
+    let (shift, centered) = shift_and_centered(center, s);
+    let block = FORWARD_NEURON_BLOCK.min(neurons);
+    let tile_rows = forward_tile_rows(dim);
+    let chunk_rows = rows_per_chunk(batch);
+    let mut packed = vec![T::zero(); block * w];
+    let chunks: Vec<Mutex<&mut [T]>> = out[..batch * neurons]
+        .chunks_mut(chunk_rows * neurons)
+        .map(Mutex::new)
+        .collect();
+    for z0 in (0..neurons).step_by(block) {
+        let count = block.min(neurons - z0);
+        let packed = &mut packed[..count * w];
+        pack_neurons(input, factors.as_ref(), &centered, z0, dim, packed);
+        let packed: &[T] = packed;
+        for_each_item(
+            chunks.len(),
+            || vec![T::zero(); tile_rows.min(chunk_rows) * w],
+            |tile, chunk| {
+                let mut guard = chunks[chunk].lock().unwrap_or_else(|e| e.into_inner());
+                let out_chunk: &mut [T] = &mut guard;
+                let row0 = chunk * chunk_rows;
+                let rows = out_chunk.len() / neurons;
+                for t0 in (0..rows).step_by(tile_rows) {
+                    let m = tile_rows.min(rows - t0);
+                    let first = (row0 + t0) * dim;
+                    let tile = &mut tile[..m * w];
+                    pair_rows(&x[first..first + m * dim], &shift, tile);
+                    let dst = &mut out_chunk[t0 * neurons + z0..];
+                    matmul(
+                        (m, count, w),
+                        dst,
+                        neurons,
+                        false,
+                        MatRef {
+                            data: tile,
+                            row_stride: w,
+                            col_stride: 1,
+                        },
+                        MatRef {
+                            data: packed,
+                            row_stride: 1,
+                            col_stride: w,
+                        },
+                    );
+                    for r in 0..m {
+                        for v in &mut dst[r * neurons..r * neurons + count] {
+                            if *v < T::zero() {
+                                *v = T::zero();
+                            }
+                        }
+                    }
+                }
+            },
+        );
+    }
+}
+
+/// `∂x` rows from `q = G [w P | -2 P c̃ | ·]` and the pair rows (their `x̃` part):
+/// `∂x_i = 2 Σ_j Q_ij x̃_j + ℓ_i`.
+fn input_gradient_rows<T: Real>(q: &[T], tile: &[T], dim: usize, grad_x: &mut [T]) {
+    let w = width(dim);
+    let t_count = pair_count(dim);
+    let two = T::from_f64(2.0);
+    for ((q_row, row), g) in q
+        .chunks_exact(w)
+        .zip(tile.chunks_exact(w))
+        .zip(grad_x.chunks_exact_mut(dim))
+    {
+        let xs = &row[t_count..t_count + dim];
+        g.copy_from_slice(&q_row[t_count..t_count + dim]);
+        let mut t = 0;
+        for i in 0..dim {
+            let xi = xs[i];
+            let qi = &q_row[t..t + dim - i];
+            let mut dot = two * qi[0] * xi;
+            let (gi, rest) = g[i..].split_at_mut(1);
+            for ((gj, &qij), &xj) in rest.iter_mut().zip(&qi[1..]).zip(&xs[i + 1..]) {
+                dot += qij * xj;
+                *gj += qij * xi;
+            }
+            gi[0] += dot;
+            t += dim - i;
+        }
+    }
+}
+
+/// Expanded backward: `(∂x (B, d), ∂c (Z, d), ∂input (Z, d, d))` of `Σ G ∘ m2`.
+fn backward<T: Real>(
+    x: &[T],
+    center: &[T],
+    input: &[T],
+    grad: &[T],
+    source: Source,
+    s: Sizes,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let Sizes {
+        batch,
+        dim,
+        neurons,
+    } = s;
+    let mut grad_x = vec![T::zero(); batch * dim];
+    let mut grad_center = vec![T::zero(); neurons * dim];
+    let mut grad_input = vec![T::zero(); neurons * dim * dim];
+    if batch == 0 || neurons == 0 || dim == 0 {
+        return (grad_x, grad_center, grad_input);
+    }
+    let w = width(dim);
+    let factors = factors_for(input, source, s);
+    let (shift, centered) = shift_and_centered(center, s);
+    let mut packed = vec![T::zero(); neurons * w];
+    pack_neurons(input, factors.as_ref(), &centered, 0, dim, &mut packed);
+    let tile_rows = backward_tile_rows(dim);
+    let chunk_rows = rows_per_chunk(batch);
+    let chunks: Vec<Mutex<&mut [T]>> = grad_x
+        .chunks_mut(chunk_rows * dim)
+        .map(Mutex::new)
+        .collect();
+    // Per thread: Σ_b G_bz [pairs | x̃ | 1]_b (Z, W), a pair tile and a q tile.
+    let states = for_each_item(
+        chunks.len(),
+        || {
+            let rows = tile_rows.min(chunk_rows);
+            (
+                vec![T::zero(); neurons * w],
+                vec![T::zero(); rows * w],
+                vec![T::zero(); rows * w],
+            )
+        },
+        |(sums, tile, q), chunk| {
+            let mut guard = chunks[chunk].lock().unwrap_or_else(|e| e.into_inner());
+            let gx_chunk: &mut [T] = &mut guard;
+            let row0 = chunk * chunk_rows;
+            let rows = gx_chunk.len() / dim;
+            for t0 in (0..rows).step_by(tile_rows) {
+                let m = tile_rows.min(rows - t0);
+                let first = row0 + t0;
+                let tile = &mut tile[..m * w];
+                let q = &mut q[..m * w];
+                pair_rows(&x[first * dim..(first + m) * dim], &shift, tile);
+                let g_rows = &grad[first * neurons..(first + m) * neurons];
+                let tile_view = MatRef {
+                    data: &*tile,
+                    row_stride: w,
+                    col_stride: 1,
+                };
+                matmul(
+                    (neurons, w, m),
+                    sums,
+                    w,
+                    true,
+                    MatRef {
+                        data: g_rows,
+                        row_stride: 1,
+                        col_stride: neurons,
+                    },
+                    tile_view,
+                );
+                matmul(
+                    (m, w, neurons),
+                    q,
+                    w,
+                    false,
+                    MatRef {
+                        data: g_rows,
+                        row_stride: neurons,
+                        col_stride: 1,
+                    },
+                    MatRef {
+                        data: &packed,
+                        row_stride: w,
+                        col_stride: 1,
+                    },
+                );
+                input_gradient_rows(q, tile, dim, &mut gx_chunk[t0 * dim..(t0 + m) * dim]);
+            }
+        },
+    );
+    drop(chunks);
+    let mut states = states.into_iter();
+    let mut sums = match states.next() {
+        Some((sums, _, _)) => sums,
+        None => vec![T::zero(); neurons * w],
+    };
+    for (other, _, _) in states {
+        sums.iter_mut().zip(&other).for_each(|(a, &b)| *a += b);
+    }
+    let t_count = pair_count(dim);
+    let tail_work = neurons * (dim * dim * dim / 6 + 4 * dim * dim);
+    for_each_chunk_pair_mut_sized(
+        tail_work,
+        &mut grad_center,
+        dim,
+        &mut grad_input,
+        dim * dim,
+        |z, gc, gi| {
+            let row = &sums[z * w..(z + 1) * w];
+            let (pair_sums, rest) = row.split_at(t_count);
+            let xg = &rest[..dim];
+            let total = rest[dim];
+            let c = &centered[z * dim..(z + 1) * dim];
+            // S = Σ_b G_bz (x̃_b - c̃)(x̃_b - c̃)ᵀ, symmetric, in f64.
+            let mut sym = vec![0f64; dim * dim];
+            let mut t = 0;
+            for i in 0..dim {
+                for j in i..dim {
+                    let v = pair_sums[t].to_f64()
+                        - xg[i].to_f64() * c[j].to_f64()
+                        - c[i].to_f64() * xg[j].to_f64()
+                        + total.to_f64() * c[i].to_f64() * c[j].to_f64();
+                    sym[i * dim + j] = v;
+                    sym[j * dim + i] = v;
+                    t += 1;
+                }
+            }
+            // ∂c̃ = 2 P (s c̃ - Σ_b G x̃), P unpacked from the packed row.
+            let p_row = &packed[z * w..z * w + t_count];
+            let residual: Vec<f64> = (0..dim)
+                .map(|i| total.to_f64() * c[i].to_f64() - xg[i].to_f64())
+                .collect();
+            let mut t = 0;
+            let mut acc = vec![0f64; dim];
+            for i in 0..dim {
+                acc[i] += p_row[t].to_f64() * residual[i];
+                for j in i + 1..dim {
+                    let pij = 0.5 * p_row[t + j - i].to_f64();
+                    acc[i] += pij * residual[j];
+                    acc[j] += pij * residual[i];
+                }
+                t += dim - i;
+            }
+            for (g, a) in gc.iter_mut().zip(&acc) {
+                *g = T::from_f64(2.0 * a);
+            }
+            match (source, factors.as_ref()) {
+                (Source::Factor(map), Some(factors)) => {
+                    // ∂F = 2 S F (one small GEMM at full SIMD width), then through the map
+                    // to the input (which keeps only the lower triangle for Cholesky).
+                    let mut l = vec![T::zero(); dim * dim];
+                    for i in 0..dim {
+                        factors.write_row(z, i, &mut l[i * dim..(i + 1) * dim]);
+                    }
+                    let sym_t: Vec<T> = sym.iter().map(|&v| T::from_f64(2.0 * v)).collect();
+                    if factors.is_lower_triangular() {
+                        // Only the lower triangle survives the map.
+                        lower_product(&sym_t, &l, dim, gi);
+                        map.chain(&input[z * dim * dim..(z + 1) * dim * dim], dim, gi);
+                        return;
+                    }
+                    matmul(
+                        (dim, dim, dim),
+                        gi,
+                        dim,
+                        false,
+                        MatRef {
+                            data: &sym_t,
+                            row_stride: dim,
+                            col_stride: 1,
+                        },
+                        MatRef {
+                            data: &l,
+                            row_stride: dim,
+                            col_stride: 1,
+                        },
+                    );
+                    map.chain(&input[z * dim * dim..(z + 1) * dim * dim], dim, gi);
+                }
+                _ => {
+                    for (g, v) in gi.iter_mut().zip(&sym) {
+                        *g = T::from_f64(*v);
+                    }
+                }
+            }
+        },
+    );
+    (grad_x, grad_center, grad_input)
+}
+
+/// Largest `|c_z - c̄|² · ‖P_z‖` over neurons (‖·‖ an upper bound of the sum of absolute
+/// values `|v|ᵀ|P||v|` per unit `|v|²`) for which the expanded form counts as accurate in
+/// f32: its absolute rounding error in `m2` is a few `eps · |c - c̄|² ‖P‖`, which this keeps
+/// near `1e-5` at the unit width scale of `g = exp(-m2/2)`.
+pub(crate) const F32_SCALE_LIMIT: f64 = 64.0;
+
+/// The same limit in f64 (error about `1e-10`).
+pub(crate) const F64_SCALE_LIMIT: f64 = 1e5;
+
+/// The limit for `dtype`.
+pub(crate) fn scale_limit(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => F64_SCALE_LIMIT,
+        _ => F32_SCALE_LIMIT,
+    }
+}
+
+/// The conditioning measure `max_z |c̃_z|² · ‖P_z‖` on host data, for a factor input
+/// (`‖P‖_∞ ≤ ‖F‖_∞ ‖F‖_1`) or a matrix input (`‖P‖_∞` of its symmetric part).
+fn conditioning<T: Real>(center: &[T], input: &[T], source: Source, s: Sizes) -> f64 {
+    let dim = s.dim;
+    let mean = row_mean(center, s.neurons, dim);
+    let factors = factors_for(input, source, s);
+    let mut worst = 0f64;
+    let mut row = vec![T::zero(); dim];
+    for z in 0..s.neurons {
+        let spread: f64 = center[z * dim..(z + 1) * dim]
+            .iter()
+            .zip(&mean)
+            .map(|(&c, m)| (c.to_f64() - m).powi(2))
+            .sum();
+        let norm = match &factors {
+            Some(factors) => {
+                // Sums in the working type (vectorized); a bound needs no more digits.
+                let mut row_max = T::zero();
+                let mut col_sums = vec![T::zero(); dim];
+                for i in 0..dim {
+                    factors.write_row(z, i, &mut row);
+                    let mut lanes = [T::zero(); 8];
+                    for (k, (cs, &v)) in col_sums.iter_mut().zip(&row).enumerate() {
+                        let a = if v < T::zero() { T::zero() - v } else { v };
+                        lanes[k % 8] += a;
+                        *cs += a;
+                    }
+                    let sum = lanes.iter().fold(T::zero(), |acc, &v| acc + v);
+                    if sum > row_max {
+                        row_max = sum;
+                    }
+                }
+                let col_max = col_sums
+                    .iter()
+                    .fold(T::zero(), |acc, &v| if v > acc { v } else { acc });
+                row_max.to_f64() * col_max.to_f64()
+            }
+            None => {
+                let block = &input[z * dim * dim..(z + 1) * dim * dim];
+                (0..dim)
+                    .map(|i| {
+                        (0..dim)
+                            .map(|j| 0.5 * (block[i * dim + j] + block[j * dim + i]).to_f64().abs())
+                            .sum::<f64>()
+                    })
+                    .fold(0.0, f64::max)
+            }
+        };
+        let v = spread * norm;
+        if !v.is_finite() {
+            return f64::INFINITY;
+        }
+        worst = worst.max(v);
+    }
+    worst
+}
+
+/// True when the expanded form keeps its digits for these centers and precision input.
+fn is_accurate(center: &Tensor, input: &Tensor, source: Source, s: Sizes) -> Result<bool> {
+    let worst = match center.dtype() {
+        DType::F32 => with_row_major::<f32, _>(center, |c| {
+            with_row_major::<f32, _>(input, |p| Ok(conditioning(c, p, source, s)))
+        })?,
+        _ => with_row_major::<f64, _>(center, |c| {
+            with_row_major::<f64, _>(input, |p| Ok(conditioning(c, p, source, s)))
+        })?,
+    };
+    Ok(worst <= scale_limit(center.dtype()))
+}
+
+/// The fused CPU plan for a factor or matrix precision, with the op's precision input, or
+/// `None` where no fused op applies (not on the CPU, not f32/f64, a diagonal precision, the
+/// naive kernel, or a matrix precision the expanded form cannot take accurately).
+///
+/// `Auto` takes the expanded form where [`is_accurate`] holds (its forward only where full
+/// row tiles fit the scratch budget, else the projected forward), the projected form
+/// elsewhere; `Expanded` and `Projected` force theirs (`Projected` needs a factor).
+pub(crate) fn plan_for(
+    x: &Tensor,
+    center: &Tensor,
+    precision: &Precision,
+    kernel: DistanceKernel,
+) -> Result<Option<(Plan, Tensor)>> {
+    let on_cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+    if !on_cpu || kernel == DistanceKernel::Naive || x.dtype() != center.dtype() {
+        return Ok(None);
+    }
+    let (source, input) = match precision.parameterization() {
+        Parameterization::Diag | Parameterization::Sphere => return Ok(None),
+        Parameterization::Cholesky if precision.width_floor().is_none() => (
+            Source::Factor(FactorMap::Cholesky {
+                positive_map: precision.positive_map(),
+                floor: precision.factor_diag_floor(),
+            }),
+            precision.raw().clone(),
+        ),
+        _ => match precision.factor()? {
+            Some(factor) => (Source::Factor(FactorMap::Identity), factor),
+            None => (Source::Matrix, precision.precision_matrix()?),
+        },
+    };
+    if input.dtype() != x.dtype() {
+        return Ok(None);
+    }
+    let s = sizes_from_dims(x.dims(), center.dims(), input.dims())?;
+    let expanded = |projected_forward| Plan::Expanded {
+        source,
+        projected_forward,
+    };
+    let plan = match (kernel, source) {
+        (DistanceKernel::Expanded, _) => expanded(false),
+        (DistanceKernel::Projected, Source::Factor(map)) => Plan::Projected(map),
+        (DistanceKernel::Projected, Source::Matrix) => return Ok(None),
+        (_, source) => {
+            let accurate = is_accurate(center, &input, source, s)?;
+            match source {
+                Source::Factor(map) if !accurate => Plan::Projected(map),
+                Source::Matrix if !accurate => return Ok(None),
+                Source::Factor(_) => expanded(forward_tile_rows(s.dim) < TILE_ROWS),
+                Source::Matrix => expanded(false),
+            }
+        }
+    };
+    Ok(Some((plan, input)))
+}
+
+/// The Candle op: inputs (x, center, precision input), output m2 (B, Z).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FusedMahalanobisSq {
+    pub(crate) plan: Plan,
+}
+
+impl CustomOp3 for FusedMahalanobisSq {
+    fn name(&self) -> &'static str {
+        "fused-mahalanobis-sq"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = sizes_from_dims(l1.dims(), l2.dims(), l3.dims())?;
+        let shape = Shape::from((s.batch, s.neurons));
+        match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let mut out = vec![0f32; s.batch * s.neurons];
+                let (x, c, p) = (row_major(s1, l1)?, row_major(s2, l2)?, row_major(s3, l3)?);
+                self.plan.forward_into(&mut out, &x, &c, &p, s);
+                Ok((CpuStorage::F32(out), shape))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let mut out = vec![0f64; s.batch * s.neurons];
+                let (x, c, p) = (row_major(s1, l1)?, row_major(s2, l2)?, row_major(s3, l3)?);
+                self.plan.forward_into(&mut out, &x, &c, &p, s);
+                Ok((CpuStorage::F64(out), shape))
+            }
+            _ => bail!(
+                "{}: x, center and precision must all be f32 or all f64, got {:?}, {:?}, {:?}",
+                self.name(),
+                s1.dtype(),
+                s2.dtype(),
+                s3.dtype()
+            ),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        center: &Tensor,
+        input: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (gx, gc, gp) = match x.dtype() {
+            DType::F32 => self.backward_tensors::<f32>(x, center, input, grad)?,
+            DType::F64 => self.backward_tensors::<f64>(x, center, input, grad)?,
+            other => bail!("{}: supports f32 and f64, got {other:?}", self.name()),
+        };
+        Ok((Some(gx), Some(gc), Some(gp)))
+    }
+}
+
+impl FusedMahalanobisSq {
+    fn backward_tensors<T: Real>(
+        &self,
+        x: &Tensor,
+        center: &Tensor,
+        input: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let s = sizes_from_dims(x.dims(), center.dims(), input.dims())?;
+        let grad = grad.to_dtype(T::DTYPE)?.contiguous()?;
+        let (gx, gc, gp) = with_row_major::<T, _>(x, |x| {
+            with_row_major::<T, _>(center, |c| {
+                with_row_major::<T, _>(input, |p| {
+                    with_row_major::<T, _>(&grad, |g| Ok(self.plan.backward(x, c, p, g, s)))
+                })
+            })
+        })?;
+        let device = x.device();
+        Ok((
+            Tensor::from_vec(gx, (s.batch, s.dim), device)?,
+            Tensor::from_vec(gc, (s.neurons, s.dim), device)?,
+            Tensor::from_vec(gp, (s.neurons, s.dim, s.dim), device)?,
+        ))
+    }
+}
+
+/// The expanded form through the fused CPU op, forward and backward, from a precision
+/// matrix (its symmetric part is used).
+///
+/// # Shapes
+/// `x`: (B, d), `center`: (Z, d), `precision`: (Z, d, d) → (B, Z)
+///
+/// # Errors
+/// Wrong shapes, mixed dtypes, a dtype other than f32/f64, or a tensor not on the CPU.
+pub fn mahalanobis_sq_expanded_fused(
+    x: &Tensor,
+    center: &Tensor,
+    precision: &Tensor,
+) -> Result<Tensor> {
+    apply(x, center, precision, Source::Matrix)
+}
+
+/// The expanded form through the fused CPU op from a factor `F` (`P = F Fᵀ`); gradients flow
+/// to `x`, `center` and `factor`.
+///
+/// # Shapes
+/// `x`: (B, d), `center`: (Z, d), `factor`: (Z, d, d) → (B, Z)
+///
+/// # Errors
+/// As [`mahalanobis_sq_expanded_fused`].
+pub fn mahalanobis_sq_expanded_fused_factor(
+    x: &Tensor,
+    center: &Tensor,
+    factor: &Tensor,
+) -> Result<Tensor> {
+    apply(x, center, factor, Source::Factor(FactorMap::Identity))
+}
+
+fn apply(x: &Tensor, center: &Tensor, input: &Tensor, source: Source) -> Result<Tensor> {
+    sizes_from_dims(x.dims(), center.dims(), input.dims())?;
+    projected::check_same_dtype(x, center, "center")?;
+    projected::check_same_dtype(x, input, "precision")?;
+    super::cpu::check_float("expanded Mahalanobis kernel", x.dtype())?;
+    if !x.device().is_cpu() {
+        return Err(GaussError::from(candle_core::Error::Msg(
+            "the fused expanded kernel runs on the CPU only; use expanded::mahalanobis_sq_expanded"
+                .into(),
+        )));
+    }
+    let plan = Plan::Expanded {
+        source,
+        projected_forward: false,
+    };
+    Ok(x.apply_op3(center, input, FusedMahalanobisSq { plan })?)
+}
