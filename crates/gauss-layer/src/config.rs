@@ -239,16 +239,10 @@ impl GaussLayerConfig {
     /// Checks the layer sizes together with the config.
     pub fn validate_sizes(&self, in_features: usize, out_features: usize) -> Result<()> {
         if in_features == 0 {
-            return Err(GaussError::config(
-                "in_features",
-                "must be >= 1, got 0",
-            ));
+            return Err(GaussError::config("in_features", "must be >= 1, got 0"));
         }
         if out_features == 0 {
-            return Err(GaussError::config(
-                "out_features",
-                "must be >= 1, got 0",
-            ));
+            return Err(GaussError::config("out_features", "must be >= 1, got 0"));
         }
         self.validate()
     }
@@ -268,7 +262,10 @@ mod tests {
             ..Default::default()
         };
         let json = serde_json::to_string(&seeded).unwrap();
-        assert_eq!(serde_json::from_str::<GaussLayerConfig>(&json).unwrap(), seeded);
+        assert_eq!(
+            serde_json::from_str::<GaussLayerConfig>(&json).unwrap(),
+            seeded
+        );
         // A config written before `seed` existed: no seed, device generator.
         let old = r#"{"parameterization":"diag","init":{"center_std":0.2,"precision_scale":null,"perturbation":0.001}}"#;
         let parsed: GaussLayerConfig = serde_json::from_str(old).unwrap();

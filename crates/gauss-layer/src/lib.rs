@@ -56,5 +56,5 @@ pub mod testing;
 pub use config::{DistanceKernel, GaussLayerConfig, InitConfig, Parameterization, PositiveMap};
 pub use error::{GaussError, Result};
 pub use layer::{gauss_layer, GaussLayer};
-pub use precision::Precision;
 pub use net::{GaussNet, GaussNetConfig};
+pub use precision::Precision;

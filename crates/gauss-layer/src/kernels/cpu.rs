@@ -2,7 +2,6 @@
 //! checked GEMM call, tile sizes and a vectorizable squared distance.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use rayon::prelude::*;
@@ -48,36 +47,30 @@ pub(crate) fn rows_per_chunk(batch: usize) -> usize {
     batch.div_ceil(2 * pool_threads()).clamp(8, 1024)
 }
 
-/// Runs `work(state, item)` for every item in `0..items` on the rayon pool, handing items out
-/// dynamically (one shared cursor), so a thread that lags behind is not waited for.
-/// (Candle's spinning barrier pool measured slower here when cores are shared.)
-/// Each thread that takes an item makes one `state` with `init`; all states are returned.
+/// Runs `work(state, item)` for every item in `0..items` on the rayon pool (Candle's spinning
+/// barrier pool measured slower here when cores are shared). Worker `w` of `n` takes items
+/// `w, w + n, w + 2n, …` with one `state` made by `init`; the states come back in worker
+/// order. The static schedule is what makes results reproducible: callers that sum the states
+/// add the same partial sums in the same order on every run.
 pub(crate) fn for_each_item<S: Send>(
     items: usize,
     init: impl Fn() -> S + Sync,
     work: impl Fn(&mut S, usize) + Sync,
 ) -> Vec<S> {
-    let cursor = AtomicUsize::new(0);
-    let states = Mutex::new(Vec::new());
-    let run = |_thread: usize| {
+    let workers = pool_threads().min(items).max(1);
+    let run = |worker: usize| {
         let mut state = None;
-        loop {
-            let item = cursor.fetch_add(1, Ordering::Relaxed);
-            if item >= items {
-                break;
-            }
+        for item in (worker..items).step_by(workers) {
             work(state.get_or_insert_with(&init), item);
         }
-        if let Some(state) = state {
-            states.lock().unwrap_or_else(|e| e.into_inner()).push(state);
-        }
+        state
     };
-    if items <= 1 {
-        run(0);
+    let states: Vec<Option<S>> = if workers == 1 {
+        vec![run(0)]
     } else {
-        (0..pool_threads().min(items)).into_par_iter().for_each(run);
-    }
-    states.into_inner().unwrap_or_else(|e| e.into_inner())
+        (0..workers).into_par_iter().map(run).collect()
+    };
+    states.into_iter().flatten().collect()
 }
 
 /// The elements of a CPU tensor in row-major order: borrowed when contiguous, gathered

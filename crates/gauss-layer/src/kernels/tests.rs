@@ -818,3 +818,39 @@ fn expanded_fused_f32_gradients_match_autograd() -> TestResult {
     }
     Ok(())
 }
+
+/// Training must be reproducible: the fused backward sums per-thread partials, and the same
+/// inputs must give bit-identical gradients on every call (a static work schedule).
+#[test]
+fn fused_layer_gradients_are_bit_reproducible() -> TestResult {
+    use crate::{gauss_layer, GaussLayerConfig, InitConfig};
+    use candle_nn::{VarBuilder, VarMap};
+    for (dim, neurons) in [(16, 64), (48, 24)] {
+        let varmap = VarMap::new();
+        let config = GaussLayerConfig {
+            init: InitConfig {
+                seed: Some(7),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let layer = gauss_layer(dim, neurons, config, vb)?;
+        let x = normal(&mut StdRng::seed_from_u64(3), &[512, dim], 0.3).to_dtype(DType::F32)?;
+        let gradients = || -> std::result::Result<Vec<Vec<f32>>, Box<dyn std::error::Error>> {
+            let (y, _) = layer.forward_with_gaussian(&x, None)?;
+            let grads = y.sqr()?.sum_all()?.backward()?;
+            let mut all = Vec::new();
+            for var in varmap.all_vars() {
+                let grad = grads.get(&var).ok_or("a parameter got no gradient")?;
+                all.push(grad.flatten_all()?.to_vec1::<f32>()?);
+            }
+            Ok(all)
+        };
+        let first = gradients()?;
+        for _ in 0..3 {
+            assert_eq!(gradients()?, first, "d = {dim}, Z = {neurons}");
+        }
+    }
+    Ok(())
+}
