@@ -2,6 +2,11 @@
 //! parameter) against one Candle matmul of equal FLOPs, (B, d) × (d, Z·d), in the same run,
 //! and measures the peak heap during one forward. Prints one JSON line.
 //!
+//! Timing runs in rounds: each round runs the matmul, the forward and (with `--backward`)
+//! forward + backward once each, back to back, after warm-up rounds. Times are medians over
+//! rounds; the ratios are medians of the per-round ratios, so a slow spell of a shared machine
+//! hits the layer and its reference alike.
+//!
 //! ```text
 //! cargo run --release -p bench -- --batch 256 --in 32 --out 64 --param cholesky --backward
 //! ```
@@ -81,7 +86,9 @@ struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     forward_backward_min_ms: Option<f64>,
     matmul_equal_flops_min_ms: f64,
+    /// Median over the interleaved rounds of forward time / matmul time in the same round.
     forward_ratio: f64,
+    /// The same for forward + backward.
     #[serde(skip_serializing_if = "Option::is_none")]
     forward_backward_ratio: Option<f64>,
     /// Heap bytes one forward needs at its peak: input + parameters (live before it) plus
@@ -124,23 +131,49 @@ fn parse_dtype(name: &str) -> Result<DType> {
     })
 }
 
-/// Median and fastest wall time in milliseconds of `f` over `iters` runs after `warmup` runs
-/// (the fastest shows what the code does when other processes leave the cores alone).
-fn median_ms(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
+/// Wall times in milliseconds of every job, `iters` rounds after `warmup` rounds. Each round
+/// runs every job once, back to back, so a slow spell of a shared machine hits them alike and
+/// per-round ratios between jobs stay meaningful.
+fn interleaved_ms(
+    warmup: usize,
+    iters: usize,
+    jobs: &mut [&mut dyn FnMut() -> Result<()>],
+) -> Result<Vec<Vec<f64>>> {
     for _ in 0..warmup {
-        f()?;
+        for job in jobs.iter_mut() {
+            job()?;
+        }
     }
-    let mut times = Vec::with_capacity(iters.max(1));
+    let mut times = vec![Vec::with_capacity(iters.max(1)); jobs.len()];
     for _ in 0..iters.max(1) {
-        let start = Instant::now();
-        f()?;
-        times.push(start.elapsed().as_secs_f64() * 1e3);
+        for (job, times) in jobs.iter_mut().zip(times.iter_mut()) {
+            let start = Instant::now();
+            job()?;
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
     }
-    times.sort_by(f64::total_cmp);
-    Ok(Timing {
-        median: times[times.len() / 2],
-        min: times[0],
-    })
+    Ok(times)
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+/// Median over rounds of `times[i] / reference[i]`.
+fn median_ratio(times: &[f64], reference: &[f64]) -> f64 {
+    let ratios: Vec<f64> = times.iter().zip(reference).map(|(t, r)| t / r).collect();
+    median(&ratios)
+}
+
+impl Timing {
+    fn of(times: &[f64]) -> Self {
+        Timing {
+            median: median(times),
+            min: times.iter().copied().fold(f64::INFINITY, f64::min),
+        }
+    }
 }
 
 /// Median and fastest of repeated timings, in milliseconds.
@@ -209,31 +242,36 @@ fn main() -> Result<()> {
     let peak_bytes = peak_live_bytes - baseline_bytes + (x.elem_count() + param_elements) * element;
     drop(y);
 
-    let forward_timing = median_ms(args.warmup, args.iters, || {
-        let y = forward(&x)?;
-        device.synchronize()?;
-        drop(y);
-        Ok(())
-    })?;
-    let forward_backward = if args.backward {
-        Some(median_ms(args.warmup, args.iters, || {
-            let y = forward(&x)?;
-            let grads = y.sum_all()?.backward()?;
-            device.synchronize()?;
-            drop(grads);
-            Ok(())
-        })?)
-    } else {
-        None
-    };
     let lhs = Tensor::randn(0f32, 1f32, (b, d), &device)?.to_dtype(dtype)?;
     let rhs = Tensor::randn(0f32, 1f32, (d, z * d), &device)?.to_dtype(dtype)?;
-    let matmul = median_ms(args.warmup, args.iters, || {
+    let mut matmul_job = || -> Result<()> {
         let product = lhs.matmul(&rhs)?;
         device.synchronize()?;
         drop(product);
         Ok(())
-    })?;
+    };
+    let mut forward_job = || -> Result<()> {
+        let y = forward(&x)?;
+        device.synchronize()?;
+        drop(y);
+        Ok(())
+    };
+    let mut forward_backward_job = || -> Result<()> {
+        let y = forward(&x)?;
+        let grads = y.sum_all()?.backward()?;
+        device.synchronize()?;
+        drop(grads);
+        Ok(())
+    };
+    let mut jobs: Vec<&mut dyn FnMut() -> Result<()>> = vec![&mut matmul_job, &mut forward_job];
+    if args.backward {
+        jobs.push(&mut forward_backward_job);
+    }
+    let times = interleaved_ms(args.warmup, args.iters, &mut jobs)?;
+    let matmul = Timing::of(&times[0]);
+    let forward_timing = Timing::of(&times[1]);
+    let forward_backward = times.get(2).map(|t| Timing::of(t));
+    let forward_backward_ratio = times.get(2).map(|t| median_ratio(t, &times[0]));
 
     let report = Report {
         batch: b,
@@ -256,8 +294,8 @@ fn main() -> Result<()> {
         forward_min_ms: forward_timing.min,
         forward_backward_min_ms: forward_backward.map(|t| t.min),
         matmul_equal_flops_min_ms: matmul.min,
-        forward_ratio: forward_timing.median / matmul.median,
-        forward_backward_ratio: forward_backward.map(|t| t.median / matmul.median),
+        forward_ratio: median_ratio(&times[1], &times[0]),
+        forward_backward_ratio,
         peak_bytes,
         peak_live_bytes,
         baseline_bytes,
