@@ -6,7 +6,8 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
-use candle_core::{bail, CpuStorage, DType, Layout, Tensor, WithDType};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, DType, Layout, Shape, Tensor, WithDType};
 
 /// The float types the fused kernels run on (the ones `gemm` supports and the layer uses).
 pub(crate) trait Real: WithDType {
@@ -114,6 +115,57 @@ pub(crate) fn with_row_major<T: WithDType, R>(
         candle_core::Storage::Cpu(cpu) => f(&row_major::<T>(cpu, layout)?),
         _ => bail!("fused CPU kernel called with a tensor that is not on the CPU"),
     }
+}
+
+/// The `cpu_fwd` of a three-input op: runs `on_f32` or `on_f64` on the row-major inputs when
+/// all three share that dtype, else fails naming the op (`op`) and its inputs (`inputs`).
+pub(crate) fn dispatch_float3<R>(
+    op: &str,
+    inputs: &str,
+    [(s1, l1), (s2, l2), (s3, l3)]: [(&CpuStorage, &Layout); 3],
+    on_f32: impl FnOnce(&[f32], &[f32], &[f32]) -> R,
+    on_f64: impl FnOnce(&[f64], &[f64], &[f64]) -> R,
+) -> candle_core::Result<R> {
+    match (s1, s2, s3) {
+        (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => Ok(on_f32(
+            &row_major(s1, l1)?,
+            &row_major(s2, l2)?,
+            &row_major(s3, l3)?,
+        )),
+        (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => Ok(on_f64(
+            &row_major(s1, l1)?,
+            &row_major(s2, l2)?,
+            &row_major(s3, l3)?,
+        )),
+        _ => bail!(
+            "{op}: {inputs} must all be f32 or all f64, got {:?}, {:?}, {:?}",
+            s1.dtype(),
+            s2.dtype(),
+            s3.dtype()
+        ),
+    }
+}
+
+/// The host side of a three-gradient backward: `backward` runs on the row-major elements of
+/// the four `inputs` (dtype `T`, on the CPU) and its three gradients come back as tensors
+/// of `shapes` on the first input's device.
+pub(crate) fn host_backward3<T: Real>(
+    [a, b, c, d]: [&Tensor; 4],
+    shapes: [Shape; 3],
+    backward: impl FnOnce(&[T], &[T], &[T], &[T]) -> candle_core::Result<(Vec<T>, Vec<T>, Vec<T>)>,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (ga, gb, gc) = with_row_major::<T, _>(a, |a| {
+        with_row_major::<T, _>(b, |b| {
+            with_row_major::<T, _>(c, |c| with_row_major::<T, _>(d, |d| backward(a, b, c, d)))
+        })
+    })?;
+    let [sa, sb, sc] = shapes;
+    let device = a.device();
+    Ok((
+        Tensor::from_vec(ga, sa, device)?,
+        Tensor::from_vec(gb, sb, device)?,
+        Tensor::from_vec(gc, sc, device)?,
+    ))
 }
 
 /// Checks that the fused kernels support `dtype`.

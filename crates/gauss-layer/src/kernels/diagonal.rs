@@ -2,12 +2,11 @@
 //! `m2[b, z] = Σ_i p_zi (x_bi - c_zi)²` in B·Z·d work, exact (no expansion, no cancellation),
 //! with its fused backward. One pass, no (B, Z, d) temporary.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::cpu::{
-    check_float, for_each_chunk_mut, for_each_chunk_pair_mut, row_major, rows_per_chunk,
-    with_row_major, Real,
+    check_float, dispatch_float3, for_each_chunk_mut, for_each_chunk_pair_mut, host_backward3,
+    rows_per_chunk, Real,
 };
 use super::projected::check_same_dtype;
 use crate::error::{GaussError, Result};
@@ -164,33 +163,14 @@ impl CustomOp3 for DiagonalMahalanobisSq {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = sizes_from_dims(l1.dims(), l2.dims(), l3.dims())?;
         let shape = Shape::from((dims.0, dims.2));
-        match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let out = forward::<f32>(
-                    &row_major(s1, l1)?,
-                    &row_major(s2, l2)?,
-                    &row_major(s3, l3)?,
-                    dims,
-                );
-                Ok((CpuStorage::F32(out), shape))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let out = forward::<f64>(
-                    &row_major(s1, l1)?,
-                    &row_major(s2, l2)?,
-                    &row_major(s3, l3)?,
-                    dims,
-                );
-                Ok((CpuStorage::F64(out), shape))
-            }
-            _ => bail!(
-                "{}: x, center and diagonal must all be f32 or all f64, got {:?}, {:?}, {:?}",
-                self.name(),
-                s1.dtype(),
-                s2.dtype(),
-                s3.dtype()
-            ),
-        }
+        let out = dispatch_float3(
+            self.name(),
+            "x, center and diagonal",
+            [(s1, l1), (s2, l2), (s3, l3)],
+            |x, c, p| CpuStorage::F32(forward(x, c, p, dims)),
+            |x, c, p| CpuStorage::F64(forward(x, c, p, dims)),
+        )?;
+        Ok((out, shape))
     }
 
     fn bwd(
@@ -218,20 +198,16 @@ fn backward_tensors<T: Real>(
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     let dims = sizes_from_dims(x.dims(), center.dims(), diagonal.dims())?;
     let grad = grad.to_dtype(T::DTYPE)?.contiguous()?;
-    let (gx, gc, gp) = with_row_major::<T, _>(x, |x| {
-        with_row_major::<T, _>(center, |c| {
-            with_row_major::<T, _>(diagonal, |p| {
-                with_row_major::<T, _>(&grad, |g| Ok(backward(x, c, p, g, dims)))
-            })
-        })
-    })?;
     let (batch, dim, neurons) = dims;
-    let device = x.device();
-    Ok((
-        Tensor::from_vec(gx, (batch, dim), device)?,
-        Tensor::from_vec(gc, (neurons, dim), device)?,
-        Tensor::from_vec(gp, (neurons, dim), device)?,
-    ))
+    host_backward3::<T>(
+        [x, center, diagonal, &grad],
+        [
+            (batch, dim).into(),
+            (neurons, dim).into(),
+            (neurons, dim).into(),
+        ],
+        |x, c, p, g| Ok(backward(x, c, p, g, dims)),
+    )
 }
 
 /// Diagonal-precision distances through the fused CPU op (with its fused backward).

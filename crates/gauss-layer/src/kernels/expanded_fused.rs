@@ -22,12 +22,11 @@
 
 use std::sync::Mutex;
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::cpu::{
-    for_each_chunk_pair_mut_sized, for_each_item, matmul, row_major, row_mean, rows_per_chunk,
-    with_row_major, MatRef, Real, TILE_ROWS,
+    dispatch_float3, for_each_chunk_pair_mut_sized, for_each_item, host_backward3, matmul,
+    row_mean, rows_per_chunk, with_row_major, MatRef, Real, TILE_ROWS,
 };
 use super::projected::{self, sizes_from_dims, FactorMap, Factors, Sizes};
 use crate::config::{DistanceKernel, Parameterization};
@@ -807,27 +806,14 @@ impl CustomOp3 for FusedMahalanobisSq {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let s = sizes_from_dims(l1.dims(), l2.dims(), l3.dims())?;
         let shape = Shape::from((s.batch, s.neurons));
-        match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let mut out = vec![0f32; s.batch * s.neurons];
-                let (x, c, p) = (row_major(s1, l1)?, row_major(s2, l2)?, row_major(s3, l3)?);
-                self.plan.forward_into(&mut out, &x, &c, &p, s);
-                Ok((CpuStorage::F32(out), shape))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let mut out = vec![0f64; s.batch * s.neurons];
-                let (x, c, p) = (row_major(s1, l1)?, row_major(s2, l2)?, row_major(s3, l3)?);
-                self.plan.forward_into(&mut out, &x, &c, &p, s);
-                Ok((CpuStorage::F64(out), shape))
-            }
-            _ => bail!(
-                "{}: x, center and precision must all be f32 or all f64, got {:?}, {:?}, {:?}",
-                self.name(),
-                s1.dtype(),
-                s2.dtype(),
-                s3.dtype()
-            ),
-        }
+        let out = dispatch_float3(
+            self.name(),
+            "x, center and precision",
+            [(s1, l1), (s2, l2), (s3, l3)],
+            |x, c, p| CpuStorage::F32(self.forward(x, c, p, s)),
+            |x, c, p| CpuStorage::F64(self.forward(x, c, p, s)),
+        )?;
+        Ok((out, shape))
     }
 
     fn bwd(
@@ -857,19 +843,18 @@ impl FusedMahalanobisSq {
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let s = sizes_from_dims(x.dims(), center.dims(), input.dims())?;
         let grad = grad.to_dtype(T::DTYPE)?.contiguous()?;
-        let (gx, gc, gp) = with_row_major::<T, _>(x, |x| {
-            with_row_major::<T, _>(center, |c| {
-                with_row_major::<T, _>(input, |p| {
-                    with_row_major::<T, _>(&grad, |g| Ok(self.plan.backward(x, c, p, g, s)))
-                })
-            })
-        })?;
-        let device = x.device();
-        Ok((
-            Tensor::from_vec(gx, (s.batch, s.dim), device)?,
-            Tensor::from_vec(gc, (s.neurons, s.dim), device)?,
-            Tensor::from_vec(gp, (s.neurons, s.dim, s.dim), device)?,
-        ))
+        host_backward3::<T>(
+            [x, center, input, &grad],
+            s.gradient_shapes(),
+            |x, c, p, g| Ok(self.plan.backward(x, c, p, g, s)),
+        )
+    }
+
+    /// m2 (B, Z) of the plan, on row-major host slices.
+    fn forward<T: Real>(&self, x: &[T], center: &[T], input: &[T], s: Sizes) -> Vec<T> {
+        let mut out = vec![T::zero(); s.batch * s.neurons];
+        self.plan.forward_into(&mut out, x, center, input, s);
+        out
     }
 }
 

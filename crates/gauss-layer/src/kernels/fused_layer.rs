@@ -26,14 +26,13 @@
 //! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 
-use candle_core::backend::BackendStorage;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::cpu::{
-    for_each_chunk_mut, for_each_chunk_pair_mut, matmul, row_major, rows_per_chunk, with_row_major,
-    MatRef, Real, TILE_ROWS,
+    dispatch_float3, for_each_chunk_mut, for_each_chunk_pair_mut, host_backward3, matmul,
+    rows_per_chunk, with_row_major, MatRef, Real, TILE_ROWS,
 };
 use super::expanded_fused::{plan_for, Plan};
 use super::projected::{sizes_from_dims, Sizes};
@@ -318,33 +317,19 @@ impl CustomOp3 for FusedGaussLayer {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let sizes = self.sizes(l1.dims(), l2.dims(), l3.dims())?;
         let shape = Shape::from((sizes.batch, sizes.neurons));
-        let (y, g) = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let (y, g) = self.forward::<f32>(
-                    &row_major(s1, l1)?,
-                    &row_major(s2, l2)?,
-                    &row_major(s3, l3)?,
-                    sizes,
-                );
+        let (y, g) = dispatch_float3(
+            self.name(),
+            "inputs",
+            [(s1, l1), (s2, l2), (s3, l3)],
+            |x, p, f| {
+                let (y, g) = self.forward(x, p, f, sizes);
                 (CpuStorage::F32(y), CpuStorage::F32(g))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let (y, g) = self.forward::<f64>(
-                    &row_major(s1, l1)?,
-                    &row_major(s2, l2)?,
-                    &row_major(s3, l3)?,
-                    sizes,
-                );
+            },
+            |x, p, f| {
+                let (y, g) = self.forward(x, p, f, sizes);
                 (CpuStorage::F64(y), CpuStorage::F64(g))
-            }
-            _ => bail!(
-                "{}: inputs must all be f32 or all f64, got {:?}, {:?}, {:?}",
-                self.name(),
-                s1.dtype(),
-                s2.dtype(),
-                s3.dtype()
-            ),
-        };
+            },
+        )?;
         *lock(&self.shared.g_storage) = Some(g);
         Ok((y, shape))
     }
@@ -419,26 +404,22 @@ impl FusedGaussLayer {
             Some(grad_g) => Some(grad_g.to_dtype(T::DTYPE)?.contiguous()?),
             None => None,
         };
-        let (gx, gp, gf) = with_row_major::<T, _>(x, |x| {
-            with_row_major::<T, _>(params, |p| {
-                with_row_major::<T, _>(factor, |f| {
-                    with_row_major::<T, _>(g, |g| {
-                        with_row_major::<T, _>(&grad_y, |gy| match &grad_g {
-                            Some(grad_g) => with_row_major::<T, _>(grad_g, |gg| {
-                                Ok(self.backward(x, p, f, g, gy, Some(gg), s))
-                            }),
-                            None => Ok(self.backward(x, p, f, g, gy, None, s)),
-                        })
-                    })
+        host_backward3::<T>(
+            [x, params, factor, g],
+            [
+                (s.batch, s.dim).into(),
+                (s.neurons, self.width(s.dim)).into(),
+                (s.neurons, s.dim, s.dim).into(),
+            ],
+            |x, p, f, g| {
+                with_row_major::<T, _>(&grad_y, |gy| match &grad_g {
+                    Some(grad_g) => with_row_major::<T, _>(grad_g, |gg| {
+                        Ok(self.backward(x, p, f, g, gy, Some(gg), s))
+                    }),
+                    None => Ok(self.backward(x, p, f, g, gy, None, s)),
                 })
-            })
-        })?;
-        let device = x.device();
-        Ok((
-            Tensor::from_vec(gx, (s.batch, s.dim), device)?,
-            Tensor::from_vec(gp, (s.neurons, self.width(s.dim)), device)?,
-            Tensor::from_vec(gf, (s.neurons, s.dim, s.dim), device)?,
-        ))
+            },
+        )
     }
 }
 

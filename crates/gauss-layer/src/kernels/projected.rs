@@ -9,13 +9,12 @@
 //! Inputs are shifted by the mean of the centers first (`m2` does not change when x and c
 //! move together), so that `F(x - c)` loses fewer digits when the centers sit far from 0.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use std::sync::{Mutex, MutexGuard};
 
 use super::cpu::{
-    check_float, for_each_item, matmul, neurons_per_block, row_major, row_mean, rows_per_chunk,
-    squared_distance, with_row_major, MatRef, Real, TILE_ROWS,
+    check_float, dispatch_float3, for_each_item, host_backward3, matmul, neurons_per_block,
+    row_mean, rows_per_chunk, squared_distance, MatRef, Real, TILE_ROWS,
 };
 use crate::config::PositiveMap;
 use crate::error::{GaussError, Result};
@@ -26,6 +25,17 @@ pub(super) struct Sizes {
     pub batch: usize,
     pub dim: usize,
     pub neurons: usize,
+}
+
+impl Sizes {
+    /// Shapes of the gradients to x (B, d), the centers (Z, d) and a (Z, d, d) input.
+    pub(super) fn gradient_shapes(self) -> [Shape; 3] {
+        [
+            (self.batch, self.dim).into(),
+            (self.neurons, self.dim).into(),
+            (self.neurons, self.dim, self.dim).into(),
+        ]
+    }
 }
 
 pub(super) fn sizes_from_dims(x: &[usize], center: &[usize], factor: &[usize]) -> Result<Sizes> {
@@ -477,35 +487,14 @@ impl CustomOp3 for ProjectedMahalanobisSq {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let sizes = sizes_from_dims(l1.dims(), l2.dims(), l3.dims())?;
         let shape = Shape::from((sizes.batch, sizes.neurons));
-        match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let out = forward::<f32>(
-                    &row_major(s1, l1)?,
-                    &row_major(s2, l2)?,
-                    &row_major(s3, l3)?,
-                    self.map,
-                    sizes,
-                );
-                Ok((CpuStorage::F32(out), shape))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let out = forward::<f64>(
-                    &row_major(s1, l1)?,
-                    &row_major(s2, l2)?,
-                    &row_major(s3, l3)?,
-                    self.map,
-                    sizes,
-                );
-                Ok((CpuStorage::F64(out), shape))
-            }
-            _ => bail!(
-                "{}: x, center and factor must all be f32 or all f64, got {:?}, {:?}, {:?}",
-                self.name(),
-                s1.dtype(),
-                s2.dtype(),
-                s3.dtype()
-            ),
-        }
+        let out = dispatch_float3(
+            self.name(),
+            "x, center and factor",
+            [(s1, l1), (s2, l2), (s3, l3)],
+            |x, c, f| CpuStorage::F32(forward(x, c, f, self.map, sizes)),
+            |x, c, f| CpuStorage::F64(forward(x, c, f, self.map, sizes)),
+        )?;
+        Ok((out, shape))
     }
 
     fn bwd(
@@ -534,19 +523,11 @@ fn backward_tensors<T: Real>(
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     let sizes = sizes_from_dims(x.dims(), center.dims(), factor.dims())?;
     let grad = grad.to_dtype(T::DTYPE)?.contiguous()?;
-    let (gx, gc, gf) = with_row_major::<T, _>(x, |x| {
-        with_row_major::<T, _>(center, |c| {
-            with_row_major::<T, _>(factor, |f| {
-                with_row_major::<T, _>(&grad, |g| Ok(backward(x, c, f, g, map, sizes)))
-            })
-        })
-    })?;
-    let device = x.device();
-    Ok((
-        Tensor::from_vec(gx, (sizes.batch, sizes.dim), device)?,
-        Tensor::from_vec(gc, (sizes.neurons, sizes.dim), device)?,
-        Tensor::from_vec(gf, (sizes.neurons, sizes.dim, sizes.dim), device)?,
-    ))
+    host_backward3::<T>(
+        [x, center, factor, &grad],
+        sizes.gradient_shapes(),
+        |x, c, f, g| Ok(backward(x, c, f, g, map, sizes)),
+    )
 }
 
 /// The projected form through the fused CPU op (with its fused backward).

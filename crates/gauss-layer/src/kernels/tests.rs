@@ -98,6 +98,13 @@ fn max_relative_error(a: &Tensor, b: &Tensor, floor: f64) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// [`max_relative_error`] with the floor at `max |b|`: the error of a gradient relative to
+/// its largest entry.
+fn gradient_error(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
+    let scale = b.abs()?.max_all()?.to_scalar::<f64>()?;
+    Ok(max_relative_error(a, b, scale))
+}
+
 #[test]
 fn projected_fused_matches_oracle_in_f64() -> TestResult {
     // Sizes off every tile and lane multiple; 200 rows span several row tiles and chunks.
@@ -193,25 +200,25 @@ fn projected_fused_gradients_match_autograd() -> TestResult {
             .zip(fused.iter().zip(&oracle))
         {
             assert_eq!(a.dims(), b.dims(), "{name}");
-            let scale = b.abs()?.max_all()?.to_scalar::<f64>()?;
-            let err = max_relative_error(a, b, scale);
+            let err = gradient_error(a, b)?;
             assert!(err < 1e-10, "∂{name}: relative error {err:e}");
         }
     }
     Ok(())
 }
 
-#[test]
-fn projected_fused_f32_gradients_match_autograd() -> TestResult {
-    let c = case(7, 65, 16, 17, 10.0);
-    let mut rng = StdRng::seed_from_u64(107);
-    let upstream = normal(&mut rng, &[65, 17], 1.0).to_dtype(DType::F32)?;
+/// Gradients of `op` on the f32 values of a case against autograd through the f64 projected
+/// oracle on those very values, for an upstream gradient drawn from `upstream_seed`.
+fn check_f32_gradients(
+    op: impl Fn(&Tensor, &Tensor, &Tensor) -> crate::Result<Tensor>,
+    c: &Case,
+    upstream_seed: u64,
+) -> TestResult {
+    let (batch, neurons) = (c.x.dim(0)?, c.center.dim(0)?);
+    let mut rng = StdRng::seed_from_u64(upstream_seed);
+    let upstream = normal(&mut rng, &[batch, neurons], 1.0).to_dtype(DType::F32)?;
     let inputs32 = [&c.x, &c.center, &c.factor].map(|t| t.to_dtype(DType::F32).expect("f32"));
-    let fused = gradients(
-        mahalanobis_sq_projected_fused,
-        [&inputs32[0], &inputs32[1], &inputs32[2]],
-        &upstream,
-    )?;
+    let fused = gradients(op, [&inputs32[0], &inputs32[1], &inputs32[2]], &upstream)?;
     let inputs64 = inputs32
         .clone()
         .map(|t| t.to_dtype(DType::F64).expect("f64"));
@@ -221,11 +228,19 @@ fn projected_fused_f32_gradients_match_autograd() -> TestResult {
         &upstream.to_dtype(DType::F64)?,
     )?;
     for (a, b) in fused.iter().zip(&oracle) {
-        let scale = b.abs()?.max_all()?.to_scalar::<f64>()?;
-        let err = max_relative_error(a, b, scale);
+        let err = gradient_error(a, b)?;
         assert!(err < 1e-5, "relative error {err:e}");
     }
     Ok(())
+}
+
+#[test]
+fn projected_fused_f32_gradients_match_autograd() -> TestResult {
+    check_f32_gradients(
+        mahalanobis_sq_projected_fused,
+        &case(7, 65, 16, 17, 10.0),
+        107,
+    )
 }
 
 #[test]
@@ -284,8 +299,7 @@ fn diagonal_fused_matches_oracle_forward_and_backward() -> TestResult {
     let fused = gradients(mahalanobis_sq_diagonal_fused, inputs, &upstream)?;
     let oracle = gradients(|x, c, p| Ok(oracle_diagonal(x, c, p)?), inputs, &upstream)?;
     for (a, b) in fused.iter().zip(&oracle) {
-        let scale = b.abs()?.max_all()?.to_scalar::<f64>()?;
-        assert!(max_relative_error(a, b, scale) < 1e-11);
+        assert!(gradient_error(a, b)? < 1e-11);
     }
     Ok(())
 }
@@ -320,15 +334,13 @@ fn expanded_matches_oracle_forward_and_backward_in_f64() -> TestResult {
     };
     let oracle = gradients(naive, inputs, &upstream)?;
     for (name, (a, b)) in ["x", "center"].iter().zip(fast.iter().zip(&oracle)) {
-        let scale = b.abs()?.max_all()?.to_scalar::<f64>()?;
-        let err = max_relative_error(a, b, scale);
+        let err = gradient_error(a, b)?;
         assert!(err < 1e-10, "∂{name}: relative error {err:e}");
     }
     // ∂P: the expanded form sees only the symmetric part of P, so compare symmetrized.
     let sym = |t: &Tensor| t.add(&t.transpose(1, 2)?)?.affine(0.5, 0.0);
     let (a, b) = (sym(&fast[2])?, sym(&oracle[2])?);
-    let scale = b.abs()?.max_all()?.to_scalar::<f64>()?;
-    assert!(max_relative_error(&a, &b, scale) < 1e-10);
+    assert!(gradient_error(&a, &b)? < 1e-10);
     Ok(())
 }
 
@@ -411,8 +423,7 @@ fn cholesky_fused_matches_tensor_op_factor_forward_and_backward() -> TestResult 
         let a = gradients(fused, inputs, &upstream)?;
         let b = gradients(oracle, inputs, &upstream)?;
         for (name, (a, b)) in ["x", "center", "raw"].iter().zip(a.iter().zip(&b)) {
-            let scale = b.abs()?.max_all()?.to_scalar::<f64>()?;
-            let err = max_relative_error(a, b, scale);
+            let err = gradient_error(a, b)?;
             assert!(
                 err < 1e-10,
                 "∂{name} (exp map {exp_map}): relative error {err:e}"
@@ -736,8 +747,7 @@ fn expanded_fused_gradients_match_autograd() -> TestResult {
             .iter()
             .zip(fast.iter().zip(slow))
         {
-            let scale = b.abs()?.max_all()?.to_scalar::<f64>()?;
-            let err = max_relative_error(a, b, scale);
+            let err = gradient_error(a, b)?;
             assert!(err < 1e-10, "{what} ∂{name}: relative error {err:e}");
         }
         Ok::<(), candle_core::Error>(())
@@ -794,29 +804,11 @@ fn expanded_fused_gradients_match_autograd() -> TestResult {
 
 #[test]
 fn expanded_fused_f32_gradients_match_autograd() -> TestResult {
-    let c = case(61, 65, 16, 17, 1.0);
-    let mut rng = StdRng::seed_from_u64(161);
-    let upstream = normal(&mut rng, &[65, 17], 1.0).to_dtype(DType::F32)?;
-    let inputs32 = [&c.x, &c.center, &c.factor].map(|t| t.to_dtype(DType::F32).expect("f32"));
-    let fused = gradients(
+    check_f32_gradients(
         mahalanobis_sq_expanded_fused_factor,
-        [&inputs32[0], &inputs32[1], &inputs32[2]],
-        &upstream,
-    )?;
-    let inputs64 = inputs32
-        .clone()
-        .map(|t| t.to_dtype(DType::F64).expect("f64"));
-    let oracle = gradients(
-        |x, c, f| Ok(oracle_projected(x, c, f)?),
-        [&inputs64[0], &inputs64[1], &inputs64[2]],
-        &upstream.to_dtype(DType::F64)?,
-    )?;
-    for (a, b) in fused.iter().zip(&oracle) {
-        let scale = b.abs()?.max_all()?.to_scalar::<f64>()?;
-        let err = max_relative_error(a, b, scale);
-        assert!(err < 1e-5, "relative error {err:e}");
-    }
-    Ok(())
+        &case(61, 65, 16, 17, 1.0),
+        161,
+    )
 }
 
 /// Training must be reproducible: the fused backward sums per-thread partials, and the same
