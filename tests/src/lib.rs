@@ -1,1 +1,144 @@
-//! Cross-crate tests live in `tests/tests/`; this library is empty on purpose.
+//! Helpers shared by the workspace's cross-crate tests (`tests/tests/*.rs`, one binary per
+//! subject): host matrix math in plain f64 for closed-form expected values, random tensors,
+//! temporary directories, small networks, and reading one gradient.
+//!
+//! Tensor comparisons live in `gauss_layer::testing` (feature `testing`); the conformance
+//! runner has its own helpers in `tests/conformance/common.rs`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use gauss_layer::{GaussLayerConfig, GaussNet, GaussNetConfig, Parameterization};
+
+/// A dense matrix on the host, row-major.
+pub type Matrix = Vec<Vec<f64>>;
+
+/// `a · b`.
+pub fn matmul(a: &Matrix, b: &Matrix) -> Matrix {
+    let (n, k, m) = (a.len(), b.len(), b[0].len());
+    (0..n)
+        .map(|i| {
+            (0..m)
+                .map(|j| (0..k).map(|l| a[i][l] * b[l][j]).sum())
+                .collect()
+        })
+        .collect()
+}
+
+/// `aᵀ`.
+pub fn transpose(a: &Matrix) -> Matrix {
+    (0..a[0].len())
+        .map(|j| a.iter().map(|row| row[j]).collect())
+        .collect()
+}
+
+/// Gauss-Jordan inverse with partial pivoting, independent of the crates' own inverses; the
+/// test matrices are well conditioned.
+pub fn inverse(a: &Matrix) -> Matrix {
+    let d = a.len();
+    let mut aug: Matrix = a
+        .iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let mut r = row.clone();
+            r.extend((0..d).map(|j| if i == j { 1.0 } else { 0.0 }));
+            r
+        })
+        .collect();
+    for col in 0..d {
+        let pivot = (col..d)
+            .max_by(|&p, &q| aug[p][col].abs().total_cmp(&aug[q][col].abs()))
+            .unwrap_or(col);
+        aug.swap(col, pivot);
+        let p = aug[col][col];
+        for v in aug[col].iter_mut() {
+            *v /= p;
+        }
+        let pivot_row = aug[col].clone();
+        for (row, values) in aug.iter_mut().enumerate() {
+            if row != col {
+                let f = values[col];
+                for (v, p) in values.iter_mut().zip(&pivot_row) {
+                    *v -= f * p;
+                }
+            }
+        }
+    }
+    aug.into_iter().map(|r| r[d..].to_vec()).collect()
+}
+
+/// The lower Cholesky factor `L` of a symmetric positive-definite `a = L Lᵀ`.
+pub fn cholesky(a: &Matrix) -> Matrix {
+    let d = a.len();
+    let mut l = vec![vec![0.0; d]; d];
+    for i in 0..d {
+        for j in 0..=i {
+            let s: f64 = (0..j).map(|k| l[i][k] * l[j][k]).sum();
+            l[i][j] = if i == j {
+                (a[i][i] - s).sqrt()
+            } else {
+                (a[i][j] - s) / l[j][j]
+            };
+        }
+    }
+    l
+}
+
+/// `log |a|` of a symmetric positive-definite `a`, through its Cholesky factor.
+pub fn log_det_spd(a: &Matrix) -> f64 {
+    cholesky(a)
+        .iter()
+        .enumerate()
+        .map(|(i, row)| 2.0 * row[i].ln())
+        .sum()
+}
+
+/// Normal f64 samples with mean 0 and standard deviation `std`, on the CPU.
+pub fn randn(shape: &[usize], std: f64) -> Result<Tensor> {
+    Ok(Tensor::randn(0f64, std, shape, &Device::Cpu)?)
+}
+
+/// The gradient of `loss` with respect to `var`, or an error when none reached it.
+pub fn gradient_of(loss: &Tensor, var: &Var) -> Result<Tensor> {
+    loss.backward()?
+        .get(var)
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no gradient reached the variable"))
+}
+
+/// A fresh directory `gauss-tests-{name}-{pid}-{call}` under the system temporary directory.
+pub fn temp_dir(name: &str) -> Result<PathBuf> {
+    // Unique per call, so device variants of one test (run in parallel) never share files.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir =
+        std::env::temp_dir().join(format!("gauss-tests-{name}-{}-{call}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// A network on the CPU in `dtype`, with the `VarMap` holding its variables.
+pub fn new_net(config: GaussNetConfig, dtype: DType) -> Result<(GaussNet, VarMap)> {
+    let varmap = VarMap::new();
+    let net = GaussNet::new(
+        config,
+        VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu),
+    )?;
+    Ok((net, varmap))
+}
+
+/// A small network config: 3 inputs, one hidden layer of 4 diag neurons, 2 outputs.
+pub fn small_diag_net_config() -> GaussNetConfig {
+    GaussNetConfig {
+        in_features: 3,
+        hidden: vec![4],
+        out_features: 2,
+        layer: GaussLayerConfig {
+            parameterization: Parameterization::Diag,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}

@@ -10,8 +10,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use gauss_losses::{nll_covariance_factor, nll_precision_factor, Reduction};
 use rand::{Rng, SeedableRng};
 
-mod common;
-use common::{cholesky, inverse, matmul, transpose, Matrix};
+use gauss_tests::{cholesky, inverse, matmul, transpose, Matrix};
 
 fn to_matrix(t: &Tensor) -> Result<Matrix> {
     Ok(t.to_vec2::<f64>()?)

@@ -8,8 +8,7 @@ use gauss_layer::checkpoint;
 use gauss_layer::{GaussLayerConfig, GaussNet, GaussNetConfig, Parameterization};
 use gauss_losses::{fgn_objective, FgnObjectiveConfig};
 
-mod common;
-use common::new_net;
+use gauss_tests::new_net;
 
 /// Two Gaussian blobs in 4-D around ±1 on every axis, labels 0 and 1 (deterministic).
 fn blobs() -> Result<(Tensor, Tensor)> {

@@ -8,8 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use gauss_layer::checkpoint;
 use gauss_layer::{GaussLayerConfig, GaussNet, GaussNetConfig, Parameterization};
 
-mod common;
-use common::{new_net, small_diag_net_config, temp_dir};
+use gauss_tests::{new_net, small_diag_net_config, temp_dir};
 
 fn bits(t: &Tensor) -> Result<Vec<u64>> {
     Ok(t.flatten_all()?

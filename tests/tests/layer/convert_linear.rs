@@ -8,8 +8,7 @@ use candle_nn::Linear;
 use gauss_layer::convert::{linear_to_gauss_layer, mlp_to_gauss_net, ConvertOptions};
 use gauss_layer::Parameterization;
 
-mod common;
-use common::randn;
+use gauss_tests::randn;
 
 fn linear(fan_in: usize, fan_out: usize) -> Result<Linear> {
     Ok(Linear::new(

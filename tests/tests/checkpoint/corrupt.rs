@@ -8,8 +8,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use gauss_layer::{GaussError, GaussNet, GaussNetConfig};
 
-mod common;
-use common::{new_net, small_diag_net_config, temp_dir};
+use gauss_tests::{new_net, small_diag_net_config, temp_dir};
 
 /// A saved checkpoint: its path, its (name → tensor) map and its metadata.
 type Saved = (PathBuf, HashMap<String, Tensor>, HashMap<String, String>);

@@ -15,8 +15,7 @@ use gauss_layer::import::{
 use gauss_layer::testing::relative_error;
 use gauss_layer::GaussError;
 
-mod common;
-use common::randn;
+use gauss_tests::randn;
 
 const Z: usize = 4;
 const DIM: usize = 3;

@@ -7,8 +7,7 @@ use candle_nn::{Module, Optimizer, VarBuilder, VarMap};
 use gauss_layer::testing::relative_error;
 use gauss_layer::{gauss_layer, GaussLayerConfig, Parameterization, Precision};
 
-mod common;
-use common::temp_dir;
+use gauss_tests::temp_dir;
 
 fn layer_saves_and_loads_under_documented_names(device: &Device) -> anyhow::Result<()> {
     let dir = temp_dir("layer-vb")?;

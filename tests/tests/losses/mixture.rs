@@ -10,8 +10,7 @@ use gauss_losses::{
     layer_nll, mixture_logits, mixture_nll, mixture_nll_from_components, Reduction,
 };
 
-mod common;
-use common::gradient_of;
+use gauss_tests::gradient_of;
 
 #[test]
 fn single_component_mixture_equals_plain_nll() -> Result<()> {

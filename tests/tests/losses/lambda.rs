@@ -10,8 +10,7 @@ use gauss_layer::{GaussLayer, GaussLayerConfig, Parameterization, Precision};
 use gauss_losses::LambdaLoss;
 use rand::{Rng, SeedableRng};
 
-mod common;
-use common::{gradient_of, inverse, log_det_spd, matmul, transpose, Matrix};
+use gauss_tests::{gradient_of, inverse, log_det_spd, matmul, transpose, Matrix};
 
 /// Z random SPD matrices `B Bᵀ + d·0.5 I`, well conditioned.
 fn random_spd(seed: u64, z: usize, d: usize) -> Vec<Matrix> {

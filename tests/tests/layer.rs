@@ -1,0 +1,8 @@
+//! The layer and network through their public API: VarBuilder names, short training runs, classical → Gaussian conversion.
+
+#[path = "layer/convert_linear.rs"]
+mod convert_linear;
+#[path = "layer/training_short_run.rs"]
+mod training_short_run;
+#[path = "layer/varbuilder.rs"]
+mod varbuilder;
