@@ -17,7 +17,7 @@
 //! use std::collections::BTreeMap;
 //! use candle_core::{DType, Device};
 //! use candle_nn::{VarBuilder, VarMap};
-//! use gauss_layer::net::{GaussNet, GaussNetConfig};
+//! use gauss_layer::{GaussNet, GaussNetConfig};
 //! use gauss_layer::checkpoint;
 //!
 //! let config = GaussNetConfig { in_features: 4, hidden: vec![8], out_features: 3, ..Default::default() };

@@ -57,14 +57,6 @@ impl Parameterization {
             Parameterization::Sphere => "sphere",
         }
     }
-
-    /// Whether `P` is a full (d, d) matrix rather than a diagonal.
-    pub fn is_full(self) -> bool {
-        matches!(
-            self,
-            Parameterization::Cholesky | Parameterization::Direct | Parameterization::Expm
-        )
-    }
 }
 
 impl std::fmt::Display for Parameterization {
@@ -99,7 +91,8 @@ pub enum PositiveMap {
     Exp,
 }
 
-/// Which squared-Mahalanobis kernel the layer uses (DESIGN §4).
+/// Which form of the squared Mahalanobis distance the layer uses (see
+/// `docs/design.md` §4 and the table in the `kernels` notes of the crate docs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DistanceKernel {
@@ -167,6 +160,10 @@ pub struct GaussLayerConfig {
     pub gaussian_only: bool,
     /// Which distance kernel to use. Default: automatic.
     pub kernel: DistanceKernel,
+    /// Run the portable tensor-op forms of the kernels (what CUDA and Metal run) even on the
+    /// CPU, instead of the fused CPU ops. The results agree to rounding; the fused ops are
+    /// faster. Default `false`. Useful to test the GPU path on a machine without a GPU.
+    pub portable: bool,
     /// Initialization of a freshly created layer.
     pub init: InitConfig,
 }
@@ -182,8 +179,50 @@ impl Default for GaussLayerConfig {
             tied_bias: false,
             gaussian_only: false,
             kernel: DistanceKernel::Auto,
+            portable: false,
             init: InitConfig::default(),
         }
+    }
+}
+
+/// The part of a [`GaussLayerConfig`] that defines the map from a layer's raw precision
+/// tensor to its precision matrices: what a [`crate::Precision`] carries.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PrecisionConfig {
+    /// How the precision is stored.
+    pub parameterization: Parameterization,
+    /// Positive map of the Cholesky diagonal.
+    pub positive_map: PositiveMap,
+    /// Floor added to the mapped Cholesky diagonal.
+    pub factor_diag_floor: f64,
+    /// Smallest width of the Gaussian, if any.
+    pub width_floor: Option<f64>,
+}
+
+impl Default for PrecisionConfig {
+    fn default() -> Self {
+        GaussLayerConfig::default().precision_config()
+    }
+}
+
+impl From<&GaussLayerConfig> for PrecisionConfig {
+    fn from(config: &GaussLayerConfig) -> Self {
+        config.precision_config()
+    }
+}
+
+impl PrecisionConfig {
+    /// Checks the floors (as [`GaussLayerConfig::validate`] does for these fields).
+    ///
+    /// # Errors
+    /// [`GaussError::InvalidConfig`] naming the field: a negative or non-finite
+    /// `factor_diag_floor`, a non-positive or non-finite `width_floor`.
+    pub fn validate(&self) -> Result<()> {
+        check_finite_non_negative("factor_diag_floor", self.factor_diag_floor)?;
+        if let Some(width) = self.width_floor {
+            check_finite_positive("width_floor", width)?;
+        }
+        Ok(())
     }
 }
 
@@ -208,12 +247,22 @@ fn check_finite_positive(field: &'static str, value: f64) -> Result<()> {
 }
 
 impl GaussLayerConfig {
-    /// Checks that the config can work; called once by the constructors.
-    pub fn validate(&self) -> Result<()> {
-        check_finite_non_negative("factor_diag_floor", self.factor_diag_floor)?;
-        if let Some(width) = self.width_floor {
-            check_finite_positive("width_floor", width)?;
+    /// The fields that define the precision map (what a [`crate::Precision`] carries).
+    pub fn precision_config(&self) -> PrecisionConfig {
+        PrecisionConfig {
+            parameterization: self.parameterization,
+            positive_map: self.positive_map,
+            factor_diag_floor: self.factor_diag_floor,
+            width_floor: self.width_floor,
         }
+    }
+
+    /// Checks that the config can work; called once by the constructors.
+    ///
+    /// # Errors
+    /// [`GaussError::InvalidConfig`] naming the first field that cannot work.
+    pub fn validate(&self) -> Result<()> {
+        self.precision_config().validate()?;
         check_finite_non_negative("init.center_std", self.init.center_std)?;
         check_finite_non_negative("init.perturbation", self.init.perturbation)?;
         if let Some(scale) = self.init.precision_scale {
@@ -237,6 +286,9 @@ impl GaussLayerConfig {
     }
 
     /// Checks the layer sizes together with the config.
+    ///
+    /// # Errors
+    /// As [`GaussLayerConfig::validate`]; also zero `in_features` or `out_features`.
     pub fn validate_sizes(&self, in_features: usize, out_features: usize) -> Result<()> {
         if in_features == 0 {
             return Err(GaussError::config("in_features", "must be >= 1, got 0"));

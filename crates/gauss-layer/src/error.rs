@@ -1,9 +1,12 @@
-//! The error type of the crate.
+//! The error type of `gauss-layer` and `gauss-losses` (one type for both, as candle has one
+//! for its crates).
 //!
 //! Every fallible function returns [`Result`]. Errors name what was expected and what came
 //! (a shape, a tensor name, a config field), so a user can fix the call without reading code.
 
-/// Errors returned by `gauss-layer`.
+use candle_core::{DType, Tensor};
+
+/// Errors returned by `gauss-layer` and `gauss-losses`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum GaussError {
@@ -22,15 +25,33 @@ pub enum GaussError {
         got: Vec<usize>,
     },
 
-    /// A tensor had the wrong dtype.
-    #[error("{what}: expected dtype {expected:?}, got {got:?}")]
+    /// A tensor had a dtype that does not fit: another tensor's, or one the operation does
+    /// not support.
+    #[error("{what}: expected dtype {expected}, got {got:?}")]
     DType {
         /// Which tensor was at fault.
         what: String,
-        /// The expected dtype.
-        expected: candle_core::DType,
+        /// The dtype(s) that would work, in words, e.g. `"F32 (the dtype of center)"` or
+        /// `"a float dtype (F16, BF16, F32, F64)"`.
+        expected: String,
         /// The dtype that came.
-        got: candle_core::DType,
+        got: DType,
+    },
+
+    /// A batch with no samples where at least one is needed (its mean is undefined).
+    #[error("{what}: expected at least one sample, got an empty batch of shape {got:?}")]
+    EmptyBatch {
+        /// Which tensor was empty.
+        what: String,
+        /// Its shape.
+        got: Vec<usize>,
+    },
+
+    /// A loss over the layers of a network was asked for with no layers at all.
+    #[error("{what}: expected at least one Gaussian layer, got none")]
+    NoLayers {
+        /// Which loss was asked for.
+        what: &'static str,
     },
 
     /// A configuration that cannot work (zero features, non-positive floors, ...).
@@ -47,8 +68,19 @@ pub enum GaussError {
     NotPositiveDefinite {
         /// Index of the first offending neuron.
         neuron: usize,
-        /// Its smallest eigenvalue.
+        /// Its smallest eigenvalue (for checks that only see a Cholesky pivot: the pivot, an
+        /// upper bound of the smallest eigenvalue's sign).
         min_eigenvalue: f64,
+    },
+
+    /// A numerical result that cannot be represented in the working dtype (an overflowing
+    /// matrix exponential, ...).
+    #[error("{what}: {reason}")]
+    Numerical {
+        /// Which computation failed.
+        what: String,
+        /// Why, naming the value at fault.
+        reason: String,
     },
 
     /// A checkpoint file could not be read, parsed or validated.
@@ -90,9 +122,43 @@ impl GaussError {
             reason: reason.into(),
         }
     }
+
+    /// Shorthand for a [`GaussError::DType`] error.
+    pub fn dtype(what: impl Into<String>, expected: impl Into<String>, got: DType) -> Self {
+        Self::DType {
+            what: what.into(),
+            expected: expected.into(),
+            got,
+        }
+    }
 }
 
-/// Lets `gauss-layer` errors flow through Candle's `Result` (e.g. in `Module::forward`).
+/// Checks that `tensor` has dtype `expected`, naming `what` and, in the message, `whose` (the
+/// tensor whose dtype it must share, e.g. `"center"`).
+pub(crate) fn check_dtype(what: &str, tensor: &Tensor, expected: DType, whose: &str) -> Result<()> {
+    if tensor.dtype() != expected {
+        return Err(GaussError::dtype(
+            what,
+            format!("{expected:?} (the dtype of {whose})"),
+            tensor.dtype(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `dtype` is a float dtype the layer supports (F16, BF16, F32, F64).
+pub(crate) fn check_float_dtype(what: &str, dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F16 | DType::BF16 | DType::F32 | DType::F64 => Ok(()),
+        other => Err(GaussError::dtype(
+            what,
+            "a float dtype (F16, BF16, F32 or F64)",
+            other,
+        )),
+    }
+}
+
+/// Lets errors flow through Candle's `Result` (e.g. in `Module::forward`).
 impl From<GaussError> for candle_core::Error {
     fn from(err: GaussError) -> Self {
         match err {

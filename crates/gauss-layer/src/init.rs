@@ -29,7 +29,7 @@
 //! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 
-use candle_core::{DType, Device, Shape, Tensor};
+use candle_core::Shape;
 use candle_nn::init::NormalOrUniform;
 use candle_nn::Init;
 use rand::rngs::StdRng;
@@ -40,7 +40,7 @@ use crate::error::{GaussError, Result};
 
 /// The independent random streams of one seeded layer, one per initialized tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum InitStream {
+pub(crate) enum InitStream {
     /// The linear weights (Kaiming uniform).
     Weight,
     /// The stored bias (uniform ±1/√d).
@@ -64,7 +64,7 @@ impl InitStream {
 
 /// The generator of one stream of a layer seeded with `seed`: the stream's child seed is the
 /// `index + 1`-th draw of `StdRng::seed_from_u64(seed)`.
-pub fn stream_rng(seed: u64, stream: InitStream) -> StdRng {
+pub(crate) fn stream_rng(seed: u64, stream: InitStream) -> StdRng {
     let mut master = StdRng::seed_from_u64(seed);
     let mut child = master.next_u64();
     for _ in 0..stream.index() {
@@ -127,22 +127,10 @@ pub(crate) fn sample(init: Init, shape: &Shape, rng: &mut StdRng) -> Result<Vec<
     }
 }
 
-/// Host f64 values as a tensor of `dtype` on `device`. The rounding to `dtype` happens on the
-/// CPU, so every device receives the same bits.
-pub(crate) fn host_tensor(
-    values: Vec<f64>,
-    shape: &Shape,
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
-    Ok(Tensor::from_vec(values, shape, &Device::Cpu)?
-        .to_dtype(dtype)?
-        .to_device(device)?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{DType, Device};
     use candle_nn::init::DEFAULT_KAIMING_UNIFORM;
 
     #[test]

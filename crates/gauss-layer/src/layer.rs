@@ -20,14 +20,14 @@
 //! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 
-use candle_core::{DType, Shape, Tensor, D};
+use candle_core::{Shape, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
-use crate::activation;
 use crate::config::GaussLayerConfig;
-use crate::error::{GaussError, Result};
+use crate::error::{check_dtype, check_float_dtype, GaussError, Result};
 use crate::init::{self, InitStream};
-use crate::kernels;
+use crate::kernels::{self, layer_op, Operand, ResolvedKernel};
+use crate::ops;
 use crate::precision::Precision;
 
 /// A layer of `out_features` Gaussian neurons over `in_features` inputs.
@@ -38,17 +38,6 @@ pub struct GaussLayer {
     center: Tensor,
     precision: Precision,
     config: GaussLayerConfig,
-}
-
-fn check_dtype(what: &str, tensor: &Tensor, expected: DType) -> Result<()> {
-    if tensor.dtype() != expected {
-        return Err(GaussError::DType {
-            what: what.to_string(),
-            expected,
-            got: tensor.dtype(),
-        });
-    }
-    Ok(())
 }
 
 fn check_device(what: &str, tensor: &Tensor, center: &Tensor) -> Result<()> {
@@ -69,12 +58,34 @@ impl GaussLayer {
     /// Builds a layer from tensors.
     ///
     /// Every tensor must have the dtype and device of `center`. The precision must have been
-    /// built with the same parameterization, positive map, factor floor and width floor as
-    /// `config` (e.g. `Precision::from_raw(raw, d, &config)`).
+    /// built with the precision part of `config` ([`GaussLayerConfig::precision_config`]: the
+    /// parameterization, positive map, factor floor and width floor), e.g.
+    /// `Precision::from_raw(raw, d, &config)`.
     ///
     /// # Shapes
     /// `weight`: (Z, d) (`None` only for `gaussian_only`), `bias`: (Z) (`None` for tied bias,
     /// gaussian-only, or no bias), `center`: (Z, d); `precision` over Z neurons and d dims.
+    ///
+    /// # Errors
+    /// An invalid config; a tensor of the wrong shape, dtype or device (the message names
+    /// it); a weight or bias the config does not allow (or a missing weight); a precision
+    /// built with another precision config.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use gauss_layer::{GaussLayer, GaussLayerConfig, Parameterization, Precision};
+    /// let config = GaussLayerConfig { parameterization: Parameterization::Diag, ..Default::default() };
+    /// let (z, d) = (3, 2);
+    /// let weight = Tensor::ones((z, d), DType::F32, &Device::Cpu)?;
+    /// let center = Tensor::zeros((z, d), DType::F32, &Device::Cpu)?;
+    /// let raw = Tensor::zeros((z, d), DType::F32, &Device::Cpu)?; // P = I
+    /// let precision = Precision::from_raw(raw, d, &config)?;
+    /// let layer = GaussLayer::new(Some(weight), None, center, precision, config)?;
+    /// // At x = (1, 1): m2 = 2, g = e^-1, y = (1 + 1)·e^-1.
+    /// let (y, g) = layer.forward_with_gaussian(&Tensor::ones((1, d), DType::F32, &Device::Cpu)?, None)?;
+    /// assert!((y.to_vec2::<f32>()?[0][0] - 2.0 * (-1f32).exp()).abs() < 1e-6);
+    /// # Ok::<(), gauss_layer::GaussError>(())
+    /// ```
     pub fn new(
         weight: Option<Tensor>,
         bias: Option<Tensor>,
@@ -89,13 +100,7 @@ impl GaussLayer {
         }
         let (z, d) = (cd[0], cd[1]);
         let dtype = center.dtype();
-        if !matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64) {
-            return Err(GaussError::DType {
-                what: "center".into(),
-                expected: DType::F32,
-                got: dtype,
-            });
-        }
+        check_float_dtype("center", dtype)?;
         match (&weight, config.gaussian_only) {
             (Some(_), true) => {
                 return Err(GaussError::config(
@@ -113,7 +118,7 @@ impl GaussLayer {
                 if w.dims() != [z, d] {
                     return Err(GaussError::shape("weight", format!("({z}, {d})"), w.dims()));
                 }
-                check_dtype("weight", w, dtype)?;
+                check_dtype("weight", w, dtype, "center")?;
                 check_device("weight", w, &center)?;
             }
             (None, true) => {}
@@ -132,7 +137,7 @@ impl GaussLayer {
             if b.dims() != [z] {
                 return Err(GaussError::shape("bias", format!("({z})"), b.dims()));
             }
-            check_dtype("bias", b, dtype)?;
+            check_dtype("bias", b, dtype, "center")?;
             check_device("bias", b, &center)?;
         }
         let name = Precision::tensor_name(precision.parameterization());
@@ -146,13 +151,14 @@ impl GaussLayer {
                 ),
             ));
         }
-        if precision.positive_map() != config.positive_map
-            || precision.factor_diag_floor() != config.factor_diag_floor
-            || precision.width_floor() != config.width_floor
-        {
+        if precision.config() != config.precision_config() {
             return Err(GaussError::config(
                 "precision",
-                "was built with another positive_map, factor_diag_floor or width_floor than the layer config",
+                format!(
+                    "was built with {:?}, but the layer config says {:?}",
+                    precision.config(),
+                    config.precision_config()
+                ),
             ));
         }
         let expected_raw = Precision::raw_shape(config.parameterization, z, d);
@@ -167,6 +173,7 @@ impl GaussLayer {
             &format!("precision tensor `{name}`"),
             precision.raw(),
             dtype,
+            "center",
         )?;
         check_device(
             &format!("precision tensor `{name}`"),
@@ -182,65 +189,126 @@ impl GaussLayer {
         })
     }
 
-    fn check_input(&self, x: &Tensor) -> Result<()> {
+    /// Checks `x` (…, d) and returns it flattened to (N, d) with the leading dims.
+    fn flatten_input(&self, x: &Tensor) -> Result<(Tensor, Vec<usize>)> {
         let d = self.in_features();
-        if x.rank() != 2 || x.dims()[1] != d {
+        let dims = x.dims();
+        if dims.len() < 2 || dims[dims.len() - 1] != d {
             return Err(GaussError::shape(
                 "input x",
-                format!("(batch, {d})"),
-                x.dims(),
+                format!("(batch, {d}), or (..., batch, {d})"),
+                dims,
             ));
         }
-        check_dtype("input x", x, self.center.dtype())
+        check_dtype("input x", x, self.center.dtype(), "center")?;
+        let leading = dims[..dims.len() - 1].to_vec();
+        if dims.len() == 2 {
+            return Ok((x.clone(), leading));
+        }
+        Ok((x.reshape((leading.iter().product::<usize>(), d))?, leading))
     }
 
     /// Output `y` and the (gated) Gaussian activations `g`, gated by `prev_g` when given.
     ///
+    /// Inputs of any rank ≥ 2 are taken as batches of rows, as `candle_nn::Linear` does: the
+    /// leading dimensions of `x` come back on `y` and `g`.
+    ///
+    /// An input row with a NaN or ±∞ entry gives NaN in that row of `y` and `g`, through
+    /// every kernel; the other rows are unaffected.
+    ///
     /// # Shapes
-    /// `x`: (B, d), `prev_g`: (B, K) → `y`: (B, Z), `g`: (B, Z)
+    /// `x`: (B, d) or (…, B, d), `prev_g`: (B, K) or (…, B, K) → `y`, `g`: (B, Z) or (…, B, Z)
+    ///
+    /// # Errors
+    /// An input of the wrong width, rank or dtype; a `prev_g` whose leading dimensions differ
+    /// from `x`'s or whose width is 0.
     pub fn forward_with_gaussian(
         &self,
         x: &Tensor,
         prev_g: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor)> {
-        self.check_input(x)?;
-        if let Some(prev) = prev_g {
-            let batch = x.dims()[0];
-            if prev.rank() != 2 || prev.dims()[0] != batch || prev.dims()[1] == 0 {
-                return Err(GaussError::shape(
-                    "prev_g",
-                    format!("({batch}, K) with K >= 1 (the batch size of x)"),
-                    prev.dims(),
-                ));
-            }
-            check_dtype("prev_g", prev, self.center.dtype())?;
-        }
-        if let Some((y, g)) = self.forward_fused(x)? {
-            // Gating multiplies g, and so y = linear·g, by the same per-row factor.
-            return match prev_g {
-                Some(prev) => {
-                    let strongest = prev.max_keepdim(D::Minus1)?;
-                    Ok((y.broadcast_mul(&strongest)?, g.broadcast_mul(&strongest)?))
+        let (x, leading) = self.flatten_input(x)?;
+        let prev = match prev_g {
+            Some(prev) => {
+                let pd = prev.dims();
+                if pd.len() != leading.len() + 1
+                    || pd[..leading.len()] != leading[..]
+                    || pd[pd.len() - 1] == 0
+                {
+                    return Err(GaussError::shape(
+                        "prev_g",
+                        format!(
+                            "({}, K) with K >= 1 (the leading dimensions of x)",
+                            leading
+                                .iter()
+                                .map(|v| v.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                        pd,
+                    ));
                 }
-                None => Ok((y, g)),
-            };
-        }
-        let m2 = self.mahalanobis_sq(x)?;
-        let mut g = activation::gaussian(&m2)?;
-        if let Some(prev) = prev_g {
-            g = activation::gate(&g, prev)?;
-        }
-        let Some(weight) = &self.weight else {
-            return Ok((g.clone(), g));
+                check_dtype("prev_g", prev, self.center.dtype(), "center")?;
+                let k = pd[pd.len() - 1];
+                Some(prev.reshape((x.dim(0)?, k))?)
+            }
+            None => None,
         };
-        let mut linear = x.matmul(&weight.t()?)?;
-        if let Some(bias) = self.effective_bias(weight)? {
-            linear = linear.broadcast_add(&bias.unsqueeze(0)?)?;
+        let (y, g) = self.forward_rows(&x, prev.as_ref())?;
+        if leading.len() == 1 {
+            return Ok((y, g));
         }
-        if self.config.tanh {
-            linear = linear.tanh()?;
+        let mut shape = leading;
+        shape.push(self.out_features());
+        Ok((y.reshape(shape.as_slice())?, g.reshape(shape)?))
+    }
+
+    /// [`GaussLayer::forward_with_gaussian`] on checked rows `x` (N, d), `prev_g` (N, K).
+    fn forward_rows(&self, x: &Tensor, prev_g: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        let resolved = self.resolve(x)?;
+        let (y, g) = match (&self.weight, &resolved.operand) {
+            (Some(weight), Operand::Fused(input, plan)) => {
+                // Gating multiplies g, and so y = linear·g, by the same per-row factor.
+                let bias = self.effective_bias(weight)?;
+                layer_op::forward(
+                    x,
+                    &self.center,
+                    weight,
+                    bias.as_ref(),
+                    input,
+                    *plan,
+                    self.config.tanh,
+                )?
+            }
+            _ => {
+                let m2 = kernels::run(x, &self.center, &resolved)?;
+                let g = ops::gaussian(&m2)?;
+                match &self.weight {
+                    None => (g.clone(), g),
+                    Some(weight) => {
+                        let mut linear = x.matmul(&weight.t()?)?;
+                        if let Some(bias) = self.effective_bias(weight)? {
+                            linear = linear.broadcast_add(&bias.unsqueeze(0)?)?;
+                        }
+                        if self.config.tanh {
+                            linear = linear.tanh()?;
+                        }
+                        ((linear * &g)?, g)
+                    }
+                }
+            }
+        };
+        match prev_g {
+            None => Ok((y, g)),
+            Some(prev) => {
+                let strongest = prev.max_keepdim(D::Minus1)?;
+                if self.config.gaussian_only {
+                    let g = g.broadcast_mul(&strongest)?;
+                    return Ok((g.clone(), g));
+                }
+                Ok((y.broadcast_mul(&strongest)?, g.broadcast_mul(&strongest)?))
+            }
         }
-        Ok(((linear * &g)?, g))
     }
 
     /// The bias of the linear part: `-W·c` when tied, else the stored one (if any).
@@ -251,35 +319,42 @@ impl GaussLayer {
         Ok(self.bias.clone())
     }
 
-    /// The whole layer as one fused CPU op where it applies (a linear part without `tanh`,
-    /// a factor-based precision, f32/f64 on the CPU; see
-    /// [`kernels::fused_layer::gauss_layer_forward_fused`]): fewer (B, Z) temporaries and
-    /// passes over memory than composing the layer from tensor ops. `None` elsewhere.
-    fn forward_fused(&self, x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
-        let Some(weight) = &self.weight else {
-            return Ok(None);
-        };
-        if self.config.tanh {
-            return Ok(None);
-        }
-        let bias = self.effective_bias(weight)?;
-        kernels::fused_layer::gauss_layer_forward_fused(
+    fn resolve(&self, x: &Tensor) -> Result<kernels::Resolved> {
+        kernels::resolve(
             x,
             &self.center,
-            weight,
-            bias.as_ref(),
             &self.precision,
             self.config.kernel,
+            self.config.portable,
         )
     }
 
     /// Squared Mahalanobis distances through the configured kernel.
     ///
     /// # Shapes
-    /// `x`: (B, d) → (B, Z)
+    /// `x`: (B, d) or (…, B, d) → (B, Z) or (…, B, Z)
+    ///
+    /// # Errors
+    /// An input of the wrong width, rank or dtype.
     pub fn mahalanobis_sq(&self, x: &Tensor) -> Result<Tensor> {
-        self.check_input(x)?;
-        kernels::mahalanobis_sq(x, &self.center, &self.precision, self.config.kernel)
+        let (rows, leading) = self.flatten_input(x)?;
+        let m2 = kernels::run(&rows, &self.center, &self.resolve(&rows)?)?;
+        if leading.len() == 1 {
+            return Ok(m2);
+        }
+        let mut shape = leading;
+        shape.push(self.out_features());
+        Ok(m2.reshape(shape)?)
+    }
+
+    /// The kernel [`GaussLayer::forward_with_gaussian`] runs for this input (for logs and
+    /// benchmarks; see the table in `docs/design.md` §4).
+    ///
+    /// # Errors
+    /// As [`GaussLayer::mahalanobis_sq`].
+    pub fn resolved_kernel(&self, x: &Tensor) -> Result<ResolvedKernel> {
+        let (rows, _) = self.flatten_input(x)?;
+        Ok(self.resolve(&rows)?.kernel)
     }
 
     /// `d`.
@@ -427,7 +502,7 @@ fn get_or_init<S: Into<Shape>>(
     }
     let var = vb.get_with_hints(shape.clone(), name, Init::Const(0.0))?;
     let values = init::sample(init, &shape, &mut init::stream_rng(seed, stream))?;
-    let value = init::host_tensor(values, &shape, var.dtype(), var.device())?;
+    let value = crate::linalg::host::from_host(values, shape.dims(), var.dtype(), var.device())?;
     var.slice_set(&value, 0, 0)?;
     Ok(var)
 }
@@ -437,7 +512,7 @@ mod tests {
     use super::*;
     use crate::config::{InitConfig, Parameterization};
     use crate::testing::{all_finite, relative_error};
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
     use candle_nn::{Module, VarMap};
 
     fn build(

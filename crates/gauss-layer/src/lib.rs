@@ -11,10 +11,13 @@
 //!   a [`candle_nn::Module`].
 //! - [`Precision`]: the five parameterizations of `P` ([`Parameterization`]): cholesky
 //!   (default), direct (with [`repair`]), expm, diag, sphere.
-//! - A functional core of pure tensor functions: [`distance`], [`activation`], [`linalg`],
-//!   with the fused CPU kernels and their automatic choice in [`kernels`].
+//! - [`ops`]: the functional core (distances through the kernel resolver, the Gaussian, the
+//!   gate) and [`linalg`]: batched linear algebra in tensor ops (every device).
 //! - [`GaussNet`]: a stack of layers; [`checkpoint`]: self-describing safetensors files;
 //!   [`import`]: PyTorch FGN state dicts; [`convert`]: classical `Linear` → Gaussian neurons.
+//!
+//! The design notes the code refers to (the math, the kernels and where each runs, the
+//! promises) are in `docs/design.md` of the repository.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -37,24 +40,28 @@
 #[doc = include_str!("../../../README.md")]
 pub struct ReadmeDoctests;
 
-pub mod activation;
 pub mod checkpoint;
-pub mod config;
+mod config;
 pub mod convert;
-pub mod distance;
-pub mod error;
+mod error;
 pub mod import;
-pub mod init;
-pub mod kernels;
-pub mod layer;
+mod init;
+mod kernels;
+mod layer;
 pub mod linalg;
-pub mod net;
-pub mod precision;
+mod net;
+pub mod ops;
+mod precision;
 pub mod repair;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use config::{DistanceKernel, GaussLayerConfig, InitConfig, Parameterization, PositiveMap};
+pub use config::{
+    DistanceKernel, GaussLayerConfig, InitConfig, Parameterization, PositiveMap, PrecisionConfig,
+};
 pub use error::{GaussError, Result};
+pub use init::layer_seed;
+pub use kernels::ResolvedKernel;
 pub use layer::{gauss_layer, GaussLayer};
 pub use net::{GaussNet, GaussNetConfig};
 pub use precision::Precision;

@@ -14,7 +14,7 @@
 //! ```
 //! use candle_core::{DType, Device, Tensor};
 //! use candle_nn::{VarBuilder, VarMap};
-//! use gauss_layer::net::{GaussNet, GaussNetConfig};
+//! use gauss_layer::{GaussNet, GaussNetConfig};
 //!
 //! let config = GaussNetConfig { in_features: 4, hidden: vec![8], out_features: 3, ..Default::default() };
 //! let varmap = VarMap::new();

@@ -9,9 +9,14 @@
 //!
 //! # Device round trip
 //! The eigendecompositions run on the CPU through `faer`, in f64: the matrices are copied to
-//! the host and converted to f64, fixed, then copied back to the original device and dtype.
-//! That is a (Z, d, d) transfer each way plus Z eigendecompositions of O(d³): cheap next to
-//! a training step for moderate d, but not free; repairing every few steps is often enough.
+//! the host (then converted to f64 there), fixed, then copied back to the original device and
+//! dtype. That is a (Z, d, d) transfer each way plus Z eigendecompositions of O(d³): cheap
+//! next to a training step for moderate d, but not free; repairing every few steps is often
+//! enough. [`ensure_positive_definite`], which the losses call on every step, copies nothing:
+//! on a GPU it factors on the device and reads one scalar back.
+//!
+//! A matrix holding NaN or infinite values is an error here ([`GaussError::Numerical`]),
+//! never a NaN repair.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -26,11 +31,11 @@
 //! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 
-use candle_core::{DType, Device, Tensor, Var};
-use faer::{Mat, Side};
+use candle_core::{Tensor, Var};
 
 use crate::config::Parameterization;
 use crate::error::{GaussError, Result};
+use crate::linalg::{self, host};
 use crate::precision::Precision;
 
 /// Positive-definiteness of one neuron's precision.
@@ -87,79 +92,16 @@ impl PdReport {
     }
 }
 
-/// Copies a (Z, d, d) tensor to the host as f64, returning (Z, d, row-major values).
-pub(crate) fn to_host_matrices(matrices: &Tensor, what: &str) -> Result<(usize, usize, Vec<f64>)> {
-    let dims = matrices.dims();
-    if dims.len() != 3 || dims[1] != dims[2] {
-        return Err(GaussError::shape(what, "(Z, d, d)", dims));
-    }
-    let values = matrices
-        .to_dtype(DType::F64)?
-        .flatten_all()?
-        .to_vec1::<f64>()?;
-    Ok((dims[0], dims[1], values))
-}
-
-/// Builds a tensor from host f64 values on the given device and dtype.
-pub(crate) fn from_host(
-    values: Vec<f64>,
-    shape: &[usize],
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
-    Ok(Tensor::from_vec(values, shape, &Device::Cpu)?
-        .to_dtype(dtype)?
-        .to_device(device)?)
-}
-
-/// The symmetric part of one row-major d×d block as a faer matrix.
-pub(crate) fn symmetric_block(values: &[f64], d: usize) -> Mat<f64> {
-    Mat::from_fn(d, d, |i, j| 0.5 * (values[i * d + j] + values[j * d + i]))
-}
-
-/// Eigenvalues (ascending) and eigenvectors (columns) of a symmetric matrix.
-pub(crate) fn symmetric_eigen(matrix: &Mat<f64>) -> Result<(Vec<f64>, Mat<f64>)> {
-    let evd = matrix.self_adjoint_eigen(Side::Lower).map_err(|e| {
-        GaussError::Candle(candle_core::Error::Msg(format!(
-            "symmetric eigendecomposition failed: {e:?}"
-        )))
-    })?;
-    let s = evd.S().column_vector();
-    let values = (0..matrix.nrows()).map(|i| s[i]).collect();
-    Ok((values, evd.U().to_owned()))
-}
-
-/// `U diag(f(λ)) Uᵀ` as row-major values.
-pub(crate) fn from_eigen(
-    eigenvalues: &[f64],
-    eigenvectors: &Mat<f64>,
-    map: impl Fn(f64) -> f64,
-) -> Vec<f64> {
-    let d = eigenvalues.len();
-    let mapped: Vec<f64> = eigenvalues.iter().map(|&l| map(l)).collect();
-    let mut out = vec![0.0; d * d];
-    for i in 0..d {
-        for j in 0..=i {
-            let v: f64 = (0..d)
-                .map(|k| eigenvectors[(i, k)] * mapped[k] * eigenvectors[(j, k)])
-                .sum();
-            out[i * d + j] = v;
-            out[j * d + i] = v;
-        }
-    }
-    out
-}
-
 /// Checks `P = (A + Aᵀ)/2` for each of a batch of matrices.
 ///
 /// # Shapes
 /// `matrices`: (Z, d, d)
 pub fn check_positive_definite_matrices(matrices: &Tensor) -> Result<PdReport> {
-    let (z, d, values) = to_host_matrices(matrices, "precision matrices")?;
+    let (z, d, values) = host::to_host_matrices(matrices, "precision matrices")?;
     let mut neurons = Vec::with_capacity(z);
     for neuron in 0..z {
-        let block = symmetric_block(&values[neuron * d * d..(neuron + 1) * d * d], d);
-        let (eigenvalues, _) = symmetric_eigen(&block)?;
+        let block = host::symmetric_block(&values[neuron * d * d..(neuron + 1) * d * d], d);
+        let (eigenvalues, _) = host::symmetric_eigen(&block)?;
         let min_eigenvalue = eigenvalues.first().copied().unwrap_or(f64::INFINITY);
         neurons.push(NeuronPd {
             neuron,
@@ -182,6 +124,52 @@ pub fn check_positive_definite(precision: &Precision) -> Result<PdReport> {
     check_positive_definite_matrices(&matrices)
 }
 
+/// Errors with [`GaussError::NotPositiveDefinite`] (naming the first offending neuron) when a
+/// `direct` precision is not positive definite; every other parameterization is positive
+/// definite by construction and passes without work.
+///
+/// On the CPU this factors each neuron's `(A + Aᵀ)/2` with faer (Z Cholesky factorizations of
+/// O(d³/3), no copy of the tensor beyond its f64 view). On other devices it factors in tensor
+/// ops on the device ([`linalg::cholesky`]) and reads back one scalar, the smallest pivot, in
+/// the working dtype: no (Z, d, d) transfer; only a failure copies the matrices to the host
+/// to name the neuron and its eigenvalue.
+///
+/// # Errors
+/// [`GaussError::NotPositiveDefinite`]; a matrix with NaN or infinite entries.
+pub fn ensure_positive_definite(precision: &Precision) -> Result<()> {
+    if precision.parameterization() != Parameterization::Direct {
+        return Ok(());
+    }
+    let raw = precision.raw();
+    let all_factor = if raw.device().is_cpu() {
+        let (z, d, values) = host::to_host_matrices(raw, "precision matrices")?;
+        (0..z).all(|n| host::cholesky_lower(&values[n * d * d..(n + 1) * d * d], d).is_some())
+    } else {
+        let factor = linalg::cholesky(&linalg::symmetrize(raw)?)?;
+        let smallest = linalg::read_scalar(&linalg::diagonal(&factor)?.flatten_all()?.min(0)?)?;
+        smallest > 0.0
+    };
+    if all_factor {
+        return Ok(());
+    }
+    let report = check_positive_definite_matrices(raw)?;
+    report.clone().into_result()?;
+    // The eigenvalues say positive definite where the factorization failed: the smallest is
+    // too close to 0 for the working dtype. Report it as such.
+    let worst = report
+        .neurons
+        .iter()
+        .min_by(|a, b| a.min_eigenvalue.total_cmp(&b.min_eigenvalue))
+        .copied();
+    Err(match worst {
+        Some(n) => GaussError::NotPositiveDefinite {
+            neuron: n.neuron,
+            min_eigenvalue: n.min_eigenvalue,
+        },
+        None => GaussError::config("precision", "has no neurons"),
+    })
+}
+
 fn check_floor(min_eigenvalue: f64) -> Result<()> {
     if !min_eigenvalue.is_finite() || min_eigenvalue <= 0.0 {
         return Err(GaussError::config(
@@ -200,18 +188,18 @@ fn check_floor(min_eigenvalue: f64) -> Result<()> {
 /// `matrices`: (Z, d, d) → (Z, d, d)
 pub fn repair_matrices(matrices: &Tensor, min_eigenvalue: f64) -> Result<Tensor> {
     check_floor(min_eigenvalue)?;
-    let (z, d, mut values) = to_host_matrices(matrices, "precision matrices")?;
+    let (z, d, mut values) = host::to_host_matrices(matrices, "precision matrices")?;
     for neuron in 0..z {
         let block_values = &mut values[neuron * d * d..(neuron + 1) * d * d];
-        let block = symmetric_block(block_values, d);
-        let (eigenvalues, eigenvectors) = symmetric_eigen(&block)?;
+        let block = host::symmetric_block(block_values, d);
+        let (eigenvalues, eigenvectors) = host::symmetric_eigen(&block)?;
         if eigenvalues.iter().all(|&l| l >= min_eigenvalue) {
             continue;
         }
-        let fixed = from_eigen(&eigenvalues, &eigenvectors, |l| l.max(min_eigenvalue));
+        let fixed = host::from_eigen(&eigenvalues, &eigenvectors, |l| l.max(min_eigenvalue));
         block_values.copy_from_slice(&fixed);
     }
-    from_host(values, matrices.dims(), matrices.dtype(), matrices.device())
+    host::from_host(values, matrices.dims(), matrices.dtype(), matrices.device())
 }
 
 /// The repaired raw tensor of a precision: for `direct`, [`repair_matrices`] of the raw `A`;
@@ -251,6 +239,7 @@ pub fn repair_var_in_place(var: &Var, min_eigenvalue: f64) -> Result<PdReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn report_names_the_smallest_eigenvalue() {
@@ -289,6 +278,39 @@ mod tests {
             }
         }
         assert!(repair_matrices(&a, 0.0).is_err());
+    }
+
+    #[test]
+    fn nan_matrices_are_errors_not_nan_repairs() {
+        let a = Tensor::new(&[[[f64::NAN, 0.0], [0.0, 1.0]]], &Device::Cpu).unwrap();
+        assert!(matches!(
+            repair_matrices(&a, 0.1),
+            Err(GaussError::Numerical { .. })
+        ));
+        assert!(check_positive_definite_matrices(&a).is_err());
+    }
+
+    #[test]
+    fn ensure_positive_definite_names_the_neuron() {
+        use crate::config::GaussLayerConfig;
+        let config = GaussLayerConfig {
+            parameterization: Parameterization::Direct,
+            ..Default::default()
+        };
+        let good = Tensor::new(&[[[2.0f32, 0.5], [0.5, 1.0]]], &Device::Cpu).unwrap();
+        let both = Tensor::new(
+            &[[[2.0f32, 0.5], [0.5, 1.0]], [[1.0, 2.0], [2.0, 1.0]]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        ensure_positive_definite(&Precision::from_raw(good, 2, &config).unwrap()).unwrap();
+        match ensure_positive_definite(&Precision::from_raw(both, 2, &config).unwrap()) {
+            Err(GaussError::NotPositiveDefinite {
+                neuron: 1,
+                min_eigenvalue,
+            }) => assert!((min_eigenvalue + 1.0).abs() < 1e-6),
+            other => panic!("expected neuron 1 not positive definite, got {other:?}"),
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::error::{LossError, Result};
+use gauss_layer::{GaussError, Result};
 
 /// Checks a batch of samples `x`: rank 2, at least one row, `width` columns when given.
 /// Returns `(batch, width)`.
@@ -14,13 +14,13 @@ pub(crate) fn samples(x: &Tensor, what: &str, width: Option<usize>) -> Result<(u
         None => "(batch, features)".to_string(),
     };
     let &[batch, features] = x.dims() else {
-        return Err(LossError::shape(what, expected(), x.dims()));
+        return Err(GaussError::shape(what, expected(), x.dims()));
     };
     if width.is_some_and(|d| d != features) {
-        return Err(LossError::shape(what, expected(), x.dims()));
+        return Err(GaussError::shape(what, expected(), x.dims()));
     }
     if batch == 0 {
-        return Err(LossError::EmptyBatch {
+        return Err(GaussError::EmptyBatch {
             what: what.to_string(),
             got: x.dims().to_vec(),
         });
@@ -31,7 +31,7 @@ pub(crate) fn samples(x: &Tensor, what: &str, width: Option<usize>) -> Result<(u
 /// Checks a vector of length `len`.
 pub(crate) fn vector(v: &Tensor, what: &str, len: usize) -> Result<()> {
     if v.dims() != [len] {
-        return Err(LossError::shape(what, format!("({len})"), v.dims()));
+        return Err(GaussError::shape(what, format!("({len})"), v.dims()));
     }
     Ok(())
 }
@@ -39,7 +39,7 @@ pub(crate) fn vector(v: &Tensor, what: &str, len: usize) -> Result<()> {
 /// Checks a square `(d, d)` matrix.
 pub(crate) fn square(m: &Tensor, what: &str, d: usize) -> Result<()> {
     if m.dims() != [d, d] {
-        return Err(LossError::shape(what, format!("({d}, {d})"), m.dims()));
+        return Err(GaussError::shape(what, format!("({d}, {d})"), m.dims()));
     }
     Ok(())
 }
@@ -64,7 +64,7 @@ pub(crate) fn gaussian_args(
 pub(crate) fn square_batch(m: &Tensor, what: &str) -> Result<(usize, usize)> {
     match *m.dims() {
         [z, d, e] if d == e && z > 0 && d > 0 => Ok((z, d)),
-        _ => Err(LossError::shape(
+        _ => Err(GaussError::shape(
             what,
             "(neurons, d, d) with at least one neuron",
             m.dims(),
@@ -75,11 +75,11 @@ pub(crate) fn square_batch(m: &Tensor, what: &str) -> Result<(usize, usize)> {
 /// Checks that `t` has the dtype `expected`.
 pub(crate) fn dtype(t: &Tensor, what: &str, expected: DType) -> Result<()> {
     if t.dtype() != expected {
-        return Err(LossError::DType {
-            what: what.to_string(),
-            expected,
-            got: t.dtype(),
-        });
+        return Err(GaussError::dtype(
+            what,
+            format!("{expected:?} (the dtype of the samples)"),
+            t.dtype(),
+        ));
     }
     Ok(())
 }

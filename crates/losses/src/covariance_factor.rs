@@ -20,16 +20,16 @@
 //! let by_prec = nll_precision_factor(&x, &mean, &tril, Reduction::Sum)?;
 //! let diff = (by_cov - by_prec)?.abs()?.to_scalar::<f64>()?;
 //! assert!(diff < 1e-12);
-//! # Ok::<(), gauss_losses::LossError>(())
+//! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 
 use candle_core::Tensor;
 use gauss_layer::linalg;
 
 use crate::check;
-use crate::error::Result;
 use crate::gaussian::{log_det_from_triangular, nll_from_mahalanobis};
 use crate::reduction::Reduction;
+use gauss_layer::Result;
 
 /// NLL of samples `x` under N(`mean`, Λ Λᵀ), `Λ` the lower triangle of `scale_tril`.
 ///

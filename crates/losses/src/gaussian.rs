@@ -8,20 +8,20 @@
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
-//! use gauss_losses::gaussian::nll_from_mahalanobis;
+//! use gauss_losses::nll_from_mahalanobis;
 //! // Standard normal in 2-D at its mean: m2 = 0, log|P| = 0, nll = log 2π.
 //! let m2 = Tensor::new(&[0.0f64], &Device::Cpu)?;
 //! let log_det = Tensor::new(0.0f64, &Device::Cpu)?;
 //! let nll = nll_from_mahalanobis(&m2, &log_det, 2)?;
 //! let value = nll.to_vec1::<f64>()?[0];
 //! assert!((value - (2.0 * std::f64::consts::PI).ln()).abs() < 1e-12);
-//! # Ok::<(), gauss_losses::LossError>(())
+//! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 
 use candle_core::Tensor;
 use gauss_layer::linalg;
 
-use crate::error::Result;
+use gauss_layer::Result;
 
 /// `d/2 · log 2π`, the normalizing constant of a d-dimensional normal.
 pub fn log_normalizer(dim: usize) -> f64 {

@@ -13,19 +13,21 @@
 //! use gauss_losses::LambdaLoss;
 //! // One neuron with P = diag(4, 1): S = diag(1/4, 1), mean eigenvalue 5/8.
 //! let tril = Tensor::new(&[[[2.0f64, 0.0], [0.0, 1.0]]], &Device::Cpu)?;
-//! let value = LambdaLoss::TraceCovariance.of_factor(&tril)?.to_scalar::<f64>()?;
+//! let value = LambdaLoss::TraceCovariance
+//!     .per_neuron_from_factor(&tril)?
+//!     .mean_all()?
+//!     .to_scalar::<f64>()?;
 //! assert!((value - 0.625).abs() < 1e-12);
-//! # Ok::<(), gauss_losses::LossError>(())
+//! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 
 use candle_core::Tensor;
-use gauss_layer::{linalg, GaussLayer, Precision};
+use gauss_layer::repair::ensure_positive_definite;
+use gauss_layer::{linalg, GaussError, GaussLayer, Precision, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::check;
-use crate::error::{LossError, Result};
 use crate::gaussian::log_det_from_triangular;
-use crate::positive_definite::ensure_positive_definite;
 
 /// Which penalty on the covariance eigenvalues to use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -57,13 +59,15 @@ impl LambdaLoss {
         }
     }
 
-    /// The per-neuron term whose mean is the loss.
-    ///
-    /// A `direct` precision that is not positive definite is an error (see
-    /// [`crate::positive_definite`]).
+    /// The per-neuron term whose mean is the loss (of one layer: `per_neuron(..).mean_all()`).
     ///
     /// # Shapes
     /// → (Z)
+    ///
+    /// # Errors
+    /// A `direct` precision that is not positive definite
+    /// ([`gauss_layer::repair::ensure_positive_definite`]); for expm, an overflowing
+    /// exponential.
     pub fn per_neuron(self, precision: &Precision) -> Result<Tensor> {
         ensure_positive_definite(precision)?;
         let d = precision.dim() as f64;
@@ -74,28 +78,14 @@ impl LambdaLoss {
         })
     }
 
-    /// The loss of one precision (mean over its neurons).
+    /// The loss of one or several layers: the mean of the per-neuron terms over all neurons
+    /// of all layers (so a layer weighs by its width, and the value does not grow with depth).
     ///
     /// # Shapes
     /// → ()
-    pub fn of_precision(self, precision: &Precision) -> Result<Tensor> {
-        Ok(self.per_neuron(precision)?.mean_all()?)
-    }
-
-    /// The loss of one layer (mean over its neurons).
     ///
-    /// # Shapes
-    /// → ()
-    pub fn of_layer(self, layer: &GaussLayer) -> Result<Tensor> {
-        self.of_precision(layer.precision())
-    }
-
-    /// The loss of several layers: the mean of the per-neuron terms over all neurons of all
-    /// layers (so a layer weighs by its width, and the value does not grow with depth).
-    /// Errors when there are no layers.
-    ///
-    /// # Shapes
-    /// → ()
+    /// # Errors
+    /// No layers ([`GaussError::NoLayers`]); as [`LambdaLoss::per_neuron`].
     pub fn of_layers<'a>(self, layers: impl IntoIterator<Item = &'a GaussLayer>) -> Result<Tensor> {
         let mut total: Option<Tensor> = None;
         let mut neurons = 0usize;
@@ -108,7 +98,7 @@ impl LambdaLoss {
                 Some(acc) => (acc + sum)?,
             });
         }
-        let total = total.ok_or(LossError::NoLayers { what: "λ-loss" })?;
+        let total = total.ok_or(GaussError::NoLayers { what: "λ-loss" })?;
         Ok((total / neurons as f64)?)
     }
 
@@ -118,6 +108,9 @@ impl LambdaLoss {
     ///
     /// # Shapes
     /// `tril`: (Z, d, d) → (Z)
+    ///
+    /// # Errors
+    /// `tril` not a (Z, d, d) batch with Z ≥ 1.
     pub fn per_neuron_from_factor(self, tril: &Tensor) -> Result<Tensor> {
         let (_, d) = check::square_batch(tril, "precision factors tril")?;
         let factor = linalg::tril(tril)?;
@@ -130,14 +123,6 @@ impl LambdaLoss {
             LambdaLoss::NegTracePrecision => (factor.sqr()?.sum((1, 2))? / -d)?,
         })
     }
-
-    /// The loss from precision factors given directly (mean over neurons).
-    ///
-    /// # Shapes
-    /// `tril`: (Z, d, d) → ()
-    pub fn of_factor(self, tril: &Tensor) -> Result<Tensor> {
-        Ok(self.per_neuron_from_factor(tril)?.mean_all()?)
-    }
 }
 
 impl std::fmt::Display for LambdaLoss {
@@ -147,16 +132,18 @@ impl std::fmt::Display for LambdaLoss {
 }
 
 impl std::str::FromStr for LambdaLoss {
-    type Err = LossError;
+    type Err = GaussError;
     fn from_str(s: &str) -> Result<Self> {
         LambdaLoss::ALL
             .into_iter()
             .find(|variant| variant.name() == s)
-            .ok_or_else(|| LossError::InvalidConfig {
-                field: "lambda_loss",
-                reason: format!(
-                    "must be one of trace_covariance, logdet_covariance, neg_trace_precision; got {s:?}"
-                ),
+            .ok_or_else(|| {
+                GaussError::config(
+                    "lambda_loss",
+                    format!(
+                        "must be one of trace_covariance, logdet_covariance, neg_trace_precision; got {s:?}"
+                    ),
+                )
             })
     }
 }

@@ -15,17 +15,17 @@
 //! let x = Tensor::randn(0.0f64, 1.0, (5, 3), &Device::Cpu)?;
 //! let per_neuron = layer_nll(&layer, &x, Reduction::Mean)?;
 //! assert_eq!(per_neuron.dims(), &[2]);
-//! # Ok::<(), gauss_losses::LossError>(())
+//! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 
 use candle_core::Tensor;
 use gauss_layer::GaussLayer;
 
 use crate::check;
-use crate::error::Result;
 use crate::gaussian::nll_from_mahalanobis;
-use crate::positive_definite::ensure_positive_definite;
 use crate::reduction::Reduction;
+use gauss_layer::repair::ensure_positive_definite;
+use gauss_layer::Result;
 
 /// NLL of each sample under each neuron's Gaussian.
 ///

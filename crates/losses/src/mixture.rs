@@ -19,7 +19,7 @@
 //! let x = Tensor::randn(0.0f64, 1.0, (8, 2), &Device::Cpu)?;
 //! let loss = mixture_nll(&layer, &x, &logits, Reduction::Mean)?;
 //! assert_eq!(loss.dims(), &[] as &[usize]);
-//! # Ok::<(), gauss_losses::LossError>(())
+//! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 
 use candle_core::Tensor;
@@ -27,9 +27,9 @@ use candle_nn::{Init, VarBuilder};
 use gauss_layer::GaussLayer;
 
 use crate::check;
-use crate::error::{LossError, Result};
 use crate::layer_nll::layer_nll;
 use crate::reduction::Reduction;
+use gauss_layer::{GaussError, Result};
 
 /// The learnable mixture logits of `num_components` components, named `mixture_logits` in
 /// `vb`, initialized to zero (equal weights).
@@ -71,7 +71,7 @@ pub fn mixture_nll(
 ) -> Result<Tensor> {
     let components = layer.out_features();
     if logits.dims() != [components] {
-        return Err(LossError::shape(
+        return Err(GaussError::shape(
             "mixture logits",
             format!("({components}), one per neuron"),
             logits.dims(),

@@ -24,7 +24,7 @@
 //!     + config.lambda_l2 * values.weight_l2
 //!     + config.lambda_sigma * values.lambda;
 //! assert!((values.total - expected).abs() < 1e-12);
-//! # Ok::<(), gauss_losses::LossError>(())
+//! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 
 use candle_core::Tensor;
@@ -32,9 +32,9 @@ use gauss_layer::GaussLayer;
 use serde::{Deserialize, Serialize};
 
 use crate::classification::checked_cross_entropy;
-use crate::error::{LossError, Result};
 use crate::lambda::LambdaLoss;
 use crate::weight_l2::weight_l2_of_layers;
+use gauss_layer::{GaussError, Result};
 
 /// Weights of the FGN objective's regularizers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -67,10 +67,10 @@ impl FgnObjectiveConfig {
             ("lambda_sigma", self.lambda_sigma),
         ] {
             if !value.is_finite() || value < 0.0 {
-                return Err(LossError::InvalidConfig {
+                return Err(GaussError::config(
                     field,
-                    reason: format!("must be finite and >= 0, got {value}"),
-                });
+                    format!("must be finite and >= 0, got {value}"),
+                ));
             }
         }
         Ok(())
@@ -104,10 +104,16 @@ pub struct FgnLossValues {
 }
 
 impl FgnLoss {
-    /// Copies every term to the host as `f64`.
+    /// Copies every term to the host (each scalar moves in its own dtype and is widened to
+    /// `f64` on the CPU: no f64 on the device).
+    ///
+    /// # Errors
+    /// Candle errors (a device read).
     pub fn values(&self) -> Result<FgnLossValues> {
         let value = |t: &Tensor| -> Result<f64> {
-            Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+            Ok(t.to_device(&candle_core::Device::Cpu)?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?)
         };
         Ok(FgnLossValues {
             total: value(&self.total)?,

@@ -18,16 +18,16 @@
 //! let values = per_sample.to_vec1::<f64>()?;
 //! assert!((values[0] - log_2pi).abs() < 1e-12);
 //! assert!((values[1] - (1.0 + log_2pi)).abs() < 1e-12);
-//! # Ok::<(), gauss_losses::LossError>(())
+//! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 
 use candle_core::Tensor;
 use gauss_layer::linalg;
 
 use crate::check;
-use crate::error::Result;
 use crate::gaussian::{log_det_from_triangular, nll_from_mahalanobis};
 use crate::reduction::Reduction;
+use gauss_layer::Result;
 
 /// NLL of samples `x` under N(`mean`, (L Lᵀ)⁻¹), `L` the lower triangle of `tril`.
 ///

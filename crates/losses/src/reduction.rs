@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use gauss_layer::Result;
 
 /// Reduction of per-sample losses over the batch (the first dimension).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -12,13 +12,13 @@
 //! let l2 = weight_l2(&layer)?.to_scalar::<f64>()?;
 //! let w = layer.weight().unwrap().sqr()?.mean_all()?.to_scalar::<f64>()?;
 //! assert!((l2 - w).abs() < 1e-15);
-//! # Ok::<(), gauss_losses::LossError>(())
+//! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 
 use candle_core::Tensor;
 use gauss_layer::GaussLayer;
 
-use crate::error::{LossError, Result};
+use gauss_layer::{GaussError, Result};
 
 /// Mean of the squared weights of one layer; zero for a Gaussian-only layer (no weights).
 ///
@@ -49,7 +49,7 @@ pub fn weight_l2_of_layers<'a>(layers: impl IntoIterator<Item = &'a GaussLayer>)
             });
         }
     }
-    let layer = any_layer.ok_or(LossError::NoLayers { what: "weight L2" })?;
+    let layer = any_layer.ok_or(GaussError::NoLayers { what: "weight L2" })?;
     match total {
         Some(total) if count > 0 => Ok((total / count as f64)?),
         _ => {

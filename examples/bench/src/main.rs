@@ -19,7 +19,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Module, VarBuilder, VarMap};
 use clap::Parser;
-use gauss_layer::{gauss_layer, kernels, DistanceKernel, GaussLayerConfig, Parameterization};
+use gauss_layer::{gauss_layer, DistanceKernel, GaussLayerConfig, Parameterization};
 use serde::Serialize;
 
 #[global_allocator]
@@ -58,10 +58,10 @@ struct Args {
     /// Distance kernel: auto, projected, expanded, naive.
     #[arg(long, default_value = "auto")]
     kernel: String,
-    /// Time `kernels::fused_layer::gauss_layer_forward_fused` on the layer's own tensors
-    /// instead of `GaussLayer::forward` (the whole layer as one CPU op).
+    /// Run the portable tensor-op path (what CUDA and Metal run) instead of the fused CPU
+    /// ops (`GaussLayerConfig::portable`).
     #[arg(long)]
-    fused_layer: bool,
+    portable: bool,
 }
 
 #[derive(Serialize)]
@@ -73,7 +73,7 @@ struct Report {
     dtype: String,
     device: String,
     kernel: &'static str,
-    /// `layer` (GaussLayer::forward) or `fused_layer` (the one-op layer forward).
+    /// `layer` (the fused CPU ops where they apply) or `portable` (tensor ops only).
     path: &'static str,
     threads: usize,
     iters: usize,
@@ -192,35 +192,15 @@ fn main() -> Result<()> {
     let config = GaussLayerConfig {
         parameterization,
         kernel: parse_kernel(&args.kernel)?,
+        portable: args.portable,
         ..Default::default()
     };
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, dtype, &device);
     let layer = gauss_layer(d, z, config, vb)?;
     let x = Tensor::randn(0f32, 1f32, (b, d), &device)?.to_dtype(dtype)?;
-    let kernel =
-        kernels::resolve_kernel(&x, layer.center(), layer.precision(), layer.config().kernel)?
-            .name();
-    let forward = |x: &Tensor| -> Result<Tensor> {
-        if args.fused_layer {
-            let weight = layer
-                .weight()
-                .context("--fused-layer needs a linear part")?;
-            let fused = kernels::fused_layer::gauss_layer_forward_fused(
-                x,
-                layer.center(),
-                weight,
-                layer.bias(),
-                layer.precision(),
-                layer.config().kernel,
-            )?;
-            Ok(fused
-                .context("--fused-layer: no fused path for this layer/device")?
-                .0)
-        } else {
-            Ok(layer.forward(x)?)
-        }
-    };
+    let kernel = layer.resolved_kernel(&x)?.name();
+    let forward = |x: &Tensor| -> Result<Tensor> { Ok(layer.forward(x)?) };
 
     // Peak heap of one forward, measured first so nothing else of this run is live.
     for _ in 0..args.warmup.max(1) {
@@ -281,11 +261,7 @@ fn main() -> Result<()> {
         dtype: args.dtype,
         device: args.device,
         kernel,
-        path: if args.fused_layer {
-            "fused_layer"
-        } else {
-            "layer"
-        },
+        path: if args.portable { "portable" } else { "layer" },
         threads: rayon::current_num_threads(),
         iters: args.iters,
         forward_ms: forward_timing.median,

@@ -5,8 +5,8 @@
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use gauss_layer::net::{GaussNet, GaussNetConfig};
 use gauss_layer::{repair, GaussLayerConfig, InitConfig, Parameterization, Precision};
+use gauss_layer::{GaussNet, GaussNetConfig};
 use gauss_losses::{layer_nll, Reduction};
 use indicatif::{ProgressBar, ProgressStyle};
 

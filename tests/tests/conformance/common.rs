@@ -9,9 +9,8 @@ use anyhow::Context;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use gauss_layer::linalg;
-use gauss_layer::precision::{positive_map_derivative, positive_map_inverse};
 use gauss_layer::testing::{relative_error, tolerance};
-use gauss_layer::GaussLayerConfig;
+use gauss_layer::{GaussLayerConfig, PositiveMap};
 
 /// The directory of reference files: `GAUSS_REFERENCE_DIR`, or the project's own copy.
 pub fn reference_dir() -> PathBuf {
@@ -254,4 +253,21 @@ pub fn chain_raw_gradient_to_factor(
         .to_device(grad_raw.device())?;
     let diag = (linalg::diagonal(grad_raw)? / derivative)?;
     Ok((linalg::strict_tril(grad_raw)? + linalg::diag_embed(&diag)?)?)
+}
+
+/// The inverse of the positive map, in f64 (the reference files store `L`; the layer stores
+/// the raw value): softplus⁻¹(y) = y + log(1 − e^{−y}), exp⁻¹ = log.
+fn positive_map_inverse(map: PositiveMap, y: f64) -> f64 {
+    match map {
+        PositiveMap::Softplus => y + (-(-y).exp_m1()).ln(),
+        PositiveMap::Exp => y.ln(),
+    }
+}
+
+/// The derivative of the positive map at a raw value: the sigmoid for softplus, `e^r` for exp.
+fn positive_map_derivative(map: PositiveMap, r: f64) -> f64 {
+    match map {
+        PositiveMap::Softplus => 1.0 / (1.0 + (-r).exp()),
+        PositiveMap::Exp => r.exp(),
+    }
 }

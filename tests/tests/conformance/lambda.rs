@@ -1,6 +1,6 @@
 //! Conformance of kind `lambda`: the λ-loss family against the reference values and their
 //! gradients with respect to the precision factors `L` (`P_z = L_z L_zᵀ`), twice:
-//! - through the functional core [`LambdaLoss::of_factor`], fed `L` directly;
+//! - through the functional core [`LambdaLoss::per_neuron_from_factor`], fed `L` directly;
 //! - through a cholesky [`Precision`] with the default raw map (`L_ii = softplus(r_ii) +
 //!   floor`), its raw gradient chained back to `L` (off-diagonal equal, diagonal divided by
 //!   the map's derivative).
@@ -22,7 +22,9 @@ pub fn check(case: &mut Case) -> anyhow::Result<()> {
     // Functional core, fed L directly.
     let tril = Var::from_tensor(&factor)?;
     for variant in LambdaLoss::ALL {
-        let value = variant.of_factor(tril.as_tensor())?;
+        let value = variant
+            .per_neuron_from_factor(tril.as_tensor())?
+            .mean_all()?;
         let value_name = format!("lambda_{}", variant.name());
         case.compare(&value_name, &value.reshape(1)?, &value_name)?;
         let grads = value.backward()?;
@@ -44,7 +46,7 @@ pub fn check(case: &mut Case) -> anyhow::Result<()> {
     let raw = Var::from_tensor(&raw)?;
     let precision = Precision::from_raw(raw.as_tensor().clone(), d, &config)?;
     for variant in LambdaLoss::ALL {
-        let value = variant.of_precision(&precision)?;
+        let value = variant.per_neuron(&precision)?.mean_all()?;
         let value_name = format!("lambda_{}", variant.name());
         let label = format!("{value_name} (cholesky precision)");
         case.compare(&label, &value.reshape(1)?, &value_name)?;

@@ -76,7 +76,10 @@ fn lambda_values_match_closed_forms_for_full_parameterizations() -> Result<()> {
     ] {
         let precision = Precision::from_precision_matrix(&matrices, &config(param))?;
         for variant in LambdaLoss::ALL {
-            let got = variant.of_precision(&precision)?.to_scalar::<f64>()?;
+            let got = variant
+                .per_neuron(&precision)?
+                .mean_all()?
+                .to_scalar::<f64>()?;
             // expm goes through a matrix logarithm and back: allow its rounding.
             let tol = if param == Parameterization::Expm {
                 1e-7
@@ -102,7 +105,9 @@ fn lambda_over_diag_and_sphere_is_the_fgn_sigma_loss() -> Result<()> {
     let raw = Var::new(&log_p, &Device::Cpu)?;
     let precision =
         Precision::from_raw(raw.as_tensor().clone(), 3, &config(Parameterization::Diag))?;
-    let loss = LambdaLoss::TraceCovariance.of_precision(&precision)?;
+    let loss = LambdaLoss::TraceCovariance
+        .per_neuron(&precision)?
+        .mean_all()?;
     let expected: f64 = log_p.iter().flatten().map(|t| (-t).exp()).sum::<f64>() / 6.0;
     assert_rel(loss.to_scalar::<f64>()?, expected, 1e-12, "diag sigma loss");
     let grad = gradient_of(&loss, &raw)?.to_vec2::<f64>()?;
@@ -119,7 +124,9 @@ fn lambda_over_diag_and_sphere_is_the_fgn_sigma_loss() -> Result<()> {
         5,
         &config(Parameterization::Sphere),
     )?;
-    let loss = LambdaLoss::TraceCovariance.of_precision(&precision)?;
+    let loss = LambdaLoss::TraceCovariance
+        .per_neuron(&precision)?
+        .mean_all()?;
     let expected: f64 = log_s.iter().map(|t| (-t).exp()).sum::<f64>() / 4.0;
     assert_rel(
         loss.to_scalar::<f64>()?,
@@ -133,7 +140,8 @@ fn lambda_over_diag_and_sphere_is_the_fgn_sigma_loss() -> Result<()> {
     }
     // Other variants: log|S| = −Σ θ, −tr P/d = −e^θ.
     let logdet = LambdaLoss::LogdetCovariance
-        .of_precision(&precision)?
+        .per_neuron(&precision)?
+        .mean_all()?
         .to_scalar::<f64>()?;
     assert_rel(
         logdet,
@@ -142,7 +150,8 @@ fn lambda_over_diag_and_sphere_is_the_fgn_sigma_loss() -> Result<()> {
         "sphere logdet",
     );
     let neg_tr = LambdaLoss::NegTracePrecision
-        .of_precision(&precision)?
+        .per_neuron(&precision)?
+        .mean_all()?
         .to_scalar::<f64>()?;
     let expected: f64 = -log_s.iter().map(|t| t.exp()).sum::<f64>() / 4.0;
     assert_rel(neg_tr, expected, 1e-12, "sphere neg trace");
@@ -162,7 +171,7 @@ fn lambda_gradients_for_direct_match_closed_forms() -> Result<()> {
             3,
             &config(Parameterization::Direct),
         )?;
-        let loss = variant.of_precision(&precision)?;
+        let loss = variant.per_neuron(&precision)?.mean_all()?;
         let grad = gradient_of(&loss, &raw)?.to_vec3::<f64>()?;
         for (p, g) in ps.iter().zip(&grad) {
             let s = inverse(p);
@@ -208,7 +217,7 @@ fn lambda_gradients_for_expm_match_closed_forms() -> Result<()> {
         let raw = Var::from_tensor(reference.raw())?;
         let precision =
             Precision::from_raw(raw.as_tensor().clone(), 3, &config(Parameterization::Expm))?;
-        let loss = variant.of_precision(&precision)?;
+        let loss = variant.per_neuron(&precision)?.mean_all()?;
         let grad = gradient_of(&loss, &raw)?.to_vec3::<f64>()?;
         for (p, g) in ps.iter().zip(&grad) {
             let s = inverse(p);

@@ -1,5 +1,5 @@
 //! The covariance-factor NLL's autograd gradients equal J. Rennie's closed forms
-//! (DESIGN §2; "Gradient Calculations for the Mean, Covariance Matrix Parameterization of the
+//! (docs/design.md §2; "Gradient Calculations for the Mean, Covariance Matrix Parameterization of the
 //! Multivariate Normal", eqs. 7, 9, 14) on random data:
 //! `dJ/dμ = −Σ_a S⁻¹(x_a − μ)`, `dJ/dΛ = n S⁻¹Λ − S⁻¹RᵀRS⁻¹Λ`, `J = Σ_a nll(x_a)`,
 //! `R` the centered data. The expected values are computed on the host in plain f64 with a

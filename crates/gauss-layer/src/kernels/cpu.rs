@@ -1,27 +1,175 @@
-//! Shared plumbing of the fused CPU kernels: typed views of Candle's CPU storage, a bounds
-//! checked GEMM call, tile sizes and a vectorizable squared distance.
+//! Shared plumbing of the fused CPU kernels, written once: the sizes of a call, the checks
+//! every op's public entry makes, typed views of Candle's CPU storage, the f32/f64 dispatch of
+//! `cpu_fwd` and `bwd`, a bounds-checked GEMM call, parallel loops, tile sizes and small
+//! vectorizable reductions.
 
 use std::borrow::Cow;
-use std::sync::Mutex;
 
 use rayon::prelude::*;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Layout, Shape, Tensor, WithDType};
 
+use crate::error::{check_dtype, GaussError, Result};
+
+/// Sizes of one call: B inputs, d dims, Z neurons.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Sizes {
+    pub batch: usize,
+    pub dim: usize,
+    pub neurons: usize,
+}
+
+/// The shape a distance op expects for its precision operand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OperandShape {
+    /// (Z, d): a diagonal precision.
+    Diagonal,
+    /// (Z, d, d): a factor, a raw parameter or a matrix.
+    Square,
+}
+
+impl Sizes {
+    /// Checks x (B, d), center (Z, d) and the precision operand, naming the one at fault.
+    pub(crate) fn of(
+        x: &[usize],
+        center: &[usize],
+        operand: &[usize],
+        operand_shape: OperandShape,
+        operand_what: &str,
+    ) -> Result<Self> {
+        let &[batch, dim] = x else {
+            return Err(GaussError::shape("input x", "(batch, d)", x));
+        };
+        let &[neurons, center_dim] = center else {
+            return Err(GaussError::shape("center", format!("(Z, {dim})"), center));
+        };
+        if center_dim != dim {
+            return Err(GaussError::shape(
+                "center",
+                format!("({neurons}, {dim}) (d from the input x)"),
+                center,
+            ));
+        }
+        let (ok, expected) = match operand_shape {
+            OperandShape::Diagonal => (operand == [neurons, dim], format!("({neurons}, {dim})")),
+            OperandShape::Square => (
+                operand == [neurons, dim, dim],
+                format!("({neurons}, {dim}, {dim})"),
+            ),
+        };
+        if !ok {
+            return Err(GaussError::shape(operand_what, expected, operand));
+        }
+        Ok(Sizes {
+            batch,
+            dim,
+            neurons,
+        })
+    }
+
+    /// Shapes of the gradients to x (B, d), the centers (Z, d) and the operand.
+    pub(crate) fn gradient_shapes(self, operand_shape: OperandShape) -> [Shape; 3] {
+        [
+            (self.batch, self.dim).into(),
+            (self.neurons, self.dim).into(),
+            match operand_shape {
+                OperandShape::Diagonal => (self.neurons, self.dim).into(),
+                OperandShape::Square => (self.neurons, self.dim, self.dim).into(),
+            },
+        ]
+    }
+}
+
+/// The checks of a fused op's public entry: shapes, one dtype (f32 or f64) for all inputs,
+/// and the CPU. Returns the sizes.
+pub(crate) fn check_fused_inputs(
+    op: &str,
+    [x, center, operand]: [&Tensor; 3],
+    operand_shape: OperandShape,
+    operand_what: &str,
+) -> Result<Sizes> {
+    let sizes = Sizes::of(
+        x.dims(),
+        center.dims(),
+        operand.dims(),
+        operand_shape,
+        operand_what,
+    )?;
+    if !matches!(x.dtype(), DType::F32 | DType::F64) {
+        return Err(GaussError::dtype(
+            format!("{op}: input x"),
+            "F32 or F64 (the fused CPU kernels' dtypes)",
+            x.dtype(),
+        ));
+    }
+    check_dtype("center", center, x.dtype(), "the input x")?;
+    check_dtype(operand_what, operand, x.dtype(), "the input x")?;
+    for tensor in [x, center, operand] {
+        if !tensor.device().is_cpu() {
+            return Err(GaussError::config(
+                "device",
+                format!("{op} is a fused CPU kernel, but a tensor is on {:?}; the layer runs the portable form there", tensor.device().location()),
+            ));
+        }
+    }
+    Ok(sizes)
+}
+
+/// The same elementwise shift of every row: `out_row = row − shift`.
+pub(crate) fn shift_rows<T: Real>(x: &[T], shift: &[T], out: &mut [T]) {
+    let dim = shift.len().max(1);
+    for (row_out, row_in) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+        for ((o, &v), &m) in row_out.iter_mut().zip(row_in).zip(shift) {
+            *o = v - m;
+        }
+    }
+}
+
 /// The float types the fused kernels run on (the ones `gemm` supports and the layer uses).
 pub(crate) trait Real: WithDType {
     /// `e^self`.
     fn exp(self) -> Self;
+    /// `tanh(self)`.
+    fn tanh(self) -> Self;
+    /// Not NaN and not infinite.
+    fn is_finite(self) -> bool;
 }
 impl Real for f32 {
     fn exp(self) -> Self {
         f32::exp(self)
     }
+    fn tanh(self) -> Self {
+        f32::tanh(self)
+    }
+    fn is_finite(self) -> bool {
+        f32::is_finite(self)
+    }
 }
 impl Real for f64 {
     fn exp(self) -> Self {
         f64::exp(self)
+    }
+    fn tanh(self) -> Self {
+        f64::tanh(self)
+    }
+    fn is_finite(self) -> bool {
+        f64::is_finite(self)
+    }
+}
+
+/// Sets row `b` of `m2` (B, Z) to NaN wherever input row `b` holds a NaN or infinite value,
+/// so that every kernel gives the same documented result for such rows (the algorithms
+/// would otherwise return NaN, 0 or ∞ depending on the form).
+pub(crate) fn poison_non_finite_rows<T: Real>(m2: &mut [T], x: &[T], dim: usize, neurons: usize) {
+    let nan = T::from_f64(f64::NAN);
+    for (row, out) in x
+        .chunks_exact(dim.max(1))
+        .zip(m2.chunks_exact_mut(neurons.max(1)))
+    {
+        if !row.iter().all(|v| v.is_finite()) {
+            out.fill(nan);
+        }
     }
 }
 
@@ -46,32 +194,6 @@ pub(crate) fn pool_threads() -> usize {
 /// each chunk amortizes its copy of the stacked factors.
 pub(crate) fn rows_per_chunk(batch: usize) -> usize {
     batch.div_ceil(2 * pool_threads()).clamp(8, 1024)
-}
-
-/// Runs `work(state, item)` for every item in `0..items` on the rayon pool (Candle's spinning
-/// barrier pool measured slower here when cores are shared). Worker `w` of `n` takes items
-/// `w, w + n, w + 2n, …` with one `state` made by `init`; the states come back in worker
-/// order. The static schedule is what makes results reproducible: callers that sum the states
-/// add the same partial sums in the same order on every run.
-pub(crate) fn for_each_item<S: Send>(
-    items: usize,
-    init: impl Fn() -> S + Sync,
-    work: impl Fn(&mut S, usize) + Sync,
-) -> Vec<S> {
-    let workers = pool_threads().min(items).max(1);
-    let run = |worker: usize| {
-        let mut state = None;
-        for item in (worker..items).step_by(workers) {
-            work(state.get_or_insert_with(&init), item);
-        }
-        state
-    };
-    let states: Vec<Option<S>> = if workers == 1 {
-        vec![run(0)]
-    } else {
-        (0..workers).into_par_iter().map(run).collect()
-    };
-    states.into_iter().flatten().collect()
 }
 
 /// The elements of a CPU tensor in row-major order: borrowed when contiguous, gathered
@@ -168,13 +290,37 @@ pub(crate) fn host_backward3<T: Real>(
     ))
 }
 
-/// Checks that the fused kernels support `dtype`.
-pub(crate) fn check_float(op: &str, dtype: DType) -> candle_core::Result<()> {
-    match dtype {
-        DType::F32 | DType::F64 => Ok(()),
+/// The `bwd` of a three-input op whose backward runs on host slices: reads the four tensors
+/// (`inputs` and the upstream gradient, converted to the inputs' dtype) as row-major `T`
+/// for `T` = the dtype of the first input, runs `f32_backward` or `f64_backward`, and wraps
+/// the three gradients as tensors of `shapes`.
+pub(crate) fn dispatch_backward3(
+    op: &str,
+    [a, b, c, grad]: [&Tensor; 4],
+    shapes: [Shape; 3],
+    f32_backward: impl FnOnce(&[f32], &[f32], &[f32], &[f32]) -> Gradients3<f32>,
+    f64_backward: impl FnOnce(&[f64], &[f64], &[f64], &[f64]) -> Gradients3<f64>,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (ga, gb, gc) = match a.dtype() {
+        DType::F32 => {
+            let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+            host_backward3::<f32>([a, b, c, &grad], shapes, |a, b, c, g| {
+                Ok(f32_backward(a, b, c, g))
+            })?
+        }
+        DType::F64 => {
+            let grad = grad.to_dtype(DType::F64)?.contiguous()?;
+            host_backward3::<f64>([a, b, c, &grad], shapes, |a, b, c, g| {
+                Ok(f64_backward(a, b, c, g))
+            })?
+        }
         other => bail!("{op}: supports f32 and f64, got {other:?}"),
-    }
+    };
+    Ok((Some(ga), Some(gb), Some(gc)))
 }
+
+/// Three gradients as row-major host vectors.
+pub(crate) type Gradients3<T> = (Vec<T>, Vec<T>, Vec<T>);
 
 /// A row- or column-strided matrix view for [`matmul`]: `data[r * row_stride + c * col_stride]`.
 #[derive(Clone, Copy)]
@@ -184,12 +330,9 @@ pub(crate) struct MatRef<'a, T> {
     pub col_stride: usize,
 }
 
-fn lock<S>(slot: &Mutex<S>) -> std::sync::MutexGuard<'_, S> {
-    slot.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Runs `work(i, chunk_a_i, chunk_b_i)` over matching chunks of two slices (`a` in chunks of
-/// `a_len`, `b` in chunks of `b_len`), in parallel.
+/// `a_len`, `b` in chunks of `b_len`), in parallel. Each chunk is written by one call, so the
+/// result does not depend on the schedule.
 pub(crate) fn for_each_chunk_pair_mut<T: Send, U: Send>(
     a: &mut [T],
     a_len: usize,
@@ -197,21 +340,10 @@ pub(crate) fn for_each_chunk_pair_mut<T: Send, U: Send>(
     b_len: usize,
     work: impl Fn(usize, &mut [T], &mut [U]) + Sync,
 ) {
-    // One uncontended lock per chunk hands each chunk to exactly one thread, without unsafe.
-    let chunks: Vec<Mutex<(&mut [T], &mut [U])>> = a
-        .chunks_mut(a_len.max(1))
-        .zip(b.chunks_mut(b_len.max(1)))
-        .map(Mutex::new)
-        .collect();
-    for_each_item(
-        chunks.len(),
-        || (),
-        |(), i| {
-            let mut guard = lock(&chunks[i]);
-            let (a, b) = &mut *guard;
-            work(i, a, b)
-        },
-    );
+    a.par_chunks_mut(a_len.max(1))
+        .zip(b.par_chunks_mut(b_len.max(1)))
+        .enumerate()
+        .for_each(|(i, (a, b))| work(i, a, b));
 }
 
 /// Multiply-adds below which a loop runs on the calling thread: waking the pool costs more.
@@ -239,16 +371,44 @@ pub(crate) fn for_each_chunk_pair_mut_sized<T: Send, U: Send>(
     }
 }
 
-/// Runs `work(i, chunk_i)` over the chunks of `data` of `chunk_len`, in parallel on Candle's
-/// rayon pool.
+/// Runs `work(i, chunk_i)` over the chunks of `data` of `chunk_len`, in parallel.
 pub(crate) fn for_each_chunk_mut<T: Send>(
     data: &mut [T],
     chunk_len: usize,
     work: impl Fn(usize, &mut [T]) + Sync,
 ) {
-    let count = data.len().div_ceil(chunk_len.max(1));
-    let mut none = vec![(); count];
-    for_each_chunk_pair_mut(data, chunk_len, &mut none, 1, |i, chunk, _| work(i, chunk));
+    data.par_chunks_mut(chunk_len.max(1))
+        .enumerate()
+        .for_each(|(i, chunk)| work(i, chunk));
+}
+
+/// Runs `work(state, i, item_i)` over owned `items` (typically disjoint `&mut` chunks of
+/// output buffers) with a static schedule: worker `w` of `n` takes
+/// items `w, w + n, …` with one state made by `init`; the states come back in worker order,
+/// so callers that add them get the same sums on every run.
+pub(crate) fn for_each_with_state<I: Send, S: Send>(
+    items: Vec<I>,
+    init: impl Fn() -> S + Sync,
+    work: impl Fn(&mut S, usize, I) + Sync,
+) -> Vec<S> {
+    let workers = pool_threads().min(items.len()).max(1);
+    let mut per_worker: Vec<Vec<(usize, I)>> = (0..workers).map(|_| Vec::new()).collect();
+    for (i, item) in items.into_iter().enumerate() {
+        per_worker[i % workers].push((i, item));
+    }
+    let run = |owned: Vec<(usize, I)>| {
+        let mut state = None;
+        for (i, item) in owned {
+            work(state.get_or_insert_with(&init), i, item);
+        }
+        state
+    };
+    let states: Vec<Option<S>> = if workers == 1 {
+        per_worker.into_iter().map(run).collect()
+    } else {
+        per_worker.into_par_iter().map(run).collect()
+    };
+    states.into_iter().flatten().collect()
 }
 
 /// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)`, single-threaded (callers parallelize over

@@ -1,42 +1,30 @@
-//! Fused CPU kernel for a diagonal precision (diag and sphere):
-//! `m2[b, z] = Σ_i p_zi (x_bi - c_zi)²` in B·Z·d work, exact (no expansion, no cancellation),
-//! with its fused backward. One pass, no (B, Z, d) temporary.
+//! Diagonal precisions (diag and sphere): `m2[b, z] = Σ_i p_zi (x_bi - c_zi)²` in B·Z·d
+//! work. The fused CPU op computes it exactly (no expansion, no cancellation) in one pass with
+//! its fused backward, no (B, Z, d) temporary; its portable twin is the expanded form in
+//! matmuls (tensor ops), clamped at 0.
 
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 
 use super::cpu::{
-    check_float, dispatch_float3, for_each_chunk_mut, for_each_chunk_pair_mut, host_backward3,
-    rows_per_chunk, Real,
+    check_fused_inputs, dispatch_backward3, dispatch_float3, for_each_chunk_mut,
+    for_each_chunk_pair_mut, poison_non_finite_rows, rows_per_chunk, OperandShape, Real, Sizes,
 };
-use super::projected::check_same_dtype;
-use crate::error::{GaussError, Result};
+use crate::error::Result;
 
-fn sizes_from_dims(
-    x: &[usize],
-    center: &[usize],
-    diagonal: &[usize],
-) -> Result<(usize, usize, usize)> {
-    let &[batch, dim] = x else {
-        return Err(GaussError::shape("input x", "(batch, d)", x));
-    };
-    let &[neurons, center_dim] = center else {
-        return Err(GaussError::shape("center", "(Z, d)", center));
-    };
-    if center_dim != dim {
-        return Err(GaussError::shape(
-            "center",
-            format!("({neurons}, {dim})"),
-            center,
-        ));
-    }
-    if diagonal != [neurons, dim] {
-        return Err(GaussError::shape(
-            "diagonal precision",
-            format!("({neurons}, {dim})"),
-            diagonal,
-        ));
-    }
-    Ok((batch, dim, neurons))
+/// The portable twin: `(x∘x) pᵀ − 2 x (p∘c)ᵀ + Σ_i p_zi c_zi²` in tensor ops (every device,
+/// autograd), no (B, Z, d) tensor, clamped at 0 against cancellation.
+///
+/// # Shapes
+/// `x`: (B, d), `center`: (Z, d), `diagonal`: (Z, d) → (B, Z)
+pub(crate) fn portable(x: &Tensor, center: &Tensor, diagonal: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let weighted_center = (diagonal * center)?;
+    let quadratic = x.sqr()?.matmul(&diagonal.t()?)?;
+    let cross = x.matmul(&weighted_center.t()?)?;
+    let constant = (weighted_center * center)?.sum(D::Minus1)?.unsqueeze(0)?;
+    Ok((quadratic - (cross * 2.0)?)?
+        .broadcast_add(&constant)?
+        .relu()?)
 }
 
 /// `Σ_i p_i (x_i - c_i)²` with eight independent accumulators, so it vectorizes.
@@ -65,8 +53,12 @@ fn weighted_squared_distance<T: Real>(x: &[T], c: &[T], p: &[T]) -> T {
     total
 }
 
-fn forward<T: Real>(x: &[T], center: &[T], diagonal: &[T], dims: (usize, usize, usize)) -> Vec<T> {
-    let (batch, dim, neurons) = dims;
+fn forward<T: Real>(x: &[T], center: &[T], diagonal: &[T], s: Sizes) -> Vec<T> {
+    let Sizes {
+        batch,
+        dim,
+        neurons,
+    } = s;
     let mut out = vec![T::zero(); batch * neurons];
     if batch == 0 || neurons == 0 || dim == 0 {
         return out;
@@ -82,6 +74,7 @@ fn forward<T: Real>(x: &[T], center: &[T], diagonal: &[T], dims: (usize, usize, 
             }
         }
     });
+    poison_non_finite_rows(&mut out, x, dim, neurons);
     out
 }
 
@@ -90,9 +83,13 @@ fn backward<T: Real>(
     center: &[T],
     diagonal: &[T],
     grad: &[T],
-    dims: (usize, usize, usize),
+    s: Sizes,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let (batch, dim, neurons) = dims;
+    let Sizes {
+        batch,
+        dim,
+        neurons,
+    } = s;
     let two = T::from_f64(2.0);
     let mut grad_x = vec![T::zero(); batch * dim];
     let mut grad_center = vec![T::zero(); neurons * dim];
@@ -145,9 +142,11 @@ fn backward<T: Real>(
 
 /// The Candle op: inputs (x, center, diagonal), output m2 (B, Z).
 #[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct DiagonalMahalanobisSq;
+struct DiagonalDistance;
 
-impl CustomOp3 for DiagonalMahalanobisSq {
+const OPERAND: &str = "diagonal precision";
+
+impl CustomOp3 for DiagonalDistance {
     fn name(&self) -> &'static str {
         "diagonal-mahalanobis-sq"
     }
@@ -161,16 +160,21 @@ impl CustomOp3 for DiagonalMahalanobisSq {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = sizes_from_dims(l1.dims(), l2.dims(), l3.dims())?;
-        let shape = Shape::from((dims.0, dims.2));
+        let s = Sizes::of(
+            l1.dims(),
+            l2.dims(),
+            l3.dims(),
+            OperandShape::Diagonal,
+            OPERAND,
+        )?;
         let out = dispatch_float3(
             self.name(),
             "x, center and diagonal",
             [(s1, l1), (s2, l2), (s3, l3)],
-            |x, c, p| CpuStorage::F32(forward(x, c, p, dims)),
-            |x, c, p| CpuStorage::F64(forward(x, c, p, dims)),
+            |x, c, p| CpuStorage::F32(forward(x, c, p, s)),
+            |x, c, p| CpuStorage::F64(forward(x, c, p, s)),
         )?;
-        Ok((out, shape))
+        Ok((out, Shape::from((s.batch, s.neurons))))
     }
 
     fn bwd(
@@ -181,57 +185,33 @@ impl CustomOp3 for DiagonalMahalanobisSq {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (gx, gc, gp) = match x.dtype() {
-            DType::F32 => backward_tensors::<f32>(x, center, diagonal, grad)?,
-            DType::F64 => backward_tensors::<f64>(x, center, diagonal, grad)?,
-            other => bail!("{}: supports f32 and f64, got {other:?}", self.name()),
-        };
-        Ok((Some(gx), Some(gc), Some(gp)))
+        let s = Sizes::of(
+            x.dims(),
+            center.dims(),
+            diagonal.dims(),
+            OperandShape::Diagonal,
+            OPERAND,
+        )?;
+        dispatch_backward3(
+            self.name(),
+            [x, center, diagonal, grad],
+            s.gradient_shapes(OperandShape::Diagonal),
+            |x, c, p, g| backward(x, c, p, g, s),
+            |x, c, p, g| backward(x, c, p, g, s),
+        )
     }
-}
-
-fn backward_tensors<T: Real>(
-    x: &Tensor,
-    center: &Tensor,
-    diagonal: &Tensor,
-    grad: &Tensor,
-) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let dims = sizes_from_dims(x.dims(), center.dims(), diagonal.dims())?;
-    let grad = grad.to_dtype(T::DTYPE)?.contiguous()?;
-    let (batch, dim, neurons) = dims;
-    host_backward3::<T>(
-        [x, center, diagonal, &grad],
-        [
-            (batch, dim).into(),
-            (neurons, dim).into(),
-            (neurons, dim).into(),
-        ],
-        |x, c, p, g| Ok(backward(x, c, p, g, dims)),
-    )
 }
 
 /// Diagonal-precision distances through the fused CPU op (with its fused backward).
 ///
 /// # Shapes
 /// `x`: (B, d), `center`: (Z, d), `diagonal`: (Z, d) → (B, Z)
-///
-/// # Errors
-/// Wrong shapes, mixed dtypes, a dtype other than f32/f64, or a tensor not on the CPU.
-pub fn mahalanobis_sq_diagonal_fused(
-    x: &Tensor,
-    center: &Tensor,
-    diagonal: &Tensor,
-) -> Result<Tensor> {
-    sizes_from_dims(x.dims(), center.dims(), diagonal.dims())?;
-    check_same_dtype(x, center, "center")?;
-    check_same_dtype(x, diagonal, "diagonal precision")?;
-    check_float("diagonal Mahalanobis kernel", x.dtype())?;
-    if !x.device().is_cpu() {
-        return Err(candle_core::Error::Msg(
-            "the fused diagonal kernel runs on the CPU only; use distance::mahalanobis_sq_diagonal"
-                .into(),
-        )
-        .into());
-    }
-    Ok(x.apply_op3(center, diagonal, DiagonalMahalanobisSq)?)
+pub(crate) fn fused(x: &Tensor, center: &Tensor, diagonal: &Tensor) -> Result<Tensor> {
+    check_fused_inputs(
+        "diagonal Mahalanobis kernel",
+        [x, center, diagonal],
+        OperandShape::Diagonal,
+        OPERAND,
+    )?;
+    Ok(x.apply_op3(center, diagonal, DiagonalDistance)?)
 }

@@ -1,72 +1,75 @@
-//! Distance kernels and the automatic choice between them (DESIGN §4).
+//! Distance kernels and the one resolver that chooses between them (docs/design.md §4).
 //!
-//! The layer calls [`mahalanobis_sq`]; it resolves the configured [`DistanceKernel`] into the
-//! [`ResolvedKernel`] that runs:
+//! Every caller (the layer, its fused forward, the losses through the layer) asks
+//! [`resolve`] for a plan and runs it; nothing else decides. Per form, the fused CPU
+//! algorithm and its portable twin in tensor ops sit side by side in one file, as candle-nn
+//! keeps `op` and `op_slow`:
 //!
-//! | precision | CPU (f32/f64) | other devices |
+//! | precision | CPU, f32/f64 (fused) | portable (CUDA, Metal, other dtypes, `portable: true`) |
 //! |---|---|---|
-//! | diag, sphere | fused diagonal op (B·Z·d) | [`distance::mahalanobis_sq_diagonal`] |
-//! | cholesky, expm, direct, centers well inside the widths (`Auto`) | fused expanded op (projected forward where the expanded forward's row tiles would be short, see [`expanded_fused`]) | [`distance::mahalanobis_sq_projected`] / [`expanded::mahalanobis_sq_expanded`] |
-//! | cholesky, expm, centers far apart relative to the widths | fused projected op (cholesky without width floor: fed the raw parameter, `L` built in the op) | [`distance::mahalanobis_sq_projected`] |
-//! | direct, centers far apart | naive | naive |
+//! | diag, sphere | fused diagonal op (exact, B·Z·d) | diagonal portable form (matmuls, clamped) |
+//! | cholesky, expm: `Auto`, check passes | fused expanded op (projected forward where d is large) | projected portable form |
+//! | cholesky, expm: `Auto`, check fails | fused projected op | projected portable form |
+//! | direct: `Auto`, check passes | fused expanded op | naive portable form |
+//! | direct: `Auto`, check fails (or not positive definite) | naive portable form | naive portable form |
+//! | `Projected` / `Expanded` | that form, fused | that form, portable |
+//! | `Naive` | naive portable form | naive portable form |
 //!
-//! "Well inside" is the cheap conditioning check `max_z |c_z - c̄|²·‖P_z‖ <= limit(dtype)`
-//! (see [`expanded::expanded_is_accurate`]), under which the expanded form keeps its digits.
-//! `Expanded`, `Projected` and `Naive` in the config force those forms (diag and sphere always
-//! take their own exact path except under `Naive`). The fused CPU ops compute `m2` and its
-//! gradients with tiled GEMMs in parallel and never build (B, Z, d) temporaries.
+//! The check ([`conditioning`]) reads the centers and the precision operand on the host, which
+//! is free on the CPU; the portable path never reads device data to decide (no device
+//! synchronization per call), so it takes the form that is accurate for every input.
+//! cholesky without a width floor feeds its raw parameter to the fused ops, which build `L`
+//! inside (no (Z, d, d) temporaries for the map or its backward); direct without a width
+//! floor feeds its raw `A` (the ops use its symmetric part).
 //!
-//! ```
-//! use candle_core::{Device, Tensor};
-//! use gauss_layer::kernels::projected::mahalanobis_sq_projected_fused;
-//! let x = Tensor::new(&[[1.0f32, 2.0]], &Device::Cpu)?;
-//! let c = Tensor::new(&[[0.0f32, 0.0]], &Device::Cpu)?;
-//! let f = Tensor::new(&[[[2.0f32, 0.0], [0.0, 1.0]]], &Device::Cpu)?; // P = F Fᵀ = diag(4, 1)
-//! let m2 = mahalanobis_sq_projected_fused(&x, &c, &f)?.to_vec2::<f32>()?;
-//! assert!((m2[0][0] - 8.0).abs() < 1e-6); // 4·1² + 1·2²
-//! # Ok::<(), Box<dyn std::error::Error>>(())
-//! ```
+//! Every form clamps `m2` at 0, so a `direct` precision that is not positive definite gives
+//! `g = 1` along its negative directions in every kernel (never `g > 1` or infinite); the
+//! losses refuse such a precision ([`crate::repair::ensure_positive_definite`]).
 
+pub(crate) mod conditioning;
 mod cpu;
-pub mod diagonal;
-pub mod expanded;
-pub mod expanded_fused;
-pub mod fused_layer;
-pub mod projected;
+pub(crate) mod diagonal;
+pub(crate) mod distance_op;
+pub(crate) mod expanded;
+pub(crate) mod factors;
+pub(crate) mod layer_op;
+pub(crate) mod naive;
+pub(crate) mod projected;
 #[cfg(test)]
 mod tests;
 
 use candle_core::{DType, Tensor};
 
-use crate::config::DistanceKernel;
-use crate::distance;
+use crate::config::{DistanceKernel, Parameterization};
 use crate::error::{GaussError, Result};
 use crate::precision::Precision;
-use expanded_fused::Plan;
-use projected::FactorMap;
+use conditioning::Conditioning;
+use cpu::{with_row_major, OperandShape, Sizes, TILE_ROWS};
+use distance_op::FusedPlan;
+use expanded::Source;
+use factors::FactorMap;
 
-/// The kernel that actually runs once [`DistanceKernel::Auto`] is resolved.
+/// The kernel that runs once [`DistanceKernel::Auto`] and the device are resolved (for logs
+/// and benchmarks: [`crate::GaussLayer::resolved_kernel`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ResolvedKernel {
     /// Fused CPU op for a diagonal precision.
     DiagonalFused,
-    /// Tensor-op form for a diagonal precision.
+    /// Portable form for a diagonal precision.
     DiagonalTensorOps,
-    /// Fused CPU op for the projected form, fed the factor from [`Precision::factor`].
+    /// Fused CPU op for the projected form.
     ProjectedFused,
-    /// Fused CPU op for the projected form straight from the raw Cholesky parameter (the
-    /// factor is built inside the op): cholesky without a width floor.
-    CholeskyFused,
-    /// Tensor-op form of the projected form (one GEMM against the stacked factors).
+    /// Portable projected form (one GEMM against the stacked factors).
     ProjectedTensorOps,
     /// Fused CPU op for the expanded symmetric form, forward and backward.
     ExpandedFused,
     /// Fused CPU op: projected forward (lean scratch where the expanded forward's row tiles
     /// would be short), expanded backward.
     ExpandedBackwardFused,
-    /// Expanded symmetric form (tensor ops).
-    Expanded,
-    /// (B, Z, d) broadcast form.
+    /// Portable expanded symmetric form.
+    ExpandedTensorOps,
+    /// (B, Z, d) broadcast form (portable).
     Naive,
 }
 
@@ -77,135 +80,218 @@ impl ResolvedKernel {
             ResolvedKernel::DiagonalFused => "diagonal_fused",
             ResolvedKernel::DiagonalTensorOps => "diagonal_tensor_ops",
             ResolvedKernel::ProjectedFused => "projected_fused",
-            ResolvedKernel::CholeskyFused => "cholesky_fused",
             ResolvedKernel::ProjectedTensorOps => "projected_tensor_ops",
             ResolvedKernel::ExpandedFused => "expanded_fused",
             ResolvedKernel::ExpandedBackwardFused => "projected_forward_expanded_backward_fused",
-            ResolvedKernel::Expanded => "expanded",
+            ResolvedKernel::ExpandedTensorOps => "expanded_tensor_ops",
             ResolvedKernel::Naive => "naive",
         }
     }
 }
 
-/// Whether the fused CPU ops can take `x`.
-fn fused_cpu(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
-}
-
-/// What the parameterization offers, computed once per call.
-enum Operand {
-    Plan(Plan, Tensor),
+/// What the resolved kernel takes as its precision input.
+#[derive(Clone, Debug)]
+pub(crate) enum Operand {
+    /// (Z, d) diagonal precisions.
     Diagonal(Tensor),
+    /// (Z, d, d) factors `F` with `P = F Fᵀ`.
     Factor(Tensor),
+    /// (Z, d, d) precision matrices.
     Matrix(Tensor),
+    /// The fused distance op's (Z, d, d) input and its plan.
+    Fused(Tensor, FusedPlan),
 }
 
-fn choose(
+/// A resolved kernel with its input, ready to run.
+#[derive(Clone, Debug)]
+pub(crate) struct Resolved {
+    pub kernel: ResolvedKernel,
+    pub operand: Operand,
+}
+
+/// Whether the fused CPU ops can run on these tensors.
+fn fused_applies(x: &Tensor, center: &Tensor, precision: &Precision, portable: bool) -> bool {
+    !portable
+        && x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && center.dtype() == x.dtype()
+        && precision.raw().dtype() == x.dtype()
+}
+
+/// The fused ops' precision input: the raw parameter where the op can map it itself
+/// (cholesky and direct without a width floor), else the effective factor or matrix.
+fn fused_operand(precision: &Precision) -> Result<(Source, Tensor)> {
+    let config = precision.config();
+    match (config.parameterization, config.width_floor) {
+        (Parameterization::Cholesky, None) => Ok((
+            Source::Factor(FactorMap::Cholesky {
+                positive_map: config.positive_map,
+                floor: config.factor_diag_floor,
+            }),
+            precision.raw().clone(),
+        )),
+        (Parameterization::Direct, None) => Ok((Source::Matrix, precision.raw().clone())),
+        _ => match precision.factor()? {
+            Some(factor) => Ok((Source::Factor(FactorMap::Identity), factor)),
+            None => Ok((Source::Matrix, precision.precision_matrix()?)),
+        },
+    }
+}
+
+/// The conditioning of the centers and the fused input, read on the host (CPU tensors).
+fn measure(center: &Tensor, input: &Tensor, source: Source, s: Sizes) -> Result<Conditioning> {
+    Ok(match center.dtype() {
+        DType::F32 => with_row_major::<f32, _>(center, |c| {
+            with_row_major::<f32, _>(input, |p| Ok(Conditioning::measure(c, p, source, s)))
+        })?,
+        _ => with_row_major::<f64, _>(center, |c| {
+            with_row_major::<f64, _>(input, |p| Ok(Conditioning::measure(c, p, source, s)))
+        })?,
+    })
+}
+
+fn projected_needs_factor(precision: &Precision) -> GaussError {
+    GaussError::config(
+        "kernel",
+        format!(
+            "`projected` needs a factor P = F Fᵀ, which the `{}` parameterization does not keep; use `auto`, `expanded` or `naive`",
+            precision.parameterization()
+        ),
+    )
+}
+
+/// The one resolver: which kernel runs for these arguments, with its input.
+///
+/// `portable` forces the tensor-op forms (what CUDA and Metal run) on the CPU too.
+///
+/// # Shapes
+/// `x`: (B, d), `center`: (Z, d)
+pub(crate) fn resolve(
     x: &Tensor,
     center: &Tensor,
     precision: &Precision,
     kernel: DistanceKernel,
-) -> Result<(ResolvedKernel, Operand)> {
+    portable: bool,
+) -> Result<Resolved> {
+    let resolved = |kernel, operand| Ok(Resolved { kernel, operand });
     if kernel == DistanceKernel::Naive {
-        return Ok((
+        return resolved(
             ResolvedKernel::Naive,
             Operand::Matrix(precision.precision_matrix()?),
-        ));
+        );
     }
+    let fused = fused_applies(x, center, precision, portable);
     if let Some(diagonal) = precision.diagonal_precision()? {
-        let resolved = if fused_cpu(x) {
+        let kernel = if fused {
             ResolvedKernel::DiagonalFused
         } else {
             ResolvedKernel::DiagonalTensorOps
         };
-        return Ok((resolved, Operand::Diagonal(diagonal)));
+        return resolved(kernel, Operand::Diagonal(diagonal));
     }
-    if let Some((plan, input)) = expanded_fused::plan_for(x, center, precision, kernel)? {
-        let resolved = match plan {
-            Plan::Projected(FactorMap::Cholesky { .. }) => ResolvedKernel::CholeskyFused,
-            Plan::Projected(FactorMap::Identity) => ResolvedKernel::ProjectedFused,
-            Plan::Expanded {
-                projected_forward: true,
-                ..
-            } => ResolvedKernel::ExpandedBackwardFused,
-            Plan::Expanded { .. } => ResolvedKernel::ExpandedFused,
-        };
-        return Ok((resolved, Operand::Plan(plan, input)));
-    }
-    if kernel == DistanceKernel::Expanded {
-        return Ok((
-            ResolvedKernel::Expanded,
-            Operand::Matrix(precision.precision_matrix()?),
-        ));
-    }
-    match (kernel, precision.factor()?) {
-        (_, Some(factor)) => {
-            let resolved = if fused_cpu(x) {
-                ResolvedKernel::ProjectedFused
-            } else {
-                ResolvedKernel::ProjectedTensorOps
-            };
-            Ok((resolved, Operand::Factor(factor)))
-        }
-        (DistanceKernel::Projected, None) => Err(GaussError::config(
-            "kernel",
-            format!(
-                "`projected` needs a factor P = F Fᵀ, which the `{}` parameterization does not keep; use `auto`, `expanded` or `naive`",
-                precision.parameterization()
+    if !fused {
+        // Portable: decided without reading device data.
+        return match (kernel, precision.factor()?) {
+            (DistanceKernel::Expanded, _) => resolved(
+                ResolvedKernel::ExpandedTensorOps,
+                Operand::Matrix(precision.precision_matrix()?),
             ),
-        )),
-        (_, None) => {
-            let matrix = precision.precision_matrix()?;
-            let resolved = if expanded::expanded_is_accurate(center, &matrix)? {
-                ResolvedKernel::Expanded
-            } else {
-                ResolvedKernel::Naive
-            };
-            Ok((resolved, Operand::Matrix(matrix)))
+            (_, Some(factor)) => {
+                resolved(ResolvedKernel::ProjectedTensorOps, Operand::Factor(factor))
+            }
+            (DistanceKernel::Projected, None) => Err(projected_needs_factor(precision)),
+            (_, None) => resolved(
+                ResolvedKernel::Naive,
+                Operand::Matrix(precision.precision_matrix()?),
+            ),
+        };
+    }
+    let (source, input) = fused_operand(precision)?;
+    let s = Sizes::of(
+        x.dims(),
+        center.dims(),
+        input.dims(),
+        OperandShape::Square,
+        "precision operand",
+    )?;
+    let expanded = |projected_forward: bool| {
+        let plan = FusedPlan::Expanded {
+            source,
+            projected_forward,
+        };
+        let kernel = if projected_forward {
+            ResolvedKernel::ExpandedBackwardFused
+        } else {
+            ResolvedKernel::ExpandedFused
+        };
+        resolved(kernel, Operand::Fused(input.clone(), plan))
+    };
+    let projected = |map| {
+        resolved(
+            ResolvedKernel::ProjectedFused,
+            Operand::Fused(input.clone(), FusedPlan::Projected(map)),
+        )
+    };
+    match (kernel, source) {
+        (DistanceKernel::Expanded, _) => expanded(false),
+        (DistanceKernel::Projected, Source::Factor(map)) => projected(map),
+        (DistanceKernel::Projected, Source::Matrix) => Err(projected_needs_factor(precision)),
+        (_, source) => {
+            let accurate = measure(center, &input, source, s)?.expanded_is_accurate(x.dtype());
+            match source {
+                Source::Factor(_) if accurate => {
+                    expanded(expanded::forward_tile_rows(s.dim) < TILE_ROWS)
+                }
+                Source::Matrix if accurate => expanded(false),
+                Source::Factor(map) => projected(map),
+                Source::Matrix => resolved(
+                    ResolvedKernel::Naive,
+                    Operand::Matrix(precision.precision_matrix()?),
+                ),
+            }
         }
     }
 }
 
-/// The kernel [`mahalanobis_sq`] runs for these arguments (for logs and benchmarks).
-///
-/// # Shapes
-/// `x`: (B, d), `center`: (Z, d)
-pub fn resolve_kernel(
-    x: &Tensor,
-    center: &Tensor,
-    precision: &Precision,
-    kernel: DistanceKernel,
-) -> Result<ResolvedKernel> {
-    Ok(choose(x, center, precision, kernel)?.0)
-}
-
-/// Squared Mahalanobis distances of `x` to every neuron, through the requested kernel
-/// ([`DistanceKernel::Auto`] picks by parameterization, device and conditioning).
+/// Runs a resolved kernel: `m2` (B, Z).
 ///
 /// # Shapes
 /// `x`: (B, d), `center`: (Z, d) → (B, Z)
-pub fn mahalanobis_sq(
+pub(crate) fn run(x: &Tensor, center: &Tensor, resolved: &Resolved) -> Result<Tensor> {
+    let portable = match (&resolved.operand, resolved.kernel) {
+        (Operand::Diagonal(p), ResolvedKernel::DiagonalFused) => {
+            return diagonal::fused(x, center, p)
+        }
+        (Operand::Fused(input, plan), _) => return distance_op::apply(x, center, input, *plan),
+        (Operand::Diagonal(p), _) => diagonal::portable(x, center, p)?,
+        (Operand::Factor(f), _) => projected::portable(x, center, f)?,
+        (Operand::Matrix(p), ResolvedKernel::ExpandedTensorOps) => {
+            expanded::portable(x, center, p)?
+        }
+        (Operand::Matrix(p), _) => naive::portable(x, center, p)?,
+    };
+    poison_non_finite_rows(x, &portable)
+}
+
+/// The portable forms' version of the fused ops' rule for non-finite input rows: `0 · Σ_i x_bi`
+/// is 0 for a finite row and NaN otherwise, so adding it makes exactly those rows NaN (its
+/// gradient is 0 elsewhere).
+fn poison_non_finite_rows(x: &Tensor, m2: &Tensor) -> Result<Tensor> {
+    let poison = (x.detach().sum_keepdim(1)? * 0.0)?;
+    Ok(m2.broadcast_add(&poison)?)
+}
+
+/// Squared Mahalanobis distances through the resolver (see the module table).
+///
+/// # Shapes
+/// `x`: (B, d), `center`: (Z, d) → (B, Z)
+pub(crate) fn mahalanobis_sq(
     x: &Tensor,
     center: &Tensor,
     precision: &Precision,
     kernel: DistanceKernel,
+    portable: bool,
 ) -> Result<Tensor> {
-    let (resolved, operand) = choose(x, center, precision, kernel)?;
-    match (resolved, operand) {
-        (_, Operand::Plan(plan, input)) => {
-            Ok(x.apply_op3(center, &input, expanded_fused::FusedMahalanobisSq { plan })?)
-        }
-        (ResolvedKernel::DiagonalFused, Operand::Diagonal(p)) => {
-            diagonal::mahalanobis_sq_diagonal_fused(x, center, &p)
-        }
-        (_, Operand::Diagonal(p)) => distance::mahalanobis_sq_diagonal(x, center, &p),
-        (ResolvedKernel::ProjectedFused, Operand::Factor(f)) => {
-            projected::mahalanobis_sq_projected_fused(x, center, &f)
-        }
-        (_, Operand::Factor(f)) => distance::mahalanobis_sq_projected(x, center, &f),
-        (ResolvedKernel::Expanded, Operand::Matrix(p)) => {
-            expanded::mahalanobis_sq_expanded(x, center, &p)
-        }
-        (_, Operand::Matrix(p)) => distance::mahalanobis_sq_naive(x, center, &p),
-    }
+    let resolved = resolve(x, center, precision, kernel, portable)?;
+    run(x, center, &resolved)
 }

@@ -1,4 +1,6 @@
-//! Fused CPU kernel for the projected form `m2[b, z] = |F_zᵀ (x_b - c_z)|²` (DESIGN §4).
+//! The projected form `m2[b, z] = |F_zᵀ (x_b − c_z)|²` for a factor `P_z = F_z F_zᵀ`
+//! (docs/design.md §4): the fused CPU algorithm (forward and backward on host slices, run by
+//! the distance op) beside its portable twin in tensor ops (what CUDA and Metal run).
 //!
 //! Forward: per (batch chunk × neuron block) tile one GEMM of the (shifted) inputs against the
 //! factors of the block stacked side by side, minus the precomputed `F_zᵀ c_z`, squared and
@@ -9,154 +11,34 @@
 //! Inputs are shifted by the mean of the centers first (`m2` does not change when x and c
 //! move together), so that `F(x - c)` loses fewer digits when the centers sit far from 0.
 
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
-use std::sync::{Mutex, MutexGuard};
+use candle_core::{Tensor, D};
 
 use super::cpu::{
-    check_float, dispatch_float3, for_each_item, host_backward3, matmul, neurons_per_block,
-    row_mean, rows_per_chunk, squared_distance, MatRef, Real, TILE_ROWS,
+    for_each_chunk_mut, for_each_with_state, matmul, neurons_per_block, row_mean, rows_per_chunk,
+    shift_rows, squared_distance, MatRef, Real, Sizes, TILE_ROWS,
 };
-use crate::config::PositiveMap;
-use crate::error::{GaussError, Result};
+use super::factors::{FactorMap, Factors};
+use crate::error::Result;
+use crate::linalg;
 
-/// Sizes of one call: B inputs, d dims, Z neurons.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Sizes {
-    pub batch: usize,
-    pub dim: usize,
-    pub neurons: usize,
-}
-
-impl Sizes {
-    /// Shapes of the gradients to x (B, d), the centers (Z, d) and a (Z, d, d) input.
-    pub(super) fn gradient_shapes(self) -> [Shape; 3] {
-        [
-            (self.batch, self.dim).into(),
-            (self.neurons, self.dim).into(),
-            (self.neurons, self.dim, self.dim).into(),
-        ]
-    }
-}
-
-pub(super) fn sizes_from_dims(x: &[usize], center: &[usize], factor: &[usize]) -> Result<Sizes> {
-    let &[batch, dim] = x else {
-        return Err(GaussError::shape("input x", "(batch, d)", x));
-    };
-    let expected = format!("({}, {dim})", center.first().copied().unwrap_or(0));
-    let &[neurons, center_dim] = center else {
-        return Err(GaussError::shape("center", "(Z, d)", center));
-    };
-    if center_dim != dim {
-        return Err(GaussError::shape("center", expected, center));
-    }
-    if factor != [neurons, dim, dim] {
-        return Err(GaussError::shape(
-            "precision factor",
-            format!("({neurons}, {dim}, {dim})"),
-            factor,
-        ));
-    }
-    Ok(Sizes {
-        batch,
-        dim,
-        neurons,
-    })
-}
-
-/// How the op's third input becomes the factor `F` (so the Cholesky map from raw parameters
-/// runs inside the op, without (Z, d, d) temporaries and their backward ops).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) enum FactorMap {
-    /// The input is `F`.
-    Identity,
-    /// The input is the raw Cholesky parameter:
-    /// `F = tril(raw, -1) + diag(map(diag raw) + floor)`; entries above the diagonal unused.
-    Cholesky {
-        positive_map: PositiveMap,
-        floor: f64,
-    },
-}
-
-fn positive_value(map: PositiveMap, r: f64) -> f64 {
-    match map {
-        // log(1 + e^r), without overflow for large r.
-        PositiveMap::Softplus => r.max(0.0) + (-r.abs()).exp().ln_1p(),
-        PositiveMap::Exp => r.exp(),
-    }
-}
-
-fn positive_slope(map: PositiveMap, r: f64) -> f64 {
-    match map {
-        PositiveMap::Softplus => 1.0 / (1.0 + (-r).exp()),
-        PositiveMap::Exp => r.exp(),
-    }
-}
-
-impl FactorMap {
-    /// Turns `∂F_z` into the gradient of the op's input block, in place.
-    pub(super) fn chain<T: Real>(self, input: &[T], dim: usize, grad: &mut [T]) {
-        if let FactorMap::Cholesky { positive_map, .. } = self {
-            for i in 0..dim {
-                let slope = positive_slope(positive_map, input[i * dim + i].to_f64());
-                grad[i * dim + i] = T::from_f64(grad[i * dim + i].to_f64() * slope);
-                grad[i * dim + i + 1..(i + 1) * dim].fill(T::zero());
-            }
-        }
-    }
-}
-
-/// The factors `F_z` as the op sees them: its input and, for the Cholesky map, the mapped
-/// diagonal computed once per call (Z·d values).
-pub(super) struct Factors<'a, T> {
-    input: &'a [T],
-    dim: usize,
-    mapped_diagonal: Option<Vec<T>>,
-}
-
-impl<'a, T: Real> Factors<'a, T> {
-    pub(super) fn new(input: &'a [T], map: FactorMap, s: Sizes) -> Self {
-        let dim = s.dim;
-        let mapped_diagonal = match map {
-            FactorMap::Identity => None,
-            FactorMap::Cholesky {
-                positive_map,
-                floor,
-            } => Some(
-                (0..s.neurons * dim)
-                    .map(|k| {
-                        let (z, i) = (k / dim, k % dim);
-                        let raw = input[z * dim * dim + i * dim + i].to_f64();
-                        T::from_f64(positive_value(positive_map, raw) + floor)
-                    })
-                    .collect(),
-            ),
-        };
-        Self {
-            input,
-            dim,
-            mapped_diagonal,
-        }
-    }
-
-    /// True when every `F_z` is lower triangular (the Cholesky map).
-    pub(super) fn is_lower_triangular(&self) -> bool {
-        self.mapped_diagonal.is_some()
-    }
-
-    /// Writes row `i` of `F_z` into `out` (length d).
-    #[inline]
-    pub(super) fn write_row(&self, z: usize, i: usize, out: &mut [T]) {
-        let d = self.dim;
-        let src = &self.input[z * d * d + i * d..][..d];
-        match &self.mapped_diagonal {
-            None => out.copy_from_slice(src),
-            Some(diagonal) => {
-                out[..i].copy_from_slice(&src[..i]);
-                out[i] = diagonal[z * d + i];
-                out[i + 1..].fill(T::zero());
-            }
-        }
-    }
+/// The portable twin: `m2 = |F_zᵀ x_b − F_zᵀ c_z|²` with one GEMM of `x` against the factors
+/// stacked side by side, in tensor ops (every device, autograd). No (B, Z, d) difference
+/// tensor is built; the GEMM's (B, Z·d) output is the only large intermediate.
+///
+/// # Shapes
+/// `x`: (B, d), `center`: (Z, d), `factor`: (Z, d, d) → (B, Z)
+pub(crate) fn portable(x: &Tensor, center: &Tensor, factor: &Tensor) -> Result<Tensor> {
+    let (b, d) = x.dims2()?;
+    let z = center.dim(0)?;
+    // stacked[i, z·d + k] = F_z[i, k], so (x · stacked)[b, z·d + k] = (F_zᵀ x_b)_k.
+    let stacked = factor.permute((1, 0, 2))?.reshape((d, z * d))?;
+    let projected = x.contiguous()?.matmul(&stacked)?.reshape((b, z, d))?;
+    // (F_zᵀ c_z)ᵀ = c_zᵀ F_z, one small batched matmul.
+    let projected_center = linalg::matmul(&center.unsqueeze(1)?, factor)?.squeeze(1)?;
+    Ok(projected
+        .broadcast_sub(&projected_center.unsqueeze(0)?)?
+        .sqr()?
+        .sum(D::Minus1)?)
 }
 
 /// Copies the factors of neurons `z0..z0 + count` side by side into `stacked` (d, count·d):
@@ -166,7 +48,7 @@ fn stack_factors<T: Real>(
     (z0, count): (usize, usize),
     stacked: &mut [T],
 ) {
-    let dim = factors.dim;
+    let dim = factors.dim();
     let cols = count * dim;
     for k in 0..count {
         for i in 0..dim {
@@ -210,30 +92,8 @@ fn shift_and_projected_centers<T: Real>(
     (shift, projected)
 }
 
-fn shift_rows<T: Real>(x: &[T], shift: &[T], out: &mut [T]) {
-    for (row_out, row_in) in out
-        .chunks_exact_mut(shift.len())
-        .zip(x.chunks_exact(shift.len()))
-    {
-        for ((o, &v), &m) in row_out.iter_mut().zip(row_in).zip(shift) {
-            *o = v - m;
-        }
-    }
-}
-
-/// Locks a per-item slot (each is taken by exactly one item, so never contended).
-fn lock<S>(slot: &Mutex<S>) -> MutexGuard<'_, S> {
-    slot.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// `m2` (B, Z), row-major, from row-major x (B, d), center (Z, d), factor (Z, d, d).
-fn forward<T: Real>(x: &[T], center: &[T], factor: &[T], map: FactorMap, s: Sizes) -> Vec<T> {
-    let mut out = vec![T::zero(); s.batch * s.neurons];
-    forward_into(&mut out, x, center, factor, map, s);
-    out
-}
-
-/// [`forward`] into a caller's (B, Z) buffer.
+/// `m2` (B, Z) into a caller's row-major buffer, from row-major x (B, d), center (Z, d) and
+/// the op's (Z, d, d) input.
 pub(super) fn forward_into<T: Real>(
     out: &mut [T],
     x: &[T],
@@ -255,16 +115,10 @@ pub(super) fn forward_into<T: Real>(
     let (shift, projected_centers) = shift_and_projected_centers(center, &factors, s);
     let block = neurons_per_block(dim, neurons);
     let chunk_rows = rows_per_chunk(batch);
-    let chunks: Vec<Mutex<&mut [T]>> = out[..batch * neurons]
-        .chunks_mut(chunk_rows * neurons)
-        .map(Mutex::new)
-        .collect();
-    for_each_item(
-        chunks.len(),
-        || (),
-        |(), chunk| {
-            let mut out_chunk = lock(&chunks[chunk]);
-            let out_chunk: &mut [T] = &mut out_chunk;
+    for_each_chunk_mut(
+        &mut out[..batch * neurons],
+        chunk_rows * neurons,
+        |chunk, out_chunk| {
             let row0 = chunk * chunk_rows;
             let rows = out_chunk.len() / neurons;
             // Shifted per tile (a B·d copy per neuron block, 1/256 of the GEMM work), so the
@@ -310,7 +164,6 @@ pub(super) fn forward_into<T: Real>(
             }
         },
     );
-    drop(chunks);
 }
 
 /// Rows per backward tile: larger than the forward's, since the backward's memory is not
@@ -341,17 +194,14 @@ pub(super) fn backward<T: Real>(
     let (shift, projected_centers) = shift_and_projected_centers(center, &factors, s);
     let block = neurons_per_block(dim, neurons);
     let two = T::from_f64(2.0);
-    let blocks: Vec<Mutex<(&mut [T], &mut [T])>> = grad_factor
+    let blocks: Vec<(&mut [T], &mut [T])> = grad_factor
         .chunks_mut(block * dim * dim)
         .zip(grad_center.chunks_mut(block * dim))
-        .map(Mutex::new)
         .collect();
-    let partial_grad_x = for_each_item(
-        blocks.len(),
+    let partial_grad_x = for_each_with_state(
+        blocks,
         || vec![T::zero(); batch * dim],
-        |grad_x, b| {
-            let mut guard = lock(&blocks[b]);
-            let (grad_factor_block, grad_center_block) = &mut *guard;
+        |grad_x, b, (grad_factor_block, grad_center_block)| {
             let z0 = b * block;
             let count = grad_center_block.len() / dim;
             let cols = count * dim;
@@ -454,7 +304,6 @@ pub(super) fn backward<T: Real>(
             }
         },
     );
-    drop(blocks);
     let mut partials = partial_grad_x.into_iter();
     let mut grad_x = partials
         .next()
@@ -463,144 +312,4 @@ pub(super) fn backward<T: Real>(
         grad_x.iter_mut().zip(&partial).for_each(|(a, &b)| *a += b);
     }
     (grad_x, grad_center, grad_factor)
-}
-
-/// The Candle op: inputs (x, center, factor), output m2 (B, Z).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct ProjectedMahalanobisSq {
-    map: FactorMap,
-}
-
-impl CustomOp3 for ProjectedMahalanobisSq {
-    fn name(&self) -> &'static str {
-        "projected-mahalanobis-sq"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let sizes = sizes_from_dims(l1.dims(), l2.dims(), l3.dims())?;
-        let shape = Shape::from((sizes.batch, sizes.neurons));
-        let out = dispatch_float3(
-            self.name(),
-            "x, center and factor",
-            [(s1, l1), (s2, l2), (s3, l3)],
-            |x, c, f| CpuStorage::F32(forward(x, c, f, self.map, sizes)),
-            |x, c, f| CpuStorage::F64(forward(x, c, f, self.map, sizes)),
-        )?;
-        Ok((out, shape))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        center: &Tensor,
-        factor: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (gx, gc, gf) = match x.dtype() {
-            DType::F32 => backward_tensors::<f32>(x, center, factor, grad, self.map)?,
-            DType::F64 => backward_tensors::<f64>(x, center, factor, grad, self.map)?,
-            other => bail!("{}: supports f32 and f64, got {other:?}", self.name()),
-        };
-        Ok((Some(gx), Some(gc), Some(gf)))
-    }
-}
-
-fn backward_tensors<T: Real>(
-    x: &Tensor,
-    center: &Tensor,
-    factor: &Tensor,
-    grad: &Tensor,
-    map: FactorMap,
-) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let sizes = sizes_from_dims(x.dims(), center.dims(), factor.dims())?;
-    let grad = grad.to_dtype(T::DTYPE)?.contiguous()?;
-    host_backward3::<T>(
-        [x, center, factor, &grad],
-        sizes.gradient_shapes(),
-        |x, c, f, g| Ok(backward(x, c, f, g, map, sizes)),
-    )
-}
-
-/// The projected form through the fused CPU op (with its fused backward).
-///
-/// # Shapes
-/// `x`: (B, d), `center`: (Z, d), `factor`: (Z, d, d) with `P_z = F_z F_zᵀ` → (B, Z)
-///
-/// # Errors
-/// Wrong shapes, mixed dtypes, a dtype other than f32/f64, or a tensor not on the CPU.
-pub fn mahalanobis_sq_projected_fused(
-    x: &Tensor,
-    center: &Tensor,
-    factor: &Tensor,
-) -> Result<Tensor> {
-    apply(x, center, factor, FactorMap::Identity)
-}
-
-/// The projected form straight from the raw Cholesky parameter, fused: the factor
-/// `L = tril(raw, -1) + diag(map(diag raw) + floor)` is built inside the op, tile by tile, so
-/// neither `L` nor its backward ops exist as (Z, d, d) tensors. Gradients flow to `x`,
-/// `center` and `raw` (zero above the diagonal).
-///
-/// # Shapes
-/// `x`: (B, d), `center`: (Z, d), `raw`: (Z, d, d) → (B, Z)
-///
-/// # Errors
-/// As [`mahalanobis_sq_projected_fused`]; also a negative or non-finite `floor`.
-pub fn mahalanobis_sq_cholesky_fused(
-    x: &Tensor,
-    center: &Tensor,
-    raw: &Tensor,
-    positive_map: PositiveMap,
-    floor: f64,
-) -> Result<Tensor> {
-    if !floor.is_finite() || floor < 0.0 {
-        return Err(GaussError::config(
-            "factor_diag_floor",
-            format!("must be finite and >= 0, got {floor}"),
-        ));
-    }
-    apply(
-        x,
-        center,
-        raw,
-        FactorMap::Cholesky {
-            positive_map,
-            floor,
-        },
-    )
-}
-
-fn apply(x: &Tensor, center: &Tensor, factor: &Tensor, map: FactorMap) -> Result<Tensor> {
-    sizes_from_dims(x.dims(), center.dims(), factor.dims())?;
-    check_same_dtype(x, center, "center")?;
-    check_same_dtype(x, factor, "precision factor")?;
-    check_float("projected Mahalanobis kernel", x.dtype())?;
-    if !x.device().is_cpu() {
-        return Err(candle_core::Error::Msg(
-            "the fused projected kernel runs on the CPU only; use distance::mahalanobis_sq_projected"
-                .into(),
-        )
-        .into());
-    }
-    Ok(x.apply_op3(center, factor, ProjectedMahalanobisSq { map })?)
-}
-
-pub(crate) fn check_same_dtype(x: &Tensor, other: &Tensor, what: &str) -> Result<()> {
-    if other.dtype() != x.dtype() {
-        return Err(GaussError::DType {
-            what: what.to_string(),
-            expected: x.dtype(),
-            got: other.dtype(),
-        });
-    }
-    Ok(())
 }

@@ -1,52 +1,31 @@
-//! The whole default layer forward as one fused CPU op:
-//! `g = exp(-m2/2)`, `y = (x Wᵀ + b) ∘ g`, with `m2` from the fused expanded or projected
-//! kernel (whichever [`super::expanded_fused`]'s plan picks).
+//! The whole layer forward as one fused CPU op:
+//! `g = exp(-m2/2)`, `y = act(x Wᵀ + b) ∘ g` (`act` = tanh or identity), with `m2` from the
+//! fused expanded or projected algorithm the resolver planned.
 //!
-//! One op instead of six (B, Z) elementwise ops and a matmul: the only (B, Z) buffers it
-//! creates are its outputs `y` and `g`, in forward and in what autograd keeps alive. `y` is
-//! the op's own output and `g` a second, free op on it that takes the `g` the forward
-//! computed, so no narrowing of a packed output costs autograd (B, Z) zero-fills and copies.
-//! The backward (on `y`'s node) folds in `∂g` handed over by `g`'s node, recomputes the
-//! linear part (a B·Z·d GEMM) and runs the distance kernel's fused backward once.
-//!
-//! ```
-//! use candle_core::{DType, Device, Tensor};
-//! use gauss_layer::kernels::fused_layer::gauss_layer_forward_fused;
-//! use gauss_layer::{DistanceKernel, GaussLayerConfig, Precision};
-//! let config = GaussLayerConfig::default();
-//! let raw = Tensor::zeros((3, 2, 2), DType::F32, &Device::Cpu)?;
-//! let precision = Precision::from_raw(raw, 2, &config)?;
-//! let x = Tensor::ones((4, 2), DType::F32, &Device::Cpu)?;
-//! let center = Tensor::zeros((3, 2), DType::F32, &Device::Cpu)?;
-//! let weight = Tensor::ones((3, 2), DType::F32, &Device::Cpu)?;
-//! let fused = gauss_layer_forward_fused(&x, &center, &weight, None, &precision, DistanceKernel::Auto)?;
-//! let (y, g) = fused.expect("cholesky on the CPU takes the fused path");
-//! assert_eq!(y.dims(), &[4, 3]);
-//! assert_eq!(g.dims(), &[4, 3]);
-//! # Ok::<(), gauss_layer::GaussError>(())
-//! ```
+//! One op instead of six (B, Z) elementwise ops and a matmul. Its output is one (2, B, Z)
+//! tensor holding `y` then `g`, which the caller reads as two views: the backward gets `g`
+//! from the op's own output and `∂y`, `∂g` from the upstream gradient (zeros where the loss
+//! uses only one of them), so the op carries no state between forward and backward and any
+//! number of backward passes over one graph agree. The backward recomputes the linear part
+//! (a B·Z·d GEMM) and runs the distance algorithm's backward once.
 
-use std::sync::{Arc, Mutex, MutexGuard};
-
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::cpu::{
-    dispatch_float3, for_each_chunk_mut, for_each_chunk_pair_mut, host_backward3, matmul,
-    rows_per_chunk, with_row_major, MatRef, Real, TILE_ROWS,
+    check_fused_inputs, dispatch_float3, for_each_chunk_mut, for_each_chunk_pair_mut,
+    host_backward3, matmul, rows_per_chunk, with_row_major, MatRef, OperandShape, Real, Sizes,
+    TILE_ROWS,
 };
-use super::expanded_fused::{plan_for, Plan};
-use super::projected::{sizes_from_dims, Sizes};
-use crate::config::DistanceKernel;
-use crate::error::{GaussError, Result};
-use crate::precision::Precision;
+use super::distance_op::FusedPlan;
+use crate::error::{check_dtype, GaussError, Result};
 
 /// The Candle op: inputs x (B, d), params (Z, 2d [+1]) = [center | weight | bias], factor
-/// input (Z, d, d); output `y` (B, Z), with `g` (B, Z) handed to [`GaussianOutput`].
-#[derive(Clone, Debug)]
+/// input (Z, d, d); output (2, B, Z) holding `y` then `g`.
+#[derive(Clone, Copy, Debug)]
 struct FusedGaussLayer {
-    plan: Plan,
+    plan: FusedPlan,
     has_bias: bool,
-    shared: Arc<Shared>,
+    tanh: bool,
 }
 
 /// Center, weight and bias (zeros without one) split out of the packed parameters.
@@ -78,7 +57,13 @@ impl FusedGaussLayer {
                 params,
             ));
         }
-        sizes_from_dims(x, &[neurons, dim], factor)
+        Sizes::of(
+            x,
+            &[neurons, dim],
+            factor,
+            OperandShape::Square,
+            "precision operand",
+        )
     }
 
     fn split<'a, T: Real>(&self, params: &'a [T], s: Sizes) -> Params<'a, T> {
@@ -101,16 +86,17 @@ impl FusedGaussLayer {
         out
     }
 
-    fn forward<T: Real>(&self, x: &[T], params: &[T], factor: &[T], s: Sizes) -> (Vec<T>, Vec<T>) {
+    /// `[y | g]` as one (2, B, Z) buffer.
+    fn forward<T: Real>(&self, x: &[T], params: &[T], factor: &[T], s: Sizes) -> Vec<T> {
         let p = self.split(params, s);
         let (batch, dim, neurons) = (s.batch, s.dim, s.neurons);
-        let mut y_out = vec![T::zero(); batch * neurons];
-        let mut g_out = vec![T::zero(); batch * neurons];
-        let (y, g) = (&mut y_out[..], &mut g_out[..]);
+        let mut out = vec![T::zero(); 2 * batch * neurons];
+        let (y, g) = out.split_at_mut(batch * neurons);
         self.plan.forward_into(g, x, &p.center, factor, s); // g holds m2 for now
         if batch == 0 || neurons == 0 {
-            return (y_out, g_out);
+            return out;
         }
+        let tanh = self.tanh;
         let chunk_rows = rows_per_chunk(batch);
         let half = T::from_f64(-0.5);
         for_each_chunk_pair_mut(
@@ -125,16 +111,16 @@ impl FusedGaussLayer {
                 for (y_row, g_row) in y.chunks_exact_mut(neurons).zip(g.chunks_exact_mut(neurons)) {
                     for ((yv, gv), &b) in y_row.iter_mut().zip(g_row.iter_mut()).zip(&p.bias) {
                         *gv = (half * *gv).exp();
-                        *yv = (*yv + b) * *gv;
+                        let lin = *yv + b;
+                        *yv = if tanh { lin.tanh() } else { lin } * *gv;
                     }
                 }
             },
         );
-        (y_out, g_out)
+        out
     }
 
-    /// Gradients (∂x, ∂params, ∂factor input) from `g` and the gradients of `y` and (when
-    /// the loss uses it) `g`.
+    /// Gradients (∂x, ∂params, ∂factor input) from `g` and the gradients of `y` and `g`.
     #[allow(clippy::too_many_arguments)]
     fn backward<T: Real>(
         &self,
@@ -143,15 +129,16 @@ impl FusedGaussLayer {
         factor: &[T],
         g: &[T],
         grad_y: &[T],
-        grad_g: Option<&[T]>,
+        grad_g: &[T],
         s: Sizes,
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let tanh = self.tanh;
         let p = self.split(params, s);
         let (batch, dim, neurons) = (s.batch, s.dim, s.neurons);
         let bz = batch * neurons;
         let chunk_rows = rows_per_chunk(batch);
         let half = T::from_f64(-0.5);
-        // ∂lin = ∂y ∘ g;  ∂m2 = -g/2 ∘ (∂y ∘ lin + ∂g)
+        // ∂lin = ∂y ∘ g ∘ act'(lin);  ∂m2 = -g/2 ∘ (∂y ∘ act(lin) + ∂g)
         let mut grad_lin = vec![T::zero(); bz];
         let mut grad_m2 = vec![T::zero(); bz];
         if bz > 0 {
@@ -167,7 +154,7 @@ impl FusedGaussLayer {
                     let e0 = row0 * neurons;
                     let rows_g = &g[e0..e0 + gl.len()];
                     let rows_gy = &grad_y[e0..e0 + gl.len()];
-                    let rows_gg = grad_g.map(|grad_g| &grad_g[e0..e0 + gl.len()]);
+                    let rows_gg = &grad_g[e0..e0 + gl.len()];
                     for r in 0..rows {
                         let span = r * neurons..(r + 1) * neurons;
                         let (l_row, m_row) = (&mut gl[span.clone()], &mut gm[span.clone()]);
@@ -177,21 +164,16 @@ impl FusedGaussLayer {
                             .zip(m_row.iter_mut())
                             .zip(g_row.iter().zip(gy_row))
                             .zip(&p.bias);
-                        match rows_gg {
-                            Some(gg) => {
-                                for ((((l, m), (&gv, &gy)), &b), &gg) in iter.zip(&gg[span]) {
-                                    let lin = *l + b;
-                                    *l = gy * gv;
-                                    *m = half * gv * (gy * lin + gg);
-                                }
-                            }
-                            None => {
-                                for (((l, m), (&gv, &gy)), &b) in iter {
-                                    let lin = *l + b;
-                                    *l = gy * gv;
-                                    *m = half * gv * gy * lin;
-                                }
-                            }
+                        for ((((l, m), (&gv, &gy)), &b), &gg) in iter.zip(&rows_gg[span]) {
+                            let lin = *l + b;
+                            let (act, slope) = if tanh {
+                                let t = lin.tanh();
+                                (t, T::one() - t * t)
+                            } else {
+                                (lin, T::one())
+                            };
+                            *l = gy * gv * slope;
+                            *m = half * gv * (gy * act + gg);
                         }
                     }
                 },
@@ -287,20 +269,6 @@ fn linear_rows<T: Real>(out: &mut [T], x_rows: &[T], weight: MatRef<'_, T>, s: S
     }
 }
 
-/// What the `y` op and the `g` op hand each other: `g` from the forward (until the `g` op
-/// takes it), the `g` tensor for the `y` op's backward, and `∂g` from the `g` op's backward
-/// (which runs first: it consumes `y`).
-#[derive(Debug, Default)]
-struct Shared {
-    g_storage: Mutex<Option<CpuStorage>>,
-    g: Mutex<Option<Tensor>>,
-    grad_g: Mutex<Option<Tensor>>,
-}
-
-fn lock<S>(slot: &Mutex<S>) -> MutexGuard<'_, S> {
-    slot.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl CustomOp3 for FusedGaussLayer {
     fn name(&self) -> &'static str {
         "fused-gauss-layer"
@@ -316,22 +284,14 @@ impl CustomOp3 for FusedGaussLayer {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let sizes = self.sizes(l1.dims(), l2.dims(), l3.dims())?;
-        let shape = Shape::from((sizes.batch, sizes.neurons));
-        let (y, g) = dispatch_float3(
+        let out = dispatch_float3(
             self.name(),
             "inputs",
             [(s1, l1), (s2, l2), (s3, l3)],
-            |x, p, f| {
-                let (y, g) = self.forward(x, p, f, sizes);
-                (CpuStorage::F32(y), CpuStorage::F32(g))
-            },
-            |x, p, f| {
-                let (y, g) = self.forward(x, p, f, sizes);
-                (CpuStorage::F64(y), CpuStorage::F64(g))
-            },
+            |x, p, f| CpuStorage::F32(self.forward(x, p, f, sizes)),
+            |x, p, f| CpuStorage::F64(self.forward(x, p, f, sizes)),
         )?;
-        *lock(&self.shared.g_storage) = Some(g);
-        Ok((y, shape))
+        Ok((out, Shape::from((2, sizes.batch, sizes.neurons))))
     }
 
     fn bwd(
@@ -339,52 +299,18 @@ impl CustomOp3 for FusedGaussLayer {
         x: &Tensor,
         params: &Tensor,
         factor: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let Some(g) = lock(&self.shared.g).clone() else {
-            bail!("{}: backward before the g output was made", self.name())
-        };
-        let grad_g = lock(&self.shared.grad_g).take();
+        // The op's own output holds g (a view, read in place); the upstream gradient holds
+        // ∂y then ∂g.
+        let g = res.get(1)?;
         let (gx, gp, gf) = match x.dtype() {
-            DType::F32 => self.backward_tensors::<f32>(x, params, factor, &g, grad, grad_g)?,
-            DType::F64 => self.backward_tensors::<f64>(x, params, factor, &g, grad, grad_g)?,
+            DType::F32 => self.backward_tensors::<f32>(x, params, factor, &g, grad)?,
+            DType::F64 => self.backward_tensors::<f64>(x, params, factor, &g, grad)?,
             other => bail!("{}: supports f32 and f64, got {other:?}", self.name()),
         };
         Ok((Some(gx), Some(gp), Some(gf)))
-    }
-}
-
-/// The `g` output: takes what the `y` op's forward computed (a function of `y` only so that
-/// autograd runs its backward before the `y` op's, which then folds `∂g` in).
-#[derive(Clone, Debug)]
-struct GaussianOutput {
-    shared: Arc<Shared>,
-}
-
-impl CustomOp1 for GaussianOutput {
-    fn name(&self) -> &'static str {
-        "fused-gauss-layer-g"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _y: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match lock(&self.shared.g_storage).take() {
-            Some(g) => Ok((g, layout.shape().clone())),
-            None => bail!("{}: applied without the layer op's forward", self.name()),
-        }
-    }
-
-    fn bwd(&self, y: &Tensor, _g: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        *lock(&self.shared.grad_g) = Some(grad.detach());
-        // y must receive a gradient for autograd to reach the layer op; a broadcast zero
-        // allocates nothing.
-        Ok(Some(
-            Tensor::zeros((), y.dtype(), y.device())?.broadcast_as(y.shape())?,
-        ))
     }
 }
 
@@ -395,62 +321,50 @@ impl FusedGaussLayer {
         params: &Tensor,
         factor: &Tensor,
         g: &Tensor,
-        grad_y: &Tensor,
-        grad_g: Option<Tensor>,
+        grad: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let s = self.sizes(x.dims(), params.dims(), factor.dims())?;
-        let grad_y = grad_y.to_dtype(T::DTYPE)?.contiguous()?;
-        let grad_g = match grad_g {
-            Some(grad_g) => Some(grad_g.to_dtype(T::DTYPE)?.contiguous()?),
-            None => None,
-        };
+        let bz = s.batch * s.neurons;
+        let grad = grad.to_dtype(T::DTYPE)?.contiguous()?;
         host_backward3::<T>(
-            [x, params, factor, g],
+            [x, params, factor, &grad],
             [
                 (s.batch, s.dim).into(),
                 (s.neurons, self.width(s.dim)).into(),
                 (s.neurons, s.dim, s.dim).into(),
             ],
-            |x, p, f, g| {
-                with_row_major::<T, _>(&grad_y, |gy| match &grad_g {
-                    Some(grad_g) => with_row_major::<T, _>(grad_g, |gg| {
-                        Ok(self.backward(x, p, f, g, gy, Some(gg), s))
-                    }),
-                    None => Ok(self.backward(x, p, f, g, gy, None, s)),
+            |x, p, f, grad| {
+                with_row_major::<T, _>(g, |g| {
+                    Ok(self.backward(x, p, f, g, &grad[..bz], &grad[bz..], s))
                 })
             },
         )
     }
 }
 
-/// The default layer's forward, fused into one CPU op: `(y, g)` with `g = exp(-m2/2)` and
-/// `y = (x Wᵀ + b) ∘ g`, or `None` where the fused path does not apply (not on the CPU, not
-/// f32/f64, a diagonal precision, the `naive` kernel requested, or a direct precision whose
-/// centers are too spread for the expanded form), in
-/// which case the caller composes the layer from tensor ops. Pass a tied bias `-W·c` as
-/// `bias` if the layer uses one; `tanh` and gating are not fused.
+/// The whole layer forward as the fused CPU op: `(y, g)` with `g = exp(-m2/2)` and
+/// `y = act(x Wᵀ + b) ∘ g` (`act` = tanh or identity), `m2` by `plan`. Pass a tied bias `-W·c`
+/// as `bias` if the layer uses one; gating is applied by the caller.
 ///
 /// # Shapes
-/// `x`: (B, d), `center`: (Z, d), `weight`: (Z, d), `bias`: (Z) → `y`: (B, Z), `g`: (B, Z)
-pub fn gauss_layer_forward_fused(
+/// `x`: (B, d), `center`: (Z, d), `weight`: (Z, d), `bias`: (Z), `operand`: (Z, d, d)
+/// → `y`: (B, Z), `g`: (B, Z)
+pub(crate) fn forward(
     x: &Tensor,
     center: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
-    precision: &Precision,
-    kernel: DistanceKernel,
-) -> Result<Option<(Tensor, Tensor)>> {
-    let Some((plan, factor_input)) = plan_for(x, center, precision, kernel)? else {
-        return Ok(None);
-    };
-    let (neurons, dim) = center.dims2()?;
-    if x.rank() != 2 || x.dims()[1] != dim {
-        return Err(GaussError::shape(
-            "input x",
-            format!("(batch, {dim})"),
-            x.dims(),
-        ));
-    }
+    operand: &Tensor,
+    plan: FusedPlan,
+    tanh: bool,
+) -> Result<(Tensor, Tensor)> {
+    let sizes = check_fused_inputs(
+        "fused layer",
+        [x, center, operand],
+        OperandShape::Square,
+        "precision operand",
+    )?;
+    let (neurons, dim) = (sizes.neurons, sizes.dim);
     if weight.dims() != [neurons, dim] {
         return Err(GaussError::shape(
             "weight",
@@ -458,6 +372,7 @@ pub fn gauss_layer_forward_fused(
             weight.dims(),
         ));
     }
+    check_dtype("weight", weight, x.dtype(), "the input x")?;
     let mut parts = vec![center.clone(), weight.clone()];
     if let Some(bias) = bias {
         if bias.dims() != [neurons] {
@@ -467,22 +382,15 @@ pub fn gauss_layer_forward_fused(
                 bias.dims(),
             ));
         }
+        check_dtype("bias", bias, x.dtype(), "the input x")?;
         parts.push(bias.unsqueeze(1)?);
     }
-    for part in parts.iter().chain([&factor_input]) {
-        super::projected::check_same_dtype(x, part, "layer parameter")?;
-    }
     let params = Tensor::cat(&parts, 1)?;
-    let shared = Arc::new(Shared::default());
     let op = FusedGaussLayer {
         plan,
         has_bias: bias.is_some(),
-        shared: shared.clone(),
+        tanh,
     };
-    let y = x.apply_op3(&params, &factor_input, op)?;
-    let g = y.apply_op1(GaussianOutput {
-        shared: shared.clone(),
-    })?;
-    *lock(&shared.g) = Some(g.detach());
-    Ok(Some((y, g)))
+    let packed = x.apply_op3(&params, operand, op)?;
+    Ok((packed.get(0)?, packed.get(1)?))
 }

@@ -1,0 +1,177 @@
+//! The fused CPU distance op for full precisions: one Candle `CustomOp3` over
+//! (x, center, precision operand) whose forward and backward run the projected or expanded
+//! algorithm the resolver planned, on host slices.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+
+use super::cpu::{
+    check_fused_inputs, dispatch_backward3, dispatch_float3, poison_non_finite_rows, OperandShape,
+    Real, Sizes,
+};
+use super::expanded::{self, Source};
+use super::factors::FactorMap;
+use super::projected;
+use crate::error::Result;
+
+/// Which algorithm runs each direction of the fused distance op.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum FusedPlan {
+    /// Projected forward and backward (needs a factor).
+    Projected(FactorMap),
+    /// Expanded backward; the forward is expanded too unless `projected_forward` (which
+    /// needs a factor), chosen where the expanded forward's row tiles would be too short for
+    /// its scratch budget (large d).
+    Expanded {
+        source: Source,
+        projected_forward: bool,
+    },
+}
+
+impl FusedPlan {
+    /// `m2` (B, Z) into `out`.
+    pub(super) fn forward_into<T: Real>(
+        self,
+        out: &mut [T],
+        x: &[T],
+        center: &[T],
+        input: &[T],
+        s: Sizes,
+    ) {
+        match self {
+            FusedPlan::Projected(map)
+            | FusedPlan::Expanded {
+                source: Source::Factor(map),
+                projected_forward: true,
+            } => projected::forward_into(out, x, center, input, map, s),
+            FusedPlan::Expanded { source, .. } => {
+                expanded::forward_into(out, x, center, input, source, s)
+            }
+        }
+        poison_non_finite_rows(out, x, s.dim, s.neurons);
+    }
+
+    /// Gradients `(∂x, ∂c, ∂input)` of `Σ G ∘ m2`.
+    pub(super) fn backward<T: Real>(
+        self,
+        x: &[T],
+        center: &[T],
+        input: &[T],
+        grad: &[T],
+        s: Sizes,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        match self {
+            FusedPlan::Projected(map) => projected::backward(x, center, input, grad, map, s),
+            FusedPlan::Expanded { source, .. } => {
+                expanded::backward(x, center, input, grad, source, s)
+            }
+        }
+    }
+
+    /// What the op's third input is, for error messages.
+    fn operand_what(self) -> &'static str {
+        match self {
+            FusedPlan::Projected(FactorMap::Cholesky { .. })
+            | FusedPlan::Expanded {
+                source: Source::Factor(FactorMap::Cholesky { .. }),
+                ..
+            } => "raw Cholesky parameter",
+            FusedPlan::Projected(_)
+            | FusedPlan::Expanded {
+                source: Source::Factor(_),
+                ..
+            } => "precision factor",
+            FusedPlan::Expanded {
+                source: Source::Matrix,
+                ..
+            } => "precision matrix",
+        }
+    }
+}
+
+/// The Candle op: inputs (x, center, precision operand), output m2 (B, Z).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FusedDistance {
+    pub(crate) plan: FusedPlan,
+}
+
+impl FusedDistance {
+    fn sizes(&self, x: &[usize], center: &[usize], input: &[usize]) -> Result<Sizes> {
+        Sizes::of(
+            x,
+            center,
+            input,
+            OperandShape::Square,
+            self.plan.operand_what(),
+        )
+    }
+
+    fn forward<T: Real>(&self, x: &[T], center: &[T], input: &[T], s: Sizes) -> Vec<T> {
+        let mut out = vec![T::zero(); s.batch * s.neurons];
+        self.plan.forward_into(&mut out, x, center, input, s);
+        out
+    }
+}
+
+impl CustomOp3 for FusedDistance {
+    fn name(&self) -> &'static str {
+        "fused-mahalanobis-sq"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = self.sizes(l1.dims(), l2.dims(), l3.dims())?;
+        let out = dispatch_float3(
+            self.name(),
+            "x, center and precision",
+            [(s1, l1), (s2, l2), (s3, l3)],
+            |x, c, p| CpuStorage::F32(self.forward(x, c, p, s)),
+            |x, c, p| CpuStorage::F64(self.forward(x, c, p, s)),
+        )?;
+        Ok((out, Shape::from((s.batch, s.neurons))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        center: &Tensor,
+        input: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let s = self.sizes(x.dims(), center.dims(), input.dims())?;
+        let plan = self.plan;
+        dispatch_backward3(
+            self.name(),
+            [x, center, input, grad],
+            s.gradient_shapes(OperandShape::Square),
+            |x, c, p, g| plan.backward(x, c, p, g, s),
+            |x, c, p, g| plan.backward(x, c, p, g, s),
+        )
+    }
+}
+
+/// Runs the fused distance op with `plan` after the checks every fused entry makes.
+///
+/// # Shapes
+/// `x`: (B, d), `center`: (Z, d), `input`: (Z, d, d) → (B, Z)
+pub(crate) fn apply(
+    x: &Tensor,
+    center: &Tensor,
+    input: &Tensor,
+    plan: FusedPlan,
+) -> Result<Tensor> {
+    check_fused_inputs(
+        "fused Mahalanobis kernel",
+        [x, center, input],
+        OperandShape::Square,
+        plan.operand_what(),
+    )?;
+    Ok(x.apply_op3(center, input, FusedDistance { plan })?)
+}

@@ -1,0 +1,160 @@
+//! The functional core under [`crate::GaussLayer`]: pure functions over tensors, as
+//! `candle_nn::ops` sits under `candle_nn::Linear`.
+//!
+//! - [`mahalanobis_sq`]: squared Mahalanobis distances through the resolver (fused CPU ops
+//!   where they apply), and [`mahalanobis_sq_portable`], the same in tensor ops only (what
+//!   CUDA and Metal run), like candle's `op` / `op_slow` pairs; [`mahalanobis_sq_naive`]
+//!   is the (B, Z, d) broadcast oracle.
+//! - [`gaussian`] `g = exp(-m2/2)` and [`gate`] `g · max_k prev_g[k]`.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use gauss_layer::{ops, DistanceKernel, GaussLayerConfig, Parameterization, Precision};
+//! let x = Tensor::new(&[[1.0f64, 2.0]], &Device::Cpu)?;
+//! let center = Tensor::new(&[[0.0f64, 0.0]], &Device::Cpu)?;
+//! let config = GaussLayerConfig { parameterization: Parameterization::Diag, ..Default::default() };
+//! // P = diag(e^ln2, e^ln3) = diag(2, 3): m2 = 2·1² + 3·2² = 14.
+//! let raw = Tensor::new(&[[2f64.ln(), 3f64.ln()]], &Device::Cpu)?;
+//! let precision = Precision::from_raw(raw, 2, &config)?;
+//! let m2 = ops::mahalanobis_sq(&x, &center, &precision, DistanceKernel::Auto)?;
+//! assert!((m2.to_vec2::<f64>()?[0][0] - 14.0).abs() < 1e-12);
+//! let g = ops::gaussian(&m2)?.to_vec2::<f64>()?;
+//! assert!((g[0][0] - (-7.0f64).exp()).abs() < 1e-15);
+//! # Ok::<(), gauss_layer::GaussError>(())
+//! ```
+
+use candle_core::{Tensor, D};
+
+use crate::config::DistanceKernel;
+use crate::error::{check_dtype, GaussError, Result};
+use crate::kernels;
+use crate::precision::Precision;
+
+/// Checks x (B, d), center (Z, d) against the precision's Z and d.
+fn check_arguments(x: &Tensor, center: &Tensor, precision: &Precision) -> Result<()> {
+    let (z, d) = (precision.num_neurons(), precision.dim());
+    if center.dims() != [z, d] {
+        return Err(GaussError::shape(
+            "center",
+            format!("({z}, {d}) (the precision's neurons and inputs)"),
+            center.dims(),
+        ));
+    }
+    if x.rank() != 2 || x.dims()[1] != d {
+        return Err(GaussError::shape(
+            "input x",
+            format!("(batch, {d})"),
+            x.dims(),
+        ));
+    }
+    check_dtype("center", center, x.dtype(), "the input x")?;
+    check_dtype(
+        "precision raw tensor",
+        precision.raw(),
+        x.dtype(),
+        "the input x",
+    )
+}
+
+/// Squared Mahalanobis distances `m2[b, z] = (x_b − c_z)ᵀ P_z (x_b − c_z)` through the
+/// requested kernel, fused on the CPU where that applies (see the table in
+/// `docs/design.md` §4).
+///
+/// # Shapes
+/// `x`: (B, d), `center`: (Z, d) → (B, Z)
+///
+/// # Errors
+/// Shapes or dtypes that do not match the precision; `Projected` for `direct`.
+pub fn mahalanobis_sq(
+    x: &Tensor,
+    center: &Tensor,
+    precision: &Precision,
+    kernel: DistanceKernel,
+) -> Result<Tensor> {
+    check_arguments(x, center, precision)?;
+    kernels::mahalanobis_sq(x, center, precision, kernel, false)
+}
+
+/// [`mahalanobis_sq`] in tensor ops only (the portable forms CUDA and Metal run), on any
+/// device: the twin the fused CPU ops are tested against.
+///
+/// # Shapes
+/// `x`: (B, d), `center`: (Z, d) → (B, Z)
+///
+/// # Errors
+/// As [`mahalanobis_sq`].
+pub fn mahalanobis_sq_portable(
+    x: &Tensor,
+    center: &Tensor,
+    precision: &Precision,
+    kernel: DistanceKernel,
+) -> Result<Tensor> {
+    check_arguments(x, center, precision)?;
+    kernels::mahalanobis_sq(x, center, precision, kernel, true)
+}
+
+/// The broadcast form over a (B, Z, d) difference tensor for precision matrices given
+/// directly: slow and memory hungry, exact to rounding; a test oracle. Clamped at 0 like
+/// every form.
+///
+/// # Shapes
+/// `x`: (B, d), `center`: (Z, d), `precision`: (Z, d, d) → (B, Z)
+///
+/// # Errors
+/// Shapes that do not fit together; mixed dtypes.
+pub fn mahalanobis_sq_naive(x: &Tensor, center: &Tensor, precision: &Tensor) -> Result<Tensor> {
+    let &[z, d] = center.dims() else {
+        return Err(GaussError::shape("center", "(Z, d)", center.dims()));
+    };
+    if x.rank() != 2 || x.dims()[1] != d {
+        return Err(GaussError::shape(
+            "input x",
+            format!("(batch, {d})"),
+            x.dims(),
+        ));
+    }
+    if precision.dims() != [z, d, d] {
+        return Err(GaussError::shape(
+            "precision",
+            format!("({z}, {d}, {d})"),
+            precision.dims(),
+        ));
+    }
+    check_dtype("center", center, x.dtype(), "the input x")?;
+    check_dtype("precision", precision, x.dtype(), "the input x")?;
+    kernels::naive::portable(x, center, precision)
+}
+
+/// `g = exp(-m2/2)`.
+///
+/// # Shapes
+/// `mahalanobis_sq`: any → the same
+///
+/// # Errors
+/// Candle errors only.
+pub fn gaussian(mahalanobis_sq: &Tensor) -> Result<Tensor> {
+    Ok((mahalanobis_sq * -0.5)?.exp()?)
+}
+
+/// Gating by the previous layer: `g · max_k prev_g[b, k]`.
+///
+/// # Shapes
+/// `gaussian`: (B, Z), `prev_gaussian`: (B, K) → (B, Z)
+///
+/// # Errors
+/// Shapes that do not fit (a rank other than 2, another batch size, K = 0).
+pub fn gate(gaussian: &Tensor, prev_gaussian: &Tensor) -> Result<Tensor> {
+    let (gd, pd) = (gaussian.dims(), prev_gaussian.dims());
+    if gd.len() != 2 {
+        return Err(GaussError::shape("gaussian", "(B, Z)", gd));
+    }
+    if pd.len() != 2 || pd[0] != gd[0] || pd[1] == 0 {
+        return Err(GaussError::shape(
+            "prev_g",
+            format!("({}, K) with K >= 1", gd[0]),
+            pd,
+        ));
+    }
+    let strongest = prev_gaussian.max_keepdim(D::Minus1)?;
+    Ok(gaussian.broadcast_mul(&strongest)?)
+}

@@ -1,0 +1,47 @@
+//! diag and sphere: `P = diag(e^θ)` (θ of shape (Z, d)) and `P = e^θ I` (θ of shape (Z)),
+//! handled as (Z, d) diagonals: nothing here builds a (Z, d, d) tensor.
+
+use candle_core::Tensor;
+
+use super::Precision;
+use crate::config::Parameterization;
+use crate::error::Result;
+
+/// `log p` of the base precision, (Z, d) (sphere broadcast over d).
+fn log_diagonal(precision: &Precision) -> Result<Tensor> {
+    let raw = precision.raw();
+    Ok(match precision.parameterization() {
+        Parameterization::Sphere => raw
+            .unsqueeze(1)?
+            .broadcast_as((precision.num_neurons(), precision.dim()))?
+            .contiguous()?,
+        _ => raw.clone(),
+    })
+}
+
+/// The effective variances `1/p_eff = e^{−θ} + σ²`, (Z, d).
+pub(super) fn effective_variance(precision: &Precision) -> Result<Tensor> {
+    let variance = log_diagonal(precision)?.neg()?.exp()?;
+    Ok(match precision.config().width_floor {
+        Some(sigma) => (variance + sigma * sigma)?,
+        None => variance,
+    })
+}
+
+/// The effective diagonal precision `p_eff = e^θ / (1 + σ² e^θ)`, (Z, d).
+pub(super) fn effective_diagonal(precision: &Precision) -> Result<Tensor> {
+    match precision.config().width_floor {
+        None => Ok(log_diagonal(precision)?.exp()?),
+        Some(_) => Ok(effective_variance(precision)?.recip()?),
+    }
+}
+
+/// `log det P_eff`, (Z): `Σ θ` (sphere `d θ`) without a width floor.
+pub(super) fn log_det_precision(precision: &Precision) -> Result<Tensor> {
+    let raw = precision.raw();
+    match (precision.config().width_floor, precision.parameterization()) {
+        (None, Parameterization::Sphere) => Ok((raw * precision.dim() as f64)?),
+        (None, _) => Ok(raw.sum(1)?),
+        (Some(_), _) => Ok(effective_variance(precision)?.log()?.sum(1)?.neg()?),
+    }
+}

@@ -1,0 +1,150 @@
+//! cholesky, expm and direct: full (Z, d, d) precisions in tensor ops, with the width floor
+//! of the module docs.
+
+use candle_core::{Tensor, D};
+
+use super::{maps, Precision};
+use crate::config::Parameterization;
+use crate::error::Result;
+use crate::linalg;
+
+/// The base Cholesky factor `L` (no width floor) of a cholesky precision:
+/// `tril(raw, −1) + diag(map(diag raw) + floor)`.
+///
+/// # Shapes
+/// `raw`: (Z, d, d) → (Z, d, d)
+pub(crate) fn cholesky_factor(precision: &Precision) -> Result<Tensor> {
+    let config = precision.config();
+    let raw = precision.raw();
+    let diag = (maps::value_tensor(config.positive_map, &linalg::diagonal(raw)?)?
+        + config.factor_diag_floor)?;
+    Ok((linalg::strict_tril(raw)? + linalg::diag_embed(&diag)?)?)
+}
+
+/// The base factor `F` with `P_base = F Fᵀ` (no width floor), `None` for direct.
+fn base_factor(precision: &Precision) -> Result<Option<Tensor>> {
+    match precision.parameterization() {
+        Parameterization::Cholesky => Ok(Some(cholesky_factor(precision)?)),
+        Parameterization::Expm => Ok(Some(linalg::expm_symmetric(
+            &(linalg::symmetrize(precision.raw())? * 0.5)?,
+        )?)),
+        _ => Ok(None),
+    }
+}
+
+/// Cholesky factor of `M = I + σ² FᵀF` (or `I + σ² P` for direct).
+fn floor_cholesky(sigma: f64, gram_like: &Tensor, dim: usize) -> Result<Tensor> {
+    let eye = linalg::eye_like(dim, gram_like)?;
+    let m = (gram_like * (sigma * sigma))?.broadcast_add(&eye)?;
+    linalg::cholesky(&m)
+}
+
+/// The effective factor (see [`Precision::factor`]).
+pub(super) fn factor(precision: &Precision) -> Result<Option<Tensor>> {
+    let Some(base) = base_factor(precision)? else {
+        return Ok(None);
+    };
+    match precision.config().width_floor {
+        None => Ok(Some(base)),
+        Some(sigma) => {
+            let gram_t = linalg::matmul(&linalg::transpose(&base)?, &base)?;
+            let k = floor_cholesky(sigma, &gram_t, precision.dim())?;
+            let k_inv = linalg::tril_inverse(&k)?;
+            Ok(Some(linalg::matmul(&base, &linalg::transpose(&k_inv)?)?))
+        }
+    }
+}
+
+/// The effective precision matrices.
+pub(super) fn precision_matrix(precision: &Precision) -> Result<Tensor> {
+    let raw = precision.raw();
+    match (precision.parameterization(), precision.config().width_floor) {
+        (Parameterization::Direct, None) => linalg::symmetrize(raw),
+        (Parameterization::Direct, Some(sigma)) => {
+            let p = linalg::symmetrize(raw)?;
+            let k = floor_cholesky(sigma, &p, precision.dim())?;
+            let pk = linalg::matmul(&p, &linalg::transpose(&linalg::tril_inverse(&k)?)?)?;
+            Ok((p - (linalg::gram(&pk)? * (sigma * sigma))?)?)
+        }
+        (Parameterization::Expm, None) => linalg::expm_symmetric(&linalg::symmetrize(raw)?),
+        _ => match factor(precision)? {
+            Some(f) => linalg::gram(&f),
+            None => linalg::symmetrize(raw),
+        },
+    }
+}
+
+/// The lower Cholesky factor of the base precision: cholesky's own `L`, or a factorization
+/// of direct's `(A + Aᵀ)/2` (NaN where it is not positive definite).
+fn base_lower(precision: &Precision) -> Result<Tensor> {
+    match precision.parameterization() {
+        Parameterization::Direct => linalg::cholesky(&linalg::symmetrize(precision.raw())?),
+        _ => cholesky_factor(precision),
+    }
+}
+
+/// The effective covariance matrices, through triangular inverses (expm: `expm(−A)`).
+pub(super) fn covariance_matrix(precision: &Precision) -> Result<Tensor> {
+    let base = match precision.parameterization() {
+        Parameterization::Expm => {
+            linalg::expm_symmetric(&linalg::symmetrize(precision.raw())?.neg()?)?
+        }
+        _ => {
+            let inverse = linalg::tril_inverse(&base_lower(precision)?)?;
+            linalg::matmul(&linalg::transpose(&inverse)?, &inverse)?
+        }
+    };
+    match precision.config().width_floor {
+        None => Ok(base),
+        Some(sigma) => {
+            let eye = (linalg::eye_like(precision.dim(), &base)? * (sigma * sigma))?;
+            Ok(base.broadcast_add(&eye)?)
+        }
+    }
+}
+
+fn two_sum_log_diagonal(lower: &Tensor) -> Result<Tensor> {
+    Ok((linalg::diagonal(lower)?.log()?.sum(D::Minus1)? * 2.0)?)
+}
+
+/// `log det P_eff` per neuron.
+pub(super) fn log_det_precision(precision: &Precision) -> Result<Tensor> {
+    let base = match precision.parameterization() {
+        Parameterization::Expm => linalg::trace(precision.raw())?,
+        _ => two_sum_log_diagonal(&base_lower(precision)?)?,
+    };
+    let Some(sigma) = precision.config().width_floor else {
+        return Ok(base);
+    };
+    let gram_like = match base_factor(precision)? {
+        Some(f) => linalg::matmul(&linalg::transpose(&f)?, &f)?,
+        None => linalg::symmetrize(precision.raw())?,
+    };
+    let k = floor_cholesky(sigma, &gram_like, precision.dim())?;
+    Ok((base - two_sum_log_diagonal(&k)?)?)
+}
+
+/// `tr S_eff` per neuron.
+pub(super) fn trace_covariance(precision: &Precision) -> Result<Tensor> {
+    let base = match precision.parameterization() {
+        Parameterization::Expm => {
+            linalg::trace_expm_symmetric(&linalg::symmetrize(precision.raw())?.neg()?)?
+        }
+        _ => linalg::tril_inverse(&base_lower(precision)?)?
+            .sqr()?
+            .sum((1, 2))?,
+    };
+    match precision.config().width_floor {
+        None => Ok(base),
+        Some(sigma) => Ok((base + precision.dim() as f64 * sigma * sigma)?),
+    }
+}
+
+/// `tr P_eff` per neuron.
+pub(super) fn trace_precision(precision: &Precision) -> Result<Tensor> {
+    match (precision.parameterization(), precision.config().width_floor) {
+        (Parameterization::Direct, None) => linalg::trace(precision.raw()),
+        (Parameterization::Cholesky, None) => Ok(cholesky_factor(precision)?.sqr()?.sum((1, 2))?),
+        _ => linalg::trace(&precision_matrix(precision)?),
+    }
+}

@@ -1,0 +1,92 @@
+//! The FGN initial raw tensor: `P ≈ scale · I` with a tiny symmetric random perturbation.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::inverse::raw_from_precision_block;
+use super::Precision;
+use crate::config::{GaussLayerConfig, Parameterization};
+use crate::error::Result;
+use crate::init::{self, InitStream};
+use crate::linalg::host;
+
+/// The standard normal noise of the perturbation: `count` values from the seeded host
+/// stream, or from Candle's generator on `device` (read back to the host) without a seed.
+fn noise(config: &GaussLayerConfig, count: usize, device: &Device) -> Result<Vec<f64>> {
+    match config.init.seed {
+        Some(seed) => {
+            let mut rng = init::stream_rng(seed, InitStream::Precision);
+            init::normal(&mut rng, count, 0.0, 1.0)
+        }
+        None => host::to_host_values(&Tensor::randn(0f32, 1f32, count, device)?),
+    }
+}
+
+impl Precision {
+    /// The FGN initial raw tensor: `P ≈ scale · I` with a tiny symmetric random perturbation
+    /// of relative size `config.init.perturbation` (`scale = config.init.precision_scale`,
+    /// default `1/d`), mapped through the inverse of the parameterization. The noise comes from
+    /// the seeded host stream of the precision when `config.init.seed` is set (the same bits
+    /// on every device), else from Candle's generator on `device`.
+    ///
+    /// diag and sphere draw and build only their (Z, d) and (Z) values. The full forms map
+    /// one d×d block at a time on the host (f64, faer), so the host holds one block in f64
+    /// beside the result.
+    ///
+    /// # Shapes
+    /// → the raw shape for (Z, d) (see [`Precision::raw_shape`])
+    ///
+    /// # Errors
+    /// Invalid sizes or config; a `precision_scale` whose matrix the parameterization cannot
+    /// represent (e.g. below the Cholesky `factor_diag_floor`).
+    pub fn initial_raw(
+        z: usize,
+        d: usize,
+        config: &GaussLayerConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        config.validate_sizes(d, z)?;
+        let scale = config.init.precision_scale.unwrap_or(1.0 / d as f64);
+        let eps = config.init.perturbation;
+        let shape = Self::raw_shape(config.parameterization, z, d);
+        let values = match config.parameterization {
+            // log p = log(scale · (1 + eps · n)), one draw per diagonal entry (diag) or neuron.
+            Parameterization::Diag | Parameterization::Sphere => {
+                let count = shape.iter().product();
+                noise(config, count, device)?
+                    .into_iter()
+                    .map(|n| (scale * (1.0 + eps * n)).ln())
+                    .collect()
+            }
+            _ => {
+                let noise = noise(config, z * d * d, device)?;
+                // The initial P is the base precision: no width floor in the inverse map.
+                let base_config = GaussLayerConfig {
+                    width_floor: None,
+                    ..config.clone()
+                };
+                let mut values = Vec::with_capacity(z * d * d);
+                let mut block = vec![0.0; d * d];
+                for neuron in 0..z {
+                    let n = &noise[neuron * d * d..(neuron + 1) * d * d];
+                    for i in 0..d {
+                        for j in 0..d {
+                            let eye = if i == j { 1.0 } else { 0.0 };
+                            let off = 0.5 * (n[i * d + j] + n[j * d + i]);
+                            block[i * d + j] = scale * (eye + eps * off);
+                        }
+                    }
+                    values.extend(raw_from_precision_block(
+                        &block,
+                        d,
+                        &base_config,
+                        neuron,
+                        0.0,
+                    )?);
+                }
+                values
+            }
+        };
+        host::from_host(values, &shape, dtype, device)
+    }
+}

@@ -1,0 +1,194 @@
+//! The inverse maps: precision matrices → the raw tensor that represents them, on the host
+//! in f64 (faer eigendecompositions and Cholesky factorizations, one d×d block at a time).
+
+use candle_core::{DType, Tensor};
+
+use super::{maps, Precision};
+use crate::config::{Parameterization, PrecisionConfig};
+use crate::error::{GaussError, Result};
+use crate::linalg::host;
+
+/// `x > 0`, false for NaN.
+fn is_positive(x: f64) -> bool {
+    x > 0.0
+}
+
+impl Precision {
+    /// Builds the raw tensor that represents the given precision matrices exactly (inverse
+    /// of the parameterization's map): used by importers, conversions and tests.
+    ///
+    /// `P` is the *effective* precision: with a width floor σ, the stored base is
+    /// `(P⁻¹ − σ² I)⁻¹`, which must be positive definite (P no wider than σ allows).
+    /// Runs once on the host in f64 (faer eigendecompositions for expm and the width
+    /// floor): the matrices are copied to the CPU, and the raw tensor comes back on
+    /// `precision`'s device and dtype.
+    ///
+    /// # Shapes
+    /// `precision`: (Z, d, d)
+    ///
+    /// # Errors
+    /// A matrix that is not representable: not positive definite
+    /// ([`GaussError::NotPositiveDefinite`]), not diagonal for diag, not a multiple of the
+    /// identity for sphere, a Cholesky diagonal at or below `factor_diag_floor`, or narrower
+    /// than the width floor allows (the message names the neuron and the floor).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use gauss_layer::{GaussLayerConfig, Precision};
+    /// // P = [[4, 2], [2, 3]] as a Cholesky parameterization: P = L Lᵀ exactly.
+    /// let p = Tensor::new(&[[[4.0f64, 2.0], [2.0, 3.0]]], &Device::Cpu)?;
+    /// let precision = Precision::from_precision_matrix(&p, &GaussLayerConfig::default())?;
+    /// let back = precision.precision_matrix()?.to_vec3::<f64>()?;
+    /// assert!((back[0][0][1] - 2.0).abs() < 1e-12 && (back[0][1][1] - 3.0).abs() < 1e-12);
+    /// # Ok::<(), gauss_layer::GaussError>(())
+    /// ```
+    pub fn from_precision_matrix(
+        precision: &Tensor,
+        config: impl Into<PrecisionConfig>,
+    ) -> Result<Self> {
+        let config: PrecisionConfig = config.into();
+        config.validate()?;
+        let (z, d, values) = host::to_host_matrices(precision, "precision matrix")?;
+        if z == 0 || d == 0 {
+            return Err(GaussError::shape(
+                "precision matrix",
+                "(Z, d, d) with Z, d >= 1",
+                precision.dims(),
+            ));
+        }
+        let (dtype, device) = (precision.dtype(), precision.device());
+        let tolerance = if dtype == DType::F64 { 1e-9 } else { 1e-5 };
+        let mut raw = Vec::with_capacity(z * d * d);
+        for neuron in 0..z {
+            let block = &values[neuron * d * d..(neuron + 1) * d * d];
+            let base = base_precision_block(block, d, config.width_floor, neuron)?;
+            raw.extend(raw_from_precision_block(
+                &base, d, config, neuron, tolerance,
+            )?);
+        }
+        let shape = Self::raw_shape(config.parameterization, z, d);
+        let raw = host::from_host(raw, &shape, dtype, device)?;
+        Self::from_raw(raw, d, config)
+    }
+}
+
+/// The base precision block (width floor removed): `(P⁻¹ − σ² I)⁻¹` through the
+/// eigendecomposition, eigenvalue by eigenvalue `λ / (1 − σ² λ)`.
+fn base_precision_block(
+    block: &[f64],
+    d: usize,
+    width_floor: Option<f64>,
+    neuron: usize,
+) -> Result<Vec<f64>> {
+    let Some(sigma) = width_floor else {
+        return Ok(block.to_vec());
+    };
+    let (eigenvalues, vectors) = host::symmetric_eigen(&host::symmetric_block(block, d))?;
+    let s2 = sigma * sigma;
+    for &l in &eigenvalues {
+        if !is_positive(l) {
+            return Err(GaussError::NotPositiveDefinite {
+                neuron,
+                min_eigenvalue: eigenvalues[0],
+            });
+        }
+        if !is_positive(1.0 - s2 * l) {
+            return Err(GaussError::config(
+                "width_floor",
+                format!(
+                    "neuron {neuron}: precision eigenvalue {l:e} is narrower than the width floor {sigma:e} allows (at most {:e})",
+                    1.0 / s2
+                ),
+            ));
+        }
+    }
+    Ok(host::from_eigen(&eigenvalues, &vectors, |l| {
+        l / (1.0 - s2 * l)
+    }))
+}
+
+/// The raw values of one neuron for its base precision block, on the host in f64.
+pub(super) fn raw_from_precision_block(
+    block: &[f64],
+    d: usize,
+    config: impl Into<PrecisionConfig>,
+    neuron: usize,
+    tolerance: f64,
+) -> Result<Vec<f64>> {
+    let config: PrecisionConfig = config.into();
+    let not_pd = |block: &[f64]| -> GaussError {
+        let min_eigenvalue = host::symmetric_eigen(&host::symmetric_block(block, d))
+            .map(|(values, _)| values[0])
+            .unwrap_or(f64::NAN);
+        GaussError::NotPositiveDefinite {
+            neuron,
+            min_eigenvalue,
+        }
+    };
+    let scale = block.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let off_diagonal_max = (0..d)
+        .flat_map(|i| (0..d).filter(move |&j| j != i).map(move |j| (i, j)))
+        .fold(0.0f64, |m, (i, j)| m.max(block[i * d + j].abs()));
+    match config.parameterization {
+        Parameterization::Direct => Ok(block.to_vec()),
+        Parameterization::Cholesky => {
+            let mut raw = host::cholesky_lower(block, d).ok_or_else(|| not_pd(block))?;
+            for i in 0..d {
+                let diagonal = raw[i * d + i];
+                let above_floor = diagonal - config.factor_diag_floor;
+                if !is_positive(above_floor) {
+                    return Err(GaussError::config(
+                        "factor_diag_floor",
+                        format!(
+                            "neuron {neuron}: P needs a Cholesky diagonal entry L_{i}{i} = {diagonal:e}, but the cholesky parameterization keeps every L_ii above factor_diag_floor = {:e} (so P's smallest eigenvalues must stay above about floor² = {:e}); lower factor_diag_floor (0 is allowed) or rescale the data",
+                            config.factor_diag_floor,
+                            config.factor_diag_floor * config.factor_diag_floor
+                        ),
+                    ));
+                }
+                raw[i * d + i] = maps::inverse(config.positive_map, above_floor);
+            }
+            Ok(raw)
+        }
+        Parameterization::Expm => {
+            let (eigenvalues, vectors) = host::symmetric_eigen(&host::symmetric_block(block, d))?;
+            if !is_positive(eigenvalues[0]) {
+                return Err(not_pd(block));
+            }
+            Ok(host::from_eigen(&eigenvalues, &vectors, f64::ln))
+        }
+        Parameterization::Diag | Parameterization::Sphere => {
+            if off_diagonal_max > tolerance * scale {
+                return Err(GaussError::config(
+                    "parameterization",
+                    format!(
+                        "neuron {neuron}: P has off-diagonal entries up to {off_diagonal_max:e}, so `{}` cannot represent it",
+                        config.parameterization
+                    ),
+                ));
+            }
+            let diagonal: Vec<f64> = (0..d).map(|i| block[i * d + i]).collect();
+            if diagonal.iter().any(|&p| !is_positive(p)) {
+                return Err(not_pd(block));
+            }
+            if config.parameterization == Parameterization::Diag {
+                return Ok(diagonal.iter().map(|p| p.ln()).collect());
+            }
+            let (lo, hi) = diagonal
+                .iter()
+                .fold((f64::INFINITY, 0.0f64), |(lo, hi), &p| {
+                    (lo.min(p), hi.max(p))
+                });
+            if hi - lo > tolerance * hi {
+                return Err(GaussError::config(
+                    "parameterization",
+                    format!(
+                        "neuron {neuron}: P's diagonal ranges over [{lo:e}, {hi:e}], not a multiple of the identity, so `sphere` cannot represent it"
+                    ),
+                ));
+            }
+            let mean = diagonal.iter().sum::<f64>() / d as f64;
+            Ok(vec![mean.ln()])
+        }
+    }
+}

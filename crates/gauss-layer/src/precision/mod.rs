@@ -1,0 +1,292 @@
+//! Precision parameterizations: raw learnable tensors → per-neuron precision `P`, covariance
+//! `S = P⁻¹`, `log det P`, `tr S`, `tr P`.
+//!
+//! | parameterization | raw tensor | `P` |
+//! |---|---|---|
+//! | cholesky | `R` (Z, d, d) | `L Lᵀ`, `L = strict_lower(R) + diag(map(R_ii) + factor_diag_floor)` |
+//! | direct | `A` (Z, d, d) | `(A + Aᵀ)/2` (positive definite only if kept so: see [`crate::repair`]) |
+//! | expm | `A` (Z, d, d) | `expm((A + Aᵀ)/2)` |
+//! | diag | `θ` (Z, d) | `diag(exp θ)` |
+//! | sphere | `θ` (Z) | `exp(θ) I` |
+//!
+//! Everything here is Candle tensor ops in the raw tensor's dtype, so it runs and
+//! differentiates on every device; only [`Precision::from_precision_matrix`] and the initial
+//! value work on the host (once, at construction). diag and sphere never build a (Z, d, d)
+//! tensor unless one is asked for ([`Precision::precision_matrix`] and friends).
+//!
+//! # Width floor
+//! With `width_floor = σ` the Gaussian is never narrower than σ in any direction: the
+//! effective covariance is `S + σ² I`, so the effective precision is `(S + σ² I)⁻¹`. Every
+//! method here returns the *effective* quantities. For diag and sphere that is the
+//! elementwise `p / (1 + σ² p)`. For the full forms with a factor `P = F Fᵀ` (cholesky,
+//! expm) the effective factor is `F K⁻ᵀ` with `K = cholesky(I + σ² FᵀF)`, and
+//! `log det` drops by `log det(I + σ² FᵀF)`. For direct, `P_eff = P − σ² (P K⁻ᵀ)(P K⁻ᵀ)ᵀ`
+//! with `K = cholesky(I + σ² P)`.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use gauss_layer::{GaussLayerConfig, Parameterization, Precision};
+//! let config = GaussLayerConfig { parameterization: Parameterization::Diag, ..Default::default() };
+//! // Two neurons over 3 inputs: P = diag(e^0, e^0, e^0) and diag(e^1, e^1, e^1).
+//! let raw = Tensor::new(&[[0.0f64, 0.0, 0.0], [1.0, 1.0, 1.0]], &Device::Cpu)?;
+//! let precision = Precision::from_raw(raw, 3, &config)?;
+//! let log_det = precision.log_det_precision()?.to_vec1::<f64>()?;
+//! assert!((log_det[1] - 3.0).abs() < 1e-12);
+//! # Ok::<(), gauss_layer::GaussError>(())
+//! ```
+
+use candle_core::{DType, Tensor};
+
+use crate::config::{Parameterization, PrecisionConfig};
+use crate::error::{check_float_dtype, GaussError, Result};
+use crate::linalg;
+
+mod diagonal;
+mod full;
+mod init;
+mod inverse;
+pub(crate) mod maps;
+
+/// The precision matrices of a layer's Z neurons over d inputs, in one parameterization.
+#[derive(Clone, Debug)]
+pub struct Precision {
+    config: PrecisionConfig,
+    raw: Tensor,
+    dim: usize,
+}
+
+impl Precision {
+    /// Wraps a raw parameter tensor (the one stored under [`Precision::tensor_name`]).
+    ///
+    /// `config` is a [`PrecisionConfig`] or anything that gives one, such as a
+    /// `&GaussLayerConfig`.
+    ///
+    /// # Shapes
+    /// `raw`: cholesky, direct, expm (Z, d, d); diag (Z, d); sphere (Z).
+    /// `dim` is d (needed for sphere, checked for the others).
+    ///
+    /// # Errors
+    /// An invalid config, `dim = 0`, a raw tensor that is not a float or has the wrong shape
+    /// for the parameterization (the message names the tensor).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use gauss_layer::{GaussLayerConfig, Precision};
+    /// let raw = Tensor::zeros((4, 3, 3), DType::F32, &Device::Cpu)?; // cholesky: (Z, d, d)
+    /// let precision = Precision::from_raw(raw, 3, &GaussLayerConfig::default())?;
+    /// assert_eq!(precision.num_neurons(), 4);
+    /// # Ok::<(), gauss_layer::GaussError>(())
+    /// ```
+    pub fn from_raw(raw: Tensor, dim: usize, config: impl Into<PrecisionConfig>) -> Result<Self> {
+        let config = config.into();
+        config.validate()?;
+        if dim == 0 {
+            return Err(GaussError::config("in_features", "must be >= 1, got 0"));
+        }
+        let parameterization = config.parameterization;
+        let name = Self::tensor_name(parameterization);
+        let what = format!("precision tensor `{name}` ({parameterization})");
+        check_float_dtype(&what, raw.dtype())?;
+        let dims = raw.dims();
+        let z = dims.first().copied().unwrap_or(0);
+        let expected = Self::raw_shape(parameterization, z, dim);
+        if dims != expected.as_slice() || z == 0 {
+            let expected = match parameterization {
+                Parameterization::Diag => format!("(Z, {dim})"),
+                Parameterization::Sphere => "(Z)".to_string(),
+                _ => format!("(Z, {dim}, {dim})"),
+            };
+            return Err(GaussError::shape(
+                what,
+                format!("{expected} with Z >= 1"),
+                dims,
+            ));
+        }
+        Ok(Self { config, raw, dim })
+    }
+
+    /// The VarBuilder / checkpoint name of the raw tensor for a parameterization:
+    /// `precision_factor` (cholesky), `precision` (direct), `precision_log` (expm),
+    /// `precision_log_diag` (diag), `precision_log_scale` (sphere).
+    pub fn tensor_name(parameterization: Parameterization) -> &'static str {
+        match parameterization {
+            Parameterization::Cholesky => "precision_factor",
+            Parameterization::Direct => "precision",
+            Parameterization::Expm => "precision_log",
+            Parameterization::Diag => "precision_log_diag",
+            Parameterization::Sphere => "precision_log_scale",
+        }
+    }
+
+    /// The shape of the raw tensor for Z neurons over d inputs.
+    pub fn raw_shape(parameterization: Parameterization, z: usize, d: usize) -> Vec<usize> {
+        match parameterization {
+            Parameterization::Cholesky | Parameterization::Direct | Parameterization::Expm => {
+                vec![z, d, d]
+            }
+            Parameterization::Diag => vec![z, d],
+            Parameterization::Sphere => vec![z],
+        }
+    }
+
+    /// The same precision with another raw tensor (e.g. after a repair), checked like
+    /// [`Precision::from_raw`].
+    ///
+    /// # Shapes
+    /// `raw`: as in [`Precision::from_raw`]
+    ///
+    /// # Errors
+    /// As [`Precision::from_raw`].
+    pub fn with_raw(&self, raw: Tensor) -> Result<Self> {
+        Self::from_raw(raw, self.dim, self.config)
+    }
+
+    /// The same precision with its raw tensor converted to `dtype`.
+    ///
+    /// # Errors
+    /// A dtype that is not a float.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        self.with_raw(self.raw.to_dtype(dtype)?)
+    }
+
+    /// The map from the raw tensor to `P` (parameterization, positive map, floors).
+    pub fn config(&self) -> PrecisionConfig {
+        self.config
+    }
+
+    /// The parameterization.
+    pub fn parameterization(&self) -> Parameterization {
+        self.config.parameterization
+    }
+
+    /// The raw learnable tensor.
+    pub fn raw(&self) -> &Tensor {
+        &self.raw
+    }
+
+    /// Input dimension d.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Number of neurons Z.
+    pub fn num_neurons(&self) -> usize {
+        self.raw.dims()[0]
+    }
+
+    /// Whether `P` is diagonal (diag, sphere): such precisions are handled as (Z, d)
+    /// diagonals and never as (Z, d, d) matrices.
+    pub(crate) fn is_diagonal(&self) -> bool {
+        matches!(
+            self.parameterization(),
+            Parameterization::Diag | Parameterization::Sphere
+        )
+    }
+
+    /// A factor `F` with `P = F Fᵀ` where one is cheap: cholesky (`L`, lower triangular),
+    /// expm (`expm(A/2)`), diag/sphere (diagonal); `None` for direct. With a width floor it
+    /// is the factor of the effective precision (see the module docs).
+    ///
+    /// # Shapes
+    /// → (Z, d, d)
+    ///
+    /// # Errors
+    /// Candle errors; for expm an overflowing exponential ([`GaussError::Numerical`]).
+    pub fn factor(&self) -> Result<Option<Tensor>> {
+        if self.is_diagonal() {
+            let p = diagonal::effective_diagonal(self)?;
+            return Ok(Some(linalg::diag_embed(&p.sqrt()?)?));
+        }
+        full::factor(self)
+    }
+
+    /// The diagonal of `P` for diag and sphere (sphere broadcast to d), `None` otherwise.
+    ///
+    /// # Shapes
+    /// → (Z, d)
+    ///
+    /// # Errors
+    /// Candle errors.
+    pub fn diagonal_precision(&self) -> Result<Option<Tensor>> {
+        if self.is_diagonal() {
+            return Ok(Some(diagonal::effective_diagonal(self)?));
+        }
+        Ok(None)
+    }
+
+    /// The precision matrices `P`.
+    ///
+    /// # Shapes
+    /// → (Z, d, d)
+    ///
+    /// # Errors
+    /// Candle errors; for expm an overflowing exponential.
+    pub fn precision_matrix(&self) -> Result<Tensor> {
+        if self.is_diagonal() {
+            return linalg::diag_embed(&diagonal::effective_diagonal(self)?);
+        }
+        full::precision_matrix(self)
+    }
+
+    /// The covariance matrices `S = P⁻¹` (with a width floor: `S_base + σ² I`). For direct,
+    /// `P` must be positive definite (a Cholesky factorization is used; NaN otherwise).
+    ///
+    /// # Shapes
+    /// → (Z, d, d)
+    ///
+    /// # Errors
+    /// Candle errors; for expm an overflowing exponential.
+    pub fn covariance_matrix(&self) -> Result<Tensor> {
+        if self.is_diagonal() {
+            return linalg::diag_embed(&diagonal::effective_variance(self)?);
+        }
+        full::covariance_matrix(self)
+    }
+
+    /// `log det P` per neuron. For direct, `P` must be positive definite (a Cholesky
+    /// factorization is used; NaN otherwise).
+    ///
+    /// # Shapes
+    /// → (Z)
+    ///
+    /// # Errors
+    /// Candle errors; for expm with a width floor an overflowing exponential.
+    pub fn log_det_precision(&self) -> Result<Tensor> {
+        if self.is_diagonal() {
+            return diagonal::log_det_precision(self);
+        }
+        full::log_det_precision(self)
+    }
+
+    /// `tr S` (sum of covariance eigenvalues) per neuron. For cholesky `‖L⁻¹‖²_F` through a
+    /// triangular inverse built from matmuls (no general inverse).
+    ///
+    /// # Shapes
+    /// → (Z)
+    ///
+    /// # Errors
+    /// Candle errors; for expm an overflowing exponential.
+    pub fn trace_covariance(&self) -> Result<Tensor> {
+        if self.is_diagonal() {
+            return Ok(diagonal::effective_variance(self)?.sum(1)?);
+        }
+        full::trace_covariance(self)
+    }
+
+    /// `tr P` per neuron.
+    ///
+    /// # Shapes
+    /// → (Z)
+    ///
+    /// # Errors
+    /// Candle errors; for expm an overflowing exponential.
+    pub fn trace_precision(&self) -> Result<Tensor> {
+        if self.is_diagonal() {
+            return Ok(diagonal::effective_diagonal(self)?.sum(1)?);
+        }
+        full::trace_precision(self)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,225 @@
+//! Round trips of every parameterization against closed forms (eigenvalues from faer).
+
+use candle_core::{DType, Device, Tensor};
+
+use super::*;
+use crate::config::GaussLayerConfig;
+use crate::linalg::host;
+use crate::testing::relative_error;
+
+fn config(parameterization: Parameterization, width_floor: Option<f64>) -> GaussLayerConfig {
+    GaussLayerConfig {
+        parameterization,
+        width_floor,
+        ..Default::default()
+    }
+}
+
+/// A random SPD (or diagonal / scaled identity) batch for a parameterization.
+fn random_precision(parameterization: Parameterization, z: usize, d: usize) -> Tensor {
+    let dev = Device::Cpu;
+    match parameterization {
+        Parameterization::Diag => linalg::diag_embed(
+            &Tensor::randn(0f64, 1.0, (z, d), &dev)
+                .unwrap()
+                .exp()
+                .unwrap(),
+        )
+        .unwrap(),
+        Parameterization::Sphere => {
+            let s = Tensor::randn(0f64, 1.0, (z, 1, 1), &dev)
+                .unwrap()
+                .exp()
+                .unwrap();
+            Tensor::eye(d, DType::F64, &dev)
+                .unwrap()
+                .broadcast_mul(&s)
+                .unwrap()
+        }
+        _ => {
+            let a = Tensor::randn(0f64, 0.5, (z, d, d), &dev).unwrap();
+            let eye = Tensor::eye(d, DType::F64, &dev).unwrap();
+            linalg::gram(&a).unwrap().broadcast_add(&eye).unwrap()
+        }
+    }
+}
+
+/// Host reference: eigenvalues of each symmetric block.
+fn eigenvalues(matrices: &Tensor) -> Vec<Vec<f64>> {
+    let (z, d, values) = host::to_host_matrices(matrices, "m").unwrap();
+    (0..z)
+        .map(|n| {
+            let block = host::symmetric_block(&values[n * d * d..(n + 1) * d * d], d);
+            host::symmetric_eigen(&block).unwrap().0
+        })
+        .collect()
+}
+
+#[test]
+fn every_parameterization_round_trips_and_is_consistent() {
+    let (z, d) = (3, 5);
+    for parameterization in Parameterization::ALL {
+        for width_floor in [None, Some(0.3)] {
+            let cfg = config(parameterization, width_floor);
+            // Under a width floor the matrix handed in is the effective precision; keep it
+            // wider than the floor allows by shrinking it.
+            let mut p = random_precision(parameterization, z, d);
+            if let Some(s) = width_floor {
+                let biggest = eigenvalues(&p)
+                    .iter()
+                    .flatten()
+                    .fold(0.0f64, |m, v| m.max(*v));
+                p = (p * (0.5 / (s * s * biggest))).unwrap();
+            }
+            let what = format!("{parameterization} floor {width_floor:?}");
+            let precision = Precision::from_precision_matrix(&p, &cfg).unwrap();
+            let back = precision.precision_matrix().unwrap();
+            assert!(
+                relative_error(&back, &p).unwrap() < 1e-10,
+                "{what}: P round trip"
+            );
+
+            // S P = I.
+            let s = precision.covariance_matrix().unwrap();
+            let eye = Tensor::eye(d, DType::F64, &Device::Cpu)
+                .unwrap()
+                .broadcast_as((z, d, d))
+                .unwrap();
+            let product = linalg::matmul(&s, &p).unwrap();
+            assert!(
+                relative_error(&product, &eye).unwrap() < 1e-9,
+                "{what}: S P = I"
+            );
+
+            // log det and traces against the eigenvalues (closed forms).
+            let eig = eigenvalues(&p);
+            let log_det: Vec<f64> = eig.iter().map(|e| e.iter().map(|l| l.ln()).sum()).collect();
+            let tr_s: Vec<f64> = eig
+                .iter()
+                .map(|e| e.iter().map(|l| 1.0 / l).sum())
+                .collect();
+            let tr_p: Vec<f64> = eig.iter().map(|e| e.iter().sum()).collect();
+            let t = |v: Vec<f64>| Tensor::new(v, &Device::Cpu).unwrap();
+            assert!(
+                relative_error(&precision.log_det_precision().unwrap(), &t(log_det)).unwrap()
+                    < 1e-9,
+                "{what}: log det"
+            );
+            assert!(
+                relative_error(&precision.trace_covariance().unwrap(), &t(tr_s)).unwrap() < 1e-9,
+                "{what}: tr S"
+            );
+            assert!(
+                relative_error(&precision.trace_precision().unwrap(), &t(tr_p)).unwrap() < 1e-9,
+                "{what}: tr P"
+            );
+
+            // The factor reproduces P.
+            if let Some(f) = precision.factor().unwrap() {
+                assert!(
+                    relative_error(&linalg::gram(&f).unwrap(), &p).unwrap() < 1e-9,
+                    "{what}: F Fᵀ"
+                );
+            }
+            if let Some(diag) = precision.diagonal_precision().unwrap() {
+                assert!(
+                    relative_error(&diag, &linalg::diagonal(&p).unwrap()).unwrap() < 1e-12,
+                    "{what}: diagonal"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn width_floor_adds_to_the_covariance() {
+    // diag: p = e^θ, σ = 0.5: effective variance e^{−θ} + 0.25 (closed form).
+    let cfg = config(Parameterization::Diag, Some(0.5));
+    let raw = Tensor::new(&[[0.0f64, 2.0, -1.0]], &Device::Cpu).unwrap();
+    let precision = Precision::from_raw(raw, 3, &cfg).unwrap();
+    let p = precision
+        .diagonal_precision()
+        .unwrap()
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap();
+    for (got, theta) in p[0].iter().zip([0.0f64, 2.0, -1.0]) {
+        let expected = 1.0 / ((-theta).exp() + 0.25);
+        assert!((got - expected).abs() < 1e-14 * expected);
+    }
+    // Full forms: covariance = S_base + σ² I.
+    let cfg = config(Parameterization::Cholesky, Some(0.5));
+    let raw = Tensor::randn(0f64, 1.0, (2, 4, 4), &Device::Cpu).unwrap();
+    let floored = Precision::from_raw(raw.clone(), 4, &cfg).unwrap();
+    let base = Precision::from_raw(raw, 4, &config(Parameterization::Cholesky, None)).unwrap();
+    let eye = (Tensor::eye(4, DType::F64, &Device::Cpu).unwrap() * 0.25).unwrap();
+    let expected = base
+        .covariance_matrix()
+        .unwrap()
+        .broadcast_add(&eye)
+        .unwrap();
+    assert!(relative_error(&floored.covariance_matrix().unwrap(), &expected).unwrap() < 1e-12);
+}
+
+#[test]
+fn unrepresentable_matrices_are_errors() {
+    let not_pd = Tensor::new(&[[[1.0f64, 2.0], [2.0, 1.0]]], &Device::Cpu).unwrap();
+    for parameterization in [Parameterization::Cholesky, Parameterization::Expm] {
+        let err = Precision::from_precision_matrix(&not_pd, &config(parameterization, None));
+        assert!(matches!(
+            err,
+            Err(GaussError::NotPositiveDefinite { neuron: 0, .. })
+        ));
+    }
+    let full = Tensor::new(&[[[2.0f64, 0.5], [0.5, 2.0]]], &Device::Cpu).unwrap();
+    assert!(
+        Precision::from_precision_matrix(&full, &config(Parameterization::Diag, None)).is_err()
+    );
+    let diag = Tensor::new(&[[[2.0f64, 0.0], [0.0, 3.0]]], &Device::Cpu).unwrap();
+    assert!(
+        Precision::from_precision_matrix(&diag, &config(Parameterization::Sphere, None)).is_err()
+    );
+    // Wrong raw shapes name the tensor.
+    let err = Precision::from_raw(
+        Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap(),
+        4,
+        &config(Parameterization::Diag, None),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("precision_log_diag"), "{err}");
+}
+
+#[test]
+fn diagonal_forms_initialize_without_dense_matrices() {
+    // A 784 → 256 diag layer: the raw tensor is (256, 784) and the seeded draw has as many
+    // values; a dense (Z, d, d) f64 buffer would be 1.26 GB.
+    let cfg = GaussLayerConfig {
+        parameterization: Parameterization::Diag,
+        init: crate::config::InitConfig {
+            seed: Some(3),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let raw = Precision::initial_raw(256, 784, &cfg, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(raw.dims(), &[256, 784]);
+    let values = raw.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let expected = (1.0f64 / 784.0).ln();
+    assert!(values.iter().all(|&v| ((v as f64) - expected).abs() < 1e-2));
+    assert!(values.iter().any(|&v| v as f64 != expected as f32 as f64));
+}
+
+#[test]
+fn initial_raw_is_close_to_scaled_identity() {
+    for parameterization in Parameterization::ALL {
+        let cfg = config(parameterization, None);
+        let raw = Precision::initial_raw(3, 4, &cfg, DType::F64, &Device::Cpu).unwrap();
+        let p = Precision::from_raw(raw, 4, &cfg)
+            .unwrap()
+            .precision_matrix()
+            .unwrap();
+        let eye = (Tensor::eye(4, DType::F64, &Device::Cpu).unwrap() * 0.25).unwrap();
+        let err = relative_error(&p, &eye.broadcast_as((3, 4, 4)).unwrap()).unwrap();
+        assert!(err < 0.02 && err > 0.0, "{parameterization}: {err}");
+    }
+}
