@@ -2,6 +2,8 @@
 
 #[path = "layer/convert_linear.rs"]
 mod convert_linear;
+#[path = "layer/low_rank.rs"]
+mod low_rank;
 #[path = "layer/training_short_run.rs"]
 mod training_short_run;
 #[path = "layer/varbuilder.rs"]

@@ -35,16 +35,25 @@ pub enum Parameterization {
     Diag,
     /// `P = exp(θ) I`.
     Sphere,
+    /// `P = diag(exp θ) + U Uᵀ` with `U` of `rank` columns: between diag and the full forms,
+    /// O(d·(rank + 1)) per neuron and input (see [`crate::Precision`]). Positive definite for
+    /// every finite raw value. Written `lowrank:R` in CLIs and configs' string forms.
+    #[serde(rename = "lowrank")]
+    LowRank {
+        /// Columns of `U`, at least 1.
+        rank: usize,
+    },
 }
 
 impl Parameterization {
-    /// All parameterizations, in a fixed order.
-    pub const ALL: [Parameterization; 5] = [
+    /// All parameterizations, in a fixed order (lowrank with rank 2 standing for its family).
+    pub const ALL: [Parameterization; 6] = [
         Parameterization::Cholesky,
         Parameterization::Direct,
         Parameterization::Expm,
         Parameterization::Diag,
         Parameterization::Sphere,
+        Parameterization::LowRank { rank: 2 },
     ];
 
     /// The lower-case name used in configs, CLIs and reference files.
@@ -55,26 +64,43 @@ impl Parameterization {
             Parameterization::Expm => "expm",
             Parameterization::Diag => "diag",
             Parameterization::Sphere => "sphere",
+            Parameterization::LowRank { .. } => "lowrank",
         }
     }
 }
 
 impl std::fmt::Display for Parameterization {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+        match self {
+            Parameterization::LowRank { rank } => write!(f, "lowrank:{rank}"),
+            other => f.write_str(other.name()),
+        }
     }
 }
 
 impl std::str::FromStr for Parameterization {
     type Err = GaussError;
+    /// Parses `cholesky`, `direct`, `expm`, `diag`, `sphere` or `lowrank:R` (R ≥ 1).
     fn from_str(s: &str) -> Result<Self> {
+        if let Some(rank) = s.strip_prefix("lowrank") {
+            let rank = rank.strip_prefix(':').and_then(|r| r.parse::<usize>().ok());
+            return match rank {
+                Some(rank) if rank >= 1 => Ok(Parameterization::LowRank { rank }),
+                _ => Err(GaussError::config(
+                    "parameterization",
+                    format!("lowrank needs its rank as `lowrank:R` with R >= 1, got {s:?}"),
+                )),
+            };
+        }
         Parameterization::ALL
             .into_iter()
-            .find(|p| p.name() == s)
+            .find(|p| p.name() == s && !matches!(p, Parameterization::LowRank { .. }))
             .ok_or_else(|| {
                 GaussError::config(
                     "parameterization",
-                    format!("must be one of cholesky, direct, expm, diag, sphere; got {s:?}"),
+                    format!(
+                        "must be one of cholesky, direct, expm, diag, sphere, lowrank:R; got {s:?}"
+                    ),
                 )
             })
     }
@@ -186,7 +212,8 @@ impl Default for GaussLayerConfig {
 }
 
 /// The part of a [`GaussLayerConfig`] that defines the map from a layer's raw precision
-/// tensor to its precision matrices: what a [`crate::Precision`] carries.
+/// tensor to its precision matrices, and where it is computed: what a [`crate::Precision`]
+/// carries.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PrecisionConfig {
     /// How the precision is stored.
@@ -197,6 +224,9 @@ pub struct PrecisionConfig {
     pub factor_diag_floor: f64,
     /// Smallest width of the Gaussian, if any.
     pub width_floor: Option<f64>,
+    /// Compute in the portable tensor-op forms even on the CPU (see
+    /// [`GaussLayerConfig::portable`]).
+    pub portable: bool,
 }
 
 impl Default for PrecisionConfig {
@@ -254,6 +284,7 @@ impl GaussLayerConfig {
             positive_map: self.positive_map,
             factor_diag_floor: self.factor_diag_floor,
             width_floor: self.width_floor,
+            portable: self.portable,
         }
     }
 
@@ -274,12 +305,32 @@ impl GaussLayerConfig {
                 "has no linear part, so `tanh` and `tied_bias` must be false",
             ));
         }
+        if let Parameterization::LowRank { rank } = self.parameterization {
+            if rank == 0 {
+                return Err(GaussError::config(
+                    "parameterization",
+                    "lowrank needs rank >= 1, got 0",
+                ));
+            }
+            if self.width_floor.is_some() {
+                return Err(GaussError::config(
+                    "width_floor",
+                    "is not supported with the lowrank parameterization (its effective precision would not stay diagonal plus low rank); leave it None",
+                ));
+            }
+        }
         if self.kernel == DistanceKernel::Projected
-            && self.parameterization == Parameterization::Direct
+            && matches!(
+                self.parameterization,
+                Parameterization::Direct | Parameterization::LowRank { .. }
+            )
         {
             return Err(GaussError::config(
                 "kernel",
-                "`projected` needs a factor P = F Fᵀ, which the `direct` parameterization does not keep; use `auto`, `expanded` or `naive`",
+                format!(
+                    "`projected` needs a square factor P = F Fᵀ, which the `{}` parameterization does not keep; use `auto`, `expanded` or `naive`",
+                    self.parameterization.name()
+                ),
             ));
         }
         Ok(())

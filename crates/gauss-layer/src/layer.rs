@@ -417,6 +417,25 @@ impl candle_nn::Module for GaussLayer {
 /// When the builder already holds a tensor (loading from safetensors, or a `VarMap` that
 /// has it) it is used as is. A missing precision tensor in a `VarMap` is created and filled
 /// in place with the FGN initial value (likewise every missing tensor of a seeded layer).
+///
+/// # Errors
+/// An invalid config or zero sizes; a tensor the builder holds with another shape or dtype; a
+/// precision scale the parameterization cannot represent.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{Module, VarBuilder, VarMap};
+/// use gauss_layer::{gauss_layer, GaussLayerConfig, InitConfig};
+/// let varmap = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+/// // A seeded layer: the same seed gives the same layer on every run and device.
+/// let config = GaussLayerConfig { init: InitConfig { seed: Some(1), ..Default::default() }, ..Default::default() };
+/// let layer = gauss_layer(3, 5, config, vb.pp("hidden"))?;
+/// let y = layer.forward(&Tensor::zeros((7, 3), DType::F32, &Device::Cpu)?)?;
+/// assert_eq!(y.dims(), &[7, 5]);
+/// assert!(varmap.data().lock().unwrap().contains_key("hidden.center"));
+/// # Ok::<(), gauss_layer::GaussError>(())
+/// ```
 pub fn gauss_layer(
     in_features: usize,
     out_features: usize,
@@ -546,9 +565,9 @@ mod tests {
         let x = Tensor::zeros((2, 4), DType::F32, device)?;
         let prev = Tensor::ones((3, 6), DType::F32, device)?;
         expect_shape(layer.forward_with_gaussian(&x, Some(&prev)), "prev_g");
-        let x64 = Tensor::zeros((2, 4), DType::F64, device)?;
+        let x16 = Tensor::zeros((2, 4), DType::F16, device)?;
         assert!(matches!(
-            layer.forward_with_gaussian(&x64, None),
+            layer.forward_with_gaussian(&x16, None),
             Err(GaussError::DType { .. })
         ));
         // Through the Module trait the error is a candle error carrying the message.
@@ -586,7 +605,7 @@ mod tests {
     /// Forward and backward through every parameterization stay finite for inputs of
     /// magnitude 1e4 and for Gaussians so narrow that g underflows to 0.
     fn finite_inputs_give_finite_outputs_and_gradients(device: &Device) -> Result<()> {
-        for dtype in [DType::F32, DType::F64] {
+        for dtype in crate::testing::float_dtypes(device) {
             for parameterization in Parameterization::ALL {
                 for (scale, magnitude) in [(1e-2, 1e4), (1e6, 1.0), (1e6, 1e4)] {
                     let config = GaussLayerConfig {
@@ -633,7 +652,7 @@ mod tests {
     }
     crate::test_device!(finite_inputs_give_finite_outputs_and_gradients);
 
-    fn options_follow_their_definitions(device: &Device) -> Result<()> {
+    fn options_follow_their_definitions_f64(device: &Device) -> Result<()> {
         let x = Tensor::randn(0f64, 1.0, (5, 3), device)?;
         let base = GaussLayerConfig {
             parameterization: Parameterization::Diag,
@@ -682,7 +701,7 @@ mod tests {
         assert!(rbf.weight().is_none() && rbf.bias().is_none());
         Ok(())
     }
-    crate::test_device!(options_follow_their_definitions);
+    crate::test_device!(options_follow_their_definitions_f64);
 
     /// Every tensor of a layer, as f32 bits on the host, in a fixed order.
     fn layer_bits(layer: &GaussLayer) -> Result<Vec<Vec<u32>>> {

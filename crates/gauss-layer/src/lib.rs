@@ -43,6 +43,7 @@ pub struct ReadmeDoctests;
 pub mod checkpoint;
 mod config;
 pub mod convert;
+mod cpu;
 mod error;
 pub mod import;
 mod init;

@@ -81,6 +81,9 @@ impl PdReport {
 
     /// `Ok` when all are positive definite, otherwise [`GaussError::NotPositiveDefinite`]
     /// naming the first offending neuron.
+    ///
+    /// # Errors
+    /// [`GaussError::NotPositiveDefinite`] naming the first offending neuron.
     pub fn into_result(self) -> Result<()> {
         match self.failures().first() {
             None => Ok(()),
@@ -96,6 +99,9 @@ impl PdReport {
 ///
 /// # Shapes
 /// `matrices`: (Z, d, d)
+///
+/// # Errors
+/// A tensor that is not (Z, d, d); NaN or infinite entries ([`GaussError::Numerical`]).
 pub fn check_positive_definite_matrices(matrices: &Tensor) -> Result<PdReport> {
     let (z, d, values) = host::to_host_matrices(matrices, "precision matrices")?;
     let mut neurons = Vec::with_capacity(z);
@@ -114,6 +120,9 @@ pub fn check_positive_definite_matrices(matrices: &Tensor) -> Result<PdReport> {
 
 /// Checks each neuron's precision matrix (the effective one, see
 /// [`Precision::precision_matrix`]) for positive definiteness.
+///
+/// # Errors
+/// As [`check_positive_definite_matrices`]; for expm an overflowing exponential.
 pub fn check_positive_definite(precision: &Precision) -> Result<PdReport> {
     let matrices = match precision.parameterization() {
         // The raw tensor is what the optimizer moves; the width floor cannot fix an indefinite
@@ -129,10 +138,10 @@ pub fn check_positive_definite(precision: &Precision) -> Result<PdReport> {
 /// definite by construction and passes without work.
 ///
 /// On the CPU this factors each neuron's `(A + Aᵀ)/2` with faer (Z Cholesky factorizations of
-/// O(d³/3), no copy of the tensor beyond its f64 view). On other devices it factors in tensor
-/// ops on the device ([`linalg::cholesky`]) and reads back one scalar, the smallest pivot, in
-/// the working dtype: no (Z, d, d) transfer; only a failure copies the matrices to the host
-/// to name the neuron and its eigenvalue.
+/// O(d³/3), no copy of the tensor beyond its f64 view). On other devices (and on the portable
+/// path) it factors in tensor ops on the device ([`linalg::cholesky`]) and reads back one
+/// scalar, the smallest pivot, in the working dtype: no (Z, d, d) transfer; only a failure
+/// copies the matrices to the host to name the neuron and its eigenvalue.
 ///
 /// # Errors
 /// [`GaussError::NotPositiveDefinite`]; a matrix with NaN or infinite entries.
@@ -141,7 +150,8 @@ pub fn ensure_positive_definite(precision: &Precision) -> Result<()> {
         return Ok(());
     }
     let raw = precision.raw();
-    let all_factor = if raw.device().is_cpu() {
+    // The portable path runs the device-side check on the CPU too (what a GPU runs).
+    let all_factor = if raw.device().is_cpu() && !precision.config().portable {
         let (z, d, values) = host::to_host_matrices(raw, "precision matrices")?;
         (0..z).all(|n| host::cholesky_lower(&values[n * d * d..(n + 1) * d * d], d).is_some())
     } else {
@@ -186,6 +196,9 @@ fn check_floor(min_eigenvalue: f64) -> Result<()> {
 ///
 /// # Shapes
 /// `matrices`: (Z, d, d) → (Z, d, d)
+///
+/// # Errors
+/// A `min_eigenvalue` that is not finite and > 0; as [`check_positive_definite_matrices`].
 pub fn repair_matrices(matrices: &Tensor, min_eigenvalue: f64) -> Result<Tensor> {
     check_floor(min_eigenvalue)?;
     let (z, d, mut values) = host::to_host_matrices(matrices, "precision matrices")?;
@@ -208,6 +221,9 @@ pub fn repair_matrices(matrices: &Tensor, min_eigenvalue: f64) -> Result<Tensor>
 ///
 /// # Shapes
 /// → the raw tensor's shape
+///
+/// # Errors
+/// As [`repair_matrices`].
 pub fn repair_positive_definite(precision: &Precision, min_eigenvalue: f64) -> Result<Tensor> {
     check_floor(min_eigenvalue)?;
     match precision.parameterization() {
@@ -222,6 +238,9 @@ pub fn repair_positive_definite(precision: &Precision, min_eigenvalue: f64) -> R
 ///
 /// # Shapes
 /// `var`: (Z, d, d)
+///
+/// # Errors
+/// As [`repair_matrices`]; a `Var::set` failure (another shape or dtype).
 pub fn repair_var_in_place(var: &Var, min_eigenvalue: f64) -> Result<PdReport> {
     check_floor(min_eigenvalue)?;
     let report = check_positive_definite_matrices(var.as_tensor())?;

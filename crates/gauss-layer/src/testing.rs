@@ -1,6 +1,7 @@
-//! Test helpers shared by this crate's tests and the workspace's integration tests:
-//! the [`test_device!`](crate::test_device) macro (one test per enabled device, in the style
-//! of candle's own) and tensor comparisons.
+//! Test helpers shared by this crate's tests and the workspace's integration tests (behind the
+//! `testing` feature, not part of the library's API): the [`test_device!`](crate::test_device)
+//! macro (one test per enabled device, in the style of candle's own) and tensor comparisons
+//! (done on the host: tensors move to the CPU before any cast to f64).
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -21,7 +22,9 @@ pub use candle_core::Device as __Device;
 
 /// Expands a test body `fn(&Device) -> Result<(), E>` (any `E: Debug`, e.g. `anyhow::Error`)
 /// into one `#[test]` per device the build enables: CPU always, CUDA with the `cuda` feature,
-/// Metal with the `metal` feature (features of the crate that invokes the macro).
+/// Metal with the `metal` feature (features of the crate that invokes the macro). On Metal,
+/// which has no f64, a body whose name contains `f64` is skipped with a printed note; bodies
+/// that loop over dtypes take them from [`float_dtypes`].
 ///
 /// Two forms:
 /// - `test_device!(body)` makes a module `body` with tests `body::cpu`, `body::cuda`,
@@ -59,6 +62,9 @@ macro_rules! test_device {
             #[cfg(feature = "metal")]
             #[test]
             fn metal() {
+                if $crate::testing::skip_f64_body_on_metal(stringify!($body)) {
+                    return;
+                }
                 let device = $crate::testing::__Device::new_metal(0).expect("a Metal device");
                 if let Err(e) = super::$body(&device) {
                     panic!("{}: {e:?}", stringify!($body));
@@ -84,12 +90,36 @@ macro_rules! test_device {
         #[cfg(feature = "metal")]
         #[test]
         fn $metal() {
+            if $crate::testing::skip_f64_body_on_metal(stringify!($body)) {
+                return;
+            }
             let device = $crate::testing::__Device::new_metal(0).expect("a Metal device");
             if let Err(e) = $body(&device) {
                 panic!("{}: {e:?}", stringify!($body));
             }
         }
     };
+}
+
+/// Whether a [`test_device!`](crate::test_device) body named `name` is an f64 body (its
+/// name contains `f64`), which Metal cannot run (it has no f64): prints a note and returns
+/// true so the Metal test skips it.
+pub fn skip_f64_body_on_metal(name: &str) -> bool {
+    if name.contains("f64") {
+        println!("{name}: skipped on Metal (no f64 support)");
+        return true;
+    }
+    false
+}
+
+/// The float dtypes a test body should loop over on `device`: f32 and f64, without f64 on
+/// Metal (printing a note that it was left out).
+pub fn float_dtypes(device: &candle_core::Device) -> Vec<DType> {
+    if device.is_metal() {
+        println!("f64 left out on Metal (no f64 support)");
+        return vec![DType::F32];
+    }
+    vec![DType::F32, DType::F64]
 }
 
 /// Largest absolute value of a tensor, in f64 (0 for an empty tensor).
@@ -101,6 +131,7 @@ pub fn max_abs(tensor: &Tensor) -> Result<f64> {
         return Ok(0.0);
     }
     Ok(tensor
+        .to_device(&candle_core::Device::Cpu)?
         .to_dtype(DType::F64)?
         .abs()?
         .flatten_all()?
@@ -122,10 +153,12 @@ pub fn relative_error(actual: &Tensor, expected: &Tensor) -> Result<f64> {
         ));
     }
     let a = actual
+        .to_device(&candle_core::Device::Cpu)?
         .to_dtype(DType::F64)?
         .flatten_all()?
         .to_vec1::<f64>()?;
     let b = expected
+        .to_device(&candle_core::Device::Cpu)?
         .to_dtype(DType::F64)?
         .flatten_all()?
         .to_vec1::<f64>()?;
@@ -158,6 +191,7 @@ pub fn tolerance(dtype: DType) -> f64 {
 /// `tensor`: any
 pub fn all_finite(tensor: &Tensor) -> Result<bool> {
     Ok(tensor
+        .to_device(&candle_core::Device::Cpu)?
         .to_dtype(DType::F64)?
         .flatten_all()?
         .to_vec1::<f64>()?

@@ -35,6 +35,9 @@ use gauss_layer::Result;
 ///
 /// # Shapes
 /// `x`: (N, d), `mean`: (d), `scale_tril`: (d, d) → (N) for [`Reduction::None`], () otherwise
+///
+/// # Errors
+/// Samples that are not (N, d) with N ≥ 1, a mean or factor of another size or dtype.
 pub fn nll_covariance_factor(
     x: &Tensor,
     mean: &Tensor,

@@ -34,6 +34,9 @@ pub fn log_normalizer(dim: usize) -> f64 {
 /// # Shapes
 /// `mahalanobis_sq`: (B) with `log_det_precision`: () → (B);
 /// `mahalanobis_sq`: (B, Z) with `log_det_precision`: (Z) → (B, Z)
+///
+/// # Errors
+/// Shapes that do not broadcast (a Candle error).
 pub fn nll_from_mahalanobis(
     mahalanobis_sq: &Tensor,
     log_det_precision: &Tensor,
@@ -51,6 +54,9 @@ pub fn nll_from_mahalanobis(
 ///
 /// # Shapes
 /// `factors`: (Z, d, d) → (Z)
+///
+/// # Errors
+/// A tensor that is not a batch of square matrices.
 pub fn log_det_from_triangular(factors: &Tensor) -> Result<Tensor> {
     let diagonal = linalg::diagonal(factors)?;
     Ok((diagonal.abs()?.log()?.sum(1)? * 2.0)?)

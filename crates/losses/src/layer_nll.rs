@@ -34,6 +34,31 @@ use gauss_layer::Result;
 ///
 /// # Shapes
 /// `x`: (B, d) → (B, Z) for [`Reduction::None`], (Z) otherwise
+///
+/// # Errors
+/// Samples that are not (B, d) with B ≥ 1 or of another dtype; a `direct` precision that is
+/// not positive definite ([`gauss_layer::GaussError::NotPositiveDefinite`]).
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{Optimizer, VarBuilder, VarMap};
+/// use gauss_layer::{gauss_layer, GaussLayerConfig};
+/// use gauss_losses::{layer_nll, Reduction};
+/// // Fit one Gaussian to data by gradient descent on its mean NLL.
+/// let varmap = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+/// let config = GaussLayerConfig { gaussian_only: true, ..Default::default() };
+/// let layer = gauss_layer(2, 1, config, vb)?;
+/// let x = (Tensor::randn(0f64, 1.0, (256, 2), &Device::Cpu)? + 3.0)?;
+/// let mut optimizer = candle_nn::AdamW::new_lr(varmap.all_vars(), 0.1)?;
+/// let first = layer_nll(&layer, &x, Reduction::Mean)?.to_vec1::<f64>()?[0];
+/// for _ in 0..50 {
+///     optimizer.backward_step(&layer_nll(&layer, &x, Reduction::Mean)?.sum_all()?)?;
+/// }
+/// let last = layer_nll(&layer, &x, Reduction::Mean)?.to_vec1::<f64>()?[0];
+/// assert!(last < first);
+/// # Ok::<(), gauss_layer::GaussError>(())
+/// ```
 pub fn layer_nll(layer: &GaussLayer, x: &Tensor, reduction: Reduction) -> Result<Tensor> {
     let d = layer.in_features();
     check::samples(x, "samples x", Some(d))?;

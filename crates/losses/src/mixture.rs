@@ -36,6 +36,9 @@ use gauss_layer::{GaussError, Result};
 ///
 /// # Shapes
 /// → (Z)
+///
+/// # Errors
+/// A tensor the builder already holds under that name with another shape.
 pub fn mixture_logits(num_components: usize, vb: VarBuilder) -> Result<Tensor> {
     Ok(vb.get_with_hints(num_components, "mixture_logits", Init::Const(0.0))?)
 }
@@ -45,6 +48,9 @@ pub fn mixture_logits(num_components: usize, vb: VarBuilder) -> Result<Tensor> {
 ///
 /// # Shapes
 /// `component_nll`: (B, Z), `logits`: (Z) → (B) for [`Reduction::None`], () otherwise
+///
+/// # Errors
+/// An empty batch; logits of another length or dtype.
 pub fn mixture_nll_from_components(
     component_nll: &Tensor,
     logits: &Tensor,
@@ -63,6 +69,9 @@ pub fn mixture_nll_from_components(
 ///
 /// # Shapes
 /// `x`: (B, d), `logits`: (Z) → (B) for [`Reduction::None`], () otherwise
+///
+/// # Errors
+/// Logits that are not one per neuron; as [`crate::layer_nll`].
 pub fn mixture_nll(
     layer: &GaussLayer,
     x: &Tensor,

@@ -61,6 +61,9 @@ impl Default for FgnObjectiveConfig {
 
 impl FgnObjectiveConfig {
     /// Checks that both weights are finite and `>= 0`.
+    ///
+    /// # Errors
+    /// [`GaussError::InvalidConfig`] naming a weight that is negative or not finite.
     pub fn validate(&self) -> Result<()> {
         for (field, value) in [
             ("lambda_l2", self.lambda_l2),
@@ -130,6 +133,28 @@ impl FgnLoss {
 ///
 /// # Shapes
 /// `logits`: (B, C), `targets`: (B) with dtype u8, u32 or i64 → every term ()
+///
+/// # Errors
+/// An invalid config; no layers; logits that are not (B, C) or targets of another length or a
+/// non-integer dtype; a `direct` precision that is not positive definite.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{Optimizer, VarBuilder, VarMap};
+/// use gauss_layer::{GaussNet, GaussNetConfig};
+/// use gauss_losses::{fgn_objective, FgnObjectiveConfig};
+/// let varmap = VarMap::new();
+/// let config = GaussNetConfig { in_features: 4, hidden: vec![6], out_features: 3, ..Default::default() };
+/// let net = GaussNet::new(config, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
+/// let x = Tensor::randn(0f32, 1.0, (8, 4), &Device::Cpu)?;
+/// let targets = Tensor::new(&[0u32, 1, 2, 0, 1, 2, 0, 1], &Device::Cpu)?;
+/// let mut optimizer = candle_nn::AdamW::new_lr(varmap.all_vars(), 1e-2)?;
+/// // One training step: cross-entropy + λ_l2·mean(w²) + λ_sig·λ-loss over every layer.
+/// let loss = fgn_objective(&net.forward(&x, true)?, &targets, net.layers(), &FgnObjectiveConfig::default())?;
+/// optimizer.backward_step(&loss.total)?;
+/// assert!(loss.values()?.total.is_finite());
+/// # Ok::<(), gauss_layer::GaussError>(())
+/// ```
 pub fn fgn_objective<'a>(
     logits: &Tensor,
     targets: &Tensor,

@@ -23,6 +23,9 @@ impl Reduction {
     ///
     /// # Shapes
     /// `per_sample`: (B, ...) → `None`: (B, ...); `Mean`, `Sum`: (...)
+    ///
+    /// # Errors
+    /// Candle errors (a rank-0 tensor has no batch dimension).
     pub fn apply(self, per_sample: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Reduction::None => per_sample.clone(),

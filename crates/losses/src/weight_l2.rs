@@ -24,6 +24,9 @@ use gauss_layer::{GaussError, Result};
 ///
 /// # Shapes
 /// → ()
+///
+/// # Errors
+/// Candle errors only.
 pub fn weight_l2(layer: &GaussLayer) -> Result<Tensor> {
     weight_l2_of_layers([layer])
 }
@@ -34,6 +37,9 @@ pub fn weight_l2(layer: &GaussLayer) -> Result<Tensor> {
 ///
 /// # Shapes
 /// → ()
+///
+/// # Errors
+/// No layers ([`GaussError::NoLayers`]).
 pub fn weight_l2_of_layers<'a>(layers: impl IntoIterator<Item = &'a GaussLayer>) -> Result<Tensor> {
     let mut any_layer: Option<&GaussLayer> = None;
     let mut total: Option<Tensor> = None;

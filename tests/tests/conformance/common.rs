@@ -94,6 +94,7 @@ pub fn load_reference_files(dir: &Path) -> anyhow::Result<Vec<ReferenceFile>> {
 /// Collects every comparison; fails at the end with all failures listed.
 pub struct Report {
     dtype: DType,
+    portable: bool,
     tolerance: f64,
     checks: usize,
     worst: f64,
@@ -102,9 +103,10 @@ pub struct Report {
 
 impl Report {
     /// A report at the project tolerance of `dtype`.
-    pub fn new(dtype: DType) -> Self {
+    pub fn new(dtype: DType, portable: bool) -> Self {
         Self {
             dtype,
+            portable,
             tolerance: tolerance(dtype),
             checks: 0,
             worst: 0.0,
@@ -134,9 +136,10 @@ impl Report {
     /// `Ok` when nothing failed; otherwise an error listing every failure.
     pub fn finish(self, dir: &Path, files: usize) -> anyhow::Result<()> {
         println!(
-            "{files} reference files in {} ({:?}): {} checks, {} failed, worst passing relative error {:e} (tolerance {:e})",
+            "{files} reference files in {} ({:?}, {} path): {} checks, {} failed, worst passing relative error {:e} (tolerance {:e})",
             dir.display(),
             self.dtype,
+            if self.portable { "portable" } else { "default" },
             self.checks,
             self.failures.len(),
             self.worst,
@@ -162,6 +165,9 @@ pub struct Case<'a> {
     pub dtype: DType,
     /// The working device.
     pub device: &'a Device,
+    /// Run the layers and precisions through the portable tensor-op path (what CUDA and
+    /// Metal run) instead of the default (fused CPU ops where they apply).
+    pub portable: bool,
     /// Where the comparisons go.
     pub report: &'a mut Report,
 }

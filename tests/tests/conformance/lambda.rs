@@ -36,7 +36,10 @@ pub fn check(case: &mut Case) -> anyhow::Result<()> {
     }
 
     // Through a cholesky Precision with the default raw map.
-    let config = GaussLayerConfig::default();
+    let config = GaussLayerConfig {
+        portable: case.portable,
+        ..Default::default()
+    };
     let raw = cholesky_raw_from_factor(
         &case.file.tensor("tril", DType::F64, &Device::Cpu)?,
         &config,

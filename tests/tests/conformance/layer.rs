@@ -22,6 +22,8 @@ fn raw_from_reference(
         Parameterization::Cholesky => cholesky_raw_from_factor(param, config)?,
         Parameterization::Direct | Parameterization::Expm => param.clone(),
         Parameterization::Diag | Parameterization::Sphere => param.log()?,
+        // lowrank is checked against `direct` holding the same P (tests/layer/low_rank.rs).
+        Parameterization::LowRank { .. } => anyhow::bail!("no lowrank reference format"),
     })
 }
 
@@ -38,6 +40,7 @@ fn chain_to_reference(
         Parameterization::Cholesky => chain_raw_gradient_to_factor(grad_raw, raw, config)?,
         Parameterization::Direct | Parameterization::Expm => grad_raw.clone(),
         Parameterization::Diag | Parameterization::Sphere => (grad_raw / param)?,
+        Parameterization::LowRank { .. } => anyhow::bail!("no lowrank reference format"),
     })
 }
 
@@ -47,6 +50,7 @@ pub fn check(case: &mut Case) -> anyhow::Result<()> {
     let param_tensor = case.file.meta("param_tensor")?;
     let config = GaussLayerConfig {
         parameterization,
+        portable: case.portable,
         ..Default::default()
     };
 
@@ -73,6 +77,14 @@ pub fn check(case: &mut Case) -> anyhow::Result<()> {
         )?)
     };
     let layer = build(config.clone())?;
+    // The path under test is the one that ran: tensor ops only when portable. (The default
+    // path takes a fused op on the CPU except where the resolver sends a badly conditioned
+    // direct precision to the naive form.)
+    let kernel = layer.resolved_kernel(x.as_tensor())?.name();
+    anyhow::ensure!(
+        !(case.portable && kernel.ends_with("_fused")),
+        "{parameterization}: resolved kernel {kernel} on the portable path"
+    );
 
     let precision_matrix = layer.precision().precision_matrix()?;
     case.compare("precision_matrix", &precision_matrix, "precision_matrix")?;

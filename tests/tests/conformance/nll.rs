@@ -74,6 +74,7 @@ fn check_layer(case: &mut Case) -> anyhow::Result<()> {
 
     let cholesky = GaussLayerConfig {
         gaussian_only: true,
+        portable: case.portable,
         ..Default::default()
     };
     let raw = cholesky_raw_from_factor(

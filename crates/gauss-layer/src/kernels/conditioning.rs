@@ -18,9 +18,9 @@
 
 use candle_core::DType;
 
-use super::cpu::{row_mean, Real, Sizes};
 use super::expanded::Source;
 use super::factors::Factors;
+use crate::cpu::{row_mean, Real, Sizes};
 use crate::linalg::host;
 
 /// Largest `max_z |c̃_z|² ‖P_z‖` for which the expanded form counts as accurate: keeps its

@@ -5,7 +5,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 
-use super::cpu::{
+use crate::cpu::{
     check_fused_inputs, dispatch_backward3, dispatch_float3, for_each_chunk_mut,
     for_each_chunk_pair_mut, poison_non_finite_rows, rows_per_chunk, OperandShape, Real, Sizes,
 };

@@ -4,13 +4,13 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::cpu::{
-    check_fused_inputs, dispatch_backward3, dispatch_float3, poison_non_finite_rows, OperandShape,
-    Real, Sizes,
-};
 use super::expanded::{self, Source};
 use super::factors::FactorMap;
 use super::projected;
+use crate::cpu::{
+    check_fused_inputs, dispatch_backward3, dispatch_float3, poison_non_finite_rows, OperandShape,
+    Real, Sizes,
+};
 use crate::error::Result;
 
 /// Which algorithm runs each direction of the fused distance op.

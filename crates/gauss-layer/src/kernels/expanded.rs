@@ -19,11 +19,11 @@
 
 use candle_core::{Tensor, D};
 
-use super::cpu::{
+use super::factors::{FactorMap, Factors};
+use crate::cpu::{
     for_each_chunk_pair_mut_sized, for_each_with_state, matmul, row_mean, rows_per_chunk,
     shift_rows, MatRef, Real, Sizes, TILE_ROWS,
 };
-use super::factors::{FactorMap, Factors};
 use crate::error::Result;
 use crate::linalg::host;
 

@@ -3,8 +3,8 @@
 //! neither `L` nor its backward exists as (Z, d, d) tensors), with the chain rule back to
 //! the input.
 
-use super::cpu::{Real, Sizes};
 use crate::config::PositiveMap;
+use crate::cpu::{Real, Sizes};
 use crate::precision::maps;
 
 /// How the op's third input becomes the factor `F` (so the Cholesky map from raw parameters

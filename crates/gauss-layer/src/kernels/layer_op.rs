@@ -11,12 +11,12 @@
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
-use super::cpu::{
+use super::distance_op::FusedPlan;
+use crate::cpu::{
     check_fused_inputs, dispatch_float3, for_each_chunk_mut, for_each_chunk_pair_mut,
     host_backward3, matmul, rows_per_chunk, with_row_major, MatRef, OperandShape, Real, Sizes,
     TILE_ROWS,
 };
-use super::distance_op::FusedPlan;
 use crate::error::{check_dtype, GaussError, Result};
 
 /// The Candle op: inputs x (B, d), params (Z, 2d [+1]) = [center | weight | bias], factor

@@ -12,6 +12,7 @@
 //! | cholesky, expm: `Auto`, check fails | fused projected op | projected portable form |
 //! | direct: `Auto`, check passes | fused expanded op | naive portable form |
 //! | direct: `Auto`, check fails (or not positive definite) | naive portable form | naive portable form |
+//! | lowrank, `Auto` | fused diagonal op + one GEMM against the stacked `U` | diagonal + projected portable forms |
 //! | `Projected` / `Expanded` | that form, fused | that form, portable |
 //! | `Naive` | naive portable form | naive portable form |
 //!
@@ -27,7 +28,7 @@
 //! losses refuse such a precision ([`crate::repair::ensure_positive_definite`]).
 
 pub(crate) mod conditioning;
-mod cpu;
+
 pub(crate) mod diagonal;
 pub(crate) mod distance_op;
 pub(crate) mod expanded;
@@ -41,10 +42,10 @@ mod tests;
 use candle_core::{DType, Tensor};
 
 use crate::config::{DistanceKernel, Parameterization};
+use crate::cpu::{with_row_major, OperandShape, Sizes, TILE_ROWS};
 use crate::error::{GaussError, Result};
 use crate::precision::Precision;
 use conditioning::Conditioning;
-use cpu::{with_row_major, OperandShape, Sizes, TILE_ROWS};
 use distance_op::FusedPlan;
 use expanded::Source;
 use factors::FactorMap;
@@ -71,6 +72,10 @@ pub enum ResolvedKernel {
     ExpandedTensorOps,
     /// (B, Z, d) broadcast form (portable).
     Naive,
+    /// lowrank: the fused diagonal op plus one GEMM against the stacked `U` factors.
+    LowRankFused,
+    /// lowrank: the portable diagonal form plus the portable projected form on `U`.
+    LowRankTensorOps,
 }
 
 impl ResolvedKernel {
@@ -85,6 +90,8 @@ impl ResolvedKernel {
             ResolvedKernel::ExpandedBackwardFused => "projected_forward_expanded_backward_fused",
             ResolvedKernel::ExpandedTensorOps => "expanded_tensor_ops",
             ResolvedKernel::Naive => "naive",
+            ResolvedKernel::LowRankFused => "low_rank_fused",
+            ResolvedKernel::LowRankTensorOps => "low_rank_tensor_ops",
         }
     }
 }
@@ -100,6 +107,8 @@ pub(crate) enum Operand {
     Matrix(Tensor),
     /// The fused distance op's (Z, d, d) input and its plan.
     Fused(Tensor, FusedPlan),
+    /// lowrank: the diagonal `e^θ` (Z, d) and the factor `U` (Z, d, r).
+    LowRank(Tensor, Tensor),
 }
 
 /// A resolved kernel with its input, ready to run.
@@ -181,6 +190,15 @@ pub(crate) fn resolve(
         );
     }
     let fused = fused_applies(x, center, precision, portable);
+    if precision.is_low_rank() && kernel == DistanceKernel::Auto {
+        let (theta, u) = crate::precision::low_rank::parts(precision)?;
+        let kernel = if fused {
+            ResolvedKernel::LowRankFused
+        } else {
+            ResolvedKernel::LowRankTensorOps
+        };
+        return resolved(kernel, Operand::LowRank(theta.exp()?, u));
+    }
     if let Some(diagonal) = precision.diagonal_precision()? {
         let kernel = if fused {
             ResolvedKernel::DiagonalFused
@@ -263,6 +281,12 @@ pub(crate) fn run(x: &Tensor, center: &Tensor, resolved: &Resolved) -> Result<Te
             return diagonal::fused(x, center, p)
         }
         (Operand::Fused(input, plan), _) => return distance_op::apply(x, center, input, *plan),
+        (Operand::LowRank(diagonal, u), ResolvedKernel::LowRankFused) => {
+            return Ok((diagonal::fused(x, center, diagonal)? + projected::portable(x, center, u)?)?)
+        }
+        (Operand::LowRank(diagonal, u), _) => {
+            (diagonal::portable(x, center, diagonal)? + projected::portable(x, center, u)?)?
+        }
         (Operand::Diagonal(p), _) => diagonal::portable(x, center, p)?,
         (Operand::Factor(f), _) => projected::portable(x, center, f)?,
         (Operand::Matrix(p), ResolvedKernel::ExpandedTensorOps) => {

@@ -13,11 +13,11 @@
 
 use candle_core::{Tensor, D};
 
-use super::cpu::{
+use super::factors::{FactorMap, Factors};
+use crate::cpu::{
     for_each_chunk_mut, for_each_with_state, matmul, neurons_per_block, row_mean, rows_per_chunk,
     shift_rows, squared_distance, MatRef, Real, Sizes, TILE_ROWS,
 };
-use super::factors::{FactorMap, Factors};
 use crate::error::Result;
 use crate::linalg;
 
@@ -25,14 +25,16 @@ use crate::linalg;
 /// stacked side by side, in tensor ops (every device, autograd). No (B, Z, d) difference
 /// tensor is built; the GEMM's (B, Z·d) output is the only large intermediate.
 ///
+/// Factors may be rectangular (d, k), as lowrank's `U` is.
+///
 /// # Shapes
-/// `x`: (B, d), `center`: (Z, d), `factor`: (Z, d, d) → (B, Z)
+/// `x`: (B, d), `center`: (Z, d), `factor`: (Z, d, k) → (B, Z)
 pub(crate) fn portable(x: &Tensor, center: &Tensor, factor: &Tensor) -> Result<Tensor> {
     let (b, d) = x.dims2()?;
-    let z = center.dim(0)?;
-    // stacked[i, z·d + k] = F_z[i, k], so (x · stacked)[b, z·d + k] = (F_zᵀ x_b)_k.
-    let stacked = factor.permute((1, 0, 2))?.reshape((d, z * d))?;
-    let projected = x.contiguous()?.matmul(&stacked)?.reshape((b, z, d))?;
+    let (z, _, k) = factor.dims3()?;
+    // stacked[i, z·k + j] = F_z[i, j], so (x · stacked)[b, z·k + j] = (F_zᵀ x_b)_j.
+    let stacked = factor.permute((1, 0, 2))?.reshape((d, z * k))?;
+    let projected = x.contiguous()?.matmul(&stacked)?.reshape((b, z, k))?;
     // (F_zᵀ c_z)ᵀ = c_zᵀ F_z, one small batched matmul.
     let projected_center = linalg::matmul(&center.unsqueeze(1)?, factor)?.squeeze(1)?;
     Ok(projected

@@ -61,6 +61,9 @@ fn square_dim(matrices: &Tensor, what: &str, rank: Option<usize>) -> Result<usiz
 ///
 /// # Shapes
 /// `matrices`: (..., m, n) → (..., n, m)
+///
+/// # Errors
+/// Shapes the operation cannot take (a Candle error).
 pub fn transpose(matrices: &Tensor) -> Result<Tensor> {
     Ok(matrices.transpose(D::Minus2, D::Minus1)?)
 }
@@ -69,6 +72,9 @@ pub fn transpose(matrices: &Tensor) -> Result<Tensor> {
 ///
 /// # Shapes
 /// `like`: any → (d, d)
+///
+/// # Errors
+/// Shapes the operation cannot take (a Candle error).
 pub fn eye_like(d: usize, like: &Tensor) -> Result<Tensor> {
     Ok(Tensor::eye(d, like.dtype(), like.device())?)
 }
@@ -81,6 +87,9 @@ fn tril_mask(d: usize, dtype: DType, device: &Device) -> Result<Tensor> {
 ///
 /// # Shapes
 /// `matrices`: (..., d, d) → (..., d, d)
+///
+/// # Errors
+/// A tensor that is not a batch of square matrices of the documented rank.
 pub fn tril(matrices: &Tensor) -> Result<Tensor> {
     let d = square_dim(matrices, "tril: matrices", None)?;
     let mask = tril_mask(d, matrices.dtype(), matrices.device())?;
@@ -91,6 +100,9 @@ pub fn tril(matrices: &Tensor) -> Result<Tensor> {
 ///
 /// # Shapes
 /// `matrices`: (..., d, d) → (..., d, d)
+///
+/// # Errors
+/// A tensor that is not a batch of square matrices of the documented rank.
 pub fn strict_tril(matrices: &Tensor) -> Result<Tensor> {
     let d = square_dim(matrices, "strict_tril: matrices", None)?;
     let mask = (tril_mask(d, matrices.dtype(), matrices.device())? - eye_like(d, matrices)?)?;
@@ -101,6 +113,9 @@ pub fn strict_tril(matrices: &Tensor) -> Result<Tensor> {
 ///
 /// # Shapes
 /// `matrices`: (..., d, d) → (..., d, d)
+///
+/// # Errors
+/// A tensor that is not a batch of square matrices of the documented rank.
 pub fn symmetrize(matrices: &Tensor) -> Result<Tensor> {
     square_dim(matrices, "symmetrize: matrices", None)?;
     Ok(((matrices + transpose(matrices)?)? * 0.5)?)
@@ -110,6 +125,9 @@ pub fn symmetrize(matrices: &Tensor) -> Result<Tensor> {
 ///
 /// # Shapes
 /// `matrices`: (Z, d, d) → (Z, d)
+///
+/// # Errors
+/// A tensor that is not a batch of square matrices of the documented rank.
 pub fn diagonal(matrices: &Tensor) -> Result<Tensor> {
     let d = square_dim(matrices, "diagonal: matrices", None)?;
     Ok(matrices
@@ -121,6 +139,9 @@ pub fn diagonal(matrices: &Tensor) -> Result<Tensor> {
 ///
 /// # Shapes
 /// `diagonals`: (Z, d) → (Z, d, d)
+///
+/// # Errors
+/// Shapes the operation cannot take (a Candle error).
 pub fn diag_embed(diagonals: &Tensor) -> Result<Tensor> {
     let d = diagonals.dim(D::Minus1)?;
     Ok(diagonals
@@ -132,6 +153,9 @@ pub fn diag_embed(diagonals: &Tensor) -> Result<Tensor> {
 ///
 /// # Shapes
 /// `matrices`: (Z, d, d) → (Z)
+///
+/// # Errors
+/// Shapes the operation cannot take (a Candle error).
 pub fn trace(matrices: &Tensor) -> Result<Tensor> {
     Ok(diagonal(matrices)?.sum(D::Minus1)?)
 }
@@ -141,6 +165,9 @@ pub fn trace(matrices: &Tensor) -> Result<Tensor> {
 ///
 /// # Shapes
 /// `a`: (..., m, k), `b`: (..., k, n) → (..., m, n)
+///
+/// # Errors
+/// Shapes the operation cannot take (a Candle error).
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(a.contiguous()?.matmul(&b.contiguous()?)?)
 }
@@ -149,6 +176,9 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 ///
 /// # Shapes
 /// `a`: (Z, m, n) → (Z, m, m)
+///
+/// # Errors
+/// A tensor that is not a batch of square matrices of the documented rank.
 pub fn gram(a: &Tensor) -> Result<Tensor> {
     matmul(a, &transpose(a)?)
 }
@@ -168,6 +198,9 @@ const TRIL_INVERSE_BLOCK: usize = 8;
 ///
 /// # Shapes
 /// `lower`: (Z, d, d) → (Z, d, d)
+///
+/// # Errors
+/// A tensor that is not a batch of square matrices of the documented rank.
 pub fn tril_inverse(lower: &Tensor) -> Result<Tensor> {
     let d = square_dim(lower, "tril_inverse: lower", Some(3))?;
     tril_inverse_rec(lower, d)

@@ -1,12 +1,37 @@
 //! cholesky, expm and direct: full (Z, d, d) precisions in tensor ops, with the width floor
 //! of the module docs.
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
+use super::stats_op::{PrecisionStat, Stat, StatMap};
 use super::{maps, Precision};
 use crate::config::Parameterization;
 use crate::error::Result;
 use crate::linalg;
+
+/// The fused statistic op where it applies: a full precision without a width floor, f32 or
+/// f64 on the CPU, not on the portable path.
+fn fused_stat(precision: &Precision, stat: Stat) -> Result<Option<Tensor>> {
+    let config = precision.config();
+    let raw = precision.raw();
+    let fused = !config.portable
+        && config.width_floor.is_none()
+        && raw.device().is_cpu()
+        && matches!(raw.dtype(), DType::F32 | DType::F64);
+    if !fused {
+        return Ok(None);
+    }
+    let map = match config.parameterization {
+        Parameterization::Cholesky => StatMap::Cholesky {
+            positive_map: config.positive_map,
+            floor: config.factor_diag_floor,
+        },
+        Parameterization::Direct => StatMap::Direct,
+        Parameterization::Expm => StatMap::Expm,
+        _ => return Ok(None),
+    };
+    Ok(Some(raw.apply_op1(PrecisionStat { stat, map })?))
+}
 
 /// The base Cholesky factor `L` (no width floor) of a cholesky precision:
 /// `tril(raw, −1) + diag(map(diag raw) + floor)`.
@@ -109,6 +134,9 @@ fn two_sum_log_diagonal(lower: &Tensor) -> Result<Tensor> {
 
 /// `log det P_eff` per neuron.
 pub(super) fn log_det_precision(precision: &Precision) -> Result<Tensor> {
+    if let Some(value) = fused_stat(precision, Stat::LogDetPrecision)? {
+        return Ok(value);
+    }
     let base = match precision.parameterization() {
         Parameterization::Expm => linalg::trace(precision.raw())?,
         _ => two_sum_log_diagonal(&base_lower(precision)?)?,
@@ -126,6 +154,9 @@ pub(super) fn log_det_precision(precision: &Precision) -> Result<Tensor> {
 
 /// `tr S_eff` per neuron.
 pub(super) fn trace_covariance(precision: &Precision) -> Result<Tensor> {
+    if let Some(value) = fused_stat(precision, Stat::TraceCovariance)? {
+        return Ok(value);
+    }
     let base = match precision.parameterization() {
         Parameterization::Expm => {
             linalg::trace_expm_symmetric(&linalg::symmetrize(precision.raw())?.neg()?)?
@@ -142,6 +173,9 @@ pub(super) fn trace_covariance(precision: &Precision) -> Result<Tensor> {
 
 /// `tr P_eff` per neuron.
 pub(super) fn trace_precision(precision: &Precision) -> Result<Tensor> {
+    if let Some(value) = fused_stat(precision, Stat::TracePrecision)? {
+        return Ok(value);
+    }
     match (precision.parameterization(), precision.config().width_floor) {
         (Parameterization::Direct, None) => linalg::trace(precision.raw()),
         (Parameterization::Cholesky, None) => Ok(cholesky_factor(precision)?.sqr()?.sum((1, 2))?),

@@ -58,6 +58,19 @@ impl Precision {
                     .map(|n| (scale * (1.0 + eps * n)).ln())
                     .collect()
             }
+            // θ as for diag; U = √scale · 0.1 · N: a small low-rank term with a gradient (at
+            // U = 0 the gradient of m2 with respect to U, 2 δ δᵀ U, would vanish).
+            Parameterization::LowRank { rank } => {
+                let noise = noise(config, z * d * (rank + 1), device)?;
+                noise
+                    .chunks_exact(rank + 1)
+                    .flat_map(|row| {
+                        let theta = (scale * (1.0 + eps * row[0])).ln();
+                        std::iter::once(theta)
+                            .chain(row[1..].iter().map(move |n| scale.sqrt() * 0.1 * n))
+                    })
+                    .collect()
+            }
             _ => {
                 let noise = noise(config, z * d * d, device)?;
                 // The initial P is the base precision: no width floor in the inverse map.

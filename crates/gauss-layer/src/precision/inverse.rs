@@ -130,6 +130,7 @@ pub(super) fn raw_from_precision_block(
         .flat_map(|i| (0..d).filter(move |&j| j != i).map(move |j| (i, j)))
         .fold(0.0f64, |m, (i, j)| m.max(block[i * d + j].abs()));
     match config.parameterization {
+        Parameterization::LowRank { rank } => low_rank_block(block, d, rank, neuron, tolerance),
         Parameterization::Direct => Ok(block.to_vec()),
         Parameterization::Cholesky => {
             let mut raw = host::cholesky_lower(block, d).ok_or_else(|| not_pd(block))?;
@@ -191,4 +192,56 @@ pub(super) fn raw_from_precision_block(
             Ok(vec![mean.ln()])
         }
     }
+}
+
+/// lowrank's raw block (d, r + 1) for `P = δ I + Q_r (Λ_r − δ) Q_rᵀ`: the r largest
+/// eigenpairs over an isotropic rest δ (the probabilistic-PCA form). Exact when `r ≥ d`
+/// (δ is half the smallest eigenvalue) or when P's `d − r` smallest eigenvalues are equal
+/// (within `tolerance`); any other `P` is an error naming the spread.
+fn low_rank_block(
+    block: &[f64],
+    d: usize,
+    rank: usize,
+    neuron: usize,
+    tolerance: f64,
+) -> Result<Vec<f64>> {
+    let (eigenvalues, vectors) = host::symmetric_eigen(&host::symmetric_block(block, d))?;
+    if !is_positive(eigenvalues[0]) {
+        return Err(GaussError::NotPositiveDefinite {
+            neuron,
+            min_eigenvalue: eigenvalues[0],
+        });
+    }
+    let rest = d.saturating_sub(rank);
+    let delta = if rest == 0 {
+        eigenvalues[0] / 2.0
+    } else {
+        let tail = &eigenvalues[..rest];
+        let mean = tail.iter().sum::<f64>() / rest as f64;
+        let spread = tail.iter().fold(0f64, |m, l| m.max((l - mean).abs()));
+        let largest = eigenvalues[d - 1];
+        if spread > tolerance * largest {
+            return Err(GaussError::config(
+                "parameterization",
+                format!(
+                    "neuron {neuron}: lowrank:{rank} represents P as δ·I plus rank {rank}, but P's {rest} smallest eigenvalues spread over [{:e}, {:e}] (not one δ); use a rank of at least {d} for an exact copy",
+                    tail[0],
+                    tail[rest - 1]
+                ),
+            ));
+        }
+        mean
+    };
+    let mut raw = vec![0f64; d * (rank + 1)];
+    for i in 0..d {
+        raw[i * (rank + 1)] = delta.ln();
+    }
+    // The top eigenpairs fill U's columns (zero columns when rank > d).
+    for (column, k) in (rest..d).rev().enumerate() {
+        let scale = (eigenvalues[k] - delta).max(0.0).sqrt();
+        for i in 0..d {
+            raw[i * (rank + 1) + 1 + column] = vectors[(i, k)] * scale;
+        }
+    }
+    Ok(raw)
 }

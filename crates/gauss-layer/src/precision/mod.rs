@@ -8,6 +8,7 @@
 //! | expm | `A` (Z, d, d) | `expm((A + Aᵀ)/2)` |
 //! | diag | `θ` (Z, d) | `diag(exp θ)` |
 //! | sphere | `θ` (Z) | `exp(θ) I` |
+//! | lowrank (rank r) | `[θ | U]` (Z, d, r + 1) | `diag(exp θ) + U Uᵀ` |
 //!
 //! Everything here is Candle tensor ops in the raw tensor's dtype, so it runs and
 //! differentiates on every device; only [`Precision::from_precision_matrix`] and the initial
@@ -45,7 +46,9 @@ mod diagonal;
 mod full;
 mod init;
 mod inverse;
+pub(crate) mod low_rank;
 pub(crate) mod maps;
+mod stats_op;
 
 /// The precision matrices of a layer's Z neurons over d inputs, in one parameterization.
 #[derive(Clone, Debug)]
@@ -94,6 +97,7 @@ impl Precision {
             let expected = match parameterization {
                 Parameterization::Diag => format!("(Z, {dim})"),
                 Parameterization::Sphere => "(Z)".to_string(),
+                Parameterization::LowRank { rank } => format!("(Z, {dim}, {})", rank + 1),
                 _ => format!("(Z, {dim}, {dim})"),
             };
             return Err(GaussError::shape(
@@ -107,7 +111,8 @@ impl Precision {
 
     /// The VarBuilder / checkpoint name of the raw tensor for a parameterization:
     /// `precision_factor` (cholesky), `precision` (direct), `precision_log` (expm),
-    /// `precision_log_diag` (diag), `precision_log_scale` (sphere).
+    /// `precision_log_diag` (diag), `precision_log_scale` (sphere), `precision_low_rank`
+    /// (lowrank).
     pub fn tensor_name(parameterization: Parameterization) -> &'static str {
         match parameterization {
             Parameterization::Cholesky => "precision_factor",
@@ -115,6 +120,7 @@ impl Precision {
             Parameterization::Expm => "precision_log",
             Parameterization::Diag => "precision_log_diag",
             Parameterization::Sphere => "precision_log_scale",
+            Parameterization::LowRank { .. } => "precision_low_rank",
         }
     }
 
@@ -126,6 +132,7 @@ impl Precision {
             }
             Parameterization::Diag => vec![z, d],
             Parameterization::Sphere => vec![z],
+            Parameterization::LowRank { rank } => vec![z, d, rank + 1],
         }
     }
 
@@ -174,6 +181,11 @@ impl Precision {
         self.raw.dims()[0]
     }
 
+    /// Whether `P` is diagonal plus low rank (lowrank).
+    pub(crate) fn is_low_rank(&self) -> bool {
+        matches!(self.parameterization(), Parameterization::LowRank { .. })
+    }
+
     /// Whether `P` is diagonal (diag, sphere): such precisions are handled as (Z, d)
     /// diagonals and never as (Z, d, d) matrices.
     pub(crate) fn is_diagonal(&self) -> bool {
@@ -184,7 +196,7 @@ impl Precision {
     }
 
     /// A factor `F` with `P = F Fᵀ` where one is cheap: cholesky (`L`, lower triangular),
-    /// expm (`expm(A/2)`), diag/sphere (diagonal); `None` for direct. With a width floor it
+    /// expm (`expm(A/2)`), diag/sphere (diagonal); `None` for direct and lowrank. With a width floor it
     /// is the factor of the effective precision (see the module docs).
     ///
     /// # Shapes
@@ -193,6 +205,9 @@ impl Precision {
     /// # Errors
     /// Candle errors; for expm an overflowing exponential ([`GaussError::Numerical`]).
     pub fn factor(&self) -> Result<Option<Tensor>> {
+        if self.is_low_rank() {
+            return Ok(None);
+        }
         if self.is_diagonal() {
             let p = diagonal::effective_diagonal(self)?;
             return Ok(Some(linalg::diag_embed(&p.sqrt()?)?));
@@ -222,6 +237,9 @@ impl Precision {
     /// # Errors
     /// Candle errors; for expm an overflowing exponential.
     pub fn precision_matrix(&self) -> Result<Tensor> {
+        if self.is_low_rank() {
+            return low_rank::precision_matrix(self);
+        }
         if self.is_diagonal() {
             return linalg::diag_embed(&diagonal::effective_diagonal(self)?);
         }
@@ -237,6 +255,9 @@ impl Precision {
     /// # Errors
     /// Candle errors; for expm an overflowing exponential.
     pub fn covariance_matrix(&self) -> Result<Tensor> {
+        if self.is_low_rank() {
+            return low_rank::covariance_matrix(self);
+        }
         if self.is_diagonal() {
             return linalg::diag_embed(&diagonal::effective_variance(self)?);
         }
@@ -252,6 +273,9 @@ impl Precision {
     /// # Errors
     /// Candle errors; for expm with a width floor an overflowing exponential.
     pub fn log_det_precision(&self) -> Result<Tensor> {
+        if self.is_low_rank() {
+            return low_rank::log_det_precision(self);
+        }
         if self.is_diagonal() {
             return diagonal::log_det_precision(self);
         }
@@ -267,6 +291,9 @@ impl Precision {
     /// # Errors
     /// Candle errors; for expm an overflowing exponential.
     pub fn trace_covariance(&self) -> Result<Tensor> {
+        if self.is_low_rank() {
+            return low_rank::trace_covariance(self);
+        }
         if self.is_diagonal() {
             return Ok(diagonal::effective_variance(self)?.sum(1)?);
         }
@@ -281,6 +308,9 @@ impl Precision {
     /// # Errors
     /// Candle errors; for expm an overflowing exponential.
     pub fn trace_precision(&self) -> Result<Tensor> {
+        if self.is_low_rank() {
+            return low_rank::trace_precision(self);
+        }
         if self.is_diagonal() {
             return Ok(diagonal::effective_diagonal(self)?.sum(1)?);
         }

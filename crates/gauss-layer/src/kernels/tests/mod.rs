@@ -8,12 +8,12 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 
 use super::conditioning::Conditioning;
-use super::cpu::Sizes;
 use super::distance_op::{self, FusedPlan};
 use super::expanded::Source;
 use super::factors::FactorMap;
 use super::{diagonal, expanded, layer_op, Operand};
 use crate::config::{DistanceKernel, PositiveMap};
+use crate::cpu::Sizes;
 use crate::error::GaussError;
 use crate::precision::Precision;
 

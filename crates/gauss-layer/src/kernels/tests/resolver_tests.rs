@@ -1,85 +1,105 @@
 use super::*;
 
-/// The dispatcher through every parameterization (with and without a width floor) against
-/// the naive kernel: values and gradients to x, centers and the raw precision parameter.
+/// The resolver through every parameterization (with and without a width floor), on the
+/// default and the portable path, against the naive kernel: values and gradients to x,
+/// centers and the raw precision parameter.
 #[test]
 fn dispatcher_agrees_with_naive_for_every_parameterization() -> TestResult {
-    use crate::config::{DistanceKernel, GaussLayerConfig, Parameterization};
+    use crate::config::{GaussLayerConfig, Parameterization};
     use crate::kernels::ResolvedKernel;
     use crate::precision::Precision;
     let (batch, dim, neurons) = (23, 5, 7);
     for parameterization in Parameterization::ALL {
         for width_floor in [None, Some(0.5)] {
-            let config = GaussLayerConfig {
-                parameterization,
-                width_floor,
-                ..Default::default()
-            };
-            let c = case(17, batch, dim, neurons, 3.0);
-            let mut rng = StdRng::seed_from_u64(117);
-            let raw_shape = Precision::raw_shape(parameterization, neurons, dim);
-            let mut raw = normal(&mut rng, &raw_shape, 0.3);
-            if parameterization == Parameterization::Direct {
-                // A clearly positive definite P for the direct form.
-                raw = precision_of(&c)?;
+            if width_floor.is_some() && matches!(parameterization, Parameterization::LowRank { .. })
+            {
+                continue; // a config error for lowrank
             }
-            let upstream = normal(&mut rng, &[batch, neurons], 1.0);
-            let run = |kernel: DistanceKernel| {
-                gradients(
-                    |x, center, raw| {
-                        let precision = Precision::from_raw(raw.clone(), dim, &config)?;
-                        mahalanobis_sq(x, center, &precision, kernel, false)
-                    },
-                    [&c.x, &c.center, &raw],
-                    &upstream,
-                )
-            };
-            let precision = Precision::from_raw(raw.clone(), dim, &config)?;
-            let resolved = resolve_kernel(&c.x, &c.center, &precision, DistanceKernel::Auto)?;
-            // Centers of norm 3 with these widths pass the conditioning check: the factor
-            // and matrix forms take the fused expanded op (its forward at full tiles for d = 5).
-            let expected_kernel = match parameterization {
-                Parameterization::Cholesky | Parameterization::Expm | Parameterization::Direct => {
-                    ResolvedKernel::ExpandedFused
-                }
-                _ => ResolvedKernel::DiagonalFused,
-            };
-            assert_eq!(
-                resolved, expected_kernel,
-                "{parameterization} {width_floor:?}"
-            );
-            for forced in [DistanceKernel::Projected, DistanceKernel::Expanded] {
-                let Ok(kernel) = resolve_kernel(&c.x, &c.center, &precision, forced) else {
-                    continue;
+            for portable in [false, true] {
+                let config = GaussLayerConfig {
+                    parameterization,
+                    width_floor,
+                    portable,
+                    ..Default::default()
                 };
-                let is_expanded = matches!(
-                    kernel,
-                    ResolvedKernel::ExpandedFused | ResolvedKernel::ExpandedTensorOps
-                );
-                if !matches!(kernel, ResolvedKernel::DiagonalFused) {
-                    assert_eq!(
-                        is_expanded,
-                        forced == DistanceKernel::Expanded,
-                        "{kernel:?}"
-                    );
+                let what = format!("{parameterization} {width_floor:?} portable {portable}");
+                let c = case(17, batch, dim, neurons, 3.0);
+                let mut rng = StdRng::seed_from_u64(117);
+                let raw_shape = Precision::raw_shape(parameterization, neurons, dim);
+                let mut raw = normal(&mut rng, &raw_shape, 0.3);
+                if parameterization == Parameterization::Direct {
+                    // A clearly positive definite P for the direct form.
+                    raw = precision_of(&c)?;
                 }
-            }
-            let auto = mahalanobis_sq(&c.x, &c.center, &precision, DistanceKernel::Auto, false)?;
-            let naive = mahalanobis_sq(&c.x, &c.center, &precision, DistanceKernel::Naive, false)?;
-            let err = max_relative_error(&auto, &naive, 1.0);
-            assert!(
-                err < 1e-9,
-                "{parameterization} {width_floor:?}: m2 error {err:e}"
-            );
-            let fast = run(DistanceKernel::Auto)?;
-            let slow = run(DistanceKernel::Naive)?;
-            for (name, (a, b)) in ["x", "center", "raw"].iter().zip(fast.iter().zip(&slow)) {
-                let scale = b.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-12);
-                let err = max_relative_error(a, b, scale);
-                assert!(
-                    err < 1e-8,
-                    "{parameterization} {width_floor:?}: ∂{name} error {err:e}"
-                );
+                let upstream = normal(&mut rng, &[batch, neurons], 1.0);
+                let run = |kernel: DistanceKernel| {
+                    gradients(
+                        |x, center, raw| {
+                            let precision = Precision::from_raw(raw.clone(), dim, &config)?;
+                            mahalanobis_sq(x, center, &precision, kernel, portable)
+                        },
+                        [&c.x, &c.center, &raw],
+                        &upstream,
+                    )
+                };
+                let precision = Precision::from_raw(raw.clone(), dim, &config)?;
+                let resolved = super::super::resolve(
+                    &c.x,
+                    &c.center,
+                    &precision,
+                    DistanceKernel::Auto,
+                    portable,
+                )?
+                .kernel;
+                // Centers of norm 3 with these widths pass the conditioning check on the
+                // default path: the factor and matrix forms take the fused expanded op (its
+                // forward at full tiles for d = 5). The portable path reads no data to decide.
+                let expected_kernel = match (parameterization, portable) {
+                    (Parameterization::Diag | Parameterization::Sphere, false) => {
+                        ResolvedKernel::DiagonalFused
+                    }
+                    (Parameterization::Diag | Parameterization::Sphere, true) => {
+                        ResolvedKernel::DiagonalTensorOps
+                    }
+                    (Parameterization::LowRank { .. }, false) => ResolvedKernel::LowRankFused,
+                    (Parameterization::LowRank { .. }, true) => ResolvedKernel::LowRankTensorOps,
+                    (_, false) => ResolvedKernel::ExpandedFused,
+                    (Parameterization::Direct, true) => ResolvedKernel::Naive,
+                    (_, true) => ResolvedKernel::ProjectedTensorOps,
+                };
+                assert_eq!(resolved, expected_kernel, "{what}");
+                for forced in [DistanceKernel::Projected, DistanceKernel::Expanded] {
+                    let Ok(kernel) = resolve_kernel(&c.x, &c.center, &precision, forced) else {
+                        continue;
+                    };
+                    let is_expanded = matches!(
+                        kernel,
+                        ResolvedKernel::ExpandedFused | ResolvedKernel::ExpandedTensorOps
+                    );
+                    if !matches!(
+                        kernel,
+                        ResolvedKernel::DiagonalFused | ResolvedKernel::DiagonalTensorOps
+                    ) {
+                        assert_eq!(
+                            is_expanded,
+                            forced == DistanceKernel::Expanded,
+                            "{kernel:?}"
+                        );
+                    }
+                }
+                let auto =
+                    mahalanobis_sq(&c.x, &c.center, &precision, DistanceKernel::Auto, portable)?;
+                let naive =
+                    mahalanobis_sq(&c.x, &c.center, &precision, DistanceKernel::Naive, portable)?;
+                let err = max_relative_error(&auto, &naive, 1.0);
+                assert!(err < 1e-9, "{what}: m2 error {err:e}");
+                let fast = run(DistanceKernel::Auto)?;
+                let slow = run(DistanceKernel::Naive)?;
+                for (name, (a, b)) in ["x", "center", "raw"].iter().zip(fast.iter().zip(&slow)) {
+                    let scale = b.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-12);
+                    let err = max_relative_error(a, b, scale);
+                    assert!(err < 1e-8, "{what}: ∂{name} error {err:e}");
+                }
             }
         }
     }
