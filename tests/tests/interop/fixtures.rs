@@ -132,8 +132,8 @@ fn reproducible(case: &Case) -> bool {
 #[test]
 fn error_table_every_manifest_case_reproduces_the_original() -> Result<()> {
     let mut table = vec![
-        "| case | dtype | out | g0 | g1 |".to_string(),
-        "|---|---|---|---|---|".to_string(),
+        "| case | dtype | out | g0 | g1 | P0 | P1 |".to_string(),
+        "|---|---|---|---|---|---|---|".to_string(),
     ];
     let mut failures = Vec::new();
     for case in manifest()?.iter().filter(|c| reproducible(c)) {
@@ -143,6 +143,15 @@ fn error_table_every_manifest_case_reproduces_the_original() -> Result<()> {
             let errs = errors(&net, &r, dtype)?;
             let mut row = format!("| {} | {dtype:?} |", case.name);
             for e in &errs {
+                row.push_str(&format!(" {e:.1e} |"));
+            }
+            if errs.len() < 3 {
+                row.push_str(" — |");
+            }
+            // The effective precisions in this dtype (information: the outputs are the test).
+            for (i, layer) in net.layers().iter().enumerate() {
+                let p = layer.precision().precision_matrix()?.to_dtype(DType::F64)?;
+                let e = relative_error(&p, get(&r, &format!("P{i}"))?)?;
                 row.push_str(&format!(" {e:.1e} |"));
             }
             if errs.len() < 3 {

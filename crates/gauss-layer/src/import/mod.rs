@@ -48,8 +48,8 @@
 //!
 //! | `covar_type` | `inv_covars` | original `q` (HEAD) | `P` here | stored as |
 //! |---|---|---|---|---|
-//! | `sphere` | (Z) | `Σ_i |δ_i|² · clamp(A)²` | `2·clamp(A)²·I` | sphere, `θ = ln P` |
-//! | `diag` | (Z, d) | `Σ_i (|δ_i| · (clamp(A_i)²)^{1/2})²` | `diag(2·clamp(A)²)` | diag, `θ = ln P` |
+//! | `sphere` | (Z) | `Σ_i δ_i² · clamp(A)²` | `2·clamp(A)²·I` | sphere, `θ = ln P` |
+//! | `diag` | (Z, d) | `Σ_i (abs(δ_i) · (clamp(A_i)²)^{1/2})²` | `diag(2·clamp(A)²)` | diag, `θ = ln P` |
 //! | `full` | (Z, d, d) | `einsum('lzi,zik,lzk->lz', δ, A, δ) = δᵀ A δ` | `A + Aᵀ` | direct, raw `2A` |
 //! | `chol` | (Z, d, d) | `einsum('xzi,zij,zkj,xzk->xz', δ, L, L, δ) = δᵀ L Lᵀ δ`, `L = tril(A)` | `2·L·Lᵀ` | cholesky (its factor, positive diagonal) |
 //!
@@ -67,7 +67,7 @@
 //! | `non_lin=True`: `l = tanh(x Wᵀ + b)` | [`crate::GaussLayerConfig::tanh`] of the hidden layers (and of a lone layer) | off (`non_lin=False`) |
 //! | `Feedforward_FGN_net` removes `non_lin` for `fl` (`kwargs2.pop('non_lin')`) | the output layer never gets `tanh` | always |
 //! | `free_biases=False`: `b = −Σ_i W_zi c_zi` recomputed on every forward (`update_biases_from_centers`) | [`crate::GaussLayerConfig::tied_bias`] `b = −W·c`; the stored `biases` are ignored | free (`free_biases=True`) |
-//! | `ordinal=p`: `Σ_i |δ_i|^p` | only `p = 2` is a Gaussian; anything else is an error | 2 |
+//! | `ordinal=p`: `Σ_i abs(δ_i)^p` | only `p = 2` is a Gaussian; anything else is an error | 2 |
 //! | net forward: `g ← g · max_k prev_g[k]` (`FGN_layer.forward`, "apply prev_g gate"; passed between layers since September 2020) | [`crate::GaussNetConfig::gate`] | on |
 //! | `drop_p > 0`: a `Dropout` at `hidden_layers.0` and after every hidden batch norm | [`FgnNetLayout::dropout`] (module indices shift; dropout has no tensors, is the identity in eval, and its `p` is not stored: the imported net has `dropout = 0`) | inferred from the indices |
 //! | `BatchNorm1d` (`eps = 1e-5`) after every hidden FGN layer, `ib` on the input | batch norms, read when their tensors are present (an `nn.Identity` in their place has none) | `eps = 1e-5` ([`FgnNetLayout::batch_norm_eps`]) |
