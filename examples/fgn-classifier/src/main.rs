@@ -10,6 +10,8 @@
 mod data;
 mod evaluate;
 mod init;
+mod interop;
+mod predict;
 mod train;
 
 use std::collections::BTreeMap;
@@ -53,6 +55,12 @@ enum Command {
     Train(TrainArgs),
     /// Evaluate a saved FGN checkpoint.
     Eval(EvalArgs),
+    /// Import a network of the original PyTorch FGN code (a safetensors state dict).
+    Import(interop::ImportArgs),
+    /// Convert a classical Feedforward_Classic_net state dict as the original does.
+    Convert(interop::ConvertArgs),
+    /// Run a checkpoint on `x` of a safetensors file; write `output` and each layer's `g{i}`.
+    Predict(predict::PredictArgs),
 }
 
 #[derive(clap::Args)]
@@ -304,6 +312,9 @@ fn main() {
     let result = match cli.command {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
+        Command::Import(args) => interop::import(args),
+        Command::Convert(args) => interop::convert(args),
+        Command::Predict(args) => predict::predict(args),
     };
     match result {
         Ok(value) => println!("{value}"),

@@ -5,7 +5,7 @@
 use anyhow::Result;
 use candle_core::{DType, Module, D};
 use candle_nn::Linear;
-use gauss_layer::convert::{linear_to_gauss_layer, mlp_to_gauss_net, ConvertOptions};
+use gauss_layer::convert::{linear_to_gauss_layer, mlp_to_gauss_net, ConvertOptions, InitialWidth};
 use gauss_layer::Parameterization;
 
 use gauss_tests::randn;
@@ -25,7 +25,7 @@ fn converted_layer_matches_near_the_data_and_centers_lie_on_zero_lines() -> Resu
     for parameterization in Parameterization::ALL {
         let options = ConvertOptions {
             parameterization,
-            precision_scale: scale,
+            width: InitialWidth::PrecisionScale(scale),
             ..Default::default()
         };
         let layer = linear_to_gauss_layer(&lin, &options)?;
@@ -68,7 +68,7 @@ fn converted_tanh_mlp_matches_the_classical_one_near_the_data() -> Result<()> {
     let layers = vec![linear(4, 8)?, linear(8, 3)?];
     let x = randn(&[16, 4], 1.0)?;
     let options = ConvertOptions {
-        precision_scale: 1e-6,
+        width: InitialWidth::PrecisionScale(1e-6),
         tanh: true,
         ..Default::default()
     };
@@ -80,5 +80,36 @@ fn converted_tanh_mlp_matches_the_classical_one_near_the_data() -> Result<()> {
     // Each Gaussian is within ~1e-6·|x-c|²/2 of 1: a relative error of order 1e-4 here.
     assert!(diff / scale < 1e-3, "relative difference {}", diff / scale);
     assert_eq!(y.dtype(), DType::F64);
+    Ok(())
+}
+
+#[test]
+fn original_rule_sets_each_layers_width_from_its_own_size() -> Result<()> {
+    // convert_classic_to_fgn: inv_covars = 1/(init_factor·Z) per layer, read as P = 2σ²·I
+    // (sphere, diag, chol) or A + Aᵀ = 2σ·I (full). Layers of 8 and 3 neurons, init_factor 4.
+    use gauss_layer::import::FgnCovarType;
+    let layers = vec![linear(5, 8)?, linear(8, 3)?];
+    for covar_type in FgnCovarType::ALL {
+        let options = ConvertOptions::fgn_original(covar_type, 4.0);
+        let net = mlp_to_gauss_net(&layers, &options)?;
+        assert_eq!(
+            net.layers()[0].config().parameterization,
+            covar_type.parameterization()
+        );
+        assert!(net.layers()[0].config().tanh && !net.layers()[1].config().tanh);
+        for (layer, z) in net.layers().iter().zip([8.0f64, 3.0]) {
+            let sigma = 1.0 / (4.0 * z);
+            let expected = match covar_type {
+                FgnCovarType::Full => 2.0 * sigma,
+                _ => 2.0 * sigma * sigma,
+            };
+            let p = layer.precision().precision_matrix()?;
+            let d = layer.in_features();
+            let eye = candle_core::Tensor::eye(d, DType::F64, &candle_core::Device::Cpu)?;
+            let want = (eye * expected)?.unsqueeze(0)?.broadcast_as(p.dims())?;
+            let err = gauss_layer::testing::relative_error(&p, &want.contiguous()?)?;
+            assert!(err < 1e-12, "{covar_type}: P differs by {err}");
+        }
+    }
     Ok(())
 }

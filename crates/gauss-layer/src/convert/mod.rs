@@ -1,0 +1,282 @@
+//! Classical → Gaussian conversion (FGN paper): a trained `candle_nn::Linear` keeps its `W` and
+//! `b`; each neuron's center goes on its zero line, `c = -b·w/|w|²` (the point of the
+//! hyperplane `w·x + b = 0` closest to the origin), and its Gaussian starts wide. Then
+//! `y = (Wx + b)·g` with `g ≈ 1` near the data: the converted layer computes what the linear
+//! layer did there, up to a relative error `1 - g ≤ m2/2`, and fades to 0 far away. Retrain
+//! afterwards (cross-entropy plus the λ-loss) to shrink the Gaussians onto the data.
+//!
+//! How wide the Gaussians start ([`InitialWidth`]):
+//! - [`InitialWidth::PrecisionScale`]: `P = scale · I` in every layer (default `1e-3`);
+//! - [`InitialWidth::FgnOriginal`]: the rule of the original PyTorch `convert_classic_to_fgn`
+//!   (grezesf/FGN---Research, `Finite_Gaussian_Network_lib/convert_classic_to_fgn.py`, HEAD
+//!   2399b1d), per layer from that layer's number of neurons Z. The original fills
+//!   `inv_covars` with `σ = 1/(init_factor·Z)` (`default_sigma = init_factor*out_features`,
+//!   `default_inv_covar = 1/default_sigma`; `init_factor` 10 by default) and reads it with
+//!   its forward's conventions (see [`crate::import`]), so here
+//!
+//!   | `covar_type` | original `inv_covars` | `P` here |
+//!   |---|---|---|
+//!   | `sphere` | `σ` (Z) | `2σ²·I` |
+//!   | `diag` | `σ` (Z, d) | `2σ²·I` |
+//!   | `full` | `σ·I` (Z, d, d) | `A + Aᵀ = 2σ·I` (the special case: not squared) |
+//!   | `chol` | `σ·I` (Z, d, d) | `2·σI·σI = 2σ²·I` |
+//!
+//!   with the original's centers `(−b/(w·w))·w` (identical to [`zero_line_centers`]) and its
+//!   weights and biases unchanged. [`ConvertOptions::fgn_original`] also sets what the
+//!   original's FGN net does: `tanh` on the hidden layers (`non_lin`, matching the classical
+//!   net's `tanh`), none on the final layer, and gating.
+//!
+//! A converted MLP matches the classical one when the classical hidden activation was `tanh`
+//! (use [`ConvertOptions::tanh`]); a ReLU MLP converts only approximately (the Gaussian layer
+//! has no ReLU), so retrain it. A whole `Feedforward_Classic_net` state dict (input batch
+//! norm, linear layers, batch norms) converts with [`classic_net_from_tensors`] or
+//! [`convert_classic_net`], which keep its batch norms as the original does.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use gauss_layer::convert::{linear_to_gauss_layer, ConvertOptions, InitialWidth};
+//!
+//! let w = Tensor::new(&[[1.0f32, 2.0], [0.5, -1.0]], &Device::Cpu)?;
+//! let b = Tensor::new(&[0.5f32, -1.0], &Device::Cpu)?;
+//! let linear = candle_nn::Linear::new(w, Some(b));
+//! let options = ConvertOptions { width: InitialWidth::PrecisionScale(1e-3), ..Default::default() };
+//! let layer = linear_to_gauss_layer(&linear, &options)?;
+//! assert_eq!(layer.center().dims(), &[2, 2]);
+//! # Ok::<(), gauss_layer::GaussError>(())
+//! ```
+
+mod classic;
+
+use candle_core::{Tensor, D};
+use candle_nn::Linear;
+
+use crate::config::{GaussLayerConfig, Parameterization};
+use crate::error::{GaussError, Result};
+use crate::import::FgnCovarType;
+use crate::layer::GaussLayer;
+use crate::net::{GaussNet, GaussNetConfig};
+use crate::precision::Precision;
+
+pub use classic::{classic_net_from_tensors, convert_classic_net};
+
+/// How wide the converted Gaussians start (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum InitialWidth {
+    /// `P = scale · I` in every layer. Small means wide: pick it well below `1 / E|x - c|²`
+    /// over your data so that `g ≈ 1` there.
+    PrecisionScale(f64),
+    /// The original `convert_classic_to_fgn` rule: per layer `σ = 1/(init_factor·Z)`,
+    /// `P = 2σ²·I` (sphere, diag, chol) or `2σ·I` (full).
+    FgnOriginal {
+        /// The original's `init_factor` (its default is 10).
+        init_factor: f64,
+        /// The original FGN net's `covar_type`, which decides the formula.
+        covar_type: FgnCovarType,
+    },
+}
+
+impl InitialWidth {
+    /// The diagonal value of `P` for a layer of `z` neurons.
+    ///
+    /// # Errors
+    /// [`GaussError::InvalidConfig`] when the scale or `init_factor` is not finite and
+    /// positive.
+    pub fn precision_scale(&self, z: usize) -> Result<f64> {
+        let scale = match *self {
+            InitialWidth::PrecisionScale(scale) => scale,
+            InitialWidth::FgnOriginal {
+                init_factor,
+                covar_type,
+            } => {
+                if !init_factor.is_finite() || init_factor <= 0.0 {
+                    return Err(GaussError::config(
+                        "init_factor",
+                        format!("must be finite and > 0, got {init_factor}"),
+                    ));
+                }
+                let sigma = 1.0 / (init_factor * z as f64);
+                match covar_type {
+                    FgnCovarType::Full => 2.0 * sigma,
+                    _ => 2.0 * sigma * sigma,
+                }
+            }
+        };
+        if !scale.is_finite() || scale <= 0.0 {
+            return Err(GaussError::config(
+                "precision_scale",
+                format!("must be finite and > 0, got {scale}"),
+            ));
+        }
+        Ok(scale)
+    }
+}
+
+/// Options of the conversion.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConvertOptions {
+    /// Parameterization of the new precisions. Default: diag (cheap, and the FGN recipe).
+    pub parameterization: Parameterization,
+    /// How wide the Gaussians start. Default `PrecisionScale(1e-3)`.
+    pub width: InitialWidth,
+    /// `tanh` on the linear part of the hidden layers (set it when the classical MLP used tanh
+    /// between layers). The output layer never gets `tanh`. Default `false`.
+    pub tanh: bool,
+    /// Gate each converted layer by the previous one's Gaussians ([`GaussNetConfig::gate`]).
+    /// Default `true`.
+    pub gate: bool,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        Self {
+            parameterization: Parameterization::Diag,
+            width: InitialWidth::PrecisionScale(1e-3),
+            tanh: false,
+            gate: true,
+        }
+    }
+}
+
+impl ConvertOptions {
+    /// What the original `convert_classic_to_fgn` makes of a `Feedforward_Classic_net` for a
+    /// `Feedforward_FGN_net(covar_type=…, non_lin=True)`: its width rule, the parameterization
+    /// that holds that `covar_type` exactly, `tanh` on the hidden layers (the classical net's
+    /// activation) and gating (the original's network forward).
+    pub fn fgn_original(covar_type: FgnCovarType, init_factor: f64) -> Self {
+        Self {
+            parameterization: covar_type.parameterization(),
+            width: InitialWidth::FgnOriginal {
+                init_factor,
+                covar_type,
+            },
+            tanh: true,
+            gate: true,
+        }
+    }
+}
+
+/// The point of each neuron's zero line closest to the origin, `c = -b·w/|w|²` (0 for a neuron
+/// with `w = 0`, which has no zero line).
+///
+/// # Shapes
+/// `weight`: (Z, d), `bias`: (Z) → (Z, d)
+///
+/// # Errors
+/// [`GaussError::Shape`] when `bias` is not (Z).
+pub fn zero_line_centers(weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (z, _) = weight.dims2()?;
+    if bias.dims() != [z] {
+        return Err(GaussError::shape("bias", format!("({z})"), bias.dims()));
+    }
+    let norm_sq = weight.sqr()?.sum_keepdim(D::Minus1)?;
+    let safe = norm_sq.maximum(f64::MIN_POSITIVE)?;
+    let scale = (bias.unsqueeze(1)?.neg()? / safe)?;
+    Ok(weight.broadcast_mul(&scale)?)
+}
+
+pub(crate) fn layer_from_parts(
+    weight: Tensor,
+    bias: Option<Tensor>,
+    tanh: bool,
+    options: &ConvertOptions,
+) -> Result<GaussLayer> {
+    let (z, d) = weight.dims2()?;
+    let precision_scale = options.width.precision_scale(z)?;
+    let bias = match bias {
+        Some(b) => b,
+        None => Tensor::zeros(z, weight.dtype(), weight.device())?,
+    };
+    let center = zero_line_centers(&weight, &bias)?;
+    let config = GaussLayerConfig {
+        parameterization: options.parameterization,
+        tanh,
+        ..Default::default()
+    };
+    config.validate()?;
+    let log_scale = precision_scale.ln();
+    let precision = match options.parameterization {
+        Parameterization::Sphere => Precision::from_raw(
+            Tensor::full(log_scale, z, weight.device())?.to_dtype(weight.dtype())?,
+            d,
+            &config,
+        )?,
+        Parameterization::Diag => Precision::from_raw(
+            Tensor::full(log_scale, (z, d), weight.device())?.to_dtype(weight.dtype())?,
+            d,
+            &config,
+        )?,
+        _ => {
+            let eye = (Tensor::eye(d, weight.dtype(), weight.device())? * precision_scale)?;
+            let p = eye.unsqueeze(0)?.repeat((z, 1, 1))?;
+            Precision::from_precision_matrix(&p, &config)?
+        }
+    };
+    GaussLayer::new(Some(weight), Some(bias), center, precision, config)
+}
+
+/// Converts one linear layer (no `tanh`).
+///
+/// # Errors
+/// [`GaussError::InvalidConfig`] for a non-positive width; Candle errors for a weight that is
+/// not (Z, d).
+pub fn linear_to_gauss_layer(linear: &Linear, options: &ConvertOptions) -> Result<GaussLayer> {
+    layer_from_parts(
+        linear.weight().clone(),
+        linear.bias().cloned(),
+        false,
+        options,
+    )
+}
+
+/// Converts a classical MLP (its `Linear` layers in order) to a [`GaussNet`] without batch norm
+/// or dropout; hidden layers get `tanh` when [`ConvertOptions::tanh`] is set.
+///
+/// # Errors
+/// [`GaussError::InvalidConfig`] for no layers or a non-positive width; [`GaussError::Shape`]
+/// when consecutive layers do not fit.
+pub fn mlp_to_gauss_net(linears: &[Linear], options: &ConvertOptions) -> Result<GaussNet> {
+    let Some((last, hidden)) = linears.split_last() else {
+        return Err(GaussError::config(
+            "linears",
+            "at least one layer is needed, got 0",
+        ));
+    };
+    let mut layers = Vec::with_capacity(linears.len());
+    for linear in hidden {
+        layers.push(layer_from_parts(
+            linear.weight().clone(),
+            linear.bias().cloned(),
+            options.tanh,
+            options,
+        )?);
+    }
+    layers.push(layer_from_parts(
+        last.weight().clone(),
+        last.bias().cloned(),
+        false,
+        options,
+    )?);
+    let config = GaussNetConfig {
+        in_features: layers[0].in_features(),
+        hidden: layers[..layers.len() - 1]
+            .iter()
+            .map(GaussLayer::out_features)
+            .collect(),
+        out_features: layers[layers.len() - 1].out_features(),
+        layer: layers[0].config().clone(),
+        output_layer: Some(layers[layers.len() - 1].config().clone()),
+        gate: options.gate,
+        ..Default::default()
+    };
+    for (i, pair) in layers.windows(2).enumerate() {
+        if pair[0].out_features() != pair[1].in_features() {
+            return Err(GaussError::shape(
+                format!("linear layer {}", i + 1),
+                format!("(_, {}) to follow layer {i}", pair[0].out_features()),
+                &[pair[1].out_features(), pair[1].in_features()],
+            ));
+        }
+    }
+    let norms = vec![None; layers.len() - 1];
+    GaussNet::from_parts(config, None, layers, norms)
+}

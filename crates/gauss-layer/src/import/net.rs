@@ -1,0 +1,529 @@
+//! A `Feedforward_FGN_net` (or a lone `FGN_layer`): module layout, batch norms, the network.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::BatchNorm;
+
+use super::layer::{biases_look_tied, cast_layer, import_layer};
+use super::state_dict::{in_file, join, list_prefixes, load_state_dict, state_error, StateDict};
+use super::{FgnImportOptions, FgnImportReport, FgnLayerReport, FgnModelKind, FgnNetLayout};
+use crate::error::{GaussError, Result};
+use crate::layer::GaussLayer;
+use crate::net::{GaussNet, GaussNetConfig};
+
+/// What a module of `hidden_layers` holds, judged by its tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ModuleKind {
+    /// A layer (`inv_covars` for FGN, `weight` for a classical `Linear`).
+    Layer,
+    /// A `BatchNorm1d` (`running_mean`).
+    Norm,
+}
+
+/// The modules of a feed-forward state dict, checked against the original's layout.
+#[derive(Clone, Debug)]
+pub(crate) struct Feedforward {
+    /// `ib`, when its tensors are present.
+    pub input_norm: Option<String>,
+    /// Each hidden layer's prefix and the prefix of the batch norm after it, if any.
+    pub hidden: Vec<(String, Option<String>)>,
+    /// `fl`.
+    pub final_layer: String,
+    /// The `drop_p > 0` layout.
+    pub dropout: bool,
+}
+
+/// Reads the module layout of `Feedforward_FGN_net` / `Feedforward_Classic_net`:
+/// `hidden_layers.{k}` holds, without dropout, layer j at `2j` and its batch norm (or an
+/// identity, no tensors) at `2j + 1`; with dropout, a `Dropout` at 0 and layer j at `1 + 3j`,
+/// its batch norm at `2 + 3j`, a `Dropout` at `3 + 3j`. `classify` tells a module's kind
+/// from its prefix (`None`: neither a layer nor a batch norm); `layer_leaf` names the tensor
+/// that marks a layer, for messages.
+pub(crate) fn parse_feedforward(
+    dict: &StateDict,
+    layout: &FgnNetLayout,
+    classify: &dyn Fn(&str) -> Option<ModuleKind>,
+    layer_leaf: &str,
+    model_name: &str,
+) -> Result<Feedforward> {
+    if classify(&layout.final_layer) != Some(ModuleKind::Layer) {
+        return Err(state_error(format!(
+            "no final layer: tensor `{}` is missing, so this is not a {model_name} state dict. Layers (tensors `*.{layer_leaf}`) were found under: {}; all module prefixes: {}",
+            dict.key(&join(&layout.final_layer, layer_leaf)),
+            list_prefixes(&dict.prefixes_holding(layer_leaf)),
+            list_prefixes(&dict.module_prefixes()),
+        )));
+    }
+    let input_norm = dict
+        .contains(&join(&layout.input_norm, "running_mean"))
+        .then(|| layout.input_norm.clone());
+    let hidden_prefix = format!("{}.", layout.hidden);
+    let mut modules: BTreeMap<usize, ModuleKind> = BTreeMap::new();
+    for name in dict.names() {
+        let Some(rest) = name.strip_prefix(&hidden_prefix) else {
+            continue;
+        };
+        let index = rest.split('.').next().and_then(|k| k.parse::<usize>().ok());
+        let Some(k) = index else {
+            return Err(state_error(format!(
+                "tensor `{}`: expected `{}.<index>.<name>`",
+                dict.key(name),
+                layout.hidden
+            )));
+        };
+        if modules.contains_key(&k) {
+            continue;
+        }
+        let prefix = format!("{}.{k}", layout.hidden);
+        let kind = classify(&prefix).ok_or_else(|| {
+            let names: Vec<&str> = dict
+                .names()
+                .filter(|n| n.starts_with(&format!("{prefix}.")))
+                .collect();
+            state_error(format!(
+                "module `{}` holds {names:?}, which is neither a layer (`{layer_leaf}`) nor a batch norm (`running_mean`)",
+                dict.key(&prefix)
+            ))
+        })?;
+        modules.insert(k, kind);
+    }
+    let first_layer = modules
+        .iter()
+        .find(|(_, kind)| **kind == ModuleKind::Layer)
+        .map(|(k, _)| *k);
+    let dropout = match (layout.dropout, first_layer) {
+        (Some(d), _) => d,
+        (None, None) | (None, Some(0)) => false,
+        (None, Some(1)) => true,
+        (None, Some(k)) => {
+            return Err(state_error(format!(
+                "the first hidden layer is module `{}.{k}`; the original puts it at index 0 (drop_p = 0) or 1 (drop_p > 0, after the input Dropout)",
+                layout.hidden
+            )))
+        }
+    };
+    let (offset, stride) = if dropout { (1, 3) } else { (0, 2) };
+    let layout_words = if dropout {
+        format!("with dropout (drop_p > 0) the original puts hidden layer j at `{h}.{{1 + 3j}}` and its batch norm at `{h}.{{2 + 3j}}`", h = layout.hidden)
+    } else {
+        format!("without dropout (drop_p = 0) the original puts hidden layer j at `{h}.{{2j}}` and its batch norm at `{h}.{{2j + 1}}`", h = layout.hidden)
+    };
+    let mut hidden: Vec<(String, Option<String>)> = Vec::new();
+    for (&k, &kind) in &modules {
+        let slot = k.checked_sub(offset).map(|s| (s / stride, s % stride));
+        let prefix = format!("{}.{k}", layout.hidden);
+        match (kind, slot) {
+            (ModuleKind::Layer, Some((j, 0))) if j == hidden.len() => {
+                hidden.push((prefix, None));
+            }
+            (ModuleKind::Norm, Some((j, 1))) if j + 1 == hidden.len() => {
+                if let Some(last) = hidden.last_mut() {
+                    last.1 = Some(prefix);
+                }
+            }
+            _ => {
+                let what = match kind {
+                    ModuleKind::Layer => "a layer",
+                    ModuleKind::Norm => "a batch norm",
+                };
+                return Err(state_error(format!(
+                    "module `{}` is {what} where the layout does not allow one: {layout_words} (FgnNetLayout::dropout sets the layout when the inference is wrong)",
+                    dict.key(&prefix)
+                )));
+            }
+        }
+    }
+    let with_norm = hidden.iter().filter(|(_, n)| n.is_some()).count();
+    if with_norm != 0 && with_norm != hidden.len() {
+        return Err(state_error(format!(
+            "{with_norm} of {} hidden layers are followed by a batch norm; a GaussNet has one after every hidden layer or after none",
+            hidden.len()
+        )));
+    }
+    Ok(Feedforward {
+        input_norm,
+        hidden,
+        final_layer: layout.final_layer.clone(),
+        dropout,
+    })
+}
+
+/// A `BatchNorm1d` in eval mode, f64 on the CPU; `width` is the size it must have. Without
+/// `weight` and `bias` (`affine=False`) it gets 1 and 0.
+pub(crate) fn batch_norm(
+    dict: &StateDict,
+    prefix: &str,
+    width: usize,
+    eps: f64,
+) -> Result<BatchNorm> {
+    let get = |n: &str| dict.host_shaped(&join(prefix, n), &[width]);
+    let mean = get("running_mean")?;
+    let var = get("running_var")?;
+    if let Some(i) = var.data.iter().position(|&v| v + eps <= 0.0) {
+        return Err(state_error(format!(
+            "tensor `{}` is {} at index {i}: a variance must be >= 0",
+            dict.key(&join(prefix, "running_var")),
+            var.data[i]
+        )));
+    }
+    let (weight, bias) = if dict.contains(&join(prefix, "weight")) {
+        (get("weight")?.tensor()?, get("bias")?.tensor()?)
+    } else {
+        (
+            Tensor::ones(width, DType::F64, &Device::Cpu)?,
+            Tensor::zeros(width, DType::F64, &Device::Cpu)?,
+        )
+    };
+    Ok(BatchNorm::new(
+        width,
+        mean.tensor()?,
+        var.tensor()?,
+        weight,
+        bias,
+        eps,
+    )?)
+}
+
+fn cast_norm(norm: &BatchNorm, device: &Device, dtype: DType) -> Result<BatchNorm> {
+    let move_to = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
+    let n = norm.running_mean().elem_count();
+    let (weight, bias) = match norm.weight_and_bias() {
+        Some((w, b)) => (move_to(w)?, move_to(b)?),
+        None => (
+            Tensor::ones(n, dtype, device)?,
+            Tensor::zeros(n, dtype, device)?,
+        ),
+    };
+    Ok(BatchNorm::new(
+        n,
+        move_to(norm.running_mean())?,
+        move_to(norm.running_var())?,
+        weight,
+        bias,
+        norm.eps(),
+    )?)
+}
+
+/// The same network with every tensor on `device` in `dtype`.
+pub(crate) fn cast_net(net: GaussNet, device: &Device, dtype: DType) -> Result<GaussNet> {
+    let layers = net
+        .layers()
+        .iter()
+        .map(|l| cast_layer(l, device, dtype))
+        .collect::<Result<Vec<_>>>()?;
+    let input_norm = net
+        .input_norm()
+        .map(|n| cast_norm(n, device, dtype))
+        .transpose()?;
+    let norms = net
+        .norms()
+        .iter()
+        .map(|n| n.as_ref().map(|n| cast_norm(n, device, dtype)).transpose())
+        .collect::<Result<Vec<_>>>()?;
+    GaussNet::from_parts(net.config().clone(), input_norm, layers, norms)
+}
+
+/// Assembles a network (f64, CPU) from its parts: the input norm, the hidden layers each
+/// with its batch norm, the final layer.
+pub(crate) fn assemble(
+    input_norm: Option<BatchNorm>,
+    hidden: Vec<(GaussLayer, Option<BatchNorm>)>,
+    final_layer: GaussLayer,
+    gate: bool,
+    batch_norm_eps: f64,
+) -> Result<GaussNet> {
+    let batch_norm = hidden.iter().any(|(_, n)| n.is_some());
+    let (layers, norms): (Vec<GaussLayer>, Vec<Option<BatchNorm>>) = hidden.into_iter().unzip();
+    let first = layers.first().unwrap_or(&final_layer);
+    let config = GaussNetConfig {
+        in_features: first.in_features(),
+        hidden: layers.iter().map(GaussLayer::out_features).collect(),
+        out_features: final_layer.out_features(),
+        layer: first.config().clone(),
+        output_layer: Some(final_layer.config().clone()),
+        input_batch_norm: input_norm.is_some(),
+        batch_norm,
+        batch_norm_eps,
+        dropout: 0.0,
+        gate,
+    };
+    let mut layers = layers;
+    layers.push(final_layer);
+    for (i, pair) in layers.windows(2).enumerate() {
+        if pair[0].out_features() != pair[1].in_features() {
+            return Err(GaussError::shape(
+                format!("layer {} (in the order of the state dict)", i + 1),
+                format!("{} inputs, the width of layer {i}", pair[0].out_features()),
+                &[pair[1].out_features(), pair[1].in_features()],
+            ));
+        }
+    }
+    GaussNet::from_parts(config, input_norm, layers, norms)
+}
+
+fn layer_report(prefix: &str, layer: &GaussLayer) -> FgnLayerReport {
+    FgnLayerReport {
+        prefix: prefix.to_string(),
+        in_features: layer.in_features(),
+        out_features: layer.out_features(),
+        parameterization: layer.config().parameterization,
+        tanh: layer.config().tanh,
+        tied_bias: layer.config().tied_bias,
+    }
+}
+
+fn fgn_classify<'a>(dict: &'a StateDict<'a>) -> impl Fn(&str) -> Option<ModuleKind> + 'a {
+    move |prefix: &str| {
+        if dict.contains(&join(prefix, "inv_covars")) {
+            Some(ModuleKind::Layer)
+        } else if dict.contains(&join(prefix, "running_mean")) {
+            Some(ModuleKind::Norm)
+        } else {
+            None
+        }
+    }
+}
+
+/// The network in f64 on the CPU and its report.
+fn net_in_f64(
+    dict: &StateDict,
+    layout: &FgnNetLayout,
+    options: &FgnImportOptions,
+) -> Result<(GaussNet, FgnImportReport)> {
+    options.validate()?;
+    let final_weight = join(&layout.final_layer, "weight");
+    if !dict.contains(&join(&layout.final_layer, "inv_covars")) && dict.contains(&final_weight) {
+        return Err(state_error(format!(
+            "`{}` is a classical Linear layer (`weight`, no `inv_covars`): this looks like a Feedforward_Classic_net state dict, which converts (gauss_layer::convert::convert_classic_net, CLI `convert`) rather than imports",
+            dict.key(&layout.final_layer)
+        )));
+    }
+    let classify = fgn_classify(dict);
+    let found = parse_feedforward(dict, layout, &classify, "inv_covars", "Feedforward_FGN_net")?;
+    let mut reports = Vec::new();
+    let mut notes = Vec::new();
+    let mut hidden = Vec::with_capacity(found.hidden.len());
+    let mut covar_type = None;
+    for (prefix, norm) in &found.hidden {
+        let (layer, t) = import_layer(dict, prefix, options, options.non_lin)?;
+        covar_type = Some(t);
+        let norm = norm
+            .as_ref()
+            .map(|n| batch_norm(dict, n, layer.out_features(), layout.batch_norm_eps))
+            .transpose()?;
+        reports.push(layer_report(prefix, &layer));
+        hidden.push((layer, norm));
+    }
+    // The original builds `fl` without `non_lin`.
+    let (final_layer, t) = import_layer(dict, &found.final_layer, options, false)?;
+    let covar_type = covar_type.unwrap_or(t);
+    reports.push(layer_report(&found.final_layer, &final_layer));
+    let input_norm = found
+        .input_norm
+        .as_ref()
+        .map(|n| {
+            let width = hidden
+                .first()
+                .map_or(final_layer.in_features(), |(l, _)| l.in_features());
+            batch_norm(dict, n, width, layout.batch_norm_eps)
+        })
+        .transpose()?;
+    if options.free_biases {
+        let prefixes: Vec<&str> = found
+            .hidden
+            .iter()
+            .map(|(p, _)| p.as_str())
+            .chain([found.final_layer.as_str()])
+            .collect();
+        if prefixes.iter().all(|p| biases_look_tied(dict, p)) {
+            notes.push(tied_note());
+        }
+    }
+    let input_batch_norm = input_norm.is_some();
+    let batch_norm = hidden.iter().any(|(_, n)| n.is_some());
+    let net = assemble(
+        input_norm,
+        hidden,
+        final_layer,
+        options.gate,
+        layout.batch_norm_eps,
+    )?;
+    let report = FgnImportReport {
+        kind: FgnModelKind::Net,
+        covar_type,
+        layers: reports,
+        input_batch_norm,
+        batch_norm,
+        dropout: found.dropout,
+        gate: options.gate,
+        stripped_prefix: dict.stripped_prefix().map(str::to_string),
+        notes,
+    };
+    Ok((net, report))
+}
+
+fn tied_note() -> String {
+    "every layer's stored biases equal −W·c (to 1e-5), as those of a model trained with free_biases=False or just converted from a classical net: the outputs are the same either way, but if the original used free_biases=False, import it with tied biases (FgnImportOptions::free_biases = false, CLI --tied-biases) so that they keep following the centers when training goes on".to_string()
+}
+
+/// A lone layer as a network with no hidden layer (f64, CPU) and its report.
+fn lone_layer_in_f64(
+    dict: &StateDict,
+    options: &FgnImportOptions,
+) -> Result<(GaussNet, FgnImportReport)> {
+    let (layer, covar_type) = import_layer(dict, "", options, options.non_lin)?;
+    let mut notes = Vec::new();
+    if options.free_biases && biases_look_tied(dict, "") {
+        notes.push(tied_note());
+    }
+    let reports = vec![layer_report("", &layer)];
+    let net = assemble(None, Vec::new(), layer, options.gate, 1e-5)?;
+    let report = FgnImportReport {
+        kind: FgnModelKind::Layer,
+        covar_type,
+        layers: reports,
+        input_batch_norm: false,
+        batch_norm: false,
+        dropout: false,
+        gate: options.gate,
+        stripped_prefix: dict.stripped_prefix().map(str::to_string),
+        notes,
+    };
+    Ok((net, report))
+}
+
+fn dtype_and_device_of(dict: &StateDict, key: &str) -> (DType, Device) {
+    dict.get(key)
+        .map(|t| (t.dtype(), t.device().clone()))
+        .unwrap_or((DType::F32, Device::Cpu))
+}
+
+/// Imports a `Feedforward_FGN_net` state dict (see the module docs for the layout and the
+/// conventions). The network has the dtype and device of `{final_layer}.centers`; everything
+/// is computed in f64 on the host first.
+///
+/// # Errors
+/// [`GaussError::Checkpoint`] when the state dict is not such a network (the message lists
+/// the module prefixes it found, e.g. a lone layer's), its modules do not follow the
+/// original's layout, or a layer cannot be imported (see [`super::fgn_layer_from_tensors`]);
+/// [`GaussError::Shape`] for a misshapen tensor, naming it.
+pub fn fgn_net_from_tensors(
+    tensors: &HashMap<String, Tensor>,
+    layout: &FgnNetLayout,
+    options: &FgnImportOptions,
+) -> Result<GaussNet> {
+    let dict = StateDict::new(tensors);
+    let (net, _) = net_in_f64(&dict, layout, options)?;
+    let (dtype, device) = dtype_and_device_of(&dict, &join(&layout.final_layer, "centers"));
+    cast_net(net, &device, dtype)
+}
+
+/// Imports whatever the state dict holds: a `Feedforward_FGN_net` (when `{final_layer}.*` is
+/// present) or a lone `FGN_layer` (top-level `inv_covars`, imported as a network with no
+/// hidden layer, `non_lin` applying to it). Returns the network, in the dtype and device of
+/// the tensors, and a report of what was found and assumed.
+///
+/// # Errors
+/// As [`fgn_net_from_tensors`]; a state dict that is neither lists the prefixes it found.
+pub fn fgn_model_from_tensors(
+    tensors: &HashMap<String, Tensor>,
+    layout: &FgnNetLayout,
+    options: &FgnImportOptions,
+) -> Result<(GaussNet, FgnImportReport)> {
+    let dict = StateDict::new(tensors);
+    let (net, report) = model_in_f64(&dict, layout, options)?;
+    let centers = match report.kind {
+        FgnModelKind::Net => join(&layout.final_layer, "centers"),
+        FgnModelKind::Layer => "centers".to_string(),
+    };
+    let (dtype, device) = dtype_and_device_of(&dict, &centers);
+    Ok((cast_net(net, &device, dtype)?, report))
+}
+
+fn model_in_f64(
+    dict: &StateDict,
+    layout: &FgnNetLayout,
+    options: &FgnImportOptions,
+) -> Result<(GaussNet, FgnImportReport)> {
+    options.validate()?;
+    let is_net = dict.contains(&join(&layout.final_layer, "inv_covars"));
+    if !is_net && dict.contains("inv_covars") {
+        lone_layer_in_f64(dict, options)
+    } else {
+        net_in_f64(dict, layout, options)
+    }
+}
+
+/// Reads a `Feedforward_FGN_net` or a lone `FGN_layer` saved with
+/// `safetensors.torch.save_file` (see [`fgn_model_from_tensors`]), on `device` in `dtype`.
+///
+/// # Errors
+/// As [`load_state_dict`] and [`fgn_model_from_tensors`]; every error names the file.
+pub fn import_fgn_model(
+    path: impl AsRef<Path>,
+    device: &Device,
+    dtype: DType,
+    options: &FgnImportOptions,
+) -> Result<(GaussNet, FgnImportReport)> {
+    let path = path.as_ref();
+    let result = (|| {
+        let tensors = load_state_dict(path, &Device::Cpu, DType::F64)?;
+        let dict = StateDict::new(&tensors);
+        let (net, report) = model_in_f64(&dict, &FgnNetLayout::default(), options)?;
+        Ok((cast_net(net, device, dtype)?, report))
+    })();
+    result.map_err(|e| in_file(path, e))
+}
+
+/// Reads a `Feedforward_FGN_net` saved with `safetensors.torch.save_file`, on `device` in
+/// `dtype` (computed in f64 first).
+///
+/// # Errors
+/// As [`load_state_dict`] and [`fgn_net_from_tensors`]; a lone layer's file is refused with
+/// the prefixes found; every error names the file.
+pub fn import_fgn_net(
+    path: impl AsRef<Path>,
+    device: &Device,
+    dtype: DType,
+    options: &FgnImportOptions,
+) -> Result<GaussNet> {
+    let path = path.as_ref();
+    let result = (|| {
+        let tensors = load_state_dict(path, &Device::Cpu, DType::F64)?;
+        let dict = StateDict::new(&tensors);
+        let (net, _) = net_in_f64(&dict, &FgnNetLayout::default(), options)?;
+        cast_net(net, device, dtype)
+    })();
+    result.map_err(|e| in_file(path, e))
+}
+
+/// Reads one `FGN_layer` stored under `prefix` (`""` for a layer saved on its own), on
+/// `device` in `dtype` (computed in f64 first); `options.non_lin` applies to it.
+///
+/// # Errors
+/// As [`load_state_dict`] and [`super::fgn_layer_from_tensors`]; every error names the file.
+pub fn import_fgn_layer(
+    path: impl AsRef<Path>,
+    prefix: &str,
+    device: &Device,
+    dtype: DType,
+    options: &FgnImportOptions,
+) -> Result<GaussLayer> {
+    let path = path.as_ref();
+    let result = (|| {
+        let tensors = load_state_dict(path, &Device::Cpu, DType::F64)?;
+        let dict = StateDict::new(&tensors);
+        if !dict.contains(&join(prefix, "inv_covars")) {
+            return Err(state_error(format!(
+                "no FGN layer under prefix {}: layers (tensors `*.inv_covars`) were found under: {}",
+                list_prefixes(&[prefix.to_string()]),
+                list_prefixes(&dict.prefixes_holding("inv_covars"))
+            )));
+        }
+        let (layer, _) = import_layer(&dict, prefix, options, options.non_lin)?;
+        cast_layer(&layer, device, dtype)
+    })();
+    result.map_err(|e| in_file(path, e))
+}
