@@ -49,6 +49,7 @@ pub mod kernels;
 pub mod layer;
 pub mod linalg;
 pub mod net;
+pub mod optim;
 pub mod precision;
 pub mod repair;
 pub mod testing;
