@@ -52,6 +52,7 @@ mod layer;
 pub mod linalg;
 mod net;
 pub mod ops;
+mod optim;
 mod precision;
 pub mod repair;
 #[cfg(any(test, feature = "testing"))]
@@ -65,4 +66,5 @@ pub use init::layer_seed;
 pub use kernels::ResolvedKernel;
 pub use layer::{gauss_layer, GaussLayer};
 pub use net::{GaussNet, GaussNetConfig};
+pub use optim::FusedAdamW;
 pub use precision::Precision;

@@ -1,23 +1,31 @@
-//! A counting global allocator: live heap bytes now and the peak since the last reset.
+//! A counting global allocator over mimalloc: live heap bytes now, their peak since the last
+//! reset, and the number and bytes of allocations so far.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Wraps [`System`] and counts live bytes and their peak.
+use mimalloc::MiMalloc;
+
+/// Wraps mimalloc (what the other example binaries use) and counts live bytes, their peak
+/// and every allocation.
 pub struct CountingAllocator;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
 
 fn grew(bytes: usize) {
     let live = LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
     PEAK.fetch_max(live, Ordering::Relaxed);
+    ALLOCS.fetch_add(1, Ordering::Relaxed);
+    ALLOCATED.fetch_add(bytes, Ordering::Relaxed);
 }
 
-// SAFETY: every call is forwarded unchanged to `System`; the counters only observe sizes.
+// SAFETY: every call is forwarded unchanged to mimalloc; the counters only observe sizes.
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let ptr = unsafe { System.alloc(layout) };
+        let ptr = unsafe { MiMalloc.alloc(layout) };
         if !ptr.is_null() {
             grew(layout.size());
         }
@@ -25,7 +33,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let ptr = unsafe { System.alloc_zeroed(layout) };
+        let ptr = unsafe { MiMalloc.alloc_zeroed(layout) };
         if !ptr.is_null() {
             grew(layout.size());
         }
@@ -33,12 +41,12 @@ unsafe impl GlobalAlloc for CountingAllocator {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
+        unsafe { MiMalloc.dealloc(ptr, layout) };
         LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let new = unsafe { System.realloc(ptr, layout, new_size) };
+        let new = unsafe { MiMalloc.realloc(ptr, layout, new_size) };
         if !new.is_null() {
             LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
             grew(new_size);
@@ -60,4 +68,13 @@ pub fn reset_peak() {
 /// Peak live bytes since the last [`reset_peak`].
 pub fn peak_bytes() -> usize {
     PEAK.load(Ordering::Relaxed)
+}
+
+/// Allocations (including the new block of a `realloc`) since the start, and their bytes.
+#[allow(dead_code)] // used by the training benchmark only
+pub fn allocations() -> (usize, usize) {
+    (
+        ALLOCS.load(Ordering::Relaxed),
+        ALLOCATED.load(Ordering::Relaxed),
+    )
 }

@@ -1,10 +1,16 @@
 //! Training loops: a classical MLP (candle_nn `Linear` + ReLU, cross-entropy) and an FGN
 //! network (`GaussNet`, the FGN objective: cross-entropy + λ_l2·mean(w²) + λ_sig·λ-loss).
+//! Both use `gauss_layer::FusedAdamW` (candle-nn's AdamW, updated in place) and return
+//! the wall time of their epochs alone (shuffling and batching included, set-up and
+//! evaluation not), reported as `fit_seconds`.
 
-use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{AdamW, Linear, Module, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use gauss_layer::{GaussNet, GaussNetConfig};
+use std::time::Instant;
+
+use anyhow::{anyhow, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Linear, Module, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use gauss_layer::FusedAdamW;
+use gauss_layer::{repair, GaussNet, GaussNetConfig, Parameterization};
 use gauss_losses::{fgn_objective, FgnObjectiveConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
@@ -80,8 +86,8 @@ fn batches(
     Ok(out)
 }
 
-fn optimizer(varmap: &VarMap, learning_rate: f64) -> Result<AdamW> {
-    Ok(AdamW::new(
+fn optimizer(varmap: &VarMap, learning_rate: f64) -> Result<FusedAdamW> {
+    Ok(FusedAdamW::new(
         varmap.all_vars(),
         ParamsAdamW {
             lr: learning_rate,
@@ -91,19 +97,40 @@ fn optimizer(varmap: &VarMap, learning_rate: f64) -> Result<AdamW> {
     )?)
 }
 
-/// Trains a classical MLP with cross-entropy.
+/// Smallest eigenvalue a `direct` precision is repaired to after a step.
+const DIRECT_MIN_EIGENVALUE: f64 = 1e-3;
+
+/// The `direct` precisions (`layers.{i}.precision`): an optimizer step can push them out of
+/// the positive-definite cone, so the loop projects them back after every step.
+fn direct_precisions(varmap: &VarMap, net: &GaussNet) -> Result<Vec<Var>> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow!("VarMap lock poisoned"))?;
+    Ok(net
+        .layers()
+        .iter()
+        .enumerate()
+        .filter(|(_, layer)| layer.precision().parameterization() == Parameterization::Direct)
+        .filter_map(|(i, _)| data.get(&format!("layers.{i}.precision")).cloned())
+        .collect())
+}
+
+/// Trains a classical MLP with cross-entropy; returns it with its variables and the seconds
+/// its epochs took.
 pub fn train_mlp(
     sizes: &[usize],
     train: &Split,
     schedule: &Schedule,
     rng: &mut StdRng,
     device: &Device,
-) -> Result<(Mlp, VarMap)> {
+) -> Result<(Mlp, VarMap, f64)> {
     let mut varmap = VarMap::new();
     let mlp = Mlp::new(sizes, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
     crate::init::seeded_mlp(&mut varmap, sizes, rng)?;
     let mut opt = optimizer(&varmap, schedule.learning_rate)?;
     let bar = progress("classical", schedule.epochs as u64);
+    let fit = Instant::now();
     for _ in 0..schedule.epochs {
         let mut total = 0.0;
         let mut count = 0;
@@ -116,11 +143,13 @@ pub fn train_mlp(
         bar.set_message(format!("loss {:.4}", total / count.max(1) as f64));
         bar.inc(1);
     }
+    let fit_seconds = fit.elapsed().as_secs_f64();
     bar.finish();
-    Ok((mlp, varmap))
+    Ok((mlp, varmap, fit_seconds))
 }
 
-/// Trains an FGN network with the FGN objective; returns it with its variables.
+/// Trains an FGN network with the FGN objective; returns it with its variables and the
+/// seconds its epochs took.
 pub fn train_fgn(
     config: GaussNetConfig,
     objective: &FgnObjectiveConfig,
@@ -128,12 +157,14 @@ pub fn train_fgn(
     schedule: &Schedule,
     rng: &mut StdRng,
     device: &Device,
-) -> Result<(GaussNet, VarMap)> {
+) -> Result<(GaussNet, VarMap, f64)> {
     let mut varmap = VarMap::new();
     let net = GaussNet::new(config, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
     crate::init::centers_on_training_images(&mut varmap, &net, train, rng)?;
     let mut opt = optimizer(&varmap, schedule.learning_rate)?;
+    let direct = direct_precisions(&varmap, &net)?;
     let bar = progress("fgn", schedule.epochs as u64);
+    let fit = Instant::now();
     for _ in 0..schedule.epochs {
         let mut total = 0.0;
         let mut count = 0;
@@ -141,6 +172,9 @@ pub fn train_fgn(
             let logits = net.forward(&x, true)?;
             let loss = fgn_objective(&logits, &y, net.layers(), objective)?;
             opt.backward_step(&loss.total)?;
+            for precision in &direct {
+                repair::repair_var_in_place(precision, DIRECT_MIN_EIGENVALUE)?;
+            }
             total += loss
                 .cross_entropy
                 .to_dtype(DType::F64)?
@@ -150,6 +184,7 @@ pub fn train_fgn(
         bar.set_message(format!("cross-entropy {:.4}", total / count.max(1) as f64));
         bar.inc(1);
     }
+    let fit_seconds = fit.elapsed().as_secs_f64();
     bar.finish();
-    Ok((net, varmap))
+    Ok((net, varmap, fit_seconds))
 }

@@ -69,7 +69,27 @@ fn to_rows(matrix: &Tensor) -> Result<Vec<Vec<f64>>> {
     Ok(matrix.to_vec2::<f64>()?)
 }
 
+/// mimalloc keeps freed blocks for reuse instead of returning them to the kernel: training
+/// allocates and frees many large tensors per step (see the README, "Performance").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Fixes the thread count once: Candle reads `RAYON_NUM_THREADS` on every CPU matmul and,
+/// when it is unset, counts the cores from `/proc` and sysfs each time. Sets it (to Candle's
+/// own default unless the user chose) and builds the global rayon pool with the same count.
+/// Runs first in `main`, before any other thread exists.
+fn pin_threads() {
+    let threads = candle_core::utils::get_num_threads();
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global();
+}
+
 fn main() -> Result<()> {
+    pin_threads();
     let args = Args::parse();
     let device = Device::Cpu;
     let (x, source) = match &args.data {

@@ -229,7 +229,10 @@ impl PrecisionStat {
                 DType::F64 => f64::MAX,
                 _ => f32::MAX as f64,
             };
-            if let Some(n) = values.iter().position(|v| !v.is_finite() || v.abs() > limit) {
+            if let Some(n) = values
+                .iter()
+                .position(|v| !v.is_finite() || v.abs() > limit)
+            {
                 bail!(
                     "precision statistics: the matrix exponential of neuron {n} overflows {:?} (its trace is {}); keep the raw expm parameter smaller or use f64",
                     T::DTYPE,

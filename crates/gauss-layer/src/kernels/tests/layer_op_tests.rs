@@ -148,3 +148,67 @@ fn fused_layer_gradients_are_bit_reproducible() -> TestResult {
     }
     Ok(())
 }
+
+/// The fused layer op carries no state between forward and backward: a loss on `g` alone,
+/// on `y` alone, and a second backward pass over the same graph all give the gradients of
+/// the layer composed from tensor ops.
+#[test]
+fn fused_layer_backward_is_stateless() -> TestResult {
+    use crate::config::{GaussLayerConfig, InitConfig};
+    use crate::{gauss_layer, DistanceKernel as Kernel};
+    use candle_nn::{VarBuilder, VarMap};
+    let varmap = VarMap::new();
+    let config = |kernel| GaussLayerConfig {
+        kernel,
+        init: InitConfig {
+            seed: Some(3),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+    let fused = gauss_layer(6, 5, config(Kernel::Auto), vb.clone())?;
+    // The same tensors through the naive kernel: no fused layer op.
+    let composed = gauss_layer(6, 5, config(Kernel::Naive), vb)?;
+    let x = normal(&mut StdRng::seed_from_u64(9), &[11, 6], 0.7);
+    let gradients = |layer: &crate::GaussLayer,
+                     pick: usize|
+     -> std::result::Result<Vec<Tensor>, Box<dyn std::error::Error>> {
+        let (y, g) = layer.forward_with_gaussian(&x, None)?;
+        let loss = match pick {
+            0 => g.sqr()?.sum_all()?,
+            _ => y.sqr()?.sum_all()?,
+        };
+        let mut out = Vec::new();
+        // Two backward passes over the one graph must agree.
+        for _ in 0..2 {
+            let grads = loss.backward()?;
+            for var in varmap.all_vars() {
+                // A loss on g alone does not reach the linear part of the composed layer.
+                let grad = match grads.get(&var) {
+                    Some(grad) => grad.clone(),
+                    None => var.zeros_like()?,
+                };
+                out.push(grad);
+            }
+        }
+        Ok(out)
+    };
+    for pick in [0, 1] {
+        let a = gradients(&fused, pick)?;
+        let b = gradients(&composed, pick)?;
+        let half = a.len() / 2;
+        for (i, (ga, gb)) in a.iter().zip(&b).enumerate() {
+            let err = gradient_error(ga, gb)?;
+            assert!(err < 1e-10, "loss {pick}, gradient {i}: {err:e}");
+        }
+        for (first, second) in a[..half].iter().zip(&a[half..]) {
+            assert_eq!(
+                first.flatten_all()?.to_vec1::<f64>()?,
+                second.flatten_all()?.to_vec1::<f64>()?,
+                "second backward"
+            );
+        }
+    }
+    Ok(())
+}

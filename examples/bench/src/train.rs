@@ -1,0 +1,476 @@
+//! Times whole training steps of a `GaussNet`: forward, the FGN objective
+//! (`gauss_losses::fgn_objective`), backward, optimizer step, for each parameterization, with
+//! candle-nn's `AdamW` and with `gauss_layer::FusedAdamW`. Prints one JSON line.
+//!
+//! The network and objective are those of `fgn-classifier train --fgn-only` (in → hidden
+//! with tanh, gated → classes; cross-entropy + λ_l2·mean w² + λ_sig·λ-loss; lr 1e-2, no weight
+//! decay; `direct` precisions repaired into the PD cone after each step), on synthetic class
+//! clusters in [0, 1]^in with the first layer's centers on training points. Every
+//! (parameterization, optimizer) pair is its own network from the same seed; a
+//! round runs `--steps` steps of each pair back to back, so a slow spell of a shared machine
+//! hits them alike. Times are medians over rounds; `speedup` is the median per-round ratio of
+//! candle-nn's step time to this one's. Both optimizers must end on identical parameters
+//! (`identical_to_candle_adamw`).
+//!
+//! ```text
+//! cargo run --release -p bench --bin bench-train -- --steps 20 --rounds 5
+//! cargo run --release -p bench --bin bench-train -- --in 784 --params diag,sphere
+//! ```
+
+mod alloc;
+mod threads;
+mod timing;
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use clap::Parser;
+use gauss_layer::FusedAdamW;
+use gauss_layer::{
+    repair, GaussLayerConfig, GaussNet, GaussNetConfig, InitConfig, Parameterization,
+};
+use gauss_losses::{fgn_objective, FgnObjectiveConfig};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use timing::{median, median_ratio, Timing};
+
+/// Smallest eigenvalue a `direct` precision is repaired to after a step (as fgn-classifier).
+const DIRECT_MIN_EIGENVALUE: f64 = 1e-3;
+
+#[global_allocator]
+static ALLOCATOR: alloc::CountingAllocator = alloc::CountingAllocator;
+
+#[derive(Parser, Debug)]
+#[command(about = "Time GaussNet training steps with candle-nn's AdamW and FusedAdamW")]
+struct Args {
+    /// Parameterizations, comma separated.
+    #[arg(
+        long,
+        default_value = "cholesky,direct,expm,diag,sphere",
+        value_delimiter = ','
+    )]
+    params: Vec<String>,
+    /// Input width.
+    #[arg(long = "in", default_value_t = 64)]
+    in_features: usize,
+    /// Hidden width(s) (repeat for more layers).
+    #[arg(long, default_values_t = vec![64])]
+    hidden: Vec<usize>,
+    /// Classes (output width).
+    #[arg(long, default_value_t = 10)]
+    classes: usize,
+    /// Mini-batch size.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Synthetic training points (cycled through in order).
+    #[arg(long, default_value_t = 1024)]
+    samples: usize,
+    /// Optimizer steps per round and network.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Timed rounds (medians are reported).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Untimed rounds first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 1e-2)]
+    lr: f64,
+    /// Weight of the mean squared linear weight.
+    #[arg(long, default_value_t = 1e-3)]
+    lambda_l2: f64,
+    /// Weight of the λ-loss.
+    #[arg(long, default_value_t = 0.05)]
+    lambda_sigma: f64,
+    /// f32 or f64.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// cpu, cuda or metal.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Seed of the data and of every network's initialization.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    in_features: usize,
+    hidden: Vec<usize>,
+    classes: usize,
+    batch: usize,
+    steps: usize,
+    rounds: usize,
+    dtype: String,
+    device: String,
+    threads: usize,
+    results: Vec<PairReport>,
+}
+
+#[derive(Serialize)]
+struct PairReport {
+    param: String,
+    optimizer: &'static str,
+    /// Median over rounds of the mean time of one whole step.
+    step_ms: f64,
+    /// Fastest round's mean step time.
+    step_min_ms: f64,
+    /// Medians over rounds of the mean time per step of each phase.
+    forward_objective_ms: f64,
+    backward_ms: f64,
+    /// The optimizer step (and, for `direct`, the repair of the precisions into the
+    /// positive-definite cone after it).
+    optimizer_ms: f64,
+    /// Heap allocations per step, all phases, and those of the optimizer step alone.
+    allocs_per_step: f64,
+    alloc_mb_per_step: f64,
+    optimizer_allocs_per_step: f64,
+    optimizer_alloc_mb_per_step: f64,
+    /// Median over rounds of the most heap one step needed at once beyond what was live
+    /// before it (activations, gradients, optimizer temporaries).
+    step_peak_mb: f64,
+    /// Objective after the last step.
+    final_loss: f64,
+    /// `FusedAdamW` only: median per-round ratio of candle-nn's step time to this one's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    speedup: Option<f64>,
+    /// `FusedAdamW` only: every parameter equal, bit for bit, to the candle-nn run's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    identical_to_candle_adamw: Option<bool>,
+}
+
+enum Opt {
+    Candle(AdamW),
+    Fused(FusedAdamW),
+}
+
+impl Opt {
+    fn step(&mut self, grads: &candle_core::backprop::GradStore) -> candle_core::Result<()> {
+        match self {
+            Opt::Candle(opt) => opt.step(grads),
+            Opt::Fused(opt) => opt.step(grads),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Opt::Candle(_) => "candle_nn::AdamW",
+            Opt::Fused(_) => "FusedAdamW",
+        }
+    }
+}
+
+/// Per-step phase sums of one round.
+#[derive(Default, Clone, Copy)]
+struct Phases {
+    forward: f64,
+    backward: f64,
+    optimizer: f64,
+    allocs: usize,
+    bytes: usize,
+    opt_allocs: usize,
+    opt_bytes: usize,
+    /// Most heap bytes any step of the round had allocated at once beyond what was live
+    /// before it.
+    peak_bytes: usize,
+}
+
+/// One network with its optimizer and its measurements.
+struct Pair {
+    param: Parameterization,
+    net: GaussNet,
+    varmap: VarMap,
+    opt: Opt,
+    /// `direct` precisions, repaired after every step (part of the optimizer phase).
+    direct: Vec<Var>,
+    cursor: usize,
+    rounds: Vec<Phases>,
+    step_times: Vec<f64>,
+    last_loss: f64,
+}
+
+/// Synthetic classes: one random prototype in [0, 1]^d per class, points scattered around it.
+fn synthetic(args: &Args, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let d = args.in_features;
+    let prototypes: Vec<f32> = (0..args.classes * d).map(|_| rng.random()).collect();
+    let mut images = Vec::with_capacity(args.samples * d);
+    let mut labels = Vec::with_capacity(args.samples);
+    for _ in 0..args.samples {
+        let label = rng.random_range(0..args.classes);
+        labels.push(label as u32);
+        for j in 0..d {
+            let v = prototypes[label * d + j] + 0.3 * (rng.random::<f32>() - 0.5);
+            images.push(v.clamp(0.0, 1.0));
+        }
+    }
+    let images = Tensor::from_vec(images, (args.samples, d), device)?.to_dtype(dtype)?;
+    let labels = Tensor::from_vec(labels, args.samples, device)?;
+    Ok((images, labels))
+}
+
+fn net_config(args: &Args, param: Parameterization) -> GaussNetConfig {
+    let init = InitConfig {
+        seed: Some(args.seed),
+        ..Default::default()
+    };
+    GaussNetConfig {
+        in_features: args.in_features,
+        hidden: args.hidden.clone(),
+        out_features: args.classes,
+        layer: GaussLayerConfig {
+            parameterization: param,
+            tanh: true,
+            init: init.clone(),
+            ..Default::default()
+        },
+        output_layer: Some(GaussLayerConfig {
+            parameterization: param,
+            init,
+            ..Default::default()
+        }),
+        gate: true,
+        ..Default::default()
+    }
+}
+
+fn build_pair(
+    args: &Args,
+    param: Parameterization,
+    fused: bool,
+    images: &Tensor,
+    dtype: DType,
+    device: &Device,
+) -> Result<Pair> {
+    let mut varmap = VarMap::new();
+    let net = GaussNet::new(
+        net_config(args, param),
+        VarBuilder::from_varmap(&varmap, dtype, device),
+    )?;
+    // First-layer centers on the first training points (as fgn-classifier puts them on images).
+    let first = net.layers().first().map_or(0, |l| l.out_features());
+    let centers = images.narrow(0, 0, first.min(images.dim(0)?))?;
+    if centers.dim(0)? == first {
+        varmap.set_one("layers.0.center", centers)?;
+    }
+    let params = ParamsAdamW {
+        lr: args.lr,
+        weight_decay: 0.0,
+        ..Default::default()
+    };
+    let opt = if fused {
+        Opt::Fused(FusedAdamW::new(varmap.all_vars(), params)?)
+    } else {
+        Opt::Candle(AdamW::new(varmap.all_vars(), params)?)
+    };
+    let direct = if param == Parameterization::Direct {
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?;
+        (0..net.layers().len())
+            .filter_map(|i| data.get(&format!("layers.{i}.precision")).cloned())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(Pair {
+        param,
+        net,
+        varmap,
+        opt,
+        direct,
+        cursor: 0,
+        rounds: Vec::new(),
+        step_times: Vec::new(),
+        last_loss: f64::NAN,
+    })
+}
+
+impl Pair {
+    /// `steps` training steps; returns the phase sums.
+    fn run(
+        &mut self,
+        steps: usize,
+        batch: usize,
+        images: &Tensor,
+        labels: &Tensor,
+        objective: &FgnObjectiveConfig,
+        device: &Device,
+    ) -> Result<Phases> {
+        let n = images.dim(0)?;
+        let mut phases = Phases::default();
+        for _ in 0..steps {
+            let len = batch.min(n - self.cursor);
+            let x = images.narrow(0, self.cursor, len)?;
+            let y = labels.narrow(0, self.cursor, len)?;
+            self.cursor = (self.cursor + len) % n;
+            let live = alloc::live_bytes();
+            alloc::reset_peak();
+            let (allocs0, bytes0) = alloc::allocations();
+            let t0 = Instant::now();
+            let logits = self.net.forward(&x, true)?;
+            let loss = fgn_objective(&logits, &y, self.net.layers(), objective)?;
+            device.synchronize()?;
+            let t1 = Instant::now();
+            let grads = loss.total.backward()?;
+            device.synchronize()?;
+            let t2 = Instant::now();
+            let (allocs1, bytes1) = alloc::allocations();
+            self.opt.step(&grads)?;
+            for precision in &self.direct {
+                repair::repair_var_in_place(precision, DIRECT_MIN_EIGENVALUE)?;
+            }
+            device.synchronize()?;
+            let t3 = Instant::now();
+            let (allocs2, bytes2) = alloc::allocations();
+            drop(grads);
+            phases.peak_bytes = phases
+                .peak_bytes
+                .max(alloc::peak_bytes().saturating_sub(live));
+            phases.forward += (t1 - t0).as_secs_f64() * 1e3;
+            phases.backward += (t2 - t1).as_secs_f64() * 1e3;
+            phases.optimizer += (t3 - t2).as_secs_f64() * 1e3;
+            phases.allocs += allocs2 - allocs0;
+            phases.bytes += bytes2 - bytes0;
+            phases.opt_allocs += allocs2 - allocs1;
+            phases.opt_bytes += bytes2 - bytes1;
+            self.last_loss = loss
+                .total
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()
+                .context("reading the loss")?;
+        }
+        Ok(phases)
+    }
+}
+
+fn parse_device(name: &str) -> Result<Device> {
+    Ok(match name {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0).context("--device cuda (build with --features cuda)")?,
+        "metal" => Device::new_metal(0).context("--device metal (build with --features metal)")?,
+        other => bail!("--device must be cpu, cuda or metal, got {other:?}"),
+    })
+}
+
+fn parse_dtype(name: &str) -> Result<DType> {
+    Ok(match name {
+        "f32" => DType::F32,
+        "f64" => DType::F64,
+        other => bail!("--dtype must be f32 or f64, got {other:?}"),
+    })
+}
+
+/// Every variable's values as f64 bit patterns, by name.
+fn bits(varmap: &VarMap) -> Result<Vec<(String, Vec<u64>)>> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?;
+    let mut out: Vec<(String, Vec<u64>)> = data
+        .iter()
+        .map(|(name, var): (&String, &Var)| {
+            let values = var
+                .as_tensor()
+                .flatten_all()?
+                .to_dtype(DType::F64)?
+                .to_vec1::<f64>()?;
+            Ok((name.clone(), values.into_iter().map(f64::to_bits).collect()))
+        })
+        .collect::<Result<_>>()?;
+    out.sort();
+    Ok(out)
+}
+
+fn main() -> Result<()> {
+    threads::pin();
+    let args = Args::parse();
+    if args.batch == 0 || args.samples == 0 || args.steps == 0 {
+        bail!("--batch, --samples and --steps must be positive");
+    }
+    let device = parse_device(&args.device)?;
+    let dtype = parse_dtype(&args.dtype)?;
+    let (images, labels) = synthetic(&args, dtype, &device)?;
+    let objective = FgnObjectiveConfig {
+        lambda_l2: args.lambda_l2,
+        lambda_sigma: args.lambda_sigma,
+        ..Default::default()
+    };
+    let mut pairs = Vec::new();
+    for name in &args.params {
+        let param: Parameterization = name.trim().parse()?;
+        for fused in [false, true] {
+            pairs.push(build_pair(&args, param, fused, &images, dtype, &device)?);
+        }
+    }
+    for round in 0..args.warmup + args.rounds.max(1) {
+        for pair in pairs.iter_mut() {
+            let start = Instant::now();
+            let phases = pair.run(
+                args.steps, args.batch, &images, &labels, &objective, &device,
+            )?;
+            let elapsed = start.elapsed().as_secs_f64() * 1e3;
+            if round >= args.warmup {
+                pair.rounds.push(phases);
+                pair.step_times.push(elapsed / args.steps as f64);
+            }
+        }
+    }
+
+    let per_step = |pair: &Pair, f: fn(&Phases) -> f64| {
+        let values: Vec<f64> = pair.rounds.iter().map(f).collect();
+        median(&values) / args.steps as f64
+    };
+    let mut results = Vec::new();
+    for (i, pair) in pairs.iter().enumerate() {
+        let reference = (i % 2 == 1).then(|| &pairs[i - 1]);
+        let speedup = reference.map(|r| median_ratio(&r.step_times, &pair.step_times));
+        let identical = match reference {
+            Some(r) => Some(bits(&r.varmap)? == bits(&pair.varmap)?),
+            None => None,
+        };
+        let timing = Timing::of(&pair.step_times);
+        results.push(PairReport {
+            param: pair.param.name().to_string(),
+            optimizer: pair.opt.name(),
+            step_ms: timing.median,
+            step_min_ms: timing.min,
+            forward_objective_ms: per_step(pair, |p| p.forward),
+            backward_ms: per_step(pair, |p| p.backward),
+            optimizer_ms: per_step(pair, |p| p.optimizer),
+            allocs_per_step: per_step(pair, |p| p.allocs as f64),
+            alloc_mb_per_step: per_step(pair, |p| p.bytes as f64) / 1e6,
+            optimizer_allocs_per_step: per_step(pair, |p| p.opt_allocs as f64),
+            optimizer_alloc_mb_per_step: per_step(pair, |p| p.opt_bytes as f64) / 1e6,
+            step_peak_mb: median(
+                &pair
+                    .rounds
+                    .iter()
+                    .map(|p| p.peak_bytes as f64 / 1e6)
+                    .collect::<Vec<_>>(),
+            ),
+            final_loss: pair.last_loss,
+            speedup,
+            identical_to_candle_adamw: identical,
+        });
+    }
+    let report = Report {
+        in_features: args.in_features,
+        hidden: args.hidden.clone(),
+        classes: args.classes,
+        batch: args.batch,
+        steps: args.steps,
+        rounds: args.rounds.max(1),
+        dtype: args.dtype.clone(),
+        device: args.device.clone(),
+        threads: rayon::current_num_threads(),
+        results,
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
