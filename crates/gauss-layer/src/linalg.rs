@@ -365,8 +365,10 @@ fn scaled_expm(symmetric: &Tensor, what: &str) -> Result<(Tensor, i32, Tensor)> 
         _ => f64::MAX.ln(),
     };
     let mut norm = 0f64;
-    for neuron in 0..z {
-        let (frob, g, mu) = (stats[0][neuron], stats[1][neuron], stats[2][neuron]);
+    let [frobenius, gershgorin, mu] = &stats[..] else {
+        return Err(GaussError::config("expm argument", "internal: statistics"));
+    };
+    for (neuron, ((&frob, &g), &mu)) in frobenius.iter().zip(gershgorin).zip(mu).enumerate() {
         if !(frob.is_finite() && g.is_finite() && mu.is_finite()) {
             return Err(GaussError::config(
                 "expm argument",
