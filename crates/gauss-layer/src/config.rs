@@ -202,7 +202,9 @@ impl Default for GaussLayerConfig {
 /// missing `Option` field for `None`; with `deserialize_with` it is an error like any missing
 /// field, which strict configs need (a dropped `width_floor` must not load a network without
 /// its floor).
-pub(crate) fn required_option<'de, D, T>(deserializer: D) -> std::result::Result<Option<T>, D::Error>
+pub(crate) fn required_option<'de, D, T>(
+    deserializer: D,
+) -> std::result::Result<Option<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Deserialize<'de>,

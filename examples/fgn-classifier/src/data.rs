@@ -139,7 +139,10 @@ pub fn eval_file(path: &Path, scale: InputScale, classes: usize) -> Result<Split
     let images = view("images")?;
     let labels = view("labels")?;
     let [n, d] = images.shape() else {
-        bail!("{origin}: `images` must be (N, features), got shape {:?}", images.shape())
+        bail!(
+            "{origin}: `images` must be (N, features), got shape {:?}",
+            images.shape()
+        )
     };
     let (n, d) = (*n, *d);
     if labels.shape() != [n] {
@@ -153,7 +156,10 @@ pub fn eval_file(path: &Path, scale: InputScale, classes: usize) -> Result<Split
     }
     let float_images = matches!(
         images.dtype(),
-        safetensors::Dtype::F16 | safetensors::Dtype::BF16 | safetensors::Dtype::F32 | safetensors::Dtype::F64
+        safetensors::Dtype::F16
+            | safetensors::Dtype::BF16
+            | safetensors::Dtype::F32
+            | safetensors::Dtype::F64
     );
     let divide_by = match (scale.declared, float_images) {
         (Some(declared), _) => declared,
@@ -164,8 +170,7 @@ pub fn eval_file(path: &Path, scale: InputScale, classes: usize) -> Result<Split
             scale.recorded
         ),
     };
-    let label_values = integer_values(&labels)
-        .with_context(|| format!("{origin}: `labels`"))?;
+    let label_values = integer_values(&labels).with_context(|| format!("{origin}: `labels`"))?;
     if let Some((i, bad)) = label_values
         .iter()
         .enumerate()
@@ -207,12 +212,24 @@ fn integer_values(view: &safetensors::tensor::TensorView) -> Result<Vec<i128>> {
     Ok(match view.dtype() {
         Dtype::U8 => data.iter().map(|&v| v as i128).collect(),
         Dtype::I8 => data.iter().map(|&v| v as i8 as i128).collect(),
-        Dtype::U16 => le::<2>(data).map(|b| u16::from_le_bytes(b) as i128).collect(),
-        Dtype::I16 => le::<2>(data).map(|b| i16::from_le_bytes(b) as i128).collect(),
-        Dtype::U32 => le::<4>(data).map(|b| u32::from_le_bytes(b) as i128).collect(),
-        Dtype::I32 => le::<4>(data).map(|b| i32::from_le_bytes(b) as i128).collect(),
-        Dtype::U64 => le::<8>(data).map(|b| u64::from_le_bytes(b) as i128).collect(),
-        Dtype::I64 => le::<8>(data).map(|b| i64::from_le_bytes(b) as i128).collect(),
+        Dtype::U16 => le::<2>(data)
+            .map(|b| u16::from_le_bytes(b) as i128)
+            .collect(),
+        Dtype::I16 => le::<2>(data)
+            .map(|b| i16::from_le_bytes(b) as i128)
+            .collect(),
+        Dtype::U32 => le::<4>(data)
+            .map(|b| u32::from_le_bytes(b) as i128)
+            .collect(),
+        Dtype::I32 => le::<4>(data)
+            .map(|b| i32::from_le_bytes(b) as i128)
+            .collect(),
+        Dtype::U64 => le::<8>(data)
+            .map(|b| u64::from_le_bytes(b) as i128)
+            .collect(),
+        Dtype::I64 => le::<8>(data)
+            .map(|b| i64::from_le_bytes(b) as i128)
+            .collect(),
         other => bail!("has dtype {other:?}; class labels must be integers"),
     })
 }
@@ -225,7 +242,10 @@ fn float_values(view: &safetensors::tensor::TensorView) -> Result<Vec<f64>> {
     let le4 = |c: &[u8]| [c[0], c[1], c[2], c[3]];
     let le8 = |c: &[u8]| [c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]];
     Ok(match view.dtype() {
-        Dtype::F64 => data.chunks_exact(8).map(|c| f64::from_le_bytes(le8(c))).collect(),
+        Dtype::F64 => data
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(le8(c)))
+            .collect(),
         Dtype::F32 => data
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(le4(c)) as f64)
@@ -238,8 +258,17 @@ fn float_values(view: &safetensors::tensor::TensorView) -> Result<Vec<f64>> {
             .chunks_exact(2)
             .map(|c| half::bf16::from_le_bytes(le2(c)).to_f64())
             .collect(),
-        Dtype::U8 | Dtype::I8 | Dtype::U16 | Dtype::I16 | Dtype::U32 | Dtype::I32 | Dtype::U64
-        | Dtype::I64 => integer_values(view)?.into_iter().map(|v| v as f64).collect(),
+        Dtype::U8
+        | Dtype::I8
+        | Dtype::U16
+        | Dtype::I16
+        | Dtype::U32
+        | Dtype::I32
+        | Dtype::U64
+        | Dtype::I64 => integer_values(view)?
+            .into_iter()
+            .map(|v| v as f64)
+            .collect(),
         other => bail!("has dtype {other:?}; images must be integers or f16, bf16, f32, f64"),
     })
 }
@@ -324,4 +353,150 @@ pub fn mnist(dir: &Path) -> Result<DataSet> {
         train: mnist_split(dir, "train")?,
         test: mnist_split(dir, "t10k")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file of raw tensors `(name, dtype, shape, little-endian bytes)`.
+    fn file(name: &str, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) -> std::path::PathBuf {
+        let mut header = serde_json::Map::new();
+        let mut data = Vec::new();
+        for (tensor, dtype, shape, bytes) in tensors {
+            header.insert(
+                tensor.to_string(),
+                serde_json::json!({"dtype": dtype, "shape": shape,
+                    "data_offsets": [data.len(), data.len() + bytes.len()]}),
+            );
+            data.extend_from_slice(bytes);
+        }
+        let header = serde_json::Value::Object(header).to_string();
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(&data);
+        let path = std::env::temp_dir().join(format!(
+            "fgn-eval-{name}-{}.safetensors",
+            std::process::id()
+        ));
+        std::fs::write(&path, out).unwrap();
+        path
+    }
+
+    fn f32s(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    const SCALE: InputScale = InputScale {
+        recorded: 16.0,
+        declared: None,
+    };
+
+    fn error(path: &Path, scale: InputScale) -> String {
+        let e = format!("{:#}", eval_file(path, scale, 10).unwrap_err());
+        std::fs::remove_file(path).unwrap();
+        e
+    }
+
+    #[test]
+    fn labels_must_be_integers_in_range_reported_as_written() {
+        let images = ("images", "U8", vec![2, 1], vec![0u8, 16]);
+        let cases: [(&str, &str, Vec<u8>, &str); 4] = [
+            (
+                "float",
+                "F32",
+                f32s(&[3.7, 1.0]),
+                "class labels must be integers",
+            ),
+            (
+                "minus",
+                "I32",
+                [(-1i32).to_le_bytes(), 1i32.to_le_bytes()].concat(),
+                "label -1 at index 0",
+            ),
+            (
+                "wrap",
+                "I64",
+                [(1i64 << 32) + 3, 1]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+                "label 4294967299 at index 0",
+            ),
+            ("ten", "U8", vec![1, 10], "label 10 at index 1"),
+        ];
+        for (name, dtype, bytes, needle) in cases {
+            let path = file(name, &[images.clone(), ("labels", dtype, vec![2], bytes)]);
+            let e = error(&path, SCALE);
+            assert!(e.contains(needle), "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn counts_sizes_and_pixels_are_checked() {
+        let path = file(
+            "count",
+            &[
+                ("images", "U8", vec![2, 1], vec![0, 1]),
+                ("labels", "U8", vec![3], vec![0, 1, 2]),
+            ],
+        );
+        assert!(error(&path, SCALE).contains("to match the 2 images"));
+        let path = file(
+            "empty",
+            &[
+                ("images", "U8", vec![0, 4], vec![]),
+                ("labels", "U8", vec![0], vec![]),
+            ],
+        );
+        assert!(error(&path, SCALE).contains("N = 0"));
+        let path = file(
+            "nan",
+            &[
+                ("images", "F32", vec![1, 2], f32s(&[0.5, f32::NAN])),
+                ("labels", "U8", vec![1], vec![3]),
+            ],
+        );
+        let declared = InputScale {
+            declared: Some(1.0),
+            ..SCALE
+        };
+        let e = error(&path, declared);
+        assert!(e.contains("non-finite") && e.contains("pixel 1"), "{e}");
+    }
+
+    #[test]
+    fn the_input_scale_is_explicit() {
+        let tensors = [
+            ("images", "F32", vec![1, 2], f32s(&[8.0, 16.0])),
+            ("labels", "U8", vec![1], vec![3]),
+        ];
+        // Float images: refused without a declared scale, with a message that says how.
+        let path = file("float-scale", &tensors);
+        let e = error(&path, SCALE);
+        assert!(e.contains("--input-scale 1") && e.contains("16"), "{e}");
+        let path = file("float-declared", &tensors);
+        let declared = InputScale {
+            declared: Some(16.0),
+            ..SCALE
+        };
+        let split = eval_file(&path, declared, 10).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(split.images.to_vec2::<f32>().unwrap(), vec![vec![0.5, 1.0]]);
+        // Integer images: the checkpoint's recorded scale.
+        let path = file(
+            "int",
+            &[
+                ("images", "U8", vec![1, 2], vec![4, 16]),
+                ("labels", "I64", vec![1], 9i64.to_le_bytes().to_vec()),
+            ],
+        );
+        let split = eval_file(&path, SCALE, 10).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            split.images.to_vec2::<f32>().unwrap(),
+            vec![vec![0.25, 1.0]]
+        );
+        assert_eq!(split.labels.to_vec1::<u32>().unwrap(), vec![9]);
+    }
 }

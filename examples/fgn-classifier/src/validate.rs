@@ -28,7 +28,11 @@ pub fn train(options: &TrainOptions) -> Result<()> {
     at_least_one("--batch-size", options.batch_size)?;
     at_least_one("--epochs", options.epochs)?;
     if let Some(i) = options.hidden.iter().position(|&w| w == 0) {
-        bail!("--hidden must be >= 1 for every hidden layer, got 0 (value {} of {:?})", i + 1, options.hidden);
+        bail!(
+            "--hidden must be >= 1 for every hidden layer, got 0 (value {} of {:?})",
+            i + 1,
+            options.hidden
+        );
     }
     finite_non_negative("--lambda-sigma", options.lambda_sigma)?;
     finite_non_negative("--lambda-l2", options.lambda_l2)?;

@@ -115,16 +115,13 @@ pub(crate) fn read_header(source: &mut dyn Source) -> Result<Header, String> {
     let mut ranges = Vec::with_capacity(raw.len());
     for (name, entry) in raw {
         let shape = entry.shape.0;
-        let (size, dtype) = dtype_info(&entry.dtype).ok_or_else(|| {
-            format!("tensor `{name}` has unknown dtype {:?}", entry.dtype)
-        })?;
+        let (size, dtype) = dtype_info(&entry.dtype)
+            .ok_or_else(|| format!("tensor `{name}` has unknown dtype {:?}", entry.dtype))?;
         let numel = shape
             .iter()
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))
             .ok_or_else(|| {
-                format!(
-                    "tensor `{name}` has shape {shape:?}, whose element count overflows"
-                )
+                format!("tensor `{name}` has shape {shape:?}, whose element count overflows")
             })?;
         let (begin, end) = entry.data_offsets;
         let expected_len = (numel as u64).checked_mul(size).ok_or_else(|| {
@@ -249,9 +246,7 @@ impl<'de> Visitor<'de> for MetadataVisitor {
         let mut out = BTreeMap::new();
         while let Some(key) = map.next_key::<String>()? {
             if out.contains_key(&key) {
-                return Err(de::Error::custom(format!(
-                    "duplicate metadata key `{key}`"
-                )));
+                return Err(de::Error::custom(format!("duplicate metadata key `{key}`")));
             }
             let value: String = map
                 .next_value()

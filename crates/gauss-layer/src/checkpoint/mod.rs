@@ -423,9 +423,7 @@ fn load_from_source(
                 .map_err(|e| match e {
                     ReadError::Io(e) => fail(format!("tensor `{name}` cannot be read: {e}")),
                     ReadError::Invalid(reason) => fail(reason),
-                    ReadError::Candle(e) => {
-                        fail(format!("tensor `{name}` cannot be loaded: {e}"))
-                    }
+                    ReadError::Candle(e) => fail(format!("tensor `{name}` cannot be loaded: {e}")),
                 })?;
             data.insert(name, var);
         }

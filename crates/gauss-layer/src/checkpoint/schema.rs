@@ -32,7 +32,10 @@ pub(crate) const UPGRADES: &[Upgrade] = &[Upgrade {
     // Version 1 configs were parsed leniently (missing fields took their defaults); the
     // only field added during version 1 is the initialization seed. Version 2 is strict.
     from: 1,
-    added: &[("layer.init.seed", "null"), ("output_layer.init.seed", "null")],
+    added: &[
+        ("layer.init.seed", "null"),
+        ("output_layer.init.seed", "null"),
+    ],
 }];
 
 /// Parses the `config` metadata of a version-`version` checkpoint strictly: unknown and
@@ -122,11 +125,7 @@ pub(crate) fn visit_expected(
 ) -> Result<(), String> {
     let mut emit = |name: String, shape: Vec<usize>| -> Result<(), String> {
         let numel = checked_numel(&name, &shape)?;
-        visit(ExpectedTensor {
-            name,
-            shape,
-            numel,
-        })
+        visit(ExpectedTensor { name, shape, numel })
     };
     let norm = |emit: &mut dyn FnMut(String, Vec<usize>) -> Result<(), String>,
                 prefix: &str,
@@ -247,7 +246,10 @@ mod tests {
             Ok(())
         });
         let err = result.unwrap_err();
-        assert!(err.contains("overflows") && err.contains("layers.0"), "{err}");
+        assert!(
+            err.contains("overflows") && err.contains("layers.0"),
+            "{err}"
+        );
         // weight (2^63, 8) overflows: nothing was visited.
         assert_eq!(seen, 0);
     }
@@ -259,7 +261,10 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        value["layer"]["init"].as_object_mut().unwrap().remove("seed");
+        value["layer"]["init"]
+            .as_object_mut()
+            .unwrap()
+            .remove("seed");
         value["output_layer"]["init"]
             .as_object_mut()
             .unwrap()
@@ -278,6 +283,9 @@ mod tests {
         );
         value["layer"]["tanx"] = serde_json::json!(true);
         let err = parse_config(&value.to_string(), 1).unwrap_err();
-        assert!(err.contains("layer") && err.contains("unknown field `tanx`"), "{err}");
+        assert!(
+            err.contains("layer") && err.contains("unknown field `tanx`"),
+            "{err}"
+        );
     }
 }
