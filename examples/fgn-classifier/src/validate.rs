@@ -126,7 +126,7 @@ pub fn finite_network(net: &GaussNet, lr: f64) -> Result<()> {
             .to_vec1::<f64>()?;
         if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
             bail!(
-                "training diverged: parameter `{name}` became {bad}; nothing was saved (try a smaller --lr than {lr})"
+                "training diverged: parameter `{name}` became {bad}; nothing was saved (try a smaller --lr than {lr:e})"
             );
         }
     }
