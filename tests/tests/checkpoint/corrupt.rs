@@ -169,3 +169,25 @@ fn damaged_checkpoints_name_what_is_wrong() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+#[cfg(unix)]
+#[test]
+fn special_files_are_errors_not_hangs() -> Result<()> {
+    let dir = temp_dir("ckpt-special")?;
+    let r = reason(&dir, None);
+    assert!(r.contains("not a regular file"), "{r}");
+    // An endless device, and a FIFO without a writer (opening it would block forever).
+    let r = reason(Path::new("/dev/zero"), None);
+    assert!(r.contains("not a regular file"), "{r}");
+    let fifo = dir.join("pipe");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .is_ok_and(|s| s.success());
+    if made {
+        let r = reason(&fifo, None);
+        assert!(r.contains("not a regular file"), "{r}");
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
