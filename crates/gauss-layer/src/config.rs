@@ -134,12 +134,15 @@ pub enum DistanceKernel {
 }
 
 /// Initialization of a freshly created layer (FGN defaults).
+///
+/// Deserialization is strict (see [`GaussLayerConfig`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(deny_unknown_fields)]
 pub struct InitConfig {
     /// Standard deviation of the centers, drawn from N(0, std²). FGN: 0.1.
     pub center_std: f64,
     /// Initial precision `P ≈ precision_scale · I`; `None` means `1 / in_features`.
+    #[serde(deserialize_with = "required_option")]
     pub precision_scale: Option<f64>,
     /// Size of the tiny symmetric random perturbation added to the initial precision
     /// (relative to `precision_scale`), so that neurons are not exactly alike.
@@ -150,6 +153,7 @@ pub struct InitConfig {
     /// bit-identical layers on every run and device. `None` (the default): Candle's generator
     /// on the layer's device, which cannot be seeded on the CPU. A [`crate::GaussNet`] gives
     /// layer `i` the seed [`crate::init::layer_seed`]`(seed, i)`.
+    #[serde(deserialize_with = "required_option")]
     pub seed: Option<u64>,
 }
 
@@ -165,8 +169,14 @@ impl Default for InitConfig {
 }
 
 /// Configuration of one [`crate::GaussLayer`].
+///
+/// Deserialization is strict: every field must be present (an `Option` as `null` or a value)
+/// and an unknown field is an error naming it, so a damaged or hand-edited config never
+/// loads a different network with defaults in place of what was written. In Rust, start from
+/// [`Default`] and set the fields you need; checkpoints written by older versions are upgraded
+/// by [`crate::checkpoint`] (its table of added fields and their defaults).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(deny_unknown_fields)]
 pub struct GaussLayerConfig {
     /// How the precision is stored. Default: [`Parameterization::Cholesky`].
     pub parameterization: Parameterization,
@@ -177,6 +187,7 @@ pub struct GaussLayerConfig {
     pub factor_diag_floor: f64,
     /// Smallest width (standard deviation) the Gaussian may take, or `None`. A floor keeps a
     /// neuron's gradient alive so it can always grow back. Must be `> 0` when set.
+    #[serde(deserialize_with = "required_option")]
     pub width_floor: Option<f64>,
     /// `tanh` on the linear part: `y = tanh(Wx + b) · g`.
     pub tanh: bool,
@@ -254,6 +265,20 @@ impl PrecisionConfig {
         }
         Ok(())
     }
+}
+
+/// Deserializes an `Option` field that must be present, as `null` or a value. Serde takes a
+/// missing `Option` field for `None`; with `deserialize_with` it is an error like any missing
+/// field, which strict configs need (a dropped `width_floor` must not load a network without
+/// its floor).
+pub(crate) fn required_option<'de, D, T>(
+    deserializer: D,
+) -> std::result::Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer)
 }
 
 fn check_finite_non_negative(field: &'static str, value: f64) -> Result<()> {
@@ -356,7 +381,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn init_seed_round_trips_and_old_json_still_parses() {
+    fn init_seed_round_trips() {
         let seeded = GaussLayerConfig {
             init: InitConfig {
                 seed: Some(u64::MAX),
@@ -369,11 +394,36 @@ mod tests {
             serde_json::from_str::<GaussLayerConfig>(&json).unwrap(),
             seeded
         );
-        // A config written before `seed` existed: no seed, device generator.
-        let old = r#"{"parameterization":"diag","init":{"center_std":0.2,"precision_scale":null,"perturbation":0.001}}"#;
-        let parsed: GaussLayerConfig = serde_json::from_str(old).unwrap();
-        assert_eq!(parsed.init.seed, None);
-        assert_eq!(parsed.init.center_std, 0.2);
-        assert_eq!(parsed.parameterization, Parameterization::Diag);
+    }
+
+    fn parse_edited(edit: impl FnOnce(&mut serde_json::Value)) -> String {
+        let mut value = serde_json::to_value(GaussLayerConfig::default()).unwrap();
+        edit(&mut value);
+        match serde_json::from_value::<GaussLayerConfig>(value) {
+            Ok(config) => panic!("parsed {config:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn parsing_is_strict_about_missing_and_unknown_fields() {
+        // A missing plain field, a missing `Option` field (serde's default would be `None`), a
+        // missing nested field, and an unknown field (a byte flip of `tanh`).
+        let e = parse_edited(|v| drop(v.as_object_mut().unwrap().remove("positive_map")));
+        assert!(e.contains("missing field `positive_map`"), "{e}");
+        let e = parse_edited(|v| drop(v.as_object_mut().unwrap().remove("width_floor")));
+        assert!(e.contains("missing field `width_floor`"), "{e}");
+        let e = parse_edited(|v| drop(v["init"].as_object_mut().unwrap().remove("seed")));
+        assert!(e.contains("missing field `seed`"), "{e}");
+        let e = parse_edited(|v| {
+            let tanh = v.as_object_mut().unwrap().remove("tanh").unwrap();
+            v.as_object_mut().unwrap().insert("tanx".into(), tanh);
+        });
+        assert!(e.contains("unknown field `tanx`"), "{e}");
+        // `null` is an explicit `None`.
+        let mut value = serde_json::to_value(GaussLayerConfig::default()).unwrap();
+        value["width_floor"] = serde_json::Value::Null;
+        let parsed: GaussLayerConfig = serde_json::from_value(value).unwrap();
+        assert_eq!(parsed.width_floor, None);
     }
 }

@@ -37,8 +37,11 @@ use crate::layer::{gauss_layer, GaussLayer};
 use crate::precision::Precision;
 
 /// Configuration of a [`GaussNet`]; serializable so checkpoints carry it.
+///
+/// Deserialization is strict, like [`GaussLayerConfig`]'s: every field must be present
+/// (`output_layer` as `null` or a layer config) and unknown fields are errors naming them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(deny_unknown_fields)]
 pub struct GaussNetConfig {
     /// Width of the input.
     pub in_features: usize,
@@ -49,6 +52,7 @@ pub struct GaussNetConfig {
     /// Config of the hidden layers.
     pub layer: GaussLayerConfig,
     /// Config of the output layer; `None` uses [`GaussNetConfig::layer`].
+    #[serde(deserialize_with = "crate::config::required_option")]
     pub output_layer: Option<GaussLayerConfig>,
     /// Batch norm on the input (FGN's `ib`).
     pub input_batch_norm: bool,

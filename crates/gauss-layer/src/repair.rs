@@ -193,6 +193,7 @@ fn check_floor(min_eigenvalue: f64) -> Result<()> {
 /// Projects each `P = (A + Aᵀ)/2` whose smallest eigenvalue is below `min_eigenvalue` onto
 /// the matrices with all eigenvalues `≥ min_eigenvalue`; neurons already above the floor keep
 /// their `A` unchanged. Returns a tensor on the device and in the dtype of `matrices`.
+/// A matrix with a non-finite entry is an error naming the neuron (nothing can repair it).
 ///
 /// # Shapes
 /// `matrices`: (Z, d, d) → (Z, d, d)
@@ -204,6 +205,17 @@ pub fn repair_matrices(matrices: &Tensor, min_eigenvalue: f64) -> Result<Tensor>
     let (z, d, mut values) = host::to_host_matrices(matrices, "precision matrices")?;
     for neuron in 0..z {
         let block_values = &mut values[neuron * d * d..(neuron + 1) * d * d];
+        if let Some(i) = block_values.iter().position(|v| !v.is_finite()) {
+            return Err(GaussError::config(
+                "matrices",
+                format!(
+                    "neuron {neuron} holds a non-finite entry ({} at ({}, {})), which no projection can repair",
+                    block_values[i],
+                    i / d,
+                    i % d
+                ),
+            ));
+        }
         let block = host::symmetric_block(block_values, d);
         let (eigenvalues, eigenvectors) = host::symmetric_eigen(&block)?;
         if eigenvalues.iter().all(|&l| l >= min_eigenvalue) {
@@ -247,7 +259,7 @@ pub fn repair_var_in_place(var: &Var, min_eigenvalue: f64) -> Result<PdReport> {
     if report
         .neurons
         .iter()
-        .any(|n| n.min_eigenvalue < min_eigenvalue)
+        .any(|n| n.min_eigenvalue.is_nan() || n.min_eigenvalue < min_eigenvalue)
     {
         let repaired = repair_matrices(var.as_tensor(), min_eigenvalue)?;
         var.set(&repaired)?;

@@ -111,21 +111,166 @@ pub fn digits() -> Result<DataSet> {
     })
 }
 
-/// A safetensors file with `images` (N, D) and `labels` (N). Integer images are divided by
-/// `input_scale`; float images are taken as already normalized to [0, 1].
-pub fn eval_file(path: &Path, input_scale: f64) -> Result<Split> {
+/// How the pixels of a user's data file are scaled to the [0, 1] the network was trained on.
+#[derive(Clone, Copy, Debug)]
+pub struct InputScale {
+    /// The scale the checkpoint records (its training pixels were divided by it).
+    pub recorded: f64,
+    /// The scale the user declared with `--input-scale` (`None`: not declared).
+    pub declared: Option<f64>,
+}
+
+/// A safetensors file with `images` (N, D) and integer `labels` (N), checked before use:
+/// N >= 1, counts that match, finite pixels, labels in `0..classes` (a bad label is reported
+/// as written, never wrapped or cast). Images are divided by the declared scale, else, for
+/// integer images, by the checkpoint's recorded scale; float images without a declared scale
+/// are refused (their scale cannot be guessed: sklearn's `load_digits().data` is floats in
+/// 0..16, others are in [0, 1]).
+pub fn eval_file(path: &Path, scale: InputScale, classes: usize) -> Result<Split> {
     let origin = path.display().to_string();
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-        .with_context(|| format!("{origin}: not a readable safetensors file"))?;
-    let x = tensors
-        .get("images")
-        .with_context(|| format!("{origin}: tensor `images` is missing"))?;
-    let scale = if x.dtype().is_float() {
-        1.0
-    } else {
-        input_scale
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {origin}"))?;
+    let file = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{origin}: not a readable safetensors file: {e}"))?;
+    let view = |name: &str| {
+        file.tensor(name).map_err(|_| {
+            anyhow::anyhow!("{origin}: tensor `{name}` is missing (expected `images` (N, features) and `labels` (N))")
+        })
     };
-    split_from(&tensors, "images", "labels", scale, &origin)
+    let images = view("images")?;
+    let labels = view("labels")?;
+    let [n, d] = images.shape() else {
+        bail!(
+            "{origin}: `images` must be (N, features), got shape {:?}",
+            images.shape()
+        )
+    };
+    let (n, d) = (*n, *d);
+    if labels.shape() != [n] {
+        bail!(
+            "{origin}: `labels` must be ({n}) to match the {n} images, got shape {:?}",
+            labels.shape()
+        );
+    }
+    if n == 0 {
+        bail!("{origin}: no images (N = 0); nothing to evaluate");
+    }
+    let float_images = matches!(
+        images.dtype(),
+        safetensors::Dtype::F16
+            | safetensors::Dtype::BF16
+            | safetensors::Dtype::F32
+            | safetensors::Dtype::F64
+    );
+    let divide_by = match (scale.declared, float_images) {
+        (Some(declared), _) => declared,
+        (None, false) => scale.recorded,
+        (None, true) => bail!(
+            "{origin}: `images` are floats ({:?}), whose scale cannot be guessed; declare it: --input-scale 1 if they are already in [0, 1], or the value that maps them to [0, 1] (the checkpoint was trained on pixels divided by {}, e.g. 16 for sklearn's load_digits().data)",
+            images.dtype(),
+            scale.recorded
+        ),
+    };
+    let label_values = integer_values(&labels).with_context(|| format!("{origin}: `labels`"))?;
+    if let Some((i, bad)) = label_values
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l < 0 || l >= classes as i128)
+    {
+        bail!(
+            "{origin}: label {bad} at index {i} is not a class of this model (0 to {})",
+            classes.saturating_sub(1)
+        );
+    }
+    let pixels = float_values(&images).with_context(|| format!("{origin}: `images`"))?;
+    if let Some(i) = pixels.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "{origin}: `images` holds a non-finite value ({}) at image {}, pixel {}",
+            pixels[i],
+            i / d,
+            i % d
+        );
+    }
+    let scaled: Vec<f32> = pixels.iter().map(|&v| (v / divide_by) as f32).collect();
+    let labels: Vec<u32> = label_values.iter().map(|&l| l as u32).collect();
+    Ok(Split {
+        images: Tensor::from_vec(scaled, (n, d), &Device::Cpu)?,
+        labels: Tensor::from_vec(labels, n, &Device::Cpu)?,
+    })
+}
+
+/// The values of an integer tensor, exactly (every integer dtype fits in i128).
+fn integer_values(view: &safetensors::tensor::TensorView) -> Result<Vec<i128>> {
+    use safetensors::Dtype;
+    let data = view.data();
+    fn le<const N: usize>(data: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
+        data.chunks_exact(N).map(|c| {
+            let mut a = [0u8; N];
+            a.copy_from_slice(c);
+            a
+        })
+    }
+    Ok(match view.dtype() {
+        Dtype::U8 => data.iter().map(|&v| v as i128).collect(),
+        Dtype::I8 => data.iter().map(|&v| v as i8 as i128).collect(),
+        Dtype::U16 => le::<2>(data)
+            .map(|b| u16::from_le_bytes(b) as i128)
+            .collect(),
+        Dtype::I16 => le::<2>(data)
+            .map(|b| i16::from_le_bytes(b) as i128)
+            .collect(),
+        Dtype::U32 => le::<4>(data)
+            .map(|b| u32::from_le_bytes(b) as i128)
+            .collect(),
+        Dtype::I32 => le::<4>(data)
+            .map(|b| i32::from_le_bytes(b) as i128)
+            .collect(),
+        Dtype::U64 => le::<8>(data)
+            .map(|b| u64::from_le_bytes(b) as i128)
+            .collect(),
+        Dtype::I64 => le::<8>(data)
+            .map(|b| i64::from_le_bytes(b) as i128)
+            .collect(),
+        other => bail!("has dtype {other:?}; class labels must be integers"),
+    })
+}
+
+/// The values of a numeric tensor as f64.
+fn float_values(view: &safetensors::tensor::TensorView) -> Result<Vec<f64>> {
+    use safetensors::Dtype;
+    let data = view.data();
+    let le2 = |c: &[u8]| [c[0], c[1]];
+    let le4 = |c: &[u8]| [c[0], c[1], c[2], c[3]];
+    let le8 = |c: &[u8]| [c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]];
+    Ok(match view.dtype() {
+        Dtype::F64 => data
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(le8(c)))
+            .collect(),
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(le4(c)) as f64)
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes(le2(c)).to_f64())
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes(le2(c)).to_f64())
+            .collect(),
+        Dtype::U8
+        | Dtype::I8
+        | Dtype::U16
+        | Dtype::I16
+        | Dtype::U32
+        | Dtype::I32
+        | Dtype::U64
+        | Dtype::I64 => integer_values(view)?
+            .into_iter()
+            .map(|v| v as f64)
+            .collect(),
+        other => bail!("has dtype {other:?}; images must be integers or f16, bf16, f32, f64"),
+    })
 }
 
 fn read_idx(path: &Path, magic: u32, rank: usize) -> Result<(Vec<usize>, Vec<u8>)> {
@@ -143,14 +288,14 @@ fn read_idx(path: &Path, magic: u32, rank: usize) -> Result<(Vec<usize>, Vec<u8>
         );
     }
     let dims: Vec<usize> = (0..rank).map(|i| word(4 + 4 * i) as usize).collect();
-    let count: usize = dims.iter().product();
-    if bytes.len() != header + count {
-        bail!(
-            "{}: IDX dims {dims:?} need {} bytes, file has {}",
+    let count = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    match count {
+        Some(count) if count >= 1 && header.checked_add(count) == Some(bytes.len()) => {}
+        _ => bail!(
+            "{}: IDX dims {dims:?} do not match the file's {} bytes (or hold no item)",
             path.display(),
-            header + count,
             bytes.len()
-        );
+        ),
     }
     Ok((dims, bytes[header..].to_vec()))
 }
@@ -208,4 +353,150 @@ pub fn mnist(dir: &Path) -> Result<DataSet> {
         train: mnist_split(dir, "train")?,
         test: mnist_split(dir, "t10k")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file of raw tensors `(name, dtype, shape, little-endian bytes)`.
+    fn file(name: &str, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) -> std::path::PathBuf {
+        let mut header = serde_json::Map::new();
+        let mut data = Vec::new();
+        for (tensor, dtype, shape, bytes) in tensors {
+            header.insert(
+                tensor.to_string(),
+                serde_json::json!({"dtype": dtype, "shape": shape,
+                    "data_offsets": [data.len(), data.len() + bytes.len()]}),
+            );
+            data.extend_from_slice(bytes);
+        }
+        let header = serde_json::Value::Object(header).to_string();
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(&data);
+        let path = std::env::temp_dir().join(format!(
+            "fgn-eval-{name}-{}.safetensors",
+            std::process::id()
+        ));
+        std::fs::write(&path, out).unwrap();
+        path
+    }
+
+    fn f32s(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    const SCALE: InputScale = InputScale {
+        recorded: 16.0,
+        declared: None,
+    };
+
+    fn error(path: &Path, scale: InputScale) -> String {
+        let e = format!("{:#}", eval_file(path, scale, 10).unwrap_err());
+        std::fs::remove_file(path).unwrap();
+        e
+    }
+
+    #[test]
+    fn labels_must_be_integers_in_range_reported_as_written() {
+        let images = ("images", "U8", vec![2, 1], vec![0u8, 16]);
+        let cases: [(&str, &str, Vec<u8>, &str); 4] = [
+            (
+                "float",
+                "F32",
+                f32s(&[3.7, 1.0]),
+                "class labels must be integers",
+            ),
+            (
+                "minus",
+                "I32",
+                [(-1i32).to_le_bytes(), 1i32.to_le_bytes()].concat(),
+                "label -1 at index 0",
+            ),
+            (
+                "wrap",
+                "I64",
+                [(1i64 << 32) + 3, 1]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+                "label 4294967299 at index 0",
+            ),
+            ("ten", "U8", vec![1, 10], "label 10 at index 1"),
+        ];
+        for (name, dtype, bytes, needle) in cases {
+            let path = file(name, &[images.clone(), ("labels", dtype, vec![2], bytes)]);
+            let e = error(&path, SCALE);
+            assert!(e.contains(needle), "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn counts_sizes_and_pixels_are_checked() {
+        let path = file(
+            "count",
+            &[
+                ("images", "U8", vec![2, 1], vec![0, 1]),
+                ("labels", "U8", vec![3], vec![0, 1, 2]),
+            ],
+        );
+        assert!(error(&path, SCALE).contains("to match the 2 images"));
+        let path = file(
+            "empty",
+            &[
+                ("images", "U8", vec![0, 4], vec![]),
+                ("labels", "U8", vec![0], vec![]),
+            ],
+        );
+        assert!(error(&path, SCALE).contains("N = 0"));
+        let path = file(
+            "nan",
+            &[
+                ("images", "F32", vec![1, 2], f32s(&[0.5, f32::NAN])),
+                ("labels", "U8", vec![1], vec![3]),
+            ],
+        );
+        let declared = InputScale {
+            declared: Some(1.0),
+            ..SCALE
+        };
+        let e = error(&path, declared);
+        assert!(e.contains("non-finite") && e.contains("pixel 1"), "{e}");
+    }
+
+    #[test]
+    fn the_input_scale_is_explicit() {
+        let tensors = [
+            ("images", "F32", vec![1, 2], f32s(&[8.0, 16.0])),
+            ("labels", "U8", vec![1], vec![3]),
+        ];
+        // Float images: refused without a declared scale, with a message that says how.
+        let path = file("float-scale", &tensors);
+        let e = error(&path, SCALE);
+        assert!(e.contains("--input-scale 1") && e.contains("16"), "{e}");
+        let path = file("float-declared", &tensors);
+        let declared = InputScale {
+            declared: Some(16.0),
+            ..SCALE
+        };
+        let split = eval_file(&path, declared, 10).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(split.images.to_vec2::<f32>().unwrap(), vec![vec![0.5, 1.0]]);
+        // Integer images: the checkpoint's recorded scale.
+        let path = file(
+            "int",
+            &[
+                ("images", "U8", vec![1, 2], vec![4, 16]),
+                ("labels", "I64", vec![1], 9i64.to_le_bytes().to_vec()),
+            ],
+        );
+        let split = eval_file(&path, SCALE, 10).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            split.images.to_vec2::<f32>().unwrap(),
+            vec![vec![0.25, 1.0]]
+        );
+        assert_eq!(split.labels.to_vec1::<u32>().unwrap(), vec![9]);
+    }
 }

@@ -13,6 +13,7 @@ mod init;
 mod interop;
 mod predict;
 mod train;
+mod validate;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -115,6 +116,10 @@ struct EvalArgs {
     /// Evaluate on the MNIST test files in this directory.
     #[arg(long)]
     mnist: Option<PathBuf>,
+    /// Divide the `--data` images by this to bring them to [0, 1] (required for float
+    /// images; integer images default to the checkpoint's recorded scale).
+    #[arg(long, requires = "data")]
+    input_scale: Option<f64>,
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
 }
@@ -146,12 +151,21 @@ fn report_json(report: &Report) -> Result<Value> {
 }
 
 fn train(args: TrainArgs) -> Result<Value> {
+    validate::train(&validate::TrainOptions {
+        lr: args.lr,
+        batch_size: args.batch_size,
+        epochs: args.epochs,
+        hidden: &args.hidden,
+        lambda_sigma: args.lambda_sigma,
+        lambda_l2: args.lambda_l2,
+        out: (!args.classical_only).then_some(args.out.as_path()),
+    })?;
     let device = device(args.device)?;
     let data = load_data(args.mnist.as_deref())?;
     let mut rng = StdRng::seed_from_u64(args.seed);
     let schedule = Schedule {
         epochs: args.epochs,
-        batch_size: args.batch_size.max(1),
+        batch_size: args.batch_size,
         learning_rate: args.lr,
     };
     let started = Instant::now();
@@ -218,6 +232,7 @@ fn train(args: TrainArgs) -> Result<Value> {
         )?;
         fit_seconds += fit;
         drop(varmap);
+        validate::finite_network(&net, args.lr)?;
         let report = evaluate(&net, &data.test, &device)?;
         eprintln!(
             "fgn: test accuracy {:.4}, noise mean max-softmax {:.3} ({:.1}s)",
@@ -261,17 +276,19 @@ fn train(args: TrainArgs) -> Result<Value> {
 }
 
 fn eval(args: EvalArgs) -> Result<Value> {
+    if let Some(scale) = args.input_scale {
+        validate::finite_positive("--input-scale", scale)?;
+    }
     let device = device(args.device)?;
     let loaded = checkpoint::load(&args.checkpoint, &device, None)?;
     let meta = &loaded.user_metadata;
-    let input_scale: f64 = meta
-        .get("input_scale")
-        .map(|s| s.parse())
-        .transpose()
-        .context("checkpoint metadata `input_scale` is not a number")?
-        .unwrap_or(data::DIGITS_SCALE);
+    let scale = data::InputScale {
+        recorded: validate::recorded_input_scale(meta, data::DIGITS_SCALE)?,
+        declared: args.input_scale,
+    };
+    let classes = loaded.net.config().out_features;
     let (split, bundled): (Split, bool) = match (&args.data, &args.mnist) {
-        (Some(path), _) => (data::eval_file(path, input_scale)?, false),
+        (Some(path), _) => (data::eval_file(path, scale, classes)?, false),
         (None, Some(dir)) => (
             data::mnist(dir)?.test,
             meta.get("dataset").is_some_and(|d| d == "mnist"),

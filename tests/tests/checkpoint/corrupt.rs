@@ -107,7 +107,10 @@ fn damaged_checkpoints_name_what_is_wrong() -> Result<()> {
         let p = dir.join(format!("truncated-{cut}.safetensors"));
         std::fs::write(&p, &bytes[..cut])?;
         let r = reason(&p, None);
-        assert!(r.contains("safetensors"), "cut at {cut}: {r}");
+        assert!(
+            r.contains("safetensors") || r.contains("truncated"),
+            "cut at {cut}: {r}"
+        );
     }
 
     // Not a safetensors file at all.
@@ -135,13 +138,23 @@ fn damaged_checkpoints_name_what_is_wrong() -> Result<()> {
         assert!(r.contains("format_version") && r.contains(needle), "{r}");
     }
 
-    // Config that does not parse, and one that parses but is invalid.
+    // Config that does not parse, one that lacks fields (strict), one with an unknown field,
+    // and one that parses but is invalid.
+    let mut zero_inputs: serde_json::Value = serde_json::from_str(&metadata["config"])?;
+    zero_inputs["in_features"] = serde_json::json!(0);
+    let mut unknown: serde_json::Value = serde_json::from_str(&metadata["config"])?;
+    unknown["layer"]["tanx"] = serde_json::json!(true);
     for (config, needle) in [
-        ("{not json", "does not parse"),
-        (r#"{"in_features": 0}"#, "invalid"),
+        ("{not json".to_string(), "does not parse"),
+        (
+            r#"{"in_features": 0}"#.to_string(),
+            "missing field `hidden`",
+        ),
+        (unknown.to_string(), "at `layer.tanx`: unknown field `tanx`"),
+        (zero_inputs.to_string(), "invalid"),
     ] {
         let mut m = metadata.clone();
-        m.insert("config".into(), config.into());
+        m.insert("config".into(), config);
         let p = dir.join("config.safetensors");
         write(&p, &tensors, m)?;
         let r = reason(&p, None);
@@ -152,6 +165,28 @@ fn damaged_checkpoints_name_what_is_wrong() -> Result<()> {
     match GaussNet::load(dir.join("absent.safetensors"), &Device::Cpu, None) {
         Err(GaussError::Io { path, .. }) => assert!(path.contains("absent")),
         other => panic!("expected an I/O error, got {other:?}"),
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[cfg(unix)]
+#[test]
+fn special_files_are_errors_not_hangs() -> Result<()> {
+    let dir = temp_dir("ckpt-special")?;
+    let r = reason(&dir, None);
+    assert!(r.contains("not a regular file"), "{r}");
+    // An endless device, and a FIFO without a writer (opening it would block forever).
+    let r = reason(Path::new("/dev/zero"), None);
+    assert!(r.contains("not a regular file"), "{r}");
+    let fifo = dir.join("pipe");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .is_ok_and(|s| s.success());
+    if made {
+        let r = reason(&fifo, None);
+        assert!(r.contains("not a regular file"), "{r}");
     }
     std::fs::remove_dir_all(&dir)?;
     Ok(())

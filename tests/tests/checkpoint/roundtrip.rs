@@ -67,7 +67,10 @@ fn save_then_load_gives_bit_identical_outputs() -> Result<()> {
     }
     let leftovers: Vec<_> = std::fs::read_dir(&dir)?
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.ends_with(".tmp") || name.contains(".gauss-tmp.")
+        })
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     std::fs::remove_dir_all(&dir)?;

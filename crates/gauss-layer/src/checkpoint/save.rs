@@ -1,0 +1,243 @@
+//! Atomic saves: a uniquely named temporary file next to the target, synced, renamed over
+//! it, the directory synced; debris of crashed saves cleaned.
+
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+/// Marker in every temporary file name this crate writes: `.{target name}.gauss-tmp.{pid}.{counter}.{nanos}`.
+const TEMP_MARKER: &str = "gauss-tmp";
+
+/// A temporary file whose writer is gone is removed at once; one whose writer may still be
+/// alive (or cannot be checked) only once it is this old.
+pub const STALE_TEMP_AGE: Duration = Duration::from_secs(60 * 60);
+
+/// Symbolic links followed at most when resolving the target (as the kernel's ELOOP limit).
+const MAX_SYMLINKS: usize = 40;
+
+/// The final target of `path`, following symbolic links (also dangling ones: a save through a
+/// link to a missing file creates the link's target).
+pub(crate) fn resolve_target(path: &Path) -> std::io::Result<PathBuf> {
+    let mut current = path.to_path_buf();
+    for _ in 0..MAX_SYMLINKS {
+        match std::fs::symlink_metadata(&current) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let link = std::fs::read_link(&current)?;
+                current = if link.is_absolute() {
+                    link
+                } else {
+                    parent_dir(&current).join(link)
+                };
+            }
+            Ok(_) => return Ok(current),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(current),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other(format!(
+        "more than {MAX_SYMLINKS} levels of symbolic links"
+    )))
+}
+
+/// The directory of `path` (`.` for a bare file name).
+pub(crate) fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// A name no other call, thread or process uses: pid, a process-wide counter and the clock.
+fn temp_name(file_name: &std::ffi::OsStr) -> OsString {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut name = OsString::from(".");
+    name.push(file_name);
+    name.push(format!(
+        ".{TEMP_MARKER}.{}.{count}.{nanos}",
+        std::process::id()
+    ));
+    name
+}
+
+/// Removes the temporary file when dropped unless disarmed (every error path, and unwinding).
+struct TempGuard {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Writes `bytes` atomically to `path` (through symbolic links to their target, keeping the
+/// target's permissions), then cleans stale temporary files in the directory.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let target = resolve_target(path)?;
+    let dir = parent_dir(&target);
+    let file_name = target.file_name().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no file name")
+    })?;
+    let permissions = match std::fs::metadata(&target) {
+        Ok(meta) if meta.is_dir() => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "is a directory",
+            ))
+        }
+        Ok(meta) => Some(meta.permissions()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
+    let tmp = dir.join(temp_name(file_name));
+    let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+    let mut guard = TempGuard {
+        path: tmp,
+        armed: true,
+    };
+    if let Some(permissions) = permissions {
+        file.set_permissions(permissions)?;
+    }
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&guard.path, &target)?;
+    guard.armed = false;
+    sync_dir(&dir)?;
+    // Debris of crashed saves; a failure to clean does not fail this save.
+    let _ = clean_stale_temp_files(&dir);
+    Ok(())
+}
+
+/// Makes a rename in `dir` durable. Platforms that cannot sync a directory (Windows, some
+/// file systems) report it as unsupported or invalid; that is not an error.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    let result = File::open(dir).and_then(|d| d.sync_all());
+    match result {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::InvalidInput
+                    | std::io::ErrorKind::Unsupported
+                    | std::io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// The writer's pid of a temporary file name this crate writes (current and pre-version-2
+/// pattern), or `None` for any other file.
+fn temp_file_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?;
+    // Current: `.{target}.gauss-tmp.{pid}.{counter}.{nanos}`.
+    if let Some(at) = rest.rfind(&format!(".{TEMP_MARKER}.")) {
+        let fields: Vec<&str> = rest[at + TEMP_MARKER.len() + 2..].split('.').collect();
+        if let [pid, counter, nanos] = fields[..] {
+            if counter.parse::<u64>().is_ok() && nanos.parse::<u128>().is_ok() {
+                return pid.parse().ok();
+            }
+        }
+        return None;
+    }
+    // Before version 2: `.{target}.{pid}.tmp` (only for safetensors targets, to stay clear
+    // of other programs' temporary files).
+    let stem = rest.strip_suffix(".tmp")?;
+    let (target, pid) = stem.rsplit_once('.')?;
+    if !target.ends_with(".safetensors") || target.is_empty() {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Whether process `pid` is known to be gone: only where `/proc` lists processes (Linux);
+/// elsewhere nothing is known and only age counts.
+fn process_is_gone(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return false;
+    }
+    Path::new("/proc/self").exists() && !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes temporary files that crashed saves left in `dir` and returns how many.
+///
+/// A file is removed when its name has the pattern this crate writes
+/// (`.{name}.gauss-tmp.{pid}.{counter}.{nanos}`, or `.{name}.safetensors.{pid}.tmp` from
+/// before format version 2), it is a regular file, and either its writer process is gone
+/// (checked through `/proc` where it exists, i.e. on Linux; never the calling process) or it
+/// was last modified more than [`STALE_TEMP_AGE`] ago (a live save writes continuously, so an
+/// hour without a write means its writer died, possibly with its pid reused). [`save`] calls
+/// this after every successful save.
+///
+/// [`save`]: super::save
+///
+/// # Errors
+/// [`crate::GaussError::Io`] when `dir` cannot be listed; files that cannot be removed are
+/// skipped.
+pub fn clean_stale_temp_files(dir: impl AsRef<Path>) -> crate::Result<usize> {
+    let dir = dir.as_ref();
+    let entries = std::fs::read_dir(dir).map_err(|source| crate::GaussError::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let now = SystemTime::now();
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(temp_file_pid) else {
+            continue;
+        };
+        let Ok(meta) = entry.metadata() else { continue };
+        if !meta.file_type().is_file() {
+            continue;
+        }
+        let old = meta
+            .modified()
+            .ok()
+            .and_then(|m| now.duration_since(m).ok())
+            .is_some_and(|age| age > STALE_TEMP_AGE);
+        if (old || process_is_gone(pid)) && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_names_are_recognized_and_unique() {
+        let a = temp_name(std::ffi::OsStr::new("net.safetensors"));
+        let b = temp_name(std::ffi::OsStr::new("net.safetensors"));
+        assert_ne!(a, b);
+        let a = a.to_str().unwrap();
+        assert_eq!(temp_file_pid(a), Some(std::process::id()));
+        assert_eq!(temp_file_pid(".net.safetensors.4242.tmp"), Some(4242));
+        // Other programs' files are left alone.
+        for other in [
+            "net.safetensors",
+            ".net.safetensors",
+            ".foo.4242.tmp",
+            ".net.safetensors.x.tmp",
+            ".net.gauss-tmp.1.2",
+            ".net.gauss-tmp.a.2.3",
+        ] {
+            assert_eq!(temp_file_pid(other), None, "{other}");
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Checks of the command line before any work: a bad value stops the program at once with
+//! one line naming the option, the value given and what would be accepted, instead of
+//! training for minutes and then failing (or, worse, saving a network of NaN).
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use gauss_layer::GaussNet;
+
+/// The options of `train` that must hold before training starts.
+pub struct TrainOptions<'a> {
+    pub lr: f64,
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub hidden: &'a [usize],
+    pub lambda_sigma: f64,
+    pub lambda_l2: f64,
+    /// The checkpoint path, when one will be written.
+    pub out: Option<&'a Path>,
+}
+
+/// Every check of `train`'s options (see the module docs).
+pub fn train(options: &TrainOptions) -> Result<()> {
+    finite_positive("--lr", options.lr)?;
+    at_least_one("--batch-size", options.batch_size)?;
+    at_least_one("--epochs", options.epochs)?;
+    if let Some(i) = options.hidden.iter().position(|&w| w == 0) {
+        bail!(
+            "--hidden must be >= 1 for every hidden layer, got 0 (value {} of {:?})",
+            i + 1,
+            options.hidden
+        );
+    }
+    finite_non_negative("--lambda-sigma", options.lambda_sigma)?;
+    finite_non_negative("--lambda-l2", options.lambda_l2)?;
+    if let Some(out) = options.out {
+        writable_output(out)?;
+    }
+    Ok(())
+}
+
+/// `value` is finite and > 0.
+pub fn finite_positive(option: &str, value: f64) -> Result<()> {
+    if !(value.is_finite() && value > 0.0) {
+        bail!("{option} must be a finite number > 0, got {value}");
+    }
+    Ok(())
+}
+
+/// `value` is finite and >= 0.
+pub fn finite_non_negative(option: &str, value: f64) -> Result<()> {
+    if !(value.is_finite() && value >= 0.0) {
+        bail!("{option} must be a finite number >= 0, got {value}");
+    }
+    Ok(())
+}
+
+/// `value` >= 1.
+pub fn at_least_one(option: &str, value: usize) -> Result<()> {
+    if value == 0 {
+        bail!("{option} must be >= 1, got 0");
+    }
+    Ok(())
+}
+
+/// The directory of `out` exists and a file can be created in it; `out` itself is not a
+/// directory. Checked by creating (and removing) a probe file, which is what the save does.
+pub fn writable_output(out: &Path) -> Result<()> {
+    if out.is_dir() {
+        bail!("--out {} is a directory; give a file path", out.display());
+    }
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "--out {}: the directory {} does not exist (create it first)",
+            out.display(),
+            dir.display()
+        );
+    }
+    let probe = dir.join(format!(
+        ".fgn-classifier-write-probe.{}",
+        std::process::id()
+    ));
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .with_context(|| {
+            format!(
+                "--out {}: cannot create a file in {}",
+                out.display(),
+                dir.display()
+            )
+        })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// The pixel scale recorded in a checkpoint's metadata (`input_scale`), `default` when absent.
+pub fn recorded_input_scale(metadata: &BTreeMap<String, String>, default: f64) -> Result<f64> {
+    let Some(text) = metadata.get("input_scale") else {
+        return Ok(default);
+    };
+    let scale: f64 = text
+        .parse()
+        .with_context(|| format!("checkpoint metadata `input_scale` is {text:?}, not a number"))?;
+    if !(scale.is_finite() && scale > 0.0) {
+        bail!("checkpoint metadata `input_scale` must be finite and > 0, got {text}");
+    }
+    Ok(scale)
+}
+
+/// Every parameter of a trained network is finite; otherwise training diverged and nothing
+/// should be saved.
+pub fn finite_network(net: &GaussNet, lr: f64) -> Result<()> {
+    for (name, tensor) in net.named_tensors() {
+        let values = tensor
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+            bail!(
+                "training diverged: parameter `{name}` became {bad}; nothing was saved (try a smaller --lr than {lr:e})"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(lr: f64) -> TrainOptions<'static> {
+        TrainOptions {
+            lr,
+            batch_size: 64,
+            epochs: 1,
+            hidden: &[64],
+            lambda_sigma: 0.0,
+            lambda_l2: 0.0,
+            out: None,
+        }
+    }
+
+    #[test]
+    fn bad_numbers_are_refused_with_the_option_name() {
+        for lr in [f64::NAN, f64::INFINITY, -1.0, 0.0] {
+            let e = train(&options(lr)).unwrap_err().to_string();
+            assert!(e.contains("--lr"), "{e}");
+        }
+        train(&options(1e-2)).unwrap();
+        let e = train(&TrainOptions {
+            batch_size: 0,
+            ..options(1e-2)
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--batch-size"), "{e}");
+        let e = train(&TrainOptions {
+            epochs: 0,
+            ..options(1e-2)
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--epochs"), "{e}");
+        let e = train(&TrainOptions {
+            hidden: &[8, 0],
+            ..options(1e-2)
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--hidden"), "{e}");
+        let e = train(&TrainOptions {
+            lambda_sigma: f64::NAN,
+            ..options(1e-2)
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--lambda-sigma"), "{e}");
+        let e = train(&TrainOptions {
+            lambda_l2: -1.0,
+            ..options(1e-2)
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--lambda-l2"), "{e}");
+    }
+
+    #[test]
+    fn output_directory_must_exist_and_take_files() {
+        let missing = std::env::temp_dir()
+            .join(format!("fgn-no-such-dir-{}", std::process::id()))
+            .join("net.safetensors");
+        let e = writable_output(&missing).unwrap_err().to_string();
+        assert!(e.contains("does not exist"), "{e}");
+        let e = writable_output(&std::env::temp_dir())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is a directory"), "{e}");
+        writable_output(&std::env::temp_dir().join("net.safetensors")).unwrap();
+    }
+
+    #[test]
+    fn recorded_scale_must_be_a_positive_number() {
+        let mut meta = BTreeMap::new();
+        assert_eq!(recorded_input_scale(&meta, 16.0).unwrap(), 16.0);
+        meta.insert("input_scale".to_string(), "255".to_string());
+        assert_eq!(recorded_input_scale(&meta, 16.0).unwrap(), 255.0);
+        for bad in ["nan", "-1", "0", "inf", "x"] {
+            meta.insert("input_scale".to_string(), bad.to_string());
+            assert!(recorded_input_scale(&meta, 16.0).is_err(), "{bad}");
+        }
+    }
+}
