@@ -206,15 +206,15 @@ pub fn repair_matrices(matrices: &Tensor, min_eigenvalue: f64) -> Result<Tensor>
     for neuron in 0..z {
         let block_values = &mut values[neuron * d * d..(neuron + 1) * d * d];
         if let Some(i) = block_values.iter().position(|v| !v.is_finite()) {
-            return Err(GaussError::config(
-                "matrices",
-                format!(
+            return Err(GaussError::Numerical {
+                what: "repair_matrices".to_string(),
+                reason: format!(
                     "neuron {neuron} holds a non-finite entry ({} at ({}, {})), which no projection can repair",
                     block_values[i],
                     i / d,
                     i % d
                 ),
-            ));
+            });
         }
         let block = host::symmetric_block(block_values, d);
         let (eigenvalues, eigenvectors) = host::symmetric_eigen(&block)?;
