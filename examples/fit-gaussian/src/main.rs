@@ -71,6 +71,7 @@ fn to_rows(matrix: &Tensor) -> Result<Vec<Vec<f64>>> {
 
 /// mimalloc keeps freed blocks for reuse instead of returning them to the kernel: training
 /// allocates and frees many large tensors per step (see the README, "Performance").
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
