@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand, ValueEnum};
 use gauss_layer::checkpoint;
 use gauss_layer::{GaussLayerConfig, GaussNetConfig, InitConfig, Parameterization};
@@ -42,8 +43,11 @@ struct Cli {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum DeviceArg {
+    /// The CPU (always available).
     Cpu,
+    /// CUDA device 0 (needs a build with `--features cuda`).
     Cuda,
+    /// The Metal device (needs a build with `--features metal`).
     Metal,
 }
 
@@ -64,7 +68,7 @@ struct TrainArgs {
     #[arg(long, default_value_t = 60)]
     epochs: usize,
     /// Precision parameterization of the FGN layers.
-    #[arg(long, default_value = "diag", value_parser = parse_param)]
+    #[arg(long, default_value = "diag", value_parser = parameterization_parser())]
     param: Parameterization,
     /// Width of the hidden layer(s) (repeat for more layers).
     #[arg(long, default_values_t = vec![64])]
@@ -81,6 +85,7 @@ struct TrainArgs {
     /// Mini-batch size.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
+    /// Device to train and evaluate on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
     /// Seed of the initialization, shuffling and evaluation noise.
@@ -107,13 +112,30 @@ struct EvalArgs {
     /// Evaluate on the MNIST test files in this directory.
     #[arg(long)]
     mnist: Option<PathBuf>,
+    /// Device to evaluate on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
 }
 
-fn parse_param(s: &str) -> std::result::Result<Parameterization, String> {
-    s.parse()
-        .map_err(|e: gauss_layer::GaussError| e.to_string())
+/// What each parameterization stores, for `--help`.
+fn describe(parameterization: Parameterization) -> &'static str {
+    match parameterization {
+        Parameterization::Cholesky => "P = L Lᵀ, L lower triangular (d² values per neuron)",
+        Parameterization::Direct => {
+            "P = (A + Aᵀ)/2 stored directly (d² values; not kept positive definite)"
+        }
+        Parameterization::Expm => "P = expm(A), A symmetric (d² values)",
+        Parameterization::Diag => "P = diag(exp θ): axis-aligned (d values per neuron)",
+        Parameterization::Sphere => "P = exp(θ) I: round (1 value per neuron)",
+    }
+}
+
+/// Accepts the names of [`Parameterization::ALL`], listed with their descriptions in `--help`.
+fn parameterization_parser() -> impl TypedValueParser<Value = Parameterization> {
+    let values = Parameterization::ALL
+        .into_iter()
+        .map(|p| PossibleValue::new(p.name()).help(describe(p)));
+    PossibleValuesParser::new(values).try_map(|name| name.parse::<Parameterization>())
 }
 
 fn device(arg: DeviceArg) -> Result<Device> {
