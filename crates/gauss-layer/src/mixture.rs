@@ -13,17 +13,17 @@
 //!    sphere that is the exact maximizer, which is why EM rather than gradient descent: each
 //!    step is closed form, monotone, and free of learning rates; a start from the data avoids
 //!    the stalls of a cold gradient start.
-//! 3. **Gradient refinement** (optional; automatic when the M-step is not exact for the
-//!    family, e.g. with a width floor or a parameterization whose `from_precision_matrix`
-//!    approximates): AdamW on the mean mixture NLL through the layer's own parameterization.
+//!    With a width floor σ the family is {Σ : Σ ⪰ σ² I}; raising the covariance's eigenvalues
+//!    below σ² to σ² is that family's exact maximizer too.
+//! 3. **Gradient refinement** (optional; automatic for a parameterization not listed above,
+//!    whose `from_precision_matrix` may only approximate the M-step's covariance): AdamW on
+//!    the mean mixture NLL through the layer's own parameterization.
 //!
 //! Every update is written in place into the layer's and the logits' tensors, so a mixture
 //! built through a `VarBuilder` over a `VarMap` ([`gaussian_mixture`]) stays a normal trainable
 //! layer: `varmap.all_vars()` holds the fitted `center`, precision tensor and `mixture_logits`
-//! (the name [`gauss-losses`' `mixture_logits`] uses), ready for further gradient training or
-//! `varmap.save`.
-//!
-//! [`gauss-losses`' `mixture_logits`]: https://docs.rs/gauss-losses
+//! (the name `gauss_losses::mixture_logits` uses, so `gauss_losses::mixture_nll` of the layer
+//! and logits is the mixture's NLL), ready for further gradient training or `varmap.save`.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -124,7 +124,7 @@ pub struct MixtureFitOptions {
     pub max_kmeans_steps: usize,
     /// AdamW steps on the mean mixture NLL after EM. `None` (the default): none when the
     /// M-step is the exact maximizer for the layer's family (cholesky, direct, expm, diag,
-    /// sphere without a width floor), 300 otherwise.
+    /// sphere, with or without a width floor), 300 otherwise.
     pub refine_steps: Option<usize>,
     /// Peak learning rate of the refinement (cosine decay to 1/1000 of it). Default 1e-3.
     pub refine_lr: f64,
@@ -194,17 +194,18 @@ pub struct MixtureFit {
     pub converged: bool,
 }
 
-/// Whether the M-step's covariance, projected onto the family, is the exact maximizer.
+/// Whether the M-step's covariance, projected onto the family (see [`project_covariance`]),
+/// is the exact maximizer: true for the parameterizations whose `from_precision_matrix`
+/// holds every projected covariance exactly.
 fn m_step_is_exact(config: &GaussLayerConfig) -> bool {
-    config.width_floor.is_none()
-        && matches!(
-            config.parameterization,
-            Parameterization::Cholesky
-                | Parameterization::Direct
-                | Parameterization::Expm
-                | Parameterization::Diag
-                | Parameterization::Sphere
-        )
+    matches!(
+        config.parameterization,
+        Parameterization::Cholesky
+            | Parameterization::Direct
+            | Parameterization::Expm
+            | Parameterization::Diag
+            | Parameterization::Sphere
+    )
 }
 
 /// The covariance family's M-step statistic: diag and sphere need only per-dimension
@@ -781,8 +782,8 @@ impl GaussianMixture {
         Ok(best.steps)
     }
 
-    /// Starts from the data (k-means++) and runs EM; see [`GaussianMixture::init_from_kmeans`]
-    /// for the start alone.
+    /// EM from the current parameters until the mean log-likelihood changes by less than
+    /// `tol`; returns it, the M-steps taken and whether `tol` was met.
     fn em(&self, samples: &Samples, options: &MixtureFitOptions) -> Result<(f64, usize, bool)> {
         let mut previous = f64::NEG_INFINITY;
         let mut steps = 0;
@@ -945,10 +946,12 @@ impl GaussianMixture {
     }
 }
 
-/// Projects an M-step covariance onto what the config holds: a width floor σ holds only
-/// covariances whose eigenvalues exceed σ² (raised to just above it: an approximation that
-/// the gradient refinement completes); diag keeps the diagonal (already so), sphere the mean
-/// variance.
+/// Projects an M-step covariance onto what the config holds, which is the family's exact
+/// maximizer of the weighted likelihood: diag keeps the diagonal (already so), sphere the
+/// mean variance; a width floor σ holds only covariances whose eigenvalues exceed σ², and
+/// raising the smaller ones to σ² (times 1 + 1e-6, so the base precision stays finite) is
+/// the maximizer over that set (the weighted likelihood depends on the eigenvalues through
+/// `Σ −log λ − c/λ` per eigenvector, each term increasing up to λ = c).
 fn project_covariance(cov: &mut Mat<f64>, config: &GaussLayerConfig) -> Result<()> {
     let d = cov.nrows();
     if config.parameterization == Parameterization::Sphere {

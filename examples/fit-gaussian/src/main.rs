@@ -83,7 +83,7 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     kmeans_inits: usize,
     /// Mixture: AdamW steps on the mixture NLL after EM; default 0 where the EM M-step is
-    /// exact for the parameterization (all five without a width floor), 300 otherwise.
+    /// exact for the parameterization (all five here), 300 otherwise.
     #[arg(long)]
     refine_steps: Option<usize>,
     /// Mixture: peak learning rate of the refinement (cosine decay).

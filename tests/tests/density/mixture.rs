@@ -152,7 +152,13 @@ fn responsibilities_are_posteriors() -> Result<()> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
     let mixture = gaussian_mixture(2, 3, GaussLayerConfig::default(), vb)?;
-    mixture.fit(get(&file, "x")?, &MixtureFitOptions::default())?;
+    // The k-means++ start alone already sits near the optimum on well-separated clusters.
+    let all = get(&file, "x")?;
+    mixture.init_from_kmeans(all, &MixtureFitOptions::default())?;
+    let start = mixture.log_prob(all)?.mean_all()?.to_scalar::<f64>()?;
+    let best = scalar(&file, "sklearn_best_full")?;
+    assert!(start > best - 1e-2 && start <= best + 1e-9, "start {start} vs best {best}");
+    mixture.fit(all, &MixtureFitOptions::default())?;
     let resp = mixture.responsibilities(&x.reshape((4, 6, 2))?)?;
     assert_eq!(resp.dims(), &[4, 6, 3]);
     let resp = resp.reshape((24, 3))?.to_vec2::<f64>()?;
@@ -197,5 +203,104 @@ fn bad_inputs_are_errors() -> Result<()> {
     assert!(mixture
         .fit(&get(&load("mixture_d2_k3_separated")?, "x")?.clone(), &bad)
         .is_err());
+    Ok(())
+}
+
+/// With a width floor σ the family is {Σ ⪰ σ² I}; the M-step raises eigenvalues below σ²
+/// to σ², the constrained maximizer, so EM alone reaches the constrained optimum: gradient
+/// refinement from there finds nothing to add, and the floor costs likelihood.
+#[test]
+fn width_floor_is_fitted_exactly_by_em() -> Result<()> {
+    let file = load("mixture_d2_k3_separated")?;
+    let x = get(&file, "x")?;
+    let fit = |width_floor: Option<f64>, refine_steps: Option<usize>| -> Result<f64> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+        let config = GaussLayerConfig {
+            width_floor,
+            ..Default::default()
+        };
+        let mixture = gaussian_mixture(2, 3, config, vb)?;
+        let options = MixtureFitOptions {
+            refine_steps,
+            ..Default::default()
+        };
+        let fit = mixture.fit(x, &options)?;
+        assert!(fit.converged);
+        assert_eq!(fit.refine_steps, refine_steps.unwrap_or(0));
+        Ok(fit.mean_log_likelihood)
+    };
+    let free = fit(None, None)?;
+    let floored = fit(Some(0.6), None)?;
+    let refined = fit(Some(0.6), Some(200))?;
+    assert!(
+        floored < free - 1e-3,
+        "the floor binds: {floored} vs {free}"
+    );
+    assert!(
+        (refined - floored).abs() < 1e-6,
+        "refinement moved: {refined} vs {floored}"
+    );
+    Ok(())
+}
+
+/// `set_parameters` writes a known mixture in place; refinement needs variables.
+#[test]
+fn set_parameters_and_refinement_of_plain_tensors() -> Result<()> {
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+    let mixture = gaussian_mixture(2, 2, GaussLayerConfig::default(), vb)?;
+    let weights = Tensor::new(&[1.0f64, 3.0], &dev)?;
+    let means = Tensor::new(&[[0.0f64, 0.0], [3.0, -1.0]], &dev)?;
+    let covariances = Tensor::new(
+        &[[[1.0f64, 0.2], [0.2, 0.5]], [[2.0, 0.0], [0.0, 2.0]]],
+        &dev,
+    )?;
+    mixture.set_parameters(&weights, &means, &covariances)?;
+    let w = mixture.weights()?.to_vec1::<f64>()?;
+    assert!(
+        (w[0] - 0.25).abs() < 1e-15 && (w[1] - 0.75).abs() < 1e-15,
+        "{w:?}"
+    );
+    let err = (mixture.covariances()? - &covariances)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f64>()?;
+    assert!(err < 1e-12, "{err:e}");
+    // The VarMap sees the values written.
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
+    assert_eq!(
+        data.get("center").context("center")?.to_vec2::<f64>()?,
+        means.to_vec2::<f64>()?
+    );
+
+    // A mixture of plain tensors fits by EM but cannot be refined by gradients.
+    let layer = gauss_layer::GaussLayer::from_covariance(
+        &means,
+        &covariances,
+        GaussLayerConfig::default(),
+    )?;
+    let plain = gauss_layer::GaussianMixture::new(layer, Tensor::zeros(2, DType::F64, &dev)?)?;
+    let x = mixture.sample(
+        500,
+        &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1),
+    )?;
+    plain.fit(&x, &MixtureFitOptions::default())?;
+    let text = plain
+        .fit(
+            &x,
+            &MixtureFitOptions {
+                refine_steps: Some(5),
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(text.contains("VarMap"), "{text}");
     Ok(())
 }
