@@ -69,6 +69,57 @@ impl Parameterization {
     }
 }
 
+impl Parameterization {
+    /// One line on what the parameterization stores, for help texts.
+    pub fn summary(self) -> &'static str {
+        match self {
+            Parameterization::Cholesky => {
+                "P = L Lᵀ, L lower triangular (d(d+1)/2 values per neuron)"
+            }
+            Parameterization::Direct => {
+                "P = (A + Aᵀ)/2 stored directly (d² values; positive definite only if repaired)"
+            }
+            Parameterization::Expm => "P = expm((A + Aᵀ)/2) (d² values per neuron)",
+            Parameterization::Diag => "P = diag(exp θ): axis-aligned (d values per neuron)",
+            Parameterization::Sphere => "P = exp(θ) I: round (1 value per neuron)",
+            Parameterization::LowRank { .. } => {
+                "P = diag(exp θ) + U Uᵀ, U with R columns (d·(R+1) values per neuron)"
+            }
+        }
+    }
+
+    /// The parameterization called `name` ([`Parameterization::name`], or `lowrank:R`), with
+    /// lowrank's rank given apart as command lines take it (`--param lowrank --rank 8`).
+    ///
+    /// ```
+    /// use gauss_layer::Parameterization;
+    /// assert_eq!(Parameterization::from_name("diag", None)?, Parameterization::Diag);
+    /// let low_rank = Parameterization::from_name("lowrank", Some(8))?;
+    /// assert_eq!(low_rank, Parameterization::LowRank { rank: 8 });
+    /// assert!(Parameterization::from_name("lowrank", None).is_err());
+    /// assert!(Parameterization::from_name("diag", Some(8)).is_err());
+    /// # Ok::<(), gauss_layer::GaussError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`GaussError::InvalidConfig`]: an unknown name, lowrank without a rank (or rank 0), or
+    /// a rank given for a parameterization that has none.
+    pub fn from_name(name: &str, rank: Option<usize>) -> Result<Self> {
+        match (name, rank) {
+            ("lowrank", Some(rank)) => format!("lowrank:{rank}").parse(),
+            ("lowrank", None) => Err(GaussError::config(
+                "parameterization",
+                "lowrank needs its rank (`--rank R` on the command line, R >= 1)",
+            )),
+            (other, None) => other.parse(),
+            (other, Some(rank)) => Err(GaussError::config(
+                "parameterization",
+                format!("a rank ({rank}) is only meaningful for lowrank, got {other:?}"),
+            )),
+        }
+    }
+}
+
 impl std::fmt::Display for Parameterization {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

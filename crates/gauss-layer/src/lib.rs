@@ -44,12 +44,14 @@ pub mod checkpoint;
 mod config;
 pub mod convert;
 mod cpu;
+mod density;
 mod error;
 pub mod import;
 mod init;
 mod kernels;
 mod layer;
 pub mod linalg;
+mod mixture;
 mod net;
 pub mod ops;
 mod optim;
@@ -65,6 +67,9 @@ pub use error::{GaussError, Result};
 pub use init::layer_seed;
 pub use kernels::ResolvedKernel;
 pub use layer::{gauss_layer, GaussLayer};
+pub use mixture::{
+    gaussian_mixture, GaussianMixture, MixtureFit, MixtureFitOptions, MIXTURE_LOGITS_NAME,
+};
 pub use net::{GaussNet, GaussNetConfig};
 pub use optim::FusedAdamW;
 pub use precision::Precision;

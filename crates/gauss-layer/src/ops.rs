@@ -6,6 +6,8 @@
 //!   CUDA and Metal run), like candle's `op` / `op_slow` pairs; [`mahalanobis_sq_naive`]
 //!   is the (B, Z, d) broadcast oracle.
 //! - [`gaussian`] `g = exp(-m2/2)` and [`gate`] `g · max_k prev_g[k]`.
+//! - [`log_prob_from_mahalanobis`] and [`log_normalizer`]: the normalized normal log-density
+//!   from m² and `log det P` (what [`crate::GaussLayer::log_prob`] returns).
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -23,6 +25,7 @@
 //! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 
+pub use crate::density::{log_normalizer, log_prob_from_mahalanobis};
 use candle_core::{Tensor, D};
 
 use crate::config::DistanceKernel;

@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use clap::builder::{PossibleValue, PossibleValuesParser};
 use clap::{Parser, Subcommand, ValueEnum};
 use gauss_layer::checkpoint;
 use gauss_layer::{GaussLayerConfig, GaussNetConfig, InitConfig, Parameterization};
@@ -45,8 +46,11 @@ struct Cli {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum DeviceArg {
+    /// The CPU (always available).
     Cpu,
+    /// CUDA device 0 (needs a build with `--features cuda`).
     Cuda,
+    /// The Metal device (needs a build with `--features metal`).
     Metal,
 }
 
@@ -73,8 +77,11 @@ struct TrainArgs {
     #[arg(long, default_value_t = 60)]
     epochs: usize,
     /// Precision parameterization of the FGN layers.
-    #[arg(long, default_value = "diag", value_parser = parse_param)]
-    param: Parameterization,
+    #[arg(long, default_value = "diag", value_parser = parameterization_parser())]
+    param: String,
+    /// Columns of U for `--param lowrank` (required there; 1 <= R <= input dimension).
+    #[arg(long)]
+    rank: Option<usize>,
     /// Width of the hidden layer(s) (repeat for more layers).
     #[arg(long, default_values_t = vec![64])]
     hidden: Vec<usize>,
@@ -90,6 +97,7 @@ struct TrainArgs {
     /// Mini-batch size.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
+    /// Device to train and evaluate on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
     /// Seed of the initialization, shuffling and evaluation noise.
@@ -120,13 +128,17 @@ struct EvalArgs {
     /// images; integer images default to the checkpoint's recorded scale).
     #[arg(long, requires = "data")]
     input_scale: Option<f64>,
+    /// Device to evaluate on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
 }
 
-fn parse_param(s: &str) -> std::result::Result<Parameterization, String> {
-    s.parse()
-        .map_err(|e: gauss_layer::GaussError| e.to_string())
+/// Accepts the names of [`Parameterization::ALL`], listed with their summaries in `--help`;
+/// lowrank's rank comes from `--rank` ([`Parameterization::from_name`]).
+fn parameterization_parser() -> PossibleValuesParser {
+    PossibleValuesParser::new(
+        Parameterization::ALL.map(|p| PossibleValue::new(p.name()).help(p.summary())),
+    )
 }
 
 fn device(arg: DeviceArg) -> Result<Device> {
@@ -151,6 +163,7 @@ fn report_json(report: &Report) -> Result<Value> {
 }
 
 fn train(args: TrainArgs) -> Result<Value> {
+    let parameterization = Parameterization::from_name(&args.param, args.rank)?;
     validate::train(&validate::TrainOptions {
         lr: args.lr,
         batch_size: args.batch_size,
@@ -203,13 +216,13 @@ fn train(args: TrainArgs) -> Result<Value> {
             hidden: args.hidden.clone(),
             out_features: data.classes,
             layer: GaussLayerConfig {
-                parameterization: args.param,
+                parameterization,
                 tanh: true,
                 init: init.clone(),
                 ..Default::default()
             },
             output_layer: Some(GaussLayerConfig {
-                parameterization: args.param,
+                parameterization,
                 init,
                 ..Default::default()
             }),

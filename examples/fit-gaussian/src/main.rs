@@ -1,16 +1,23 @@
 //! Learns a multivariate normal's mean and precision by gradient descent on the negative
-//! log-likelihood, and compares the result with the closed-form maximum-likelihood fit.
+//! log-likelihood, and compares the result with the closed-form maximum-likelihood fit; or,
+//! with `--components K`, fits a mixture of K normals the way scikit-learn's
+//! `GaussianMixture` does (k-means++ start on the data, then EM).
 //!
 //! ```text
 //! cargo run --release -p fit-gaussian -- --data tests/data/reference/nll_1.safetensors
 //! cargo run --release -p fit-gaussian -- --param expm --dim 4 --samples 2000 --out fit.safetensors
+//! cargo run --release -p fit-gaussian -- --data x.safetensors --components 3 --param cholesky
 //! ```
 //!
-//! Progress goes to stderr; a human summary and, as the last line of stdout, one JSON object
-//! (`mean`, `covariance`, `nll`, `mle_nll`, `steps`, errors against the MLE, ...) go to stdout.
+//! One Gaussian: progress goes to stderr; a human summary and, as the last line of stdout,
+//! one JSON object (`mean`, `covariance`, `nll`, `mle_nll`, `steps`, errors against the MLE,
+//! ...) go to stdout. A mixture: a summary goes to stderr and stdout is one JSON line
+//! (`mean_log_likelihood` in nats per sample, the quantity of scikit-learn's `score`,
+//! `weights`, `means`, `covariances`, `steps`, `seconds`, ...).
 
 mod data;
 mod fit;
+mod mixture;
 mod mle;
 
 use std::collections::BTreeMap;
@@ -18,35 +25,75 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
+use clap::builder::{PossibleValue, PossibleValuesParser};
 use clap::Parser;
+use gauss_layer::MixtureFitOptions;
 use gauss_layer::{checkpoint, Parameterization};
 use serde_json::json;
 
-/// Fit a multivariate normal by gradient descent on its NLL.
+/// Fit a multivariate normal by gradient descent on its NLL, or (--components K) a mixture of
+/// K normals by k-means++ and EM.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// safetensors file with a tensor `x` of shape (N, d); default: samples of a known Gaussian.
+    /// safetensors file with a tensor `x` of shape (N, d) (any float dtype, read as f64);
+    /// default: samples of a random known Gaussian (or mixture, with --components) drawn with
+    /// --seed, --dim and --samples.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Precision parameterization: cholesky, direct, expm, diag or sphere.
-    #[arg(long, default_value = "cholesky", value_parser = parse_parameterization)]
-    param: Parameterization,
-    /// Most optimizer steps (training stops earlier once the gradient vanishes).
+    /// Precision parameterization of every Gaussian.
+    #[arg(long, default_value = "cholesky", value_parser = parameterization_parser())]
+    param: String,
+    /// Columns of U for `--param lowrank` (required there; 1 <= R <= input dimension).
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Fit a mixture of this many components (k-means++ start, EM) instead of one Gaussian by
+    /// gradient descent; stdout is then one JSON line with `mean_log_likelihood` (nats per
+    /// sample, as scikit-learn's `score`), `weights`, `means`, `covariances`, `steps`,
+    /// `seconds`.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    components: Option<u32>,
+    /// One Gaussian: most optimizer steps (training stops earlier once the gradient vanishes).
     #[arg(long, default_value_t = 3000)]
     steps: usize,
-    /// Peak AdamW learning rate (cosine decay over the steps).
+    /// One Gaussian: peak AdamW learning rate (cosine decay over the steps).
     #[arg(long, default_value_t = 0.05)]
     lr: f64,
-    /// Convergence: stop once every gradient entry is below this.
+    /// One Gaussian: stop once every gradient entry is below this.
     #[arg(long, default_value_t = 1e-7)]
     grad_tol: f64,
-    /// Floor on the eigenvalues of a repaired `direct` precision; default 0.1 / tr(sample
-    /// covariance), at least ten times below the smallest precision eigenvalue of the MLE
-    /// (a floor near zero lets one repair feed Adam a huge `P⁻¹` gradient that stalls it).
+    /// One Gaussian: floor on the eigenvalues of a repaired `direct` precision; default
+    /// 0.1 / tr(sample covariance), at least ten times below the smallest precision eigenvalue
+    /// of the MLE (a floor near zero lets one repair feed Adam a huge `P⁻¹` gradient that
+    /// stalls it).
     #[arg(long)]
     min_eigenvalue: Option<f64>,
-    /// Seed of the synthetic data and of the initialization.
+    /// Mixture: most EM iterations.
+    #[arg(long, default_value_t = 1000)]
+    em_steps: usize,
+    /// Mixture: EM stops once the mean log-likelihood changes by less than this (nats per
+    /// sample) between iterations (scikit-learn's default is 1e-3).
+    #[arg(long, default_value_t = 1e-6)]
+    tol: f64,
+    /// Mixture: added to every covariance's diagonal in each M-step (scikit-learn's
+    /// `reg_covar`).
+    #[arg(long, default_value_t = 1e-6)]
+    reg_covar: f64,
+    /// Mixture: independent starts (k-means++, EM); the best log-likelihood is kept.
+    #[arg(long, default_value_t = 1)]
+    n_init: usize,
+    /// Mixture: k-means++ seedings per start; the k-means run of lowest inertia is kept.
+    #[arg(long, default_value_t = 3)]
+    kmeans_inits: usize,
+    /// Mixture: AdamW steps on the mixture NLL after EM; default 0 where the EM M-step is
+    /// exact for the parameterization (all five here), 300 otherwise.
+    #[arg(long)]
+    refine_steps: Option<usize>,
+    /// Mixture: peak learning rate of the refinement (cosine decay).
+    #[arg(long, default_value_t = 1e-3)]
+    refine_lr: f64,
+    /// Seed of the synthetic data, of the initialization (one Gaussian) and of the k-means++
+    /// draws (mixture).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Dimension of the synthetic data.
@@ -55,14 +102,18 @@ struct Args {
     /// Number of synthetic samples.
     #[arg(long, default_value_t = 1000)]
     samples: usize,
-    /// Save the fitted layer (a one-layer GaussNet checkpoint) to this safetensors file.
+    /// Save the fitted model to this safetensors file: one Gaussian as a one-layer GaussNet
+    /// checkpoint; a mixture as its tensors (`center`, the precision tensor, `mixture_logits`).
     #[arg(long)]
     out: Option<PathBuf>,
 }
 
-fn parse_parameterization(s: &str) -> Result<Parameterization, String> {
-    s.parse()
-        .map_err(|e: gauss_layer::GaussError| e.to_string())
+/// Accepts the names of [`Parameterization::ALL`], listed with their summaries in `--help`;
+/// lowrank's rank comes from `--rank` ([`Parameterization::from_name`]).
+fn parameterization_parser() -> PossibleValuesParser {
+    PossibleValuesParser::new(
+        Parameterization::ALL.map(|p| PossibleValue::new(p.name()).help(p.summary())),
+    )
 }
 
 fn to_rows(matrix: &Tensor) -> Result<Vec<Vec<f64>>> {
@@ -89,10 +140,59 @@ fn pin_threads() {
         .build_global();
 }
 
+/// `--components K`: fit and print the mixture's JSON line.
+fn run_mixture(
+    args: &Args,
+    parameterization: Parameterization,
+    components: usize,
+    device: &Device,
+) -> Result<()> {
+    let (x, source) = match &args.data {
+        Some(path) => (
+            data::load_samples(path, device)?,
+            path.display().to_string(),
+        ),
+        None => {
+            if args.dim == 0 || args.samples < components {
+                anyhow::bail!(
+                    "--dim must be >= 1 and --samples at least --components, got {} samples of {} dimensions for {components} components",
+                    args.samples,
+                    args.dim
+                );
+            }
+            let x = mixture::synthetic(components, args.dim, args.samples, args.seed, device)?;
+            (x, format!("synthetic mixture (seed {})", args.seed))
+        }
+    };
+    let mixture_args = mixture::MixtureArgs {
+        components,
+        parameterization,
+        options: MixtureFitOptions {
+            max_em_steps: args.em_steps,
+            tol: args.tol,
+            reg_covar: args.reg_covar,
+            n_init: args.n_init,
+            kmeans_inits: args.kmeans_inits,
+            refine_steps: args.refine_steps,
+            refine_lr: args.refine_lr,
+            seed: args.seed,
+            ..Default::default()
+        },
+        out: args.out.clone(),
+    };
+    let summary = mixture::run(&x, &source, &mixture_args)?;
+    println!("{summary}");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     pin_threads();
     let args = Args::parse();
+    let parameterization = Parameterization::from_name(&args.param, args.rank)?;
     let device = Device::Cpu;
+    if let Some(components) = args.components {
+        return run_mixture(&args, parameterization, components as usize, &device);
+    }
     let (x, source) = match &args.data {
         Some(path) => (
             data::load_samples(path, &device)?,
@@ -116,12 +216,12 @@ fn main() -> Result<()> {
     let (n, d) = x.dims2()?;
     println!(
         "data: {source}, {n} samples in {d} dimensions, parameterization {}",
-        args.param
+        parameterization
     );
 
-    let mle = mle::maximum_likelihood(&x, args.param)?;
+    let mle = mle::maximum_likelihood(&x, parameterization)?;
     let options = fit::FitOptions {
-        parameterization: args.param,
+        parameterization,
         steps: args.steps,
         lr: args.lr,
         grad_tol: args.grad_tol,
@@ -161,7 +261,7 @@ fn main() -> Result<()> {
     }
 
     let summary = json!({
-        "param": args.param.name(),
+        "param": parameterization.name(),
         "data": source,
         "samples": n,
         "dim": d,

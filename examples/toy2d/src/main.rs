@@ -5,13 +5,17 @@
 //! cargo run --release -p toy2d -- --out-dir toy2d-out
 //! ```
 //! Writes `classical_decision.png`, `fgn_decision.png`, `fgn_confidence.png` and
-//! `fgn_gaussian_activity.png`; prints one JSON line with accuracies and far-away confidences.
+//! `fgn_gaussian_activity.png` (each with axes, a legend of the data points and a colour bar);
+//! prints one JSON line with accuracies and far-away confidences.
+
+mod font;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{AdamW, Linear, Module, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use clap::builder::{PossibleValue, PossibleValuesParser};
 use clap::Parser;
 use gauss_layer::{GaussLayerConfig, GaussNet, GaussNetConfig, Parameterization};
 use gauss_losses::{fgn_objective, FgnObjectiveConfig};
@@ -21,23 +25,46 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
 #[derive(Parser)]
-#[command(about = "Classical vs FGN decision maps on two moons, as PNG files")]
+#[command(
+    about = "Classical vs FGN decision maps on two moons, as PNG files",
+    long_about = "Trains a classical MLP (2-32-32-2, ReLU) and an FGN network (2-16-2 Gaussian \
+neurons, gated) on 400 noisy two-moons points, full batch with AdamW, and draws over \
+[-3, 4] x [-3, 3.5]: each network's P(class 1) (blue = class 0, red = class 1, grey = \
+unsure), the FGN's max softmax, and the FGN output layer's strongest Gaussian activity. \
+The last line of stdout is one JSON object with both accuracies and the mean max softmax \
+on the map's border, far from the data."
+)]
 struct Args {
     /// Directory for the PNG files (created if missing).
     #[arg(long, default_value = "toy2d-out")]
     out_dir: PathBuf,
-    /// Full-batch training steps.
+    /// Full-batch training steps of each network.
     #[arg(long, default_value_t = 600)]
     steps: usize,
-    /// Seed of the data set.
+    /// Seed of the data set and of the FGN's initialization.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Weight of the λ-loss.
+    /// Weight of the λ-loss (mean covariance eigenvalue) in the FGN objective: larger keeps
+    /// the Gaussians tighter around the data.
     #[arg(long, default_value_t = 0.1)]
     lambda_sigma: f64,
-    /// Image size in pixels (square).
-    #[arg(long, default_value_t = 400)]
+    /// Precision parameterization of the FGN layers.
+    #[arg(long, default_value = "cholesky", value_parser = parameterization_parser())]
+    param: String,
+    /// Columns of U for `--param lowrank` (required there; 1 <= R <= input dimension).
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Side of the square map in pixels (the PNG adds margins for axes, legend and colour bar).
+    #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u32).range(64..=4096))]
     size: u32,
+}
+
+/// Accepts the names of [`Parameterization::ALL`], listed with their summaries in `--help`;
+/// lowrank's rank comes from `--rank` ([`Parameterization::from_name`]).
+fn parameterization_parser() -> PossibleValuesParser {
+    PossibleValuesParser::new(
+        Parameterization::ALL.map(|p| PossibleValue::new(p.name()).help(p.summary())),
+    )
 }
 
 /// The plotted square: the moons live in about [-1.2, 2.2] × [-0.7, 1.2].
@@ -115,12 +142,18 @@ fn train_mlp(x: &Tensor, y: &Tensor, steps: usize) -> Result<Mlp> {
     Ok(mlp)
 }
 
-fn train_fgn(x: &Tensor, y: &Tensor, steps: usize, lambda_sigma: f64) -> Result<GaussNet> {
+fn train_fgn(x: &Tensor, y: &Tensor, args: &Args) -> Result<GaussNet> {
+    let parameterization = Parameterization::from_name(&args.param, args.rank)?;
+    let (steps, lambda_sigma) = (args.steps, args.lambda_sigma);
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let layer = GaussLayerConfig {
-        parameterization: Parameterization::Cholesky,
+        parameterization,
         tanh: true,
+        init: gauss_layer::InitConfig {
+            seed: Some(args.seed),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let config = GaussNetConfig {
@@ -196,35 +229,148 @@ fn intensity_color(v: f32) -> RGBColor {
     )
 }
 
+/// How one map is labelled and coloured.
+struct MapStyle<'a> {
+    /// Title above the map.
+    title: &'a str,
+    /// Name of the plotted quantity, under the colour bar.
+    bar_title: &'a str,
+    /// The values at the bottom and top of the colour bar.
+    range: (f32, f32),
+    /// Colour bar ticks: value and label.
+    ticks: &'a [(f32, &'a str)],
+    /// Colour of a value.
+    color: &'a dyn Fn(f32) -> RGBColor,
+}
+
+/// Margins around the square map, in pixels: room for the title and legend (top), the x
+/// axis (bottom), the y axis (left) and the colour bar with its labels (right).
+const TOP: i32 = 34;
+const BOTTOM: i32 = 50;
+const LEFT: i32 = 56;
+const RIGHT: i32 = 170;
+/// Font scale of every label (a 5×7 glyph becomes 10×14 pixels).
+const TEXT: i32 = 2;
+const INK: RGBColor = RGBColor(30, 30, 30);
+const CLASS_COLORS: [RGBColor; 2] = [RGBColor(20, 40, 140), RGBColor(140, 20, 20)];
+
+/// `value` in `[lo, hi]` mapped to `[0, size]` pixels.
+fn to_pixels(value: f64, (lo, hi): (f64, f64), size: i32) -> i32 {
+    ((value - lo) / (hi - lo) * size as f64).round() as i32
+}
+
 fn draw_map(
     path: &Path,
     size: u32,
     values: &[f32],
-    color: impl Fn(f32) -> RGBColor,
+    style: &MapStyle,
     points: &[[f32; 2]],
     labels: &[u32],
 ) -> Result<()> {
-    let root = BitMapBackend::new(path, (size, size)).into_drawing_area();
+    let side = size as i32;
+    let (width, height) = (LEFT + side + RIGHT, TOP + side + BOTTOM);
+    let root = BitMapBackend::new(path, (width as u32, height as u32)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .margin(0)
-        .build_cartesian_2d(X_RANGE.0..X_RANGE.1, Y_RANGE.0..Y_RANGE.1)?;
-    let dx = (X_RANGE.1 - X_RANGE.0) / GRID as f64;
-    let dy = (Y_RANGE.1 - Y_RANGE.0) / GRID as f64;
-    chart.draw_series(values.iter().enumerate().map(|(i, &v)| {
+    let text = |s: &str, at: (i32, i32)| font::draw_text(&root, s, at, TEXT, INK);
+    let line_height = font::text_height(TEXT);
+
+    // The map, cell by cell.
+    let edge = |i: usize| i as i32 * side / GRID as i32;
+    for (i, &v) in values.iter().enumerate() {
         let (row, col) = (i / GRID, i % GRID);
-        let x0 = X_RANGE.0 + col as f64 * dx;
-        let y1 = Y_RANGE.1 - row as f64 * dy;
-        Rectangle::new([(x0, y1 - dy), (x0 + dx, y1)], color(v).filled())
-    }))?;
-    chart.draw_series(points.iter().zip(labels).map(|(p, &l)| {
-        let fill = if l == 0 {
-            RGBColor(20, 40, 140)
-        } else {
-            RGBColor(140, 20, 20)
-        };
-        Circle::new((p[0] as f64, p[1] as f64), 2, fill.filled())
-    }))?;
+        root.draw(&Rectangle::new(
+            [
+                (LEFT + edge(col), TOP + edge(row)),
+                (LEFT + edge(col + 1), TOP + edge(row + 1)),
+            ],
+            (style.color)(v).filled(),
+        ))?;
+    }
+    // The training points.
+    for (p, &l) in points.iter().zip(labels) {
+        let px = LEFT + to_pixels(p[0] as f64, X_RANGE, side);
+        let py = TOP + side - to_pixels(p[1] as f64, Y_RANGE, side);
+        if (LEFT..LEFT + side).contains(&px) && (TOP..TOP + side).contains(&py) {
+            let fill = CLASS_COLORS[(l as usize).min(1)];
+            root.draw(&Circle::new((px, py), 2, fill.filled()))?;
+        }
+    }
+
+    // Axes: a frame, integer ticks, labels x1 and x2.
+    root.draw(&Rectangle::new(
+        [(LEFT - 1, TOP - 1), (LEFT + side, TOP + side)],
+        INK.stroke_width(1),
+    ))?;
+    for t in (X_RANGE.0.ceil() as i32)..=(X_RANGE.1.floor() as i32) {
+        let px = LEFT + to_pixels(t as f64, X_RANGE, side);
+        root.draw(&PathElement::new(
+            vec![(px, TOP + side), (px, TOP + side + 5)],
+            INK,
+        ))?;
+        let label = t.to_string();
+        text(
+            &label,
+            (px - font::text_width(&label, TEXT) / 2, TOP + side + 8),
+        )?;
+    }
+    for t in (Y_RANGE.0.ceil() as i32)..=(Y_RANGE.1.floor() as i32) {
+        let py = TOP + side - to_pixels(t as f64, Y_RANGE, side);
+        root.draw(&PathElement::new(vec![(LEFT - 6, py), (LEFT - 1, py)], INK))?;
+        let label = t.to_string();
+        text(
+            &label,
+            (
+                LEFT - 9 - font::text_width(&label, TEXT),
+                py - line_height / 2,
+            ),
+        )?;
+    }
+    text(
+        "x1",
+        (
+            LEFT + side / 2 - font::text_width("x1", TEXT) / 2,
+            TOP + side + 12 + line_height,
+        ),
+    )?;
+    text("x2", (4, TOP + side / 2 - line_height / 2))?;
+
+    // Title (left) and legend of the points (right), above the map.
+    text(style.title, (LEFT, (TOP - line_height) / 2))?;
+    let mut x = width - 8;
+    for (class, color) in CLASS_COLORS.iter().enumerate().rev() {
+        let label = format!("class {class}");
+        x -= font::text_width(&label, TEXT);
+        text(&label, (x, (TOP - line_height) / 2))?;
+        x -= 10;
+        root.draw(&Circle::new((x, TOP / 2), 4, color.filled()))?;
+        x -= 16;
+    }
+
+    // Colour bar: the colour of every value in the range, bottom to top, with ticks.
+    let bar_left = LEFT + side + 18;
+    let bar_width = 18;
+    let (lo, hi) = style.range;
+    for row in 0..side {
+        let v = hi - (hi - lo) * (row as f32 + 0.5) / side as f32;
+        root.draw(&Rectangle::new(
+            [(bar_left, TOP + row), (bar_left + bar_width, TOP + row + 1)],
+            (style.color)(v).filled(),
+        ))?;
+    }
+    root.draw(&Rectangle::new(
+        [(bar_left - 1, TOP - 1), (bar_left + bar_width, TOP + side)],
+        INK.stroke_width(1),
+    ))?;
+    for &(v, label) in style.ticks {
+        let py = TOP + side - to_pixels(v as f64, (lo as f64, hi as f64), side);
+        root.draw(&PathElement::new(
+            vec![(bar_left + bar_width, py), (bar_left + bar_width + 5, py)],
+            INK,
+        ))?;
+        text(label, (bar_left + bar_width + 8, py - line_height / 2))?;
+    }
+    text(style.bar_title, (bar_left, TOP + side + 12 + line_height))?;
+
     root.present()
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
@@ -253,6 +399,7 @@ fn pin_threads() {
 fn main() -> Result<()> {
     pin_threads();
     let args = Args::parse();
+    let parameterization = Parameterization::from_name(&args.param, args.rank)?;
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
     let mut rng = StdRng::seed_from_u64(args.seed);
@@ -261,7 +408,7 @@ fn main() -> Result<()> {
     let y = Tensor::new(labels.as_slice(), &Device::Cpu)?;
 
     let mlp = train_mlp(&x, &y, args.steps)?;
-    let fgn = train_fgn(&x, &y, args.steps, args.lambda_sigma)?;
+    let fgn = train_fgn(&x, &y, &args)?;
 
     let grid = grid()?;
     let mlp_probs = candle_nn::ops::softmax_last_dim(&mlp.forward(&grid)?)?;
@@ -277,11 +424,19 @@ fn main() -> Result<()> {
         .to_vec1()?;
 
     let out = &args.out_dir;
+    let decision_ticks = [(0.0, "0 class 0"), (0.5, "0.5 unsure"), (1.0, "1 class 1")];
+    let decision = |title| MapStyle {
+        title,
+        bar_title: "P(class 1)",
+        range: (0.0, 1.0),
+        ticks: &decision_ticks,
+        color: &decision_color,
+    };
     draw_map(
         &out.join("classical_decision.png"),
         args.size,
         &class1(&mlp_probs)?,
-        decision_color,
+        &decision("classical MLP"),
         &points,
         &labels,
     )?;
@@ -289,16 +444,23 @@ fn main() -> Result<()> {
         &out.join("fgn_decision.png"),
         args.size,
         &class1(&fgn_probs)?,
-        decision_color,
+        &decision("FGN"),
         &points,
         &labels,
     )?;
     // Max softmax is in [0.5, 1] for two classes: stretch it to [0, 1].
+    let confidence_color = |c: f32| intensity_color((c - 0.5) * 2.0);
     draw_map(
         &out.join("fgn_confidence.png"),
         args.size,
         &fgn_conf,
-        |c| intensity_color((c - 0.5) * 2.0),
+        &MapStyle {
+            title: "FGN confidence",
+            bar_title: "max softmax",
+            range: (0.5, 1.0),
+            ticks: &[(0.5, "0.5"), (0.75, "0.75"), (1.0, "1")],
+            color: &confidence_color,
+        },
         &points,
         &labels,
     )?;
@@ -306,7 +468,13 @@ fn main() -> Result<()> {
         &out.join("fgn_gaussian_activity.png"),
         args.size,
         &activity,
-        intensity_color,
+        &MapStyle {
+            title: "FGN output Gaussians",
+            bar_title: "max g",
+            range: (0.0, 1.0),
+            ticks: &[(0.0, "0"), (0.5, "0.5"), (1.0, "1")],
+            color: &intensity_color,
+        },
         &points,
         &labels,
     )?;
@@ -321,7 +489,8 @@ fn main() -> Result<()> {
     let mlp_conf: Vec<f32> = mlp_probs.max(D::Minus1)?.to_vec1()?;
     let far_mean = |c: &[f32]| far.iter().map(|&i| c[i] as f64).sum::<f64>() / far.len() as f64;
     println!(
-        "{{\"classical_accuracy\":{:.4},\"fgn_accuracy\":{:.4},\"classical_far_mean_max_softmax\":{:.4},\"fgn_far_mean_max_softmax\":{:.4},\"out_dir\":{:?}}}",
+        "{{\"param\":\"{}\",\"classical_accuracy\":{:.4},\"fgn_accuracy\":{:.4},\"classical_far_mean_max_softmax\":{:.4},\"fgn_far_mean_max_softmax\":{:.4},\"out_dir\":{:?}}}",
+        parameterization,
         accuracy(&mlp.forward(&x)?, &y)?,
         accuracy(&fgn.forward(&x, false)?, &y)?,
         far_mean(&mlp_conf),

@@ -215,6 +215,11 @@ impl Precision {
         full::factor(self)
     }
 
+    /// Whether [`Precision::factor`] is lower triangular: cholesky without a width floor.
+    pub(crate) fn is_factor_lower_triangular(&self) -> bool {
+        self.parameterization() == Parameterization::Cholesky && self.config().width_floor.is_none()
+    }
+
     /// The diagonal of `P` for diag and sphere (sphere broadcast to d), `None` otherwise.
     ///
     /// # Shapes

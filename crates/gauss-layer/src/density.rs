@@ -1,0 +1,555 @@
+//! The layer as a density model: each neuron `z` is the normal N(c_z, P_z⁻¹).
+//!
+//! - [`GaussLayer::log_prob`]: the normalized per-neuron log-density
+//!   `log N(x | c_z, P_z⁻¹) = −m2/2 + ½·log det P_z − ½·d·log 2π`, from the layer's own
+//!   distance kernel and log-determinant (never `log g` of an underflowed `g`);
+//! - [`GaussLayer::sample`]: draws from every neuron's normal;
+//! - [`GaussLayer::from_covariance`] / [`GaussLayer::from_precision`]: a Gaussian-only layer
+//!   holding given means and covariances (or precisions) in one step, with errors that say
+//!   which floor of the config a matrix falls through.
+//!
+//! Inputs may have any shape (…, d), like `candle_nn::Linear`: the leading dimensions are
+//! flattened and restored on the output.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use gauss_layer::{GaussLayer, GaussLayerConfig};
+//! let device = Device::Cpu;
+//! // One neuron: N(0, diag(1, 4)) in 2-D.
+//! let mean = Tensor::new(&[0.0f64, 0.0], &device)?;
+//! let covariance = Tensor::new(&[[1.0f64, 0.0], [0.0, 4.0]], &device)?;
+//! let layer = GaussLayer::from_covariance(&mean, &covariance, GaussLayerConfig::default())?;
+//! // At the mean: −½·log det(2π Σ) = −log 2π − ½·log 4.
+//! let x = Tensor::new(&[[[0.0f64, 0.0]]], &device)?; // (1, 1, 2): any (…, d)
+//! let log_p = layer.log_prob(&x)?; // (1, 1, 1)
+//! let expected = -(2.0 * std::f64::consts::PI).ln() - 0.5 * 4f64.ln();
+//! assert!((log_p.flatten_all()?.to_vec1::<f64>()?[0] - expected).abs() < 1e-12);
+//! // 1000 draws from the neuron: (n, Z, d).
+//! let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+//! assert_eq!(layer.sample(1000, &mut rng)?.dims(), &[1000, 1, 2]);
+//! # Ok::<(), gauss_layer::GaussError>(())
+//! ```
+
+use candle_core::Tensor;
+use faer::linalg::solvers::DenseSolveCore;
+use faer::{Mat, Side};
+use rand::Rng;
+use rand_distr::StandardNormal;
+
+use crate::config::{GaussLayerConfig, Parameterization};
+use crate::error::{check_dtype, check_float_dtype, GaussError, Result};
+use crate::layer::GaussLayer;
+use crate::linalg::{self, host};
+use crate::precision::Precision;
+use crate::repair;
+
+/// `½·d·log 2π`, the normalizing constant of a d-dimensional normal.
+pub fn log_normalizer(dim: usize) -> f64 {
+    0.5 * dim as f64 * (2.0 * std::f64::consts::PI).ln()
+}
+
+/// `−m2/2 + ½·log det P − ½·d·log 2π`: the log-density from the squared Mahalanobis distance,
+/// broadcasting `log_det_precision` over the leading (sample) dimension. The functional core
+/// of [`GaussLayer::log_prob`].
+///
+/// # Shapes
+/// `mahalanobis_sq`: (B, Z), `log_det_precision`: (Z) → (B, Z)
+///
+/// # Errors
+/// Shapes that do not broadcast.
+pub fn log_prob_from_mahalanobis(
+    mahalanobis_sq: &Tensor,
+    log_det_precision: &Tensor,
+    dim: usize,
+) -> Result<Tensor> {
+    Ok((mahalanobis_sq * -0.5)?
+        .broadcast_add(&(log_det_precision * 0.5)?)?
+        .affine(1.0, -log_normalizer(dim))?)
+}
+
+/// Flattens `x` (…, d) to (n, d); returns it with the leading dimensions.
+pub(crate) fn flatten_leading(x: &Tensor, d: usize, what: &str) -> Result<(Tensor, Vec<usize>)> {
+    let dims = x.dims();
+    match dims.split_last() {
+        Some((&last, leading)) if last == d => {
+            let n = leading.iter().product::<usize>();
+            Ok((x.reshape((n, d))?, leading.to_vec()))
+        }
+        _ => Err(GaussError::shape(what, format!("(…, {d})"), dims)),
+    }
+}
+
+/// `leading` followed by `tail`.
+pub(crate) fn with_tail(leading: &[usize], tail: &[usize]) -> Vec<usize> {
+    leading.iter().chain(tail).copied().collect()
+}
+
+/// Whether `dtype` is a float type a layer can hold.
+/// `v` in scientific notation with at most 3 significant digits (`1e-12`, `2.5e3`): bounds in
+/// error messages, free of rounding noise such as `9.999999999999999e-13`.
+pub(crate) fn short(v: f64) -> String {
+    let text = format!("{v:.2e}");
+    match text.split_once('e') {
+        Some((mantissa, exponent)) if mantissa.contains('.') => {
+            let mantissa = mantissa.trim_end_matches('0').trim_end_matches('.');
+            format!("{mantissa}e{exponent}")
+        }
+        _ => text,
+    }
+}
+
+/// What the caller handed to a one-step constructor.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Given {
+    Covariance,
+    Precision,
+}
+
+impl Given {
+    fn name(self) -> &'static str {
+        match self {
+            Given::Covariance => "covariance",
+            Given::Precision => "precision",
+        }
+    }
+}
+
+/// One neuron's matrices on the host, f64, row-major.
+struct HostNeuron {
+    covariance: Mat<f64>,
+    precision: Mat<f64>,
+}
+
+fn mat_from_block(block: &[f64], d: usize) -> Mat<f64> {
+    Mat::from_fn(d, d, |i, j| 0.5 * (block[i * d + j] + block[j * d + i]))
+}
+
+fn smallest_eigenvalue(matrix: &Mat<f64>) -> Result<f64> {
+    let values = matrix.self_adjoint_eigenvalues(Side::Lower).map_err(|e| {
+        GaussError::Candle(candle_core::Error::Msg(format!(
+            "symmetric eigendecomposition failed: {e:?}"
+        )))
+    })?;
+    Ok(values.first().copied().unwrap_or(f64::NAN))
+}
+
+/// The inverse of a symmetric positive-definite matrix through its Cholesky factor, `None`
+/// when the factorization fails.
+fn spd_inverse(matrix: &Mat<f64>) -> Option<Mat<f64>> {
+    let inverse = matrix.llt(Side::Lower).ok()?.inverse();
+    // Symmetrize the rounding.
+    let d = matrix.nrows();
+    Some(Mat::from_fn(d, d, |i, j| {
+        0.5 * (inverse[(i, j)] + inverse[(j, i)])
+    }))
+}
+
+/// Checks one neuron's given matrix (symmetric, finite, positive definite) and returns both
+/// its covariance and its precision.
+fn host_neuron(block: &[f64], d: usize, neuron: usize, given: Given) -> Result<HostNeuron> {
+    let name = given.name();
+    if let Some(bad) = block.iter().find(|v| !v.is_finite()) {
+        return Err(GaussError::config(
+            name,
+            format!("neuron {neuron}: the {name} matrix holds a non-finite value ({bad})"),
+        ));
+    }
+    let scale = block.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let asymmetry = (0..d)
+        .flat_map(|i| (0..i).map(move |j| (i, j)))
+        .fold(0.0f64, |m, (i, j)| {
+            m.max((block[i * d + j] - block[j * d + i]).abs())
+        });
+    if asymmetry > 1e-8 * scale {
+        return Err(GaussError::config(
+            name,
+            format!(
+                "neuron {neuron}: the {name} matrix must be symmetric, but entries differ from their transposes by up to {} (largest entry {})",
+                short(asymmetry),
+                short(scale)
+            ),
+        ));
+    }
+    let matrix = mat_from_block(block, d);
+    let smallest = smallest_eigenvalue(&matrix)?;
+    let inverse = if smallest > 0.0 {
+        spd_inverse(&matrix)
+    } else {
+        None
+    };
+    let Some(inverse) = inverse else {
+        return Err(GaussError::config(
+            name,
+            format!(
+                "neuron {neuron}: the {name} matrix must be positive definite, but its smallest eigenvalue is {}",
+                short(smallest)
+            ),
+        ));
+    };
+    Ok(match given {
+        Given::Covariance => HostNeuron {
+            covariance: matrix,
+            precision: inverse,
+        },
+        Given::Precision => HostNeuron {
+            covariance: inverse,
+            precision: matrix,
+        },
+    })
+}
+
+/// Checks that `config` can hold the neuron, with errors that state the floors:
+/// - a width floor σ holds only covariances whose every eigenvalue exceeds σ²;
+/// - cholesky keeps the diagonal of the Cholesky factor of (the base) `P` above
+///   `factor_diag_floor`, so precision eigenvalues below about `floor²` (variances above
+///   about `1/floor²`) are out of reach.
+fn check_representable(
+    host: &HostNeuron,
+    d: usize,
+    config: &GaussLayerConfig,
+    neuron: usize,
+) -> Result<()> {
+    let min_variance = smallest_eigenvalue(&host.covariance)?;
+    let base_precision = match config.width_floor {
+        None => host.precision.clone(),
+        Some(sigma) => {
+            let s2 = sigma * sigma;
+            let base = Mat::from_fn(d, d, |i, j| {
+                host.covariance[(i, j)] - if i == j { s2 } else { 0.0 }
+            });
+            let base_min = smallest_eigenvalue(&base)?;
+            let inverse = if base_min > 0.0 {
+                spd_inverse(&base)
+            } else {
+                None
+            };
+            match inverse {
+                Some(p) => p,
+                None => {
+                    return Err(GaussError::config(
+                        "width_floor",
+                        format!(
+                            "neuron {neuron}: with width_floor σ = {} the layer holds covariances whose every eigenvalue exceeds σ² = {}, but the smallest eigenvalue of this covariance is {}; lower or unset `width_floor`",
+                            short(sigma),
+                            short(s2),
+                            short(min_variance)
+                        ),
+                    ))
+                }
+            }
+        }
+    };
+    if config.parameterization != Parameterization::Cholesky {
+        return Ok(());
+    }
+    let floor = config.factor_diag_floor;
+    let below = base_precision
+        .llt(Side::Lower)
+        .ok()
+        .map(|llt| {
+            let l = llt.L();
+            (0..d)
+                .map(|i| l[(i, i)])
+                .enumerate()
+                .find(|&(_, v)| v <= floor)
+        })
+        .unwrap_or(Some((0, f64::NAN)));
+    if let Some((row, value)) = below {
+        let min_precision = smallest_eigenvalue(&base_precision)?;
+        return Err(GaussError::config(
+            "factor_diag_floor",
+            format!(
+                "neuron {neuron}: the cholesky parameterization keeps every diagonal entry of P's Cholesky factor above factor_diag_floor = {}, so it holds precisions whose eigenvalues are above about floor² = {} (variances below about {}); this matrix has Cholesky diagonal {} at row {row}, smallest precision eigenvalue {} (largest variance {}). Rescale the data, lower `factor_diag_floor` (0 is allowed), or use the expm, direct or diag parameterization",
+                short(floor),
+                short(floor * floor),
+                short(1.0 / (floor * floor)),
+                short(value),
+                short(min_precision),
+                short(1.0 / min_precision),
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks on the host that `config` can hold the precision matrices `values` ((Z, d, d),
+/// row-major, f64): the errors of [`GaussLayer::from_precision`], which state the floors.
+pub(crate) fn check_precision_blocks(
+    values: &[f64],
+    z: usize,
+    d: usize,
+    config: &GaussLayerConfig,
+) -> Result<()> {
+    for neuron in 0..z {
+        let block = &values[neuron * d * d..(neuron + 1) * d * d];
+        let host = host_neuron(block, d, neuron, Given::Precision)?;
+        check_representable(&host, d, config, neuron)?;
+    }
+    Ok(())
+}
+
+/// Checks `mean` (Z, d) or (d) against `matrix` (Z, d, d) or (d, d); returns them as
+/// (Z, d) and (Z, d, d).
+fn neuron_batch(mean: &Tensor, matrix: &Tensor, given: Given) -> Result<(Tensor, Tensor)> {
+    let name = given.name();
+    let (mean, matrix) = match (mean.dims(), matrix.dims()) {
+        (&[d], &[r, c]) if d >= 1 && r == d && c == d => (mean.unsqueeze(0)?, matrix.unsqueeze(0)?),
+        (&[z, d], &[zz, r, c]) if z >= 1 && d >= 1 && zz == z && r == d && c == d => {
+            (mean.clone(), matrix.clone())
+        }
+        (&[d], _) if d >= 1 => {
+            return Err(GaussError::shape(
+                name,
+                format!("({d}, {d}) for a mean of shape ({d})"),
+                matrix.dims(),
+            ))
+        }
+        (&[z, d], _) if z >= 1 && d >= 1 => {
+            return Err(GaussError::shape(
+                name,
+                format!("({z}, {d}, {d}) for means of shape ({z}, {d})"),
+                matrix.dims(),
+            ))
+        }
+        (dims, _) => {
+            return Err(GaussError::shape(
+                "mean",
+                "(Z, d) or (d) with Z, d >= 1",
+                dims,
+            ))
+        }
+    };
+    check_float_dtype("mean", mean.dtype())?;
+    check_dtype(name, &matrix, mean.dtype(), "mean")?;
+    if !matrix.device().same_device(mean.device()) {
+        return Err(GaussError::config(
+            "device",
+            format!(
+                "the {name} is on {:?} but the mean is on {:?}",
+                matrix.device().location(),
+                mean.device().location()
+            ),
+        ));
+    }
+    Ok((mean, matrix))
+}
+
+impl GaussLayer {
+    /// A Gaussian-only layer whose neuron `z` is N(`mean[z]`, `covariance[z]`): the one-step
+    /// way to hold a known normal (or Z of them) as a layer, in any parameterization.
+    ///
+    /// The layer is Gaussian-only whatever `config.gaussian_only` says (a density has no
+    /// linear part; `tanh` and `tied_bias` must be false); the other fields (parameterization,
+    /// floors, kernel) are used as given. The precision is computed on the host in f64 and
+    /// stored in the dtype and on the device of `mean`.
+    ///
+    /// # Shapes
+    /// `mean`: (Z, d) with `covariance`: (Z, d, d); or `mean`: (d) with `covariance`: (d, d)
+    /// for one neuron.
+    ///
+    /// # Errors
+    /// Shapes, dtypes or devices that do not match; a covariance that is not finite,
+    /// symmetric (to 1e-8 relative) and positive definite; a covariance the config cannot
+    /// hold, with the floor named and its bound stated: `width_floor` σ (every covariance
+    /// eigenvalue must exceed σ²), cholesky's `factor_diag_floor` f (variances up to about
+    /// 1/f², 1e12 at the default f = 1e-6), diag (diagonal covariances only), sphere
+    /// (multiples of the identity only).
+    pub fn from_covariance(
+        mean: &Tensor,
+        covariance: &Tensor,
+        config: GaussLayerConfig,
+    ) -> Result<Self> {
+        Self::from_matrices(mean, covariance, config, Given::Covariance)
+    }
+
+    /// A Gaussian-only layer whose neuron `z` is N(`mean[z]`, `precision[z]⁻¹`); as
+    /// [`GaussLayer::from_covariance`] with the precision given instead.
+    ///
+    /// `precision` is the effective precision: with a width floor σ, it must be narrower
+    /// than σ allows in no direction (see [`crate::precision`]).
+    ///
+    /// # Shapes
+    /// `mean`: (Z, d) with `precision`: (Z, d, d); or `mean`: (d) with `precision`: (d, d).
+    ///
+    /// # Errors
+    /// As [`GaussLayer::from_covariance`], for the precision matrix.
+    pub fn from_precision(
+        mean: &Tensor,
+        precision: &Tensor,
+        config: GaussLayerConfig,
+    ) -> Result<Self> {
+        Self::from_matrices(mean, precision, config, Given::Precision)
+    }
+
+    fn from_matrices(
+        mean: &Tensor,
+        matrix: &Tensor,
+        config: GaussLayerConfig,
+        given: Given,
+    ) -> Result<Self> {
+        let config = GaussLayerConfig {
+            gaussian_only: true,
+            ..config
+        };
+        config.validate()?;
+        let (mean, matrix) = neuron_batch(mean, matrix, given)?;
+        let (z, d, values) = host::to_host_matrices(&matrix, given.name())?;
+        let mut precision = Vec::with_capacity(z * d * d);
+        for neuron in 0..z {
+            let host = host_neuron(
+                &values[neuron * d * d..(neuron + 1) * d * d],
+                d,
+                neuron,
+                given,
+            )?;
+            check_representable(&host, d, &config, neuron)?;
+            for i in 0..d {
+                for j in 0..d {
+                    precision.push(match given {
+                        // Keep the caller's precision bit for bit.
+                        Given::Precision => values[neuron * d * d + i * d + j],
+                        Given::Covariance => host.precision[(i, j)],
+                    });
+                }
+            }
+        }
+        let precision = Tensor::from_vec(precision, (z, d, d), &candle_core::Device::Cpu)?;
+        let precision = Precision::from_precision_matrix(&precision, &config)?;
+        let precision = precision.with_raw(
+            precision
+                .raw()
+                .to_dtype(mean.dtype())?
+                .to_device(mean.device())?,
+        )?;
+        GaussLayer::new(None, None, mean.contiguous()?, precision, config)
+    }
+
+    /// Normalized log-density of `x` under each neuron's normal N(c_z, P_z⁻¹):
+    /// `−m2/2 + ½·log det P_z − ½·d·log 2π`, with `m2` from the layer's distance kernel.
+    /// For a layer with a linear part the density is that of its Gaussian factor.
+    ///
+    /// # Shapes
+    /// `x`: (…, d) → (…, Z)
+    ///
+    /// # Errors
+    /// `x` not ending in d or of another dtype than the layer; a `direct` precision that is
+    /// not positive definite (see [`crate::repair`]).
+    pub fn log_prob(&self, x: &Tensor) -> Result<Tensor> {
+        let (d, z) = (self.in_features(), self.out_features());
+        let (flat, leading) = flatten_leading(x, d, "input x")?;
+        let out_shape = with_tail(&leading, &[z]);
+        if flat.dims()[0] == 0 {
+            return Ok(Tensor::zeros(out_shape, x.dtype(), x.device())?);
+        }
+        if self.precision().parameterization() == Parameterization::Direct {
+            repair::check_positive_definite(self.precision())?.into_result()?;
+        }
+        let m2 = self.mahalanobis_sq(&flat)?;
+        let log_det = self.precision().log_det_precision()?;
+        Ok(log_prob_from_mahalanobis(&m2, &log_det, d)?.reshape(out_shape)?)
+    }
+
+    /// A matrix `A_z` per neuron with `A_z A_zᵀ = Σ_z`, or the standard deviations when the
+    /// precision is diagonal.
+    pub(crate) fn covariance_root(&self) -> Result<CovarianceRoot> {
+        let precision = self.precision();
+        if let Some(p) = precision.diagonal_precision()? {
+            return Ok(CovarianceRoot::Diagonal(p.recip()?.sqrt()?));
+        }
+        if precision.is_factor_lower_triangular() {
+            if let Some(lower) = precision.factor()? {
+                // P = L Lᵀ ⇒ Σ = L⁻ᵀ L⁻¹ = (L⁻ᵀ)(L⁻ᵀ)ᵀ.
+                return Ok(CovarianceRoot::Full(linalg::transpose(
+                    &linalg::tril_inverse(&lower)?,
+                )?));
+            }
+        }
+        if precision.parameterization() == Parameterization::Direct {
+            repair::check_positive_definite(precision)?.into_result()?;
+        }
+        Ok(CovarianceRoot::Full(linalg::cholesky(
+            &precision.covariance_matrix()?,
+        )?))
+    }
+
+    /// `n` independent draws from each neuron's normal N(c_z, P_z⁻¹): `c_z + A_z ε` with
+    /// `A_z A_zᵀ = Σ_z` and `ε` standard normal, drawn on the host from `rng` (so a seeded
+    /// `rng` gives the same draws on every device), then moved to the layer's dtype and
+    /// device.
+    ///
+    /// # Shapes
+    /// → (n, Z, d)
+    ///
+    /// # Errors
+    /// A `direct` precision that is not positive definite.
+    pub fn sample<R: Rng + ?Sized>(&self, n: usize, rng: &mut R) -> Result<Tensor> {
+        let (z, d) = (self.out_features(), self.in_features());
+        let center = self.center();
+        let noise: Vec<f64> = (0..n * z * d).map(|_| rng.sample(StandardNormal)).collect();
+        let noise = host::from_host(noise, &[n, z, d], center.dtype(), center.device())?;
+        let spread = match self.covariance_root()? {
+            CovarianceRoot::Diagonal(std) => noise.broadcast_mul(&std.unsqueeze(0)?)?,
+            CovarianceRoot::Full(root) => {
+                // (Z, d, d) × (Z, d, n) → (Z, d, n) → (n, Z, d).
+                let columns = noise.permute((1, 2, 0))?.contiguous()?;
+                linalg::matmul(&root, &columns)?.permute((2, 0, 1))?
+            }
+        };
+        Ok(spread.broadcast_add(&center.unsqueeze(0)?)?.contiguous()?)
+    }
+}
+
+/// See [`GaussLayer::covariance_root`].
+pub(crate) enum CovarianceRoot {
+    /// Standard deviations (Z, d).
+    Diagonal(Tensor),
+    /// `A` (Z, d, d) with `A Aᵀ = Σ`.
+    Full(Tensor),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::relative_error;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn log_prob_of_a_standard_normal_is_closed_form() -> Result<()> {
+        let dev = Device::Cpu;
+        for parameterization in Parameterization::ALL {
+            let config = GaussLayerConfig {
+                parameterization,
+                ..Default::default()
+            };
+            let mean = Tensor::zeros(3, DType::F64, &dev)?;
+            let eye = Tensor::eye(3, DType::F64, &dev)?;
+            let layer = GaussLayer::from_covariance(&mean, &eye, config)?;
+            let x = Tensor::new(&[[1.0f64, 2.0, -2.0], [0.0, 0.0, 0.0]], &dev)?;
+            // −|x|²/2 − (3/2)·log 2π.
+            let expected = Tensor::new(&[[-4.5 - log_normalizer(3)], [-log_normalizer(3)]], &dev)?;
+            let err = relative_error(&layer.log_prob(&x)?, &expected)?;
+            assert!(err < 1e-12, "{parameterization}: {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn shapes_follow_linear() -> Result<()> {
+        let dev = Device::Cpu;
+        let mean = Tensor::zeros((4, 3), DType::F32, &dev)?;
+        let cov = Tensor::eye(3, DType::F32, &dev)?
+            .unsqueeze(0)?
+            .repeat((4, 1, 1))?;
+        let layer = GaussLayer::from_covariance(&mean, &cov, GaussLayerConfig::default())?;
+        for dims in [vec![3], vec![5, 3], vec![2, 5, 3], vec![0, 3]] {
+            let x = Tensor::zeros(dims.as_slice(), DType::F32, &dev)?;
+            let mut expected = dims.clone();
+            *expected.last_mut().unwrap() = 4;
+            assert_eq!(layer.log_prob(&x)?.dims(), expected.as_slice());
+        }
+        let bad = Tensor::zeros((2, 4), DType::F32, &dev)?;
+        let err = layer.log_prob(&bad).unwrap_err().to_string();
+        assert!(err.contains("(…, 3)"), "{err}");
+        Ok(())
+    }
+}

@@ -1,0 +1,14 @@
+//! The density API and Gaussian mixtures: `log_prob` against SciPy (recorded), sampling
+//! statistics, the one-step constructors and their errors, mixture fits against
+//! scikit-learn (recorded).
+
+#[path = "density/common.rs"]
+mod common;
+#[path = "density/constructors.rs"]
+mod constructors;
+#[path = "density/log_prob.rs"]
+mod log_prob;
+#[path = "density/mixture.rs"]
+mod mixture;
+#[path = "density/sample.rs"]
+mod sample;
