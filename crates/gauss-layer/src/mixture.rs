@@ -64,7 +64,7 @@ use crate::config::{GaussLayerConfig, Parameterization};
 use crate::density::{self, CovarianceRoot};
 use crate::error::{check_dtype, GaussError, Result};
 use crate::layer::{gauss_layer, GaussLayer};
-use crate::linalg::host;
+use crate::linalg::{self, host};
 use crate::precision::Precision;
 use crate::repair;
 
@@ -197,16 +197,16 @@ pub struct MixtureFit {
 
 /// Whether the M-step's covariance, projected onto the family (see [`project_covariance`]),
 /// is the exact maximizer: true for the parameterizations whose `from_precision_matrix`
-/// holds every projected covariance exactly.
-fn m_step_is_exact(config: &GaussLayerConfig) -> bool {
-    matches!(
-        config.parameterization,
+/// holds every projected covariance exactly (lowrank only at full rank, `rank >= d`).
+fn m_step_is_exact(config: &GaussLayerConfig, dim: usize) -> bool {
+    match config.parameterization {
         Parameterization::Cholesky
-            | Parameterization::Direct
-            | Parameterization::Expm
-            | Parameterization::Diag
-            | Parameterization::Sphere
-    )
+        | Parameterization::Direct
+        | Parameterization::Expm
+        | Parameterization::Diag
+        | Parameterization::Sphere => true,
+        Parameterization::LowRank { rank } => rank >= dim,
+    }
 }
 
 /// The covariance family's M-step statistic: diag and sphere need only per-dimension
@@ -261,11 +261,7 @@ fn checked_samples(x: &Tensor, d: usize, dtype: DType, min_rows: usize) -> Resul
             x.dims(),
         ));
     }
-    let energy = flat
-        .to_dtype(DType::F64)?
-        .sqr()?
-        .sum_all()?
-        .to_scalar::<f64>()?;
+    let energy = linalg::read_scalar(&flat.sqr()?.sum_all()?)?;
     if !energy.is_finite() {
         return Err(GaussError::config(
             "samples x",
@@ -277,7 +273,11 @@ fn checked_samples(x: &Tensor, d: usize, dtype: DType, min_rows: usize) -> Resul
 
 /// Host f64 values of a tensor.
 fn host_values(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
+    // Moved first and cast on the host: Metal has no f64.
+    Ok(t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?)
 }
 
 /// The result of one k-means run.
@@ -321,13 +321,7 @@ fn draw_index(weights: &[f64], rng: &mut StdRng) -> usize {
 fn kmeans(samples: &Samples, k: usize, max_steps: usize, rng: &mut StdRng) -> Result<KMeans> {
     let (x, x_sq) = (&samples.centered, &samples.centered_norm_sq);
     let (n, d) = x.dims2()?;
-    let tolerance = 1e-4
-        * samples
-            .centered_sq
-            .to_dtype(DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()?
-        / (n * d) as f64;
+    let tolerance = 1e-4 * linalg::read_scalar(&samples.centered_sq.sum_all()?)? / (n * d) as f64;
     let trials = 2 + (k as f64).ln().floor() as usize;
     let first = rng.random_range(0..n);
     let mut chosen = vec![first];
@@ -369,11 +363,7 @@ fn kmeans(samples: &Samples, k: usize, max_steps: usize, rng: &mut StdRng) -> Re
         let labels = distances.argmin(1)?;
         let host = labels.to_vec1::<u32>()?;
         if previous.as_ref() == Some(&host) || shift <= tolerance || steps == max_steps {
-            let inertia = distances
-                .min(1)?
-                .to_dtype(DType::F64)?
-                .sum_all()?
-                .to_scalar()?;
+            let inertia = linalg::read_scalar(&distances.min(1)?.sum_all()?)?;
             return Ok(KMeans {
                 labels,
                 inertia,
@@ -391,11 +381,7 @@ fn kmeans(samples: &Samples, k: usize, max_steps: usize, rng: &mut StdRng) -> Re
         // An empty cluster keeps its center.
         let moved = (means.broadcast_mul(&occupied)?
             + centers.broadcast_mul(&occupied.affine(-1.0, 1.0)?)?)?;
-        shift = (&moved - &centers)?
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+        shift = linalg::read_scalar(&(&moved - &centers)?.sqr()?.sum_all()?)?;
         centers = moved;
         previous = Some(host);
         steps += 1;
@@ -681,10 +667,7 @@ impl GaussianMixture {
     fn e_step(&self, x: &Tensor) -> Result<(f64, Tensor)> {
         let joint = self.joint_log_prob(x)?;
         let log_norm = joint.log_sum_exp(1)?; // (N)
-        let mean = log_norm
-            .to_dtype(DType::F64)?
-            .mean_all()?
-            .to_scalar::<f64>()?;
+        let mean = linalg::read_scalar(&log_norm.mean_all()?)?;
         let resp = joint.broadcast_sub(&log_norm.unsqueeze(1)?)?.exp()?;
         Ok((mean, resp))
     }
@@ -883,7 +866,7 @@ impl GaussianMixture {
         let refine_steps =
             options
                 .refine_steps
-                .unwrap_or(if m_step_is_exact(self.layer.config()) {
+                .unwrap_or(if m_step_is_exact(self.layer.config(), self.dim()) {
                     0
                 } else {
                     300
@@ -999,7 +982,9 @@ fn raw_from_covariances(
         }
     }
     let tensor = Tensor::from_vec(precision.clone(), (k, d, d), &Device::Cpu)?;
-    match Precision::from_precision_matrix(&tensor, config) {
+    // The nearest representable precision where the family is smaller than the M-step's
+    // (lowrank below full rank); the gradient refinement takes it from there.
+    match Precision::from_precision_matrix_within(&tensor, config, f64::INFINITY) {
         Ok(p) => Ok(p.raw().clone()),
         Err(original) => {
             density::check_precision_blocks(&precision, k, d, config)?;

@@ -34,7 +34,14 @@ fn fit_reaches_scikit_learn_for_every_parameterization() -> Result<()> {
     for (name, k) in CASES {
         let file = load(name)?;
         let x = get(&file, "x")?;
+        let dim = x.dim(1)?;
         for parameterization in Parameterization::ALL {
+            // lowrank at full rank holds every precision: EM alone reaches sklearn's full fit
+            // (below full rank, see `low_rank_below_full_rank_beats_diag`).
+            let parameterization = match parameterization {
+                Parameterization::LowRank { .. } => Parameterization::LowRank { rank: dim },
+                other => other,
+            };
             let t = sklearn_type(parameterization);
             let (target, best) = (
                 scalar(&file, &format!("sklearn_score_{t}"))?,
@@ -307,5 +314,33 @@ fn set_parameters_and_refinement_of_plain_tensors() -> Result<()> {
         .unwrap_err()
         .to_string();
     assert!(text.contains("VarMap"), "{text}");
+    Ok(())
+}
+
+/// lowrank:2 in 10 dimensions holds diag (U = 0) and more: EM with the nearest low-rank
+/// precision at each M-step, then gradient refinement, ends at least at sklearn's diag fit
+/// and at most at its full optimum.
+#[test]
+fn low_rank_below_full_rank_beats_diag() -> Result<()> {
+    let file = load("mixture_d10_k4_overlapping")?;
+    let x = get(&file, "x")?;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+    let config = GaussLayerConfig {
+        parameterization: Parameterization::LowRank { rank: 2 },
+        ..Default::default()
+    };
+    let mixture = gaussian_mixture(10, 4, config, vb)?;
+    let fit = mixture.fit(x, &MixtureFitOptions::default())?;
+    let (diag, best_full) = (
+        scalar(&file, "sklearn_score_diag")?,
+        scalar(&file, "sklearn_best_full")?,
+    );
+    assert_eq!(fit.refine_steps, 300, "refinement runs below full rank");
+    assert!(
+        fit.mean_log_likelihood >= diag - 1e-3 && fit.mean_log_likelihood <= best_full + 1e-9,
+        "lowrank:2 {} vs sklearn diag {diag}, full optimum {best_full}",
+        fit.mean_log_likelihood
+    );
     Ok(())
 }

@@ -46,6 +46,22 @@ impl Precision {
         precision: &Tensor,
         config: impl Into<PrecisionConfig>,
     ) -> Result<Self> {
+        let tolerance = if precision.dtype() == DType::F64 {
+            1e-9
+        } else {
+            1e-5
+        };
+        Self::from_precision_matrix_within(precision, config, tolerance)
+    }
+
+    /// [`Precision::from_precision_matrix`] accepting a relative misfit up to `tolerance`
+    /// where the parameterization cannot hold `P` exactly (`f64::INFINITY`: the nearest
+    /// representable precision, e.g. lowrank's δ·I plus its r largest eigenpairs).
+    pub(crate) fn from_precision_matrix_within(
+        precision: &Tensor,
+        config: impl Into<PrecisionConfig>,
+        tolerance: f64,
+    ) -> Result<Self> {
         let config: PrecisionConfig = config.into();
         config.validate()?;
         let (z, d, values) = host::to_host_matrices(precision, "precision matrix")?;
@@ -57,7 +73,6 @@ impl Precision {
             ));
         }
         let (dtype, device) = (precision.dtype(), precision.device());
-        let tolerance = if dtype == DType::F64 { 1e-9 } else { 1e-5 };
         let mut raw = Vec::with_capacity(z * d * d);
         for neuron in 0..z {
             let block = &values[neuron * d * d..(neuron + 1) * d * d];
