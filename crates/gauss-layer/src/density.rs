@@ -40,32 +40,9 @@ use crate::config::{GaussLayerConfig, Parameterization};
 use crate::error::{check_dtype, check_float_dtype, GaussError, Result};
 use crate::layer::GaussLayer;
 use crate::linalg::{self, host};
+use crate::ops::log_prob_from_mahalanobis;
 use crate::precision::Precision;
 use crate::repair;
-
-/// `½·d·log 2π`, the normalizing constant of a d-dimensional normal.
-pub fn log_normalizer(dim: usize) -> f64 {
-    0.5 * dim as f64 * (2.0 * std::f64::consts::PI).ln()
-}
-
-/// `−m2/2 + ½·log det P − ½·d·log 2π`: the log-density from the squared Mahalanobis distance,
-/// broadcasting `log_det_precision` over the leading (sample) dimension. The functional core
-/// of [`GaussLayer::log_prob`].
-///
-/// # Shapes
-/// `mahalanobis_sq`: (B, Z), `log_det_precision`: (Z) → (B, Z)
-///
-/// # Errors
-/// Shapes that do not broadcast.
-pub fn log_prob_from_mahalanobis(
-    mahalanobis_sq: &Tensor,
-    log_det_precision: &Tensor,
-    dim: usize,
-) -> Result<Tensor> {
-    Ok((mahalanobis_sq * -0.5)?
-        .broadcast_add(&(log_det_precision * 0.5)?)?
-        .affine(1.0, -log_normalizer(dim))?)
-}
 
 /// Flattens `x` (…, d) to (n, d); returns it with the leading dimensions.
 pub(crate) fn flatten_leading(x: &Tensor, d: usize, what: &str) -> Result<(Tensor, Vec<usize>)> {
@@ -84,7 +61,6 @@ pub(crate) fn with_tail(leading: &[usize], tail: &[usize]) -> Vec<usize> {
     leading.iter().chain(tail).copied().collect()
 }
 
-/// Whether `dtype` is a float type a layer can hold.
 /// `v` in scientific notation with at most 3 significant digits (`1e-12`, `2.5e3`): bounds in
 /// error messages, free of rounding noise such as `9.999999999999999e-13`.
 pub(crate) fn short(v: f64) -> String {
@@ -510,6 +486,7 @@ pub(crate) enum CovarianceRoot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::log_normalizer;
     use crate::testing::relative_error;
     use candle_core::{DType, Device};
 

@@ -25,7 +25,6 @@
 //! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 
-pub use crate::density::{log_normalizer, log_prob_from_mahalanobis};
 use candle_core::{Tensor, D};
 
 use crate::config::DistanceKernel;
@@ -160,4 +159,28 @@ pub fn gate(gaussian: &Tensor, prev_gaussian: &Tensor) -> Result<Tensor> {
     }
     let strongest = prev_gaussian.max_keepdim(D::Minus1)?;
     Ok(gaussian.broadcast_mul(&strongest)?)
+}
+
+/// `½·d·log 2π`, the normalizing constant of a d-dimensional normal.
+pub fn log_normalizer(dim: usize) -> f64 {
+    0.5 * dim as f64 * (2.0 * std::f64::consts::PI).ln()
+}
+
+/// `−m2/2 + ½·log det P − ½·d·log 2π`: the log-density from the squared Mahalanobis distance,
+/// broadcasting `log_det_precision` over the leading (sample) dimension. The functional core
+/// of [`crate::GaussLayer::log_prob`].
+///
+/// # Shapes
+/// `mahalanobis_sq`: (B, Z), `log_det_precision`: (Z) → (B, Z)
+///
+/// # Errors
+/// Shapes that do not broadcast.
+pub fn log_prob_from_mahalanobis(
+    mahalanobis_sq: &Tensor,
+    log_det_precision: &Tensor,
+    dim: usize,
+) -> Result<Tensor> {
+    Ok((mahalanobis_sq * -0.5)?
+        .broadcast_add(&(log_det_precision * 0.5)?)?
+        .affine(1.0, -log_normalizer(dim))?)
 }
