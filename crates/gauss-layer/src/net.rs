@@ -85,6 +85,10 @@ impl Default for GaussNetConfig {
 
 impl GaussNetConfig {
     /// Checks sizes, probabilities and the layer configs.
+    ///
+    /// # Errors
+    /// [`GaussError::InvalidConfig`] naming the field: a zero width, a dropout outside
+    /// [0, 1), a non-positive batch-norm epsilon, or what [`GaussLayerConfig::validate`] refuses.
     pub fn validate(&self) -> Result<()> {
         if self.in_features == 0 {
             return Err(GaussError::config("in_features", "must be >= 1, got 0"));
@@ -146,6 +150,10 @@ pub struct GaussNet {
 
 impl GaussNet {
     /// Creates (or loads) the network's tensors through `vb` (see the module docs for names).
+    ///
+    /// # Errors
+    /// An invalid config ([`GaussNetConfig::validate`]); loading through `vb`: a missing
+    /// tensor or one of the wrong shape or dtype (Candle's error names it).
     pub fn new(config: GaussNetConfig, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
         let norm_config = candle_nn::BatchNormConfig {
@@ -209,6 +217,10 @@ impl GaussNet {
     ///
     /// `norms[i]` is the batch norm after hidden layer `i` (one entry per hidden layer, `None`
     /// where there is none); `config` must describe the parts (sizes, batch norm flags).
+    ///
+    /// # Errors
+    /// [`GaussError::InvalidConfig`] or [`GaussError::Shape`] when the parts do not match
+    /// `config` (layer count or sizes, batch-norm flags), or `config` is invalid.
     pub fn from_parts(
         config: GaussNetConfig,
         input_norm: Option<BatchNorm>,
@@ -262,6 +274,10 @@ impl GaussNet {
     ///
     /// # Shapes
     /// `x`: (B, in_features) → (B, out_features)
+    ///
+    /// # Errors
+    /// [`GaussError::Shape`] or [`GaussError::DType`] for an `x` the first layer cannot take
+    /// (wrong width, dtype or device); Candle errors.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         Ok(self.run(x, train, false)?.0)
     }
@@ -270,6 +286,9 @@ impl GaussNet {
     ///
     /// # Shapes
     /// `x`: (B, in_features) → (B, out_features) and one (B, Z_i) per layer
+    ///
+    /// # Errors
+    /// As [`GaussNet::forward`].
     pub fn forward_with_gaussians(&self, x: &Tensor, train: bool) -> Result<(Tensor, Vec<Tensor>)> {
         self.run(x, train, true)
     }
@@ -318,6 +337,9 @@ impl GaussNet {
     ///
     /// # Shapes
     /// `x`: (B, in_features) → (B)
+    ///
+    /// # Errors
+    /// As [`GaussNet::forward`].
     pub fn max_gaussian(&self, x: &Tensor) -> Result<Tensor> {
         let (_, gaussians) = self.forward_with_gaussians(x, false)?;
         match gaussians.last() {
