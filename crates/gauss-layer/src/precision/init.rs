@@ -58,16 +58,19 @@ impl Precision {
                     .map(|n| (scale * (1.0 + eps * n)).ln())
                     .collect()
             }
-            // θ as for diag; U = √scale · 0.1 · N: a small low-rank term with a gradient (at
-            // U = 0 the gradient of m2 with respect to U, 2 δ δᵀ U, would vanish).
+            // θ as for diag; U = 0.1 · √(scale/d) · N, so each column adds about 1% of the
+            // diagonal along its direction (‖u‖² ≈ 0.01 · scale) whatever d: a small low-rank
+            // term with a gradient (at U = 0 the gradient of m2 with respect to U, 2 δ δᵀ U,
+            // would vanish), not a random narrowing of the Gaussian at the start.
             Parameterization::LowRank { rank } => {
                 let noise = noise(config, z * d * (rank + 1), device)?;
+                let column_scale = 0.1 * (scale / d as f64).sqrt();
                 noise
                     .chunks_exact(rank + 1)
                     .flat_map(|row| {
                         let theta = (scale * (1.0 + eps * row[0])).ln();
                         std::iter::once(theta)
-                            .chain(row[1..].iter().map(move |n| scale.sqrt() * 0.1 * n))
+                            .chain(row[1..].iter().map(move |n| column_scale * n))
                     })
                     .collect()
             }
