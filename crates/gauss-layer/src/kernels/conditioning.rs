@@ -17,6 +17,7 @@
 //! cases (its error grows with `√κ`, from one product by the factor).
 
 use candle_core::DType;
+use rayon::prelude::*;
 
 use super::expanded::Source;
 use super::factors::Factors;
@@ -62,13 +63,8 @@ impl Conditioning {
             Source::Factor(map) => Some(Factors::new(input, map, s)),
             Source::Matrix => None,
         };
-        let mut worst = Conditioning {
-            spread: 0.0,
-            condition: 0.0,
-        };
-        let mut row = vec![T::zero(); dim];
-        let mut lower = vec![0f64; dim * dim];
-        for z in 0..s.neurons {
+        // One neuron's [spread, condition] measures; non-finite ones count as infinite.
+        let neuron_measures = |z: usize, row: &mut Vec<T>, lower: &mut Vec<f64>| -> [f64; 2] {
             let spread: f64 = center[z * dim..(z + 1) * dim]
                 .iter()
                 .zip(&mean)
@@ -77,16 +73,16 @@ impl Conditioning {
             let (norm, inverse_norm) = match &factors {
                 Some(factors) => {
                     for i in 0..dim {
-                        factors.write_row(z, i, &mut row);
-                        for (l, &v) in lower[i * dim..(i + 1) * dim].iter_mut().zip(&row) {
+                        factors.write_row(z, i, row);
+                        for (l, &v) in lower[i * dim..(i + 1) * dim].iter_mut().zip(row.iter()) {
                             *l = v.to_f64();
                         }
                     }
-                    let norm = infinity_norm(&lower, dim) * one_norm(&lower, dim);
+                    let norm = infinity_norm(lower, dim) * one_norm(lower, dim);
                     if factors.is_lower_triangular() {
-                        (norm, lower_inverse_norm_estimate(&lower, dim).powi(2))
+                        (norm, lower_inverse_norm_estimate(lower, dim).powi(2))
                     } else {
-                        let p = gram(&lower, dim);
+                        let p = gram(lower, dim);
                         (norm, matrix_inverse_norm_estimate(&p, dim))
                     }
                 }
@@ -105,16 +101,21 @@ impl Conditioning {
                 }
             };
             let measures = [spread * norm, norm * inverse_norm];
-            if measures.iter().any(|v| !v.is_finite()) {
-                return Conditioning {
-                    spread: f64::INFINITY,
-                    condition: f64::INFINITY,
-                };
+            if measures.iter().all(|v| v.is_finite()) {
+                measures
+            } else {
+                [f64::INFINITY; 2]
             }
-            worst.spread = worst.spread.max(measures[0]);
-            worst.condition = worst.condition.max(measures[1]);
-        }
-        worst
+        };
+        // O(Z·d²) per call: neurons in parallel (each with its own row buffers), the worst kept.
+        let [spread, condition] = (0..s.neurons)
+            .into_par_iter()
+            .map_init(
+                || (vec![T::zero(); dim], vec![0f64; dim * dim]),
+                |(row, lower), z| neuron_measures(z, row, lower),
+            )
+            .reduce(|| [0.0; 2], |a, b| [a[0].max(b[0]), a[1].max(b[1])]);
+        Conditioning { spread, condition }
     }
 
     /// Whether the expanded form keeps its digits in `dtype` (see the module docs).

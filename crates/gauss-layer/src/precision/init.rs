@@ -69,8 +69,7 @@ impl Precision {
                     .chunks_exact(rank + 1)
                     .flat_map(|row| {
                         let theta = (scale * (1.0 + eps * row[0])).ln();
-                        std::iter::once(theta)
-                            .chain(row[1..].iter().map(move |n| column_scale * n))
+                        std::iter::once(theta).chain(row[1..].iter().map(move |n| column_scale * n))
                     })
                     .collect()
             }

@@ -17,6 +17,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use super::maps;
@@ -50,20 +51,18 @@ pub(crate) struct PrecisionStat {
     pub map: StatMap,
 }
 
-/// Row-major d×d product `a · b`.
+/// Row-major `a · b` of d×d blocks, by faer's blocked SIMD matmul (sequential: the op is
+/// parallel over neurons already).
 fn product(a: &[f64], b: &[f64], d: usize) -> Vec<f64> {
     let mut out = vec![0f64; d * d];
-    for i in 0..d {
-        let row = &mut out[i * d..(i + 1) * d];
-        for k in 0..d {
-            let aik = a[i * d + k];
-            if aik != 0.0 {
-                for (o, &bkj) in row.iter_mut().zip(&b[k * d..(k + 1) * d]) {
-                    *o += aik * bkj;
-                }
-            }
-        }
-    }
+    faer::linalg::matmul::matmul(
+        MatMut::from_row_major_slice_mut(&mut out, d, d),
+        Accum::Replace,
+        MatRef::from_row_major_slice(a, d, d),
+        MatRef::from_row_major_slice(b, d, d),
+        1.0,
+        Par::Seq,
+    );
     out
 }
 
@@ -78,20 +77,15 @@ fn transpose(a: &[f64], d: usize) -> Vec<f64> {
     out
 }
 
-/// The inverse of a lower-triangular matrix with nonzero diagonal, by forward substitution
-/// column by column (row-major in and out).
+/// The inverse of a lower-triangular matrix with nonzero diagonal (row-major in and out;
+/// the strict upper triangle of the result is zero), by faer's blocked triangular inverse.
 fn lower_inverse(lower: &[f64], d: usize) -> Vec<f64> {
     let mut inverse = vec![0f64; d * d];
-    for j in 0..d {
-        inverse[j * d + j] = 1.0 / lower[j * d + j];
-        for i in j + 1..d {
-            let mut sum = 0.0;
-            for k in j..i {
-                sum += lower[i * d + k] * inverse[k * d + j];
-            }
-            inverse[i * d + j] = -sum / lower[i * d + i];
-        }
-    }
+    faer::linalg::triangular_inverse::invert_lower_triangular(
+        MatMut::from_row_major_slice_mut(&mut inverse, d, d),
+        MatRef::from_row_major_slice(lower, d, d),
+        Par::Seq,
+    );
     inverse
 }
 
