@@ -32,6 +32,7 @@
 //! ```
 
 use candle_core::{Tensor, Var};
+use rayon::prelude::*;
 
 use crate::config::Parameterization;
 use crate::error::{GaussError, Result};
@@ -104,17 +105,22 @@ impl PdReport {
 /// A tensor that is not (Z, d, d); NaN or infinite entries ([`GaussError::Numerical`]).
 pub fn check_positive_definite_matrices(matrices: &Tensor) -> Result<PdReport> {
     let (z, d, values) = host::to_host_matrices(matrices, "precision matrices")?;
-    let mut neurons = Vec::with_capacity(z);
-    for neuron in 0..z {
-        let block = host::symmetric_block(&values[neuron * d * d..(neuron + 1) * d * d], d);
-        let (eigenvalues, _) = host::symmetric_eigen(&block)?;
-        let min_eigenvalue = eigenvalues.first().copied().unwrap_or(f64::INFINITY);
-        neurons.push(NeuronPd {
-            neuron,
-            positive_definite: min_eigenvalue > 0.0,
-            min_eigenvalue,
-        });
-    }
+    // Eigenvalues only, neurons in parallel: this runs after every optimizer step of a
+    // `direct` layer.
+    let neurons = (0..z)
+        .into_par_iter()
+        .map(|neuron| -> Result<NeuronPd> {
+            let block = host::symmetric_block(&values[neuron * d * d..(neuron + 1) * d * d], d);
+            let min_eigenvalue = host::symmetric_eigenvalues(&block)?
+                .into_iter()
+                .fold(f64::INFINITY, f64::min);
+            Ok(NeuronPd {
+                neuron,
+                positive_definite: min_eigenvalue > 0.0,
+                min_eigenvalue,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok(PdReport { neurons })
 }
 
@@ -202,29 +208,46 @@ fn check_floor(min_eigenvalue: f64) -> Result<()> {
 /// A `min_eigenvalue` that is not finite and > 0; as [`check_positive_definite_matrices`].
 pub fn repair_matrices(matrices: &Tensor, min_eigenvalue: f64) -> Result<Tensor> {
     check_floor(min_eigenvalue)?;
-    let (z, d, mut values) = host::to_host_matrices(matrices, "precision matrices")?;
-    for neuron in 0..z {
-        let block_values = &mut values[neuron * d * d..(neuron + 1) * d * d];
-        if let Some(i) = block_values.iter().position(|v| !v.is_finite()) {
-            return Err(GaussError::Numerical {
-                what: "repair_matrices".to_string(),
-                reason: format!(
-                    "neuron {neuron} holds a non-finite entry ({} at ({}, {})), which no projection can repair",
-                    block_values[i],
-                    i / d,
-                    i % d
-                ),
-            });
-        }
-        let block = host::symmetric_block(block_values, d);
-        let (eigenvalues, eigenvectors) = host::symmetric_eigen(&block)?;
-        if eigenvalues.iter().all(|&l| l >= min_eigenvalue) {
-            continue;
-        }
-        let fixed = host::from_eigen(&eigenvalues, &eigenvectors, |l| l.max(min_eigenvalue));
-        block_values.copy_from_slice(&fixed);
-    }
+    let (_, d, mut values) = host::to_host_matrices(matrices, "precision matrices")?;
+    // Neurons in parallel; the first error in neuron order is reported.
+    let outcomes: Vec<Result<()>> = values
+        .par_chunks_mut((d * d).max(1))
+        .enumerate()
+        .map(|(neuron, block_values)| repair_block(neuron, block_values, d, min_eigenvalue))
+        .collect();
+    outcomes.into_iter().collect::<Result<()>>()?;
     host::from_host(values, matrices.dims(), matrices.dtype(), matrices.device())
+}
+
+/// Repairs one neuron's row-major block in place (see [`repair_matrices`]).
+fn repair_block(neuron: usize, block_values: &mut [f64], d: usize, floor: f64) -> Result<()> {
+    if let Some(i) = block_values.iter().position(|v| !v.is_finite()) {
+        return Err(GaussError::Numerical {
+            what: "repair_matrices".to_string(),
+            reason: format!(
+                "neuron {neuron} holds a non-finite entry ({} at ({}, {})), which no projection can repair",
+                block_values[i],
+                i / d,
+                i % d
+            ),
+        });
+    }
+    // A Cholesky factorization of sym(P) − floor·I exists exactly when every eigenvalue is
+    // above the floor: a fraction of an eigendecomposition's cost for the neurons (most of
+    // them after an optimizer step) that need nothing.
+    let mut shifted = block_values.to_vec();
+    (0..d).for_each(|i| shifted[i * d + i] -= floor);
+    if host::cholesky_lower(&shifted, d).is_some() {
+        return Ok(());
+    }
+    let block = host::symmetric_block(block_values, d);
+    let (eigenvalues, eigenvectors) = host::symmetric_eigen(&block)?;
+    if eigenvalues.iter().all(|&l| l >= floor) {
+        return Ok(());
+    }
+    let fixed = host::from_eigen(&eigenvalues, &eigenvectors, |l| l.max(floor));
+    block_values.copy_from_slice(&fixed);
+    Ok(())
 }
 
 /// The repaired raw tensor of a precision: for `direct`, [`repair_matrices`] of the raw `A`;

@@ -46,6 +46,23 @@ pub(crate) fn symmetric_block(values: &[f64], d: usize) -> Mat<f64> {
     Mat::from_fn(d, d, |i, j| 0.5 * (values[i * d + j] + values[j * d + i]))
 }
 
+/// The eigenvalues of a symmetric matrix, without eigenvectors (a fraction of the cost),
+/// with the same checks as [`symmetric_eigen`].
+pub(crate) fn symmetric_eigenvalues(matrix: &Mat<f64>) -> Result<Vec<f64>> {
+    if !(0..matrix.nrows()).all(|i| (0..matrix.ncols()).all(|j| matrix[(i, j)].is_finite())) {
+        return Err(GaussError::Numerical {
+            what: "symmetric eigenvalues".into(),
+            reason: "the matrix holds NaN or infinite entries".into(),
+        });
+    }
+    matrix
+        .self_adjoint_eigenvalues(Side::Lower)
+        .map_err(|e| GaussError::Numerical {
+            what: "symmetric eigenvalues".into(),
+            reason: format!("faer did not converge: {e:?}"),
+        })
+}
+
 /// Eigenvalues (ascending) and eigenvectors (columns) of a symmetric matrix.
 pub(crate) fn symmetric_eigen(matrix: &Mat<f64>) -> Result<(Vec<f64>, Mat<f64>)> {
     if !(0..matrix.nrows()).all(|i| (0..matrix.ncols()).all(|j| matrix[(i, j)].is_finite())) {
