@@ -200,7 +200,7 @@ pub struct InitConfig {
     pub perturbation: f64,
     /// Seed of every random draw of the initialization (weights, bias, centers, precision
     /// perturbation). `Some`: the values come from a seeded host generator (see
-    /// [`crate::init`]) and are moved to the layer's device and dtype, so a seed gives
+    /// [`crate::layer_seed`]) and are moved to the layer's device and dtype, so a seed gives
     /// bit-identical layers on every run and device. `None` (the default): Candle's generator
     /// on the layer's device, which cannot be seeded on the CPU. A [`crate::GaussNet`] gives
     /// layer `i` the seed [`crate::init::layer_seed`]`(seed, i)`.

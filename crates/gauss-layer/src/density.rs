@@ -342,7 +342,7 @@ impl GaussLayer {
     /// [`GaussLayer::from_covariance`] with the precision given instead.
     ///
     /// `precision` is the effective precision: with a width floor σ, it must be narrower
-    /// than σ allows in no direction (see [`crate::precision`]).
+    /// than σ allows in no direction (see [`crate::Precision`]).
     ///
     /// # Shapes
     /// `mean`: (Z, d) with `precision`: (Z, d, d); or `mean`: (d) with `precision`: (d, d).

@@ -411,7 +411,7 @@ impl candle_nn::Module for GaussLayer {
 /// | [`Precision::tensor_name`] | [`Precision::raw_shape`] | always | `P ≈ init.precision_scale · I` (default 1/d) plus a tiny symmetric perturbation, through the inverse map ([`Precision::initial_raw`]) |
 ///
 /// With `config.init.seed` set, every random value above comes from the seeded host streams
-/// of [`crate::init`] instead of Candle's generator: the same seed gives bit-identical layers
+/// ([`crate::layer_seed`]) instead of Candle's generator: the same seed gives bit-identical layers
 /// on every run and device.
 ///
 /// When the builder already holds a tensor (loading from safetensors, or a `VarMap` that

@@ -30,7 +30,7 @@ use gauss_layer::Result;
 /// NLL of each sample under each neuron's Gaussian.
 ///
 /// A `direct` layer whose precision is not positive definite is an error (see
-/// [`crate::positive_definite`]).
+/// [`gauss_layer::repair::check_positive_definite`]).
 ///
 /// # Shapes
 /// `x`: (B, d) → (B, Z) for [`Reduction::None`], (Z) otherwise
