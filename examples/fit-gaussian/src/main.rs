@@ -79,8 +79,9 @@ struct Args {
     /// `reg_covar`).
     #[arg(long, default_value_t = 1e-6)]
     reg_covar: f64,
-    /// Mixture: independent starts (k-means++, EM); the best log-likelihood is kept.
-    #[arg(long, default_value_t = 1)]
+    /// Mixture: independent starts (k-means++, EM); the best log-likelihood is kept (the
+    /// library's default, 5).
+    #[arg(long, default_value_t = 5)]
     n_init: usize,
     /// Mixture: k-means++ seedings per start; the k-means run of lowest inertia is kept.
     #[arg(long, default_value_t = 3)]

@@ -116,7 +116,9 @@ pub struct MixtureFitOptions {
     /// collapses onto a few points. Default 1e-6 (scikit-learn's `reg_covar`).
     pub reg_covar: f64,
     /// Independent starts (k-means, then EM); the one with the highest log-likelihood is
-    /// kept. Default 1 (scikit-learn's `n_init`).
+    /// kept. Default 5 (scikit-learn's is 1): with one start, one of the 18 benchmark mixtures
+    /// of `tools/density/mixtures.py` (32-D, 5 overlapping components) stopped in a local
+    /// optimum 0.96 nats per sample below scikit-learn's; with 5, none did.
     pub n_init: usize,
     /// k-means++ seedings per start; the k-means run with the lowest inertia is kept.
     /// Default 3.
@@ -139,7 +141,7 @@ impl Default for MixtureFitOptions {
             max_em_steps: 1000,
             tol: 1e-6,
             reg_covar: 1e-6,
-            n_init: 1,
+            n_init: 5,
             kmeans_inits: 3,
             max_kmeans_steps: 300,
             refine_steps: None,
