@@ -12,6 +12,38 @@ use candle_core::{bail, CpuStorage, DType, Layout, Shape, Tensor, WithDType};
 
 use crate::error::{check_dtype, GaussError, Result};
 
+/// Defines a kernel function whose body is compiled twice: for AVX2 (used when the CPU has it,
+/// checked at run time and cached by std) and for the build's baseline target (x86-64 without
+/// flags means SSE2: 4 floats per instruction instead of 8). The arithmetic is the same in
+/// both (Rust never contracts `a·b + c` into an FMA and no feature changes an operation's
+/// order), so the results are bit-identical; only the vector width differs. Use it for the
+/// hand-written inner loops; GEMMs already dispatch at run time inside `gemm`.
+macro_rules! simd_kernel {
+    (
+        $(#[$meta:meta])*
+        fn $name:ident<$t:ident: Real>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block
+    ) => {
+        $(#[$meta])*
+        fn $name<$t: Real>($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body<$t: Real>($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2<$t: Real>($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2, checked just above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_kernel;
+
 /// Sizes of one call: B inputs, d dims, Z neurons.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Sizes {
