@@ -114,38 +114,25 @@ simd_kernel! {
     ) {
         let two = T::from_f64(2.0);
         let neurons = center.len() / dim;
-        let mut x_blocks = x_rows.chunks_exact(ROW_BLOCK * dim);
-        let mut gx_blocks = grad_x_rows.chunks_exact_mut(ROW_BLOCK * dim);
-        let mut grad_blocks = grad_rows.chunks_exact(ROW_BLOCK * neurons);
-        for ((x_block, gx_block), grad_block) in (&mut x_blocks).zip(&mut gx_blocks).zip(&mut grad_blocks) {
+        // The last block may be short: the loops inside go row by row, so it needs no tail.
+        for ((x_block, gx_block), grad_block) in x_rows
+            .chunks(ROW_BLOCK * dim)
+            .zip(grad_x_rows.chunks_mut(ROW_BLOCK * dim))
+            .zip(grad_rows.chunks(ROW_BLOCK * neurons))
+        {
             for (z, (c, p)) in center.chunks_exact(dim).zip(diagonal.chunks_exact(dim)).enumerate() {
                 for ((xb, gx), grad_row) in x_block
                     .chunks_exact(dim)
                     .zip(gx_block.chunks_exact_mut(dim))
                     .zip(grad_block.chunks_exact(neurons))
                 {
-                    add_scaled_gradient(gx, two * grad_row[z], p, xb, c);
+                    let g2 = two * grad_row[z];
+                    for ((gx_i, &p_i), (&x_i, &c_i)) in gx.iter_mut().zip(p).zip(xb.iter().zip(c)) {
+                        *gx_i += g2 * p_i * (x_i - c_i);
+                    }
                 }
             }
         }
-        let rest = x_blocks
-            .remainder()
-            .chunks_exact(dim)
-            .zip(gx_blocks.into_remainder().chunks_exact_mut(dim))
-            .zip(grad_blocks.remainder().chunks_exact(neurons));
-        for ((xb, gx), grad_row) in rest {
-            for ((&g, c), p) in grad_row.iter().zip(center.chunks_exact(dim)).zip(diagonal.chunks_exact(dim)) {
-                add_scaled_gradient(gx, two * g, p, xb, c);
-            }
-        }
-    }
-}
-
-/// `gx += g2 · p ∘ (x - c)`, element by element (the same order whatever the blocking).
-#[inline(always)]
-fn add_scaled_gradient<T: Real>(gx: &mut [T], g2: T, p: &[T], x: &[T], c: &[T]) {
-    for ((gx_i, &p_i), (&x_i, &c_i)) in gx.iter_mut().zip(p).zip(x.iter().zip(c)) {
-        *gx_i += g2 * p_i * (x_i - c_i);
     }
 }
 
