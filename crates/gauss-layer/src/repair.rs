@@ -162,8 +162,7 @@ pub fn ensure_positive_definite(precision: &Precision) -> Result<()> {
         (0..z).all(|n| host::cholesky_lower(&values[n * d * d..(n + 1) * d * d], d).is_some())
     } else {
         let factor = linalg::cholesky(&linalg::symmetrize(raw)?)?;
-        let smallest = linalg::read_scalar(&linalg::diagonal(&factor)?.flatten_all()?.min(0)?)?;
-        smallest > 0.0
+        all_pivots_positive(&linalg::diagonal(&factor)?)?
     };
     if all_factor {
         return Ok(());
@@ -184,6 +183,19 @@ pub fn ensure_positive_definite(precision: &Precision) -> Result<()> {
         },
         None => GaussError::config("precision", "has no neurons"),
     })
+}
+
+/// Whether every pivot of a tensor-op Cholesky factorization is `> 0`, NaN-safe on every
+/// device: a failed pivot is NaN, and min/max reductions may drop NaN (CUDA's do), so count
+/// the pivots that compare `> 0` (NaN compares false) instead of taking the smallest.
+/// One scalar read, in the working dtype (exact: the count stays far below 2^24).
+fn all_pivots_positive(pivots: &Tensor) -> Result<bool> {
+    let count = pivots.elem_count();
+    let positive = pivots
+        .gt(&pivots.zeros_like()?)?
+        .to_dtype(pivots.dtype())?
+        .sum_all()?;
+    Ok(linalg::read_scalar(&positive)? == count as f64)
 }
 
 fn check_floor(min_eigenvalue: f64) -> Result<()> {
@@ -290,10 +302,113 @@ pub fn repair_var_in_place(var: &Var, min_eigenvalue: f64) -> Result<PdReport> {
     Ok(report)
 }
 
+/// Repairs `var` (a `direct` raw precision, (Z, d, d)) only when some neuron's smallest
+/// eigenvalue is below `min_eigenvalue`, and says whether it did.
+///
+/// The test is a Cholesky factorization of `(A + Aᵀ)/2 − min_eigenvalue·I`, which exists
+/// exactly when every eigenvalue is above the floor: on the CPU with faer per neuron, on other
+/// devices in tensor ops with one scalar read back (NaN-safe). Only a failed test copies the
+/// matrices to the host for [`repair_var_in_place`]. After an optimizer step that kept every
+/// neuron positive definite (most steps) this costs one factorization and no (Z, d, d)
+/// transfer, so a training loop on a GPU can call it after every step.
+///
+/// # Errors
+/// As [`repair_var_in_place`].
+pub fn repair_var_if_needed(var: &Var, min_eigenvalue: f64) -> Result<bool> {
+    check_floor(min_eigenvalue)?;
+    let raw = var.as_tensor();
+    let above_floor = if raw.device().is_cpu() {
+        above_floor_on_host(raw, min_eigenvalue)?
+    } else {
+        above_floor_in_tensor_ops(raw, min_eigenvalue)?
+    };
+    if above_floor {
+        return Ok(false);
+    }
+    repair_var_in_place(var, min_eigenvalue)?;
+    Ok(true)
+}
+
+/// Whether every `(A + Aᵀ)/2 − floor·I` of a (Z, d, d) batch has a Cholesky factor (faer).
+fn above_floor_on_host(raw: &Tensor, floor: f64) -> Result<bool> {
+    let (_, d, values) = host::to_host_matrices(raw, "direct precision")?;
+    Ok(values.chunks(d * d).all(|block| {
+        let mut shifted: Vec<f64> = (0..d * d)
+            .map(|k| 0.5 * (block[k] + block[(k % d) * d + k / d]))
+            .collect();
+        (0..d).for_each(|i| shifted[i * d + i] -= floor);
+        host::cholesky_lower(&shifted, d).is_some()
+    }))
+}
+
+/// As [`above_floor_on_host`], factoring in tensor ops on the tensor's device.
+fn above_floor_in_tensor_ops(raw: &Tensor, floor: f64) -> Result<bool> {
+    let d = linalg::square_dim(raw, "direct precision", Some(3))?;
+    let eye = linalg::eye_like(d, raw)?;
+    let shifted = linalg::symmetrize(raw)?.broadcast_sub(&(eye * floor)?)?;
+    all_pivots_positive(&linalg::diagonal(&linalg::cholesky(&shifted)?)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn portable_check_catches_nan_pivots() {
+        // Issue 21's reproduction: [[1, 2], [2, 1]] (eigenvalues 3 and −1) has a NaN second
+        // pivot, which a min reduction may drop; the check must still fail on neuron 1.
+        use crate::config::GaussLayerConfig;
+        let config = GaussLayerConfig {
+            parameterization: Parameterization::Direct,
+            portable: true,
+            ..Default::default()
+        };
+        for raw in [
+            Tensor::new(&[[[2.0f32, 0.0], [0.0, 2.0]], [[1.0, 2.0], [2.0, 1.0]]], &Device::Cpu)
+                .unwrap(),
+            Tensor::new(&[[[2.0f32, 0.0], [0.0, 2.0]], [[1.0, 2.0], [2.0, 1.0]]], &Device::Cpu)
+                .unwrap()
+                .to_dtype(candle_core::DType::F64)
+                .unwrap(),
+        ] {
+            let precision = Precision::from_raw(raw, 2, &config).unwrap();
+            match ensure_positive_definite(&precision) {
+                Err(GaussError::NotPositiveDefinite { neuron: 1, .. }) => {}
+                other => panic!("expected neuron 1 not positive definite, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn repair_if_needed_leaves_good_matrices_alone() {
+        // diag(2, 3) is above the floor 0.5: untouched. [[1, 2], [2, 1]] (eigenvalue −1) is
+        // repaired to [[1.75, 1.25], [1.25, 1.75]] (see the test above).
+        let good = Var::new(&[[[2.0f64, 0.1], [0.0, 3.0]]], &Device::Cpu).unwrap();
+        assert!(!repair_var_if_needed(&good, 0.5).unwrap());
+        assert_eq!(
+            good.as_tensor().to_vec3::<f64>().unwrap(),
+            vec![vec![vec![2.0, 0.1], vec![0.0, 3.0]]]
+        );
+        let bad = Var::new(&[[[1.0f64, 2.0], [2.0, 1.0]]], &Device::Cpu).unwrap();
+        assert!(repair_var_if_needed(&bad, 0.5).unwrap());
+        let fixed = bad.as_tensor().to_vec3::<f64>().unwrap();
+        assert!((fixed[0][0][0] - 1.75).abs() < 1e-12 && (fixed[0][0][1] - 1.25).abs() < 1e-12);
+        // An eigenvalue above 0 but below the floor also counts: diag(0.1, 1) → floor 0.5.
+        let low = Var::new(&[[[0.1f64, 0.0], [0.0, 1.0]]], &Device::Cpu).unwrap();
+        // The device route (tensor-op factorization, what GPUs run) agrees with the host's.
+        for (raw, expected) in [(good.as_tensor(), true), (low.as_tensor(), false)] {
+            assert_eq!(above_floor_in_tensor_ops(raw, 0.5).unwrap(), expected);
+            assert_eq!(above_floor_on_host(raw, 0.5).unwrap(), expected);
+        }
+        let indefinite = Tensor::new(&[[[1.0f32, 2.0], [2.0, 1.0]]], &Device::Cpu).unwrap();
+        assert!(!above_floor_in_tensor_ops(&indefinite, 0.5).unwrap());
+        assert!(repair_var_if_needed(&low, 0.5).unwrap());
+        assert_eq!(
+            low.as_tensor().to_vec3::<f64>().unwrap(),
+            vec![vec![vec![0.5, 0.0], vec![0.0, 1.0]]]
+        );
+    }
 
     #[test]
     fn report_names_the_smallest_eigenvalue() {

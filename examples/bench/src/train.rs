@@ -4,7 +4,7 @@
 //!
 //! The network and objective are those of `fgn-classifier train --fgn-only` (in → hidden
 //! with tanh, gated → classes; cross-entropy + λ_l2·mean w² + λ_sig·λ-loss; lr 1e-2, no weight
-//! decay; `direct` precisions repaired into the PD cone after each step), on synthetic class
+//! decay; `direct` precisions repaired into the PD cone where a step left them), on synthetic class
 //! clusters in [0, 1]^in with the first layer's centers on training points. Every
 //! (parameterization, optimizer) pair is its own network from the same seed; a
 //! round runs `--steps` steps of each pair back to back, so a slow spell of a shared machine
@@ -185,7 +185,8 @@ struct Pair {
     net: GaussNet,
     varmap: VarMap,
     opt: Opt,
-    /// `direct` precisions, repaired after every step (part of the optimizer phase).
+    /// `direct` precisions, tested after every step and repaired where needed (part of the
+    /// optimizer phase).
     direct: Vec<Var>,
     cursor: usize,
     rounds: Vec<Phases>,
@@ -304,6 +305,7 @@ impl Pair {
     ) -> Result<Phases> {
         let n = images.dim(0)?;
         let mut phases = Phases::default();
+        let mut last = None;
         for _ in 0..steps {
             let len = batch.min(n - self.cursor);
             let x = images.narrow(0, self.cursor, len)?;
@@ -323,7 +325,7 @@ impl Pair {
             let (allocs1, bytes1) = alloc::allocations();
             self.opt.step(&grads)?;
             for precision in &self.direct {
-                repair::repair_var_in_place(precision, DIRECT_MIN_EIGENVALUE)?;
+                repair::repair_var_if_needed(precision, DIRECT_MIN_EIGENVALUE)?;
             }
             device.synchronize()?;
             let t3 = Instant::now();
@@ -339,8 +341,13 @@ impl Pair {
             phases.bytes += bytes2 - bytes0;
             phases.opt_allocs += allocs2 - allocs1;
             phases.opt_bytes += bytes2 - bytes1;
+            last = Some(loss.total.detach());
+        }
+        // Read once after the timed steps (a per-step read would be a sync on a GPU), on the
+        // host before widening (Metal has no f64).
+        if let Some(loss) = last {
             self.last_loss = loss
-                .total
+                .to_device(&Device::Cpu)?
                 .to_dtype(DType::F64)?
                 .to_scalar::<f64>()
                 .context("reading the loss")?;
@@ -378,6 +385,7 @@ fn bits(varmap: &VarMap) -> Result<Vec<(String, Vec<u64>)>> {
             let values = var
                 .as_tensor()
                 .flatten_all()?
+                .to_device(&Device::Cpu)?
                 .to_dtype(DType::F64)?
                 .to_vec1::<f64>()?;
             Ok((name.clone(), values.into_iter().map(f64::to_bits).collect()))

@@ -313,6 +313,7 @@ fn eval(args: EvalArgs) -> Result<Value> {
     }
     let device = device(args.device)?;
     let loaded = checkpoint::load(&args.checkpoint, &device, None)?;
+    validate::note_converted_dtype(&loaded, &device);
     let meta = &loaded.user_metadata;
     let scale = data::InputScale {
         recorded: validate::recorded_input_scale(meta, data::DIGITS_SCALE)?,

@@ -111,6 +111,7 @@ pub fn predict(args: PredictArgs) -> Result<Value> {
     crate::interop::check_out_dir(&args.output)?;
     let device = crate::device(args.device)?;
     let loaded = checkpoint::load(&args.checkpoint, &device, args.dtype.map(DType::from))?;
+    crate::validate::note_converted_dtype(&loaded, &device);
     let net = &loaded.net;
     let input_scale: f64 = match loaded.user_metadata.get("input_scale") {
         Some(s) => s

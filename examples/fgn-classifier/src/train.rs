@@ -86,7 +86,7 @@ fn batches(
     Ok(out)
 }
 
-fn optimizer(varmap: &VarMap, learning_rate: f64) -> Result<FusedAdamW> {
+pub fn optimizer(varmap: &VarMap, learning_rate: f64) -> Result<FusedAdamW> {
     Ok(FusedAdamW::new(
         varmap.all_vars(),
         ParamsAdamW {
@@ -100,9 +100,71 @@ fn optimizer(varmap: &VarMap, learning_rate: f64) -> Result<FusedAdamW> {
 /// Smallest eigenvalue a `direct` precision is repaired to after a step.
 const DIRECT_MIN_EIGENVALUE: f64 = 1e-3;
 
+/// The sum of an epoch's per-step losses, kept on the device: adding a step's loss queues one
+/// more kernel and reads nothing, so a GPU never waits for the host inside an epoch. The
+/// mean is read once, at the end of the epoch, in the loss's own dtype (Metal has no f64).
+#[derive(Default)]
+pub struct RunningLoss {
+    sum: Option<Tensor>,
+    steps: usize,
+}
+
+impl RunningLoss {
+    /// Adds one step's scalar loss (detached: the sum keeps no graph alive).
+    pub fn add(&mut self, loss: &Tensor) -> Result<()> {
+        let loss = loss.detach();
+        self.sum = Some(match self.sum.take() {
+            Some(sum) => (sum + loss)?,
+            None => loss,
+        });
+        self.steps += 1;
+        Ok(())
+    }
+
+    /// The mean loss of the epoch (one device read); an error when it is not finite, since
+    /// training has then diverged and every later step would be wasted.
+    pub fn mean(&self, what: &str, learning_rate: f64) -> Result<f64> {
+        let Some(sum) = &self.sum else {
+            return Ok(0.0);
+        };
+        let sum = match sum.dtype() {
+            DType::F64 => sum.to_scalar::<f64>()?,
+            _ => sum.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64,
+        };
+        let mean = sum / self.steps as f64;
+        if !mean.is_finite() {
+            return Err(anyhow!(
+                "training diverged: the epoch's mean {what} is {mean}; nothing was saved (try a smaller --lr than {learning_rate:e})"
+            ));
+        }
+        Ok(mean)
+    }
+}
+
+/// One optimizer step of the FGN objective on a batch: forward, loss, backward and update,
+/// then the `direct` precisions are brought back into the positive-definite cone where a
+/// step left them (a factorization test per layer; the host repair only when it fails).
+/// Returns the loss terms (not read: see [`RunningLoss`]).
+pub fn fgn_step(
+    net: &GaussNet,
+    opt: &mut FusedAdamW,
+    direct: &[Var],
+    x: &Tensor,
+    y: &Tensor,
+    objective: &FgnObjectiveConfig,
+) -> Result<gauss_losses::FgnLoss> {
+    let logits = net.forward(x, true)?;
+    let loss = fgn_objective(&logits, y, net.layers(), objective)?;
+    opt.backward_step(&loss.total)?;
+    for precision in direct {
+        repair::repair_var_if_needed(precision, DIRECT_MIN_EIGENVALUE)?;
+    }
+    Ok(loss)
+}
+
 /// The `direct` precisions (`layers.{i}.precision`): an optimizer step can push them out of
 /// the positive-definite cone, so the loop projects them back after every step.
-fn direct_precisions(varmap: &VarMap, net: &GaussNet) -> Result<Vec<Var>> {
+pub fn direct_precisions(varmap: &VarMap, net: &GaussNet) -> Result<Vec<Var>> {
     let data = varmap
         .data()
         .lock()
@@ -132,15 +194,14 @@ pub fn train_mlp(
     let bar = progress("classical", schedule.epochs as u64);
     let fit = Instant::now();
     for _ in 0..schedule.epochs {
-        let mut total = 0.0;
-        let mut count = 0;
+        let mut running = RunningLoss::default();
         for (x, y) in batches(train, schedule.batch_size, rng, device)? {
             let loss = candle_nn::loss::cross_entropy(&mlp.logits(&x)?, &y)?;
             opt.backward_step(&loss)?;
-            total += loss.to_scalar::<f32>()? as f64;
-            count += 1;
+            running.add(&loss)?;
         }
-        bar.set_message(format!("loss {:.4}", total / count.max(1) as f64));
+        let mean = running.mean("classical cross-entropy", schedule.learning_rate)?;
+        bar.set_message(format!("loss {mean:.4}"));
         bar.inc(1);
     }
     let fit_seconds = fit.elapsed().as_secs_f64();
@@ -166,22 +227,13 @@ pub fn train_fgn(
     let bar = progress("fgn", schedule.epochs as u64);
     let fit = Instant::now();
     for _ in 0..schedule.epochs {
-        let mut total = 0.0;
-        let mut count = 0;
+        let mut running = RunningLoss::default();
         for (x, y) in batches(train, schedule.batch_size, rng, device)? {
-            let logits = net.forward(&x, true)?;
-            let loss = fgn_objective(&logits, &y, net.layers(), objective)?;
-            opt.backward_step(&loss.total)?;
-            for precision in &direct {
-                repair::repair_var_in_place(precision, DIRECT_MIN_EIGENVALUE)?;
-            }
-            total += loss
-                .cross_entropy
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
-            count += 1;
+            let loss = fgn_step(&net, &mut opt, &direct, &x, &y, objective)?;
+            running.add(&loss.cross_entropy)?;
         }
-        bar.set_message(format!("cross-entropy {:.4}", total / count.max(1) as f64));
+        let mean = running.mean("FGN cross-entropy", schedule.learning_rate)?;
+        bar.set_message(format!("cross-entropy {mean:.4}"));
         bar.inc(1);
     }
     let fit_seconds = fit.elapsed().as_secs_f64();

@@ -7,7 +7,7 @@ use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Device, Tensor};
 use gauss_layer::GaussNet;
 
 /// The options of `train` that must hold before training starts.
@@ -116,11 +116,39 @@ pub fn recorded_input_scale(metadata: &BTreeMap<String, String>, default: f64) -
     Ok(scale)
 }
 
+/// Says on stderr when a checkpoint loaded in another dtype than it was stored in without
+/// being asked (an f64 checkpoint on Metal, which has no f64, runs in f32).
+pub fn note_converted_dtype(loaded: &gauss_layer::checkpoint::LoadedCheckpoint, device: &Device) {
+    let stored = loaded.stored_dtype;
+    let running = gauss_layer::checkpoint::default_load_dtype(stored, device);
+    if running != stored {
+        eprintln!(
+            "note: the checkpoint holds {stored:?} parameters; {device:?} has no {stored:?}, so they run in {running:?}"
+        );
+    }
+}
+
 /// Every parameter of a trained network is finite; otherwise training diverged and nothing
-/// should be saved.
+/// should be saved. The test runs on the parameters' device (`t − t` is 0 exactly where `t` is
+/// finite, NaN elsewhere) and reads one scalar in the working dtype; only a failure copies
+/// tensors to the host to name the parameter and value.
 pub fn finite_network(net: &GaussNet, lr: f64) -> Result<()> {
-    for (name, tensor) in net.named_tensors() {
+    let tensors = net.named_tensors();
+    let mut probe: Option<Tensor> = None;
+    for (_, tensor) in &tensors {
+        let zero = (tensor - tensor)?.sum_all()?.to_dtype(DType::F32)?;
+        probe = Some(match probe {
+            Some(sum) => (sum + zero)?,
+            None => zero,
+        });
+    }
+    match probe {
+        Some(sum) if sum.to_scalar::<f32>()? != 0.0 => {}
+        _ => return Ok(()),
+    }
+    for (name, tensor) in tensors {
         let values = tensor
+            .to_device(&Device::Cpu)?
             .to_dtype(DType::F64)?
             .flatten_all()?
             .to_vec1::<f64>()?;

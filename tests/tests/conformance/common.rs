@@ -218,6 +218,7 @@ pub fn cholesky_raw_from_factor(
 ) -> anyhow::Result<Tensor> {
     let (z, d, _) = factor.dims3()?;
     let mut values = factor
+        .to_device(&Device::Cpu)?
         .to_dtype(DType::F64)?
         .flatten_all()?
         .to_vec1::<f64>()?;
@@ -247,7 +248,9 @@ pub fn chain_raw_gradient_to_factor(
     raw: &Tensor,
     config: &GaussLayerConfig,
 ) -> anyhow::Result<Tensor> {
-    let raw_diag = linalg::diagonal(raw)?.to_dtype(DType::F64)?;
+    let raw_diag = linalg::diagonal(raw)?
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?;
     let derivative: Vec<f64> = raw_diag
         .flatten_all()?
         .to_vec1::<f64>()?

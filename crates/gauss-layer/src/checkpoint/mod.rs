@@ -113,7 +113,8 @@ const USER_PREFIX: &str = "user.";
 /// How [`load_with_options`] reads a checkpoint.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LoadOptions {
-    /// `None` (default) keeps the stored dtype and requires every tensor to have it;
+    /// `None` (default) keeps the stored dtype and requires every tensor to have it (an f64
+    /// checkpoint on Metal, which has no f64, loads as f32: see [`default_load_dtype`]);
     /// `Some(dtype)` (a float dtype) converts every tensor.
     pub dtype: Option<DType>,
     /// Accept non-finite parameters (NaN, ±∞, or values that overflow `dtype`). Off by
@@ -303,6 +304,17 @@ pub fn load_from_bytes_with_options(
     load_from_source(&mut BytesSource(bytes), origin.as_ref(), device, options)
 }
 
+/// The dtype a checkpoint loads into when the caller names none: the stored one, except f64
+/// on a device without f64 (Metal), which loads as f32 (converted on the CPU;
+/// [`LoadedCheckpoint::stored_dtype`] still says f64, so a caller can tell the user).
+pub fn default_load_dtype(stored: DType, device: &Device) -> DType {
+    if stored == DType::F64 && device.is_metal() {
+        DType::F32
+    } else {
+        stored
+    }
+}
+
 fn is_float(dtype: DType) -> bool {
     matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
 }
@@ -359,7 +371,14 @@ fn load_from_source(
                 "metadata field `dtype` is {stored_name:?}, expected f16, bf16, f32 or f64"
             ))
         })?;
-    let target_dtype = options.dtype.unwrap_or(stored_dtype);
+    let target_dtype = options
+        .dtype
+        .unwrap_or_else(|| default_load_dtype(stored_dtype, device));
+    if target_dtype == DType::F64 && device.is_metal() {
+        return Err(fail(
+            "cannot load into f64 on Metal (it has no f64): load with dtype F32".to_string(),
+        ));
+    }
     if !is_float(target_dtype) {
         return Err(fail(format!(
             "cannot load into dtype {target_dtype:?}: a network needs a float dtype"

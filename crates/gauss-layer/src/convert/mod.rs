@@ -195,13 +195,15 @@ pub(crate) fn layer_from_parts(
     config.validate()?;
     let log_scale = precision_scale.ln();
     let precision = match options.parameterization {
+        // Filled in the weights' dtype on their device (`full` of an f64 value would make an
+        // f64 tensor there, which Metal cannot hold).
         Parameterization::Sphere => Precision::from_raw(
-            Tensor::full(log_scale, z, weight.device())?.to_dtype(weight.dtype())?,
+            (Tensor::ones(z, weight.dtype(), weight.device())? * log_scale)?,
             d,
             &config,
         )?,
         Parameterization::Diag => Precision::from_raw(
-            Tensor::full(log_scale, (z, d), weight.device())?.to_dtype(weight.dtype())?,
+            (Tensor::ones((z, d), weight.dtype(), weight.device())? * log_scale)?,
             d,
             &config,
         )?,

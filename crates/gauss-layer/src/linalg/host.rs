@@ -22,6 +22,7 @@ pub(crate) fn to_host_matrices(matrices: &Tensor, what: &str) -> Result<(usize, 
 
 /// The elements of any float tensor, row-major, as f64 on the host.
 pub(crate) fn to_host_values(tensor: &Tensor) -> Result<Vec<f64>> {
+    super::record_host_read("to_host_values", tensor);
     Ok(tensor
         .to_device(&Device::Cpu)?
         .to_dtype(DType::F64)?

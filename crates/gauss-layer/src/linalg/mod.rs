@@ -18,12 +18,16 @@ use crate::error::{GaussError, Result};
 
 mod expm;
 pub(crate) mod host;
+mod host_reads;
 
 pub use expm::{expm_symmetric, trace_expm_symmetric};
+pub use host_reads::{HostRead, HostReadLog};
+pub(crate) use host_reads::record as record_host_read;
 
 /// A 0-dimensional tensor's value on the host, read in its own dtype (no cast to f64 on the
 /// device: Metal has no f64) and widened to f64 on the host.
 pub(crate) fn read_scalar(scalar: &Tensor) -> Result<f64> {
+    record_host_read("read_scalar", scalar);
     Ok(match scalar.dtype() {
         DType::F64 => scalar.to_scalar::<f64>()?,
         DType::F32 => scalar.to_scalar::<f32>()? as f64,
@@ -41,7 +45,7 @@ pub(crate) fn read_scalar(scalar: &Tensor) -> Result<f64> {
 
 /// Checks that `matrices` is (..., d, d) with a batch rank given by `rank` (None: any) and
 /// returns d.
-fn square_dim(matrices: &Tensor, what: &str, rank: Option<usize>) -> Result<usize> {
+pub(crate) fn square_dim(matrices: &Tensor, what: &str, rank: Option<usize>) -> Result<usize> {
     let dims = matrices.dims();
     let ok_rank = match rank {
         Some(r) => dims.len() == r,
