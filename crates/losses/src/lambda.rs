@@ -42,6 +42,39 @@ pub enum LambdaLoss {
     NegTracePrecision,
 }
 
+/// How [`LambdaLoss::TraceCovariance`] gets `tr Σ`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TraceEstimator {
+    /// The exact trace (and gradient): O(d³) per neuron for the full forms.
+    #[default]
+    Exact,
+    /// An unbiased Hutchinson estimate from `probes` random ±1 vectors per neuron and step,
+    /// O(d²·probes) for cholesky ([`gauss_layer::Precision::trace_covariance_estimate`]); the
+    /// exact trace for every other form. For wide inputs (d in the hundreds) with full
+    /// covariance, where the exact trace dominates a training step.
+    Hutchinson {
+        /// Probe vectors per neuron and step (≥ 1); the estimate's variance falls as 1/probes.
+        probes: usize,
+    },
+}
+
+impl TraceEstimator {
+    /// Checks that a Hutchinson estimator has at least one probe.
+    ///
+    /// # Errors
+    /// [`GaussError::InvalidConfig`] for `probes: 0`.
+    pub fn validate(self) -> Result<()> {
+        match self {
+            TraceEstimator::Hutchinson { probes: 0 } => Err(GaussError::config(
+                "trace_estimator.probes",
+                "must be at least 1",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl LambdaLoss {
     /// All variants, in a fixed order.
     pub const ALL: [LambdaLoss; 3] = [
@@ -69,10 +102,31 @@ impl LambdaLoss {
     /// ([`gauss_layer::repair::ensure_positive_definite`]); for expm, an overflowing
     /// exponential.
     pub fn per_neuron(self, precision: &Precision) -> Result<Tensor> {
+        self.per_neuron_with(precision, TraceEstimator::Exact)
+    }
+
+    /// As [`LambdaLoss::per_neuron`], with `tr Σ` from `estimator` (only
+    /// [`LambdaLoss::TraceCovariance`] uses it).
+    ///
+    /// # Shapes
+    /// → (Z)
+    ///
+    /// # Errors
+    /// As [`LambdaLoss::per_neuron`]; an invalid estimator.
+    pub fn per_neuron_with(self, precision: &Precision, estimator: TraceEstimator) -> Result<Tensor> {
+        estimator.validate()?;
         ensure_positive_definite(precision)?;
         let d = precision.dim() as f64;
         Ok(match self {
-            LambdaLoss::TraceCovariance => (precision.trace_covariance()? / d)?,
+            LambdaLoss::TraceCovariance => {
+                let trace = match estimator {
+                    TraceEstimator::Exact => precision.trace_covariance()?,
+                    TraceEstimator::Hutchinson { probes } => {
+                        precision.trace_covariance_estimate(probes)?
+                    }
+                };
+                (trace / d)?
+            }
             LambdaLoss::LogdetCovariance => precision.log_det_precision()?.neg()?,
             LambdaLoss::NegTracePrecision => (precision.trace_precision()? / -d)?,
         })
@@ -87,10 +141,25 @@ impl LambdaLoss {
     /// # Errors
     /// No layers ([`GaussError::NoLayers`]); as [`LambdaLoss::per_neuron`].
     pub fn of_layers<'a>(self, layers: impl IntoIterator<Item = &'a GaussLayer>) -> Result<Tensor> {
+        self.of_layers_with(layers, TraceEstimator::Exact)
+    }
+
+    /// As [`LambdaLoss::of_layers`], with `tr Σ` from `estimator`.
+    ///
+    /// # Shapes
+    /// → ()
+    ///
+    /// # Errors
+    /// As [`LambdaLoss::of_layers`]; an invalid estimator.
+    pub fn of_layers_with<'a>(
+        self,
+        layers: impl IntoIterator<Item = &'a GaussLayer>,
+        estimator: TraceEstimator,
+    ) -> Result<Tensor> {
         let mut total: Option<Tensor> = None;
         let mut neurons = 0usize;
         for layer in layers {
-            let terms = self.per_neuron(layer.precision())?;
+            let terms = self.per_neuron_with(layer.precision(), estimator)?;
             neurons += terms.elem_count();
             let sum = terms.sum_all()?;
             total = Some(match total {

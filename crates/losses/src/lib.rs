@@ -35,7 +35,7 @@ pub use classification::checked_cross_entropy;
 pub use covariance_factor::nll_covariance_factor;
 pub use gauss_layer::{GaussError, Result};
 pub use gaussian::{log_det_from_triangular, log_normalizer, nll_from_mahalanobis};
-pub use lambda::LambdaLoss;
+pub use lambda::{LambdaLoss, TraceEstimator};
 pub use layer_nll::layer_nll;
 pub use mixture::{mixture_logits, mixture_nll, mixture_nll_from_components};
 pub use objective::{fgn_objective, FgnLoss, FgnLossValues, FgnObjectiveConfig};

@@ -32,7 +32,7 @@ use gauss_layer::GaussLayer;
 use serde::{Deserialize, Serialize};
 
 use crate::classification::checked_cross_entropy;
-use crate::lambda::LambdaLoss;
+use crate::lambda::{LambdaLoss, TraceEstimator};
 use crate::weight_l2::weight_l2_of_layers;
 use gauss_layer::{GaussError, Result};
 
@@ -47,6 +47,9 @@ pub struct FgnObjectiveConfig {
     pub lambda_sigma: f64,
     /// Which λ-loss. Default [`LambdaLoss::TraceCovariance`].
     pub lambda_loss: LambdaLoss,
+    /// How the trace-covariance λ-loss gets `tr Σ`. Default [`TraceEstimator::Exact`];
+    /// [`TraceEstimator::Hutchinson`] for full covariance on wide inputs.
+    pub trace_estimator: TraceEstimator,
 }
 
 impl Default for FgnObjectiveConfig {
@@ -55,6 +58,7 @@ impl Default for FgnObjectiveConfig {
             lambda_l2: 1e-4,
             lambda_sigma: 1e-3,
             lambda_loss: LambdaLoss::TraceCovariance,
+            trace_estimator: TraceEstimator::Exact,
         }
     }
 }
@@ -65,6 +69,7 @@ impl FgnObjectiveConfig {
     /// # Errors
     /// [`GaussError::InvalidConfig`] naming a weight that is negative or not finite.
     pub fn validate(&self) -> Result<()> {
+        self.trace_estimator.validate()?;
         for (field, value) in [
             ("lambda_l2", self.lambda_l2),
             ("lambda_sigma", self.lambda_sigma),
@@ -167,7 +172,7 @@ pub fn fgn_objective<'a>(
     let weight_l2 = weight_l2_of_layers(layers.iter().copied())?.to_dtype(logits.dtype())?;
     let lambda = config
         .lambda_loss
-        .of_layers(layers.iter().copied())?
+        .of_layers_with(layers.iter().copied(), config.trace_estimator)?
         .to_dtype(logits.dtype())?;
     let total =
         ((&cross_entropy + (&weight_l2 * config.lambda_l2)?)? + (&lambda * config.lambda_sigma)?)?;

@@ -27,6 +27,7 @@ fn objective_is_the_weighted_sum_of_its_terms() -> Result<()> {
         lambda_l2: 0.3,
         lambda_sigma: 0.05,
         lambda_loss: LambdaLoss::LogdetCovariance,
+        ..Default::default()
     };
     let loss = fgn_objective(&logits, &targets, [&first, &second], &config)?;
     let values = loss.values()?;

@@ -4,6 +4,7 @@
 use candle_core::{DType, Tensor, D};
 
 use super::stats_op::{PrecisionStat, Stat, StatMap};
+use super::trace_estimate;
 use super::{maps, Precision};
 use crate::config::Parameterization;
 use crate::error::Result;
@@ -14,11 +15,7 @@ use crate::linalg;
 fn fused_stat(precision: &Precision, stat: Stat) -> Result<Option<Tensor>> {
     let config = precision.config();
     let raw = precision.raw();
-    let fused = !config.portable
-        && config.width_floor.is_none()
-        && raw.device().is_cpu()
-        && matches!(raw.dtype(), DType::F32 | DType::F64);
-    if !fused {
+    if !runs_fused_statistics(precision) {
         return Ok(None);
     }
     let map = match config.parameterization {
@@ -31,6 +28,36 @@ fn fused_stat(precision: &Precision, stat: Stat) -> Result<Option<Tensor>> {
         _ => return Ok(None),
     };
     Ok(Some(raw.apply_op1(PrecisionStat { stat, map })?))
+}
+
+/// Whether the per-neuron statistics run as fused CPU ops from the raw tensor: a full
+/// precision without a width floor, f32 or f64 on the CPU, not on the portable path.
+fn runs_fused_statistics(precision: &Precision) -> bool {
+    let raw = precision.raw();
+    !precision.config().portable
+        && precision.config().width_floor.is_none()
+        && raw.device().is_cpu()
+        && matches!(raw.dtype(), DType::F32 | DType::F64)
+}
+
+/// An unbiased estimate of `tr Σ` per neuron from `probes` Rademacher vectors (see the
+/// `trace_estimate` module) for cholesky without a width floor; the exact value otherwise.
+pub(super) fn trace_covariance_estimate(precision: &Precision, probes: usize) -> Result<Tensor> {
+    let config = precision.config();
+    if config.parameterization != Parameterization::Cholesky || config.width_floor.is_some() {
+        return trace_covariance(precision);
+    }
+    let raw = precision.raw();
+    let (z, d) = (precision.num_neurons(), precision.dim());
+    let vectors = trace_estimate::rademacher_probes(z, d, probes, raw)?;
+    if runs_fused_statistics(precision) {
+        let op = trace_estimate::TraceCovarianceEstimate {
+            positive_map: config.positive_map,
+            floor: config.factor_diag_floor,
+        };
+        return Ok(raw.apply_op2(&vectors, op)?);
+    }
+    trace_estimate::estimate_in_tensor_ops(&cholesky_factor(precision)?, &vectors)
 }
 
 /// The base Cholesky factor `L` (no width floor) of a cholesky precision:

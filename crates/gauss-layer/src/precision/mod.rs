@@ -49,6 +49,7 @@ mod inverse;
 pub(crate) mod low_rank;
 pub(crate) mod maps;
 mod stats_op;
+mod trace_estimate;
 
 /// The precision matrices of a layer's Z neurons over d inputs, in one parameterization.
 #[derive(Clone, Debug)]
@@ -303,6 +304,32 @@ impl Precision {
             return Ok(diagonal::effective_variance(self)?.sum(1)?);
         }
         full::trace_covariance(self)
+    }
+
+    /// An unbiased estimate of `tr S` per neuron from `probes` random ±1 vectors
+    /// (Hutchinson: `‖L⁻¹V‖²_F / k`), for cholesky without a width floor, where the exact
+    /// trace and its gradient cost O(d³) per neuron and the estimate O(d²·probes); the exact
+    /// [`Precision::trace_covariance`] for every other form (diag, sphere and lowrank are
+    /// cheap exactly; direct and expm factor anyway). Fresh probes are drawn on every call
+    /// from the device's generator, so the value is random (not bit-reproducible) while its
+    /// expectation, and that of its gradient, is the exact trace's.
+    ///
+    /// # Shapes
+    /// → (Z)
+    ///
+    /// # Errors
+    /// `probes` of 0; as [`Precision::trace_covariance`].
+    pub fn trace_covariance_estimate(&self, probes: usize) -> Result<Tensor> {
+        if probes == 0 {
+            return Err(GaussError::config(
+                "probes",
+                "the trace estimate needs at least 1 probe vector",
+            ));
+        }
+        if self.is_low_rank() || self.is_diagonal() {
+            return self.trace_covariance();
+        }
+        full::trace_covariance_estimate(self, probes)
     }
 
     /// `tr P` per neuron.
