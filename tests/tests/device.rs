@@ -108,6 +108,66 @@ fn portable_training_step_creates_no_f64_tensors() -> Result<()> {
     Ok(())
 }
 
+/// What a training step costs a GPU in host synchronizations, measured on the portable path
+/// (what CUDA and Metal run) with the library's host-read log: every read is in the working
+/// dtype (f32), and only the forms that must look at their data read at all. A new read on
+/// the training path (a sync per step on a GPU) fails this test.
+#[test]
+fn portable_training_step_reads_back_only_what_it_must() -> Result<()> {
+    use gauss_layer::linalg::HostReadLog;
+    let device = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (16, 6), &device)?;
+    let targets = Tensor::new(
+        &[0u32, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0],
+        &device,
+    )?;
+    for parameterization in Parameterization::ALL {
+        let config = GaussNetConfig {
+            in_features: 6,
+            hidden: vec![5],
+            out_features: 3,
+            layer: GaussLayerConfig {
+                tanh: true,
+                ..portable_config(parameterization)
+            },
+            output_layer: Some(portable_config(parameterization)),
+            ..Default::default()
+        };
+        let varmap = VarMap::new();
+        let net = GaussNet::new(config, VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
+        let mut optimizer = gauss_layer::FusedAdamW::new(
+            varmap.all_vars(),
+            candle_nn::ParamsAdamW {
+                lr: 1e-3,
+                ..Default::default()
+            },
+        )?;
+        let log = HostReadLog::start();
+        for _ in 0..2 {
+            let logits = net.forward(&x, true)?;
+            let loss = fgn_objective(&logits, &targets, net.layers(), &FgnObjectiveConfig::default())?;
+            optimizer.backward_step(&loss.total)?;
+        }
+        let reads = log.reads();
+        drop(log);
+        let what = parameterization.to_string();
+        assert!(
+            reads.iter().all(|r| r.dtype == DType::F32 && r.elements == 1),
+            "{what}: reads of more than one f32 scalar: {reads:?}"
+        );
+        // Two steps, two layers. direct checks positive-definiteness before its λ-loss (one
+        // scalar per layer); expm reads its squaring count and eigenvalue bound per matrix
+        // exponential (2 scalars, twice per layer: the forward's P and the λ-loss's tr Σ).
+        let expected = match parameterization {
+            Parameterization::Direct => 2 * 2,
+            Parameterization::Expm => 2 * 2 * 2 * 2,
+            _ => 0,
+        };
+        assert_eq!(reads.len(), expected, "{what}: {reads:?}");
+    }
+    Ok(())
+}
+
 /// The `.rs` files under `dir`, recursively (build outputs left out).
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     for entry in std::fs::read_dir(dir)? {

@@ -92,6 +92,9 @@ fn taylor_polynomial(x: &Tensor, degree: usize, eye: &Tensor) -> Result<Tensor> 
 /// A non-finite input, or a result that overflows the dtype
 /// ([`GaussError::Numerical`], naming the neuron).
 pub fn expm_symmetric(symmetric: &Tensor) -> Result<Tensor> {
+    if !symmetric.device().is_cpu() {
+        return expm_without_reads(symmetric);
+    }
     let what = "expm_symmetric: symmetric";
     let (mut acc, squarings, shift, may_overflow) = scaled_expm(symmetric, what)?;
     for _ in 0..squarings {
@@ -113,6 +116,9 @@ pub fn expm_symmetric(symmetric: &Tensor) -> Result<Tensor> {
 /// # Errors
 /// As [`expm_symmetric`].
 pub fn trace_expm_symmetric(symmetric: &Tensor) -> Result<Tensor> {
+    if !symmetric.device().is_cpu() {
+        return trace(&expm_without_reads(symmetric)?);
+    }
     let what = "trace_expm_symmetric: symmetric";
     let (mut acc, squarings, shift, may_overflow) = scaled_expm(symmetric, what)?;
     let trace = if squarings == 0 {
@@ -128,6 +134,62 @@ pub fn trace_expm_symmetric(symmetric: &Tensor) -> Result<Tensor> {
         check_finite(&result, symmetric, what)?;
     }
     Ok(result)
+}
+
+/// [`expm_symmetric`] without reading anything back from the device (what GPUs run: a read
+/// would stall the device once per call, four times per expm layer and training step).
+///
+/// Each neuron gets its own number of squarings `s_z = ⌈log₂ ‖A_z − μ_z I‖_F⌉` (clamped at 0),
+/// computed on the device; the Taylor degree is the one for a scaled norm of 1, and the loop
+/// runs a fixed `s_max` squarings, each applied only to the neurons that need it (a mask), so
+/// the work is known without looking at the data. `s_max` covers every matrix whose
+/// exponential the dtype can hold (Frobenius norm up to `√d · ln(max value)`); a neuron beyond
+/// it, or with non-finite input, comes out NaN (there is no read to raise an error with: the
+/// training loop's periodic finiteness check reports it), and an overflowing exponential comes
+/// out infinite rather than as the CPU's error.
+///
+/// # Shapes
+/// `symmetric`: (Z, d, d) → (Z, d, d)
+///
+/// # Errors
+/// Shapes the operation cannot take.
+pub(crate) fn expm_without_reads(symmetric: &Tensor) -> Result<Tensor> {
+    let what = "expm_symmetric: symmetric";
+    let d = square_dim(symmetric, what, Some(3))?;
+    let z = symmetric.dim(0)?;
+    let dtype = symmetric.dtype();
+    let eye = eye_like(d, symmetric)?;
+    let shift = (trace(symmetric)? / d as f64)?.reshape((z, 1, 1))?;
+    let centered = symmetric.broadcast_sub(&eye.broadcast_mul(&shift)?)?;
+    let norms = centered.sqr()?.sum_keepdim((1, 2))?.sqrt()?; // (Z, 1, 1)
+    let max_squarings = ((d as f64).sqrt() * expm_overflow_limit(dtype) / EXPM_MAX_SCALED_NORM)
+        .log2()
+        .ceil()
+        .max(0.0) as usize;
+    // s_z = clamp(⌈log₂(max(‖·‖, 1))⌉, 0, s_max), as a float tensor.
+    let squarings = (norms.maximum(EXPM_MAX_SCALED_NORM)? / EXPM_MAX_SCALED_NORM)?
+        .log()?
+        .affine(1.0 / std::f64::consts::LN_2, 0.0)?
+        .ceil()?
+        .clamp(0.0, max_squarings as f64)?;
+    let scaled = centered.broadcast_mul(&(squarings.affine(-std::f64::consts::LN_2, 0.0)?.exp()?))?;
+    let degree = taylor_degree(EXPM_MAX_SCALED_NORM, unit_roundoff(dtype));
+    let mut acc = taylor_polynomial(&scaled, degree, &eye)?;
+    for step in 0..max_squarings {
+        let needed = squarings
+            .gt(step as f64)?
+            .broadcast_as(acc.shape())?
+            .contiguous()?;
+        acc = needed.where_cond(&matmul(&acc, &acc)?, &acc)?;
+    }
+    let result = acc.broadcast_mul(&shift.exp()?)?;
+    // Out of range (or NaN: NaN compares false) → NaN, never a silently wrong matrix.
+    let in_range = norms
+        .le(2f64.powi(max_squarings as i32) * EXPM_MAX_SCALED_NORM)?
+        .broadcast_as(result.shape())?
+        .contiguous()?;
+    let nan = (result.zeros_like()? + f64::NAN)?;
+    Ok(in_range.where_cond(&result, &nan)?)
 }
 
 /// Largest eigenvalue whose exponential the dtype holds: `ln(max finite value)`.
@@ -301,6 +363,37 @@ mod tests {
             let rel = max_abs_diff(&traces, &expected_traces) / max_abs(&expected_traces).unwrap();
             assert!(rel < 1e-12, "trace: relative error {rel}");
         }
+    }
+
+    #[test]
+    fn read_free_expm_matches_the_reading_one_and_reads_nothing() {
+        // The GPU form against the CPU form, on norms from below 1 to several hundred
+        // (0 to 9 squarings), f64 and f32; and no host read at all.
+        let d = 9;
+        let noise = noise(3, d, 7);
+        let eye = Tensor::eye(d, DType::F64, &Device::Cpu).unwrap();
+        for (scale, shift) in [(0.05, 0.0), (1.5, -3.0), (20.0, 1.0), (60.0, -2.0)] {
+            let m = ((symmetrize(&noise).unwrap() * scale).unwrap()
+                + (eye.clone() * shift).unwrap().broadcast_as((3, d, d)).unwrap())
+            .unwrap();
+            for dtype in [DType::F64, DType::F32] {
+                let m = m.to_dtype(dtype).unwrap();
+                let expected = expm_symmetric(&m).unwrap();
+                let log = super::super::HostReadLog::start();
+                let ours = expm_without_reads(&m).unwrap();
+                assert!(log.reads().is_empty(), "{:?}", log.reads());
+                let rel = max_abs_diff(&ours, &expected) / max_abs(&expected).unwrap();
+                let tolerance = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+                assert!(rel < tolerance, "{dtype:?} scale {scale}: relative error {rel}");
+            }
+        }
+        // Beyond the squaring range, and NaN input: NaN, not a wrong matrix.
+        let huge = Tensor::new(&[[[1e6f32, 0.0], [0.0, -1e6]]], &Device::Cpu).unwrap();
+        let out = expm_without_reads(&huge).unwrap().flatten_all().unwrap();
+        assert!(out.to_vec1::<f32>().unwrap().iter().all(|v| v.is_nan()));
+        let nan = Tensor::new(&[[[f64::NAN, 0.0], [0.0, 1.0]]], &Device::Cpu).unwrap();
+        let out = expm_without_reads(&nan).unwrap().flatten_all().unwrap();
+        assert!(out.to_vec1::<f64>().unwrap().iter().all(|v| v.is_nan()));
     }
 
     #[test]
