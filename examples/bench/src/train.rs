@@ -31,7 +31,7 @@ use gauss_layer::FusedAdamW;
 use gauss_layer::{
     repair, GaussLayerConfig, GaussNet, GaussNetConfig, InitConfig, Parameterization,
 };
-use gauss_losses::{fgn_objective, FgnObjectiveConfig};
+use gauss_losses::{fgn_objective, FgnObjectiveConfig, TraceEstimator};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -86,6 +86,10 @@ struct Args {
     /// Weight of the λ-loss.
     #[arg(long, default_value_t = 0.05)]
     lambda_sigma: f64,
+    /// Probe vectors per neuron and step for the λ-loss's tr Σ of cholesky layers (a
+    /// Hutchinson estimate); 0 = the exact trace.
+    #[arg(long, default_value_t = 0)]
+    trace_probes: usize,
     /// f32 or f64.
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -407,6 +411,10 @@ fn main() -> Result<()> {
     let objective = FgnObjectiveConfig {
         lambda_l2: args.lambda_l2,
         lambda_sigma: args.lambda_sigma,
+        trace_estimator: match args.trace_probes {
+            0 => TraceEstimator::Exact,
+            probes => TraceEstimator::Hutchinson { probes },
+        },
         ..Default::default()
     };
     let mut pairs = Vec::new();

@@ -95,6 +95,10 @@ struct TrainArgs {
     /// Default: 16 for inputs of 256 features or more, exact below.
     #[arg(long)]
     trace_probes: Option<usize>,
+    /// Learning-rate factor of the precision tensors. Default: (64/d)^1.5 (at most 1) for the
+    /// full forms (cholesky, direct, expm) on d input features, 1 for the others.
+    #[arg(long)]
+    precision_lr_scale: Option<f64>,
     /// Weight of the mean squared linear weight.
     #[arg(long, default_value_t = 1e-3)]
     lambda_l2: f64,
@@ -204,10 +208,15 @@ fn train(args: TrainArgs) -> Result<Value> {
         probes => TraceEstimator::Hutchinson { probes },
     };
     let mut rng = StdRng::seed_from_u64(args.seed);
+    let precision_lr_scale = args.precision_lr_scale.unwrap_or_else(|| {
+        train::precision_lr_scale(parameterization, data.train.features())
+    });
+    validate::finite_positive("--precision-lr-scale", precision_lr_scale)?;
     let schedule = Schedule {
         epochs,
         batch_size: args.batch_size,
         learning_rate: args.lr,
+        precision_lr_scale,
     };
     let started = Instant::now();
     let features = data.train.features();
@@ -216,6 +225,7 @@ fn train(args: TrainArgs) -> Result<Value> {
     out.insert("epochs".into(), json!(epochs));
     out.insert("lambda_sigma".into(), json!(lambda_sigma));
     out.insert("trace_probes".into(), json!(trace_probes));
+    out.insert("precision_lr_scale".into(), json!(precision_lr_scale));
 
     let mut classical = None;
     let mut fit_seconds = 0.0;
