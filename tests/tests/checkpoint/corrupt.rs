@@ -80,6 +80,7 @@ fn damaged_checkpoints_name_what_is_wrong() -> Result<()> {
 
     // Wrong dtype: an error without a requested dtype, converted with one.
     let mut t = tensors.clone();
+    // f64: checkpoint tests load on Device::Cpu
     t.insert(victim.into(), tensors[victim].to_dtype(DType::F64)?);
     let p = dir.join("dtype.safetensors");
     write(&p, &t, metadata.clone())?;

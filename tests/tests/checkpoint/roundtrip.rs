@@ -10,6 +10,7 @@ use gauss_layer::{GaussLayerConfig, GaussNet, GaussNetConfig, Parameterization};
 
 use gauss_tests::{new_net, small_diag_net_config, temp_dir};
 
+// f64: checkpoint tests load on Device::Cpu
 fn bits(t: &Tensor) -> Result<Vec<u64>> {
     Ok(t.flatten_all()?
         .to_dtype(DType::F64)?
@@ -108,8 +109,10 @@ fn metadata_and_dtype_conversion() -> Result<()> {
 
     let x = Tensor::randn(0f32, 1.0, (6, 3), &Device::Cpu)?;
     let as_f64 = GaussNet::load(&path, &Device::Cpu, Some(DType::F64))?;
+    // f64: checkpoint tests load on Device::Cpu
     let y64 = as_f64.forward(&x.to_dtype(DType::F64)?, false)?;
     assert_eq!(y64.dtype(), DType::F64);
+    // f64: checkpoint tests load on Device::Cpu
     let y32 = net.forward(&x, false)?.to_dtype(DType::F64)?;
     // f32 weights widened to f64 exactly; only the f32 vs f64 arithmetic differs (f32 tolerance).
     let diff = (y64 - y32)?.abs()?.max_all()?.to_scalar::<f64>()?;

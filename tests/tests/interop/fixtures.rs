@@ -108,6 +108,7 @@ fn errors(net: &GaussNet, r: &HashMap<String, Tensor>, dtype: DType) -> Result<V
     let x = get(r, &format!("x_{suffix}"))?;
     let (out, gs) = net.forward_with_gaussians(x, false)?;
     assert_eq!(out.dtype(), dtype);
+    // f64: the interop fixtures load and run on Device::Cpu
     let f64_of = |t: &Tensor| t.to_dtype(DType::F64);
     let mut errs = vec![relative_error(
         &f64_of(&out)?,
@@ -148,6 +149,7 @@ fn error_table_every_manifest_case_reproduces_the_original() -> Result<()> {
             if errs.len() < 3 {
                 row.push_str(" — |");
             }
+            // f64: the interop fixtures load and run on Device::Cpu
             // The effective precisions in this dtype (information: the outputs are the test).
             for (i, layer) in net.layers().iter().enumerate() {
                 let p = layer.precision().precision_matrix()?.to_dtype(DType::F64)?;
@@ -333,6 +335,7 @@ fn conversion_reproduces_the_originals_convert_classic_to_fgn() -> Result<()> {
             data_dir().join(&case.name).join("model.safetensors"),
             &Device::Cpu,
         )?;
+        // f64: the interop fixtures load and run on Device::Cpu
         let theirs = |k: &str| -> Result<Tensor> { Ok(get(&converted, k)?.to_dtype(DType::F64)?) };
         for (i, prefix) in ["hidden_layers.0", "fl"].iter().enumerate() {
             let layer = &net.layers()[i];

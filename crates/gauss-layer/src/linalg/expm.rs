@@ -350,6 +350,7 @@ mod tests {
                 rel < 1e-12,
                 "scale {scale} shift {shift}: relative error {rel}"
             );
+            // f64: a unit test on Device::Cpu (the matrices above are built there)
             // f32 picks a lower Taylor degree; still accurate to f32 rounding.
             let ours32 = expm_symmetric(&m.to_dtype(DType::F32).unwrap())
                 .unwrap()
@@ -376,6 +377,7 @@ mod tests {
             let m = ((symmetrize(&noise).unwrap() * scale).unwrap()
                 + (eye.clone() * shift).unwrap().broadcast_as((3, d, d)).unwrap())
             .unwrap();
+            // f64: a unit test on Device::Cpu (the matrices above are built there)
             for dtype in [DType::F64, DType::F32] {
                 let m = m.to_dtype(dtype).unwrap();
                 let expected = expm_symmetric(&m).unwrap();

@@ -82,6 +82,7 @@ mod tests {
         // log(1 + e^r) would give 0 in f32 for every one of these.
         let raws = [-80.0f64, -40.0, -20.0, -12.0];
         let raw = Tensor::new(&raws, &Device::Cpu).unwrap();
+        // f64: a unit test on Device::Cpu (the tensors above are built there)
         for dtype in [DType::F32, DType::F64] {
             let got = value_tensor(PositiveMap::Softplus, &raw.to_dtype(dtype).unwrap())
                 .unwrap()

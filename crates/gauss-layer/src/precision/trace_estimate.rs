@@ -299,6 +299,7 @@ mod tests {
     fn fused_op_matches_its_portable_twin_with_random_probes() {
         // The same probes through the fused op and the tensor-op twin (f64 and f32).
         let config = config();
+        // f64: a unit test on Device::Cpu (`raw` builds there)
         for dtype in [DType::F64, DType::F32] {
             let var = Var::from_tensor(&raw(4).to_dtype(dtype).unwrap()).unwrap();
             let probes = rademacher_probes(4, 8, 5, var.as_tensor()).unwrap();

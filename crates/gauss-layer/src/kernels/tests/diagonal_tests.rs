@@ -34,6 +34,7 @@ fn diagonal_fused_rows_do_not_depend_on_the_blocking() -> TestResult {
     let mut rng = StdRng::seed_from_u64(111);
     let diagonal = normal(&mut rng, &[5, 19], 1.0).exp()?;
     let upstream = normal(&mut rng, &[9, 5], 1.0);
+    // f64: tests of the fused CPU kernels run on the CPU only
     for dtype in [DType::F64, DType::F32] {
         let x = c.x.to_dtype(dtype)?;
         let center = c.center.to_dtype(dtype)?;

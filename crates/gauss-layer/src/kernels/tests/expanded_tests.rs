@@ -101,6 +101,7 @@ fn expanded_fused_f32_within_1e5_where_the_check_passes() -> TestResult {
         let precision = factor.matmul(&factor.transpose(1, 2)?)?;
         assert!(expanded_is_accurate(&center, &precision)?, "seed {seed}");
         let m2 = expanded_fused_factor(&x, &center, &factor)?;
+        // f64: tests of the fused CPU kernels run on the CPU only
         // The f64 oracle on the very f32 values (floor 1: the unit width scale of g).
         let as64 = |t: &Tensor| t.to_dtype(DType::F64);
         let expected = oracle_projected(&as64(&x)?, &as64(&center)?, &as64(&factor)?)?;
@@ -134,9 +135,11 @@ fn expanded_fused_far_centers_fall_back_and_keep_the_documented_bound() -> TestR
     let [x, center, factor] =
         [&far.x, &far.center, &far.factor].map(|t| t.to_dtype(DType::F32).expect("f32"));
     let m2 = expanded_fused_factor(&x, &center, &factor)?;
+    // f64: tests of the fused CPU kernels run on the CPU only
     let as64 = |t: &Tensor| t.to_dtype(DType::F64);
     let expected = oracle_projected(&as64(&x)?, &as64(&center)?, &as64(&factor)?)?;
     let scale = expanded_scale(&as64(&center)?, &precision_of(&far)?)?;
+    // f64: tests of the fused CPU kernels run on the CPU only
     let abs_err = (m2.to_dtype(DType::F64)? - &expected)?
         .abs()?
         .max_all()?

@@ -105,8 +105,10 @@ pub(super) fn oracle_diagonal(
 }
 
 /// Largest `|a - b| / max(|b|, floor)` over all elements (both compared in f64).
+// f64: tests of the fused CPU kernels run on the CPU only
 pub(super) fn max_relative_error(a: &Tensor, b: &Tensor, floor: f64) -> f64 {
     let a = a.to_dtype(DType::F64).and_then(|t| t.flatten_all());
+    // f64: tests of the fused CPU kernels run on the CPU only
     let b = b.to_dtype(DType::F64).and_then(|t| t.flatten_all());
     let a = a.and_then(|t| t.to_vec1::<f64>()).expect("a");
     let b = b.and_then(|t| t.to_vec1::<f64>()).expect("b");
@@ -159,9 +161,11 @@ pub(super) fn check_f32_gradients(
     let upstream = normal(&mut rng, &[batch, neurons], 1.0).to_dtype(DType::F32)?;
     let inputs32 = [&c.x, &c.center, &c.factor].map(|t| t.to_dtype(DType::F32).expect("f32"));
     let fused = gradients(op, [&inputs32[0], &inputs32[1], &inputs32[2]], &upstream)?;
+    // f64: tests of the fused CPU kernels run on the CPU only
     let inputs64 = inputs32
         .clone()
         .map(|t| t.to_dtype(DType::F64).expect("f64"));
+    // f64: tests of the fused CPU kernels run on the CPU only
     let oracle = gradients(
         |x, c, f| Ok(oracle_projected(x, c, f)?),
         [&inputs64[0], &inputs64[1], &inputs64[2]],
@@ -304,10 +308,12 @@ pub(super) fn expanded_is_accurate(center: &Tensor, precision: &Tensor) -> crate
         neurons,
     };
     let dtype = center.dtype();
+    // f64: tests of the fused CPU kernels run on the CPU only
     let c = center
         .to_dtype(DType::F64)?
         .flatten_all()?
         .to_vec1::<f64>()?;
+    // f64: tests of the fused CPU kernels run on the CPU only
     let p = precision
         .to_dtype(DType::F64)?
         .flatten_all()?

@@ -185,8 +185,10 @@ fn auto_avoids_the_expanded_form_for_ill_conditioned_precisions() -> TestResult 
             let [x32, c32] = [&x, &center].map(|t| t.to_dtype(DType::F32).expect("f32"));
             // Reference: f64 on the very f32 values (factor rebuilt as the layer builds it).
             let factor64 = precision.factor()?.ok_or("cholesky has a factor")?;
+            // f64: tests of the fused CPU kernels run on the CPU only
             let factor64 = factor64.to_dtype(DType::F64)?;
             let p64 = factor64.matmul(&factor64.transpose(1, 2)?)?;
+            // f64: tests of the fused CPU kernels run on the CPU only
             let as64 = |t: &Tensor| t.to_dtype(DType::F64).expect("f64");
             let expected_m2 = crate::ops::mahalanobis_sq_naive(&as64(&x32), &as64(&c32), &p64)?;
             let auto = resolve_kernel(&x32, &c32, &precision, DistanceKernel::Auto)?;
