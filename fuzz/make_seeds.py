@@ -1,6 +1,6 @@
 """Writes seed inputs for the fuzz targets (see README.md): small valid checkpoints of
-several shapes for `checkpoint_load`, and the small PyTorch FGN state dicts of
-../../shared/interop for `import_state_dict`. Needs numpy and safetensors (Python)."""
+several shapes for `checkpoint_load`, the small PyTorch FGN state dicts of
+../../shared/interop for `import_state_dict`, and small data files for `data_file`. Needs numpy and safetensors (Python)."""
 import json
 import pathlib
 import shutil
@@ -78,4 +78,20 @@ for model in sorted(interop.glob("*/model.safetensors")):
             # The first byte picks the import options (see the target).
             (imports / f"{model.parent.name}-{selector}").write_bytes(
                 bytes([selector]) + model.read_bytes())
-print("seeds:", len(list(seeds.iterdir())), "checkpoints,", len(list(imports.iterdir())), "state dicts")
+data = HERE / "corpus" / "data_file"
+data.mkdir(parents=True, exist_ok=True)
+rng = np.random.default_rng(1)
+files = {
+    "x-f64": {"x": rng.normal(size=(6, 3))},
+    "x-f32": {"x": rng.normal(size=(4, 2)).astype(np.float32)},
+    "digits-u8": {"images": rng.integers(0, 17, size=(3, 8), dtype=np.uint8),
+                  "labels": np.array([0, 9, 3], dtype=np.int64)},
+    "images-f16": {"images": rng.random((2, 4)).astype(np.float16),
+                   "labels": np.array([1, 2], dtype=np.uint8)},
+}
+for name, tensors in files.items():
+    for selector in range(6):
+        # The first byte picks the divisor (see the target).
+        (data / f"{name}-{selector}").write_bytes(bytes([selector]) + save(tensors))
+print("seeds:", len(list(seeds.iterdir())), "checkpoints,", len(list(imports.iterdir())),
+      "state dicts,", len(list(data.iterdir())), "data files")

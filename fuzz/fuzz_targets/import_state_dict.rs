@@ -1,5 +1,5 @@
-//! Any bytes given to the PyTorch FGN importer (as a safetensors state dict, read the way
-//! `import::load_state_dict` reads a file) give `Ok` or `Err`, never a panic. The first
+//! Any bytes given to the PyTorch FGN importer (as a safetensors state dict, read by
+//! `import::state_dict_from_bytes`, the reader of `import::load_state_dict`) give `Ok` or `Err`, never a panic. The first
 //! byte picks the import options, so every covariance type and flag is exercised.
 #![no_main]
 
@@ -11,22 +11,12 @@ fuzz_target!(|data: &[u8]| {
     let Some((&selector, bytes)) = data.split_first() else {
         return;
     };
-    let Ok(tensors) = candle_core::safetensors::load_buffer(bytes, &Device::Cpu) else {
+    // The importer's own reader (pickle detection, dtype checks, conversion to f32).
+    let Ok(state) =
+        import::state_dict_from_bytes(bytes, "fuzz.safetensors", &Device::Cpu, DType::F32)
+    else {
         return;
     };
-    // As `import::load_state_dict`: float tensors converted to f32, others kept.
-    let mut state = std::collections::HashMap::with_capacity(tensors.len());
-    for (name, tensor) in tensors {
-        let tensor = if tensor.dtype().is_float() {
-            match tensor.to_dtype(DType::F32) {
-                Ok(t) => t,
-                Err(_) => return,
-            }
-        } else {
-            tensor
-        };
-        state.insert(name, tensor);
-    }
     let covar_type = match selector % 5 {
         0 => None,
         1 => Some(FgnCovarType::Sphere),

@@ -20,7 +20,7 @@ use crate::error::{GaussError, Result};
 
 /// How each neuron's precision matrix `P` is stored and mapped to a positive-definite matrix.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Parameterization {
     /// `P = L Lᵀ`, `L` lower triangular with its diagonal mapped through a positive map plus a
     /// floor. Positive definite for every finite raw value.
@@ -423,7 +423,24 @@ impl GaussLayerConfig {
         if out_features == 0 {
             return Err(GaussError::config("out_features", "must be >= 1, got 0"));
         }
+        self.check_rank(in_features)?;
         self.validate()
+    }
+
+    /// lowrank's `U` has at most as many columns as the layer has inputs (R ≤ d): more add
+    /// nothing a full-rank `U` does not give and cost O(d·R) memory per neuron.
+    pub(crate) fn check_rank(&self, in_features: usize) -> Result<()> {
+        if let Parameterization::LowRank { rank } = self.parameterization {
+            if rank > in_features {
+                return Err(GaussError::config(
+                    "parameterization",
+                    format!(
+                        "lowrank needs rank <= the layer's {in_features} inputs, got rank {rank}"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

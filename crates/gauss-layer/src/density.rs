@@ -125,7 +125,7 @@ fn spd_inverse(matrix: &Mat<f64>) -> Option<Mat<f64>> {
 fn host_neuron(block: &[f64], d: usize, neuron: usize, given: Given) -> Result<HostNeuron> {
     let name = given.name();
     if let Some(bad) = block.iter().find(|v| !v.is_finite()) {
-        return Err(GaussError::config(
+        return Err(GaussError::data(
             name,
             format!("neuron {neuron}: the {name} matrix holds a non-finite value ({bad})"),
         ));
@@ -137,7 +137,7 @@ fn host_neuron(block: &[f64], d: usize, neuron: usize, given: Given) -> Result<H
             m.max((block[i * d + j] - block[j * d + i]).abs())
         });
     if asymmetry > 1e-8 * scale {
-        return Err(GaussError::config(
+        return Err(GaussError::data(
             name,
             format!(
                 "neuron {neuron}: the {name} matrix must be symmetric, but entries differ from their transposes by up to {} (largest entry {})",
@@ -154,7 +154,7 @@ fn host_neuron(block: &[f64], d: usize, neuron: usize, given: Given) -> Result<H
         None
     };
     let Some(inverse) = inverse else {
-        return Err(GaussError::config(
+        return Err(GaussError::data(
             name,
             format!(
                 "neuron {neuron}: the {name} matrix must be positive definite, but its smallest eigenvalue is {}",

@@ -92,6 +92,17 @@ pub enum GaussError {
         reason: String,
     },
 
+    /// A data file (samples, images, labels, a state dict's values) whose content cannot be
+    /// used: a missing tensor, a wrong shape or dtype, a value that is not finite or does not
+    /// fit the dtype it must be used in, a path that is not a regular file.
+    #[error("{origin}: {reason}")]
+    Data {
+        /// The file (or other source) at fault.
+        origin: String,
+        /// What is wrong, naming the tensor and element at fault.
+        reason: String,
+    },
+
     /// An I/O error, with the path it concerns.
     #[error("{path}: {source}")]
     Io {
@@ -119,6 +130,14 @@ impl GaussError {
     pub fn config(field: &'static str, reason: impl Into<String>) -> Self {
         Self::InvalidConfig {
             field,
+            reason: reason.into(),
+        }
+    }
+
+    /// Shorthand for a [`GaussError::Data`] error.
+    pub fn data(origin: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Data {
+            origin: origin.into(),
             reason: reason.into(),
         }
     }

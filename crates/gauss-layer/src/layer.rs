@@ -499,7 +499,14 @@ pub fn gauss_layer(
         raw.slice_set(&initial, 0, 0)?;
         raw
     };
-    let precision = Precision::from_raw(raw, d, &config)?;
+    // A refused raw value is named with the layer's prefix (`layers.0.precision_log_diag`).
+    let precision = Precision::from_raw(raw, d, &config).map_err(|e| match e {
+        GaussError::Numerical { what, reason } => GaussError::Numerical {
+            what: format!("{}: {what}", vb.prefix()),
+            reason,
+        },
+        other => other,
+    })?;
     GaussLayer::new(weight, bias, center, precision, config)
 }
 

@@ -118,7 +118,16 @@ impl GaussNetConfig {
         if let Some(output) = &self.output_layer {
             output.validate()?;
         }
-        Ok(())
+        // Each layer's lowrank rank against its own input width.
+        let mut width = self.in_features;
+        for &next in &self.hidden {
+            self.layer.check_rank(width)?;
+            width = next;
+        }
+        self.output_layer
+            .as_ref()
+            .unwrap_or(&self.layer)
+            .check_rank(width)
     }
 
     /// `(in_features, out_features, config)` of every Gaussian layer, in order.

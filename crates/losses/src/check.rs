@@ -83,3 +83,24 @@ pub(crate) fn dtype(t: &Tensor, what: &str, expected: DType) -> Result<()> {
     }
     Ok(())
 }
+
+/// Checks that the triangular `factor` (d, d) is invertible: every diagonal entry finite and
+/// non-zero (its log-determinant is the sum of their logs, so a zero would give ±∞ and NaN
+/// gradients). Reads only the d diagonal entries on the host.
+pub(crate) fn nonsingular_triangular(factor: &Tensor, what: &str) -> Result<()> {
+    let diagonal = gauss_layer::linalg::diagonal(&factor.unsqueeze(0)?)?
+        .squeeze(0)?
+        .to_device(&candle_core::Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    if let Some(i) = diagonal.iter().position(|v| !v.is_finite() || *v == 0.0) {
+        return Err(GaussError::Numerical {
+            what: what.to_string(),
+            reason: format!(
+                "is singular or not finite: diagonal entry {i} is {}; a triangular factor needs a finite, non-zero diagonal",
+                diagonal[i]
+            ),
+        });
+    }
+    Ok(())
+}

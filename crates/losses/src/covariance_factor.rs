@@ -37,7 +37,8 @@ use gauss_layer::Result;
 /// `x`: (N, d), `mean`: (d), `scale_tril`: (d, d) → (N) for [`Reduction::None`], () otherwise
 ///
 /// # Errors
-/// Samples that are not (N, d) with N ≥ 1, a mean or factor of another size or dtype.
+/// Samples that are not (N, d) with N ≥ 1, a mean or factor of another size or dtype;
+/// a factor with a zero or non-finite diagonal entry ([`gauss_layer::GaussError::Numerical`]).
 pub fn nll_covariance_factor(
     x: &Tensor,
     mean: &Tensor,
@@ -45,6 +46,7 @@ pub fn nll_covariance_factor(
     reduction: Reduction,
 ) -> Result<Tensor> {
     let d = check::gaussian_args(x, mean, scale_tril, "covariance factor scale_tril")?;
+    check::nonsingular_triangular(scale_tril, "covariance factor scale_tril")?;
 
     let factor = linalg::tril(&scale_tril.unsqueeze(0)?)?;
     let inverse = linalg::tril_inverse(&factor)?.squeeze(0)?;

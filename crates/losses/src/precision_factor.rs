@@ -35,7 +35,8 @@ use gauss_layer::Result;
 /// `x`: (N, d), `mean`: (d), `tril`: (d, d) → (N) for [`Reduction::None`], () otherwise
 ///
 /// # Errors
-/// Samples that are not (N, d) with N ≥ 1, a mean or factor of another size or dtype.
+/// Samples that are not (N, d) with N ≥ 1, a mean or factor of another size or dtype;
+/// a factor with a zero or non-finite diagonal entry ([`gauss_layer::GaussError::Numerical`]).
 pub fn nll_precision_factor(
     x: &Tensor,
     mean: &Tensor,
@@ -43,6 +44,7 @@ pub fn nll_precision_factor(
     reduction: Reduction,
 ) -> Result<Tensor> {
     let d = check::gaussian_args(x, mean, tril, "precision factor tril")?;
+    check::nonsingular_triangular(tril, "precision factor tril")?;
 
     let factor = linalg::tril(&tril.unsqueeze(0)?)?;
     let centered = x.broadcast_sub(mean)?;

@@ -128,49 +128,36 @@ pub struct InputScale {
 /// 0..16, others are in [0, 1]).
 pub fn eval_file(path: &Path, scale: InputScale, classes: usize) -> Result<Split> {
     let origin = path.display().to_string();
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {origin}"))?;
-    let file = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow::anyhow!("{origin}: not a readable safetensors file: {e}"))?;
-    let view = |name: &str| {
-        file.tensor(name).map_err(|_| {
+    // A FIFO, device or directory is refused before it is opened (it would block or never end).
+    let bytes = gauss_layer::files::read_regular(path)?;
+    let file = gauss_layer::files::DataFile::parse(&bytes, path)?;
+    let shape = |name: &str| {
+        file.shape(name).map_err(|_| {
             anyhow::anyhow!("{origin}: tensor `{name}` is missing (expected `images` (N, features) and `labels` (N))")
         })
     };
-    let images = view("images")?;
-    let labels = view("labels")?;
-    let [n, d] = images.shape() else {
-        bail!(
-            "{origin}: `images` must be (N, features), got shape {:?}",
-            images.shape()
-        )
+    let (images, labels) = (shape("images")?, shape("labels")?);
+    let [n, _] = images[..] else {
+        bail!("{origin}: `images` must be (N, features), got shape {images:?}")
     };
-    let (n, d) = (*n, *d);
-    if labels.shape() != [n] {
-        bail!(
-            "{origin}: `labels` must be ({n}) to match the {n} images, got shape {:?}",
-            labels.shape()
-        );
+    if labels != [n] {
+        bail!("{origin}: `labels` must be ({n}) to match the {n} images, got shape {labels:?}");
     }
     if n == 0 {
         bail!("{origin}: no images (N = 0); nothing to evaluate");
     }
-    let float_images = matches!(
-        images.dtype(),
-        safetensors::Dtype::F16
-            | safetensors::Dtype::BF16
-            | safetensors::Dtype::F32
-            | safetensors::Dtype::F64
-    );
-    let divide_by = match (scale.declared, float_images) {
+    let divide_by = match (scale.declared, file.is_float("images")?) {
         (Some(declared), _) => declared,
         (None, false) => scale.recorded,
         (None, true) => bail!(
-            "{origin}: `images` are floats ({:?}), whose scale cannot be guessed; declare it: --input-scale 1 if they are already in [0, 1], or the value that maps them to [0, 1] (the checkpoint was trained on pixels divided by {}, e.g. 16 for sklearn's load_digits().data)",
-            images.dtype(),
+            "{origin}: `images` are floats, whose scale cannot be guessed; declare it: --input-scale 1 if they are already in [0, 1], or the value that maps them to [0, 1] (the checkpoint was trained on pixels divided by {}, e.g. 16 for sklearn's load_digits().data)",
             scale.recorded
         ),
     };
-    let label_values = integer_values(&labels).with_context(|| format!("{origin}: `labels`"))?;
+    if file.is_float("labels")? {
+        bail!("{origin}: `labels` are floats; class labels must be integers");
+    }
+    let (_, label_values) = file.integers("labels")?;
     if let Some((i, bad)) = label_values
         .iter()
         .enumerate()
@@ -181,100 +168,20 @@ pub fn eval_file(path: &Path, scale: InputScale, classes: usize) -> Result<Split
             classes.saturating_sub(1)
         );
     }
-    let pixels = float_values(&images).with_context(|| format!("{origin}: `images`"))?;
-    if let Some(i) = pixels.iter().position(|v| !v.is_finite()) {
-        bail!(
-            "{origin}: `images` holds a non-finite value ({}) at image {}, pixel {}",
-            pixels[i],
-            i / d,
-            i % d
-        );
-    }
-    let scaled: Vec<f32> = pixels.iter().map(|&v| (v / divide_by) as f32).collect();
+    // Finite before and after the division, and in f32 (a tiny --input-scale or recorded
+    // scale, or f64 pixels of 1e300, would otherwise become ∞).
+    let mut pixels = file.matrix("images")?;
+    pixels.divide(divide_by);
+    let images = pixels.to_tensor(DType::F32, &Device::Cpu)?;
     let labels: Vec<u32> = label_values.iter().map(|&l| l as u32).collect();
     Ok(Split {
-        images: Tensor::from_vec(scaled, (n, d), &Device::Cpu)?,
+        images,
         labels: Tensor::from_vec(labels, n, &Device::Cpu)?,
     })
 }
 
-/// The values of an integer tensor, exactly (every integer dtype fits in i128).
-fn integer_values(view: &safetensors::tensor::TensorView) -> Result<Vec<i128>> {
-    use safetensors::Dtype;
-    let data = view.data();
-    fn le<const N: usize>(data: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
-        data.chunks_exact(N).map(|c| {
-            let mut a = [0u8; N];
-            a.copy_from_slice(c);
-            a
-        })
-    }
-    Ok(match view.dtype() {
-        Dtype::U8 => data.iter().map(|&v| v as i128).collect(),
-        Dtype::I8 => data.iter().map(|&v| v as i8 as i128).collect(),
-        Dtype::U16 => le::<2>(data)
-            .map(|b| u16::from_le_bytes(b) as i128)
-            .collect(),
-        Dtype::I16 => le::<2>(data)
-            .map(|b| i16::from_le_bytes(b) as i128)
-            .collect(),
-        Dtype::U32 => le::<4>(data)
-            .map(|b| u32::from_le_bytes(b) as i128)
-            .collect(),
-        Dtype::I32 => le::<4>(data)
-            .map(|b| i32::from_le_bytes(b) as i128)
-            .collect(),
-        Dtype::U64 => le::<8>(data)
-            .map(|b| u64::from_le_bytes(b) as i128)
-            .collect(),
-        Dtype::I64 => le::<8>(data)
-            .map(|b| i64::from_le_bytes(b) as i128)
-            .collect(),
-        other => bail!("has dtype {other:?}; class labels must be integers"),
-    })
-}
-
-/// The values of a numeric tensor as f64.
-fn float_values(view: &safetensors::tensor::TensorView) -> Result<Vec<f64>> {
-    use safetensors::Dtype;
-    let data = view.data();
-    let le2 = |c: &[u8]| [c[0], c[1]];
-    let le4 = |c: &[u8]| [c[0], c[1], c[2], c[3]];
-    let le8 = |c: &[u8]| [c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]];
-    Ok(match view.dtype() {
-        Dtype::F64 => data
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(le8(c)))
-            .collect(),
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(le4(c)) as f64)
-            .collect(),
-        Dtype::F16 => data
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes(le2(c)).to_f64())
-            .collect(),
-        Dtype::BF16 => data
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes(le2(c)).to_f64())
-            .collect(),
-        Dtype::U8
-        | Dtype::I8
-        | Dtype::U16
-        | Dtype::I16
-        | Dtype::U32
-        | Dtype::I32
-        | Dtype::U64
-        | Dtype::I64 => integer_values(view)?
-            .into_iter()
-            .map(|v| v as f64)
-            .collect(),
-        other => bail!("has dtype {other:?}; images must be integers or f16, bf16, f32, f64"),
-    })
-}
-
 fn read_idx(path: &Path, magic: u32, rank: usize) -> Result<(Vec<usize>, Vec<u8>)> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = gauss_layer::files::read_regular(path)?;
     let header = 4 + 4 * rank;
     if bytes.len() < header {
         bail!("{}: too short for an IDX file", path.display());
@@ -462,7 +369,7 @@ mod tests {
             ..SCALE
         };
         let e = error(&path, declared);
-        assert!(e.contains("non-finite") && e.contains("pixel 1"), "{e}");
+        assert!(e.contains("NaN") && e.contains("column 1"), "{e}");
     }
 
     #[test]

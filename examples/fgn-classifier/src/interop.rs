@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::ValueEnum;
 use gauss_layer::checkpoint;
@@ -112,20 +112,10 @@ pub struct ConvertArgs {
     out: PathBuf,
 }
 
-/// Checks, before any work, that `out` can be written: its directory exists.
-pub(crate) fn check_out_dir(out: &Path) -> Result<()> {
-    let dir = match out.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if !dir.is_dir() {
-        bail!(
-            "cannot write {}: the directory {} does not exist",
-            out.display(),
-            dir.display()
-        );
-    }
-    Ok(())
+/// Checks, before any work, that `out` can be written: its directory exists, it is not a
+/// directory, FIFO or device, and it is none of `inputs` ([`gauss_layer::files::check_output`]).
+pub(crate) fn check_out_dir(out: &Path, inputs: &[&Path]) -> Result<()> {
+    Ok(gauss_layer::files::check_output(out, inputs)?)
 }
 
 fn dtype_name(dtype: DType) -> &'static str {
@@ -160,7 +150,7 @@ fn layer_summaries(net: &GaussNet) -> Vec<Value> {
 
 /// `fgn-classifier import`.
 pub fn import(args: ImportArgs) -> Result<Value> {
-    check_out_dir(&args.out)?;
+    check_out_dir(&args.out, &[&args.model])?;
     let options = FgnImportOptions {
         covar_type: Some(args.covar.into()),
         non_lin: args.non_lin,
@@ -194,7 +184,7 @@ pub fn import(args: ImportArgs) -> Result<Value> {
 
 /// `fgn-classifier convert`.
 pub fn convert(args: ConvertArgs) -> Result<Value> {
-    check_out_dir(&args.out)?;
+    check_out_dir(&args.out, &[&args.classic])?;
     let covar: FgnCovarType = args.covar.into();
     let mut options = ConvertOptions::fgn_original(covar, args.init_factor);
     options.tanh = !args.no_non_lin;

@@ -11,6 +11,7 @@ mod data;
 mod evaluate;
 mod init;
 mod interop;
+mod limits;
 mod predict;
 mod train;
 mod validate;
@@ -197,6 +198,14 @@ fn train(args: TrainArgs) -> Result<Value> {
     })?;
     let device = device(args.device)?;
     let data = load_data(args.mnist.as_deref())?;
+    limits::check_train(&limits::TrainSize {
+        features: data.train.features(),
+        classes: data.classes,
+        hidden: &args.hidden,
+        parameterization,
+        mlp: !args.fgn_only,
+        fgn: !args.classical_only,
+    })?;
     let lambda_sigma = args
         .lambda_sigma
         .unwrap_or_else(|| default_lambda_sigma(data.train.features()));

@@ -6,12 +6,11 @@
 //! (written by `train`, which divides pixels by it) gets `x / input_scale`; `import` and
 //! `convert` record 1.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
-use gauss_layer::checkpoint;
+use gauss_layer::{checkpoint, files};
 use serde_json::{json, Value};
 
 use crate::interop::DTypeArg;
@@ -34,81 +33,33 @@ pub struct PredictArgs {
     device: DeviceArg,
 }
 
-/// Reads `x` from a safetensors file, checked: rank 2 with `features` columns, a float or
-/// integer dtype, every value finite; converted to `dtype`.
-fn read_input(path: &Path, features: usize, dtype: DType) -> Result<Tensor> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
-        .with_context(|| format!("{} is not a readable safetensors file", path.display()))?;
-    let Some(x) = tensors.get("x") else {
-        let mut names: Vec<&String> = tensors.keys().collect();
-        names.sort();
+/// Reads `x` from a safetensors file (a regular file: a FIFO or device is refused before it
+/// is opened), checked: rank 2 with `features` columns, numbers that are finite before *and*
+/// after the division by `input_scale` and the conversion to `dtype` (1e300 into f32 is
+/// refused, not turned into ∞); converted on the host.
+fn read_input(path: &Path, features: usize, input_scale: f64, dtype: DType) -> Result<Tensor> {
+    let bytes = files::read_regular(path)?;
+    let file = files::DataFile::parse(&bytes, path)?;
+    let shape = file.shape("x").with_context(|| {
+        format!(
+            "{}: predict reads the inputs from a tensor `x` (N, D)",
+            path.display()
+        )
+    })?;
+    if shape.len() != 2 || shape[1] != features {
         bail!(
-            "{}: no tensor `x` (found {names:?}); predict reads the inputs from `x` (N, D)",
+            "{}: `x` has shape {shape:?}, the network expects (N, {features})",
             path.display()
         );
-    };
-    if x.rank() != 2 || x.dim(1)? != features {
-        bail!(
-            "{}: `x` has shape {:?}, the network expects (N, {features})",
-            path.display(),
-            x.dims()
-        );
     }
-    if x.dim(0)? == 0 {
-        bail!("{}: `x` has no rows (N = 0)", path.display());
-    }
-    let supported = matches!(
-        x.dtype(),
-        DType::F16 | DType::BF16 | DType::F32 | DType::F64 | DType::U8 | DType::U32 | DType::I64
-    );
-    if !supported {
-        bail!(
-            "{}: `x` has dtype {:?}; expected a float or integer tensor",
-            path.display(),
-            x.dtype()
-        );
-    }
-    let values = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        bail!(
-            "{}: `x` holds {} at row {}, column {}",
-            path.display(),
-            values[i],
-            i / features,
-            i % features
-        );
-    }
-    Ok(x.to_dtype(dtype)?)
-}
-
-/// Writes the tensors to a temporary file beside `path`, then renames it over `path`.
-fn write_outputs(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .with_context(|| format!("{}: not a file path", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.predict.tmp",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = candle_core::safetensors::save(tensors, &tmp)
-        .map_err(anyhow::Error::from)
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(anyhow::Error::from));
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.context(format!("cannot write {}", path.display())));
-    }
-    Ok(())
+    let mut x = file.matrix("x")?;
+    x.divide(input_scale);
+    Ok(x.to_tensor(dtype, &candle_core::Device::Cpu)?)
 }
 
 /// `fgn-classifier predict`.
 pub fn predict(args: PredictArgs) -> Result<Value> {
-    crate::interop::check_out_dir(&args.output)?;
+    files::check_output(&args.output, &[&args.checkpoint, &args.input])?;
     let device = crate::device(args.device)?;
     let loaded = checkpoint::load(&args.checkpoint, &device, args.dtype.map(DType::from))?;
     crate::validate::note_converted_dtype(&loaded, &device);
@@ -129,25 +80,21 @@ pub fn predict(args: PredictArgs) -> Result<Value> {
         .map(|l| l.center().dtype())
         .context("the checkpoint's network has no layers")?;
     let features = net.config().in_features;
-    let x = read_input(&args.input, features, dtype)?;
-    let x = if input_scale == 1.0 {
-        x
-    } else {
-        (x / input_scale)?
-    };
-    let x = x.to_device(&device)?;
+    let x = read_input(&args.input, features, input_scale, dtype)?.to_device(&device)?;
     let (output, gaussians) = net.forward_with_gaussians(&x, false)?;
     let host = |t: &Tensor| -> Result<Tensor> {
         Ok(t.to_device(&candle_core::Device::Cpu)?.contiguous()?)
     };
-    let mut tensors = HashMap::new();
-    tensors.insert("output".to_string(), host(&output)?);
     let mut names = vec!["output".to_string()];
+    let mut tensors = vec![host(&output)?];
     for (i, g) in gaussians.iter().enumerate() {
-        tensors.insert(format!("g{i}"), host(g)?);
+        tensors.push(host(g)?);
         names.push(format!("g{i}"));
     }
-    write_outputs(&args.output, &tensors)?;
+    let named: Vec<(&str, &Tensor)> = names.iter().map(String::as_str).zip(&tensors).collect();
+    // Atomic, and the temporary file is removed on error (and by the next write if killed).
+    files::save_tensors(&args.output, &named)
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
     Ok(json!({
         "command": "predict",
         "checkpoint": args.checkpoint.display().to_string(),

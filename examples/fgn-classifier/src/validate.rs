@@ -72,6 +72,7 @@ pub fn writable_output(out: &Path) -> Result<()> {
     if out.is_dir() {
         bail!("--out {} is a directory; give a file path", out.display());
     }
+    gauss_layer::files::check_output(out, &[])?;
     let dir = match out.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),

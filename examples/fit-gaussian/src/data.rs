@@ -76,39 +76,26 @@ impl KnownGaussian {
 /// # Shapes
 /// → (N, d), f64
 pub fn load_samples(path: &Path, device: &Device) -> Result<Tensor> {
-    let tensors = candle_core::safetensors::load(path, device)
-        .with_context(|| format!("{}: cannot read as safetensors", path.display()))?;
-    let Some(x) = tensors.get("x") else {
-        let mut names: Vec<&String> = tensors.keys().collect();
-        names.sort();
+    // A FIFO, device or directory is refused before it is opened.
+    let bytes = gauss_layer::files::read_regular(path)?;
+    let file = gauss_layer::files::DataFile::parse(&bytes, path)?;
+    let shape = file
+        .shape("x")
+        .context("expected a tensor named `x` of shape (N, d)")?;
+    let &[n, d] = shape.as_slice() else {
         bail!(
-            "{}: expected a tensor named `x` of shape (N, d), found tensors {names:?}",
+            "{}: tensor `x` must have shape (N, d), got {shape:?}",
             path.display()
-        );
-    };
-    let &[n, d] = x.dims() else {
-        bail!(
-            "{}: tensor `x` must have shape (N, d), got {:?}",
-            path.display(),
-            x.dims()
         );
     };
     if d == 0 || n <= d {
         bail!(
             "{}: tensor `x` must have more samples than dimensions (N > d >= 1) for a \
-             full-rank maximum-likelihood covariance, got shape {:?}",
-            path.display(),
-            x.dims()
+             full-rank maximum-likelihood covariance, got shape {shape:?}",
+            path.display()
         );
     }
-    let x = x.to_dtype(DType::F64)?;
-    let finite = x
-        .flatten_all()?
-        .to_vec1::<f64>()?
-        .iter()
-        .all(|v| v.is_finite());
-    if !finite {
-        bail!("{}: tensor `x` holds non-finite values", path.display());
-    }
-    Ok(x)
+    crate::checks::sizes(n, d, 1)?;
+    // Every value finite (named by row and column when not).
+    Ok(file.matrix("x")?.to_tensor(DType::F64, device)?)
 }

@@ -15,6 +15,7 @@
 //! (`mean_log_likelihood` in nats per sample, the quantity of scikit-learn's `score`,
 //! `weights`, `means`, `covariances`, `steps`, `seconds`, ...).
 
+mod checks;
 mod data;
 mod fit;
 mod mixture;
@@ -161,6 +162,7 @@ fn run_mixture(
                     args.dim
                 );
             }
+            checks::sizes(args.samples, args.dim, components)?;
             let x = mixture::synthetic(components, args.dim, args.samples, args.seed, device)?;
             (x, format!("synthetic mixture (seed {})", args.seed))
         }
@@ -182,14 +184,46 @@ fn run_mixture(
         out: args.out.clone(),
     };
     let summary = mixture::run(&x, &source, &mixture_args)?;
+    checks::finite_summary(&summary)?;
     println!("{summary}");
     Ok(())
 }
 
-fn main() -> Result<()> {
+/// One line on stderr and exit status 1 on any error (each cause once), as fgn-classifier.
+fn main() {
     pin_threads();
     let args = Args::parse();
+    if let Err(err) = run(args) {
+        let mut message = String::new();
+        for cause in err.chain() {
+            let text = cause.to_string();
+            if !message.contains(&text) {
+                if !message.is_empty() {
+                    message.push_str(": ");
+                }
+                message.push_str(&text);
+            }
+        }
+        eprintln!("error: {}", message.replace('\n', " "));
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
     let parameterization = Parameterization::from_name(&args.param, args.rank)?;
+    checks::options(&checks::Options {
+        parameterization,
+        lr: args.lr,
+        grad_tol: args.grad_tol,
+        min_eigenvalue: args.min_eigenvalue,
+        refine_lr: args.refine_lr,
+        tol: args.tol,
+        reg_covar: args.reg_covar,
+    })?;
+    if let Some(out) = &args.out {
+        let inputs: Vec<&std::path::Path> = args.data.iter().map(|p| p.as_path()).collect();
+        gauss_layer::files::check_output(out, &inputs)?;
+    }
     let device = Device::Cpu;
     if let Some(components) = args.components {
         return run_mixture(&args, parameterization, components as usize, &device);
@@ -207,6 +241,7 @@ fn main() -> Result<()> {
                     args.dim
                 );
             }
+            checks::sizes(args.samples, args.dim, 1)?;
             let known = data::KnownGaussian::random(args.dim, args.seed);
             println!("true mean:       {:?}", known.mean);
             println!("true covariance: {:?}", known.covariance());
@@ -220,7 +255,16 @@ fn main() -> Result<()> {
         parameterization
     );
 
-    let mle = mle::maximum_likelihood(&x, parameterization)?;
+    // A singular or overflowing sample covariance (its factor fails or its NLL is not
+    // finite) is a data problem: say so, instead of fitting toward `null`s.
+    let mle = mle::maximum_likelihood(&x, parameterization)
+        .ok()
+        .filter(|m| m.nll.is_finite() && m.total_variance.is_finite());
+    let Some(mle) = mle else {
+        anyhow::bail!(
+            "data {source}: the sample covariance ({parameterization} family) is singular or not finite, so no maximum-likelihood Gaussian exists: the points are identical, lie on a line or plane, have a constant column, or are so large that their squares overflow"
+        );
+    };
     let options = fit::FitOptions {
         parameterization,
         steps: args.steps,
@@ -275,6 +319,7 @@ fn main() -> Result<()> {
         "mean_max_abs_error": mean_error,
         "covariance_rel_frobenius_error": covariance_error,
     });
+    checks::finite_summary(&summary)?;
     println!("{summary}");
     Ok(())
 }

@@ -109,16 +109,20 @@ pub fn run(x: &Tensor, source: &str, args: &MixtureArgs) -> Result<Value> {
 }
 
 /// Saves the mixture's variables (`center`, the precision tensor, `mixture_logits`) as
-/// safetensors: written to a temporary file beside `path`, then renamed over it, so an
-/// interrupted save never destroys a previous file. Load it back with
+/// safetensors through the library's atomic write (temporary file removed on error, debris
+/// of killed runs cleaned by the next write), so an interrupted save never destroys a
+/// previous file. Load it back with
 /// `gaussian_mixture(d, K, config, VarBuilder::from_mmaped_safetensors(..))`.
 fn save(varmap: &VarMap, path: &Path) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    varmap
-        .save(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?;
+    let mut named: Vec<(&str, &Tensor)> = data
+        .iter()
+        .map(|(name, var)| (name.as_str(), var.as_tensor()))
+        .collect();
+    named.sort_by_key(|(name, _)| *name);
+    gauss_layer::files::save_tensors(path, &named)
+        .with_context(|| format!("cannot save the mixture to {}", path.display()))
 }

@@ -79,8 +79,8 @@
 //! ```
 
 mod header;
-mod save;
-mod schema;
+pub(crate) mod save;
+pub(crate) mod schema;
 mod source;
 
 use std::collections::{BTreeMap, HashMap};
@@ -256,14 +256,11 @@ pub fn load_with_options(
     options: &LoadOptions,
 ) -> Result<LoadedCheckpoint> {
     let path = path.as_ref();
-    let meta = std::fs::metadata(path).map_err(|e| io_error(path, e))?;
-    if !meta.is_file() {
-        return Err(checkpoint_error(
-            path,
-            "not a regular file (a directory, FIFO or device cannot be a checkpoint)",
-        ));
-    }
-    let file = std::fs::File::open(path).map_err(|e| io_error(path, e))?;
+    // The one opener of every input file: a directory, FIFO or device is refused unopened.
+    let file = crate::files::open_regular(path).map_err(|e| match e {
+        GaussError::Data { reason, .. } => checkpoint_error(path, reason),
+        other => other,
+    })?;
     // The length of the open file, not of the path (which may have been replaced meanwhile).
     let len = file.metadata().map_err(|e| io_error(path, e))?.len();
     let mut source = FileSource::new(file, len);

@@ -2,6 +2,7 @@
 //! versions, and the tensors that config implies (names, shapes), computed with checked
 //! arithmetic and without building a network or allocating a tensor.
 
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 use crate::net::GaussNetConfig;
@@ -49,11 +50,70 @@ pub(crate) fn parse_config(json: &str, version: u32) -> Result<GaussNetConfig, S
         deserializer.end().map_err(|e| e.to_string())?;
         config
     } else {
-        let mut value: Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        // Parsed through `UniqueKeys`: a plain `Value` would keep the last of duplicate keys.
+        let mut deserializer = serde_json::Deserializer::from_str(json);
+        let mut value = UniqueKeys
+            .deserialize(&mut deserializer)
+            .map_err(|e| e.to_string())?;
+        deserializer.end().map_err(|e| e.to_string())?;
         upgrade(&mut value, version)?;
         serde_path_to_error::deserialize(value).map_err(describe)?
     };
     Ok(parsed)
+}
+
+/// A JSON value in which a key given twice in one object is an error (`"gate"` twice would
+/// otherwise be read last-wins).
+struct UniqueKeys;
+
+impl<'de> DeserializeSeed<'de> for UniqueKeys {
+    type Value = Value;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for UniqueKeys {
+    type Value = Value;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element_seed(UniqueKeys)? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(de::Error::custom(format!("duplicate key `{key}`")));
+            }
+            let value = map.next_value_seed(UniqueKeys)?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
+    }
 }
 
 /// `at `layer.init`: missing field `seed``: the serde error with the path it happened at.

@@ -208,6 +208,7 @@ fn cast_norm(norm: &BatchNorm, device: &Device, dtype: DType) -> Result<BatchNor
 
 /// The same network with every tensor on `device` in `dtype`.
 pub(crate) fn cast_net(net: GaussNet, device: &Device, dtype: DType) -> Result<GaussNet> {
+    check_fits_dtype(&net, dtype)?;
     let layers = net
         .layers()
         .iter()
@@ -223,6 +224,34 @@ pub(crate) fn cast_net(net: GaussNet, device: &Device, dtype: DType) -> Result<G
         .map(|n| n.as_ref().map(|n| cast_norm(n, device, dtype)).transpose())
         .collect::<Result<Vec<_>>>()?;
     GaussNet::from_parts(net.config().clone(), input_norm, layers, norms)
+}
+
+/// Every value of `net` (f64, CPU) is finite in `dtype`: a center of 1e300 or a weight of
+/// 1e39 converted to f32 would become ±∞ and the network would only produce NaN.
+fn check_fits_dtype(net: &GaussNet, dtype: DType) -> Result<()> {
+    let limit = match dtype {
+        DType::F16 => half::f16::MAX.to_f64(),
+        DType::BF16 => half::bf16::MAX.to_f64(),
+        DType::F32 => f32::MAX as f64,
+        _ => f64::MAX,
+    };
+    for (name, tensor) in net.named_tensors() {
+        let values = tensor
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        if let Some(i) = values
+            .iter()
+            .position(|v| !v.is_finite() || v.abs() > limit)
+        {
+            let v = values[i];
+            return Err(state_error(format!(
+                "tensor `{name}` (as converted) holds {v:e} at flat index {i}, which is not finite in {dtype:?}; import in a wider dtype (f64)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Assembles a network (f64, CPU) from its parts: the input norm, the hidden layers each

@@ -28,6 +28,10 @@ pub(crate) fn in_file(path: &Path, err: GaussError) -> GaussError {
     match err {
         GaussError::Checkpoint { reason, .. } => GaussError::Checkpoint { path, reason },
         GaussError::Io { source, .. } => GaussError::Io { path, source },
+        GaussError::Data { reason, .. } => GaussError::Data {
+            origin: path,
+            reason,
+        },
         other => GaussError::Checkpoint {
             path,
             reason: other.to_string(),
@@ -59,10 +63,8 @@ pub fn load_state_dict(
     dtype: DType,
 ) -> Result<HashMap<String, Tensor>> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|source| GaussError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
+    // A FIFO, device or directory is refused before it is opened.
+    let bytes = crate::files::read_regular(path)?;
     state_dict_from_bytes(&bytes, path, device, dtype)
 }
 
@@ -78,15 +80,16 @@ pub fn state_dict_from_bytes(
 ) -> Result<HashMap<String, Tensor>> {
     let origin = origin.as_ref();
     let fail = |reason: String| in_file(origin, state_error(reason));
-    if is_torch_pickle(bytes) {
-        return Err(fail(format!(
-            "this is a PyTorch pickle written by `torch.save` (a .pth/.pt file), not safetensors; {SAVE_HINT}"
-        )));
-    }
+    // A pickle is diagnosed only where the bytes are not safetensors: a valid safetensors
+    // file whose header length is 0x280..=0x580 also starts with `80 02`..`80 05`.
     let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
-        fail(format!(
-            "not a readable safetensors file ({e}); {SAVE_HINT}"
-        ))
+        if is_torch_pickle(bytes) {
+            fail(format!(
+                "this is a PyTorch pickle written by `torch.save` (a .pth/.pt file), not safetensors; {SAVE_HINT}"
+            ))
+        } else {
+            fail(format!("not a readable safetensors file ({e}); {SAVE_HINT}"))
+        }
     })?;
     let mut out = HashMap::with_capacity(file.len());
     for (name, view) in file.tensors() {
@@ -278,6 +281,20 @@ mod tests {
                 text.contains("m.pth") && text.contains("save_file"),
                 "{text}"
             );
+        }
+        // A valid safetensors file whose header is 0x280..=0x580 bytes long starts like a
+        // pickle (`80 02`..`80 05`): it is read, not refused.
+        for header_len in [0x280usize, 0x380, 0x480, 0x580] {
+            let mut header =
+                r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#.to_string();
+            header.push_str(&" ".repeat(header_len - header.len()));
+            let mut bytes = (header_len as u64).to_le_bytes().to_vec();
+            bytes.extend_from_slice(header.as_bytes());
+            bytes.extend_from_slice(&1.5f32.to_le_bytes());
+            assert_eq!(bytes[0], 0x80);
+            let dict = state_dict_from_bytes(&bytes, "ok.safetensors", &Device::Cpu, DType::F32)
+                .expect("a valid safetensors file");
+            assert_eq!(dict["w"].to_vec1::<f32>().unwrap(), vec![1.5]);
         }
         let err = state_dict_from_bytes(b"garbage!", "x.bin", &Device::Cpu, DType::F32)
             .expect_err("garbage");

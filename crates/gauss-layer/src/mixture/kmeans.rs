@@ -59,7 +59,7 @@ pub(super) fn checked_samples(
     }
     let energy = linalg::read_scalar(&flat.sqr()?.sum_all()?)?;
     if !energy.is_finite() {
-        return Err(GaussError::config(
+        return Err(GaussError::data(
             "samples x",
             "holds non-finite values (or values whose squares overflow)",
         ));

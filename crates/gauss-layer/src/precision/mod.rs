@@ -42,6 +42,7 @@ use crate::config::{Parameterization, PrecisionConfig};
 use crate::error::{check_float_dtype, GaussError, Result};
 use crate::linalg;
 
+mod bounds;
 mod diagonal;
 mod full;
 mod init;
@@ -71,7 +72,9 @@ impl Precision {
     ///
     /// # Errors
     /// An invalid config, `dim = 0`, a raw tensor that is not a float or has the wrong shape
-    /// for the parameterization (the message names the tensor).
+    /// for the parameterization (the message names the tensor); a raw value that is NaN, ±∞
+    /// or beyond the range where `P` stays finite in the raw dtype ([`GaussError::Numerical`]
+    /// naming the element; the ranges are in `docs/design.md`, §5).
     ///
     /// ```
     /// use candle_core::{DType, Device, Tensor};
@@ -107,6 +110,7 @@ impl Precision {
                 dims,
             ));
         }
+        bounds::check_raw_values(&raw, &config)?;
         Ok(Self { config, raw, dim })
     }
 

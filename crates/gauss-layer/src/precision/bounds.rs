@@ -1,0 +1,122 @@
+//! The raw values a [`Precision`] accepts: finite, and small enough that `P` and the
+//! products the layer forms with it stay finite in the raw tensor's dtype (DESIGN §5: a PD,
+//! *finite* `P` for every accepted raw value). With `M` the dtype's largest finite value:
+//!
+//! | raw entry | accepted | why |
+//! |---|---|---|
+//! | log-scale: diag and sphere `θ`, lowrank's `θ` column, the cholesky diagonal under the `exp` map, every expm entry | `|v| ≤ ½ ln M` (f32 44.36, f64 354.9, f16 5.545) | `e^v ≤ √M`, so `P` is finite and `P·δ²` stays finite for `|δ| ≤ M^{1/4}`; `e^{−v}` (the covariance) likewise |
+//! | factor: cholesky's lower triangle (the diagonal under `softplus` too), lowrank's `U` | `|v| ≤ M^{1/4}` (f32 4.3e9, f64 1.2e77) | the products `v·v` of `L Lᵀ` and `U Uᵀ` stay below `√M` |
+//! | direct `A` | `|v| ≤ √M` (f32 1.8e19) | `P = (A + Aᵀ)/2` is finite |
+//!
+//! Everything else (NaN, ±∞, a finite value beyond its bound) is refused when the precision
+//! is built ([`Precision::from_raw`], so also when a checkpoint is loaded or a network
+//! imported), naming the tensor and the element: the alternative, an infinite `P`, gives NaN
+//! outputs and gradients. The check is two reductions on the raw tensor's device; the host
+//! sees the tensor only when some entry exceeds the smallest bound.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::Precision;
+use crate::config::{Parameterization, PositiveMap, PrecisionConfig};
+use crate::error::{GaussError, Result};
+
+/// The largest finite value of a float dtype.
+fn max_finite(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => half::f16::MAX.to_f64(),
+        DType::BF16 => half::bf16::MAX.to_f64(),
+        DType::F32 => f32::MAX as f64,
+        _ => f64::MAX,
+    }
+}
+
+/// The bound of log-scale entries, `½ ln M`.
+pub(crate) fn log_bound(dtype: DType) -> f64 {
+    0.5 * max_finite(dtype).ln()
+}
+
+/// The bound of factor entries, `M^{1/4}`.
+pub(crate) fn factor_bound(dtype: DType) -> f64 {
+    max_finite(dtype).sqrt().sqrt()
+}
+
+/// The bound of direct entries, `√M`.
+fn direct_bound(dtype: DType) -> f64 {
+    max_finite(dtype).sqrt()
+}
+
+/// The bound of the element at multi-index `index` (`None`: unbounded, only finite), and
+/// which kind of entry it is.
+fn bound_at(
+    config: &PrecisionConfig,
+    dtype: DType,
+    index: &[usize],
+) -> (Option<f64>, &'static str) {
+    match (config.parameterization, index) {
+        (Parameterization::Diag | Parameterization::Sphere, _) => {
+            (Some(log_bound(dtype)), "log-precision")
+        }
+        (Parameterization::Expm, _) => (Some(log_bound(dtype)), "matrix-log entry"),
+        (Parameterization::Direct, _) => (Some(direct_bound(dtype)), "precision entry"),
+        (Parameterization::LowRank { .. }, [_, _, 0]) => (Some(log_bound(dtype)), "log-diagonal"),
+        (Parameterization::LowRank { .. }, _) => (Some(factor_bound(dtype)), "U entry"),
+        (Parameterization::Cholesky, [_, i, j]) if i == j => match config.positive_map {
+            PositiveMap::Exp => (Some(log_bound(dtype)), "log-diagonal (exp map)"),
+            PositiveMap::Softplus => (Some(factor_bound(dtype)), "factor diagonal"),
+        },
+        (Parameterization::Cholesky, [_, i, j]) if i > j => {
+            (Some(factor_bound(dtype)), "factor entry")
+        }
+        // Above the diagonal: ignored by the map, only required finite.
+        _ => (None, "ignored entry"),
+    }
+}
+
+/// Checks every raw value of `raw` for `config` (see the module docs).
+///
+/// # Errors
+/// [`GaussError::Numerical`] naming the tensor, the element's index, its value and the
+/// accepted range.
+pub(super) fn check_raw_values(raw: &Tensor, config: &PrecisionConfig) -> Result<()> {
+    let dtype = raw.dtype();
+    let scalar = |t: Tensor| -> Result<f64> {
+        Ok(t.to_device(&Device::Cpu)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?)
+    };
+    // NaN or ±∞ anywhere makes 0·v NaN, and a sum propagates NaN (a max may skip it).
+    let non_finite = scalar((raw * 0.0)?.sum_all()?)?.is_nan();
+    let largest = scalar(raw.abs()?.max_all()?)?;
+    let smallest_bound = log_bound(dtype).min(factor_bound(dtype));
+    if !non_finite && largest <= smallest_bound {
+        return Ok(());
+    }
+    let dims = raw.dims().to_vec();
+    let values = raw
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    let mut index = vec![0usize; dims.len()];
+    for (flat, &v) in values.iter().enumerate() {
+        let mut rest = flat;
+        for (k, &d) in dims.iter().enumerate().rev() {
+            index[k] = rest % d.max(1);
+            rest /= d.max(1);
+        }
+        let (bound, kind) = bound_at(config, dtype, &index);
+        let outside = !v.is_finite() || bound.is_some_and(|b| v.abs() > b);
+        if outside {
+            let name = Precision::tensor_name(config.parameterization);
+            let range = match bound {
+                Some(b) => format!("finite values in [-{b:.6e}, {b:.6e}] (the range where P stays finite in {dtype:?})"),
+                None => "finite values".to_string(),
+            };
+            return Err(GaussError::Numerical {
+                what: format!("precision tensor `{name}` ({})", config.parameterization),
+                reason: format!("{kind} at index {index:?} is {v:e}; expected {range}"),
+            });
+        }
+    }
+    Ok(())
+}

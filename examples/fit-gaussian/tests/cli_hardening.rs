@@ -1,0 +1,204 @@
+//! Issue 17 ("Hardening II") through the built `fit-gaussian`: nonsense options, hostile
+//! files, sizes that cannot fit and degenerate data all end in one line on stderr within
+//! 10 s under a 3 GB address-space limit, never in `null` fields with exit status 0; a failed
+//! save leaves no temporary file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn temp_dir(name: &str) -> Result<PathBuf> {
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("fit-hard-{name}-{}-{call}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Runs the binary under `ulimit -v 3000000` (Linux), killed after [`LIMIT`].
+fn run(args: &[&str]) -> Result<(bool, String, String)> {
+    let bin = env!("CARGO_BIN_EXE_fit-gaussian");
+    let mut command = if cfg!(target_os = "linux") {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg("ulimit -v 3000000 && exec \"$0\" \"$@\"")
+            .arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    };
+    let mut child = command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let started = Instant::now();
+    while child.try_wait()?.is_none() {
+        if started.elapsed() > LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{args:?} ran longer than {LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output()?;
+    if out.status.code().is_none() {
+        bail!("{args:?} was killed by a signal: {:?}", out.status);
+    }
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    ))
+}
+
+fn run_err(args: &[&str]) -> Result<String> {
+    let (ok, stdout, stderr) = run(args)?;
+    if ok {
+        bail!("{args:?} should have failed, printed {stdout}");
+    }
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: one line expected, got {stderr}");
+    assert!(lines[0].starts_with("error: "), "{}", lines[0]);
+    Ok(lines[0].to_string())
+}
+
+fn save_x(dir: &Path, name: &str, rows: Vec<[f64; 3]>) -> Result<String> {
+    let n = rows.len();
+    let flat: Vec<f64> = rows.into_iter().flatten().collect();
+    let path = dir.join(format!("{name}.safetensors"));
+    let x = Tensor::from_vec(flat, (n, 3), &Device::Cpu)?;
+    candle_core::safetensors::save(&HashMap::from([("x".to_string(), x)]), &path)?;
+    Ok(path.display().to_string())
+}
+
+#[test]
+fn nonsense_options_and_sizes_get_one_line() -> Result<()> {
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--lr", "nan"], "--lr"),
+        (vec!["--lr", "inf"], "--lr"),
+        (vec!["--lr=-1"], "--lr"),
+        (vec!["--lr", "0"], "--lr"),
+        (vec!["--lr", "1e30"], "--lr"),
+        (vec!["--grad-tol", "nan"], "--grad-tol"),
+        (vec!["--grad-tol=-1"], "--grad-tol"),
+        (vec!["--min-eigenvalue=-1"], "--min-eigenvalue"),
+        (vec!["--param", "lowrank", "--rank", "100"], "rank"),
+        (
+            vec!["--components", "2", "--refine-lr", "1e30"],
+            "--refine-lr",
+        ),
+        (
+            vec![
+                "--dim",
+                "4611686018427387904",
+                "--samples",
+                "4611686018427387905",
+            ],
+            "overflows",
+        ),
+        (
+            vec!["--dim", "100000", "--samples", "100001"],
+            "needs about",
+        ),
+        (vec!["--samples", "1000000000000"], "needs about"),
+    ];
+    for (args, needle) in cases {
+        let line = run_err(&args)?;
+        assert!(line.contains(needle), "{args:?}: {line}");
+    }
+    Ok(())
+}
+
+#[test]
+fn hostile_files_and_degenerate_data_get_one_line() -> Result<()> {
+    let dir = temp_dir("data")?;
+    let pipe = dir.join("pipe");
+    if Command::new("mkfifo")
+        .arg(&pipe)
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        let line = run_err(&["--data", &pipe.display().to_string()])?;
+        assert!(line.contains("FIFO"), "{line}");
+    }
+    let line = run_err(&["--data", &dir.display().to_string()])?;
+    assert!(line.contains("a directory"), "{line}");
+    let identical = save_x(&dir, "identical", vec![[1.0, 2.0, 3.0]; 10])?;
+    let collinear = save_x(
+        &dir,
+        "collinear",
+        (0..10)
+            .map(|i| [i as f64, 2.0 * i as f64, -(i as f64)])
+            .collect(),
+    )?;
+    let constant = save_x(
+        &dir,
+        "constant",
+        (0..10).map(|i| [i as f64, (i * i) as f64, 5.0]).collect(),
+    )?;
+    let huge = save_x(
+        &dir,
+        "huge",
+        (0..10)
+            .map(|i| [1e200 * i as f64, -1e200, 1e200 * ((i * i) % 7) as f64])
+            .collect(),
+    )?;
+    for (data, params) in [
+        (&identical, &["cholesky", "diag", "sphere"][..]),
+        (&collinear, &["cholesky", "expm"][..]),
+        (&constant, &["cholesky", "diag"][..]),
+        (&huge, &["cholesky", "diag"][..]),
+    ] {
+        for param in params {
+            let line = run_err(&["--data", data, "--param", param, "--steps", "20"])?;
+            assert!(
+                line.contains("singular or not finite"),
+                "{data} {param}: {line}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn a_mixture_saved_over_a_directory_fails_first_and_leaves_nothing() -> Result<()> {
+    let dir = temp_dir("mixture-out")?;
+    let target = dir.join("existing-dir");
+    std::fs::create_dir(&target)?;
+    let target = target.display().to_string();
+    let line = run_err(&["--components", "2", "--samples", "200", "--out", &target])?;
+    assert!(line.contains("a directory"), "{line}");
+    let names: Vec<String> = std::fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(names, vec!["existing-dir".to_string()]);
+    // The valid run writes its file, and its JSON line has no null.
+    let out = dir.join("mix.safetensors").display().to_string();
+    let (ok, stdout, stderr) = run(&[
+        "--components",
+        "2",
+        "--samples",
+        "200",
+        "--n-init",
+        "1",
+        "--out",
+        &out,
+    ])?;
+    assert!(ok, "{stderr}");
+    assert!(!stdout.contains("null"), "{stdout}");
+    let saved = candle_core::safetensors::load(&out, &Device::Cpu)?;
+    assert!(saved.contains_key("mixture_logits"), "{:?}", saved.keys());
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
