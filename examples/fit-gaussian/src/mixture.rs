@@ -67,6 +67,7 @@ pub fn run(x: &Tensor, source: &str, args: &MixtureArgs) -> Result<Value> {
     let vb = VarBuilder::from_varmap(&varmap, DType::F64, x.device());
     let config = GaussLayerConfig {
         parameterization: args.parameterization,
+        factor_diag_floor: relative_factor_diag_floor(x)?,
         ..Default::default()
     };
     let mixture = gaussian_mixture(d, args.components, config, vb)?;
@@ -106,6 +107,27 @@ pub fn run(x: &Tensor, source: &str, args: &MixtureArgs) -> Result<Value> {
         "converged": fit.converged,
         "seconds": seconds,
     }))
+}
+
+/// cholesky's `factor_diag_floor` relative to the data's scale: the default 1e-6 divided by
+/// the largest standard deviation of a column. The floor keeps every Cholesky diagonal of P
+/// above it, which caps the variances near 1/floor²; scaled so, the cap sits 1e12 above the
+/// data's largest variance whatever the unit of measurement (data × 1e7 fits as data does).
+fn relative_factor_diag_floor(x: &Tensor) -> Result<f64> {
+    let default = GaussLayerConfig::default().factor_diag_floor;
+    let centered = x.broadcast_sub(&x.mean_keepdim(0)?)?;
+    let largest_variance = centered
+        .sqr()?
+        .mean(0)?
+        .max(0)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    let std = largest_variance.sqrt();
+    Ok(if std.is_finite() && std > 0.0 {
+        default / std
+    } else {
+        default
+    })
 }
 
 /// Saves the mixture's variables (`center`, the precision tensor, `mixture_logits`) as
