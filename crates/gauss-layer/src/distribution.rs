@@ -258,9 +258,12 @@ impl MultivariateNormal {
         let other_precision = other.precision()?;
         let trace = (&other_precision * &self.covariance()?)?.sum_all()?;
         let delta = (other_mean - own_mean)?.unsqueeze(1)?; // (d, 1)
-        let quadratic = linalg::matmul(&linalg::transpose(&delta)?, &other_precision.matmul(&delta)?)?
-            .squeeze(1)?
-            .squeeze(0)?;
+        let quadratic = linalg::matmul(
+            &linalg::transpose(&delta)?,
+            &other_precision.matmul(&delta)?,
+        )?
+        .squeeze(1)?
+        .squeeze(0)?;
         let own_log_det = self.layer.precision().log_det_precision()?.squeeze(0)?;
         let other_log_det = other.layer.precision().log_det_precision()?.squeeze(0)?;
         let sum = (((trace + quadratic)? + (own_log_det - other_log_det)?)? - d as f64)?;

@@ -56,7 +56,10 @@ fn normal(
 
 fn close(got: f64, expected: f64, what: &str) {
     let err = (got - expected).abs() / expected.abs().max(1.0);
-    assert!(err < 1e-9, "{what}: got {got}, expected {expected} ({err:e})");
+    assert!(
+        err < 1e-9,
+        "{what}: got {got}, expected {expected} ({err:e})"
+    );
 }
 
 #[test]
@@ -92,10 +95,18 @@ fn matches_scipy_and_the_closed_form_kl_in_every_parameterization() -> Result<()
         assert_eq!(p.mean()?.to_vec1::<f64>()?, MEAN_P.to_vec());
     }
     let diagonal = |v: [f64; 3]| [[v[0], 0.0, 0.0], [0.0, v[1], 0.0], [0.0, 0.0, v[2]]];
-    for parameterization in [Parameterization::Diag, Parameterization::LowRank { rank: 1 }] {
+    for parameterization in [
+        Parameterization::Diag,
+        Parameterization::LowRank { rank: 1 },
+    ] {
         let p = normal(MEAN_P, diagonal([2.0, 0.5, 1.5]), parameterization)?;
         let q = normal(MEAN_Q, diagonal([1.0, 1.0, 3.0]), parameterization)?;
-        for (got, expected) in p.log_prob(&x)?.to_vec1::<f64>()?.iter().zip(DIAG_LOG_PROB_P) {
+        for (got, expected) in p
+            .log_prob(&x)?
+            .to_vec1::<f64>()?
+            .iter()
+            .zip(DIAG_LOG_PROB_P)
+        {
             close(*got, expected, &format!("{parameterization} log_prob"));
         }
         close(p.entropy()?.to_scalar()?, DIAG_ENTROPY_P, "diag entropy");
@@ -131,7 +142,11 @@ fn shapes_validation_and_sampling() -> Result<()> {
         GaussLayerConfig::default(),
     )?;
     let second = layer.distribution(1)?;
-    close(second.entropy()?.to_scalar()?, ENTROPY_P, "neuron 1 entropy");
+    close(
+        second.entropy()?.to_scalar()?,
+        ENTROPY_P,
+        "neuron 1 entropy",
+    );
     assert!(layer.distribution(2).is_err());
     Ok(())
 }

@@ -12,7 +12,11 @@ use rand::{Rng, SeedableRng};
 
 use crate::common::{get, load};
 
-fn fit(x: &Tensor, k: usize, parameterization: Parameterization) -> Result<(MixtureFit, GaussianMixture)> {
+fn fit(
+    x: &Tensor,
+    k: usize,
+    parameterization: Parameterization,
+) -> Result<(MixtureFit, GaussianMixture)> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
     let config = GaussLayerConfig {
@@ -62,7 +66,9 @@ fn elongated_5d() -> Result<Tensor> {
         stretched[i * d] += 10.0 * direction[i];
         stretched[i * d + i] += 0.05;
     }
-    let round: Vec<f64> = (0..d * d).map(|ij| if ij / d == ij % d { 1.0 } else { 0.0 }).collect();
+    let round: Vec<f64> = (0..d * d)
+        .map(|ij| if ij / d == ij % d { 1.0 } else { 0.0 })
+        .collect();
     draws(&[vec![0.0; d], vec![3.0; d]], &[stretched, round], 1000, 1)
 }
 
@@ -76,7 +82,9 @@ fn wide_16d() -> Result<Tensor> {
     let roots: Vec<Vec<f64>> = (0..4)
         .map(|_| {
             (0..d * d)
-                .map(|ij| rng.random_range(-1.0..1.0) / 4.0 + if ij / d == ij % d { 0.3 } else { 0.0 })
+                .map(|ij| {
+                    rng.random_range(-1.0..1.0) / 4.0 + if ij / d == ij % d { 0.3 } else { 0.0 }
+                })
                 .collect()
         })
         .collect();
@@ -91,7 +99,11 @@ fn low_rank_fits_score_between_the_diagonal_and_the_full_fits() -> Result<()> {
         ("mixture_d2_k3_overlapping", 3),
         ("mixture_d10_k4_overlapping", 4),
     ] {
-        let ranks = if name.contains("d2") { vec![1] } else { vec![1, 3] };
+        let ranks = if name.contains("d2") {
+            vec![1]
+        } else {
+            vec![1, 3]
+        };
         cases.push((name.into(), get(&load(name)?, "x")?.clone(), k, ranks));
     }
     cases.push(("elongated 5-D".into(), elongated_5d()?, 2, vec![1, 2]));
@@ -106,11 +118,20 @@ fn low_rank_fits_score_between_the_diagonal_and_the_full_fits() -> Result<()> {
                 low.mean_log_likelihood, diag.mean_log_likelihood, full.mean_log_likelihood
             );
             assert!(low.converged && low.refine_steps == 0, "{what}: {low:?}");
-            assert!(low.mean_log_likelihood >= diag.mean_log_likelihood - 1e-3, "{what}");
-            assert!(low.mean_log_likelihood <= full.mean_log_likelihood + 1e-3, "{what}");
+            assert!(
+                low.mean_log_likelihood >= diag.mean_log_likelihood - 1e-3,
+                "{what}"
+            );
+            assert!(
+                low.mean_log_likelihood <= full.mean_log_likelihood + 1e-3,
+                "{what}"
+            );
             // What the fit reports is what the mixture holds.
             let held = mixture.score(&x)?;
-            assert!((held - low.mean_log_likelihood).abs() < 1e-9, "{what}: holds {held}");
+            assert!(
+                (held - low.mean_log_likelihood).abs() < 1e-9,
+                "{what}: holds {held}"
+            );
         }
     }
     Ok(())
@@ -122,9 +143,7 @@ fn low_rank_fit_honours_reg_covar_on_duplicated_points() -> Result<()> {
     // 200 uniform draws in [−2, 2)⁴, plus 100 copies of one far point: a component collapses
     // onto the copies, where only `reg_covar` keeps its covariance positive definite.
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let mut rows: Vec<f64> = (0..200 * 4)
-        .map(|_| rng.random_range(-2.0..2.0))
-        .collect();
+    let mut rows: Vec<f64> = (0..200 * 4).map(|_| rng.random_range(-2.0..2.0)).collect();
     rows.extend([6.0, 6.0, 6.0, 6.0].repeat(100));
     let x = Tensor::from_vec(rows, (300, 4), &dev)?;
     let reg_covar = 1e-6;
@@ -189,7 +208,10 @@ fn every_parameterization_round_trips_its_own_precision_matrix() -> Result<()> {
         let back = layer.precision().precision_matrix()?;
         let scale = original.abs()?.max_all()?.to_scalar::<f64>()?;
         let misfit = (back - &original)?.abs()?.max_all()?.to_scalar::<f64>()? / scale;
-        assert!(misfit < 1e-9, "{parameterization}: relative misfit {misfit:e}");
+        assert!(
+            misfit < 1e-9,
+            "{parameterization}: relative misfit {misfit:e}"
+        );
     }
     Ok(())
 }
@@ -219,7 +241,10 @@ fn low_rank_from_parts_and_errors() -> Result<()> {
         .to_string();
     assert!(text.contains("lowrank:2"), "{text}");
     // A precision outside the family is still an error that says so.
-    let p = Tensor::new(&[[[3.0f64, 1.0, 1.0], [1.0, 3.0, -1.0], [1.0, -1.0, 3.0]]], &dev)?;
+    let p = Tensor::new(
+        &[[[3.0f64, 1.0, 1.0], [1.0, 3.0, -1.0], [1.0, -1.0, 3.0]]],
+        &dev,
+    )?;
     let three = Tensor::zeros((1, 3), DType::F64, &dev)?;
     let text = GaussLayer::from_precision(&three, &p, config)
         .unwrap_err()

@@ -109,7 +109,10 @@ fn cases() -> [Expected; 3] {
 
 fn close(got: f64, expected: f64, what: &str) {
     let err = (got - expected).abs() / expected.abs().max(1.0);
-    assert!(err < 1e-9, "{what}: got {got}, expected {expected} ({err:e})");
+    assert!(
+        err < 1e-9,
+        "{what}: got {got}, expected {expected} ({err:e})"
+    );
 }
 
 #[test]
@@ -156,7 +159,10 @@ fn blobs() -> Result<Tensor> {
     let dev = Device::Cpu;
     let truth = gauss_layer::GaussLayer::from_covariance(
         &Tensor::new(&[[-3.0f64, 0.0], [3.0, 1.0]], &dev)?,
-        &Tensor::new(&[[[1.0f64, 0.4], [0.4, 0.8]], [[0.6, 0.0], [0.0, 1.5]]], &dev)?,
+        &Tensor::new(
+            &[[[1.0f64, 0.4], [0.4, 0.8]], [[0.6, 0.0], [0.0, 1.5]]],
+            &dev,
+        )?,
         GaussLayerConfig::default(),
     )?;
     let truth = gauss_layer::GaussianMixture::new(truth, Tensor::zeros(2, DType::F64, &dev)?)?;

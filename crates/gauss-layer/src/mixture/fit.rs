@@ -47,8 +47,11 @@ fn low_rank_em_rank(config: &GaussLayerConfig, dim: usize) -> Option<usize> {
 }
 
 /// The lowrank M-step's L-BFGS stops once no entry of the profile gradient (dimensionless,
-/// `∂/∂θ` of the weighted log-likelihood per sample) exceeds this.
-const LOW_RANK_GRADIENT_TOLERANCE: f64 = 1e-10;
+/// `∂/∂θ` of the weighted log-likelihood per sample) exceeds this, or after
+/// `LOW_RANK_ITERATIONS_PER_STEP` iterations: a generalized M-step needs only to raise the
+/// likelihood, and the next step continues from there.
+const LOW_RANK_GRADIENT_TOLERANCE: f64 = 1e-9;
+const LOW_RANK_ITERATIONS_PER_STEP: usize = 20;
 
 /// Which members of the layer's family an M-step chooses among.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,7 +185,12 @@ impl GaussianMixture {
             };
             let mut fit = LowRankFit::from_theta(&theta, rank);
             if stage == Stage::Family {
-                fit.ascend(cov, LOW_RANK_GRADIENT_TOLERANCE, component)?;
+                fit.ascend(
+                    cov,
+                    LOW_RANK_GRADIENT_TOLERANCE,
+                    LOW_RANK_ITERATIONS_PER_STEP,
+                    component,
+                )?;
             }
             raw.extend(fit.raw());
         }

@@ -284,7 +284,7 @@ fn diagonal_plus_low_rank(
     let s: Vec<f64> = (0..d * d).map(|ij| covariance[(ij / d, ij % d)]).collect();
     let theta: Vec<f64> = (0..d).map(|i| -s[i * d + i].ln()).collect();
     let mut fit = LowRankFit::from_theta(&theta, rank);
-    fit.ascend(&s, 1e-14, neuron)?;
+    fit.ascend(&s, 1e-14, 5000, neuron)?;
     let scale = block.iter().fold(0.0f64, |m, v| m.max(v.abs()));
     let misfit = fit
         .precision()

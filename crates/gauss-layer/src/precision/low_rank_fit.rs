@@ -54,8 +54,7 @@ struct Profile {
 /// diagonal entry; see [`LowRankFit::ascend`]).
 const THETA_RANGE: f64 = 25.0;
 
-/// Most L-BFGS iterations per ascent and the stored correction pairs.
-const MOST_ITERATIONS: usize = 500;
+/// The stored L-BFGS correction pairs.
 const MEMORY: usize = 8;
 
 impl LowRankFit {
@@ -141,8 +140,8 @@ impl LowRankFit {
 
     /// Raises the likelihood for covariance `s` ((d, d) row-major, positive definite) from
     /// the current θ by L-BFGS on the profile, until the gradient's largest entry is below
-    /// `gradient_tolerance` or no step raises it; U becomes the optimal factor for the final
-    /// θ. Returns the iterations taken.
+    /// `gradient_tolerance`, no step raises it, or after `most_iterations`; U becomes the
+    /// optimal factor for the final θ. Returns the iterations taken.
     ///
     /// # Errors
     /// [`GaussError::Numerical`] naming `neuron` when `s` is not finite or not positive
@@ -151,6 +150,7 @@ impl LowRankFit {
         &mut self,
         s: &[f64],
         gradient_tolerance: f64,
+        most_iterations: usize,
         neuron: usize,
     ) -> Result<usize> {
         let d = self.theta.len();
@@ -161,7 +161,10 @@ impl LowRankFit {
         // and the scaled covariance stays well within the eigensolver's range.
         let lower: Vec<f64> = (0..d).map(|i| -s[i * d + i].ln() - THETA_RANGE).collect();
         let clamp = |theta: &mut [f64]| {
-            theta.iter_mut().zip(&lower).for_each(|(t, l)| *t = t.max(*l));
+            theta
+                .iter_mut()
+                .zip(&lower)
+                .for_each(|(t, l)| *t = t.max(*l));
         };
         // The gradient without the components that push a clamped θ_j further down.
         let free = |theta: &[f64], gradient: &[f64]| -> Vec<f64> {
@@ -180,7 +183,7 @@ impl LowRankFit {
         let mut pairs: std::collections::VecDeque<(Vec<f64>, Vec<f64>, f64)> =
             std::collections::VecDeque::with_capacity(MEMORY);
         let mut iterations = 0;
-        while iterations < MOST_ITERATIONS {
+        while iterations < most_iterations {
             let gradient = free(&self.theta, &current.gradient);
             let largest = gradient.iter().fold(0f64, |m, g| m.max(g.abs()));
             if !(largest > gradient_tolerance) {
@@ -201,7 +204,9 @@ impl LowRankFit {
             q.iter_mut().for_each(|v| *v *= gamma);
             for ((step, change, rho), alpha) in pairs.iter().zip(alphas.iter().rev()) {
                 let beta = rho * dot(change, &q);
-                q.iter_mut().zip(step).for_each(|(v, s)| *v += (alpha - beta) * s);
+                q.iter_mut()
+                    .zip(step)
+                    .for_each(|(v, s)| *v += (alpha - beta) * s);
             }
             // H approximates the inverse of −∇²g; q must climb, and not below the bound.
             let mut q = free(&self.theta, &q);
