@@ -144,3 +144,37 @@ fn save(varmap: &VarMap, path: &Path) -> Result<()> {
     std::fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fit does not depend on the unit of measurement: the same data in units 1e7 times
+    /// smaller scores exactly `d·ln 1e7` lower (a change of variables), where the default
+    /// cholesky floor alone would cap the variances near 1e12 and fail.
+    #[test]
+    fn scaled_data_fits_with_defaults() -> Result<()> {
+        let device = Device::Cpu;
+        let x = synthetic(2, 3, 400, 4, &device)?;
+        let args = MixtureArgs {
+            components: 2,
+            parameterization: Parameterization::Cholesky,
+            options: MixtureFitOptions {
+                n_init: 1,
+                ..Default::default()
+            },
+            out: None,
+        };
+        let unit = run(&x, "unit", &args)?["mean_log_likelihood"]
+            .as_f64()
+            .context("a score")?;
+        let scale = 1e7f64;
+        let scaled = run(&(&x * scale)?, "scaled", &args)?["mean_log_likelihood"]
+            .as_f64()
+            .context("a score")?;
+        let expected = unit - 3.0 * scale.ln();
+        // reg_covar (1e-6, absolute) weighs 1e-14 as much on the scaled data: a few 1e-7.
+        assert!((scaled - expected).abs() < 1e-5, "{scaled} vs {expected}");
+        Ok(())
+    }
+}

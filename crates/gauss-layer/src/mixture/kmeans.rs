@@ -133,7 +133,7 @@ pub(super) fn kmeans(
         // Every sample sits on a chosen seed (to rounding): the data has no more distinct
         // samples than the seeds so far, and a further component would hold none.
         let potential: f64 = closest.iter().sum();
-        if !(potential > 1e-12 * energy) {
+        if potential.is_nan() || potential <= 1e-12 * energy {
             return Err(GaussError::config(
                 "samples x",
                 format!(

@@ -101,7 +101,7 @@ impl LowRankFit {
         let scaled: Vec<f64> = (0..d * d).map(|ij| t[ij / d] * s[ij] * t[ij % d]).collect();
         let (values, vectors) = host::symmetric_eigen(&host::symmetric_block(&scaled, d))
             .map_err(|e| numerical(neuron, &e.to_string()))?;
-        if !(values[0] > 0.0) {
+        if values[0].is_nan() || values[0] <= 0.0 {
             return Err(numerical(
                 neuron,
                 &format!(
@@ -186,7 +186,7 @@ impl LowRankFit {
         while iterations < most_iterations {
             let gradient = free(&self.theta, &current.gradient);
             let largest = gradient.iter().fold(0f64, |m, g| m.max(g.abs()));
-            if !(largest > gradient_tolerance) {
+            if largest.is_nan() || largest <= gradient_tolerance {
                 break;
             }
             // Two-loop recursion on the ascent direction H·∇g.
@@ -211,7 +211,7 @@ impl LowRankFit {
             // H approximates the inverse of −∇²g; q must climb, and not below the bound.
             let mut q = free(&self.theta, &q);
             let mut slope = dot(&q, &gradient);
-            if !(slope > 0.0) {
+            if slope.is_nan() || slope <= 0.0 {
                 q = gradient.iter().map(|g| g / largest.max(1.0)).collect();
                 slope = dot(&q, &gradient);
                 pairs.clear();
