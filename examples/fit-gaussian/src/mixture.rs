@@ -110,9 +110,11 @@ pub fn run(x: &Tensor, source: &str, args: &MixtureArgs) -> Result<Value> {
 }
 
 /// cholesky's `factor_diag_floor` relative to the data's scale: the default 1e-6 divided by
-/// the largest standard deviation of a column. The floor keeps every Cholesky diagonal of P
-/// above it, which caps the variances near 1/floor²; scaled so, the cap sits 1e12 above the
-/// data's largest variance whatever the unit of measurement (data × 1e7 fits as data does).
+/// the largest standard deviation of a column when that exceeds 1. The floor keeps every
+/// Cholesky diagonal of P above it, which caps the variances near 1/floor²; scaled so, the
+/// cap sits at least 1e12 above the data's largest variance whatever the unit of measurement
+/// (data × 1e7 fits as data does). It is never raised: on data × 1e-7 `reg_covar` (1e-6,
+/// absolute, as scikit-learn's) sets the variances, far above the data's own.
 fn relative_factor_diag_floor(x: &Tensor) -> Result<f64> {
     let default = GaussLayerConfig::default().factor_diag_floor;
     let centered = x.broadcast_sub(&x.mean_keepdim(0)?)?;
@@ -123,7 +125,7 @@ fn relative_factor_diag_floor(x: &Tensor) -> Result<f64> {
         .to_dtype(DType::F64)?
         .to_scalar::<f64>()?;
     let std = largest_variance.sqrt();
-    Ok(if std.is_finite() && std > 0.0 {
+    Ok(if std.is_finite() && std > 1.0 {
         default / std
     } else {
         default
@@ -151,7 +153,8 @@ mod tests {
 
     /// A fit does not depend on the unit of measurement: the same data in units 1e7 times
     /// smaller scores exactly `d·ln 1e7` lower (a change of variables), where the default
-    /// cholesky floor alone would cap the variances near 1e12 and fail.
+    /// cholesky floor alone would cap the variances near 1e12 and fail; data × 1e-7 fits too
+    /// (its variances are then `reg_covar`'s).
     #[test]
     fn scaled_data_fits_with_defaults() -> Result<()> {
         let device = Device::Cpu;
@@ -175,6 +178,10 @@ mod tests {
         let expected = unit - 3.0 * scale.ln();
         // reg_covar (1e-6, absolute) weighs 1e-14 as much on the scaled data: a few 1e-7.
         assert!((scaled - expected).abs() < 1e-5, "{scaled} vs {expected}");
+        let small = run(&(&x * 1e-7)?, "small", &args)?["mean_log_likelihood"]
+            .as_f64()
+            .context("a score")?;
+        assert!(small.is_finite() && small > unit, "{small}");
         Ok(())
     }
 }
