@@ -6,9 +6,15 @@
 mod common;
 #[path = "density/constructors.rs"]
 mod constructors;
+#[path = "density/distribution.rs"]
+mod distribution;
 #[path = "density/log_prob.rs"]
 mod log_prob;
+#[path = "density/low_rank.rs"]
+mod low_rank;
 #[path = "density/mixture.rs"]
 mod mixture;
+#[path = "density/mixture_methods.rs"]
+mod mixture_methods;
 #[path = "density/sample.rs"]
 mod sample;

@@ -9,8 +9,10 @@
 //!
 //! - [`GaussLayer`] / [`gauss_layer`]: the layer, built from tensors or through a `VarBuilder`;
 //!   a [`candle_nn::Module`].
-//! - [`Precision`]: the five parameterizations of `P` ([`Parameterization`]): cholesky
-//!   (default), direct (with [`repair`]), expm, diag, sphere.
+//! - [`Precision`]: the six parameterizations of `P` ([`Parameterization`]): cholesky
+//!   (default), direct (with [`repair`]), expm, diag, sphere, lowrank.
+//! - Densities: [`GaussLayer::log_prob`], [`GaussLayer::sample`], one neuron as a
+//!   [`MultivariateNormal`], and [`GaussianMixture`] fitted like scikit-learn's.
 //! - [`ops`]: the functional core (distances through the kernel resolver, the Gaussian, the
 //!   gate) and [`linalg`]: batched linear algebra in tensor ops (every device).
 //! - [`GaussNet`]: a stack of layers; [`checkpoint`]: self-describing safetensors files;
@@ -45,6 +47,7 @@ mod config;
 pub mod convert;
 mod cpu;
 mod density;
+mod distribution;
 mod error;
 pub mod files;
 pub mod import;
@@ -65,6 +68,7 @@ pub mod testing;
 pub use config::{
     DistanceKernel, GaussLayerConfig, InitConfig, Parameterization, PositiveMap, PrecisionConfig,
 };
+pub use distribution::MultivariateNormal;
 pub use error::{GaussError, Result};
 pub use init::layer_seed;
 pub use kernels::ResolvedKernel;

@@ -87,8 +87,9 @@ struct Args {
     /// Mixture: k-means++ seedings per start; the k-means run of lowest inertia is kept.
     #[arg(long, default_value_t = 3)]
     kmeans_inits: usize,
-    /// Mixture: AdamW steps on the mixture NLL after EM; default 0 where the EM M-step is
-    /// exact for the parameterization (all five here), 300 otherwise.
+    /// Mixture: AdamW steps on the mixture NLL after EM; default 0 where EM maximizes over
+    /// the parameterization's family (all six here; lowrank with a width floor excepted),
+    /// 300 otherwise.
     #[arg(long)]
     refine_steps: Option<usize>,
     /// Mixture: peak learning rate of the refinement (cosine decay).

@@ -67,6 +67,7 @@ pub fn run(x: &Tensor, source: &str, args: &MixtureArgs) -> Result<Value> {
     let vb = VarBuilder::from_varmap(&varmap, DType::F64, x.device());
     let config = GaussLayerConfig {
         parameterization: args.parameterization,
+        factor_diag_floor: relative_factor_diag_floor(x)?,
         ..Default::default()
     };
     let mixture = gaussian_mixture(d, args.components, config, vb)?;
@@ -108,6 +109,29 @@ pub fn run(x: &Tensor, source: &str, args: &MixtureArgs) -> Result<Value> {
     }))
 }
 
+/// cholesky's `factor_diag_floor` relative to the data's scale: the default 1e-6 divided by
+/// the largest standard deviation of a column when that exceeds 1. The floor keeps every
+/// Cholesky diagonal of P above it, which caps the variances near 1/floor²; scaled so, the
+/// cap sits at least 1e12 above the data's largest variance whatever the unit of measurement
+/// (data × 1e7 fits as data does). It is never raised: on data × 1e-7 `reg_covar` (1e-6,
+/// absolute, as scikit-learn's) sets the variances, far above the data's own.
+fn relative_factor_diag_floor(x: &Tensor) -> Result<f64> {
+    let default = GaussLayerConfig::default().factor_diag_floor;
+    let centered = x.broadcast_sub(&x.mean_keepdim(0)?)?;
+    let largest_variance = centered
+        .sqr()?
+        .mean(0)?
+        .max(0)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    let std = largest_variance.sqrt();
+    Ok(if std.is_finite() && std > 1.0 {
+        default / std
+    } else {
+        default
+    })
+}
+
 /// Saves the mixture's variables (`center`, the precision tensor, `mixture_logits`) as
 /// safetensors through the library's atomic write (temporary file removed on error, debris
 /// of killed runs cleaned by the next write), so an interrupted save never destroys a
@@ -125,4 +149,43 @@ fn save(varmap: &VarMap, path: &Path) -> Result<()> {
     named.sort_by_key(|(name, _)| *name);
     gauss_layer::files::save_tensors(path, &named)
         .with_context(|| format!("cannot save the mixture to {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fit does not depend on the unit of measurement: the same data in units 1e7 times
+    /// smaller scores exactly `d·ln 1e7` lower (a change of variables), where the default
+    /// cholesky floor alone would cap the variances near 1e12 and fail; data × 1e-7 fits too
+    /// (its variances are then `reg_covar`'s).
+    #[test]
+    fn scaled_data_fits_with_defaults() -> Result<()> {
+        let device = Device::Cpu;
+        let x = synthetic(2, 3, 400, 4, &device)?;
+        let args = MixtureArgs {
+            components: 2,
+            parameterization: Parameterization::Cholesky,
+            options: MixtureFitOptions {
+                n_init: 1,
+                ..Default::default()
+            },
+            out: None,
+        };
+        let unit = run(&x, "unit", &args)?["mean_log_likelihood"]
+            .as_f64()
+            .context("a score")?;
+        let scale = 1e7f64;
+        let scaled = run(&(&x * scale)?, "scaled", &args)?["mean_log_likelihood"]
+            .as_f64()
+            .context("a score")?;
+        let expected = unit - 3.0 * scale.ln();
+        // reg_covar (1e-6, absolute) weighs 1e-14 as much on the scaled data: a few 1e-7.
+        assert!((scaled - expected).abs() < 1e-5, "{scaled} vs {expected}");
+        let small = run(&(&x * 1e-7)?, "small", &args)?["mean_log_likelihood"]
+            .as_f64()
+            .context("a score")?;
+        assert!(small.is_finite() && small > unit, "{small}");
+        Ok(())
+    }
 }

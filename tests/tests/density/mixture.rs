@@ -317,8 +317,8 @@ fn set_parameters_and_refinement_of_plain_tensors() -> Result<()> {
     Ok(())
 }
 
-/// lowrank:2 in 10 dimensions holds diag (U = 0) and more: EM with the nearest low-rank
-/// precision at each M-step, then gradient refinement, ends at least at sklearn's diag fit
+/// lowrank:2 in 10 dimensions holds diag (U = 0) and more: EM over the diagonal members,
+/// then over the whole family (no gradient refinement), ends at least at sklearn's diag fit
 /// and at most at its full optimum.
 #[test]
 fn low_rank_below_full_rank_beats_diag() -> Result<()> {
@@ -336,7 +336,7 @@ fn low_rank_below_full_rank_beats_diag() -> Result<()> {
         scalar(&file, "sklearn_score_diag")?,
         scalar(&file, "sklearn_best_full")?,
     );
-    assert_eq!(fit.refine_steps, 300, "refinement runs below full rank");
+    assert!(fit.converged && fit.refine_steps == 0, "{fit:?}");
     assert!(
         fit.mean_log_likelihood >= diag - 1e-3 && fit.mean_log_likelihood <= best_full + 1e-9,
         "lowrank:2 {} vs sklearn diag {diag}, full optimum {best_full}",

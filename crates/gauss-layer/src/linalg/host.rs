@@ -117,3 +117,41 @@ pub(crate) fn cholesky_lower(block: &[f64], d: usize) -> Option<Vec<f64>> {
     }
     Some(out)
 }
+
+/// The smallest eigenvalue of a symmetric matrix (NaN for an empty one).
+pub(crate) fn smallest_eigenvalue(matrix: &Mat<f64>) -> Result<f64> {
+    Ok(symmetric_eigenvalues(matrix)?
+        .first()
+        .copied()
+        .unwrap_or(f64::NAN))
+}
+
+/// The inverse of a symmetric positive-definite matrix through its Cholesky factor
+/// (symmetrized), or `None` when the factorization fails.
+pub(crate) fn spd_inverse(matrix: &Mat<f64>) -> Option<Mat<f64>> {
+    use faer::linalg::solvers::DenseSolveCore;
+    let inverse = matrix.llt(Side::Lower).ok()?.inverse();
+    let d = matrix.nrows();
+    Some(Mat::from_fn(d, d, |i, j| {
+        0.5 * (inverse[(i, j)] + inverse[(j, i)])
+    }))
+}
+
+/// The diagonal of the lower Cholesky factor of a symmetric matrix, or `None` when it is not
+/// positive definite.
+pub(crate) fn cholesky_diagonal(matrix: &Mat<f64>) -> Option<Vec<f64>> {
+    let llt = matrix.llt(Side::Lower).ok()?;
+    let l = llt.L();
+    Some((0..matrix.nrows()).map(|i| l[(i, i)]).collect())
+}
+
+/// `U diag(max(λ, lowest)) Uᵀ` of a symmetric matrix: its eigenvalues raised to `lowest`.
+///
+/// # Errors
+/// [`GaussError::Numerical`] for a non-finite matrix or a failed eigendecomposition.
+pub(crate) fn raise_eigenvalues(matrix: &Mat<f64>, lowest: f64) -> Result<Mat<f64>> {
+    let d = matrix.nrows();
+    let (values, vectors) = symmetric_eigen(matrix)?;
+    let raised = from_eigen(&values, &vectors, |l| l.max(lowest));
+    Ok(Mat::from_fn(d, d, |i, j| raised[i * d + j]))
+}

@@ -3,8 +3,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use faer::linalg::solvers::DenseSolveCore;
-use faer::{Mat, Side};
+use faer::Mat;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -12,15 +11,18 @@ use crate::config::{GaussLayerConfig, Parameterization};
 use crate::density;
 use crate::error::{GaussError, Result};
 use crate::linalg::{self, host};
-use crate::precision::Precision;
+use crate::precision::{LowRankFit, Precision};
 use crate::repair;
 
-use super::kmeans::{checked_samples, host_values, kmeans, KMeans, Samples};
+use super::kmeans::{checked_samples, host_values, kmeans, squared_distances, KMeans, Samples};
 use super::{GaussianMixture, MixtureFit, MixtureFitOptions, MIXTURE_LOGITS_NAME};
 
-/// Whether the M-step's covariance, projected onto the family (see [`project_covariance`]),
-/// is the exact maximizer: true for the parameterizations whose `from_precision_matrix`
-/// holds every projected covariance exactly (lowrank only at full rank, `rank >= d`).
+/// Whether EM alone reaches a maximum of the family's likelihood, so that no gradient
+/// refinement is needed by default: true where the M-step's covariance, projected onto the
+/// family (see [`project_covariance`]), is the exact maximizer (the parameterizations whose
+/// `from_precision_matrix` holds every projected covariance exactly; lowrank at full rank,
+/// `rank >= d`), and for lowrank below full rank without a width floor, whose M-step is the
+/// monotone block ascent of [`low_rank_em_rank`].
 fn m_step_is_exact(config: &GaussLayerConfig, dim: usize) -> bool {
     match config.parameterization {
         Parameterization::Cholesky
@@ -28,8 +30,36 @@ fn m_step_is_exact(config: &GaussLayerConfig, dim: usize) -> bool {
         | Parameterization::Expm
         | Parameterization::Diag
         | Parameterization::Sphere => true,
-        Parameterization::LowRank { rank } => rank >= dim,
+        Parameterization::LowRank { rank } => rank >= dim || config.width_floor.is_none(),
     }
+}
+
+/// lowrank's rank r when EM fits the layer's own family `diag(e^θ) + U Uᵀ` (r < d, no width
+/// floor): first the diagonal members (U = 0, the diag fit), then generalized M-steps of
+/// [`LowRankFit::ascend`] from there, so the fit scores at least the diagonal fit.
+fn low_rank_em_rank(config: &GaussLayerConfig, dim: usize) -> Option<usize> {
+    match config.parameterization {
+        Parameterization::LowRank { rank } if rank < dim && config.width_floor.is_none() => {
+            Some(rank)
+        }
+        _ => None,
+    }
+}
+
+/// The lowrank M-step's L-BFGS stops once no entry of the profile gradient (dimensionless,
+/// `∂/∂θ` of the weighted log-likelihood per sample) exceeds this, or after
+/// `LOW_RANK_ITERATIONS_PER_STEP` iterations: a generalized M-step needs only to raise the
+/// likelihood, and the next step continues from there.
+const LOW_RANK_GRADIENT_TOLERANCE: f64 = 1e-9;
+const LOW_RANK_ITERATIONS_PER_STEP: usize = 20;
+
+/// Which members of the layer's family an M-step chooses among.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// The whole family.
+    Family,
+    /// lowrank's first stage: its diagonal members (U = 0).
+    Diagonal,
 }
 
 /// The covariance family's M-step statistic: diag and sphere need only per-dimension
@@ -76,7 +106,7 @@ impl GaussianMixture {
 
     /// M-step from responsibilities `resp` (N, K): weighted means, covariances (with
     /// `reg_covar` on the diagonal, projected onto the family), weights; written in place.
-    fn m_step(&self, samples: &Samples, resp: &Tensor, reg_covar: f64) -> Result<()> {
+    fn m_step(&self, samples: &Samples, resp: &Tensor, reg_covar: f64, stage: Stage) -> Result<()> {
         let x = &samples.x;
         let (n, d) = x.dims2()?;
         let k = self.num_components();
@@ -127,8 +157,52 @@ impl GaussianMixture {
             }
         }
         let log_weights: Vec<f64> = counts_host.iter().map(|c| (c / n as f64).ln()).collect();
-        let raw = raw_from_covariances(&covariances, k, d, config)?;
+        let raw = match low_rank_em_rank(config, d) {
+            Some(rank) => self.low_rank_raw(&covariances, k, d, rank, stage)?,
+            None => raw_from_covariances(&covariances, k, d, config)?,
+        };
         self.write(&log_weights, &means, &raw)
+    }
+
+    /// lowrank's M-step: per component, the diagonal maximizer (`Stage::Diagonal`) or the
+    /// profile ascent from the current θ (`Stage::Family`); the raw tensor (K, d, r + 1).
+    fn low_rank_raw(
+        &self,
+        covariances: &[f64],
+        k: usize,
+        d: usize,
+        rank: usize,
+        stage: Stage,
+    ) -> Result<Tensor> {
+        let current = host_values(self.layer.precision().raw())?;
+        let mut raw = Vec::with_capacity(k * d * (rank + 1));
+        for (component, cov) in covariances.chunks(d * d).enumerate() {
+            let theta: Vec<f64> = match stage {
+                Stage::Diagonal => (0..d).map(|i| -cov[i * d + i].ln()).collect(),
+                Stage::Family => (0..d)
+                    .map(|i| current[(component * d + i) * (rank + 1)])
+                    .collect(),
+            };
+            let mut fit = LowRankFit::from_theta(&theta, rank);
+            if stage == Stage::Family {
+                fit.ascend(
+                    cov,
+                    LOW_RANK_GRADIENT_TOLERANCE,
+                    LOW_RANK_ITERATIONS_PER_STEP,
+                    component,
+                )?;
+            }
+            raw.extend(fit.raw());
+        }
+        Ok(Tensor::from_vec(raw, (k, d, rank + 1), &Device::Cpu)?)
+    }
+
+    /// The stage EM starts in: lowrank (below full rank) starts with its diagonal members.
+    fn first_stage(&self) -> Stage {
+        match low_rank_em_rank(self.layer.config(), self.dim()) {
+            Some(_) => Stage::Diagonal,
+            None => Stage::Family,
+        }
     }
 
     /// k-means++ on the data, then the M-step of the hard clusters; returns the Lloyd
@@ -157,13 +231,18 @@ impl GaussianMixture {
             .unsqueeze(1)?
             .broadcast_eq(&ids)?
             .to_dtype(x.dtype())?;
-        self.m_step(samples, &one_hot, options.reg_covar)?;
+        self.m_step(samples, &one_hot, options.reg_covar, self.first_stage())?;
         Ok(best.steps)
     }
 
     /// EM from the current parameters until the mean log-likelihood changes by less than
     /// `tol`; returns it, the M-steps taken and whether `tol` was met.
-    fn em(&self, samples: &Samples, options: &MixtureFitOptions) -> Result<(f64, usize, bool)> {
+    fn em(
+        &self,
+        samples: &Samples,
+        options: &MixtureFitOptions,
+        stage: Stage,
+    ) -> Result<(f64, usize, bool)> {
         let mut previous = f64::NEG_INFINITY;
         let mut steps = 0;
         loop {
@@ -181,7 +260,7 @@ impl GaussianMixture {
                 return Ok((mean, steps, false));
             }
             previous = mean;
-            self.m_step(samples, &resp, options.reg_covar)?;
+            self.m_step(samples, &resp, options.reg_covar, stage)?;
             steps += 1;
         }
     }
@@ -202,6 +281,44 @@ impl GaussianMixture {
         self.init_from_data(&samples, options, &mut rng)
     }
 
+    /// The `means_init` start: every sample to its nearest given mean, the M-step of those
+    /// clusters, then the given means written back over the clusters' own.
+    fn init_from_means(&self, samples: &Samples, means: &[f64], reg_covar: f64) -> Result<()> {
+        let (k, d) = (self.num_components(), self.dim());
+        if means.len() != k * d {
+            return Err(GaussError::config(
+                "means_init",
+                format!(
+                    "must hold K·d = {k}·{d} = {} values (row-major), got {}",
+                    k * d,
+                    means.len()
+                ),
+            ));
+        }
+        if let Some(bad) = means.iter().find(|v| !v.is_finite()) {
+            return Err(GaussError::config(
+                "means_init",
+                format!("must be finite, got {bad}"),
+            ));
+        }
+        let x = &samples.x;
+        let centers = host::from_host(means.to_vec(), &[k, d], x.dtype(), x.device())?;
+        let distances = squared_distances(
+            &samples.centered,
+            &samples.centered_norm_sq,
+            &centers.broadcast_sub(&samples.offset)?,
+        )?;
+        let ids = Tensor::arange(0u32, k as u32, x.device())?.unsqueeze(0)?;
+        let one_hot = distances
+            .argmin(1)?
+            .unsqueeze(1)?
+            .broadcast_eq(&ids)?
+            .to_dtype(x.dtype())?;
+        self.m_step(samples, &one_hot, reg_covar, self.first_stage())?;
+        self.layer.center().slice_set(&centers, 0, 0)?;
+        Ok(())
+    }
+
     fn snapshot(&self) -> Result<Snapshot> {
         Ok(Snapshot {
             center: self.layer.center().copy()?,
@@ -220,15 +337,17 @@ impl GaussianMixture {
         Ok(())
     }
 
-    /// Fits the mixture to `x` by maximum likelihood: k-means++ start, EM, and (when the
-    /// M-step is not exact for the family, or when asked) gradient refinement; see the
-    /// module docs. The fitted values are written into the mixture's tensors in place.
+    /// Fits the mixture to `x` by maximum likelihood: k-means++ start (or `means_init`, or
+    /// the current values with `warm_start`), EM, and (when the M-step is approximate for
+    /// the family, or when asked) gradient refinement; see the module docs. The fitted
+    /// values are written into the mixture's tensors in place.
     ///
     /// # Shapes
     /// `x`: (…, d), at least K samples
     ///
     /// # Errors
-    /// Samples of the wrong width or dtype, too few or non-finite; invalid options; a
+    /// Samples of the wrong width or dtype, too few, with fewer distinct samples than
+    /// components, or non-finite; invalid options (`means_init` of the wrong length); a
     /// covariance the config cannot hold (e.g. variances beyond cholesky's
     /// `factor_diag_floor`, stated in the message); refinement of a mixture whose tensors are
     /// not variables.
@@ -237,9 +356,26 @@ impl GaussianMixture {
         let samples = checked_samples(x, self.dim(), self.logits.dtype(), self.num_components())?;
         let mut rng = StdRng::seed_from_u64(options.seed);
         let mut best: Option<(MixtureFit, Option<Snapshot>)> = None;
-        for start in 0..options.n_init {
-            let kmeans_steps = self.init_from_data(&samples, options, &mut rng)?;
-            let (mean, em_steps, converged) = self.em(&samples, options)?;
+        let single_start = options.warm_start || options.means_init.is_some();
+        let starts = if single_start { 1 } else { options.n_init };
+        for start in 0..starts {
+            let (kmeans_steps, first) = if options.warm_start {
+                (0, Stage::Family)
+            } else if let Some(means) = &options.means_init {
+                self.init_from_means(&samples, means, options.reg_covar)?;
+                (0, self.first_stage())
+            } else {
+                let steps = self.init_from_data(&samples, options, &mut rng)?;
+                (steps, self.first_stage())
+            };
+            let (mut mean, mut em_steps, mut converged) = self.em(&samples, options, first)?;
+            if first == Stage::Diagonal {
+                // lowrank: from the diagonal fit into the whole family; every step is monotone.
+                let (family_mean, family_steps, family_converged) =
+                    self.em(&samples, options, Stage::Family)?;
+                (mean, converged) = (family_mean, family_converged);
+                em_steps += family_steps;
+            }
             let fit = MixtureFit {
                 mean_log_likelihood: mean,
                 kmeans_steps,
@@ -251,7 +387,7 @@ impl GaussianMixture {
                 .as_ref()
                 .is_none_or(|(b, _)| mean > b.mean_log_likelihood);
             if better {
-                let snapshot = if start + 1 < options.n_init {
+                let snapshot = if start + 1 < starts {
                     Some(self.snapshot()?)
                 } else {
                     None
@@ -341,18 +477,7 @@ fn project_covariance(cov: &mut Mat<f64>, config: &GaussLayerConfig) -> Result<(
         return Ok(());
     };
     let lowest = sigma * sigma * (1.0 + 1e-6);
-    let evd = cov.self_adjoint_eigen(Side::Lower).map_err(|e| {
-        GaussError::Candle(candle_core::Error::Msg(format!(
-            "symmetric eigendecomposition failed: {e:?}"
-        )))
-    })?;
-    let (values, vectors) = (evd.S().column_vector(), evd.U());
-    let raised: Vec<f64> = (0..d).map(|i| values[i].max(lowest)).collect();
-    *cov = Mat::from_fn(d, d, |i, j| {
-        (0..d)
-            .map(|m| vectors[(i, m)] * raised[m] * vectors[(j, m)])
-            .sum()
-    });
+    *cov = host::raise_eigenvalues(cov, lowest)?;
     Ok(())
 }
 
@@ -368,15 +493,12 @@ fn raw_from_covariances(
     for component in 0..k {
         let block = &values[component * d * d..(component + 1) * d * d];
         let cov = Mat::from_fn(d, d, |i, j| block[i * d + j]);
-        let inverse = cov
-            .llt(Side::Lower)
-            .map_err(|_| {
-                GaussError::config(
-                    "reg_covar",
-                    format!("component {component}: the M-step covariance is not positive definite; raise `reg_covar`"),
-                )
-            })?
-            .inverse();
+        let inverse = host::spd_inverse(&cov).ok_or_else(|| {
+            GaussError::config(
+                "reg_covar",
+                format!("component {component}: the M-step covariance is not positive definite; raise `reg_covar`"),
+            )
+        })?;
         for i in 0..d {
             for j in 0..d {
                 precision.push(0.5 * (inverse[(i, j)] + inverse[(j, i)]));

@@ -85,7 +85,7 @@ pub(super) struct KMeans {
 
 /// Squared distances of every row of `x` (N, d) to every row of `centers` (K, d), by the
 /// expansion `|x|² − 2 x·c + |c|²` (clamped at 0). `x_sq`: (N).
-fn squared_distances(x: &Tensor, x_sq: &Tensor, centers: &Tensor) -> Result<Tensor> {
+pub(super) fn squared_distances(x: &Tensor, x_sq: &Tensor, centers: &Tensor) -> Result<Tensor> {
     let c_sq = centers.sqr()?.sum(1)?;
     let cross = x.matmul(&centers.t()?)?;
     Ok((cross * -2.0)?
@@ -128,7 +128,21 @@ pub(super) fn kmeans(
     let mut chosen = vec![first];
     let row = |i: usize| x.narrow(0, i, 1);
     let mut closest = host_values(&squared_distances(x, x_sq, &row(first)?)?)?;
+    let energy: f64 = host_values(x_sq)?.iter().sum();
     while chosen.len() < k {
+        // Every sample sits on a chosen seed (to rounding): the data has no more distinct
+        // samples than the seeds so far, and a further component would hold none.
+        let potential: f64 = closest.iter().sum();
+        if potential.is_nan() || potential <= 1e-12 * energy {
+            return Err(GaussError::config(
+                "samples x",
+                format!(
+                    "holds only {} distinct samples (to a relative 1e-6), fewer than the {k} components; fit at most {} components",
+                    chosen.len(),
+                    chosen.len()
+                ),
+            ));
+        }
         let candidates: Vec<usize> = (0..trials).map(|_| draw_index(&closest, rng)).collect();
         let rows = Tensor::new(
             candidates.iter().map(|&i| i as u32).collect::<Vec<_>>(),

@@ -15,9 +15,15 @@
 //!    the stalls of a cold gradient start.
 //!    With a width floor σ the family is {Σ : Σ ⪰ σ² I}; raising the covariance's eigenvalues
 //!    below σ² to σ² is that family's exact maximizer too.
-//! 3. **Gradient refinement** (optional; automatic for a parameterization not listed above,
-//!    whose `from_precision_matrix` may only approximate the M-step's covariance): AdamW on
-//!    the mean mixture NLL through the layer's own parameterization.
+//!    lowrank below full rank (`diag(e^θ) + U Uᵀ` precisions, r < d) runs EM twice: first
+//!    over its diagonal members (U = 0; this is the diag fit), then over the whole family
+//!    with generalized M-steps, a few rounds of the closed-form block ascent of the
+//!    lowrank maximum likelihood per step (see `precision/low_rank_fit.rs`), each never
+//!    lowering the likelihood: the fit scores at least the diagonal fit, and at most the
+//!    full one. `reg_covar` enters the covariance the ascent fits, as for the other forms.
+//! 3. **Gradient refinement** (optional; automatic only for lowrank below full rank with a
+//!    width floor, whose M-step is approximate): AdamW on the mean mixture NLL through the
+//!    layer's own parameterization.
 //!
 //! Every update is written in place into the layer's and the logits' tensors, so a mixture
 //! built through a `VarBuilder` over a `VarMap` ([`gaussian_mixture`]) stays a normal trainable
@@ -54,6 +60,7 @@
 
 mod fit;
 mod kmeans;
+mod scores;
 
 use candle_core::{Tensor, D};
 use candle_nn::{Init, VarBuilder};
@@ -125,14 +132,24 @@ pub struct MixtureFitOptions {
     pub kmeans_inits: usize,
     /// Most Lloyd iterations per k-means run. Default 300 (scikit-learn's `KMeans`).
     pub max_kmeans_steps: usize,
-    /// AdamW steps on the mean mixture NLL after EM. `None` (the default): none when the
-    /// M-step is the exact maximizer for the layer's family (cholesky, direct, expm, diag,
-    /// sphere, with or without a width floor), 300 otherwise.
+    /// AdamW steps on the mean mixture NLL after EM. `None` (the default): none when EM
+    /// maximizes over the layer's family (cholesky, direct, expm, diag, sphere, with or
+    /// without a width floor; lowrank without one), 300 otherwise (lowrank below full rank
+    /// with a width floor).
     pub refine_steps: Option<usize>,
     /// Peak learning rate of the refinement (cosine decay to 1/1000 of it). Default 1e-3.
     pub refine_lr: f64,
     /// Seed of the k-means++ draws. Default 0.
     pub seed: u64,
+    /// Start EM from the mixture's current parameters (scikit-learn's `warm_start`, e.g.
+    /// after a previous `fit` on similar data): no k-means and a single start (`n_init` and
+    /// `means_init` are not used). Default false.
+    pub warm_start: bool,
+    /// Initial means (K·d values, row-major), as scikit-learn's `means_init`: each sample is
+    /// assigned to its nearest mean, the first M-step takes the weights and covariances of
+    /// those clusters and keeps these means, then EM runs (one start; no k-means). Default
+    /// `None` (the k-means++ start).
+    pub means_init: Option<Vec<f64>>,
 }
 
 impl Default for MixtureFitOptions {
@@ -147,6 +164,8 @@ impl Default for MixtureFitOptions {
             refine_steps: None,
             refine_lr: 1e-3,
             seed: 0,
+            warm_start: false,
+            means_init: None,
         }
     }
 }
@@ -193,7 +212,8 @@ pub struct MixtureFit {
     pub em_steps: usize,
     /// Gradient refinement steps taken.
     pub refine_steps: usize,
-    /// Whether EM met `tol` before `max_em_steps`.
+    /// Whether EM met `tol` before `max_em_steps` (for lowrank below full rank, in its
+    /// second stage, the whole family; see [`GaussianMixture::fit`]).
     pub converged: bool,
 }
 

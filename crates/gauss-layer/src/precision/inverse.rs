@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::{maps, Precision};
+use super::{maps, LowRankFit, Precision};
 use crate::config::{Parameterization, PrecisionConfig};
 use crate::error::{GaussError, Result};
 use crate::linalg::host;
@@ -212,7 +212,9 @@ pub(super) fn raw_from_precision_block(
 /// lowrank's raw block (d, r + 1) for `P = δ I + Q_r (Λ_r − δ) Q_rᵀ`: the r largest
 /// eigenpairs over an isotropic rest δ (the probabilistic-PCA form). Exact when `r ≥ d`
 /// (δ is half the smallest eigenvalue) or when P's `d − r` smallest eigenvalues are equal
-/// (within `tolerance`); any other `P` is an error naming the spread.
+/// (within `tolerance`). Otherwise `P = diag(e^θ) + U Uᵀ` is recovered when it has that form
+/// (within `tolerance`, see [`diagonal_plus_low_rank`]); any other `P` is an error naming
+/// the spread.
 fn low_rank_block(
     block: &[f64],
     d: usize,
@@ -236,10 +238,13 @@ fn low_rank_block(
         let spread = tail.iter().fold(0f64, |m, l| m.max((l - mean).abs()));
         let largest = eigenvalues[d - 1];
         if spread > tolerance * largest {
+            if let Some(raw) = diagonal_plus_low_rank(block, d, rank, neuron, tolerance)? {
+                return Ok(raw);
+            }
             return Err(GaussError::config(
                 "parameterization",
                 format!(
-                    "neuron {neuron}: lowrank:{rank} represents P as δ·I plus rank {rank}, but P's {rest} smallest eigenvalues spread over [{:e}, {:e}] (not one δ); use a rank of at least {d} for an exact copy",
+                    "neuron {neuron}: lowrank:{rank} holds P = diag(e^θ) + U Uᵀ with U of rank {rank}, but this P is not of that form within {tolerance:e} (nor δ·I plus rank {rank}: its {rest} smallest eigenvalues spread over [{:e}, {:e}]); use a rank of at least {d} for an exact copy",
                     tail[0],
                     tail[rest - 1]
                 ),
@@ -259,4 +264,32 @@ fn low_rank_block(
         }
     }
     Ok(raw)
+}
+
+/// `P = diag(e^θ) + U Uᵀ` recovered exactly (max entry misfit within `tolerance` of P's
+/// largest entry), or `None` when P is not of that form: the maximum-likelihood lowrank
+/// precision for the covariance `P⁻¹` is P itself when P is in the family (the unconstrained
+/// maximizer), so the profile ascent of [`LowRankFit`] from the diagonal start converges
+/// to it.
+fn diagonal_plus_low_rank(
+    block: &[f64],
+    d: usize,
+    rank: usize,
+    neuron: usize,
+    tolerance: f64,
+) -> Result<Option<Vec<f64>>> {
+    let Some(covariance) = host::spd_inverse(&host::symmetric_block(block, d)) else {
+        return Ok(None);
+    };
+    let s: Vec<f64> = (0..d * d).map(|ij| covariance[(ij / d, ij % d)]).collect();
+    let theta: Vec<f64> = (0..d).map(|i| -s[i * d + i].ln()).collect();
+    let mut fit = LowRankFit::from_theta(&theta, rank);
+    fit.ascend(&s, 1e-14, 5000, neuron)?;
+    let scale = block.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let misfit = fit
+        .precision()
+        .iter()
+        .zip(block)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    Ok((misfit <= tolerance * scale).then(|| fit.raw()))
 }

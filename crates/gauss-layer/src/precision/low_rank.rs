@@ -13,8 +13,9 @@
 use candle_core::{Tensor, D};
 
 use super::Precision;
-use crate::error::Result;
-use crate::linalg;
+use crate::config::{Parameterization, PrecisionConfig};
+use crate::error::{check_dtype, GaussError, Result};
+use crate::linalg::{self, host};
 
 /// θ (Z, d) and U (Z, d, r) of the raw tensor.
 pub(crate) fn parts(precision: &Precision) -> Result<(Tensor, Tensor)> {
@@ -73,4 +74,76 @@ pub(super) fn trace_covariance(precision: &Precision) -> Result<Tensor> {
 pub(super) fn trace_precision(precision: &Precision) -> Result<Tensor> {
     let (theta, u) = parts(precision)?;
     Ok((theta.exp()?.sum(D::Minus1)? + u.sqr()?.sum((1, 2))?)?)
+}
+
+impl Precision {
+    /// lowrank's precision `P = diag(diagonal) + U Uᵀ` from its parts, with no factorization:
+    /// the raw tensor is `[ln diagonal | U]`, so `precision_matrix()` gives back exactly
+    /// `diag(diagonal) + U Uᵀ` (to rounding). With a width floor σ this `P` is the base
+    /// precision; the effective one is `(P⁻¹ + σ² I)⁻¹`.
+    ///
+    /// # Shapes
+    /// `diagonal`: (Z, d), `factor` U: (Z, d, r) for `lowrank:r`.
+    ///
+    /// # Errors
+    /// A config that is not lowrank of rank r; shapes that do not match; a diagonal entry that
+    /// is not finite and positive; dtypes or devices that differ.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use gauss_layer::{GaussLayerConfig, Parameterization, Precision};
+    /// let config = GaussLayerConfig {
+    ///     parameterization: Parameterization::LowRank { rank: 1 },
+    ///     ..Default::default()
+    /// };
+    /// // P = diag(1, 2) + u uᵀ with u = (1, 1).
+    /// let diagonal = Tensor::new(&[[1.0f64, 2.0]], &Device::Cpu)?;
+    /// let u = Tensor::new(&[[[1.0f64], [1.0]]], &Device::Cpu)?;
+    /// let precision = Precision::from_low_rank(&diagonal, &u, &config)?;
+    /// let p = precision.precision_matrix()?.to_vec3::<f64>()?;
+    /// assert!((p[0][0][0] - 2.0).abs() < 1e-12 && (p[0][1][1] - 3.0).abs() < 1e-12);
+    /// # Ok::<(), gauss_layer::GaussError>(())
+    /// ```
+    pub fn from_low_rank(
+        diagonal: &Tensor,
+        factor: &Tensor,
+        config: impl Into<PrecisionConfig>,
+    ) -> Result<Self> {
+        let config: PrecisionConfig = config.into();
+        let (z, d, r) = factor
+            .dims3()
+            .map_err(|_| GaussError::shape("low-rank factor U", "(Z, d, r)", factor.dims()))?;
+        if config.parameterization != (Parameterization::LowRank { rank: r }) {
+            return Err(GaussError::config(
+                "parameterization",
+                format!(
+                    "a diagonal plus a rank-{r} factor needs `lowrank:{r}`, got `{}`",
+                    config.parameterization
+                ),
+            ));
+        }
+        if diagonal.dims() != [z, d] {
+            return Err(GaussError::shape(
+                "low-rank diagonal",
+                format!("({z}, {d}) for a factor of shape ({z}, {d}, {r})"),
+                diagonal.dims(),
+            ));
+        }
+        check_dtype("low-rank diagonal", diagonal, factor.dtype(), "the factor")?;
+        if !diagonal.device().same_device(factor.device()) {
+            return Err(GaussError::config(
+                "device",
+                "the low-rank diagonal is on another device than the factor",
+            ));
+        }
+        let values = host::to_host_values(diagonal)?;
+        if let Some(bad) = values.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
+            return Err(GaussError::config(
+                "low-rank diagonal",
+                format!("every entry must be finite and > 0, got {bad}"),
+            ));
+        }
+        let raw = Tensor::cat(&[&diagonal.log()?.unsqueeze(2)?, factor], 2)?;
+        Self::from_raw(raw, d, config)
+    }
 }

@@ -48,9 +48,12 @@ mod full;
 mod init;
 mod inverse;
 pub(crate) mod low_rank;
+mod low_rank_fit;
 pub(crate) mod maps;
 mod stats_op;
 mod trace_estimate;
+
+pub(crate) use low_rank_fit::LowRankFit;
 
 /// The precision matrices of a layer's Z neurons over d inputs, in one parameterization.
 #[derive(Clone, Debug)]

@@ -1,0 +1,105 @@
+//! scikit-learn's `GaussianMixture` methods by their names there: `predict`,
+//! `predict_proba`, `score_samples`, `score`, `bic`, `aic`, with the free-parameter count
+//! that the criteria charge.
+
+use candle_core::{Tensor, D};
+
+use crate::config::Parameterization;
+use crate::error::Result;
+use crate::linalg;
+
+use super::GaussianMixture;
+
+impl GaussianMixture {
+    /// The most probable component of each sample (scikit-learn's `predict`): the argmax of
+    /// `log π_k + log N(x | c_k, P_k⁻¹)`.
+    ///
+    /// # Shapes
+    /// `x`: (…, d) → (…), u32
+    ///
+    /// # Errors
+    /// As [`crate::GaussLayer::log_prob`].
+    pub fn predict(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.joint_log_prob(x)?.argmax(D::Minus1)?)
+    }
+
+    /// The posterior probability of each component (scikit-learn's `predict_proba`; the
+    /// same as [`GaussianMixture::responsibilities`]).
+    ///
+    /// # Shapes
+    /// `x`: (…, d) → (…, K)
+    ///
+    /// # Errors
+    /// As [`crate::GaussLayer::log_prob`].
+    pub fn predict_proba(&self, x: &Tensor) -> Result<Tensor> {
+        self.responsibilities(x)
+    }
+
+    /// The log-density of each sample under the mixture (scikit-learn's `score_samples`;
+    /// the same as [`GaussianMixture::log_prob`]).
+    ///
+    /// # Shapes
+    /// `x`: (…, d) → (…)
+    ///
+    /// # Errors
+    /// As [`crate::GaussLayer::log_prob`].
+    pub fn score_samples(&self, x: &Tensor) -> Result<Tensor> {
+        self.log_prob(x)
+    }
+
+    /// The mean log-density of the samples, nats per sample (scikit-learn's `score`).
+    ///
+    /// # Shapes
+    /// `x`: (…, d)
+    ///
+    /// # Errors
+    /// As [`crate::GaussLayer::log_prob`].
+    pub fn score(&self, x: &Tensor) -> Result<f64> {
+        linalg::read_scalar(&self.log_prob(x)?.mean_all()?)
+    }
+
+    /// The number of free parameters: K·d means, K − 1 weights, and per component the
+    /// covariance's: d(d + 1)/2 (cholesky, direct, expm: scikit-learn's `full`), d (diag),
+    /// 1 (sphere: `spherical`), and for lowrank:r the diagonal plus the factor up to its
+    /// rotations, `d + d·r − r(r − 1)/2` (at most d(d + 1)/2). A width floor adds none.
+    pub fn num_parameters(&self) -> usize {
+        let (k, d) = (self.num_components(), self.dim());
+        let full = d * (d + 1) / 2;
+        let per_component = match self.layer.config().parameterization {
+            Parameterization::Cholesky | Parameterization::Direct | Parameterization::Expm => full,
+            Parameterization::Diag => d,
+            Parameterization::Sphere => 1,
+            Parameterization::LowRank { rank } => {
+                let r = rank.min(d);
+                (d + d * r - r * r.saturating_sub(1) / 2).min(full)
+            }
+        };
+        k * per_component + k * d + k - 1
+    }
+
+    /// The Bayesian information criterion `−2·N·score + p·ln N` (scikit-learn's `bic`; lower
+    /// is better), p from [`GaussianMixture::num_parameters`].
+    ///
+    /// # Shapes
+    /// `x`: (…, d)
+    ///
+    /// # Errors
+    /// As [`crate::GaussLayer::log_prob`].
+    pub fn bic(&self, x: &Tensor) -> Result<f64> {
+        let n = (x.elem_count() / self.dim().max(1)) as f64;
+        Ok(-2.0 * self.score(x)? * n + self.num_parameters() as f64 * n.ln())
+    }
+
+    /// The Akaike information criterion `−2·N·score + 2p` (scikit-learn's `aic`; lower is
+    /// better).
+    ///
+    /// # Shapes
+    /// `x`: (…, d)
+    ///
+    /// # Errors
+    /// As [`crate::GaussLayer::log_prob`].
+    pub fn aic(&self, x: &Tensor) -> Result<f64> {
+        let n = (x.elem_count() / self.dim().max(1)) as f64;
+        Ok(-2.0 * self.score(x)? * n + 2.0 * self.num_parameters() as f64)
+    }
+}

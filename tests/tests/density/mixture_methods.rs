@@ -1,0 +1,247 @@
+//! scikit-learn's `GaussianMixture` methods on fixed parameters and data: the expected values
+//! were computed by scikit-learn 1.x, setting `weights_`, `means_`, `covariances_` and
+//! `precisions_cholesky_ = _compute_precision_cholesky(covariances_, covariance_type)` on
+//! `GaussianMixture(2, covariance_type=t)` and calling `predict`, `predict_proba`,
+//! `score_samples`, `score`, `bic`, `aic` on `X`. Then the fit options `warm_start` and
+//! `means_init`, and the error for fewer distinct samples than components.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use gauss_layer::{gaussian_mixture, GaussLayerConfig, MixtureFitOptions, Parameterization};
+
+const X: [[f64; 2]; 6] = [
+    [0.1, 0.2],
+    [1.0, 0.5],
+    [2.5, 1.5],
+    [-1.0, -0.3],
+    [1.8, 0.2],
+    [0.9, 1.1],
+];
+
+struct Expected {
+    parameterization: Parameterization,
+    covariances: [[[f64; 2]; 2]; 2],
+    proba_1: [f64; 6],
+    score_samples: [f64; 6],
+    score: f64,
+    bic: f64,
+    aic: f64,
+    parameters: usize,
+}
+
+fn cases() -> [Expected; 3] {
+    [
+        Expected {
+            parameterization: Parameterization::Cholesky,
+            covariances: [[[1.0, 0.3], [0.3, 0.5]], [[0.8, -0.2], [-0.2, 1.2]]],
+            proba_1: [
+                0.07730001628943313,
+                0.5305630680138642,
+                0.9806984242588678,
+                0.00148777555414008,
+                0.8658827140884269,
+                0.7147865947901124,
+            ],
+            score_samples: [
+                -2.5558435714806924,
+                -2.388609979373368,
+                -2.459457879063703,
+                -3.094561927702255,
+                -2.347985826991407,
+                -2.5866551736060246,
+            ],
+            score: -2.572185726369575,
+            bic: 50.5755828779435,
+            aic: 52.8662287164349,
+            parameters: 11,
+        },
+        Expected {
+            parameterization: Parameterization::Diag,
+            covariances: [[[1.0, 0.0], [0.0, 0.5]], [[0.8, 0.0], [0.0, 1.2]]],
+            proba_1: [
+                0.12381579633277774,
+                0.63227024548413,
+                0.9964445738957244,
+                0.00538878811260202,
+                0.8686949288803032,
+                0.7983025084753652,
+            ],
+            score_samples: [
+                -2.608097348463139,
+                -2.444869307137095,
+                -2.4309959181014413,
+                -3.279872920450576,
+                -2.3250444044252556,
+                -2.7092900096908292,
+            ],
+            score: -2.633028318044723,
+            bic: 47.722175039589175,
+            aic: 49.59633981653668,
+            parameters: 9,
+        },
+        Expected {
+            parameterization: Parameterization::Sphere,
+            covariances: [[[0.7, 0.0], [0.0, 0.7]], [[1.1, 0.0], [0.0, 1.1]]],
+            proba_1: [
+                0.18230755482601443,
+                0.6726043880834967,
+                0.9980529065800726,
+                0.02447779018981037,
+                0.9190180126144535,
+                0.7830661021182291,
+            ],
+            score_samples: [
+                -2.5196202155368956,
+                -2.461446052698073,
+                -2.5151859259546216,
+                -3.438964003806629,
+                -2.5145035426581352,
+                -2.5998694797501543,
+            ],
+            score: -2.6749315367340842,
+            bic: 44.641494725405394,
+            aic: 46.09917844080901,
+            parameters: 7,
+        },
+    ]
+}
+
+fn close(got: f64, expected: f64, what: &str) {
+    let err = (got - expected).abs() / expected.abs().max(1.0);
+    assert!(
+        err < 1e-9,
+        "{what}: got {got}, expected {expected} ({err:e})"
+    );
+}
+
+#[test]
+fn methods_match_scikit_learn_on_fixed_parameters() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Tensor::new(&X, &dev)?;
+    for case in cases() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+        let config = GaussLayerConfig {
+            parameterization: case.parameterization,
+            ..Default::default()
+        };
+        let mixture = gaussian_mixture(2, 2, config, vb)?;
+        mixture.set_parameters(
+            &Tensor::new(&[0.3f64, 0.7], &dev)?,
+            &Tensor::new(&[[0.0f64, 0.0], [2.0, 1.0]], &dev)?,
+            &Tensor::new(&case.covariances, &dev)?,
+        )?;
+        let name = case.parameterization.to_string();
+        assert_eq!(
+            mixture.predict(&x)?.to_vec1::<u32>()?,
+            vec![0, 1, 1, 0, 1, 1],
+            "{name}"
+        );
+        let proba = mixture.predict_proba(&x)?.to_vec2::<f64>()?;
+        for (row, expected) in proba.iter().zip(case.proba_1) {
+            close(row[1], expected, &format!("{name} predict_proba"));
+        }
+        let samples = mixture.score_samples(&x)?.to_vec1::<f64>()?;
+        for (got, expected) in samples.iter().zip(case.score_samples) {
+            close(*got, expected, &format!("{name} score_samples"));
+        }
+        close(mixture.score(&x)?, case.score, &format!("{name} score"));
+        close(mixture.bic(&x)?, case.bic, &format!("{name} bic"));
+        close(mixture.aic(&x)?, case.aic, &format!("{name} aic"));
+        assert_eq!(mixture.num_parameters(), case.parameters, "{name}");
+    }
+    Ok(())
+}
+
+/// Two blobs in 2-D, 150 points each, from a fixed seed.
+fn blobs() -> Result<Tensor> {
+    let dev = Device::Cpu;
+    let truth = gauss_layer::GaussLayer::from_covariance(
+        &Tensor::new(&[[-3.0f64, 0.0], [3.0, 1.0]], &dev)?,
+        &Tensor::new(
+            &[[[1.0f64, 0.4], [0.4, 0.8]], [[0.6, 0.0], [0.0, 1.5]]],
+            &dev,
+        )?,
+        GaussLayerConfig::default(),
+    )?;
+    let truth = gauss_layer::GaussianMixture::new(truth, Tensor::zeros(2, DType::F64, &dev)?)?;
+    Ok(truth.sample(
+        300,
+        &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(5),
+    )?)
+}
+
+#[test]
+fn warm_start_and_means_init() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = blobs()?;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+    let mixture = gaussian_mixture(2, 2, GaussLayerConfig::default(), vb)?;
+    let first = mixture.fit(&x, &MixtureFitOptions::default())?;
+    // From the fitted values EM is already at its fixed point: one E-step confirms it.
+    let again = mixture.fit(
+        &x,
+        &MixtureFitOptions {
+            warm_start: true,
+            ..Default::default()
+        },
+    )?;
+    assert!(again.converged && again.kmeans_steps == 0 && again.em_steps <= 2);
+    assert!((again.mean_log_likelihood - first.mean_log_likelihood).abs() < 1e-6);
+
+    // Means near the blobs, given in the other order: component 0 ends on the right blob.
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+    let seeded = gaussian_mixture(2, 2, GaussLayerConfig::default(), vb)?;
+    let fit = seeded.fit(
+        &x,
+        &MixtureFitOptions {
+            means_init: Some(vec![2.0, 0.0, -2.0, 0.0]),
+            ..Default::default()
+        },
+    )?;
+    assert!(fit.converged && fit.kmeans_steps == 0);
+    assert!((fit.mean_log_likelihood - first.mean_log_likelihood).abs() < 1e-4);
+    let means = seeded.means().to_vec2::<f64>()?;
+    assert!(means[0][0] > 2.0 && means[1][0] < -2.0, "{means:?}");
+    let bad = seeded
+        .fit(
+            &x,
+            &MixtureFitOptions {
+                means_init: Some(vec![0.0; 3]),
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(bad.contains("means_init") && bad.contains("got 3"), "{bad}");
+    Ok(())
+}
+
+#[test]
+fn more_components_than_distinct_samples_is_an_error() -> Result<()> {
+    let dev = Device::Cpu;
+    // 40 samples, but only 3 distinct points.
+    let points = [[0.0f64, 1.0], [2.0, -1.0], [5.0, 5.0]];
+    let rows: Vec<f64> = (0..40).flat_map(|i| points[i % 3]).collect();
+    let x = Tensor::from_vec(rows, (40, 2), &dev)?;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+    let mixture = gaussian_mixture(2, 4, GaussLayerConfig::default(), vb)?;
+    let text = mixture
+        .fit(&x, &MixtureFitOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.contains("only 3 distinct samples") && text.contains("4 components"),
+        "{text}"
+    );
+    // Three components fit.
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+    let three = gaussian_mixture(2, 3, GaussLayerConfig::default(), vb)?;
+    three.fit(&x, &MixtureFitOptions::default())?;
+    Ok(())
+}
