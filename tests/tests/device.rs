@@ -134,7 +134,10 @@ fn portable_training_step_reads_back_only_what_it_must() -> Result<()> {
             ..Default::default()
         };
         let varmap = VarMap::new();
-        let net = GaussNet::new(config, VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
+        let net = GaussNet::new(
+            config,
+            VarBuilder::from_varmap(&varmap, DType::F32, &device),
+        )?;
         let mut optimizer = gauss_layer::FusedAdamW::new(
             varmap.all_vars(),
             candle_nn::ParamsAdamW {
@@ -145,14 +148,21 @@ fn portable_training_step_reads_back_only_what_it_must() -> Result<()> {
         let log = HostReadLog::start();
         for _ in 0..2 {
             let logits = net.forward(&x, true)?;
-            let loss = fgn_objective(&logits, &targets, net.layers(), &FgnObjectiveConfig::default())?;
+            let loss = fgn_objective(
+                &logits,
+                &targets,
+                net.layers(),
+                &FgnObjectiveConfig::default(),
+            )?;
             optimizer.backward_step(&loss.total)?;
         }
         let reads = log.reads();
         drop(log);
         let what = parameterization.to_string();
         assert!(
-            reads.iter().all(|r| r.dtype == DType::F32 && r.elements == 1),
+            reads
+                .iter()
+                .all(|r| r.dtype == DType::F32 && r.elements == 1),
             "{what}: reads of more than one f32 scalar: {reads:?}"
         );
         // Two steps, two layers. direct checks positive-definiteness before its λ-loss (one
@@ -229,9 +239,15 @@ fn statements(text: &str) -> Vec<Statement> {
             }
         };
         let starts_item = trimmed.starts_with("#[")
-            || ["fn ", "pub fn ", "pub(crate) fn ", "pub(super) fn ", "async fn "]
-                .iter()
-                .any(|p| trimmed.starts_with(p));
+            || [
+                "fn ",
+                "pub fn ",
+                "pub(crate) fn ",
+                "pub(super) fn ",
+                "async fn ",
+            ]
+            .iter()
+            .any(|p| trimmed.starts_with(p));
         if starts_item {
             current.clear();
         }
@@ -268,7 +284,10 @@ fn statements(text: &str) -> Vec<Statement> {
 fn cpu_device_names(text: &str) -> Vec<String> {
     let mut names = Vec::new();
     let flat: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    for (prefix, suffix) in [("let ", " = Device::Cpu"), ("fn ", "() -> Device { Device::Cpu")] {
+    for (prefix, suffix) in [
+        ("let ", " = Device::Cpu"),
+        ("fn ", "() -> Device { Device::Cpu"),
+    ] {
         for (k, _) in flat.match_indices(suffix) {
             if let Some(start) = flat[..k].rfind(prefix) {
                 let name = flat[start + prefix.len()..k].trim();
@@ -313,7 +332,8 @@ fn sources_cast_to_f64_only_on_the_host() -> Result<()> {
                 continue;
             }
             checked += 1;
-            let above = lines[statement.first_line.saturating_sub(3)..statement.first_line].join(" ");
+            let above =
+                lines[statement.first_line.saturating_sub(3)..statement.first_line].join(" ");
             let waived = lines[statement.first_line.saturating_sub(1)..=statement.last_line]
                 .iter()
                 .any(|l| l.contains("// f64:"));
@@ -360,7 +380,9 @@ fn f64_scan_flags_device_casts_and_accepts_host_ones() {
         let cpu = cpu_device_names(src);
         statements(src)
             .iter()
-            .filter(|s| s.code.contains("F64") && CREATES_OR_CASTS.iter().any(|c| s.code.contains(c)))
+            .filter(|s| {
+                s.code.contains("F64") && CREATES_OR_CASTS.iter().any(|c| s.code.contains(c))
+            })
             .filter(|s| {
                 !(s.code.contains("Device::Cpu")
                     || cpu.iter().any(|n| s.code.contains(&format!("&{n})"))))

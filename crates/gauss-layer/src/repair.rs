@@ -365,12 +365,18 @@ mod tests {
             ..Default::default()
         };
         for raw in [
-            Tensor::new(&[[[2.0f32, 0.0], [0.0, 2.0]], [[1.0, 2.0], [2.0, 1.0]]], &Device::Cpu)
-                .unwrap(),
-            Tensor::new(&[[[2.0f32, 0.0], [0.0, 2.0]], [[1.0, 2.0], [2.0, 1.0]]], &Device::Cpu)
-                .unwrap()
-                .to_dtype(candle_core::DType::F64)
-                .unwrap(),
+            Tensor::new(
+                &[[[2.0f32, 0.0], [0.0, 2.0]], [[1.0, 2.0], [2.0, 1.0]]],
+                &Device::Cpu,
+            )
+            .unwrap(),
+            Tensor::new(
+                &[[[2.0f32, 0.0], [0.0, 2.0]], [[1.0, 2.0], [2.0, 1.0]]],
+                &Device::Cpu,
+            )
+            .unwrap()
+            .to_dtype(candle_core::DType::F64)
+            .unwrap(),
         ] {
             let precision = Precision::from_raw(raw, 2, &config).unwrap();
             match ensure_positive_definite(&precision) {

@@ -113,7 +113,11 @@ impl LambdaLoss {
     ///
     /// # Errors
     /// As [`LambdaLoss::per_neuron`]; an invalid estimator.
-    pub fn per_neuron_with(self, precision: &Precision, estimator: TraceEstimator) -> Result<Tensor> {
+    pub fn per_neuron_with(
+        self,
+        precision: &Precision,
+        estimator: TraceEstimator,
+    ) -> Result<Tensor> {
         estimator.validate()?;
         ensure_positive_definite(precision)?;
         let d = precision.dim() as f64;

@@ -217,9 +217,9 @@ fn train(args: TrainArgs) -> Result<Value> {
         probes => TraceEstimator::Hutchinson { probes },
     };
     let mut rng = StdRng::seed_from_u64(args.seed);
-    let precision_lr_scale = args.precision_lr_scale.unwrap_or_else(|| {
-        train::precision_lr_scale(parameterization, data.train.features())
-    });
+    let precision_lr_scale = args
+        .precision_lr_scale
+        .unwrap_or_else(|| train::precision_lr_scale(parameterization, data.train.features()));
     validate::finite_positive("--precision-lr-scale", precision_lr_scale)?;
     let schedule = Schedule {
         epochs,

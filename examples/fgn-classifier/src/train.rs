@@ -90,7 +90,8 @@ impl FgnOptimizer {
             .iter()
             .enumerate()
             .map(|(i, layer)| {
-                let name = gauss_layer::Precision::tensor_name(layer.precision().parameterization());
+                let name =
+                    gauss_layer::Precision::tensor_name(layer.precision().parameterization());
                 format!("layers.{i}.{name}")
             })
             .collect();

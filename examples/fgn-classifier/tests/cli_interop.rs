@@ -151,6 +151,7 @@ fn predict_errors(
     } else {
         DType::F32
     };
+    // f64: the CLI tests read the binary's outputs on the CPU.
     let f64_of = |t: &Tensor| t.to_dtype(DType::F64);
     let out = y.get("output").context("output")?;
     assert_eq!(out.dtype(), dtype);
@@ -427,6 +428,7 @@ fn predict_applies_the_input_scale_a_trained_checkpoint_records() -> Result<()> 
     assert_eq!(json["input_scale"], 16.0);
     assert_eq!(json["rows"], 3);
     let y = candle_core::safetensors::load(&output, &Device::Cpu)?;
+    // f64: the CLI tests read the binary's outputs on the CPU.
     let expected = net.forward(&(x.to_dtype(DType::F64)? / 16.0)?, false)?;
     let err = relative_error(y.get("output").context("output")?, &expected)?;
     assert!(err < 1e-12, "{err:e}");

@@ -72,6 +72,7 @@ fn progress_bar(steps: usize) -> ProgressBar {
 pub fn fit(x: &Tensor, device: &Device, options: &FitOptions) -> Result<Fitted> {
     let d = x.dim(1)?;
     let varmap = VarMap::new();
+    // f64: fit-gaussian runs on the CPU (`main` fixes the device), in f64 like the closed-form MLE.
     let vb = VarBuilder::from_varmap(&varmap, DType::F64, device);
     let config = GaussNetConfig {
         in_features: d,

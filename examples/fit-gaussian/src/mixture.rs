@@ -64,6 +64,7 @@ pub fn run(x: &Tensor, source: &str, args: &MixtureArgs) -> Result<Value> {
     let (n, d) = x.dims2()?;
     let started = Instant::now();
     let varmap = VarMap::new();
+    // f64: fit-gaussian runs on the CPU (`main` fixes the device), in f64 like scikit-learn.
     let vb = VarBuilder::from_varmap(&varmap, DType::F64, x.device());
     let config = GaussLayerConfig {
         parameterization: args.parameterization,
@@ -122,6 +123,7 @@ fn relative_factor_diag_floor(x: &Tensor) -> Result<f64> {
         .sqr()?
         .mean(0)?
         .max(0)?
+        .to_device(&Device::Cpu)?
         .to_dtype(DType::F64)?
         .to_scalar::<f64>()?;
     let std = largest_variance.sqrt();

@@ -5,7 +5,7 @@
 //! (`log_prob`); SciPy is within 1.5e-11 of mpmath there. f64, 1e-9 relative per entry.
 
 use anyhow::Result;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use gauss_layer::{GaussLayer, GaussLayerConfig, Parameterization};
 
 use crate::common::{get, load};
@@ -109,7 +109,7 @@ fn log_prob_of_diagonal_forms_is_a_sum_of_one_dimensional_normals() -> Result<()
     assert!(err < 1e-12, "diag: {err:e}");
 
     // Sphere: every variance 2.5.
-    let eye = (Tensor::eye(16, DType::F64, x.device())?
+    let eye = (Tensor::eye(16, x.dtype(), x.device())?
         .unsqueeze(0)?
         .repeat((2, 1, 1))?
         * 2.5)?;

@@ -109,7 +109,10 @@ fn assert_finite_layer(config: &GaussLayerConfig, raw: Tensor, what: &str) -> Re
     let dtype = raw.dtype();
     let var = Var::from_tensor(&raw)?;
     let precision = Precision::from_raw(var.as_tensor().clone(), D, config)?;
-    let p = precision.precision_matrix()?.to_dtype(DType::F64)?;
+    let p = precision
+        .precision_matrix()?
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?;
     let p_max = p.abs()?.max_all()?.to_scalar::<f64>()?;
     assert!(p_max.is_finite(), "{what}: P is not finite ({p_max})");
     let weight = Tensor::ones((Z, D), dtype, &Device::Cpu)?;
@@ -120,7 +123,11 @@ fn assert_finite_layer(config: &GaussLayerConfig, raw: Tensor, what: &str) -> Re
         &Tensor::new(&[[0.0f64; D], [1.0; D], [0.5, -0.25, 2.0]], &Device::Cpu)?.to_dtype(dtype)?,
     )?;
     let y = layer.forward(x.as_tensor())?;
-    let values = y.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let values = y
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
     assert!(
         values.iter().all(|v| v.is_finite()),
         "{what}: outputs {values:?}"
@@ -128,7 +135,11 @@ fn assert_finite_layer(config: &GaussLayerConfig, raw: Tensor, what: &str) -> Re
     let grads = y.sum_all()?.backward()?;
     for (name, v) in [("raw", &var), ("x", &x)] {
         if let Some(g) = grads.get(v) {
-            let g = g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            let g = g
+                .to_device(&Device::Cpu)?
+                .to_dtype(DType::F64)?
+                .flatten_all()?
+                .to_vec1::<f64>()?;
             assert!(
                 g.iter().all(|v| v.is_finite()),
                 "{what}: gradient of {name} {g:?}"

@@ -172,7 +172,8 @@ pub(crate) fn expm_without_reads(symmetric: &Tensor) -> Result<Tensor> {
         .affine(1.0 / std::f64::consts::LN_2, 0.0)?
         .ceil()?
         .clamp(0.0, max_squarings as f64)?;
-    let scaled = centered.broadcast_mul(&(squarings.affine(-std::f64::consts::LN_2, 0.0)?.exp()?))?;
+    let scaled =
+        centered.broadcast_mul(&(squarings.affine(-std::f64::consts::LN_2, 0.0)?.exp()?))?;
     let degree = taylor_degree(EXPM_MAX_SCALED_NORM, unit_roundoff(dtype));
     let mut acc = taylor_polynomial(&scaled, degree, &eye)?;
     for step in 0..max_squarings {
@@ -375,7 +376,10 @@ mod tests {
         let eye = Tensor::eye(d, DType::F64, &Device::Cpu).unwrap();
         for (scale, shift) in [(0.05, 0.0), (1.5, -3.0), (20.0, 1.0), (60.0, -2.0)] {
             let m = ((symmetrize(&noise).unwrap() * scale).unwrap()
-                + (eye.clone() * shift).unwrap().broadcast_as((3, d, d)).unwrap())
+                + (eye.clone() * shift)
+                    .unwrap()
+                    .broadcast_as((3, d, d))
+                    .unwrap())
             .unwrap();
             // f64: a unit test on Device::Cpu (the matrices above are built there)
             for dtype in [DType::F64, DType::F32] {
@@ -386,7 +390,10 @@ mod tests {
                 assert!(log.reads().is_empty(), "{:?}", log.reads());
                 let rel = max_abs_diff(&ours, &expected) / max_abs(&expected).unwrap();
                 let tolerance = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
-                assert!(rel < tolerance, "{dtype:?} scale {scale}: relative error {rel}");
+                assert!(
+                    rel < tolerance,
+                    "{dtype:?} scale {scale}: relative error {rel}"
+                );
             }
         }
         // Beyond the squaring range, and NaN input: NaN, not a wrong matrix.

@@ -21,8 +21,8 @@ pub(crate) mod host;
 mod host_reads;
 
 pub use expm::{expm_symmetric, trace_expm_symmetric};
-pub use host_reads::{HostRead, HostReadLog};
 pub(crate) use host_reads::record as record_host_read;
+pub use host_reads::{HostRead, HostReadLog};
 
 /// A 0-dimensional tensor's value on the host, read in its own dtype (no cast to f64 on the
 /// device: Metal has no f64) and widened to f64 on the host.

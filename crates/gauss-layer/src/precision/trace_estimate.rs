@@ -34,7 +34,13 @@ pub(crate) struct TraceCovarianceEstimate {
 }
 
 /// `(L, W = L⁻¹V)` of one neuron, row-major in f64 (L: d × d, W: d × k).
-fn solve(map: TraceCovarianceEstimate, raw: &[f64], probes: &[f64], d: usize, k: usize) -> (Vec<f64>, Vec<f64>) {
+fn solve(
+    map: TraceCovarianceEstimate,
+    raw: &[f64],
+    probes: &[f64],
+    d: usize,
+    k: usize,
+) -> (Vec<f64>, Vec<f64>) {
     let mut lower = vec![0f64; d * d];
     for i in 0..d {
         lower[i * d..i * d + i].copy_from_slice(&raw[i * d..i * d + i]);
@@ -50,7 +56,13 @@ fn solve(map: TraceCovarianceEstimate, raw: &[f64], probes: &[f64], d: usize, k:
 }
 
 /// The gradient of `‖L⁻¹V‖²/k` with respect to the raw block (row-major d × d).
-fn gradient(map: TraceCovarianceEstimate, raw: &[f64], probes: &[f64], d: usize, k: usize) -> Vec<f64> {
+fn gradient(
+    map: TraceCovarianceEstimate,
+    raw: &[f64],
+    probes: &[f64],
+    d: usize,
+    k: usize,
+) -> Vec<f64> {
     let (lower, w) = solve(map, raw, probes, d, k);
     // Y = L⁻ᵀ W: Lᵀ is upper triangular (the transpose view of the row-major L).
     let mut y = w.clone();
@@ -327,9 +339,19 @@ mod tests {
         // of the exact trace; the standard error is measured from the same draws.
         let config = config();
         let precision = Precision::from_raw(raw(1), 8, &config).unwrap();
-        let exact = precision.trace_covariance().unwrap().to_vec1::<f64>().unwrap()[0];
+        let exact = precision
+            .trace_covariance()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()[0];
         let draws: Vec<f64> = (0..400)
-            .map(|_| precision.trace_covariance_estimate(5).unwrap().to_vec1::<f64>().unwrap()[0])
+            .map(|_| {
+                precision
+                    .trace_covariance_estimate(5)
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()[0]
+            })
             .collect();
         let n = draws.len() as f64;
         let mean = draws.iter().sum::<f64>() / n;
