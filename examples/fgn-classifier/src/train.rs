@@ -322,3 +322,37 @@ pub fn train_fgn(
     bar.finish();
     Ok((net, varmap, fit_seconds))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_loss_is_the_mean_and_refuses_nan() {
+        let mut running = RunningLoss::default();
+        for v in [1.0f32, 2.0, 4.5] {
+            running.add(&Tensor::new(v, &Device::Cpu).unwrap()).unwrap();
+        }
+        assert_eq!(running.mean("loss", 1e-2).unwrap(), 2.5);
+        running
+            .add(&Tensor::new(f32::NAN, &Device::Cpu).unwrap())
+            .unwrap();
+        let err = running.mean("loss", 1e-2).unwrap_err().to_string();
+        assert!(err.contains("diverged") && err.contains("1e-2"), "{err}");
+        assert_eq!(RunningLoss::default().mean("loss", 1e-2).unwrap(), 0.0);
+    }
+
+    #[test]
+    fn precision_learning_rate_scales_for_wide_full_forms_only() {
+        // (64/d)^1.5: 1 at the digits' 64 inputs, (64/784)^1.5 = 0.02332 on MNIST.
+        assert_eq!(precision_lr_scale(Parameterization::Cholesky, 64), 1.0);
+        assert_eq!(precision_lr_scale(Parameterization::Cholesky, 16), 1.0);
+        let mnist = precision_lr_scale(Parameterization::Direct, 784);
+        assert!((mnist - (64.0f64 / 784.0).powf(1.5)).abs() < 1e-15 && mnist < 0.0234);
+        assert_eq!(precision_lr_scale(Parameterization::Diag, 784), 1.0);
+        assert_eq!(
+            precision_lr_scale(Parameterization::LowRank { rank: 4 }, 784),
+            1.0
+        );
+    }
+}

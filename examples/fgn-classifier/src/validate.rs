@@ -137,7 +137,7 @@ pub fn finite_network(net: &GaussNet, lr: f64) -> Result<()> {
     let tensors = net.named_tensors();
     let mut probe: Option<Tensor> = None;
     for (_, tensor) in &tensors {
-        let zero = (tensor - tensor)?.sum_all()?.to_dtype(DType::F32)?;
+        let zero = tensor.sub(tensor)?.sum_all()?.to_dtype(DType::F32)?;
         probe = Some(match probe {
             Some(sum) => (sum + zero)?,
             None => zero,
@@ -234,6 +234,44 @@ mod tests {
             .to_string();
         assert!(e.contains("is a directory"), "{e}");
         writable_output(&std::env::temp_dir().join("net.safetensors")).unwrap();
+    }
+
+    #[test]
+    fn a_non_finite_parameter_is_named_and_a_finite_network_passes() {
+        use candle_nn::{VarBuilder, VarMap};
+        use gauss_layer::GaussNetConfig;
+        let varmap = VarMap::new();
+        let config = GaussNetConfig {
+            in_features: 3,
+            hidden: vec![4],
+            out_features: 2,
+            ..Default::default()
+        };
+        let net = GaussNet::new(
+            config,
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        finite_network(&net, 1e-2).unwrap();
+        // A huge but finite value is still finite (t − t is 0, not NaN).
+        let (name, center) = net
+            .named_tensors()
+            .into_iter()
+            .find(|(n, _)| n.ends_with("center"))
+            .unwrap();
+        let var = varmap.data().lock().unwrap().get(&name).unwrap().clone();
+        let shape = center.dims().to_vec();
+        let mut values = vec![1e30f32; center.elem_count()];
+        var.set(&Tensor::from_vec(values.clone(), shape.as_slice(), &Device::Cpu).unwrap())
+            .unwrap();
+        finite_network(&net, 1e-2).unwrap();
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            values[1] = bad;
+            var.set(&Tensor::from_vec(values.clone(), shape.as_slice(), &Device::Cpu).unwrap())
+                .unwrap();
+            let err = finite_network(&net, 1e-2).unwrap_err().to_string();
+            assert!(err.contains(&name) && err.contains("diverged"), "{err}");
+        }
     }
 
     #[test]
