@@ -277,3 +277,56 @@ fn lambda_over_layers_pools_neurons() -> Result<()> {
     assert!("volume".parse::<LambdaLoss>().is_err());
     Ok(())
 }
+
+/// The Hutchinson trace estimate through the λ-loss, on every device: its mean over many
+/// draws is the closed-form `tr P⁻¹/d` (host inverse) within 5 standard errors, each draw is
+/// finite and differentiable, and an estimator without probes is refused.
+fn lambda_trace_estimate_is_unbiased(device: &Device) -> Result<()> {
+    use gauss_losses::TraceEstimator;
+    let ps = random_spd(5, 2, 6);
+    let expected = expected_value(LambdaLoss::TraceCovariance, &ps);
+    for dtype in gauss_layer::testing::float_dtypes(device) {
+        let config = config(Parameterization::Cholesky);
+        let portable = GaussLayerConfig {
+            portable: true,
+            ..config.clone()
+        };
+        for config in [config, portable] {
+            let p = to_tensor(&ps)?.to_dtype(dtype)?.to_device(device)?;
+            let precision = Precision::from_precision_matrix(&p, &config)?;
+            let raw = Var::from_tensor(precision.raw())?;
+            let precision = precision.with_raw(raw.as_tensor().clone())?;
+            let estimator = TraceEstimator::Hutchinson { probes: 4 };
+            let draws: Vec<f64> = (0..300)
+                .map(|_| -> Result<f64> {
+                    let value = LambdaLoss::TraceCovariance
+                        .per_neuron_with(&precision, estimator)?
+                        .mean_all()?;
+                    Ok(value
+                        .to_device(&Device::Cpu)?
+                        .to_dtype(DType::F64)?
+                        .to_scalar::<f64>()?)
+                })
+                .collect::<Result<_>>()?;
+            let n = draws.len() as f64;
+            let mean = draws.iter().sum::<f64>() / n;
+            let sd = (draws.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+            let what = format!("{dtype:?} portable={}", config.portable);
+            assert!(sd > 0.0, "{what}: the draws do not vary");
+            assert!(
+                (mean - expected).abs() < 5.0 * sd / n.sqrt(),
+                "{what}: mean {mean} vs {expected} (sd {sd})"
+            );
+            let loss = LambdaLoss::TraceCovariance
+                .per_neuron_with(&precision, estimator)?
+                .mean_all()?;
+            let grads = loss.backward()?;
+            assert!(grads.get(raw.as_tensor()).is_some(), "{what}: no gradient");
+            assert!(LambdaLoss::TraceCovariance
+                .per_neuron_with(&precision, TraceEstimator::Hutchinson { probes: 0 })
+                .is_err());
+        }
+    }
+    Ok(())
+}
+gauss_layer::test_device!(lambda_trace_estimate_is_unbiased);
