@@ -120,3 +120,41 @@ fn metadata_and_dtype_conversion() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// A checkpoint saved from the CPU loads onto every enabled device and runs there: the same
+/// outputs as on the CPU to the dtype's tolerance (bit-identical on the CPU itself); an f64
+/// checkpoint with no dtype asked for keeps f64 where the device has it and runs in f32 on
+/// Metal (`checkpoint::default_load_dtype`).
+fn checkpoint_loads_and_runs_on_the_device(device: &Device) -> Result<()> {
+    let dir = temp_dir("ckpt-device")?;
+    let x = Tensor::randn(0f32, 1.0, (9, 5), &Device::Cpu)?;
+    for config in configs() {
+        let name = config.layer.parameterization.name();
+        for dtype in [DType::F32, DType::F64] {
+            let (net, _vars) = new_net(config.clone(), dtype)?;
+            let x = x.to_dtype(dtype)?;
+            net.forward(&x, true)?;
+            let expected = net.forward(&x, false)?;
+            let path = dir.join(format!("{name}-{}.safetensors", dtype.as_str()));
+            net.save(&path)?;
+            let loaded = checkpoint::load(&path, device, None)?;
+            assert_eq!(loaded.stored_dtype, dtype);
+            let running = checkpoint::default_load_dtype(dtype, device);
+            let layer_dtype = loaded.net.layers()[0].center().dtype();
+            assert_eq!(layer_dtype, running, "{name}: loaded dtype");
+            let y = loaded
+                .net
+                .forward(&x.to_dtype(running)?.to_device(device)?, false)?;
+            let err = gauss_layer::testing::relative_error(&y, &expected)?;
+            let tolerance = if device.is_cpu() {
+                0.0
+            } else {
+                gauss_layer::testing::tolerance(running)
+            };
+            assert!(err <= tolerance, "{name} {dtype:?}: relative error {err:e}");
+        }
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+gauss_layer::test_device!(checkpoint_loads_and_runs_on_the_device);
