@@ -110,6 +110,17 @@ fn write_outputs(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
 pub fn predict(args: PredictArgs) -> Result<Value> {
     crate::interop::check_out_dir(&args.output)?;
     let device = crate::device(args.device)?;
+    if crate::cnn::is_cnn_checkpoint(&args.checkpoint)? {
+        let (tensors, mut summary) = crate::cnn_cli::predict(
+            &args.checkpoint,
+            &args.input,
+            &device,
+            args.dtype.map(DType::from),
+        )?;
+        write_outputs(&args.output, &tensors)?;
+        summary["output"] = json!(args.output.display().to_string());
+        return Ok(summary);
+    }
     let loaded = checkpoint::load(&args.checkpoint, &device, args.dtype.map(DType::from))?;
     let net = &loaded.net;
     let input_scale: f64 = match loaded.user_metadata.get("input_scale") {
