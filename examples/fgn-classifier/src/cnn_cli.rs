@@ -30,6 +30,8 @@ pub struct CnnRun<'a> {
     pub features: usize,
     pub activation: Activation,
     pub tied_bias: bool,
+    pub feature_batch_norm: bool,
+    pub head_lr: f64,
     pub lambda_sigma: f64,
     pub lambda_l2: f64,
     pub schedule: Schedule,
@@ -59,6 +61,8 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
     out.insert("epochs".into(), json!(run.schedule.epochs));
     out.insert("learning_rate".into(), json!(run.schedule.learning_rate));
     out.insert("lambda_sigma".into(), json!(run.lambda_sigma));
+    out.insert("head_learning_rate".into(), json!(run.head_lr));
+    out.insert("feature_batch_norm".into(), json!(run.feature_batch_norm));
     out.insert("trunk".into(), serde_json::to_value(&trunk)?);
     out.insert("seed".into(), json!(run.seed));
     let mut fit_seconds = 0.0;
@@ -103,6 +107,7 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
                 ..Default::default()
             }),
             gate: true,
+            input_batch_norm: run.feature_batch_norm,
             ..Default::default()
         };
         let objective = FgnObjectiveConfig {
@@ -116,6 +121,7 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
             &objective,
             &set.train,
             &run.schedule,
+            run.head_lr,
             &mut rng,
             device,
         )?;

@@ -34,14 +34,15 @@ fn batch(split: &Split, index: &[u32], device: &Device) -> Result<(Tensor, Tenso
 }
 
 /// Runs `schedule.epochs` epochs of `step` (which returns the batch loss) with a cosine
-/// decay of the learning rate; returns the seconds the epochs took.
+/// decay of every optimizer's learning rate (each from its own starting rate); returns the
+/// seconds the epochs took.
 fn fit(
     label: &str,
     train: &Split,
     schedule: &Schedule,
     rng: &mut StdRng,
     device: &Device,
-    opt: &mut FusedAdamW,
+    opts: &mut [(FusedAdamW, f64)],
     mut step: impl FnMut(&Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<f64> {
     let steps_per_epoch = train.len().div_ceil(schedule.batch_size.max(1));
@@ -54,12 +55,14 @@ fn fit(
         let count = batches.len();
         for index in batches {
             let progress = t as f64 / total as f64;
-            opt.set_learning_rate(
-                schedule.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
-            );
+            let decay = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
             let (x, y) = batch(train, &index, device)?;
             let loss = step(&x, &y)?;
-            opt.backward_step(&loss)?;
+            let grads = loss.backward()?;
+            for (opt, lr) in opts.iter_mut() {
+                opt.set_learning_rate(*lr * decay);
+                opt.step(&grads)?;
+            }
             sum = (sum + loss.detach().to_dtype(DType::F32)?)?;
             t += 1;
         }
@@ -109,8 +112,8 @@ pub fn train_classical(
     let model = CnnClassical { trunk, head };
     let mut vars = trunk_vars.all_vars();
     vars.extend(head_vars.all_vars());
-    let mut opt = adam(vars, schedule.learning_rate)?;
-    let seconds = fit("classical cnn", train, schedule, rng, device, &mut opt, |x, y| {
+    let mut opts = [(adam(vars, schedule.learning_rate)?, schedule.learning_rate)];
+    let seconds = fit("classical cnn", train, schedule, rng, device, &mut opts, |x, y| {
         let logits = crate::evaluate::Classifier::logits(&model, x)?;
         Ok(candle_nn::loss::cross_entropy(&logits, y)?)
     })?;
@@ -119,13 +122,17 @@ pub fn train_classical(
 
 /// Trains the trunk under a `GaussNet` (`config.in_features` = the trunk's features) with
 /// the FGN objective. The first Gaussian layer's centers start on the (initial) trunk
-/// features of random training images, where the data is.
+/// features of random training images, where the data is. The Gaussian layers learn at
+/// `head_lr` (their precisions and centers move with the step size, as in the MLP), the
+/// trunk at `schedule.learning_rate`.
+#[allow(clippy::too_many_arguments)]
 pub fn train_fgn(
     trunk_config: TrunkConfig,
     config: GaussNetConfig,
     objective: &FgnObjectiveConfig,
     train: &Split,
     schedule: &Schedule,
+    head_lr: f64,
     rng: &mut StdRng,
     device: &Device,
 ) -> Result<(CnnFgn, f64)> {
@@ -145,14 +152,25 @@ pub fn train_fgn(
             .map(|_| rng.random_range(0..train.len() as u32))
             .collect();
         let (x, _) = batch(train, &picks, device)?;
-        let centers = trunk.forward(&x)?.detach();
+        let mut centers = trunk.forward(&x)?.detach();
+        if net.input_norm().is_some() {
+            // The Gaussians read batch-normed features: start them on standardized ones.
+            let mean = centers.mean_keepdim(0)?;
+            let centered = centers.broadcast_sub(&mean)?;
+            let std = (centered.sqr()?.mean_keepdim(0)? + 1e-5)?.sqrt()?;
+            centers = centered.broadcast_div(&std)?;
+        }
         net_vars.set_one("layers.0.center", centers)?;
     }
     let model = CnnFgn { trunk, net };
-    let mut vars = trunk_vars.all_vars();
-    vars.extend(net_vars.all_vars());
-    let mut opt = adam(vars, schedule.learning_rate)?;
-    let seconds = fit("fgn cnn", train, schedule, rng, device, &mut opt, |x, y| {
+    let mut opts = [
+        (
+            adam(trunk_vars.all_vars(), schedule.learning_rate)?,
+            schedule.learning_rate,
+        ),
+        (adam(net_vars.all_vars(), head_lr)?, head_lr),
+    ];
+    let seconds = fit("fgn cnn", train, schedule, rng, device, &mut opts, |x, y| {
         let features = model.trunk.forward(x)?;
         let logits = model.net.forward(&features, true)?;
         Ok(fgn_objective(&logits, y, model.net.layers(), objective)?.total)

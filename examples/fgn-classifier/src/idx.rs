@@ -281,8 +281,8 @@ pub mod tests {
             assert_eq!((data.height, data.width, data.set.classes), (4, 3, 3));
             let images = data.set.train.images.to_vec2::<f32>().unwrap();
             assert_eq!(images.len(), 5);
-            // Pixel 7 of image 2 is (2·12 + 7) = 31, divided by 255.
-            assert_eq!(images[2][7], 31.0 / 255.0);
+            // Pixel 7 of image 2 is (2·12 + 7) = 31, divided by 255 (in f32).
+            assert!((images[2][7] - 31.0 / 255.0).abs() < 1e-7);
             assert_eq!(
                 data.set.test.labels.to_vec1::<u32>().unwrap(),
                 vec![0, 1, 2, 0, 1]

@@ -129,7 +129,7 @@ struct TrainArgs {
     #[arg(long, value_enum, default_value = "mlp")]
     arch: Arch,
     /// Channels of the CNN trunk's conv blocks (3×3 conv, ReLU, 2×2 max-pool each).
-    #[arg(long, default_values_t = vec![32, 64])]
+    #[arg(long, default_values_t = vec![16, 32])]
     channels: Vec<usize>,
     /// Features the CNN trunk hands to the head.
     #[arg(long, default_value_t = 64)]
@@ -142,6 +142,14 @@ struct TrainArgs {
     /// Tied bias (b = −W·c) in the CNN FGN's Gaussian layers.
     #[arg(long)]
     tied_bias: bool,
+    /// Batch norm of the CNN trunk's features before the Gaussian layers (the `GaussNet`'s
+    /// `input_batch_norm`): the trunk cannot grow its features' scale to sharpen the logits
+    /// instead of placing them near the Gaussians (README, "Out of distribution").
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    feature_batch_norm: bool,
+    /// Adam learning rate of the CNN FGN's Gaussian layers (the trunk uses --lr).
+    #[arg(long, default_value_t = 1e-2)]
+    head_lr: f64,
     /// Out-of-distribution sets to score after training (repeatable): an IDX directory,
     /// or `noise`, `shuffled`, `inverted`.
     #[arg(long, value_parser = ood::OodSource::parse)]
@@ -255,6 +263,8 @@ fn train(args: TrainArgs) -> Result<Value> {
                 features: args.features,
                 activation: args.feature_activation,
                 tied_bias: args.tied_bias,
+                feature_batch_norm: args.feature_batch_norm,
+                head_lr: args.head_lr,
                 lambda_sigma: args
                     .lambda_sigma
                     .unwrap_or_else(|| default_lambda_sigma(args.features)),
