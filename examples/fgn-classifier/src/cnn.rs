@@ -137,7 +137,12 @@ pub struct Trunk {
 impl Trunk {
     /// Builds the trunk from `varmap` (names of [`TrunkConfig::tensor_shapes`]); a variable
     /// missing there is created with candle-nn's own initialization.
-    pub fn new(config: TrunkConfig, varmap: &VarMap, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        config: TrunkConfig,
+        varmap: &VarMap,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         config.validate()?;
         let vb = VarBuilder::from_varmap(varmap, dtype, device);
         let conv = Conv2dConfig {
@@ -147,7 +152,13 @@ impl Trunk {
         let mut convs = Vec::new();
         let mut c_in = 1;
         for (i, &c) in config.channels.iter().enumerate() {
-            convs.push(candle_nn::conv2d(c_in, c, 3, conv, vb.pp(format!("conv{i}")))?);
+            convs.push(candle_nn::conv2d(
+                c_in,
+                c,
+                3,
+                conv,
+                vb.pp(format!("conv{i}")),
+            )?);
             c_in = c;
         }
         let fc = candle_nn::linear(config.flat(), config.features, vb.pp("fc"))?;
@@ -223,12 +234,18 @@ impl Trunk {
     fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         for (i, conv) in self.convs.iter().enumerate() {
-            out.push((format!("{TENSOR_PREFIX}conv{i}.weight"), conv.weight().clone()));
+            out.push((
+                format!("{TENSOR_PREFIX}conv{i}.weight"),
+                conv.weight().clone(),
+            ));
             if let Some(b) = conv.bias() {
                 out.push((format!("{TENSOR_PREFIX}conv{i}.bias"), b.clone()));
             }
         }
-        out.push((format!("{TENSOR_PREFIX}fc.weight"), self.fc.weight().clone()));
+        out.push((
+            format!("{TENSOR_PREFIX}fc.weight"),
+            self.fc.weight().clone(),
+        ));
         if let Some(b) = self.fc.bias() {
             out.push((format!("{TENSOR_PREFIX}fc.bias"), b.clone()));
         }
@@ -320,7 +337,10 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn save(model: &CnnFgn, path: &Path, meta: &BTreeMap<String, String>) -> Result<()> {
     let mut meta = meta.clone();
     meta.insert("arch".into(), "cnn".into());
-    meta.insert(TRUNK_KEY.into(), serde_json::to_string(model.trunk.config())?);
+    meta.insert(
+        TRUNK_KEY.into(),
+        serde_json::to_string(model.trunk.config())?,
+    );
     // The library writes the Gaussian part (its format, metadata and config) to a scratch
     // file, which is read back and completed with the trunk.
     let scratch = std::env::temp_dir().join(format!(
@@ -346,7 +366,10 @@ pub fn save(model: &CnnFgn, path: &Path, meta: &BTreeMap<String, String>) -> Res
         .map(|l| l.center().dtype())
         .context("the network has no layers")?;
     for (name, t) in model.trunk.named_tensors() {
-        tensors.insert(name, t.to_dtype(dtype)?.to_device(&Device::Cpu)?.contiguous()?);
+        tensors.insert(
+            name,
+            t.to_dtype(dtype)?.to_device(&Device::Cpu)?.contiguous()?,
+        );
     }
     let out = safetensors::tensor::serialize(&tensors, metadata)?;
     write_atomically(path, &out)
@@ -377,7 +400,9 @@ pub fn load(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Loaded
     let metadata = header.metadata().clone().unwrap_or_default();
     let trunk_json = metadata
         .get(&format!("user.{TRUNK_KEY}"))
-        .with_context(|| format!("{origin}: metadata `user.{TRUNK_KEY}` is missing (not a CNN checkpoint)"))?;
+        .with_context(|| {
+            format!("{origin}: metadata `user.{TRUNK_KEY}` is missing (not a CNN checkpoint)")
+        })?;
     let config: TrunkConfig = serde_json::from_str(trunk_json)
         .with_context(|| format!("{origin}: metadata `user.{TRUNK_KEY}` is not a trunk config"))?;
     config
@@ -438,7 +463,10 @@ pub fn load(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Loaded
             );
             let values = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
             if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                bail!("{origin}: tensor `{full}` holds {} at element {i}", values[i]);
+                bail!(
+                    "{origin}: tensor `{full}` holds {} at element {i}",
+                    values[i]
+                );
             }
             let t = t.to_dtype(run_dtype)?.to_device(device)?;
             data.insert(name.clone(), Var::from_tensor(&t)?);
@@ -496,7 +524,10 @@ mod tests {
     }
 
     fn temp(name: &str) -> std::path::PathBuf {
-        std::env::temp_dir().join(format!("fgn-cnn-test-{name}-{}.safetensors", std::process::id()))
+        std::env::temp_dir().join(format!(
+            "fgn-cnn-test-{name}-{}.safetensors",
+            std::process::id()
+        ))
     }
 
     #[test]
@@ -521,7 +552,10 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert_eq!(loaded.user_metadata["input_scale"], "255");
         assert_eq!(loaded.model.trunk.config(), model.trunk.config());
-        assert_eq!(loaded.model.logits(&x).unwrap().to_vec2::<f32>().unwrap(), before);
+        assert_eq!(
+            loaded.model.logits(&x).unwrap().to_vec2::<f32>().unwrap(),
+            before
+        );
     }
 
     /// Rewrites the saved checkpoint with `edit` applied to its tensors and metadata.
@@ -537,8 +571,11 @@ mod tests {
         let mut meta = header.metadata().clone().unwrap();
         let mut tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
         edit(&mut tensors, &mut meta);
-        std::fs::write(&path, safetensors::tensor::serialize(&tensors, Some(meta)).unwrap())
-            .unwrap();
+        std::fs::write(
+            &path,
+            safetensors::tensor::serialize(&tensors, Some(meta)).unwrap(),
+        )
+        .unwrap();
         let error = format!("{:#}", load(&path, &Device::Cpu, None).err().unwrap());
         std::fs::remove_file(&path).unwrap();
         error
@@ -551,11 +588,17 @@ mod tests {
         });
         assert!(e.contains("`trunk.conv1.bias` is missing"), "{e}");
         let e = damaged("extra", |t, _| {
-            t.insert("trunk.conv9.weight".into(), Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap());
+            t.insert(
+                "trunk.conv9.weight".into(),
+                Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
+            );
         });
         assert!(e.contains("unexpected tensor `trunk.conv9.weight`"), "{e}");
         let e = damaged("shape", |t, _| {
-            t.insert("trunk.fc.bias".into(), Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap());
+            t.insert(
+                "trunk.fc.bias".into(),
+                Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap(),
+            );
         });
         assert!(e.contains("`trunk.fc.bias` has shape [5]"), "{e}");
         let e = damaged("dtype", |t, _| {
@@ -567,7 +610,10 @@ mod tests {
             let w = Tensor::new(&[f32::NAN, 0.0, 0.0], &Device::Cpu).unwrap();
             t.insert("trunk.conv1.bias".into(), w);
         });
-        assert!(e.contains("`trunk.conv1.bias` holds NaN at element 0"), "{e}");
+        assert!(
+            e.contains("`trunk.conv1.bias` holds NaN at element 0"),
+            "{e}"
+        );
         let e = damaged("unknown-field", |_, m| {
             let c = m["user.trunk"].replace("\"height\"", "\"depth\":1,\"height\"");
             m.insert("user.trunk".into(), c);

@@ -198,7 +198,10 @@ pub fn predict(
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .with_context(|| format!("{} is not a readable safetensors file", input.display()))?;
     let Some(x) = tensors.get("x") else {
-        bail!("{}: no tensor `x`; predict reads the inputs from `x`", input.display());
+        bail!(
+            "{}: no tensor `x`; predict reads the inputs from `x`",
+            input.display()
+        );
     };
     let (h, w) = (model.trunk.config().height, model.trunk.config().width);
     let shape_ok = match x.dims() {
@@ -218,13 +221,23 @@ pub fn predict(
         x.dtype(),
         DType::F16 | DType::BF16 | DType::F32 | DType::F64 | DType::U8 | DType::U32 | DType::I64
     ) {
-        bail!("{}: `x` has dtype {:?}; expected a float or integer tensor", input.display(), x.dtype());
+        bail!(
+            "{}: `x` has dtype {:?}; expected a float or integer tensor",
+            input.display(),
+            x.dtype()
+        );
     }
     let values = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        bail!("{}: `x` holds {} at element {i}", input.display(), values[i]);
+        bail!(
+            "{}: `x` holds {} at element {i}",
+            input.display(),
+            values[i]
+        );
     }
-    let x = (x.to_dtype(DType::F64)? / scale)?.to_dtype(run_dtype)?.to_device(device)?;
+    let x = (x.to_dtype(DType::F64)? / scale)?
+        .to_dtype(run_dtype)?
+        .to_device(device)?;
     let features = model.trunk.forward(&x)?;
     let (output, gaussians) = model.net.forward_with_gaussians(&features, false)?;
     let host = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&Device::Cpu)?.contiguous()?) };

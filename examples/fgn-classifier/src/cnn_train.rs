@@ -68,7 +68,10 @@ fn fit(
         }
         let mean = sum.to_scalar::<f32>()? as f64 / count.max(1) as f64;
         if !mean.is_finite() {
-            bail!("{label}: the loss is {mean} after epoch {}; lower --lr", epoch + 1);
+            bail!(
+                "{label}: the loss is {mean} after epoch {}; lower --lr",
+                epoch + 1
+            );
         }
         eprintln!(
             "{label}: epoch {}/{} loss {mean:.4} ({:.0}s)",
@@ -107,16 +110,27 @@ pub fn train_classical(
     sizes.push(classes);
     let trunk = Trunk::new(trunk_config, &trunk_vars, DType::F32, device)?;
     let mut head_vars = VarMap::new();
-    let head = Mlp::new(&sizes, VarBuilder::from_varmap(&head_vars, DType::F32, device))?;
+    let head = Mlp::new(
+        &sizes,
+        VarBuilder::from_varmap(&head_vars, DType::F32, device),
+    )?;
     crate::init::seeded_mlp(&mut head_vars, &sizes, rng)?;
     let model = CnnClassical { trunk, head };
     let mut vars = trunk_vars.all_vars();
     vars.extend(head_vars.all_vars());
     let mut opts = [(adam(vars, schedule.learning_rate)?, schedule.learning_rate)];
-    let seconds = fit("classical cnn", train, schedule, rng, device, &mut opts, |x, y| {
-        let logits = crate::evaluate::Classifier::logits(&model, x)?;
-        Ok(candle_nn::loss::cross_entropy(&logits, y)?)
-    })?;
+    let seconds = fit(
+        "classical cnn",
+        train,
+        schedule,
+        rng,
+        device,
+        &mut opts,
+        |x, y| {
+            let logits = crate::evaluate::Classifier::logits(&model, x)?;
+            Ok(candle_nn::loss::cross_entropy(&logits, y)?)
+        },
+    )?;
     Ok((model, seconds))
 }
 
@@ -146,7 +160,10 @@ pub fn train_fgn(
     let trunk_vars = Trunk::seeded_varmap(&trunk_config, rng, DType::F32, device)?;
     let trunk = Trunk::new(trunk_config, &trunk_vars, DType::F32, device)?;
     let mut net_vars = VarMap::new();
-    let net = GaussNet::new(config, VarBuilder::from_varmap(&net_vars, DType::F32, device))?;
+    let net = GaussNet::new(
+        config,
+        VarBuilder::from_varmap(&net_vars, DType::F32, device),
+    )?;
     if let Some(first) = net.layers().first() {
         let picks: Vec<u32> = (0..first.out_features())
             .map(|_| rng.random_range(0..train.len() as u32))
@@ -170,10 +187,18 @@ pub fn train_fgn(
         ),
         (adam(net_vars.all_vars(), head_lr)?, head_lr),
     ];
-    let seconds = fit("fgn cnn", train, schedule, rng, device, &mut opts, |x, y| {
-        let features = model.trunk.forward(x)?;
-        let logits = model.net.forward(&features, true)?;
-        Ok(fgn_objective(&logits, y, model.net.layers(), objective)?.total)
-    })?;
+    let seconds = fit(
+        "fgn cnn",
+        train,
+        schedule,
+        rng,
+        device,
+        &mut opts,
+        |x, y| {
+            let features = model.trunk.forward(x)?;
+            let logits = model.net.forward(&features, true)?;
+            Ok(fgn_objective(&logits, y, model.net.layers(), objective)?.total)
+        },
+    )?;
     Ok((model, seconds))
 }

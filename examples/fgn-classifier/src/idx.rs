@@ -35,8 +35,8 @@ pub struct IdxData {
 /// Finds the file of `stem` in `dir` (see the module docs for the spellings).
 fn find(dir: &Path, stem: &str) -> Result<PathBuf> {
     let dotted = stem.replace("-idx", ".idx");
-    let entries =
-        std::fs::read_dir(dir).with_context(|| format!("cannot read directory {}", dir.display()))?;
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read directory {}", dir.display()))?;
     let mut matches = Vec::new();
     for entry in entries {
         let entry = entry.with_context(|| format!("cannot read directory {}", dir.display()))?;
@@ -89,10 +89,11 @@ pub fn read_idx(path: &Path, magic: u32, rank: usize) -> Result<(Vec<usize>, Vec
     };
     let header_len = 4 + 4 * rank;
     let mut header = vec![0u8; header_len];
-    reader
-        .read_exact(&mut header)
-        .with_context(|| format!("{origin}: too short for an IDX file (or a broken gzip stream)"))?;
-    let word = |i: usize| u32::from_be_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    reader.read_exact(&mut header).with_context(|| {
+        format!("{origin}: too short for an IDX file (or a broken gzip stream)")
+    })?;
+    let word =
+        |i: usize| u32::from_be_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
     if word(0) != magic {
         bail!(
             "{origin}: IDX magic number is {:#x}, expected {magic:#x}",
@@ -105,9 +106,7 @@ pub fn read_idx(path: &Path, magic: u32, rank: usize) -> Result<(Vec<usize>, Vec
         .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
         .filter(|c| (1..=MAX_PAYLOAD).contains(c));
     let Some(count) = count else {
-        bail!(
-            "{origin}: IDX dims {dims:?} hold no item or more than {MAX_PAYLOAD} bytes"
-        );
+        bail!("{origin}: IDX dims {dims:?} hold no item or more than {MAX_PAYLOAD} bytes");
     };
     // Reads at most count + 1 bytes: memory follows the data actually there, not the header.
     let mut items = Vec::new();
@@ -294,7 +293,11 @@ pub mod tests {
     fn dotted_and_prefixed_names_are_found() {
         let dir = write_set("names", 2, 2, true);
         for stem in ["train-images", "t10k-labels"] {
-            let kind = if stem.ends_with("images") { "idx3" } else { "idx1" };
+            let kind = if stem.ends_with("images") {
+                "idx3"
+            } else {
+                "idx1"
+            };
             let from = dir.join(format!("{stem}-{kind}-ubyte.gz"));
             let to = if stem.starts_with("train") {
                 dir.join(format!("emnist-digits-{stem}-{kind}-ubyte.gz"))
@@ -318,7 +321,11 @@ pub mod tests {
         std::fs::write(&images, idx_bytes(0x801, &[3, 4, 3], &[0; 36])).unwrap();
         assert!(error(&dir).contains("magic number is 0x801"));
         // Dims that promise more bytes than the file holds (gzip too).
-        std::fs::write(&images, gzip(&idx_bytes(IMAGES_MAGIC, &[3, 4, 3], &[0; 35]))).unwrap();
+        std::fs::write(
+            &images,
+            gzip(&idx_bytes(IMAGES_MAGIC, &[3, 4, 3], &[0; 35])),
+        )
+        .unwrap();
         assert!(error(&dir).contains("need 36 bytes"), "{}", error(&dir));
         // A header claiming 4 GB is refused before reading.
         std::fs::write(&images, idx_bytes(IMAGES_MAGIC, &[65535, 65535, 2], &[])).unwrap();

@@ -269,8 +269,11 @@ mod tests {
 
     #[test]
     fn generated_sets_keep_shape_and_pixels_in_range() {
-        let images = Tensor::new(&[[0f32, 0.25, 0.5, 1.0], [0.1, 0.2, 0.3, 0.4]], &Device::Cpu)
-            .unwrap();
+        let images = Tensor::new(
+            &[[0f32, 0.25, 0.5, 1.0], [0.1, 0.2, 0.3, 0.4]],
+            &Device::Cpu,
+        )
+        .unwrap();
         let test = Split {
             images,
             labels: Tensor::new(&[0u32, 1], &Device::Cpu).unwrap(),
@@ -280,7 +283,11 @@ mod tests {
             inverted.to_vec2::<f32>().unwrap()[0],
             vec![1.0, 0.75, 0.5, 0.0]
         );
-        let shuffled = OodSource::Shuffled.images(&test).unwrap().to_vec2::<f32>().unwrap();
+        let shuffled = OodSource::Shuffled
+            .images(&test)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         let mut row = shuffled[1].clone();
         row.sort_by(f32::total_cmp);
         assert_eq!(row, vec![0.1, 0.2, 0.3, 0.4]);
