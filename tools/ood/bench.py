@@ -103,6 +103,8 @@ def main():
                     ckpt = os.path.join(a.out_dir, f"{direction}-{arch}-{seed}.safetensors")
                     args = ["--arch", arch, "--data-dir", dirs[direction], "--ood", dirs[other],
                             "--ood", "noise", "--seed", str(seed), "--out", ckpt]
+                    if arch == "cnn":
+                        args += ["--batch-size", "128"]  # as measured in the README
                     if a.epochs:
                         args += ["--epochs", str(a.epochs)]
                     args += a.extra.split()
