@@ -7,11 +7,17 @@
 //! ```
 //! Progress goes to stderr; the last line of stdout is one JSON object with the results.
 
+mod cnn;
+mod cnn_cli;
+mod cnn_train;
 mod data;
 mod evaluate;
+mod idx;
 mod init;
 mod interop;
 mod limits;
+mod metrics;
+mod ood;
 mod predict;
 mod train;
 mod validate;
@@ -103,9 +109,9 @@ struct TrainArgs {
     /// Weight of the mean squared linear weight.
     #[arg(long, default_value_t = 1e-3)]
     lambda_l2: f64,
-    /// Adam learning rate.
-    #[arg(long, default_value_t = 1e-2)]
-    lr: f64,
+    /// Adam learning rate. Default: 1e-2 (MLP), 1e-3 (CNN, decayed to 0 by a cosine).
+    #[arg(long)]
+    lr: Option<f64>,
     /// Mini-batch size.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
@@ -122,8 +128,50 @@ struct TrainArgs {
     #[arg(long)]
     fgn_only: bool,
     /// Read MNIST IDX files from this directory instead of the bundled digits.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "data_dir")]
     mnist: Option<PathBuf>,
+    /// Read the four IDX files (plain or .gz: MNIST, FashionMNIST, KMNIST, EMNIST
+    /// layouts) from this directory instead of the bundled digits.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Network: `mlp` (Gaussian layers on the pixels) or `cnn` (a convolutional trunk
+    /// under them; needs --data-dir or --mnist).
+    #[arg(long, value_enum, default_value = "mlp")]
+    arch: Arch,
+    /// Channels of the CNN trunk's conv blocks (3×3 conv, ReLU, 2×2 max-pool each).
+    #[arg(long, default_values_t = vec![16, 32])]
+    channels: Vec<usize>,
+    /// Features the CNN trunk hands to the head.
+    #[arg(long, default_value_t = 64)]
+    features: usize,
+    /// Activation of the CNN trunk's features under the Gaussian layers (the classical CNN
+    /// always uses relu). Default none: unbounded features keep "I don't know" possible
+    /// (README, "When I don't know works").
+    #[arg(long, value_enum, default_value = "none")]
+    feature_activation: cnn::Activation,
+    /// Tied bias (b = −W·c) in the CNN FGN's Gaussian layers.
+    #[arg(long)]
+    tied_bias: bool,
+    /// Batch norm of the CNN trunk's features before the Gaussian layers (the `GaussNet`'s
+    /// `input_batch_norm`): the trunk cannot grow its features' scale to sharpen the logits
+    /// instead of placing them near the Gaussians (README, "Out of distribution").
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    feature_batch_norm: bool,
+    /// Adam learning rate of the CNN FGN's Gaussian layers (the trunk uses --lr).
+    #[arg(long, default_value_t = 1e-2)]
+    head_lr: f64,
+    /// Out-of-distribution sets to score after training (repeatable): an IDX directory,
+    /// or `noise`, `shuffled`, `inverted`.
+    #[arg(long, value_parser = ood::OodSource::parse)]
+    ood: Vec<ood::OodSource>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Arch {
+    /// Gaussian layers on the pixels (and a classical MLP).
+    Mlp,
+    /// A convolutional trunk under the Gaussian layers (and under a linear head).
+    Cnn,
 }
 
 #[derive(clap::Args)]
@@ -134,8 +182,15 @@ struct EvalArgs {
     #[arg(long, conflicts_with = "mnist")]
     data: Option<PathBuf>,
     /// Evaluate on the MNIST test files in this directory.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "data_dir")]
     mnist: Option<PathBuf>,
+    /// Evaluate on the test split of the IDX files (plain or .gz) in this directory.
+    #[arg(long, conflicts_with = "data")]
+    data_dir: Option<PathBuf>,
+    /// Out-of-distribution sets to score (repeatable): an IDX directory, or `noise`,
+    /// `shuffled`, `inverted`. Prints AUROC and FPR at 95% TPR per score.
+    #[arg(long, value_parser = ood::OodSource::parse)]
+    ood: Vec<ood::OodSource>,
     /// Divide the `--data` images by this to bring them to [0, 1] (required for float
     /// images; integer images default to the checkpoint's recorded scale).
     #[arg(long, requires = "data")]
@@ -184,11 +239,19 @@ fn default_lambda_sigma(features: usize) -> f64 {
 
 fn train(args: TrainArgs) -> Result<Value> {
     let parameterization = Parameterization::from_name(&args.param, args.rank)?;
-    let epochs = args
-        .epochs
-        .unwrap_or(if args.mnist.is_some() { 20 } else { 60 });
+    let cnn = args.arch == Arch::Cnn;
+    let epochs = args.epochs.unwrap_or(if cnn {
+        cnn_cli::DEFAULT_EPOCHS
+    } else if args.mnist.is_some() || args.data_dir.is_some() {
+        20
+    } else {
+        60
+    });
+    let lr = args
+        .lr
+        .unwrap_or(if cnn { cnn_cli::DEFAULT_LR } else { 1e-2 });
     validate::train(&validate::TrainOptions {
-        lr: args.lr,
+        lr,
         batch_size: args.batch_size,
         epochs,
         hidden: &args.hidden,
@@ -197,7 +260,47 @@ fn train(args: TrainArgs) -> Result<Value> {
         out: (!args.classical_only).then_some(args.out.as_path()),
     })?;
     let device = device(args.device)?;
-    let data = load_data(args.mnist.as_deref())?;
+    let data_dir = args.data_dir.as_deref().or(args.mnist.as_deref());
+    if cnn {
+        let Some(dir) = data_dir else {
+            bail!("--arch cnn needs images: pass --data-dir DIR");
+        };
+        return cnn_cli::train(
+            &cnn_cli::CnnRun {
+                parameterization,
+                hidden: &args.hidden,
+                channels: &args.channels,
+                features: args.features,
+                activation: args.feature_activation,
+                tied_bias: args.tied_bias,
+                feature_batch_norm: args.feature_batch_norm,
+                head_lr: args.head_lr,
+                lambda_sigma: args
+                    .lambda_sigma
+                    .unwrap_or_else(|| default_lambda_sigma(args.features)),
+                lambda_l2: args.lambda_l2,
+                schedule: Schedule {
+                    epochs,
+                    batch_size: args.batch_size,
+                    learning_rate: lr,
+                    precision_lr_scale: args.precision_lr_scale.unwrap_or_else(|| {
+                        train::precision_lr_scale(parameterization, args.features)
+                    }),
+                },
+                seed: args.seed,
+                classical: !args.fgn_only,
+                fgn: !args.classical_only,
+                ood: &args.ood,
+                out: &args.out,
+            },
+            idx::load(dir)?,
+            &device,
+        );
+    }
+    let data = match &args.data_dir {
+        Some(dir) => idx::load(dir)?.set,
+        None => load_data(args.mnist.as_deref())?,
+    };
     limits::check_train(&limits::TrainSize {
         features: data.train.features(),
         classes: data.classes,
@@ -224,7 +327,7 @@ fn train(args: TrainArgs) -> Result<Value> {
     let schedule = Schedule {
         epochs,
         batch_size: args.batch_size,
-        learning_rate: args.lr,
+        learning_rate: lr,
         precision_lr_scale,
     };
     let started = Instant::now();
@@ -253,6 +356,10 @@ fn train(args: TrainArgs) -> Result<Value> {
             t.elapsed().as_secs_f64()
         );
         classical = Some(report_json(&report)?);
+        if !args.ood.is_empty() {
+            let ood = ood::report(&mlp, &data.test, &args.ood, &device, "classical")?;
+            out.insert("classical_ood".into(), ood);
+        }
     }
 
     if !args.classical_only {
@@ -296,7 +403,7 @@ fn train(args: TrainArgs) -> Result<Value> {
         )?;
         fit_seconds += fit;
         drop(varmap);
-        validate::finite_network(&net, args.lr)?;
+        validate::finite_network(&net, lr)?;
         let report = evaluate(&net, &data.test, &device)?;
         eprintln!(
             "fgn: test accuracy {:.4}, noise mean max-softmax {:.3} ({:.1}s)",
@@ -321,6 +428,10 @@ fn train(args: TrainArgs) -> Result<Value> {
             .with_context(|| format!("cannot save the checkpoint to {}", args.out.display()))?;
         eprintln!("saved {}", args.out.display());
         out.insert("checkpoint".into(), json!(args.out.display().to_string()));
+        if !args.ood.is_empty() {
+            let ood = ood::report(&net, &data.test, &args.ood, &device, "fgn")?;
+            out.insert("ood".into(), ood);
+        }
         if let Value::Object(fields) = report_json(&report)? {
             out.extend(fields);
         }
@@ -345,6 +456,12 @@ fn eval(args: EvalArgs) -> Result<Value> {
         validate::finite_positive("--input-scale", scale)?;
     }
     let device = device(args.device)?;
+    if cnn::is_cnn_checkpoint(&args.checkpoint)? {
+        let Some(dir) = args.data_dir.as_deref().or(args.mnist.as_deref()) else {
+            bail!("a CNN checkpoint is evaluated on IDX images: pass --data-dir DIR");
+        };
+        return cnn_cli::eval(&args.checkpoint, idx::load(dir)?, &args.ood, &device);
+    }
     let loaded = checkpoint::load(&args.checkpoint, &device, None)?;
     validate::note_converted_dtype(&loaded, &device);
     let meta = &loaded.user_metadata;
@@ -355,6 +472,12 @@ fn eval(args: EvalArgs) -> Result<Value> {
     let classes = loaded.net.config().out_features;
     let (split, bundled): (Split, bool) = match (&args.data, &args.mnist) {
         (Some(path), _) => (data::eval_file(path, scale, classes)?, false),
+        (None, None) if args.data_dir.is_some() => (
+            idx::load(args.data_dir.as_deref().unwrap_or(Path::new(".")))?
+                .set
+                .test,
+            false,
+        ),
         (None, Some(dir)) => (
             data::mnist(dir)?.test,
             meta.get("dataset").is_some_and(|d| d == "mnist"),
@@ -373,6 +496,10 @@ fn eval(args: EvalArgs) -> Result<Value> {
     }
     let report = evaluate(&loaded.net, &split, &device)?;
     let mut out = serde_json::Map::new();
+    if !args.ood.is_empty() {
+        let ood = ood::report(&loaded.net, &split, &args.ood, &device, "fgn")?;
+        out.insert("ood_report".into(), ood);
+    }
     out.insert(
         "checkpoint".into(),
         json!(args.checkpoint.display().to_string()),

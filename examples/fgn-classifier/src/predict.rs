@@ -61,6 +61,21 @@ fn read_input(path: &Path, features: usize, input_scale: f64, dtype: DType) -> R
 pub fn predict(args: PredictArgs) -> Result<Value> {
     files::check_output(&args.output, &[&args.checkpoint, &args.input])?;
     let device = crate::device(args.device)?;
+    if crate::cnn::is_cnn_checkpoint(&args.checkpoint)? {
+        let (tensors, mut summary) = crate::cnn_cli::predict(
+            &args.checkpoint,
+            &args.input,
+            &device,
+            args.dtype.map(DType::from),
+        )?;
+        let mut named: Vec<(&str, &Tensor)> =
+            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        named.sort_by_key(|(n, _)| *n);
+        files::save_tensors(&args.output, &named)
+            .with_context(|| format!("cannot write {}", args.output.display()))?;
+        summary["output"] = json!(args.output.display().to_string());
+        return Ok(summary);
+    }
     let loaded = checkpoint::load(&args.checkpoint, &device, args.dtype.map(DType::from))?;
     crate::validate::note_converted_dtype(&loaded, &device);
     let net = &loaded.net;

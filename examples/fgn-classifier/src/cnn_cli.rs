@@ -1,0 +1,267 @@
+//! The `--arch cnn` side of `train`, `eval` and `predict`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use gauss_layer::{GaussLayerConfig, GaussNetConfig, InitConfig, Parameterization};
+use gauss_losses::FgnObjectiveConfig;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde_json::{json, Value};
+
+use crate::cnn::{self, Activation, TrunkConfig};
+use crate::idx::IdxData;
+use crate::ood::{self, OodSource};
+use crate::train::Schedule;
+
+/// Default epochs of `--arch cnn`.
+pub const DEFAULT_EPOCHS: usize = 10;
+/// Default Adam learning rate of `--arch cnn` (decayed to 0 by a cosine).
+pub const DEFAULT_LR: f64 = 1e-3;
+
+/// Settings of a CNN training run (from `train`'s arguments).
+pub struct CnnRun<'a> {
+    pub parameterization: Parameterization,
+    pub hidden: &'a [usize],
+    pub channels: &'a [usize],
+    pub features: usize,
+    pub activation: Activation,
+    pub tied_bias: bool,
+    pub feature_batch_norm: bool,
+    pub head_lr: f64,
+    pub lambda_sigma: f64,
+    pub lambda_l2: f64,
+    pub schedule: Schedule,
+    pub seed: u64,
+    pub classical: bool,
+    pub fgn: bool,
+    pub ood: &'a [OodSource],
+    pub out: &'a Path,
+}
+
+/// `train --arch cnn`: the classical CNN and/or the CNN FGN, evaluated (and OOD-scored when
+/// sets are given); the FGN is saved to `run.out`.
+pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
+    let IdxData { set, height, width } = data;
+    let trunk = TrunkConfig {
+        height,
+        width,
+        channels: run.channels.to_vec(),
+        features: run.features,
+        activation: run.activation,
+    };
+    trunk.validate()?;
+    let mut rng = StdRng::seed_from_u64(run.seed);
+    let started = Instant::now();
+    let mut out = serde_json::Map::new();
+    out.insert("arch".into(), json!("cnn"));
+    out.insert("epochs".into(), json!(run.schedule.epochs));
+    out.insert("learning_rate".into(), json!(run.schedule.learning_rate));
+    out.insert("lambda_sigma".into(), json!(run.lambda_sigma));
+    out.insert("head_learning_rate".into(), json!(run.head_lr));
+    out.insert("feature_batch_norm".into(), json!(run.feature_batch_norm));
+    out.insert("trunk".into(), serde_json::to_value(&trunk)?);
+    out.insert("seed".into(), json!(run.seed));
+    let mut fit_seconds = 0.0;
+    if run.classical {
+        let config = TrunkConfig {
+            activation: Activation::Relu,
+            ..trunk.clone()
+        };
+        let (model, seconds) = crate::cnn_train::train_classical(
+            config,
+            run.hidden,
+            set.classes,
+            &set.train,
+            &run.schedule,
+            &mut rng,
+            device,
+        )?;
+        fit_seconds += seconds;
+        let report = ood::report(&model, &set.test, run.ood, device, "classical cnn")?;
+        out.insert("classical".into(), report);
+    }
+    if run.fgn {
+        let init = InitConfig {
+            seed: Some(run.seed),
+            ..Default::default()
+        };
+        let config = GaussNetConfig {
+            in_features: run.features,
+            hidden: run.hidden.to_vec(),
+            out_features: set.classes,
+            layer: GaussLayerConfig {
+                parameterization: run.parameterization,
+                tanh: true,
+                tied_bias: run.tied_bias,
+                init: init.clone(),
+                ..Default::default()
+            },
+            output_layer: Some(GaussLayerConfig {
+                parameterization: run.parameterization,
+                tied_bias: run.tied_bias,
+                init,
+                ..Default::default()
+            }),
+            gate: true,
+            input_batch_norm: run.feature_batch_norm,
+            ..Default::default()
+        };
+        let objective = FgnObjectiveConfig {
+            lambda_l2: run.lambda_l2,
+            lambda_sigma: run.lambda_sigma,
+            ..Default::default()
+        };
+        let (model, seconds) = crate::cnn_train::train_fgn(
+            trunk,
+            config,
+            &objective,
+            &set.train,
+            &run.schedule,
+            run.head_lr,
+            &mut rng,
+            device,
+        )?;
+        fit_seconds += seconds;
+        let report = ood::report(&model, &set.test, run.ood, device, "fgn cnn")?;
+        let mut meta = BTreeMap::new();
+        meta.insert("dataset".to_string(), set.name.to_string());
+        meta.insert("input_scale".to_string(), set.input_scale.to_string());
+        meta.insert("test_accuracy".to_string(), report["accuracy"].to_string());
+        meta.insert("seed".to_string(), run.seed.to_string());
+        meta.insert("epochs".to_string(), run.schedule.epochs.to_string());
+        meta.insert("lambda_sigma".to_string(), run.lambda_sigma.to_string());
+        cnn::save(&model, run.out, &meta)
+            .with_context(|| format!("cannot save the checkpoint to {}", run.out.display()))?;
+        eprintln!("saved {}", run.out.display());
+        out.insert("checkpoint".into(), json!(run.out.display().to_string()));
+        out.insert("fgn".into(), report);
+    }
+    out.insert(
+        "train_seconds".into(),
+        json!((started.elapsed().as_secs_f64() * 100.0).round() / 100.0),
+    );
+    out.insert(
+        "fit_seconds".into(),
+        json!((fit_seconds * 100.0).round() / 100.0),
+    );
+    Ok(Value::Object(out))
+}
+
+/// `eval` of a CNN checkpoint on the test split of an IDX directory.
+pub fn eval(path: &Path, data: IdxData, sets: &[OodSource], device: &Device) -> Result<Value> {
+    let loaded = cnn::load(path, device, None)?;
+    let trunk = loaded.model.trunk.config();
+    if (data.height, data.width) != (trunk.height, trunk.width) {
+        bail!(
+            "the checkpoint's trunk takes {}×{} images, the data has {}×{}",
+            trunk.height,
+            trunk.width,
+            data.height,
+            data.width
+        );
+    }
+    let report = ood::report(&loaded.model, &data.set.test, sets, device, "fgn cnn")?;
+    Ok(json!({"checkpoint": path.display().to_string(), "arch": "cnn", "fgn": report}))
+}
+
+/// `predict` of a CNN checkpoint: `x` (N, H·W) or (N, 1, H, W), divided by the recorded
+/// `input_scale`; writes `output` and each Gaussian layer's `g{i}`.
+pub fn predict(
+    checkpoint: &Path,
+    input: &Path,
+    device: &Device,
+    dtype: Option<DType>,
+) -> Result<(HashMap<String, Tensor>, Value)> {
+    let loaded = cnn::load(checkpoint, device, dtype)?;
+    let model = &loaded.model;
+    let scale: f64 = match loaded.user_metadata.get("input_scale") {
+        Some(s) => s
+            .parse()
+            .ok()
+            .filter(|v: &f64| v.is_finite() && *v > 0.0)
+            .with_context(|| {
+                format!("checkpoint metadata `input_scale` is {s:?}, not a finite number > 0")
+            })?,
+        None => 1.0,
+    };
+    let run_dtype = model
+        .net
+        .layers()
+        .first()
+        .map(|l| l.center().dtype())
+        .context("the checkpoint's network has no layers")?;
+    let bytes = gauss_layer::files::read_regular(input)?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .with_context(|| format!("{} is not a readable safetensors file", input.display()))?;
+    let Some(x) = tensors.get("x") else {
+        bail!(
+            "{}: no tensor `x`; predict reads the inputs from `x`",
+            input.display()
+        );
+    };
+    let (h, w) = (model.trunk.config().height, model.trunk.config().width);
+    let shape_ok = match x.dims() {
+        [n, d] => *n > 0 && *d == h * w,
+        [n, 1, xh, xw] => *n > 0 && (*xh, *xw) == (h, w),
+        _ => false,
+    };
+    if !shape_ok {
+        bail!(
+            "{}: `x` has shape {:?}, the network expects (N, {}) or (N, 1, {h}, {w}) with N >= 1",
+            input.display(),
+            x.dims(),
+            h * w
+        );
+    }
+    if !matches!(
+        x.dtype(),
+        DType::F16 | DType::BF16 | DType::F32 | DType::F64 | DType::U8 | DType::U32 | DType::I64
+    ) {
+        bail!(
+            "{}: `x` has dtype {:?}; expected a float or integer tensor",
+            input.display(),
+            x.dtype()
+        );
+    }
+    // f64: `x` was read from the file onto the CPU; it is scaled and cast there, and checked
+    // finite after both (a finite 1e300 overflows f32), before it moves to the device.
+    let scaled = (x.to_dtype(DType::F64)? / scale)?.to_dtype(run_dtype)?;
+    // f64: the scaled input is still on the CPU.
+    let values = scaled
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "{}: `x` element {i} is {} after scaling by 1/{scale} and conversion to {run_dtype:?}; expected finite values",
+            input.display(),
+            values[i]
+        );
+    }
+    let x = scaled.to_device(device)?;
+    let features = model.trunk.forward(&x)?;
+    let (output, gaussians) = model.net.forward_with_gaussians(&features, false)?;
+    let host = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&Device::Cpu)?.contiguous()?) };
+    let mut out = HashMap::new();
+    out.insert("output".to_string(), host(&output)?);
+    let mut names = vec!["output".to_string()];
+    for (i, g) in gaussians.iter().enumerate() {
+        out.insert(format!("g{i}"), host(g)?);
+        names.push(format!("g{i}"));
+    }
+    let summary = json!({
+        "command": "predict",
+        "arch": "cnn",
+        "checkpoint": checkpoint.display().to_string(),
+        "input": input.display().to_string(),
+        "rows": x.dim(0)?,
+        "out_features": model.net.config().out_features,
+        "input_scale": scale,
+        "tensors": names,
+    });
+    Ok((out, summary))
+}

@@ -1,0 +1,204 @@
+//! Training loops of the convolutional networks, end to end (trunk and head together):
+//! the classical CNN with cross-entropy, the CNN FGN with the FGN objective. Adam
+//! (`gauss_layer::FusedAdamW`) with a cosine learning-rate decay to 0 over the run; the loss
+//! is summed on the device and read once per epoch (no per-step host sync).
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use gauss_layer::{FusedAdamW, GaussNet, GaussNetConfig, Parameterization};
+use gauss_losses::{fgn_objective, FgnObjectiveConfig};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::Rng;
+
+use crate::cnn::{CnnClassical, CnnFgn, Trunk, TrunkConfig};
+use crate::data::Split;
+use crate::train::{Mlp, Schedule};
+
+/// Shuffled mini-batch indices of one epoch.
+fn epoch_batches(n: usize, batch_size: usize, rng: &mut StdRng) -> Vec<Vec<u32>> {
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    order.shuffle(rng);
+    order.chunks(batch_size).map(<[u32]>::to_vec).collect()
+}
+
+fn batch(split: &Split, index: &[u32], device: &Device) -> Result<(Tensor, Tensor)> {
+    let index = Tensor::new(index, &Device::Cpu)?;
+    Ok((
+        split.images.index_select(&index, 0)?.to_device(device)?,
+        split.labels.index_select(&index, 0)?.to_device(device)?,
+    ))
+}
+
+/// Runs `schedule.epochs` epochs of `step` (which returns the batch loss) with a cosine
+/// decay of every optimizer's learning rate (each from its own starting rate); returns the
+/// seconds the epochs took.
+fn fit(
+    label: &str,
+    train: &Split,
+    schedule: &Schedule,
+    rng: &mut StdRng,
+    device: &Device,
+    opts: &mut [(FusedAdamW, f64)],
+    mut step: impl FnMut(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<f64> {
+    let steps_per_epoch = train.len().div_ceil(schedule.batch_size.max(1));
+    let total = (steps_per_epoch * schedule.epochs).max(1);
+    let started = Instant::now();
+    let mut t = 0usize;
+    for epoch in 0..schedule.epochs {
+        let mut sum = Tensor::zeros((), DType::F32, device)?;
+        let batches = epoch_batches(train.len(), schedule.batch_size, rng);
+        let count = batches.len();
+        for index in batches {
+            let progress = t as f64 / total as f64;
+            let decay = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+            let (x, y) = batch(train, &index, device)?;
+            let loss = step(&x, &y)?;
+            let grads = loss.backward()?;
+            for (opt, lr) in opts.iter_mut() {
+                opt.set_learning_rate(*lr * decay);
+                opt.step(&grads)?;
+            }
+            sum = (sum + loss.detach().to_dtype(DType::F32)?)?;
+            t += 1;
+        }
+        let mean = sum.to_scalar::<f32>()? as f64 / count.max(1) as f64;
+        if !mean.is_finite() {
+            bail!(
+                "{label}: the loss is {mean} after epoch {}; lower --lr",
+                epoch + 1
+            );
+        }
+        eprintln!(
+            "{label}: epoch {}/{} loss {mean:.4} ({:.0}s)",
+            epoch + 1,
+            schedule.epochs,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+fn adam(vars: Vec<candle_core::Var>, lr: f64) -> Result<FusedAdamW> {
+    Ok(FusedAdamW::new(
+        vars,
+        ParamsAdamW {
+            lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?)
+}
+
+/// Trains the trunk with a linear head (`hidden` ReLU layers between) by cross-entropy.
+pub fn train_classical(
+    trunk_config: TrunkConfig,
+    hidden: &[usize],
+    classes: usize,
+    train: &Split,
+    schedule: &Schedule,
+    rng: &mut StdRng,
+    device: &Device,
+) -> Result<(CnnClassical, f64)> {
+    let trunk_vars = Trunk::seeded_varmap(&trunk_config, rng, DType::F32, device)?;
+    let mut sizes = vec![trunk_config.features];
+    sizes.extend(hidden);
+    sizes.push(classes);
+    let trunk = Trunk::new(trunk_config, &trunk_vars, DType::F32, device)?;
+    let mut head_vars = VarMap::new();
+    let head = Mlp::new(
+        &sizes,
+        VarBuilder::from_varmap(&head_vars, DType::F32, device),
+    )?;
+    crate::init::seeded_mlp(&mut head_vars, &sizes, rng)?;
+    let model = CnnClassical { trunk, head };
+    let mut vars = trunk_vars.all_vars();
+    vars.extend(head_vars.all_vars());
+    let mut opts = [(adam(vars, schedule.learning_rate)?, schedule.learning_rate)];
+    let seconds = fit(
+        "classical cnn",
+        train,
+        schedule,
+        rng,
+        device,
+        &mut opts,
+        |x, y| {
+            let logits = crate::evaluate::Classifier::logits(&model, x)?;
+            Ok(candle_nn::loss::cross_entropy(&logits, y)?)
+        },
+    )?;
+    Ok((model, seconds))
+}
+
+/// Trains the trunk under a `GaussNet` (`config.in_features` = the trunk's features) with
+/// the FGN objective. The first Gaussian layer's centers start on the (initial) trunk
+/// features of random training images, where the data is. The Gaussian layers learn at
+/// `head_lr` (their precisions and centers move with the step size, as in the MLP), the
+/// trunk at `schedule.learning_rate`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_fgn(
+    trunk_config: TrunkConfig,
+    config: GaussNetConfig,
+    objective: &FgnObjectiveConfig,
+    train: &Split,
+    schedule: &Schedule,
+    head_lr: f64,
+    rng: &mut StdRng,
+    device: &Device,
+) -> Result<(CnnFgn, f64)> {
+    if config
+        .layer_specs()
+        .iter()
+        .any(|(_, _, l)| l.parameterization == Parameterization::Direct)
+    {
+        bail!("--arch cnn does not support --param direct (its precisions need a repair step per update); use diag, cholesky or lowrank");
+    }
+    let trunk_vars = Trunk::seeded_varmap(&trunk_config, rng, DType::F32, device)?;
+    let trunk = Trunk::new(trunk_config, &trunk_vars, DType::F32, device)?;
+    let mut net_vars = VarMap::new();
+    let net = GaussNet::new(
+        config,
+        VarBuilder::from_varmap(&net_vars, DType::F32, device),
+    )?;
+    if let Some(first) = net.layers().first() {
+        let picks: Vec<u32> = (0..first.out_features())
+            .map(|_| rng.random_range(0..train.len() as u32))
+            .collect();
+        let (x, _) = batch(train, &picks, device)?;
+        let mut centers = trunk.forward(&x)?.detach();
+        if net.input_norm().is_some() {
+            // The Gaussians read batch-normed features: start them on standardized ones.
+            let mean = centers.mean_keepdim(0)?;
+            let centered = centers.broadcast_sub(&mean)?;
+            let std = (centered.sqr()?.mean_keepdim(0)? + 1e-5)?.sqrt()?;
+            centers = centered.broadcast_div(&std)?;
+        }
+        net_vars.set_one("layers.0.center", centers)?;
+    }
+    let model = CnnFgn { trunk, net };
+    let mut opts = [
+        (
+            adam(trunk_vars.all_vars(), schedule.learning_rate)?,
+            schedule.learning_rate,
+        ),
+        (adam(net_vars.all_vars(), head_lr)?, head_lr),
+    ];
+    let seconds = fit(
+        "fgn cnn",
+        train,
+        schedule,
+        rng,
+        device,
+        &mut opts,
+        |x, y| {
+            let features = model.trunk.forward(x)?;
+            let logits = model.net.forward(&features, true)?;
+            Ok(fgn_objective(&logits, y, model.net.layers(), objective)?.total)
+        },
+    )?;
+    Ok((model, seconds))
+}

