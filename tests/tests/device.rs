@@ -32,6 +32,27 @@ fn portable_config(parameterization: Parameterization) -> GaussLayerConfig {
     }
 }
 
+/// A 6 → 5 (tanh) → 3 f32 network of `parameterization` on the portable path, on the CPU.
+fn portable_net(parameterization: Parameterization) -> Result<(GaussNet, VarMap)> {
+    let config = GaussNetConfig {
+        in_features: 6,
+        hidden: vec![5],
+        out_features: 3,
+        layer: GaussLayerConfig {
+            tanh: true,
+            ..portable_config(parameterization)
+        },
+        output_layer: Some(portable_config(parameterization)),
+        ..Default::default()
+    };
+    let varmap = VarMap::new();
+    let net = GaussNet::new(
+        config,
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )?;
+    Ok((net, varmap))
+}
+
 /// Every f64 node of `loss`'s autograd graph, described.
 fn f64_nodes(loss: &Tensor) -> Vec<String> {
     loss.sorted_nodes()
@@ -51,22 +72,7 @@ fn portable_training_step_creates_no_f64_tensors() -> Result<()> {
     )?;
     for parameterization in Parameterization::ALL {
         for lambda_loss in LambdaLoss::ALL {
-            let config = GaussNetConfig {
-                in_features: 6,
-                hidden: vec![5],
-                out_features: 3,
-                layer: GaussLayerConfig {
-                    tanh: true,
-                    ..portable_config(parameterization)
-                },
-                output_layer: Some(portable_config(parameterization)),
-                ..Default::default()
-            };
-            let varmap = VarMap::new();
-            let net = GaussNet::new(
-                config,
-                VarBuilder::from_varmap(&varmap, DType::F32, &device),
-            )?;
+            let (net, varmap) = portable_net(parameterization)?;
             let logits = net.forward(&x, true)?;
             let objective = FgnObjectiveConfig {
                 lambda_loss,
@@ -122,22 +128,7 @@ fn portable_training_step_reads_back_only_what_it_must() -> Result<()> {
         &device,
     )?;
     for parameterization in Parameterization::ALL {
-        let config = GaussNetConfig {
-            in_features: 6,
-            hidden: vec![5],
-            out_features: 3,
-            layer: GaussLayerConfig {
-                tanh: true,
-                ..portable_config(parameterization)
-            },
-            output_layer: Some(portable_config(parameterization)),
-            ..Default::default()
-        };
-        let varmap = VarMap::new();
-        let net = GaussNet::new(
-            config,
-            VarBuilder::from_varmap(&varmap, DType::F32, &device),
-        )?;
+        let (net, varmap) = portable_net(parameterization)?;
         let mut optimizer = gauss_layer::FusedAdamW::new(
             varmap.all_vars(),
             candle_nn::ParamsAdamW {

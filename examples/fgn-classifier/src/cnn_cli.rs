@@ -178,16 +178,7 @@ pub fn predict(
 ) -> Result<(HashMap<String, Tensor>, Value)> {
     let loaded = cnn::load(checkpoint, device, dtype)?;
     let model = &loaded.model;
-    let scale: f64 = match loaded.user_metadata.get("input_scale") {
-        Some(s) => s
-            .parse()
-            .ok()
-            .filter(|v: &f64| v.is_finite() && *v > 0.0)
-            .with_context(|| {
-                format!("checkpoint metadata `input_scale` is {s:?}, not a finite number > 0")
-            })?,
-        None => 1.0,
-    };
+    let scale = crate::validate::recorded_input_scale(&loaded.user_metadata, 1.0)?;
     let run_dtype = model
         .net
         .layers()

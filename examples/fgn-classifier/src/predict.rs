@@ -79,16 +79,7 @@ pub fn predict(args: PredictArgs) -> Result<Value> {
     let loaded = checkpoint::load(&args.checkpoint, &device, args.dtype.map(DType::from))?;
     crate::validate::note_converted_dtype(&loaded, &device);
     let net = &loaded.net;
-    let input_scale: f64 = match loaded.user_metadata.get("input_scale") {
-        Some(s) => s
-            .parse()
-            .ok()
-            .filter(|v: &f64| v.is_finite() && *v > 0.0)
-            .with_context(|| {
-                format!("checkpoint metadata `input_scale` is {s:?}, not a finite number > 0")
-            })?,
-        None => 1.0,
-    };
+    let input_scale = crate::validate::recorded_input_scale(&loaded.user_metadata, 1.0)?;
     let dtype = net
         .layers()
         .first()
