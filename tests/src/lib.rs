@@ -142,3 +142,47 @@ pub fn small_diag_net_config() -> GaussNetConfig {
         ..Default::default()
     }
 }
+
+/// The time a command-line test lets a binary run before it counts as a hang.
+pub const RUN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs `bin` with `args` under `ulimit -v 3000000` (through `sh`, on Linux) with no standard
+/// input, and kills it after [`RUN_LIMIT`]; returns (success, stdout, stderr). A run past the
+/// limit (a hang) or ended by a signal (a panic=abort or an allocation failure) is an error.
+pub fn run_limited(bin: &str, args: &[&str]) -> Result<(bool, String, String)> {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let mut command = if cfg!(target_os = "linux") {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg("ulimit -v 3000000 && exec \"$0\" \"$@\"")
+            .arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    };
+    let mut child = command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let started = Instant::now();
+    while child.try_wait()?.is_none() {
+        if started.elapsed() > RUN_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("{args:?} ran longer than {RUN_LIMIT:?} (hang?)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output()?;
+    if out.status.code().is_none() {
+        anyhow::bail!("{args:?} was killed by a signal (abort?): {:?}", out.status);
+    }
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    ))
+}

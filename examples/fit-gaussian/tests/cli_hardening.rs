@@ -4,59 +4,16 @@
 //! save leaves no temporary file.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
+use gauss_tests::temp_dir;
 
-const LIMIT: Duration = Duration::from_secs(10);
-
-fn temp_dir(name: &str) -> Result<PathBuf> {
-    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("fit-hard-{name}-{}-{call}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
-/// Runs the binary under `ulimit -v 3000000` (Linux), killed after [`LIMIT`].
+/// Runs the binary under the shared limits (`gauss_tests::run_limited`).
 fn run(args: &[&str]) -> Result<(bool, String, String)> {
-    let bin = env!("CARGO_BIN_EXE_fit-gaussian");
-    let mut command = if cfg!(target_os = "linux") {
-        let mut c = Command::new("sh");
-        c.arg("-c")
-            .arg("ulimit -v 3000000 && exec \"$0\" \"$@\"")
-            .arg(bin);
-        c
-    } else {
-        Command::new(bin)
-    };
-    let mut child = command
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let started = Instant::now();
-    while child.try_wait()?.is_none() {
-        if started.elapsed() > LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{args:?} ran longer than {LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output()?;
-    if out.status.code().is_none() {
-        bail!("{args:?} was killed by a signal: {:?}", out.status);
-    }
-    Ok((
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    ))
+    gauss_tests::run_limited(env!("CARGO_BIN_EXE_fit-gaussian"), args)
 }
 
 fn run_err(args: &[&str]) -> Result<String> {
