@@ -53,6 +53,13 @@ fn portable_net(parameterization: Parameterization) -> Result<(GaussNet, VarMap)
     Ok((net, varmap))
 }
 
+/// 16 random inputs of width 6 and their classes (0, 1, 2 in turn), on the CPU.
+fn batch() -> Result<(Tensor, Tensor)> {
+    let x = Tensor::randn(0f32, 1.0, (16, 6), &Device::Cpu)?;
+    let classes: Vec<u32> = (0..16).map(|i| i % 3).collect();
+    Ok((x, Tensor::new(classes.as_slice(), &Device::Cpu)?))
+}
+
 /// Every f64 node of `loss`'s autograd graph, described.
 fn f64_nodes(loss: &Tensor) -> Vec<String> {
     loss.sorted_nodes()
@@ -65,11 +72,7 @@ fn f64_nodes(loss: &Tensor) -> Vec<String> {
 #[test]
 fn portable_training_step_creates_no_f64_tensors() -> Result<()> {
     let device = Device::Cpu;
-    let x = Tensor::randn(0f32, 1.0, (16, 6), &device)?;
-    let targets = Tensor::new(
-        &[0u32, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0],
-        &device,
-    )?;
+    let (x, targets) = batch()?;
     for parameterization in Parameterization::ALL {
         for lambda_loss in LambdaLoss::ALL {
             let (net, varmap) = portable_net(parameterization)?;
@@ -121,12 +124,7 @@ fn portable_training_step_creates_no_f64_tensors() -> Result<()> {
 #[test]
 fn portable_training_step_reads_back_only_what_it_must() -> Result<()> {
     use gauss_layer::linalg::HostReadLog;
-    let device = Device::Cpu;
-    let x = Tensor::randn(0f32, 1.0, (16, 6), &device)?;
-    let targets = Tensor::new(
-        &[0u32, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0],
-        &device,
-    )?;
+    let (x, targets) = batch()?;
     for parameterization in Parameterization::ALL {
         let (net, varmap) = portable_net(parameterization)?;
         let mut optimizer = gauss_layer::FusedAdamW::new(
