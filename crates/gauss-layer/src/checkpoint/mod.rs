@@ -525,16 +525,6 @@ impl Element for half::bf16 {
     }
 }
 
-/// The largest finite magnitude of a float dtype.
-fn max_finite(dtype: DType) -> f64 {
-    match dtype {
-        DType::F16 => half::f16::MAX.to_f64(),
-        DType::BF16 => half::bf16::MAX.to_f64(),
-        DType::F32 => f32::MAX as f64,
-        _ => f64::MAX,
-    }
-}
-
 /// Bytes read per call: bounds the staging buffer whatever the tensor's size.
 const CHUNK_BYTES: usize = 1 << 16;
 
@@ -575,7 +565,7 @@ fn read_typed<T: Element>(
     // `entry.len == numel · SIZE` and lies within the file (checked with the header), so
     // this allocation is backed by the file's bytes.
     let mut values: Vec<T> = Vec::with_capacity(entry.numel);
-    let limit = max_finite(target);
+    let limit = crate::linalg::max_finite(target);
     let mut buffer = vec![0u8; CHUNK_BYTES.min(entry.len as usize)];
     let per_chunk = buffer.len() / T::SIZE;
     let mut offset = entry.offset;

@@ -28,16 +28,6 @@ pub struct HostMatrix {
     pub values: Vec<f64>,
 }
 
-/// The largest finite magnitude of a float dtype (integers convert exactly or are refused).
-fn max_finite(dtype: DType) -> f64 {
-    match dtype {
-        DType::F16 => half::f16::MAX.to_f64(),
-        DType::BF16 => half::bf16::MAX.to_f64(),
-        DType::F32 => f32::MAX as f64,
-        _ => f64::MAX,
-    }
-}
-
 impl<'a> DataFile<'a> {
     /// Parses `bytes` as safetensors; `origin` names the file in errors.
     ///
@@ -166,7 +156,7 @@ impl HostMatrix {
     /// for a dtype that is not a float.
     pub fn to_tensor(&self, dtype: DType, device: &Device) -> Result<Tensor> {
         crate::error::check_float_dtype("data matrix", dtype)?;
-        let limit = max_finite(dtype);
+        let limit = crate::linalg::max_finite(dtype);
         if let Some(i) = self
             .values
             .iter()

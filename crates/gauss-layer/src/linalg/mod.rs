@@ -43,6 +43,17 @@ pub(crate) fn read_scalar(scalar: &Tensor) -> Result<f64> {
     })
 }
 
+/// The largest finite magnitude of a float dtype (f64's for any other dtype): the bound the
+/// checkpoint loader, the data-file reader and the raw-precision bounds check values against.
+pub(crate) fn max_finite(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => half::f16::MAX.to_f64(),
+        DType::BF16 => half::bf16::MAX.to_f64(),
+        DType::F32 => f32::MAX as f64,
+        _ => f64::MAX,
+    }
+}
+
 /// Checks that `matrices` is (..., d, d) with a batch rank given by `rank` (None: any) and
 /// returns d.
 pub(crate) fn square_dim(matrices: &Tensor, what: &str, rank: Option<usize>) -> Result<usize> {

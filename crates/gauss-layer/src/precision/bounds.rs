@@ -20,29 +20,19 @@ use super::Precision;
 use crate::config::{Parameterization, PositiveMap, PrecisionConfig};
 use crate::error::{GaussError, Result};
 
-/// The largest finite value of a float dtype.
-fn max_finite(dtype: DType) -> f64 {
-    match dtype {
-        DType::F16 => half::f16::MAX.to_f64(),
-        DType::BF16 => half::bf16::MAX.to_f64(),
-        DType::F32 => f32::MAX as f64,
-        _ => f64::MAX,
-    }
-}
-
 /// The bound of log-scale entries, `½ ln M`.
 pub(crate) fn log_bound(dtype: DType) -> f64 {
-    0.5 * max_finite(dtype).ln()
+    0.5 * crate::linalg::max_finite(dtype).ln()
 }
 
 /// The bound of factor entries, `M^{1/4}`.
 pub(crate) fn factor_bound(dtype: DType) -> f64 {
-    max_finite(dtype).sqrt().sqrt()
+    crate::linalg::max_finite(dtype).sqrt().sqrt()
 }
 
 /// The bound of direct entries, `√M`.
 fn direct_bound(dtype: DType) -> f64 {
-    max_finite(dtype).sqrt()
+    crate::linalg::max_finite(dtype).sqrt()
 }
 
 /// The bound of the element at multi-index `index` (`None`: unbounded, only finite), and
