@@ -46,6 +46,8 @@ pub mod checkpoint;
 mod config;
 pub mod convert;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod density;
 mod distribution;
 mod error;
@@ -62,6 +64,7 @@ pub mod ops;
 mod optim;
 mod precision;
 pub mod repair;
+mod route;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 

@@ -45,6 +45,7 @@ use crate::config::{DistanceKernel, Parameterization};
 use crate::cpu::{with_row_major, OperandShape, Sizes, TILE_ROWS};
 use crate::error::{GaussError, Result};
 use crate::precision::Precision;
+use crate::route::{backend, Backend};
 use conditioning::Conditioning;
 use distance_op::FusedPlan;
 use expanded::Source;
@@ -118,11 +119,9 @@ pub(crate) struct Resolved {
     pub operand: Operand,
 }
 
-/// Whether the fused CPU ops can run on these tensors.
+/// Whether the fused CPU ops can run on these tensors: all on the [`Backend::CpuFused`] route.
 fn fused_applies(x: &Tensor, center: &Tensor, precision: &Precision, portable: bool) -> bool {
-    !portable
-        && x.device().is_cpu()
-        && matches!(x.dtype(), DType::F32 | DType::F64)
+    backend(x.device(), x.dtype(), portable) == Backend::CpuFused
         && center.dtype() == x.dtype()
         && precision.raw().dtype() == x.dtype()
 }

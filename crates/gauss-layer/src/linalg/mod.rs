@@ -15,10 +15,12 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{GaussError, Result};
+use crate::route::{backend, Backend};
 
 mod expm;
 pub(crate) mod host;
 mod host_reads;
+mod tril_inverse_op;
 
 pub use expm::{expm_symmetric, trace_expm_symmetric};
 pub(crate) use host_reads::record as record_host_read;
@@ -201,15 +203,16 @@ pub fn gram(a: &Tensor) -> Result<Tensor> {
 /// Size up to which [`tril_inverse`] inverts a diagonal block directly.
 const TRIL_INVERSE_BLOCK: usize = 8;
 
-/// Inverse of a batch of lower-triangular matrices with nonzero diagonal, in matmuls and
-/// elementwise ops only: differentiable on every device.
+/// Inverse of a batch of lower-triangular matrices with nonzero diagonal, differentiable on
+/// every device. The upper triangle of `lower` is ignored (it must be finite).
 ///
-/// Recursive 2×2 block inversion `[[A, 0], [C, D]]⁻¹ = [[A⁻¹, 0], [-D⁻¹ C A⁻¹, D⁻¹]]` down
-/// to blocks of size ≤ 8, each inverted directly: with `T = diag(δ)(I − N)`, `N` strictly
-/// lower triangular and so nilpotent, `T⁻¹ = (I + N)(I + N²)(I + N⁴) diag(δ)⁻¹`, exact after
-/// ⌈log₂ b⌉ factors. About a dozen ops per 8×8 block instead of recursing to 1×1 blocks
-/// (which costs ops per row). The upper triangle of `lower` is ignored (masked, so it must
-/// be finite).
+/// Where it runs ([`crate::route`]): on the CPU (f32, f64) faer's blocked inverse per matrix,
+/// on CUDA the project's `tril_inverse` kernel (one thread per column), both with the
+/// closed-form backward `∂L = tril(−Mᵀ Ḡ Mᵀ)`, `M = L⁻¹`; elsewhere (Metal, f16, bf16) the
+/// portable form in matmuls and elementwise ops: recursive 2×2 block inversion
+/// `[[A, 0], [C, D]]⁻¹ = [[A⁻¹, 0], [-D⁻¹ C A⁻¹, D⁻¹]]` down to blocks of size ≤ 8, each
+/// inverted directly: with `T = diag(δ)(I − N)`, `N` strictly lower triangular and so
+/// nilpotent, `T⁻¹ = (I + N)(I + N²)(I + N⁴) diag(δ)⁻¹`, exact after ⌈log₂ b⌉ factors.
 ///
 /// # Shapes
 /// `lower`: (Z, d, d) → (Z, d, d)
@@ -217,8 +220,22 @@ const TRIL_INVERSE_BLOCK: usize = 8;
 /// # Errors
 /// A tensor that is not a batch of square matrices of the documented rank.
 pub fn tril_inverse(lower: &Tensor) -> Result<Tensor> {
+    tril_inverse_routed(lower, false)
+}
+
+/// [`tril_inverse`], with `portable: true` forcing the tensor-op form on every device (what
+/// a layer configured `portable` runs).
+///
+/// # Shapes
+/// `lower`: (Z, d, d) → (Z, d, d)
+pub(crate) fn tril_inverse_routed(lower: &Tensor, portable: bool) -> Result<Tensor> {
     let d = square_dim(lower, "tril_inverse: lower", Some(3))?;
-    tril_inverse_rec(lower, d)
+    match backend(lower.device(), lower.dtype(), portable) {
+        Backend::Portable => tril_inverse_rec(lower, d),
+        Backend::CpuFused | Backend::Cuda => {
+            Ok(lower.apply_op1(tril_inverse_op::TrilInverse)?)
+        }
+    }
 }
 
 fn tril_inverse_rec(lower: &Tensor, d: usize) -> Result<Tensor> {

@@ -1,7 +1,7 @@
 //! cholesky, expm and direct: full (Z, d, d) precisions in tensor ops, with the width floor
 //! of the module docs.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{Tensor, D};
 
 use super::stats_op::{PrecisionStat, Stat, StatMap};
 use super::trace_estimate;
@@ -9,6 +9,7 @@ use super::{maps, Precision};
 use crate::config::Parameterization;
 use crate::error::Result;
 use crate::linalg;
+use crate::route::{backend, Backend};
 
 /// The fused statistic op where it applies: a full precision without a width floor, f32 or
 /// f64 on the CPU, not on the portable path.
@@ -31,13 +32,11 @@ fn fused_stat(precision: &Precision, stat: Stat) -> Result<Option<Tensor>> {
 }
 
 /// Whether the per-neuron statistics run as fused CPU ops from the raw tensor: a full
-/// precision without a width floor, f32 or f64 on the CPU, not on the portable path.
+/// precision without a width floor on the [`Backend::CpuFused`] route.
 fn runs_fused_statistics(precision: &Precision) -> bool {
     let raw = precision.raw();
-    !precision.config().portable
-        && precision.config().width_floor.is_none()
-        && raw.device().is_cpu()
-        && matches!(raw.dtype(), DType::F32 | DType::F64)
+    precision.config().width_floor.is_none()
+        && backend(raw.device(), raw.dtype(), precision.config().portable) == Backend::CpuFused
 }
 
 /// An unbiased estimate of `tr Σ` per neuron from `probes` Rademacher vectors (see the
@@ -101,7 +100,7 @@ pub(super) fn factor(precision: &Precision) -> Result<Option<Tensor>> {
         Some(sigma) => {
             let gram_t = linalg::matmul(&linalg::transpose(&base)?, &base)?;
             let k = floor_cholesky(sigma, &gram_t, precision.dim())?;
-            let k_inv = linalg::tril_inverse(&k)?;
+            let k_inv = linalg::tril_inverse_routed(&k, precision.config().portable)?;
             Ok(Some(linalg::matmul(&base, &linalg::transpose(&k_inv)?)?))
         }
     }
@@ -115,7 +114,7 @@ pub(super) fn precision_matrix(precision: &Precision) -> Result<Tensor> {
         (Parameterization::Direct, Some(sigma)) => {
             let p = linalg::symmetrize(raw)?;
             let k = floor_cholesky(sigma, &p, precision.dim())?;
-            let pk = linalg::matmul(&p, &linalg::transpose(&linalg::tril_inverse(&k)?)?)?;
+            let pk = linalg::matmul(&p, &linalg::transpose(&linalg::tril_inverse_routed(&k, precision.config().portable)?)?)?;
             Ok((p - (linalg::gram(&pk)? * (sigma * sigma))?)?)
         }
         (Parameterization::Expm, None) => linalg::expm_symmetric(&linalg::symmetrize(raw)?),
@@ -142,7 +141,7 @@ pub(super) fn covariance_matrix(precision: &Precision) -> Result<Tensor> {
             linalg::expm_symmetric(&linalg::symmetrize(precision.raw())?.neg()?)?
         }
         _ => {
-            let inverse = linalg::tril_inverse(&base_lower(precision)?)?;
+            let inverse = linalg::tril_inverse_routed(&base_lower(precision)?, precision.config().portable)?;
             linalg::matmul(&linalg::transpose(&inverse)?, &inverse)?
         }
     };
@@ -188,7 +187,7 @@ pub(super) fn trace_covariance(precision: &Precision) -> Result<Tensor> {
         Parameterization::Expm => {
             linalg::trace_expm_symmetric(&linalg::symmetrize(precision.raw())?.neg()?)?
         }
-        _ => linalg::tril_inverse(&base_lower(precision)?)?
+        _ => linalg::tril_inverse_routed(&base_lower(precision)?, precision.config().portable)?
             .sqr()?
             .sum((1, 2))?,
     };

@@ -1,0 +1,51 @@
+//! The one routing decision: which implementation family runs an op for a device, a dtype
+//! and the user's `portable` switch. The distance kernels, the precision statistics and the
+//! batched linear algebra all ask [`backend`]; nothing else looks at the device to choose.
+//!
+//! | device | dtype | `portable` | backend |
+//! |---|---|---|---|
+//! | CPU | f32, f64 | false | [`Backend::CpuFused`] |
+//! | CUDA (built with the `cuda` feature) | f32, f64 | false | [`Backend::Cuda`] |
+//! | anything else (Metal, f16/bf16, `portable: true`) | | | [`Backend::Portable`] |
+//!
+//! [`Backend::Portable`] is the tensor-op form of every op: what Metal runs, and what
+//! `portable: true` forces on the CPU so tests can check it against the fused forms.
+
+use candle_core::{DType, Device};
+
+/// The implementation family an op runs in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Backend {
+    /// Fused CPU ops (`CustomOp::cpu_fwd` with closed-form backward ops).
+    CpuFused,
+    /// The project's CUDA kernels (`cuda/*.cu`, `CustomOp::cuda_fwd`), cuBLAS for GEMMs.
+    Cuda,
+    /// Candle tensor ops only.
+    Portable,
+}
+
+/// Where an op on tensors of this device and dtype runs (see the module table).
+pub(crate) fn backend(device: &Device, dtype: DType, portable: bool) -> Backend {
+    if portable || !matches!(dtype, DType::F32 | DType::F64) {
+        return Backend::Portable;
+    }
+    match device {
+        Device::Cpu => Backend::CpuFused,
+        Device::Cuda(_) if cfg!(feature = "cuda") => Backend::Cuda,
+        _ => Backend::Portable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_f32_and_f64_run_fused_unless_portable() {
+        assert_eq!(backend(&Device::Cpu, DType::F32, false), Backend::CpuFused);
+        assert_eq!(backend(&Device::Cpu, DType::F64, false), Backend::CpuFused);
+        assert_eq!(backend(&Device::Cpu, DType::F64, true), Backend::Portable);
+        assert_eq!(backend(&Device::Cpu, DType::F16, false), Backend::Portable);
+        assert_eq!(backend(&Device::Cpu, DType::BF16, false), Backend::Portable);
+    }
+}
