@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["tril_inverse"];
+const KERNELS: &[&str] = &["tril_inverse", "adamw"];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");

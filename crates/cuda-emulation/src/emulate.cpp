@@ -20,6 +20,7 @@ static emulation::Dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __forceinline__ inline
 
 #include "tril_inverse.cu"
+#include "adamw.cu"
 
 template <typename Kernel>
 static void launch(unsigned long long threads, unsigned block, Kernel kernel) {
@@ -45,4 +46,20 @@ extern "C" void emulate_tril_inverse_f64(const double* lower, double* inverse, i
                                          unsigned block) {
   launch((unsigned long long)neurons * d, block,
          [&] { tril_inverse_f64(lower, inverse, neurons, d); });
+}
+
+extern "C" void emulate_adamw_f32(float* theta, float* m, float* v, const float* grad, long long n,
+                                  const float* scalars, unsigned block) {
+  const float* s = scalars;
+  launch((unsigned long long)n, block, [&] {
+    adamw_f32(theta, m, v, grad, n, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8]);
+  });
+}
+
+extern "C" void emulate_adamw_f64(double* theta, double* m, double* v, const double* grad,
+                                  long long n, const double* scalars, unsigned block) {
+  const double* s = scalars;
+  launch((unsigned long long)n, block, [&] {
+    adamw_f64(theta, m, v, grad, n, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8]);
+  });
 }

@@ -9,6 +9,24 @@
 use std::os::raw::c_int;
 
 extern "C" {
+    fn emulate_adamw_f32(
+        theta: *mut f32,
+        m: *mut f32,
+        v: *mut f32,
+        grad: *const f32,
+        n: i64,
+        scalars: *const f32,
+        block: u32,
+    );
+    fn emulate_adamw_f64(
+        theta: *mut f64,
+        m: *mut f64,
+        v: *mut f64,
+        grad: *const f64,
+        n: i64,
+        scalars: *const f64,
+        block: u32,
+    );
     fn emulate_tril_inverse_f32(
         lower: *const f32,
         inverse: *mut f32,
@@ -31,17 +49,74 @@ pub trait KernelFloat: Copy + Default {
     ///
     /// # Safety
     /// `lower` and `inverse` hold `neurons · d · d` values; `block` > 0.
-    unsafe fn tril_inverse(lower: &[Self], inverse: &mut [Self], neurons: c_int, d: c_int, block: u32);
+    unsafe fn tril_inverse(
+        lower: &[Self],
+        inverse: &mut [Self],
+        neurons: c_int,
+        d: c_int,
+        block: u32,
+    );
+    /// Runs `adamw_<dtype>` (see `cuda/adamw.cu`).
+    ///
+    /// # Safety
+    /// `theta`, `m`, `v` and `grad` hold the same number of values; `block` > 0.
+    unsafe fn adamw(state: AdamState<'_, Self>, grad: &[Self], scalars: &[Self; 9], block: u32);
+}
+
+/// A parameter and its two moments, updated in place by [`adamw`].
+pub struct AdamState<'a, T> {
+    /// The parameter θ.
+    pub theta: &'a mut [T],
+    /// The first moment.
+    pub m: &'a mut [T],
+    /// The second moment.
+    pub v: &'a mut [T],
 }
 
 impl KernelFloat for f32 {
-    unsafe fn tril_inverse(lower: &[f32], inverse: &mut [f32], neurons: c_int, d: c_int, block: u32) {
+    unsafe fn adamw(state: AdamState<'_, f32>, grad: &[f32], scalars: &[f32; 9], block: u32) {
+        let n = grad.len() as i64;
+        emulate_adamw_f32(
+            state.theta.as_mut_ptr(),
+            state.m.as_mut_ptr(),
+            state.v.as_mut_ptr(),
+            grad.as_ptr(),
+            n,
+            scalars.as_ptr(),
+            block,
+        )
+    }
+    unsafe fn tril_inverse(
+        lower: &[f32],
+        inverse: &mut [f32],
+        neurons: c_int,
+        d: c_int,
+        block: u32,
+    ) {
         emulate_tril_inverse_f32(lower.as_ptr(), inverse.as_mut_ptr(), neurons, d, block)
     }
 }
 
 impl KernelFloat for f64 {
-    unsafe fn tril_inverse(lower: &[f64], inverse: &mut [f64], neurons: c_int, d: c_int, block: u32) {
+    unsafe fn adamw(state: AdamState<'_, f64>, grad: &[f64], scalars: &[f64; 9], block: u32) {
+        let n = grad.len() as i64;
+        emulate_adamw_f64(
+            state.theta.as_mut_ptr(),
+            state.m.as_mut_ptr(),
+            state.v.as_mut_ptr(),
+            grad.as_ptr(),
+            n,
+            scalars.as_ptr(),
+            block,
+        )
+    }
+    unsafe fn tril_inverse(
+        lower: &[f64],
+        inverse: &mut [f64],
+        neurons: c_int,
+        d: c_int,
+        block: u32,
+    ) {
         emulate_tril_inverse_f64(lower.as_ptr(), inverse.as_mut_ptr(), neurons, d, block)
     }
 }
@@ -52,7 +127,11 @@ impl KernelFloat for f64 {
 /// If `lower.len() != neurons · d · d`, a size exceeds `i32`, or `block` is 0 (test support:
 /// a wrong call is a bug in the test).
 pub fn tril_inverse<T: KernelFloat>(lower: &[T], neurons: usize, d: usize, block: u32) -> Vec<T> {
-    assert_eq!(lower.len(), neurons * d * d, "lower must hold neurons·d·d values");
+    assert_eq!(
+        lower.len(),
+        neurons * d * d,
+        "lower must hold neurons·d·d values"
+    );
     assert!(block > 0, "block size must be positive");
     let mut inverse = vec![T::default(); lower.len()];
     let neurons = c_int::try_from(neurons).expect("neurons fits i32");
@@ -60,4 +139,20 @@ pub fn tril_inverse<T: KernelFloat>(lower: &[T], neurons: usize, d: usize, block
     // SAFETY: sizes checked above.
     unsafe { T::tril_inverse(lower, &mut inverse, neurons, d, block) };
     inverse
+}
+
+/// `adamw` kernel: one AdamW step in place. `scalars` in the kernel's order: β₁, 1 − β₁, β₂,
+/// 1 − β₂, scale_m, scale_v, decay, ε, lr (each rounded to `T`).
+///
+/// # Panics
+/// If the slices differ in length or `block` is 0 (test support).
+pub fn adamw<T: KernelFloat>(state: AdamState<'_, T>, grad: &[T], scalars: &[T; 9], block: u32) {
+    let n = grad.len();
+    assert!(
+        state.theta.len() == n && state.m.len() == n && state.v.len() == n,
+        "equal lengths"
+    );
+    assert!(block > 0, "block size must be positive");
+    // SAFETY: lengths checked above.
+    unsafe { T::adamw(state, grad, scalars, block) }
 }

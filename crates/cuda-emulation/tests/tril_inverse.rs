@@ -28,7 +28,10 @@ fn random_lower(neurons: usize, d: usize, seed: u64) -> Vec<f64> {
 }
 
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 /// `L · M` for row-major blocks, using only L's lower triangle.
@@ -72,8 +75,14 @@ fn f64_kernel_inverts_at_every_block_size() -> Result<()> {
         for block in BLOCKS {
             let inverse = cuda_emulation::tril_inverse(&lower, neurons, d, block);
             // Closed form: L · L⁻¹ = I (L well conditioned, so f64 rounding stays ~1e-13).
-            let residual = max_abs_diff(&lower_times(&lower, &inverse, neurons, d), &identity(neurons, d));
-            assert!(residual < 1e-12, "(Z, d) = ({neurons}, {d}), block {block}: |L M − I| = {residual:e}");
+            let residual = max_abs_diff(
+                &lower_times(&lower, &inverse, neurons, d),
+                &identity(neurons, d),
+            );
+            assert!(
+                residual < 1e-12,
+                "(Z, d) = ({neurons}, {d}), block {block}: |L M − I| = {residual:e}"
+            );
             // The strict upper triangle is written exactly 0.
             for n in 0..neurons {
                 for i in 0..d {
@@ -83,7 +92,10 @@ fn f64_kernel_inverts_at_every_block_size() -> Result<()> {
                 }
             }
             let vs_cpu = max_abs_diff(&inverse, &cpu_op);
-            assert!(vs_cpu < 1e-12, "(Z, d) = ({neurons}, {d}), block {block}: vs CPU op {vs_cpu:e}");
+            assert!(
+                vs_cpu < 1e-12,
+                "(Z, d) = ({neurons}, {d}), block {block}: vs CPU op {vs_cpu:e}"
+            );
         }
     }
     Ok(())
@@ -107,7 +119,10 @@ fn f32_kernel_matches_the_cpu_op_to_f32_rounding() -> Result<()> {
             .zip(&cpu_op)
             .map(|(a, b)| ((a - b).abs() / (1.0 + b.abs())) as f64)
             .fold(0.0, f64::max);
-        assert!(worst < 1e-4, "(Z, d) = ({neurons}, {d}): f32 kernel vs CPU op {worst:e}");
+        assert!(
+            worst < 1e-4,
+            "(Z, d) = ({neurons}, {d}): f32 kernel vs CPU op {worst:e}"
+        );
     }
     Ok(())
 }

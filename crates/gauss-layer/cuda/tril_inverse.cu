@@ -7,7 +7,8 @@
 // and no barriers: the kernel also runs, unchanged, in the CPU emulation the tests use
 // (crates/cuda-emulation).
 //
-// Launch: blocks of TRIL_INVERSE_BLOCK threads over Z·d threads (see src/cuda/mod.rs).
+// Launch: blocks of 128 threads over Z·d threads (see src/cuda/mod.rs).
+#include "common.cuh"
 
 template <typename T>
 __device__ void tril_inverse_column(const T* __restrict__ lower, T* __restrict__ inverse,
@@ -32,7 +33,7 @@ __device__ void tril_inverse_column(const T* __restrict__ lower, T* __restrict__
 template <typename T>
 __device__ void tril_inverse(const T* __restrict__ lower, T* __restrict__ inverse, int neurons,
                              int d) {
-  long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  long long thread = global_thread();
   if (thread >= (long long)neurons * d) {
     return;
   }

@@ -52,6 +52,7 @@ mod density;
 mod distribution;
 mod error;
 pub mod files;
+pub mod gpu;
 pub mod import;
 mod init;
 mod kernels;

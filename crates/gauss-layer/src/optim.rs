@@ -17,7 +17,8 @@
 //! | parameter | path |
 //! |---|---|
 //! | CPU, f32 or f64 | one in-place pass per tensor |
-//! | CUDA, Metal, other float dtypes | candle-nn's tensor-op form, with the moments as [`Var`]s |
+//! | CUDA (the `cuda` feature), f32 or f64 | one in-place kernel per tensor (`cuda/adamw.cu`, same roundings as candle-nn's ops), moments in device buffers |
+//! | Metal, other float dtypes | candle-nn's tensor-op form, with the moments as [`Var`]s |
 //!
 //! Parameters without a gradient in the [`GradStore`] are skipped, and non-float variables are
 //! dropped at construction, as candle-nn does.
@@ -53,6 +54,10 @@ use candle_core::backprop::GradStore;
 use candle_core::{bail, CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW};
 use rayon::prelude::*;
+
+use crate::route::{backend, Backend};
+#[cfg(feature = "cuda")]
+use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 
 /// Elements per parallel chunk; parameters of fewer than two chunks run on the calling thread.
 const PARALLEL_CHUNK: usize = 1 << 14;
@@ -90,6 +95,18 @@ enum Moments {
     F32 { m: Vec<f32>, v: Vec<f32> },
     /// The same for f64.
     F64 { m: Vec<f64>, v: Vec<f64> },
+    /// A contiguous f32 parameter on CUDA: moments in device buffers, updated in place.
+    #[cfg(feature = "cuda")]
+    CudaF32 {
+        m: CudaSlice<f32>,
+        v: CudaSlice<f32>,
+    },
+    /// The same for f64.
+    #[cfg(feature = "cuda")]
+    CudaF64 {
+        m: CudaSlice<f64>,
+        v: CudaSlice<f64>,
+    },
     /// Any other device or float dtype: candle-nn's tensor ops.
     Tensors { m: Var, v: Var },
 }
@@ -97,20 +114,40 @@ enum Moments {
 impl Moments {
     fn zeros(var: &Var) -> Result<Self> {
         let n = var.elem_count();
-        let host = var.device().is_cpu() && var.is_contiguous();
-        Ok(match var.dtype() {
-            DType::F32 if host => Moments::F32 {
+        let route = if var.is_contiguous() {
+            backend(var.device(), var.dtype(), false)
+        } else {
+            Backend::Portable
+        };
+        Ok(match (route, var.dtype()) {
+            (Backend::CpuFused, DType::F32) => Moments::F32 {
                 m: vec![0.0; n],
                 v: vec![0.0; n],
             },
-            DType::F64 if host => Moments::F64 {
+            (Backend::CpuFused, DType::F64) => Moments::F64 {
                 m: vec![0.0; n],
                 v: vec![0.0; n],
             },
-            dtype => Moments::Tensors {
-                m: Var::zeros(var.shape(), dtype, var.device())?,
-                v: Var::zeros(var.shape(), dtype, var.device())?,
+            #[cfg(feature = "cuda")]
+            (Backend::Cuda, dtype) => match (var.device(), dtype) {
+                (candle_core::Device::Cuda(device), DType::F32) => Moments::CudaF32 {
+                    m: device.alloc_zeros::<f32>(n)?,
+                    v: device.alloc_zeros::<f32>(n)?,
+                },
+                (candle_core::Device::Cuda(device), DType::F64) => Moments::CudaF64 {
+                    m: device.alloc_zeros::<f64>(n)?,
+                    v: device.alloc_zeros::<f64>(n)?,
+                },
+                _ => Self::tensors(var)?,
             },
+            _ => Self::tensors(var)?,
+        })
+    }
+
+    fn tensors(var: &Var) -> Result<Self> {
+        Ok(Moments::Tensors {
+            m: Var::zeros(var.shape(), var.dtype(), var.device())?,
+            v: Var::zeros(var.shape(), var.dtype(), var.device())?,
         })
     }
 }
@@ -230,6 +267,22 @@ impl<T: Element> Scalars<T> {
         *v = next_v;
     }
 
+    /// The scalars in the order of the CUDA kernel's arguments.
+    #[cfg(feature = "cuda")]
+    fn kernel_args(&self) -> crate::cuda::AdamScalars<T> {
+        [
+            self.beta1,
+            self.one_minus_beta1,
+            self.beta2,
+            self.one_minus_beta2,
+            self.scale_m,
+            self.scale_v,
+            self.decay,
+            self.eps,
+            self.lr,
+        ]
+    }
+
     fn update_slices(&self, theta: &mut [T], m: &mut [T], v: &mut [T], g: &[T]) {
         for (((theta, m), v), g) in theta.iter_mut().zip(m).zip(v).zip(g) {
             self.update(theta, m, v, *g);
@@ -307,6 +360,46 @@ impl InplaceOp2 for StepOp<'_> {
             ),
         }
         Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        if l1.shape() != l2.shape() {
+            bail!(
+                "fused-adamw: gradient of shape {:?} for a parameter of shape {:?}",
+                l2.dims(),
+                l1.dims()
+            )
+        }
+        let mut moments = self.moments.borrow_mut();
+        match &mut **moments {
+            Moments::CudaF32 { m, v } => crate::cuda::adamw_step::<f32>(
+                s1,
+                l1,
+                s2,
+                l2,
+                (m, v),
+                Scalars::<f32>::new(&self.factors).kernel_args(),
+            ),
+            Moments::CudaF64 { m, v } => crate::cuda::adamw_step::<f64>(
+                s1,
+                l1,
+                s2,
+                l2,
+                (m, v),
+                Scalars::<f64>::new(&self.factors).kernel_args(),
+            ),
+            _ => bail!(
+                "fused-adamw: a CUDA parameter of dtype {:?} without device moments",
+                s1.dtype()
+            ),
+        }
     }
 }
 

@@ -18,6 +18,7 @@
 //! ```
 
 mod alloc;
+mod device;
 mod threads;
 mod timing;
 
@@ -360,15 +361,6 @@ impl Pair {
     }
 }
 
-fn parse_device(name: &str) -> Result<Device> {
-    Ok(match name {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0).context("--device cuda (build with --features cuda)")?,
-        "metal" => Device::new_metal(0).context("--device metal (build with --features metal)")?,
-        other => bail!("--device must be cpu, cuda or metal, got {other:?}"),
-    })
-}
-
 fn parse_dtype(name: &str) -> Result<DType> {
     Ok(match name {
         "f32" => DType::F32,
@@ -405,7 +397,7 @@ fn main() -> Result<()> {
     if args.batch == 0 || args.samples == 0 || args.steps == 0 {
         bail!("--batch, --samples and --steps must be positive");
     }
-    let device = parse_device(&args.device)?;
+    let device = device::parse(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
     let (images, labels) = synthetic(&args, dtype, &device)?;
     let objective = FgnObjectiveConfig {

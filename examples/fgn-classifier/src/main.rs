@@ -211,8 +211,13 @@ fn parameterization_parser() -> PossibleValuesParser {
 fn device(arg: DeviceArg) -> Result<Device> {
     Ok(match arg {
         DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => Device::new_cuda(0)
-            .context("cannot open CUDA device 0 (built with --features cuda?)")?,
+        DeviceArg::Cuda => {
+            let device = Device::new_cuda(0)
+                .context("cannot open CUDA device 0 (built with --features cuda?)")?;
+            // Reuse freed memory across steps, as PyTorch's caching allocator does.
+            gauss_layer::gpu::retain_freed_memory(&device)?;
+            device
+        }
         DeviceArg::Metal => Device::new_metal(0)
             .context("cannot open the Metal device (built with --features metal?)")?,
     })

@@ -6,7 +6,9 @@
 //! same sources on the CPU in the tests, at several block sizes.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout};
 
@@ -69,4 +71,73 @@ pub(crate) fn tril_inverse(
         DType::F64 => tril_inverse_typed::<f64>(storage, layout, "tril_inverse_f64", neurons, dim),
         other => bail!("tril_inverse (CUDA): supports f32 and f64, got {other:?}"),
     }
+}
+
+const ADAMW_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
+
+/// Threads per block of the element-wise kernels.
+const ELEMENTWISE_BLOCK: u32 = 256;
+
+/// The scalars of one AdamW step, rounded to the parameter's dtype, in the kernel's argument
+/// order: β₁, 1 − β₁, β₂, 1 − β₂, scale_m, scale_v, decay, ε, lr.
+pub(crate) type AdamScalars<T> = [T; 9];
+
+/// One AdamW step in place (`cuda/adamw.cu`): the parameter in `theta` (contiguous), its
+/// gradient `grad`, the moments `m` and `v` (as many elements as the parameter).
+pub(crate) fn adamw_step<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+    theta: &mut CudaStorage,
+    theta_layout: &Layout,
+    grad: &CudaStorage,
+    grad_layout: &Layout,
+    moments: (&mut CudaSlice<T>, &mut CudaSlice<T>),
+    scalars: AdamScalars<T>,
+) -> candle_core::Result<()> {
+    let (Some((t0, t1)), Some((g0, g1))) = (
+        theta_layout.contiguous_offsets(),
+        grad_layout.contiguous_offsets(),
+    ) else {
+        bail!("fused-adamw (CUDA): expected a contiguous parameter and gradient");
+    };
+    let n = t1 - t0;
+    if g1 - g0 != n || moments.0.len() != n || moments.1.len() != n {
+        bail!(
+            "fused-adamw (CUDA): parameter of {n} elements, gradient of {}, moments of {} and {}",
+            g1 - g0,
+            moments.0.len(),
+            moments.1.len()
+        );
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let kernel = match T::DTYPE {
+        DType::F32 => "adamw_f32",
+        DType::F64 => "adamw_f64",
+        other => bail!("fused-adamw (CUDA): supports f32 and f64, got {other:?}"),
+    };
+    let device = theta.device().clone();
+    let func = device.get_or_load_custom_func(kernel, "gauss_adamw", ADAMW_PTX)?;
+    let grad = grad.as_cuda_slice::<T>()?.slice(g0..g1);
+    let mut theta = theta.as_cuda_slice_mut::<T>()?.slice_mut(t0..t1);
+    let count = n as i64;
+    let blocks = u32::try_from(n.div_ceil(ELEMENTWISE_BLOCK as usize)).map_err(|_| {
+        candle_core::Error::Msg(format!("fused-adamw (CUDA): {n} elements exceed the grid"))
+    })?;
+    let config = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (ELEMENTWISE_BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut builder = func.builder();
+    builder.arg(&mut theta);
+    builder.arg(moments.0);
+    builder.arg(moments.1);
+    builder.arg(&grad);
+    builder.arg(&count);
+    for scalar in &scalars {
+        builder.arg(scalar);
+    }
+    // SAFETY: the argument list matches `adamw_<dtype>` in cuda/adamw.cu; sizes checked above.
+    unsafe { builder.launch(config) }.w()?;
+    Ok(())
 }

@@ -232,9 +232,7 @@ pub(crate) fn tril_inverse_routed(lower: &Tensor, portable: bool) -> Result<Tens
     let d = square_dim(lower, "tril_inverse: lower", Some(3))?;
     match backend(lower.device(), lower.dtype(), portable) {
         Backend::Portable => tril_inverse_rec(lower, d),
-        Backend::CpuFused | Backend::Cuda => {
-            Ok(lower.apply_op1(tril_inverse_op::TrilInverse)?)
-        }
+        Backend::CpuFused | Backend::Cuda => Ok(lower.apply_op1(tril_inverse_op::TrilInverse)?),
     }
 }
 

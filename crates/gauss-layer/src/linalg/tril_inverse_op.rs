@@ -33,19 +33,21 @@ fn invert_blocks<T: faer::traits::ComplexField + Copy + Send + Sync>(
     if block == 0 {
         return out;
     }
-    out.par_chunks_mut(block).enumerate().for_each(|(n, inverse)| {
-        faer::linalg::triangular_inverse::invert_lower_triangular(
-            MatMut::from_row_major_slice_mut(inverse, dim, dim),
-            MatRef::from_row_major_slice(&lower[n * block..(n + 1) * block], dim, dim),
-            Par::Seq,
-        );
-        // faer leaves the strict upper triangle of the destination untouched: zero it.
-        for i in 0..dim {
-            for j in i + 1..dim {
-                inverse[i * dim + j] = T::zero_impl();
+    out.par_chunks_mut(block)
+        .enumerate()
+        .for_each(|(n, inverse)| {
+            faer::linalg::triangular_inverse::invert_lower_triangular(
+                MatMut::from_row_major_slice_mut(inverse, dim, dim),
+                MatRef::from_row_major_slice(&lower[n * block..(n + 1) * block], dim, dim),
+                Par::Seq,
+            );
+            // faer leaves the strict upper triangle of the destination untouched: zero it.
+            for i in 0..dim {
+                for j in i + 1..dim {
+                    inverse[i * dim + j] = T::zero_impl();
+                }
             }
-        }
-    });
+        });
     out
 }
 
@@ -67,7 +69,10 @@ impl CustomOp1 for TrilInverse {
             CpuStorage::F64(_) => {
                 CpuStorage::F64(invert_blocks(&row_major::<f64>(storage, layout)?, z, d))
             }
-            other => bail!("tril_inverse: supports f32 and f64, got {:?}", other.dtype()),
+            other => bail!(
+                "tril_inverse: supports f32 and f64, got {:?}",
+                other.dtype()
+            ),
         };
         Ok((out, layout.shape().clone()))
     }
@@ -139,7 +144,11 @@ mod tests {
                 ("value", &results[0].0, &results[1].0),
                 ("gradient", &results[0].1, &results[1].1),
             ] {
-                let scale = b.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let scale = b
+                    .abs()?
+                    .max_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
                 let diff = (a - b)?
                     .abs()?
                     .max_all()?

@@ -114,7 +114,13 @@ pub(super) fn precision_matrix(precision: &Precision) -> Result<Tensor> {
         (Parameterization::Direct, Some(sigma)) => {
             let p = linalg::symmetrize(raw)?;
             let k = floor_cholesky(sigma, &p, precision.dim())?;
-            let pk = linalg::matmul(&p, &linalg::transpose(&linalg::tril_inverse_routed(&k, precision.config().portable)?)?)?;
+            let pk = linalg::matmul(
+                &p,
+                &linalg::transpose(&linalg::tril_inverse_routed(
+                    &k,
+                    precision.config().portable,
+                )?)?,
+            )?;
             Ok((p - (linalg::gram(&pk)? * (sigma * sigma))?)?)
         }
         (Parameterization::Expm, None) => linalg::expm_symmetric(&linalg::symmetrize(raw)?),
@@ -141,7 +147,8 @@ pub(super) fn covariance_matrix(precision: &Precision) -> Result<Tensor> {
             linalg::expm_symmetric(&linalg::symmetrize(precision.raw())?.neg()?)?
         }
         _ => {
-            let inverse = linalg::tril_inverse_routed(&base_lower(precision)?, precision.config().portable)?;
+            let inverse =
+                linalg::tril_inverse_routed(&base_lower(precision)?, precision.config().portable)?;
             linalg::matmul(&linalg::transpose(&inverse)?, &inverse)?
         }
     };

@@ -49,7 +49,10 @@ pub(super) fn covariance_matrix(precision: &Precision) -> Result<Tensor> {
     let (theta, u) = parts(precision)?;
     let (lower, scaled) = capacitance(&theta, &u)?;
     // (D⁻¹U)(I + K)⁻¹(D⁻¹U)ᵀ = Yᵀ Y with Y = C⁻¹ (D⁻¹U)ᵀ.
-    let y = linalg::matmul(&linalg::tril_inverse_routed(&lower, precision.config().portable)?, &linalg::transpose(&scaled)?)?;
+    let y = linalg::matmul(
+        &linalg::tril_inverse_routed(&lower, precision.config().portable)?,
+        &linalg::transpose(&scaled)?,
+    )?;
     let correction = linalg::matmul(&linalg::transpose(&y)?, &y)?;
     Ok((linalg::diag_embed(&theta.neg()?.exp()?)? - correction)?)
 }
@@ -66,7 +69,10 @@ pub(super) fn log_det_precision(precision: &Precision) -> Result<Tensor> {
 pub(super) fn trace_covariance(precision: &Precision) -> Result<Tensor> {
     let (theta, u) = parts(precision)?;
     let (lower, scaled) = capacitance(&theta, &u)?;
-    let y = linalg::matmul(&linalg::tril_inverse_routed(&lower, precision.config().portable)?, &linalg::transpose(&scaled)?)?;
+    let y = linalg::matmul(
+        &linalg::tril_inverse_routed(&lower, precision.config().portable)?,
+        &linalg::transpose(&scaled)?,
+    )?;
     Ok((theta.neg()?.exp()?.sum(D::Minus1)? - y.sqr()?.sum((1, 2))?)?)
 }
 
