@@ -272,10 +272,10 @@ fn tied_fit_reaches_scikit_learn() -> Result<()> {
     Ok(())
 }
 
-/// A tied fit saved as its tensors and loaded back scores the same; the tied family in diag;
-/// the errors of tied mixtures.
+/// A tied fit saved as its tensors and loaded back scores the same; the tied families of
+/// diag, sphere and lowrank; the errors of tied mixtures.
 #[test]
-fn tied_round_trip_diag_and_errors() -> Result<()> {
+fn tied_round_trip_families_and_errors() -> Result<()> {
     let dev = Device::Cpu;
     let file = load("mixture_d2_k3_overlapping")?;
     let x = get(&file, "x")?;
@@ -294,16 +294,25 @@ fn tied_round_trip_diag_and_errors() -> Result<()> {
     assert_shared(&loaded)?;
     std::fs::remove_dir_all(&dir)?;
 
-    // diag: one shared diagonal covariance, K·d + d + K − 1 parameters.
-    let varmap = VarMap::new();
-    let diag = tied_mixture(2, 3, Parameterization::Diag, &varmap)?;
-    let fit = diag.fit(x, &MixtureFitOptions::default())?;
-    assert!(fit.converged && fit.mean_log_likelihood.is_finite());
-    assert_shared(&diag)?;
-    assert_eq!(diag.num_parameters(), 6 + 2 + 2);
-    let untied =
-        tied_mixture(2, 3, Parameterization::Diag, &VarMap::new())?.with_tied_covariance(false)?;
-    assert_eq!(untied.num_parameters(), 6 + 6 + 2);
+    // diag, sphere, lowrank: one shared covariance in the family, counted once (lowrank:1
+    // in 2-D: the diagonal and the factor, d + d·r = 4 values, capped at the full 3).
+    for (parameterization, covariance_parameters) in [
+        (Parameterization::Diag, 2),
+        (Parameterization::Sphere, 1),
+        (Parameterization::LowRank { rank: 1 }, 3),
+    ] {
+        let varmap = VarMap::new();
+        let tied = tied_mixture(2, 3, parameterization, &varmap)?;
+        let fit = tied.fit(x, &MixtureFitOptions::default())?;
+        assert!(
+            fit.converged && fit.mean_log_likelihood.is_finite(),
+            "{parameterization}: {fit:?}"
+        );
+        assert_shared(&tied)?;
+        assert_eq!(tied.num_parameters(), 6 + covariance_parameters + 2);
+        let untied = tied.with_tied_covariance(false)?;
+        assert_eq!(untied.num_parameters(), 6 + 3 * covariance_parameters + 2);
+    }
 
     let unequal = mixture
         .set_parameters(
