@@ -94,7 +94,7 @@ struct Args {
     kmeans_inits: usize,
     /// Mixture: AdamW steps on the mixture NLL after EM; default 0 where EM maximizes over
     /// the parameterization's family (all six here; lowrank with a width floor excepted),
-    /// 300 otherwise.
+    /// 300 otherwise; refinement would untie a `--tied` mixture, which is never refined.
     #[arg(long)]
     refine_steps: Option<usize>,
     /// Mixture: peak learning rate of the refinement (cosine decay).
