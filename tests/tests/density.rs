@@ -16,5 +16,7 @@ mod low_rank;
 mod mixture;
 #[path = "density/mixture_methods.rs"]
 mod mixture_methods;
+#[path = "density/mixture_tied.rs"]
+mod mixture_tied;
 #[path = "density/sample.rs"]
 mod sample;

@@ -1,8 +1,18 @@
-//! One neuron as a distribution with the shapes of `torch.distributions.MultivariateNormal`:
-//! `log_prob` of (…, d) samples is (…), `sample`/`rsample` give (n, d), `entropy` and
-//! `kl_divergence` are scalars. The view shares the layer's tensors (a narrow of the center
-//! and of the raw precision), so `rsample`, `log_prob`, `entropy` and `kl_divergence` carry
-//! gradients to the layer's variables.
+//! Neurons as distributions with the shapes of `torch.distributions.MultivariateNormal`:
+//! - [`MultivariateNormal`] (`layer.distribution(z)`), one neuron: `log_prob` of (…, d)
+//!   samples is (…), `sample`/`rsample` give (n, d), `entropy` and `kl_divergence` are
+//!   scalars;
+//! - [`MultivariateNormalBatch`] (`layer.distributions()`), all Z neurons as one batch
+//!   (torch's `batch_shape` (Z)): `mean` (Z, d), `covariance`/`precision` (Z, d, d),
+//!   `entropy` (Z), `kl_divergence` elementwise (Z), `sample`/`rsample` (n, Z, d), and
+//!   `log_prob` in torch's batch semantics, (…, Z, d) → (…, Z), each member scoring its own
+//!   sample, besides `log_prob_all`, every sample under every member, (…, d) → (…, Z).
+//!
+//! A single neuron is the batch of one: [`MultivariateNormal`] holds a
+//! [`MultivariateNormalBatch`] of Z = 1 and drops the batch dimension, so both run the same
+//! code. The views share the layer's tensors (the whole center and raw precision, or a
+//! narrow of them), so `rsample`, `log_prob`, `entropy` and `kl_divergence` carry gradients
+//! to the layer's variables.
 //!
 //! Like torch's `validate_args` (on by default there), the view checks its input by default:
 //! `log_prob` rejects a sample holding NaN with an error instead of returning NaN (infinities
@@ -28,25 +38,74 @@
 //! assert!(normal.log_prob(&nan).is_err());
 //! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
+//!
+//! All neurons of a layer at once:
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use gauss_layer::{GaussLayer, GaussLayerConfig};
+//! let device = Device::Cpu;
+//! // Two neurons in 2-D: N((0, 0), I) and N((1, 2), diag(4, 1)).
+//! let means = Tensor::new(&[[0.0f64, 0.0], [1.0, 2.0]], &device)?;
+//! let covariances = Tensor::new(&[[[1.0f64, 0.0], [0.0, 1.0]], [[4.0, 0.0], [0.0, 1.0]]], &device)?;
+//! let layer = GaussLayer::from_covariance(&means, &covariances, GaussLayerConfig::default())?;
+//! let batch = layer.distributions()?;
+//! assert_eq!(batch.mean()?.dims(), &[2, 2]);
+//! // torch's batch semantics: x (N, Z, d), member z scores x[:, z] → (N, Z).
+//! let x = Tensor::new(&[[[0.0f64, 0.0], [1.0, 2.0]]], &device)?; // each at its own mean
+//! let log_p = batch.log_prob(&x)?.to_vec2::<f64>()?;
+//! let ln_2pi = (2.0 * std::f64::consts::PI).ln();
+//! assert!((log_p[0][0] + ln_2pi).abs() < 1e-12); // −½·ln det(2π I)
+//! assert!((log_p[0][1] + ln_2pi + 0.5 * 4f64.ln()).abs() < 1e-12); // −½·ln det(2π Σ₁)
+//! // Every sample under every member: (…, d) → (…, Z).
+//! assert_eq!(batch.log_prob_all(&x.get(0)?)?.dims(), &[2, 2]);
+//! // Entropies (Z) and the elementwise KL against another batch (Z).
+//! assert_eq!(batch.entropy()?.dims(), &[2]);
+//! assert!(batch.kl_divergence(&batch)?.abs()?.max(0)?.to_scalar::<f64>()? < 1e-12);
+//! let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+//! assert_eq!(batch.sample(5, &mut rng)?.dims(), &[5, 2, 2]); // (n, Z, d)
+//! # Ok::<(), gauss_layer::GaussError>(())
+//! ```
 
-use candle_core::Tensor;
+use candle_core::{Tensor, D};
 use rand::Rng;
 
-use crate::config::GaussLayerConfig;
+use crate::config::{GaussLayerConfig, Parameterization};
+use crate::density::flatten_leading;
 use crate::error::{check_dtype, GaussError, Result};
 use crate::layer::GaussLayer;
 use crate::linalg;
-use crate::ops::log_normalizer;
+use crate::ops::{log_normalizer, log_prob_from_mahalanobis};
+use crate::precision::Precision;
+use crate::repair;
 
-/// One neuron's normal N(c, P⁻¹) as a distribution (see the module docs).
+/// The Z neurons of a layer as a batch of normals N(c_z, P_z⁻¹), torch's
+/// `MultivariateNormal` with `batch_shape` (Z) and `event_shape` (d) (see the module docs).
 #[derive(Clone, Debug)]
-pub struct MultivariateNormal {
-    /// A one-neuron Gaussian-only layer sharing the source layer's tensors.
+pub struct MultivariateNormalBatch {
+    /// A Gaussian-only layer sharing the source layer's tensors.
     layer: GaussLayer,
     validate_args: bool,
 }
 
+/// One neuron's normal N(c, P⁻¹) as a distribution (see the module docs): the batch of one.
+#[derive(Clone, Debug)]
+pub struct MultivariateNormal {
+    batch: MultivariateNormalBatch,
+}
+
 impl GaussLayer {
+    /// The layer's Gaussian factors as one [`MultivariateNormalBatch`] of Z normals (for a
+    /// layer with a linear part, the densities of its Gaussians), sharing the layer's
+    /// tensors.
+    ///
+    /// # Errors
+    /// Candle errors (none for a valid layer).
+    pub fn distributions(&self) -> Result<MultivariateNormalBatch> {
+        let precision = self.precision().clone();
+        MultivariateNormalBatch::over(self, self.center().clone(), precision)
+    }
+
     /// Neuron `neuron`'s normal N(c, P⁻¹) as a [`MultivariateNormal`] (its Gaussian factor,
     /// for a layer with a linear part), sharing the layer's tensors.
     ///
@@ -63,16 +122,8 @@ impl GaussLayer {
         let center = self.center().narrow(0, neuron, 1)?;
         let precision = self.precision();
         let precision = precision.with_raw(precision.raw().narrow(0, neuron, 1)?)?;
-        let config = GaussLayerConfig {
-            gaussian_only: true,
-            tanh: false,
-            tied_bias: false,
-            ..self.config().clone()
-        };
-        let layer = GaussLayer::new(None, None, center, precision, config)?;
         Ok(MultivariateNormal {
-            layer,
-            validate_args: true,
+            batch: MultivariateNormalBatch::over(self, center, precision)?,
         })
     }
 
@@ -93,7 +144,7 @@ impl GaussLayer {
 
 /// Errors when `x` (…, d) holds a NaN, naming the first row that does.
 fn check_no_nan(x: &Tensor, d: usize) -> Result<()> {
-    let (flat, _) = crate::density::flatten_leading(x, d, "input x")?;
+    let (flat, _) = flatten_leading(x, d, "input x")?;
     if flat.dims()[0] == 0 {
         return Ok(());
     }
@@ -112,6 +163,269 @@ fn check_no_nan(x: &Tensor, d: usize) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+impl MultivariateNormalBatch {
+    /// The Gaussian-only layer of `center` and `precision` (all of `source`'s neurons or a
+    /// narrow of them), input checks on.
+    fn over(source: &GaussLayer, center: Tensor, precision: Precision) -> Result<Self> {
+        let config = GaussLayerConfig {
+            gaussian_only: true,
+            tanh: false,
+            tied_bias: false,
+            ..source.config().clone()
+        };
+        Ok(Self {
+            layer: GaussLayer::new(None, None, center, precision, config)?,
+            validate_args: true,
+        })
+    }
+
+    /// Z normals N(`mean[z]`, `covariance[z]`) held in `config`'s parameterization.
+    ///
+    /// # Shapes
+    /// `mean`: (Z, d), `covariance`: (Z, d, d)
+    ///
+    /// # Errors
+    /// As [`GaussLayer::from_covariance`].
+    pub fn from_covariance(
+        mean: &Tensor,
+        covariance: &Tensor,
+        config: GaussLayerConfig,
+    ) -> Result<Self> {
+        GaussLayer::from_covariance(mean, covariance, config)?.distributions()
+    }
+
+    /// Z normals N(`mean[z]`, `precision[z]⁻¹`) held in `config`'s parameterization.
+    ///
+    /// # Shapes
+    /// `mean`: (Z, d), `precision`: (Z, d, d)
+    ///
+    /// # Errors
+    /// As [`GaussLayer::from_precision`].
+    pub fn from_precision(
+        mean: &Tensor,
+        precision: &Tensor,
+        config: GaussLayerConfig,
+    ) -> Result<Self> {
+        GaussLayer::from_precision(mean, precision, config)?.distributions()
+    }
+
+    /// The same batch with input checks on (the default) or off.
+    pub fn with_validate_args(self, validate_args: bool) -> Self {
+        Self {
+            validate_args,
+            ..self
+        }
+    }
+
+    /// Whether `log_prob` and `log_prob_all` check their input for NaN (default true, as
+    /// torch).
+    pub fn validate_args(&self) -> bool {
+        self.validate_args
+    }
+
+    /// The Gaussian-only layer behind the view.
+    pub fn layer(&self) -> &GaussLayer {
+        &self.layer
+    }
+
+    /// The dimension d (torch's `event_shape` is (d)).
+    pub fn dim(&self) -> usize {
+        self.layer.in_features()
+    }
+
+    /// The number of normals Z (torch's `batch_shape` is (Z)).
+    pub fn batch_size(&self) -> usize {
+        self.layer.out_features()
+    }
+
+    /// The means.
+    ///
+    /// # Shapes
+    /// → (Z, d)
+    ///
+    /// # Errors
+    /// None in practice (the `Result` matches the other accessors).
+    pub fn mean(&self) -> Result<Tensor> {
+        Ok(self.layer.center().clone())
+    }
+
+    /// The covariances `P_z⁻¹`.
+    ///
+    /// # Shapes
+    /// → (Z, d, d)
+    ///
+    /// # Errors
+    /// As [`crate::Precision::covariance_matrix`].
+    pub fn covariance(&self) -> Result<Tensor> {
+        self.layer.precision().covariance_matrix()
+    }
+
+    /// The precisions `P_z`.
+    ///
+    /// # Shapes
+    /// → (Z, d, d)
+    ///
+    /// # Errors
+    /// As [`crate::Precision::precision_matrix`].
+    pub fn precision(&self) -> Result<Tensor> {
+        self.layer.precision().precision_matrix()
+    }
+
+    /// Every sample under every member: `log N(x | c_z, P_z⁻¹)` (as
+    /// [`GaussLayer::log_prob`]); with `validate_args`, a sample holding NaN is an error.
+    ///
+    /// # Shapes
+    /// `x`: (…, d) → (…, Z)
+    ///
+    /// # Errors
+    /// As [`GaussLayer::log_prob`]; NaN in `x` when validating.
+    pub fn log_prob_all(&self, x: &Tensor) -> Result<Tensor> {
+        if self.validate_args {
+            self.layer.log_prob_validated(x)
+        } else {
+            self.layer.log_prob(x)
+        }
+    }
+
+    /// torch's batch semantics: member z scores its own sample, `out[…, z] =
+    /// log N(x[…, z, :] | c_z, P_z⁻¹)`; with `validate_args`, a sample holding NaN is an
+    /// error.
+    ///
+    /// # Shapes
+    /// `x`: (…, Z, d) → (…, Z)
+    ///
+    /// # Errors
+    /// `x` not ending in (Z, d) or of another dtype than the layer; NaN in `x` when
+    /// validating; a `direct` precision that is not positive definite.
+    pub fn log_prob(&self, x: &Tensor) -> Result<Tensor> {
+        let (z, d) = (self.batch_size(), self.dim());
+        let dims = x.dims();
+        if dims.len() < 2 || dims[dims.len() - 2..] != [z, d] {
+            return Err(GaussError::shape(
+                "input x",
+                format!("(…, {z}, {d}): one sample per member of the batch"),
+                dims,
+            ));
+        }
+        check_dtype("input x", x, self.layer.center().dtype(), "the layer")?;
+        if self.validate_args {
+            check_no_nan(x, d)?;
+        }
+        let leading = &dims[..dims.len() - 2];
+        let n = leading.iter().product::<usize>();
+        let out_shape: Vec<usize> = leading.iter().copied().chain([z]).collect();
+        if n == 0 {
+            return Ok(Tensor::zeros(out_shape, x.dtype(), x.device())?);
+        }
+        let precision = self.layer.precision();
+        if precision.parameterization() == Parameterization::Direct {
+            repair::check_positive_definite(precision)?.into_result()?;
+        }
+        // (n, Z, d) → differences per member, (Z, n, d).
+        let delta = x
+            .reshape((n, z, d))?
+            .broadcast_sub(&self.layer.center().unsqueeze(0)?)?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let m2 = if let Some(diagonal) = precision.diagonal_precision()? {
+            delta
+                .sqr()?
+                .broadcast_mul(&diagonal.unsqueeze(1)?)?
+                .sum(D::Minus1)?
+        } else if let Some(factor) = precision.factor()? {
+            // P = F Fᵀ: m2 = ‖Fᵀ δ‖² = ‖δᵀ F‖².
+            linalg::matmul(&delta, &factor)?.sqr()?.sum(D::Minus1)?
+        } else {
+            let projected = linalg::matmul(&delta, &precision.precision_matrix()?)?;
+            (projected * &delta)?.sum(D::Minus1)?.relu()?
+        }; // (Z, n)
+        let log_det = precision.log_det_precision()?;
+        Ok(log_prob_from_mahalanobis(&m2.t()?, &log_det, d)?.reshape(out_shape)?)
+    }
+
+    /// The differential entropies `½·d·(1 + ln 2π) − ½·ln det P_z`, nats.
+    ///
+    /// # Shapes
+    /// → (Z)
+    ///
+    /// # Errors
+    /// As [`crate::Precision::log_det_precision`].
+    pub fn entropy(&self) -> Result<Tensor> {
+        let d = self.dim();
+        let log_det = self.layer.precision().log_det_precision()?;
+        Ok(((log_det * -0.5)? + (log_normalizer(d) + 0.5 * d as f64))?)
+    }
+
+    /// `KL(self_z ‖ other_z)` per member, in closed form:
+    /// `½·[tr(P_o Σ_s) + (c_o − c_s)ᵀ P_o (c_o − c_s) − d + ln det P_s − ln det P_o]`.
+    ///
+    /// # Shapes
+    /// → (Z); `other` has the same Z and d
+    ///
+    /// # Errors
+    /// Another batch size, dimension, dtype or device; as
+    /// [`crate::Precision::covariance_matrix`].
+    pub fn kl_divergence(&self, other: &MultivariateNormalBatch) -> Result<Tensor> {
+        let (z, d) = (self.batch_size(), self.dim());
+        if (other.batch_size(), other.dim()) != (z, d) {
+            return Err(GaussError::shape(
+                "other distribution's mean",
+                format!("({z}, {d}), as this batch's"),
+                &[other.batch_size(), other.dim()],
+            ));
+        }
+        let own_mean = self.layer.center();
+        let other_mean = other.layer.center();
+        check_dtype(
+            "other distribution's mean",
+            other_mean,
+            own_mean.dtype(),
+            "this distribution",
+        )?;
+        if !other_mean.device().same_device(own_mean.device()) {
+            return Err(GaussError::config(
+                "device",
+                "the other distribution is on another device than this one",
+            ));
+        }
+        let other_precision = other.precision()?; // (Z, d, d)
+        let trace = (&other_precision * &self.covariance()?)?
+            .sum(D::Minus1)?
+            .sum(D::Minus1)?;
+        let delta = (other_mean - own_mean)?.unsqueeze(2)?; // (Z, d, 1)
+        let quadratic = (linalg::matmul(&other_precision, &delta)? * &delta)?
+            .sum(D::Minus1)?
+            .sum(D::Minus1)?;
+        let own_log_det = self.layer.precision().log_det_precision()?;
+        let other_log_det = other.layer.precision().log_det_precision()?;
+        let sum = (((trace + quadratic)? + (own_log_det - other_log_det)?)? - d as f64)?;
+        Ok((sum * 0.5)?)
+    }
+
+    /// `n` reparameterized draws `c_z + A_z ε` per member (`A_z A_zᵀ = Σ_z`, `ε` standard
+    /// normal from `rng` on the host): differentiable in the layer's tensors.
+    ///
+    /// # Shapes
+    /// → (n, Z, d)
+    ///
+    /// # Errors
+    /// As [`GaussLayer::sample`].
+    pub fn rsample<R: Rng + ?Sized>(&self, n: usize, rng: &mut R) -> Result<Tensor> {
+        self.layer.sample(n, rng)
+    }
+
+    /// `n` draws per member, detached from the graph.
+    ///
+    /// # Shapes
+    /// → (n, Z, d)
+    ///
+    /// # Errors
+    /// As [`GaussLayer::sample`].
+    pub fn sample<R: Rng + ?Sized>(&self, n: usize, rng: &mut R) -> Result<Tensor> {
+        Ok(self.rsample(n, rng)?.detach())
+    }
 }
 
 impl MultivariateNormal {
@@ -148,24 +462,28 @@ impl MultivariateNormal {
     /// The same distribution with input checks on (the default) or off.
     pub fn with_validate_args(self, validate_args: bool) -> Self {
         Self {
-            validate_args,
-            ..self
+            batch: self.batch.with_validate_args(validate_args),
         }
     }
 
     /// Whether `log_prob` checks its input for NaN (default true, as torch).
     pub fn validate_args(&self) -> bool {
-        self.validate_args
+        self.batch.validate_args()
     }
 
     /// The one-neuron Gaussian-only layer behind the view.
     pub fn layer(&self) -> &GaussLayer {
-        &self.layer
+        self.batch.layer()
+    }
+
+    /// The batch of one this view drops the batch dimension of.
+    pub fn as_batch(&self) -> &MultivariateNormalBatch {
+        &self.batch
     }
 
     /// The dimension d (torch's `event_shape` is (d)).
     pub fn dim(&self) -> usize {
-        self.layer.in_features()
+        self.batch.dim()
     }
 
     /// The mean c.
@@ -176,7 +494,7 @@ impl MultivariateNormal {
     /// # Errors
     /// Candle errors.
     pub fn mean(&self) -> Result<Tensor> {
-        Ok(self.layer.center().squeeze(0)?)
+        Ok(self.batch.mean()?.squeeze(0)?)
     }
 
     /// The covariance `P⁻¹`.
@@ -187,7 +505,7 @@ impl MultivariateNormal {
     /// # Errors
     /// As [`crate::Precision::covariance_matrix`].
     pub fn covariance(&self) -> Result<Tensor> {
-        Ok(self.layer.precision().covariance_matrix()?.squeeze(0)?)
+        Ok(self.batch.covariance()?.squeeze(0)?)
     }
 
     /// The precision P.
@@ -198,7 +516,7 @@ impl MultivariateNormal {
     /// # Errors
     /// As [`crate::Precision::precision_matrix`].
     pub fn precision(&self) -> Result<Tensor> {
-        Ok(self.layer.precision().precision_matrix()?.squeeze(0)?)
+        Ok(self.batch.precision()?.squeeze(0)?)
     }
 
     /// `log N(x | c, P⁻¹)`; with `validate_args`, a sample holding NaN is an error.
@@ -209,11 +527,7 @@ impl MultivariateNormal {
     /// # Errors
     /// As [`GaussLayer::log_prob`]; NaN in `x` when validating.
     pub fn log_prob(&self, x: &Tensor) -> Result<Tensor> {
-        let log_prob = if self.validate_args {
-            self.layer.log_prob_validated(x)?
-        } else {
-            self.layer.log_prob(x)?
-        };
+        let log_prob = self.batch.log_prob_all(x)?;
         Ok(log_prob.squeeze(log_prob.rank() - 1)?)
     }
 
@@ -225,9 +539,7 @@ impl MultivariateNormal {
     /// # Errors
     /// As [`crate::Precision::log_det_precision`].
     pub fn entropy(&self) -> Result<Tensor> {
-        let d = self.dim();
-        let log_det = self.layer.precision().log_det_precision()?.squeeze(0)?;
-        Ok(((log_det * -0.5)? + (log_normalizer(d) + 0.5 * d as f64))?)
+        Ok(self.batch.entropy()?.squeeze(0)?)
     }
 
     /// `KL(self ‖ other)` in closed form:
@@ -239,35 +551,7 @@ impl MultivariateNormal {
     /// # Errors
     /// Another dimension, dtype or device; as [`crate::Precision::covariance_matrix`].
     pub fn kl_divergence(&self, other: &MultivariateNormal) -> Result<Tensor> {
-        let d = self.dim();
-        if other.dim() != d {
-            return Err(GaussError::shape(
-                "other distribution's mean",
-                format!("({d})"),
-                &[other.dim()],
-            ));
-        }
-        let own_mean = self.mean()?;
-        let other_mean = other.mean()?;
-        check_dtype(
-            "other distribution's mean",
-            &other_mean,
-            own_mean.dtype(),
-            "this distribution",
-        )?;
-        let other_precision = other.precision()?;
-        let trace = (&other_precision * &self.covariance()?)?.sum_all()?;
-        let delta = (other_mean - own_mean)?.unsqueeze(1)?; // (d, 1)
-        let quadratic = linalg::matmul(
-            &linalg::transpose(&delta)?,
-            &other_precision.matmul(&delta)?,
-        )?
-        .squeeze(1)?
-        .squeeze(0)?;
-        let own_log_det = self.layer.precision().log_det_precision()?.squeeze(0)?;
-        let other_log_det = other.layer.precision().log_det_precision()?.squeeze(0)?;
-        let sum = (((trace + quadratic)? + (own_log_det - other_log_det)?)? - d as f64)?;
-        Ok((sum * 0.5)?)
+        Ok(self.batch.kl_divergence(&other.batch)?.squeeze(0)?)
     }
 
     /// `n` reparameterized draws `c + A ε` (`A Aᵀ = Σ`, `ε` standard normal from `rng` on the
@@ -279,7 +563,7 @@ impl MultivariateNormal {
     /// # Errors
     /// As [`GaussLayer::sample`].
     pub fn rsample<R: Rng + ?Sized>(&self, n: usize, rng: &mut R) -> Result<Tensor> {
-        Ok(self.layer.sample(n, rng)?.squeeze(1)?)
+        Ok(self.batch.rsample(n, rng)?.squeeze(1)?)
     }
 
     /// `n` draws, detached from the graph.

@@ -12,7 +12,8 @@
 //! - [`Precision`]: the six parameterizations of `P` ([`Parameterization`]): cholesky
 //!   (default), direct (with [`repair`]), expm, diag, sphere, lowrank.
 //! - Densities: [`GaussLayer::log_prob`], [`GaussLayer::sample`], one neuron as a
-//!   [`MultivariateNormal`], and [`GaussianMixture`] fitted like scikit-learn's.
+//!   [`MultivariateNormal`], a whole layer as a [`MultivariateNormalBatch`], and
+//!   [`GaussianMixture`] fitted like scikit-learn's (full, diag, spherical, tied).
 //! - [`ops`]: the functional core (distances through the kernel resolver, the Gaussian, the
 //!   gate) and [`linalg`]: batched linear algebra in tensor ops (every device).
 //! - [`GaussNet`]: a stack of layers; [`checkpoint`]: self-describing safetensors files;
@@ -72,7 +73,7 @@ pub mod testing;
 pub use config::{
     DistanceKernel, GaussLayerConfig, InitConfig, Parameterization, PositiveMap, PrecisionConfig,
 };
-pub use distribution::MultivariateNormal;
+pub use distribution::{MultivariateNormal, MultivariateNormalBatch};
 pub use error::{GaussError, Result};
 pub use init::layer_seed;
 pub use kernels::ResolvedKernel;

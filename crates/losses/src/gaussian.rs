@@ -20,16 +20,17 @@
 
 use candle_core::Tensor;
 use gauss_layer::linalg;
+use gauss_layer::ops::log_prob_from_mahalanobis;
 
 use gauss_layer::Result;
 
-/// `d/2 · log 2π`, the normalizing constant of a d-dimensional normal.
-pub fn log_normalizer(dim: usize) -> f64 {
-    0.5 * dim as f64 * (2.0 * std::f64::consts::PI).ln()
-}
+/// `d/2 · log 2π`, the normalizing constant of a d-dimensional normal (the layer crate's
+/// [`gauss_layer::ops::log_normalizer`], one definition for both crates).
+pub use gauss_layer::ops::log_normalizer;
 
 /// `m2/2 − log_det_precision/2 + d/2 · log 2π`, broadcasting `log_det_precision` over the
-/// leading (batch) dimension.
+/// leading (batch) dimension: the negative of the layer crate's
+/// [`gauss_layer::ops::log_prob_from_mahalanobis`] (bit for bit: negation is exact).
 ///
 /// # Shapes
 /// `mahalanobis_sq`: (B) with `log_det_precision`: () → (B);
@@ -42,11 +43,7 @@ pub fn nll_from_mahalanobis(
     log_det_precision: &Tensor,
     dim: usize,
 ) -> Result<Tensor> {
-    let half_log_det = (log_det_precision * 0.5)?;
-    let nll = (mahalanobis_sq * 0.5)?
-        .broadcast_sub(&half_log_det)?
-        .affine(1.0, log_normalizer(dim))?;
-    Ok(nll)
+    Ok(log_prob_from_mahalanobis(mahalanobis_sq, log_det_precision, dim)?.neg()?)
 }
 
 /// `2 Σ_i log |F_ii|`: `log det (F Fᵀ)` for triangular factors `F`. The absolute value keeps

@@ -69,6 +69,11 @@ struct Args {
     /// stalls it).
     #[arg(long)]
     min_eigenvalue: Option<f64>,
+    /// Mixture: one covariance shared by all components (scikit-learn's
+    /// `covariance_type='tied'` with the full parameterizations; with diag, sphere or lowrank
+    /// the shared covariance stays in that family).
+    #[arg(long)]
+    tied: bool,
     /// Mixture: most EM iterations.
     #[arg(long, default_value_t = 1000)]
     em_steps: usize,
@@ -89,7 +94,7 @@ struct Args {
     kmeans_inits: usize,
     /// Mixture: AdamW steps on the mixture NLL after EM; default 0 where EM maximizes over
     /// the parameterization's family (all six here; lowrank with a width floor excepted),
-    /// 300 otherwise.
+    /// 300 otherwise; refinement would untie a `--tied` mixture, which is never refined.
     #[arg(long)]
     refine_steps: Option<usize>,
     /// Mixture: peak learning rate of the refinement (cosine decay).
@@ -171,6 +176,7 @@ fn run_mixture(
     let mixture_args = mixture::MixtureArgs {
         components,
         parameterization,
+        tied: args.tied,
         options: MixtureFitOptions {
             max_em_steps: args.em_steps,
             tol: args.tol,
@@ -228,6 +234,11 @@ fn run(args: Args) -> Result<()> {
     let device = Device::Cpu;
     if let Some(components) = args.components {
         return run_mixture(&args, parameterization, components as usize, &device);
+    }
+    if args.tied {
+        anyhow::bail!(
+            "--tied shares one covariance among a mixture's components; it needs --components K"
+        );
     }
     let (x, source) = match &args.data {
         Some(path) => (

@@ -20,6 +20,8 @@ pub struct MixtureArgs {
     pub components: usize,
     /// Parameterization of every component's precision.
     pub parameterization: Parameterization,
+    /// One covariance shared by all components (scikit-learn's `tied`).
+    pub tied: bool,
     /// The fit's options (EM, k-means, refinement, seed).
     pub options: MixtureFitOptions,
     /// Where to save the fitted mixture's tensors (safetensors), if anywhere.
@@ -71,16 +73,18 @@ pub fn run(x: &Tensor, source: &str, args: &MixtureArgs) -> Result<Value> {
         factor_diag_floor: relative_factor_diag_floor(x)?,
         ..Default::default()
     };
-    let mixture = gaussian_mixture(d, args.components, config, vb)?;
+    let mixture =
+        gaussian_mixture(d, args.components, config, vb)?.with_tied_covariance(args.tied)?;
     let fit = mixture
         .fit(x, &args.options)
         .with_context(|| format!("fitting {} components to {source}", args.components))?;
     let seconds = started.elapsed().as_secs_f64();
 
     eprintln!(
-        "{source}: {n} samples in {d} dimensions, {} {} components: mean log-likelihood {:.9} after {} k-means, {} EM{} and {} refinement steps ({seconds:.3} s)",
+        "{source}: {n} samples in {d} dimensions, {} {}{} components: mean log-likelihood {:.9} after {} k-means, {} EM{} and {} refinement steps ({seconds:.3} s)",
         args.components,
         args.parameterization,
+        if args.tied { " tied" } else { "" },
         fit.mean_log_likelihood,
         fit.kmeans_steps,
         fit.em_steps,
@@ -97,6 +101,7 @@ pub fn run(x: &Tensor, source: &str, args: &MixtureArgs) -> Result<Value> {
         "samples": n,
         "dim": d,
         "components": args.components,
+        "tied": args.tied,
         "mean_log_likelihood": fit.mean_log_likelihood,
         "weights": mixture.weights()?.to_vec1::<f64>()?,
         "means": mixture.means().to_vec2::<f64>()?,
@@ -168,6 +173,7 @@ mod tests {
         let args = MixtureArgs {
             components: 2,
             parameterization: Parameterization::Cholesky,
+            tied: false,
             options: MixtureFitOptions {
                 n_init: 1,
                 ..Default::default()
@@ -188,6 +194,31 @@ mod tests {
             .as_f64()
             .context("a score")?;
         assert!(small.is_finite() && small > unit, "{small}");
+        Ok(())
+    }
+
+    /// `--tied`: the components share one covariance (printed K times).
+    #[test]
+    fn tied_components_share_one_covariance() -> Result<()> {
+        let device = Device::Cpu;
+        let x = synthetic(3, 2, 300, 1, &device)?;
+        let args = MixtureArgs {
+            components: 3,
+            parameterization: Parameterization::Cholesky,
+            tied: true,
+            options: MixtureFitOptions {
+                n_init: 1,
+                ..Default::default()
+            },
+            out: None,
+        };
+        let tied = run(&x, "tied", &args)?;
+        assert_eq!(tied["tied"], json!(true));
+        let covariances = tied["covariances"].as_array().context("covariances")?;
+        assert_eq!(covariances.len(), 3);
+        assert!(covariances.iter().all(|c| c == &covariances[0]), "{tied}");
+        let score = tied["mean_log_likelihood"].as_f64().context("a score")?;
+        assert!(score.is_finite(), "{tied}");
         Ok(())
     }
 }

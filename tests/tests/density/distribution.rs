@@ -3,10 +3,15 @@
 //! `scipy.stats.multivariate_normal(mean, cov).logpdf(x)` / `.entropy()` (SciPy 1.x) and by
 //! `KL = ½[tr(Σq⁻¹Σp) + (μq − μp)ᵀΣq⁻¹(μq − μp) − d + ln det Σq − ln det Σp]` in NumPy
 //! (the formula `torch.distributions.kl_divergence` uses for two MultivariateNormals).
+//! The batch view (`MultivariateNormalBatch`, all neurons of a layer) is checked against the
+//! same values and those of q printed by `python3 tools/density/batch_reference.py` (SciPy
+//! 1.17.1, f64); its sphere case against the closed forms of an isotropic normal.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use gauss_layer::{GaussLayer, GaussLayerConfig, MultivariateNormal, Parameterization};
+use gauss_layer::{
+    GaussLayer, GaussLayerConfig, MultivariateNormal, MultivariateNormalBatch, Parameterization,
+};
 
 const MEAN_P: [f64; 3] = [0.5, -1.0, 2.0];
 const COV_P: [[f64; 3]; 3] = [[2.0, 0.3, -0.4], [0.3, 1.0, 0.2], [-0.4, 0.2, 0.5]];
@@ -37,6 +42,21 @@ const DIAG_LOG_PROB_P: [f64; 4] = [
 ];
 const DIAG_ENTROPY_P: f64 = 4.4595481536681;
 const DIAG_KL_PQ: f64 = 2.2007402569466397;
+// q's values (tools/density/batch_reference.py): logpdf on X, entropy; diagonal case too.
+const LOG_PROB_Q: [f64; 4] = [
+    -4.644819103650516,
+    -4.243079083179687,
+    -9.230284815011828,
+    -5.213044538655634,
+];
+const DIAG_LOG_PROB_Q: [f64; 4] = [
+    -3.993621743948073,
+    -5.16028841061474,
+    -12.41028841061474,
+    -4.37903841061474,
+];
+const DIAG_ENTROPY_Q: f64 = 4.806121743948073;
+const DIAG_KL_QP: f64 = 3.689884743053361;
 
 fn normal(
     mean: [f64; 3],
@@ -176,5 +196,234 @@ fn rsample_carries_gradients_to_the_layer() -> Result<()> {
     // d(Σ draws)/dc = n per coordinate for neuron 0, nothing for neuron 1.
     let grad = grads.get(&center).expect("a gradient").to_vec2::<f64>()?;
     assert_eq!(grad, vec![vec![4.0; 3], vec![0.0; 3]]);
+    Ok(())
+}
+
+fn batch(
+    means: [[f64; 3]; 2],
+    covariances: [[[f64; 3]; 3]; 2],
+    parameterization: Parameterization,
+) -> Result<MultivariateNormalBatch> {
+    let dev = Device::Cpu;
+    Ok(MultivariateNormalBatch::from_covariance(
+        &Tensor::new(&means, &dev)?,
+        &Tensor::new(&covariances, &dev)?,
+        GaussLayerConfig {
+            parameterization,
+            ..Default::default()
+        },
+    )?)
+}
+
+/// The expected values of one batch [p, q]: log-densities of X under p and q, entropies,
+/// KL(p‖q) and KL(q‖p).
+struct BatchCase {
+    log_prob: [[f64; 4]; 2],
+    entropy: [f64; 2],
+    kl: [f64; 2],
+}
+
+/// Checks the batch [p, q] (and [q, p] for the elementwise KL) against `case`.
+fn check_batch(
+    pq: &MultivariateNormalBatch,
+    qp: &MultivariateNormalBatch,
+    case: &BatchCase,
+    what: &str,
+) -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Tensor::new(&X, &dev)?;
+    // Every sample under every member: (4, d) → (4, 2).
+    let all = pq.log_prob_all(&x)?;
+    assert_eq!(all.dims(), &[4, 2]);
+    for (i, row) in all.to_vec2::<f64>()?.iter().enumerate() {
+        close(
+            row[0],
+            case.log_prob[0][i],
+            &format!("{what} log_prob_all p"),
+        );
+        close(
+            row[1],
+            case.log_prob[1][i],
+            &format!("{what} log_prob_all q"),
+        );
+    }
+    // torch's batch semantics: x (4, 2, d), p scores X[i], q scores X[3 − i].
+    let reversed = Tensor::new(&[X[3], X[2], X[1], X[0]], &dev)?;
+    let paired = Tensor::stack(&[&x, &reversed], 1)?;
+    let log_prob = pq.log_prob(&paired)?;
+    assert_eq!(log_prob.dims(), &[4, 2]);
+    for (i, row) in log_prob.to_vec2::<f64>()?.iter().enumerate() {
+        close(row[0], case.log_prob[0][i], &format!("{what} log_prob p"));
+        close(
+            row[1],
+            case.log_prob[1][3 - i],
+            &format!("{what} log_prob q"),
+        );
+    }
+    // Leading dimensions are kept: (2, 2, 2, d) → (2, 2, 2).
+    let nested = pq.log_prob(&paired.reshape((2, 2, 2, 3))?)?;
+    assert_eq!(nested.dims(), &[2, 2, 2]);
+    assert_eq!(
+        nested.flatten_all()?.to_vec1::<f64>()?,
+        log_prob.flatten_all()?.to_vec1::<f64>()?
+    );
+    let entropy = pq.entropy()?.to_vec1::<f64>()?;
+    close(entropy[0], case.entropy[0], &format!("{what} entropy p"));
+    close(entropy[1], case.entropy[1], &format!("{what} entropy q"));
+    let kl = pq.kl_divergence(qp)?.to_vec1::<f64>()?;
+    close(kl[0], case.kl[0], &format!("{what} KL(p‖q)"));
+    close(kl[1], case.kl[1], &format!("{what} KL(q‖p)"));
+    Ok(())
+}
+
+#[test]
+fn batch_view_matches_scipy_and_the_closed_form_kl() -> Result<()> {
+    let full_case = BatchCase {
+        log_prob: [LOG_PROB_P, LOG_PROB_Q],
+        entropy: [ENTROPY_P, ENTROPY_Q],
+        kl: [KL_PQ, KL_QP],
+    };
+    for parameterization in [
+        Parameterization::Cholesky,
+        Parameterization::Direct,
+        Parameterization::Expm,
+        Parameterization::LowRank { rank: 3 },
+    ] {
+        let pq = batch([MEAN_P, MEAN_Q], [COV_P, COV_Q], parameterization)?;
+        let qp = batch([MEAN_Q, MEAN_P], [COV_Q, COV_P], parameterization)?;
+        check_batch(&pq, &qp, &full_case, &parameterization.to_string())?;
+        assert_eq!((pq.batch_size(), pq.dim()), (2, 3));
+        assert_eq!(
+            pq.mean()?.to_vec2::<f64>()?,
+            vec![MEAN_P.to_vec(), MEAN_Q.to_vec()]
+        );
+        let covariance = pq.covariance()?;
+        assert_eq!(covariance.dims(), &[2, 3, 3]);
+        let covariance = covariance.to_vec3::<f64>()?;
+        let identity = pq
+            .precision()?
+            .matmul(&pq.covariance()?)?
+            .to_vec3::<f64>()?;
+        for (z, expected) in [COV_P, COV_Q].iter().enumerate() {
+            for i in 0..3 {
+                for j in 0..3 {
+                    close(covariance[z][i][j], expected[i][j], "covariance");
+                    let eye = if i == j { 1.0 } else { 0.0 };
+                    assert!((identity[z][i][j] - eye).abs() < 1e-12);
+                }
+            }
+        }
+    }
+    let diagonal = |v: [f64; 3]| [[v[0], 0.0, 0.0], [0.0, v[1], 0.0], [0.0, 0.0, v[2]]];
+    let (diag_p, diag_q) = (diagonal([2.0, 0.5, 1.5]), diagonal([1.0, 1.0, 3.0]));
+    let diag_case = BatchCase {
+        log_prob: [DIAG_LOG_PROB_P, DIAG_LOG_PROB_Q],
+        entropy: [DIAG_ENTROPY_P, DIAG_ENTROPY_Q],
+        kl: [DIAG_KL_PQ, DIAG_KL_QP],
+    };
+    for parameterization in [
+        Parameterization::Diag,
+        Parameterization::LowRank { rank: 1 },
+        Parameterization::Cholesky,
+    ] {
+        let pq = batch([MEAN_P, MEAN_Q], [diag_p, diag_q], parameterization)?;
+        let qp = batch([MEAN_Q, MEAN_P], [diag_q, diag_p], parameterization)?;
+        check_batch(
+            &pq,
+            &qp,
+            &diag_case,
+            &format!("diagonal {parameterization}"),
+        )?;
+    }
+    // sphere, σ² = 2 (p) and 0.5 (q), against the closed forms of an isotropic normal:
+    // log p(x) = −|x − μ|²/(2σ²) − (d/2)·ln(2πσ²), H = (d/2)·(1 + ln(2πσ²)),
+    // KL(p‖q) = ½·[d·σp²/σq² + |μq − μp|²/σq² − d + d·ln(σq²/σp²)].
+    let (vp, vq, d) = (2.0f64, 0.5f64, 3.0f64);
+    let ln_2pi = (2.0 * std::f64::consts::PI).ln();
+    let sq = |a: [f64; 3], b: [f64; 3]| (0..3).map(|i| (a[i] - b[i]).powi(2)).sum::<f64>();
+    let log_density = |x: [f64; 3], mean: [f64; 3], v: f64| {
+        -sq(x, mean) / (2.0 * v) - 0.5 * d * (ln_2pi + v.ln())
+    };
+    let kl = |va: f64, vb: f64, ma: [f64; 3], mb: [f64; 3]| {
+        0.5 * (d * va / vb + sq(mb, ma) / vb - d + d * (vb / va).ln())
+    };
+    let sphere_case = BatchCase {
+        log_prob: [
+            X.map(|x| log_density(x, MEAN_P, vp)),
+            X.map(|x| log_density(x, MEAN_Q, vq)),
+        ],
+        entropy: [
+            0.5 * d * (1.0 + ln_2pi + vp.ln()),
+            0.5 * d * (1.0 + ln_2pi + vq.ln()),
+        ],
+        kl: [kl(vp, vq, MEAN_P, MEAN_Q), kl(vq, vp, MEAN_Q, MEAN_P)],
+    };
+    let (sphere_p, sphere_q) = (diagonal([vp; 3]), diagonal([vq; 3]));
+    let pq = batch(
+        [MEAN_P, MEAN_Q],
+        [sphere_p, sphere_q],
+        Parameterization::Sphere,
+    )?;
+    let qp = batch(
+        [MEAN_Q, MEAN_P],
+        [sphere_q, sphere_p],
+        Parameterization::Sphere,
+    )?;
+    check_batch(&pq, &qp, &sphere_case, "sphere")?;
+    Ok(())
+}
+
+#[test]
+fn batch_view_shapes_errors_and_sampling() -> Result<()> {
+    let dev = Device::Cpu;
+    let pq = batch([MEAN_P, MEAN_Q], [COV_P, COV_Q], Parameterization::Cholesky)?;
+    assert!(pq.validate_args(), "on by default, as torch");
+    // log_prob takes one sample per member: (…, Z, d).
+    let text = pq
+        .log_prob(&Tensor::zeros((4, 3), DType::F64, &dev)?)
+        .unwrap_err()
+        .to_string();
+    assert!(text.contains("(…, 2, 3)"), "{text}");
+    let empty = pq.log_prob(&Tensor::zeros((0, 2, 3), DType::F64, &dev)?)?;
+    assert_eq!(empty.dims(), &[0, 2]);
+    let nan = Tensor::new(&[[[0.0f64, 0.0, 0.0], [0.0, f64::NAN, 1.0]]], &dev)?;
+    let text = pq.log_prob(&nan).unwrap_err().to_string();
+    assert!(text.contains("NaN"), "{text}");
+    let unchecked = pq.clone().with_validate_args(false).log_prob(&nan)?;
+    let unchecked = unchecked.to_vec2::<f64>()?;
+    assert!(unchecked[0][0].is_finite() && unchecked[0][1].is_nan());
+    // KL between batches of different sizes is an error.
+    let one = normal(MEAN_P, COV_P, Parameterization::Cholesky)?;
+    let text = pq.kl_divergence(one.as_batch()).unwrap_err().to_string();
+    assert!(text.contains("(2, 3)"), "{text}");
+
+    // A layer with a linear part: its Gaussians; member z is `layer.distribution(z)`.
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+    let layer = gauss_layer::gauss_layer(3, 4, GaussLayerConfig::default(), vb)?;
+    let all = layer.distributions()?;
+    assert_eq!((all.batch_size(), all.dim()), (4, 3));
+    let entropy = all.entropy()?.to_vec1::<f64>()?;
+    for (z, value) in entropy.iter().enumerate() {
+        let single = layer.distribution(z)?.entropy()?.to_scalar::<f64>()?;
+        close(single, *value, "member entropy");
+    }
+
+    // Draws: (n, Z, d), the layer's own draws for the same seed; sample means within 5
+    // standard errors (σ ≤ √3) of the means.
+    let seeded = || <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(4);
+    let draws = pq.sample(20_000, &mut seeded())?;
+    assert_eq!(draws.dims(), &[20_000, 2, 3]);
+    let own = pq.layer().sample(20_000, &mut seeded())?;
+    assert_eq!(
+        draws.flatten_all()?.to_vec1::<f64>()?,
+        own.flatten_all()?.to_vec1::<f64>()?
+    );
+    let means = draws.mean(0)?.to_vec2::<f64>()?;
+    for (got, expected) in means.iter().zip([MEAN_P, MEAN_Q]) {
+        for i in 0..3 {
+            assert!((got[i] - expected[i]).abs() < 5.0 * 3f64.sqrt() / 20_000f64.sqrt());
+        }
+    }
     Ok(())
 }

@@ -119,22 +119,22 @@ impl GaussianMixture {
         let resp_t = resp.t()?;
         let means = resp_t.matmul(x)?.broadcast_div(&counts)?; // (K, d)
         let counts_host = host_values(&counts)?;
-        let mut covariances: Vec<f64> = Vec::with_capacity(k * d * d);
+        // Per component: the weighted covariance around its own mean (d × d, row-major),
+        // before `reg_covar`.
+        let mut spreads: Vec<Vec<f64>> = Vec::with_capacity(k);
         if needs_full_covariance(config.parameterization) {
             for (component, count) in counts_host.iter().enumerate() {
                 let centered = x.broadcast_sub(&means.narrow(0, component, 1)?)?;
                 let weighted = centered.broadcast_mul(&resp.narrow(1, component, 1)?)?;
                 let block = host_values(&weighted.t()?.matmul(&centered)?)?;
-                let mut cov = Mat::from_fn(d, d, |i, j| {
-                    let v = 0.5 * (block[i * d + j] + block[j * d + i]) / count;
-                    if i == j {
-                        v + reg_covar
-                    } else {
-                        v
-                    }
-                });
-                project_covariance(&mut cov, config)?;
-                covariances.extend((0..d * d).map(|ij| cov[(ij / d, ij % d)]));
+                spreads.push(
+                    (0..d * d)
+                        .map(|ij| {
+                            let (i, j) = (ij / d, ij % d);
+                            0.5 * (block[i * d + j] + block[j * d + i]) / count
+                        })
+                        .collect(),
+                );
             }
         } else {
             // E_k[(x − μ_k)²] = E_k[x̃²] − (μ_k − m)² with x̃ = x − m, m the data mean: two
@@ -145,21 +145,58 @@ impl GaussianMixture {
             let shifted = means.broadcast_sub(&samples.offset)?;
             let variances = host_values(&(second - shifted.sqr()?)?)?;
             for row in variances.chunks(d) {
-                let mut cov = Mat::from_fn(d, d, |i, j| {
-                    if i == j {
-                        row[i].max(0.0) + reg_covar
-                    } else {
-                        0.0
-                    }
-                });
-                project_covariance(&mut cov, config)?;
-                covariances.extend((0..d * d).map(|ij| cov[(ij / d, ij % d)]));
+                spreads.push(
+                    (0..d * d)
+                        .map(|ij| {
+                            let i = ij / d;
+                            if i == ij % d {
+                                row[i].max(0.0)
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect(),
+                );
             }
         }
+        // A tied mixture pools them into one, weighted by the counts (scikit-learn's tied
+        // M-step: the summed scatter divided by Σ_k n_k).
+        if self.tied {
+            let total: f64 = counts_host.iter().sum();
+            let mut pooled = vec![0.0; d * d];
+            for (spread, count) in spreads.iter().zip(&counts_host) {
+                for (p, v) in pooled.iter_mut().zip(spread) {
+                    *p += v * count / total;
+                }
+            }
+            spreads = vec![pooled];
+        }
+        let mut covariances: Vec<f64> = Vec::with_capacity(spreads.len() * d * d);
+        for spread in &spreads {
+            let mut cov = Mat::from_fn(d, d, |i, j| {
+                let v = spread[i * d + j];
+                if i == j {
+                    v + reg_covar
+                } else {
+                    v
+                }
+            });
+            project_covariance(&mut cov, config)?;
+            covariances.extend((0..d * d).map(|ij| cov[(ij / d, ij % d)]));
+        }
+        let blocks = spreads.len();
         let log_weights: Vec<f64> = counts_host.iter().map(|c| (c / n as f64).ln()).collect();
         let raw = match low_rank_em_rank(config, d) {
-            Some(rank) => self.low_rank_raw(&covariances, k, d, rank, stage)?,
-            None => raw_from_covariances(&covariances, k, d, config)?,
+            Some(rank) => self.low_rank_raw(&covariances, blocks, d, rank, stage)?,
+            None => raw_from_covariances(&covariances, blocks, d, config)?,
+        };
+        // Tied: the one precision, in every component.
+        let raw = if blocks < k {
+            let mut dims = raw.dims().to_vec();
+            dims[0] = k;
+            raw.broadcast_as(dims)?.contiguous()?
+        } else {
+            raw
         };
         self.write(&log_weights, &means, &raw)
     }
@@ -340,7 +377,10 @@ impl GaussianMixture {
     /// Fits the mixture to `x` by maximum likelihood: k-means++ start (or `means_init`, or
     /// the current values with `warm_start`), EM, and (when the M-step is approximate for
     /// the family, or when asked) gradient refinement; see the module docs. The fitted
-    /// values are written into the mixture's tensors in place.
+    /// values are written into the mixture's tensors in place. A tied mixture
+    /// ([`GaussianMixture::with_tied_covariance`]) stays tied: every M-step writes one
+    /// pooled covariance into all components, and it is never refined by gradient (its fit is
+    /// EM's, approximate only for lowrank below full rank with a width floor).
     ///
     /// # Shapes
     /// `x`: (…, d), at least K samples
@@ -350,9 +390,15 @@ impl GaussianMixture {
     /// components, or non-finite; invalid options (`means_init` of the wrong length); a
     /// covariance the config cannot hold (e.g. variances beyond cholesky's
     /// `factor_diag_floor`, stated in the message); refinement of a mixture whose tensors are
-    /// not variables.
+    /// not variables, or of a tied mixture.
     pub fn fit(&self, x: &Tensor, options: &MixtureFitOptions) -> Result<MixtureFit> {
         options.validate()?;
+        if self.tied && options.refine_steps.is_some_and(|steps| steps > 0) {
+            return Err(GaussError::config(
+                "refine_steps",
+                "gradient refinement moves each component's precision on its own, which would untie a tied mixture; set `refine_steps: None` or `Some(0)`",
+            ));
+        }
         let samples = checked_samples(x, self.dim(), self.logits.dtype(), self.num_components())?;
         let mut rng = StdRng::seed_from_u64(options.seed);
         let mut best: Option<(MixtureFit, Option<Snapshot>)> = None;
@@ -401,14 +447,14 @@ impl GaussianMixture {
         if let Some(snapshot) = snapshot {
             self.restore(&snapshot)?;
         }
-        let refine_steps =
-            options
-                .refine_steps
-                .unwrap_or(if m_step_is_exact(self.layer.config(), self.dim()) {
-                    0
-                } else {
-                    300
-                });
+        // A tied mixture is not refined by default (the gradient steps would untie it).
+        let refine_steps = options.refine_steps.unwrap_or(
+            if self.tied || m_step_is_exact(self.layer.config(), self.dim()) {
+                0
+            } else {
+                300
+            },
+        );
         if refine_steps > 0 {
             self.refine(&samples.x, refine_steps, options.refine_lr)?;
             fit.refine_steps = refine_steps;

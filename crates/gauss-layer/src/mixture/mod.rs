@@ -21,6 +21,10 @@
 //!    lowrank maximum likelihood per step (see `precision/low_rank_fit.rs`), each never
 //!    lowering the likelihood: the fit scores at least the diagonal fit, and at most the
 //!    full one. `reg_covar` enters the covariance the ascent fits, as for the other forms.
+//!    A tied mixture ([`GaussianMixture::with_tied_covariance`], scikit-learn's
+//!    `covariance_type='tied'`) pools the components' weighted scatter around their own
+//!    means into one covariance, `Σ_k Σ_n r_nk (x_n − μ_k)(x_n − μ_k)ᵀ / N + reg_covar·I`,
+//!    projected onto the family as above and written into every component.
 //! 3. **Gradient refinement** (optional; automatic only for lowrank below full rank with a
 //!    width floor, whose M-step is approximate): AdamW on the mean mixture NLL through the
 //!    layer's own parameterization.
@@ -84,6 +88,8 @@ pub const MIXTURE_LOGITS_NAME: &str = "mixture_logits";
 pub struct GaussianMixture {
     layer: GaussLayer,
     logits: Tensor,
+    /// All components share one precision (scikit-learn's `covariance_type='tied'`).
+    tied: bool,
 }
 
 /// Creates (or loads) a mixture of `components` normals over `in_features` dims through a
@@ -252,7 +258,54 @@ impl GaussianMixture {
                 "the mixture logits are on another device than the layer",
             ));
         }
-        Ok(Self { layer, logits })
+        Ok(Self {
+            layer,
+            logits,
+            tied: false,
+        })
+    }
+
+    /// The same mixture with its components' covariance tied (`true`: one covariance shared
+    /// by all components, scikit-learn's `covariance_type='tied'` for the full
+    /// parameterizations; with diag, sphere or lowrank the shared covariance stays in that
+    /// family) or untied (`false`, the default).
+    ///
+    /// Tying writes component 0's precision into every component, in place (the mixture's
+    /// tensors, and a `VarMap` holding them, see the change): on a fresh mixture about to be
+    /// fitted that changes nothing that matters (`fit` starts from the data), and on a tied
+    /// mixture loaded back from its tensors (a tied fit stores K equal copies) it changes
+    /// nothing at all. Afterwards [`GaussianMixture::fit`] keeps the components tied (the
+    /// M-step pools the components' scatter around their own means:
+    /// `Σ = Σ_k Σ_n r_nk (x_n − μ_k)(x_n − μ_k)ᵀ / N + reg_covar·I`),
+    /// [`GaussianMixture::set_parameters`] accepts only equal covariances, and
+    /// [`GaussianMixture::num_parameters`] (so `bic` and `aic`) counts the covariance once.
+    ///
+    /// # Errors
+    /// Candle errors writing the precision tensor (none for a mixture built by
+    /// [`gaussian_mixture`] or [`GaussianMixture::new`]).
+    pub fn with_tied_covariance(self, tied: bool) -> Result<Self> {
+        let mixture = Self { tied, ..self };
+        if tied {
+            mixture.tie_precisions()?;
+        }
+        Ok(mixture)
+    }
+
+    /// Whether the components share one covariance (see
+    /// [`GaussianMixture::with_tied_covariance`]).
+    pub fn is_tied(&self) -> bool {
+        self.tied
+    }
+
+    /// Writes component 0's raw precision into every component.
+    fn tie_precisions(&self) -> Result<()> {
+        let raw = self.layer.precision().raw();
+        let shared = raw
+            .narrow(0, 0, 1)?
+            .broadcast_as(raw.shape())?
+            .contiguous()?;
+        raw.slice_set(&shared, 0, 0)?;
+        Ok(())
     }
 
     /// The Gaussian-only layer holding the components (neuron `k` is component `k`).
@@ -436,7 +489,8 @@ impl GaussianMixture {
 
     /// Writes weights, means and covariances into the mixture's tensors in place (a `VarMap`
     /// holding them sees the new values). The covariances must be representable by the
-    /// layer's parameterization (diagonal for diag, multiples of the identity for sphere).
+    /// layer's parameterization (diagonal for diag, multiples of the identity for sphere),
+    /// and equal (to 1e-12 relative) for a tied mixture.
     ///
     /// # Shapes
     /// `weights`: (K), positive (normalized here); `means`: (K, d); `covariances`: (K, d, d).
@@ -444,7 +498,7 @@ impl GaussianMixture {
     /// # Errors
     /// Wrong shapes; non-positive weights; covariances that are not symmetric positive
     /// definite or that the config cannot hold (the errors of
-    /// [`GaussLayer::from_covariance`]).
+    /// [`GaussLayer::from_covariance`]); unequal covariances for a tied mixture.
     pub fn set_parameters(
         &self,
         weights: &Tensor,
@@ -476,6 +530,37 @@ impl GaussianMixture {
                 means.dims(),
             ));
         }
-        self.write(&log_weights, fresh.center(), fresh.precision().raw())
+        if self.tied {
+            check_equal_blocks(&host_values(covariances)?, k)?;
+        }
+        self.write(&log_weights, fresh.center(), fresh.precision().raw())?;
+        if self.tied {
+            self.tie_precisions()?;
+        }
+        Ok(())
     }
+}
+
+/// A tied mixture's covariances `values` (K blocks, row-major) must be equal: every block
+/// within 1e-12 of block 0, relative to block 0's largest entry.
+fn check_equal_blocks(values: &[f64], k: usize) -> Result<()> {
+    let size = values.len() / k.max(1);
+    let (first, rest) = values.split_at(size.min(values.len()));
+    let scale = first.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    for (component, block) in rest.chunks(size.max(1)).enumerate() {
+        let gap = first
+            .iter()
+            .zip(block)
+            .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+        if gap > 1e-12 * scale {
+            return Err(GaussError::config(
+                "covariances",
+                format!(
+                    "a tied mixture's components share one covariance, but covariance {} differs from covariance 0 by up to {gap:e}",
+                    component + 1
+                ),
+            ));
+        }
+    }
+    Ok(())
 }

@@ -61,7 +61,9 @@ impl GaussianMixture {
     /// The number of free parameters: K·d means, K − 1 weights, and per component the
     /// covariance's: d(d + 1)/2 (cholesky, direct, expm: scikit-learn's `full`), d (diag),
     /// 1 (sphere: `spherical`), and for lowrank:r the diagonal plus the factor up to its
-    /// rotations, `d + d·r − r(r − 1)/2` (at most d(d + 1)/2). A width floor adds none.
+    /// rotations, `d + d·r − r(r − 1)/2` (at most d(d + 1)/2). A tied mixture counts its
+    /// one covariance once (scikit-learn's `tied`: K·d + d(d + 1)/2 + K − 1 for the full
+    /// forms). A width floor adds none.
     pub fn num_parameters(&self) -> usize {
         let (k, d) = (self.num_components(), self.dim());
         let full = d * (d + 1) / 2;
@@ -74,7 +76,8 @@ impl GaussianMixture {
                 (d + d * r - r * r.saturating_sub(1) / 2).min(full)
             }
         };
-        k * per_component + k * d + k - 1
+        let covariances = if self.is_tied() { 1 } else { k };
+        covariances * per_component + k * d + k - 1
     }
 
     /// The Bayesian information criterion `−2·N·score + p·ln N` (scikit-learn's `bic`; lower
