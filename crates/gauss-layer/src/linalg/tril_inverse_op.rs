@@ -140,6 +140,7 @@ mod tests {
                 let grad = grads.get(&var).expect("the input has a gradient").clone();
                 results.push((inverse, grad));
             }
+            // f64: a unit test on Device::Cpu (`lower` and `weights` build there)
             for (what, a, b) in [
                 ("value", &results[0].0, &results[1].0),
                 ("gradient", &results[0].1, &results[1].1),
@@ -149,6 +150,7 @@ mod tests {
                     .max_all()?
                     .to_dtype(DType::F64)?
                     .to_scalar::<f64>()?;
+                // f64: a unit test on Device::Cpu
                 let diff = (a - b)?
                     .abs()?
                     .max_all()?
@@ -164,6 +166,7 @@ mod tests {
                 - Tensor::tril2(d, dtype, &Device::Cpu)?)?;
             for t in [&results[0].0, &results[0].1] {
                 let above = t.broadcast_mul(&upper)?.abs()?.sum_all()?;
+                // f64: a unit test on Device::Cpu
                 assert_eq!(above.to_dtype(DType::F64)?.to_scalar::<f64>()?, 0.0);
             }
         }
