@@ -376,28 +376,10 @@ fn draw_map(
     Ok(())
 }
 
-/// mimalloc keeps freed blocks for reuse instead of returning them to the kernel: training
-/// allocates and frees many large tensors per step (see the README, "Performance").
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Fixes the thread count once: Candle reads `RAYON_NUM_THREADS` on every CPU matmul and,
-/// when it is unset, counts the cores from `/proc` and sysfs each time. Sets it (to Candle's
-/// own default unless the user chose) and builds the global rayon pool with the same count.
-/// Runs first in `main`, before any other thread exists.
-fn pin_threads() {
-    let threads = candle_core::utils::get_num_threads();
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    }
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global();
-}
+examples_support::global_allocator!();
 
 fn main() -> Result<()> {
-    pin_threads();
+    examples_support::pin_threads();
     let args = Args::parse();
     let parameterization = Parameterization::from_name(&args.param, args.rank)?;
     std::fs::create_dir_all(&args.out_dir)
