@@ -1,6 +1,6 @@
 //! The sizes of a call and the checks every fused op's public entry makes.
 
-use candle_core::{DType, Shape, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
 
 use crate::error::{check_dtype, GaussError, Result};
 
@@ -97,11 +97,13 @@ pub(crate) fn check_fused_inputs(
     }
     check_dtype("center", center, x.dtype(), "the input x")?;
     check_dtype(operand_what, operand, x.dtype(), "the input x")?;
-    for tensor in [x, center, operand] {
+    for (what, tensor) in [("input x", x), ("center", center), (operand_what, operand)] {
         if !tensor.device().is_cpu() {
-            return Err(GaussError::config(
-                "device",
-                format!("{op} is a fused CPU kernel, but a tensor is on {:?}; the layer runs the portable form there", tensor.device().location()),
+            return Err(GaussError::device(
+                format!("{op}: {what}"),
+                &Device::Cpu,
+                "a fused CPU kernel; the layer runs the portable form on other devices",
+                tensor.device(),
             ));
         }
     }
