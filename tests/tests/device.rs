@@ -124,7 +124,7 @@ fn portable_training_step_creates_no_f64_tensors() -> Result<()> {
 /// the training path (a sync per step on a GPU) fails this test.
 #[test]
 fn portable_training_step_reads_back_only_what_it_must() -> Result<()> {
-    use gauss_layer::linalg::HostReadLog;
+    use gauss_layer::HostReadLog;
     let (x, targets) = batch()?;
     for parameterization in Parameterization::ALL {
         let (net, varmap) = portable_net(parameterization)?;

@@ -186,8 +186,12 @@ impl GaussError {
 }
 
 /// Checks that `tensor` has dtype `expected`, naming `what` and, in the message, `whose` (the
-/// tensor whose dtype it must share, e.g. `"center"`).
-pub(crate) fn check_dtype(what: &str, tensor: &Tensor, expected: DType, whose: &str) -> Result<()> {
+/// tensor whose dtype it must share, e.g. `"center"`): the one dtype check of this crate and
+/// `gauss-losses`.
+///
+/// # Errors
+/// [`GaussError::DType`] when the dtypes differ.
+pub fn check_dtype(what: &str, tensor: &Tensor, expected: DType, whose: &str) -> Result<()> {
     if tensor.dtype() != expected {
         return Err(GaussError::dtype(
             what,
