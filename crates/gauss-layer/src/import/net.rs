@@ -9,9 +9,9 @@ use candle_nn::BatchNorm;
 use super::layer::{biases_look_tied, cast_layer, import_layer};
 use super::state_dict::{in_file, join, list_prefixes, load_state_dict, state_error, StateDict};
 use super::{FgnImportOptions, FgnImportReport, FgnLayerReport, FgnModelKind, FgnNetLayout};
-use crate::error::{GaussError, Result};
+use crate::error::Result;
 use crate::layer::GaussLayer;
-use crate::net::{GaussNet, GaussNetConfig};
+use crate::net::GaussNet;
 
 /// Which original network a feed-forward state dict holds: an FGN one (imported) or a
 /// classical one (converted, [`crate::convert`]). The module layout is the same; the tensor
@@ -312,7 +312,7 @@ fn check_fits_dtype(net: &GaussNet, dtype: DType) -> Result<()> {
 /// conversion alike: refuses the other kind, checks the module layout
 /// ([`parse_feedforward`]), reads each hidden layer with `read_layer(prefix, false)` and the
 /// batch norm after it, the final layer with `read_layer(prefix, true)`, the input batch
-/// norm, and assembles them ([`assemble`]). Returns the network and the layout found.
+/// norm, and assembles them ([`GaussNet::from_layers`]). Returns the network and the layout found.
 pub(crate) fn assemble_feedforward(
     dict: &StateDict,
     layout: &FgnNetLayout,
@@ -342,46 +342,15 @@ pub(crate) fn assemble_feedforward(
             batch_norm(dict, n, width, layout.batch_norm_eps)
         })
         .transpose()?;
-    let net = assemble(input_norm, hidden, final_layer, gate, layout.batch_norm_eps)?;
-    Ok((net, found))
-}
-
-/// Assembles a network (f64, CPU) from its parts: the input norm, the hidden layers each
-/// with its batch norm, the final layer.
-fn assemble(
-    input_norm: Option<BatchNorm>,
-    hidden: Vec<(GaussLayer, Option<BatchNorm>)>,
-    final_layer: GaussLayer,
-    gate: bool,
-    batch_norm_eps: f64,
-) -> Result<GaussNet> {
-    let batch_norm = hidden.iter().any(|(_, n)| n.is_some());
-    let (layers, norms): (Vec<GaussLayer>, Vec<Option<BatchNorm>>) = hidden.into_iter().unzip();
-    let first = layers.first().unwrap_or(&final_layer);
-    let config = GaussNetConfig {
-        in_features: first.in_features(),
-        hidden: layers.iter().map(GaussLayer::out_features).collect(),
-        out_features: final_layer.out_features(),
-        layer: first.config().clone(),
-        output_layer: Some(final_layer.config().clone()),
-        input_batch_norm: input_norm.is_some(),
-        batch_norm,
-        batch_norm_eps,
-        dropout: 0.0,
+    let net = GaussNet::from_layers(
+        input_norm,
+        hidden,
+        final_layer,
         gate,
-    };
-    let mut layers = layers;
-    layers.push(final_layer);
-    for (i, pair) in layers.windows(2).enumerate() {
-        if pair[0].out_features() != pair[1].in_features() {
-            return Err(GaussError::shape(
-                format!("layer {} (in the order of the state dict)", i + 1),
-                format!("{} inputs, the width of layer {i}", pair[0].out_features()),
-                &[pair[1].out_features(), pair[1].in_features()],
-            ));
-        }
-    }
-    GaussNet::from_parts(config, input_norm, layers, norms)
+        layout.batch_norm_eps,
+        "in the order of the state dict",
+    )?;
+    Ok((net, found))
 }
 
 fn layer_report(prefix: &str, layer: &GaussLayer) -> FgnLayerReport {
@@ -455,7 +424,7 @@ fn lone_layer_in_f64(
         notes.push(tied_note());
     }
     let reports = vec![layer_report("", &layer)];
-    let net = assemble(None, Vec::new(), layer, options.gate, 1e-5)?;
+    let net = GaussNet::from_layers(None, Vec::new(), layer, options.gate, 1e-5, "")?;
     let report = FgnImportReport {
         kind: FgnModelKind::Layer,
         covar_type,
