@@ -1,7 +1,8 @@
 //! What the workspace's example binaries share (as `candle-examples` is for Candle's):
 //! start-up ([`pin_threads`], the global [`Allocator`] through [`global_allocator!`]), the
 //! one-line error report of a failed command ([`exit_on_error`]), `--device` names
-//! ([`device`], [`dtype`]) and the timing fields of a JSON report ([`insert_timings`]).
+//! ([`device`], [`dtype`]), `--param` names ([`parameterization_parser`]) and the timing
+//! fields of a JSON report ([`insert_timings`]).
 //!
 //! ```ignore
 //! examples_support::global_allocator!();
@@ -16,6 +17,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
+use clap::builder::{PossibleValue, PossibleValuesParser};
+use gauss_layer::Parameterization;
 use serde_json::{json, Map, Value};
 
 /// The examples' global allocator: mimalloc with the `mimalloc` feature (each example's
@@ -99,6 +102,15 @@ pub fn dtype(name: &str) -> Result<DType> {
         "f64" => DType::F64,
         other => bail!("--dtype must be f32 or f64, got {other:?}"),
     })
+}
+
+/// A `--param` parser: accepts the names of [`Parameterization::ALL`], listed with their
+/// summaries in `--help`; lowrank's rank comes from `--rank`
+/// ([`Parameterization::from_name`]).
+pub fn parameterization_parser() -> PossibleValuesParser {
+    PossibleValuesParser::new(
+        Parameterization::ALL.map(|p| PossibleValue::new(p.name()).help(p.summary())),
+    )
 }
 
 /// Seconds rounded to hundredths, as the reports print them.

@@ -28,7 +28,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use clap::builder::{PossibleValue, PossibleValuesParser};
 use clap::{Parser, Subcommand, ValueEnum};
 use gauss_layer::checkpoint;
 use gauss_layer::{GaussLayerConfig, GaussNetConfig, InitConfig, Parameterization};
@@ -85,7 +84,7 @@ struct TrainArgs {
     #[arg(long)]
     epochs: Option<usize>,
     /// Precision parameterization of the FGN layers.
-    #[arg(long, default_value = "diag", value_parser = parameterization_parser())]
+    #[arg(long, default_value = "diag", value_parser = examples_support::parameterization_parser())]
     param: String,
     /// Columns of U for `--param lowrank` (required there; 1 <= R <= input dimension).
     #[arg(long)]
@@ -198,14 +197,6 @@ struct EvalArgs {
     /// Device to evaluate on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
-}
-
-/// Accepts the names of [`Parameterization::ALL`], listed with their summaries in `--help`;
-/// lowrank's rank comes from `--rank` ([`Parameterization::from_name`]).
-fn parameterization_parser() -> PossibleValuesParser {
-    PossibleValuesParser::new(
-        Parameterization::ALL.map(|p| PossibleValue::new(p.name()).help(p.summary())),
-    )
 }
 
 fn device(arg: DeviceArg) -> Result<Device> {

@@ -26,7 +26,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use clap::builder::{PossibleValue, PossibleValuesParser};
 use clap::Parser;
 use gauss_layer::MixtureFitOptions;
 use gauss_layer::{checkpoint, Parameterization};
@@ -43,7 +42,7 @@ struct Args {
     #[arg(long)]
     data: Option<PathBuf>,
     /// Precision parameterization of every Gaussian.
-    #[arg(long, default_value = "cholesky", value_parser = parameterization_parser())]
+    #[arg(long, default_value = "cholesky", value_parser = examples_support::parameterization_parser())]
     param: String,
     /// Columns of U for `--param lowrank` (required there; 1 <= R <= input dimension).
     #[arg(long)]
@@ -109,14 +108,6 @@ struct Args {
     /// checkpoint; a mixture as its tensors (`center`, the precision tensor, `mixture_logits`).
     #[arg(long)]
     out: Option<PathBuf>,
-}
-
-/// Accepts the names of [`Parameterization::ALL`], listed with their summaries in `--help`;
-/// lowrank's rank comes from `--rank` ([`Parameterization::from_name`]).
-fn parameterization_parser() -> PossibleValuesParser {
-    PossibleValuesParser::new(
-        Parameterization::ALL.map(|p| PossibleValue::new(p.name()).help(p.summary())),
-    )
 }
 
 fn to_rows(matrix: &Tensor) -> Result<Vec<Vec<f64>>> {
