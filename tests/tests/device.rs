@@ -16,7 +16,8 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use gauss_layer::{
-    gauss_layer, GaussLayerConfig, GaussNet, GaussNetConfig, InitConfig, Parameterization,
+    gauss_layer, GaussError, GaussLayer, GaussLayerConfig, GaussNet, GaussNetConfig, InitConfig,
+    Parameterization,
 };
 use gauss_losses::{fgn_objective, layer_nll, FgnObjectiveConfig, LambdaLoss, Reduction};
 
@@ -123,7 +124,7 @@ fn portable_training_step_creates_no_f64_tensors() -> Result<()> {
 /// the training path (a sync per step on a GPU) fails this test.
 #[test]
 fn portable_training_step_reads_back_only_what_it_must() -> Result<()> {
-    use gauss_layer::linalg::HostReadLog;
+    use gauss_layer::HostReadLog;
     let (x, targets) = batch()?;
     for parameterization in Parameterization::ALL {
         let (net, varmap) = portable_net(parameterization)?;
@@ -166,6 +167,56 @@ fn portable_training_step_reads_back_only_what_it_must() -> Result<()> {
     }
     Ok(())
 }
+
+/// A tensor on another device than the layer's gets the layer's named error
+/// ([`GaussError::DeviceMismatch`], checked at the public boundary), not candle's generic
+/// "device mismatch" from deep inside an op: a CPU `x` or weight with a layer on `device`.
+/// On the CPU alone (nothing to mismatch) it checks what the error says.
+fn tensors_on_another_device_get_the_named_error(device: &Device) -> Result<()> {
+    let message = GaussError::device("input x", &Device::Cpu, "the device of center", device);
+    let expected = format!(
+        "input x: expected device Cpu (the device of center), got {:?}",
+        device.location()
+    );
+    assert_eq!(message.to_string(), expected);
+    if device.is_cpu() {
+        return Ok(());
+    }
+    let varmap = VarMap::new();
+    let layer = gauss_layer(
+        6,
+        3,
+        portable_config(Parameterization::Cholesky),
+        VarBuilder::from_varmap(&varmap, DType::F32, device),
+    )?;
+    let x = Tensor::zeros((4, 6), DType::F32, &Device::Cpu)?;
+    for result in [
+        layer.forward_with_gaussian(&x, None).map(|_| ()),
+        layer.mahalanobis_sq(&x).map(|_| ()),
+        layer.log_prob(&x).map(|_| ()),
+    ] {
+        match result {
+            Err(GaussError::DeviceMismatch { what, got, .. }) => {
+                assert_eq!((what.as_str(), got), ("input x", Device::Cpu.location()));
+            }
+            other => panic!("expected DeviceMismatch for input x, got {other:?}"),
+        }
+    }
+    let weight = Tensor::zeros((3, 6), DType::F32, &Device::Cpu)?;
+    let built = GaussLayer::new(
+        Some(weight),
+        None,
+        layer.center().clone(),
+        layer.precision().clone(),
+        layer.config().clone(),
+    );
+    assert!(
+        matches!(&built, Err(GaussError::DeviceMismatch { what, .. }) if what == "weight"),
+        "{built:?}"
+    );
+    Ok(())
+}
+gauss_layer::test_device!(tensors_on_another_device_get_the_named_error);
 
 /// The `.rs` files under `dir`, recursively (build outputs left out).
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {

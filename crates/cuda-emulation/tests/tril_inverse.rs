@@ -65,7 +65,7 @@ const BLOCKS: [u32; 3] = [1, 32, 128];
 fn f64_kernel_inverts_at_every_block_size() -> Result<()> {
     for (seed, &(neurons, d)) in SHAPES.iter().enumerate() {
         let lower = random_lower(neurons, d, seed as u64);
-        let cpu_op = gauss_layer::linalg::tril_inverse(&Tensor::from_vec(
+        let cpu_op = gauss_layer::ops::tril_inverse(&Tensor::from_vec(
             lower.clone(),
             (neurons, d, d),
             &Device::Cpu,
@@ -106,7 +106,7 @@ fn f32_kernel_matches_the_cpu_op_to_f32_rounding() -> Result<()> {
     for (seed, &(neurons, d)) in SHAPES.iter().enumerate() {
         let lower64 = random_lower(neurons, d, 100 + seed as u64);
         let lower: Vec<f32> = lower64.iter().map(|&v| v as f32).collect();
-        let cpu_op = gauss_layer::linalg::tril_inverse(&Tensor::from_vec(
+        let cpu_op = gauss_layer::ops::tril_inverse(&Tensor::from_vec(
             lower.clone(),
             (neurons, d, d),
             &Device::Cpu,

@@ -36,7 +36,7 @@ use rand::Rng;
 use rand_distr::StandardNormal;
 
 use crate::config::{GaussLayerConfig, Parameterization};
-use crate::error::{check_dtype, check_float_dtype, GaussError, Result};
+use crate::error::{check_device, check_dtype, check_float_dtype, GaussError, Result};
 use crate::layer::GaussLayer;
 use crate::linalg::{self, host};
 use crate::ops::log_prob_from_mahalanobis;
@@ -275,16 +275,7 @@ fn neuron_batch(mean: &Tensor, matrix: &Tensor, given: Given) -> Result<(Tensor,
     };
     check_float_dtype("mean", mean.dtype())?;
     check_dtype(name, &matrix, mean.dtype(), "mean")?;
-    if !matrix.device().same_device(mean.device()) {
-        return Err(GaussError::config(
-            "device",
-            format!(
-                "the {name} is on {:?} but the mean is on {:?}",
-                matrix.device().location(),
-                mean.device().location()
-            ),
-        ));
-    }
+    check_device(name, &matrix, mean.device(), "mean")?;
     Ok((mean, matrix))
 }
 

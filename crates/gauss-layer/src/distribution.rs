@@ -154,7 +154,7 @@ fn check_no_nan(x: &Tensor, d: usize) -> Result<()> {
         .to_device(&candle_core::Device::Cpu)?
         .to_vec1::<u32>()?;
     if let Some(row) = nan_rows.iter().position(|&c| c > 0) {
-        return Err(GaussError::config(
+        return Err(GaussError::data(
             "input x",
             format!(
                 "holds NaN (first in row {row} of {} after flattening the leading dimensions); log_prob is checked because validate_args is on",

@@ -4,7 +4,7 @@
 //! Every fallible function returns [`Result`]. Errors name what was expected and what came
 //! (a shape, a tensor name, a config field), so a user can fix the call without reading code.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, DeviceLocation, Tensor};
 
 /// Errors returned by `gauss-layer` and `gauss-losses`.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,21 @@ pub enum GaussError {
         expected: String,
         /// The dtype that came.
         got: DType,
+    },
+
+    /// A tensor on another device than the one it must share (the layer's, another
+    /// argument's), or one an operation does not run on (a fused CPU kernel given a GPU
+    /// tensor).
+    #[error("{what}: expected device {expected:?} ({whose}), got {got:?}")]
+    DeviceMismatch {
+        /// Which tensor was at fault, e.g. `"input x"`.
+        what: String,
+        /// The device it must be on.
+        expected: DeviceLocation,
+        /// Whose device that is, or why, e.g. `"the device of center"`.
+        whose: String,
+        /// The device it is on.
+        got: DeviceLocation,
     },
 
     /// A batch with no samples where at least one is needed (its mean is undefined).
@@ -92,9 +107,12 @@ pub enum GaussError {
         reason: String,
     },
 
-    /// A data file (samples, images, labels, a state dict's values) whose content cannot be
-    /// used: a missing tensor, a wrong shape or dtype, a value that is not finite or does not
-    /// fit the dtype it must be used in, a path that is not a regular file.
+    /// Data whose content cannot be used: a data file (samples, images, labels, a state
+    /// dict's values) with a missing tensor, a wrong shape or dtype, a value that is not finite
+    /// or does not fit the dtype it must be used in, a path that is not a regular file; or the
+    /// values of a tensor argument (an input holding NaN where it is checked, samples with too
+    /// few distinct points, a diagonal that must be positive). Not a config error: no setting
+    /// fixes it.
     #[error("{origin}: {reason}")]
     Data {
         /// The file (or other source) at fault.
@@ -142,6 +160,21 @@ impl GaussError {
         }
     }
 
+    /// Shorthand for a [`GaussError::DeviceMismatch`] error.
+    pub fn device(
+        what: impl Into<String>,
+        expected: &Device,
+        whose: impl Into<String>,
+        got: &Device,
+    ) -> Self {
+        Self::DeviceMismatch {
+            what: what.into(),
+            expected: expected.location(),
+            whose: whose.into(),
+            got: got.location(),
+        }
+    }
+
     /// Shorthand for a [`GaussError::DType`] error.
     pub fn dtype(what: impl Into<String>, expected: impl Into<String>, got: DType) -> Self {
         Self::DType {
@@ -153,13 +186,36 @@ impl GaussError {
 }
 
 /// Checks that `tensor` has dtype `expected`, naming `what` and, in the message, `whose` (the
-/// tensor whose dtype it must share, e.g. `"center"`).
-pub(crate) fn check_dtype(what: &str, tensor: &Tensor, expected: DType, whose: &str) -> Result<()> {
+/// tensor whose dtype it must share, e.g. `"center"`): the one dtype check of this crate and
+/// `gauss-losses`.
+///
+/// # Errors
+/// [`GaussError::DType`] when the dtypes differ.
+pub fn check_dtype(what: &str, tensor: &Tensor, expected: DType, whose: &str) -> Result<()> {
     if tensor.dtype() != expected {
         return Err(GaussError::dtype(
             what,
             format!("{expected:?} (the dtype of {whose})"),
             tensor.dtype(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `tensor` is on `expected`, the device of `whose` (named in the message, e.g.
+/// `"center"`), naming `what` when it is not.
+pub(crate) fn check_device(
+    what: &str,
+    tensor: &Tensor,
+    expected: &Device,
+    whose: &str,
+) -> Result<()> {
+    if !tensor.device().same_device(expected) {
+        return Err(GaussError::device(
+            what,
+            expected,
+            format!("the device of {whose}"),
+            tensor.device(),
         ));
     }
     Ok(())

@@ -24,7 +24,7 @@ use candle_core::{Shape, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
 use crate::config::GaussLayerConfig;
-use crate::error::{check_dtype, check_float_dtype, GaussError, Result};
+use crate::error::{check_device, check_dtype, check_float_dtype, GaussError, Result};
 use crate::init::{self, InitStream};
 use crate::kernels::{self, layer_op, Operand, ResolvedKernel};
 use crate::ops;
@@ -38,20 +38,6 @@ pub struct GaussLayer {
     center: Tensor,
     precision: Precision,
     config: GaussLayerConfig,
-}
-
-fn check_device(what: &str, tensor: &Tensor, center: &Tensor) -> Result<()> {
-    if !tensor.device().same_device(center.device()) {
-        return Err(GaussError::config(
-            "device",
-            format!(
-                "{what} is on {:?} but center is on {:?}",
-                tensor.device().location(),
-                center.device().location()
-            ),
-        ));
-    }
-    Ok(())
 }
 
 impl GaussLayer {
@@ -119,7 +105,7 @@ impl GaussLayer {
                     return Err(GaussError::shape("weight", format!("({z}, {d})"), w.dims()));
                 }
                 check_dtype("weight", w, dtype, "center")?;
-                check_device("weight", w, &center)?;
+                check_device("weight", w, center.device(), "center")?;
             }
             (None, true) => {}
         }
@@ -138,7 +124,7 @@ impl GaussLayer {
                 return Err(GaussError::shape("bias", format!("({z})"), b.dims()));
             }
             check_dtype("bias", b, dtype, "center")?;
-            check_device("bias", b, &center)?;
+            check_device("bias", b, center.device(), "center")?;
         }
         let name = Precision::tensor_name(precision.parameterization());
         if precision.parameterization() != config.parameterization {
@@ -178,7 +164,8 @@ impl GaussLayer {
         check_device(
             &format!("precision tensor `{name}`"),
             precision.raw(),
-            &center,
+            center.device(),
+            "center",
         )?;
         Ok(Self {
             weight,
@@ -201,6 +188,7 @@ impl GaussLayer {
             ));
         }
         check_dtype("input x", x, self.center.dtype(), "center")?;
+        check_device("input x", x, self.center.device(), "the layer's center")?;
         let leading = dims[..dims.len() - 1].to_vec();
         if dims.len() == 2 {
             return Ok((x.clone(), leading));
@@ -220,8 +208,9 @@ impl GaussLayer {
     /// `x`: (B, d) or (…, B, d), `prev_g`: (B, K) or (…, B, K) → `y`, `g`: (B, Z) or (…, B, Z)
     ///
     /// # Errors
-    /// An input of the wrong width, rank or dtype; a `prev_g` whose leading dimensions differ
-    /// from `x`'s or whose width is 0.
+    /// An input of the wrong width, rank or dtype; an input or `prev_g` on another device
+    /// than the layer ([`GaussError::DeviceMismatch`]); a `prev_g` whose leading dimensions
+    /// differ from `x`'s or whose width is 0.
     pub fn forward_with_gaussian(
         &self,
         x: &Tensor,
@@ -249,6 +238,7 @@ impl GaussLayer {
                     ));
                 }
                 check_dtype("prev_g", prev, self.center.dtype(), "center")?;
+                check_device("prev_g", prev, self.center.device(), "the layer's center")?;
                 let k = pd[pd.len() - 1];
                 Some(prev.reshape((x.dim(0)?, k))?)
             }

@@ -15,7 +15,8 @@
 //!   [`MultivariateNormal`], a whole layer as a [`MultivariateNormalBatch`], and
 //!   [`GaussianMixture`] fitted like scikit-learn's (full, diag, spherical, tied).
 //! - [`ops`]: the functional core (distances through the kernel resolver, the Gaussian, the
-//!   gate) and [`linalg`]: batched linear algebra in tensor ops (every device).
+//!   gate, and the batched triangular helpers the losses build on, in tensor ops on every
+//!   device); [`HostReadLog`] records the library's reads of device data.
 //! - [`GaussNet`]: a stack of layers; [`checkpoint`]: self-describing safetensors files;
 //!   [`import`]: PyTorch FGN state dicts; [`convert`]: classical `Linear` → Gaussian neurons.
 //!
@@ -58,7 +59,7 @@ pub mod import;
 mod init;
 mod kernels;
 mod layer;
-pub mod linalg;
+mod linalg;
 pub mod memory;
 mod mixture;
 mod net;
@@ -74,10 +75,11 @@ pub use config::{
     DistanceKernel, GaussLayerConfig, InitConfig, Parameterization, PositiveMap, PrecisionConfig,
 };
 pub use distribution::{MultivariateNormal, MultivariateNormalBatch};
-pub use error::{GaussError, Result};
+pub use error::{check_dtype, GaussError, Result};
 pub use init::layer_seed;
 pub use kernels::ResolvedKernel;
 pub use layer::{gauss_layer, GaussLayer};
+pub use linalg::{HostRead, HostReadLog};
 pub use mixture::{
     gaussian_mixture, GaussianMixture, MixtureFit, MixtureFitOptions, MIXTURE_LOGITS_NAME,
 };

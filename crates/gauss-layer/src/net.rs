@@ -278,6 +278,51 @@ impl GaussNet {
         Ok(Self::assemble(config, input_norm, layers, norms))
     }
 
+    /// A network (no dropout) from its layers in order, the config read off them: the input
+    /// norm, the hidden layers each with the batch norm after it, the final layer (what
+    /// import and conversion build). `order` says in a width error what the layer indices
+    /// count, e.g. `"in the order of the state dict"`.
+    ///
+    /// # Errors
+    /// [`GaussError::Shape`] when a layer's inputs are not the previous layer's width; as
+    /// [`GaussNet::from_parts`].
+    pub(crate) fn from_layers(
+        input_norm: Option<BatchNorm>,
+        hidden: Vec<(GaussLayer, Option<BatchNorm>)>,
+        final_layer: GaussLayer,
+        gate: bool,
+        batch_norm_eps: f64,
+        order: &str,
+    ) -> Result<Self> {
+        let batch_norm = hidden.iter().any(|(_, n)| n.is_some());
+        let (mut layers, norms): (Vec<GaussLayer>, Vec<Option<BatchNorm>>) =
+            hidden.into_iter().unzip();
+        let first = layers.first().unwrap_or(&final_layer);
+        let config = GaussNetConfig {
+            in_features: first.in_features(),
+            hidden: layers.iter().map(GaussLayer::out_features).collect(),
+            out_features: final_layer.out_features(),
+            layer: first.config().clone(),
+            output_layer: Some(final_layer.config().clone()),
+            input_batch_norm: input_norm.is_some(),
+            batch_norm,
+            batch_norm_eps,
+            dropout: 0.0,
+            gate,
+        };
+        layers.push(final_layer);
+        for (i, pair) in layers.windows(2).enumerate() {
+            if pair[0].out_features() != pair[1].in_features() {
+                return Err(GaussError::shape(
+                    format!("layer {} ({order})", i + 1),
+                    format!("{} inputs, the width of layer {i}", pair[0].out_features()),
+                    &[pair[1].out_features(), pair[1].in_features()],
+                ));
+            }
+        }
+        Self::from_parts(config, input_norm, layers, norms)
+    }
+
     /// Logits of the output layer. `train` switches batch norm to batch statistics (updating the
     /// running ones) and turns dropout on.
     ///

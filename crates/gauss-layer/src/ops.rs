@@ -8,6 +8,8 @@
 //! - [`gaussian`] `g = exp(-m2/2)` and [`gate`] `g · max_k prev_g[k]`.
 //! - [`log_prob_from_mahalanobis`] and [`log_normalizer`]: the normalized normal log-density
 //!   from m² and `log det P` (what [`crate::GaussLayer::log_prob`] returns).
+//! - [`tril`], [`tril_inverse`], [`diagonal`]: batched triangular helpers in tensor ops
+//!   (matmuls only, differentiable on every device) that the losses build on.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -31,6 +33,8 @@ use crate::config::DistanceKernel;
 use crate::error::{check_dtype, GaussError, Result};
 use crate::kernels;
 use crate::precision::Precision;
+
+pub use crate::linalg::{diagonal, tril, tril_inverse};
 
 /// Checks x (B, d), center (Z, d) against the precision's Z and d.
 fn check_arguments(x: &Tensor, center: &Tensor, precision: &Precision) -> Result<()> {

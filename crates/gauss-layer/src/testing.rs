@@ -20,6 +20,15 @@ use crate::error::{GaussError, Result};
 #[doc(hidden)]
 pub use candle_core::Device as __Device;
 
+/// The crate-private batched linear algebra, for tests that build reference values with it
+/// (not part of the API: the library's users get [`crate::ops`]'s three helpers).
+pub mod linalg {
+    pub use crate::linalg::{
+        cholesky, diag_embed, diagonal, expm_symmetric, matmul, strict_tril, trace,
+        trace_expm_symmetric, transpose, tril, tril_inverse,
+    };
+}
+
 /// Expands a test body `fn(&Device) -> Result<(), E>` (any `E: Debug`, e.g. `anyhow::Error`)
 /// into one `#[test]` per device the build enables: CPU always, CUDA with the `cuda` feature,
 /// Metal with the `metal` feature (features of the crate that invokes the macro). On Metal,

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Tensor};
 
-use gauss_layer::{GaussError, Result};
+use gauss_layer::{check_dtype, GaussError, Result};
 
 /// Checks a batch of samples `x`: rank 2, at least one row, `width` columns when given.
 /// Returns `(batch, width)`.
@@ -55,8 +55,8 @@ pub(crate) fn gaussian_args(
     let (_, d) = samples(x, "samples x", None)?;
     vector(mean, "mean", d)?;
     square(factor, factor_what, d)?;
-    dtype(mean, "mean", x.dtype())?;
-    dtype(factor, factor_what, x.dtype())?;
+    check_dtype("mean", mean, x.dtype(), "samples x")?;
+    check_dtype(factor_what, factor, x.dtype(), "samples x")?;
     Ok(d)
 }
 
@@ -72,23 +72,11 @@ pub(crate) fn square_batch(m: &Tensor, what: &str) -> Result<(usize, usize)> {
     }
 }
 
-/// Checks that `t` has the dtype `expected`.
-pub(crate) fn dtype(t: &Tensor, what: &str, expected: DType) -> Result<()> {
-    if t.dtype() != expected {
-        return Err(GaussError::dtype(
-            what,
-            format!("{expected:?} (the dtype of the samples)"),
-            t.dtype(),
-        ));
-    }
-    Ok(())
-}
-
 /// Checks that the triangular `factor` (d, d) is invertible: every diagonal entry finite and
 /// non-zero (its log-determinant is the sum of their logs, so a zero would give ±∞ and NaN
 /// gradients). Reads only the d diagonal entries on the host.
 pub(crate) fn nonsingular_triangular(factor: &Tensor, what: &str) -> Result<()> {
-    let diagonal = gauss_layer::linalg::diagonal(&factor.unsqueeze(0)?)?
+    let diagonal = gauss_layer::ops::diagonal(&factor.unsqueeze(0)?)?
         .squeeze(0)?
         .to_device(&candle_core::Device::Cpu)?
         .to_dtype(DType::F64)?

@@ -3,7 +3,7 @@
 //!
 //! `nll(x) = |Λ⁻¹(x − μ)|²/2 + Σ_i log Λ_ii + d/2 · log 2π`,
 //!
-//! `S⁻¹ = Λ⁻ᵀ Λ⁻¹` through [`gauss_layer::linalg::tril_inverse`] (matmuls only), so it is
+//! `S⁻¹ = Λ⁻ᵀ Λ⁻¹` through [`gauss_layer::ops::tril_inverse`] (matmuls only), so it is
 //! differentiable on every device. Closed-form gradients for `J = Σ_a nll(x_a)`:
 //! `dJ/dμ = −Σ_a S⁻¹(x_a − μ)`, `dJ/dΛ = n S⁻¹Λ − S⁻¹RᵀRS⁻¹Λ`, `R` the centered data.
 //!
@@ -24,7 +24,7 @@
 //! ```
 
 use candle_core::Tensor;
-use gauss_layer::linalg;
+use gauss_layer::ops;
 
 use crate::check;
 use crate::gaussian::{log_det_from_triangular, nll_from_mahalanobis};
@@ -48,8 +48,8 @@ pub fn nll_covariance_factor(
     let d = check::gaussian_args(x, mean, scale_tril, "covariance factor scale_tril")?;
     check::nonsingular_triangular(scale_tril, "covariance factor scale_tril")?;
 
-    let factor = linalg::tril(&scale_tril.unsqueeze(0)?)?;
-    let inverse = linalg::tril_inverse(&factor)?.squeeze(0)?;
+    let factor = ops::tril(&scale_tril.unsqueeze(0)?)?;
+    let inverse = ops::tril_inverse(&factor)?.squeeze(0)?;
     let centered = x.broadcast_sub(mean)?;
     // Row n of (x − μ) Λ⁻ᵀ is (Λ⁻¹(x_n − μ))ᵀ: the whitened sample.
     let whitened = centered.matmul(&inverse.t()?)?;

@@ -19,8 +19,7 @@
 //! ```
 
 use candle_core::Tensor;
-use gauss_layer::linalg;
-use gauss_layer::ops::log_prob_from_mahalanobis;
+use gauss_layer::ops::{self, log_prob_from_mahalanobis};
 
 use gauss_layer::Result;
 
@@ -55,6 +54,6 @@ pub fn nll_from_mahalanobis(
 /// # Errors
 /// A tensor that is not a batch of square matrices.
 pub fn log_det_from_triangular(factors: &Tensor) -> Result<Tensor> {
-    let diagonal = linalg::diagonal(factors)?;
+    let diagonal = ops::diagonal(factors)?;
     Ok((diagonal.abs()?.log()?.sum(1)? * 2.0)?)
 }

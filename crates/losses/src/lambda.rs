@@ -23,7 +23,7 @@
 
 use candle_core::Tensor;
 use gauss_layer::repair::ensure_positive_definite;
-use gauss_layer::{linalg, GaussError, GaussLayer, Precision, Result};
+use gauss_layer::{ops, GaussError, GaussLayer, Precision, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::check;
@@ -186,12 +186,10 @@ impl LambdaLoss {
     /// `tril` not a (Z, d, d) batch with Z ≥ 1.
     pub fn per_neuron_from_factor(self, tril: &Tensor) -> Result<Tensor> {
         let (_, d) = check::square_batch(tril, "precision factors tril")?;
-        let factor = linalg::tril(tril)?;
+        let factor = ops::tril(tril)?;
         let d = d as f64;
         Ok(match self {
-            LambdaLoss::TraceCovariance => {
-                (linalg::tril_inverse(&factor)?.sqr()?.sum((1, 2))? / d)?
-            }
+            LambdaLoss::TraceCovariance => (ops::tril_inverse(&factor)?.sqr()?.sum((1, 2))? / d)?,
             LambdaLoss::LogdetCovariance => log_det_from_triangular(&factor)?.neg()?,
             LambdaLoss::NegTracePrecision => (factor.sqr()?.sum((1, 2))? / -d)?,
         })

@@ -62,7 +62,7 @@ use gauss_layer::Result;
 pub fn layer_nll(layer: &GaussLayer, x: &Tensor, reduction: Reduction) -> Result<Tensor> {
     let d = layer.in_features();
     check::samples(x, "samples x", Some(d))?;
-    check::dtype(x, "samples x", layer.center().dtype())?;
+    gauss_layer::check_dtype("samples x", x, layer.center().dtype(), "the layer's center")?;
     ensure_positive_definite(layer.precision())?;
     let mahalanobis_sq = layer.mahalanobis_sq(x)?;
     let log_det = layer.precision().log_det_precision()?;

@@ -58,7 +58,12 @@ pub fn mixture_nll_from_components(
 ) -> Result<Tensor> {
     let (_, components) = check::samples(component_nll, "component nll", None)?;
     check::vector(logits, "mixture logits", components)?;
-    check::dtype(logits, "mixture logits", component_nll.dtype())?;
+    gauss_layer::check_dtype(
+        "mixture logits",
+        logits,
+        component_nll.dtype(),
+        "component nll",
+    )?;
     let log_weights = candle_nn::ops::log_softmax(logits, 0)?;
     let log_joint = log_weights.broadcast_sub(component_nll)?;
     let nll = log_joint.log_sum_exp(1)?.neg()?;

@@ -22,7 +22,7 @@
 //! ```
 
 use candle_core::Tensor;
-use gauss_layer::linalg;
+use gauss_layer::ops;
 
 use crate::check;
 use crate::gaussian::{log_det_from_triangular, nll_from_mahalanobis};
@@ -46,7 +46,7 @@ pub fn nll_precision_factor(
     let d = check::gaussian_args(x, mean, tril, "precision factor tril")?;
     check::nonsingular_triangular(tril, "precision factor tril")?;
 
-    let factor = linalg::tril(&tril.unsqueeze(0)?)?;
+    let factor = ops::tril(&tril.unsqueeze(0)?)?;
     let centered = x.broadcast_sub(mean)?;
     // Row n of (x − μ) L is (Lᵀ(x_n − μ))ᵀ.
     let projected = centered.matmul(&factor.squeeze(0)?)?;

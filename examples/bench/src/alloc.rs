@@ -4,10 +4,8 @@
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-#[cfg(feature = "mimalloc")]
-use mimalloc::MiMalloc as Inner;
-#[cfg(not(feature = "mimalloc"))]
-use std::alloc::System as Inner;
+// mimalloc with the `mimalloc` feature (the default), else the system allocator.
+use examples_support::Allocator as Inner;
 
 /// Wraps mimalloc (what the other example binaries use) and counts live bytes, their peak
 /// and every allocation.

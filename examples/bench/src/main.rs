@@ -12,12 +12,10 @@
 //! ```
 
 mod alloc;
-mod device;
-mod threads;
 mod timing;
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use candle_nn::{Module, VarBuilder, VarMap};
 use clap::Parser;
 use gauss_layer::{gauss_layer, DistanceKernel, GaussLayerConfig, Parameterization};
@@ -116,19 +114,11 @@ fn parse_kernel(name: &str) -> Result<DistanceKernel> {
     })
 }
 
-fn parse_dtype(name: &str) -> Result<DType> {
-    Ok(match name {
-        "f32" => DType::F32,
-        "f64" => DType::F64,
-        other => bail!("--dtype must be f32 or f64, got {other:?}"),
-    })
-}
-
 fn main() -> Result<()> {
-    threads::pin();
+    examples_support::pin_threads();
     let args = Args::parse();
-    let device = device::parse(&args.device)?;
-    let dtype = parse_dtype(&args.dtype)?;
+    let device = examples_support::device(&args.device)?;
+    let dtype = examples_support::dtype(&args.dtype)?;
     let parameterization: Parameterization = args.param.parse()?;
     let (b, d, z) = (args.batch, args.in_features, args.out_features);
     let config = GaussLayerConfig {

@@ -18,8 +18,6 @@
 //! ```
 
 mod alloc;
-mod device;
-mod threads;
 mod timing;
 
 use std::time::Instant;
@@ -361,14 +359,6 @@ impl Pair {
     }
 }
 
-fn parse_dtype(name: &str) -> Result<DType> {
-    Ok(match name {
-        "f32" => DType::F32,
-        "f64" => DType::F64,
-        other => bail!("--dtype must be f32 or f64, got {other:?}"),
-    })
-}
-
 /// Every variable's values as f64 bit patterns, by name.
 fn bits(varmap: &VarMap) -> Result<Vec<(String, Vec<u64>)>> {
     let data = varmap
@@ -392,13 +382,13 @@ fn bits(varmap: &VarMap) -> Result<Vec<(String, Vec<u64>)>> {
 }
 
 fn main() -> Result<()> {
-    threads::pin();
+    examples_support::pin_threads();
     let args = Args::parse();
     if args.batch == 0 || args.samples == 0 || args.steps == 0 {
         bail!("--batch, --samples and --steps must be positive");
     }
-    let device = device::parse(&args.device)?;
-    let dtype = parse_dtype(&args.dtype)?;
+    let device = examples_support::device(&args.device)?;
+    let dtype = examples_support::dtype(&args.dtype)?;
     let (images, labels) = synthetic(&args, dtype, &device)?;
     let objective = FgnObjectiveConfig {
         lambda_l2: args.lambda_l2,

@@ -140,14 +140,7 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
         out.insert("checkpoint".into(), json!(run.out.display().to_string()));
         out.insert("fgn".into(), report);
     }
-    out.insert(
-        "train_seconds".into(),
-        json!((started.elapsed().as_secs_f64() * 100.0).round() / 100.0),
-    );
-    out.insert(
-        "fit_seconds".into(),
-        json!((fit_seconds * 100.0).round() / 100.0),
-    );
+    examples_support::insert_timings(&mut out, started, fit_seconds);
     Ok(Value::Object(out))
 }
 

@@ -1,4 +1,5 @@
-//! Data sets: the bundled 8×8 digits, MNIST IDX files, and user safetensors files.
+//! Data sets: the bundled 8×8 digits, MNIST IDX files (read by [`crate::idx`]), and user
+//! safetensors files.
 //!
 //! Images are kept as f32 pixels in [0, 1] (raw values divided by the data set's `input_scale`)
 //! on the host; labels as u32.
@@ -180,85 +181,21 @@ pub fn eval_file(path: &Path, scale: InputScale, classes: usize) -> Result<Split
     })
 }
 
-fn read_idx(path: &Path, magic: u32, rank: usize) -> Result<(Vec<usize>, Vec<u8>)> {
-    let bytes = gauss_layer::files::read_regular(path)?;
-    let header = 4 + 4 * rank;
-    if bytes.len() < header {
-        bail!("{}: too short for an IDX file", path.display());
-    }
-    let word = |i: usize| u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
-    if word(0) != magic {
-        bail!(
-            "{}: IDX magic number is {:#x}, expected {magic:#x}",
-            path.display(),
-            word(0)
-        );
-    }
-    let dims: Vec<usize> = (0..rank).map(|i| word(4 + 4 * i) as usize).collect();
-    let count = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-    match count {
-        Some(count) if count >= 1 && header.checked_add(count) == Some(bytes.len()) => {}
-        _ => bail!(
-            "{}: IDX dims {dims:?} do not match the file's {} bytes (or hold no item)",
-            path.display(),
-            bytes.len()
-        ),
-    }
-    Ok((dims, bytes[header..].to_vec()))
-}
-
-fn find(dir: &Path, stem: &str) -> Result<std::path::PathBuf> {
-    for name in [stem.to_string(), stem.replace("-idx", ".idx")] {
-        let path = dir.join(&name);
-        if path.exists() {
-            return Ok(path);
-        }
-    }
-    bail!(
-        "{}: MNIST file `{stem}` not found (expected train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, uncompressed)",
-        dir.display()
-    )
-}
-
-fn mnist_split(dir: &Path, prefix: &str) -> Result<Split> {
-    let (idims, pixels) = read_idx(
-        &find(dir, &format!("{prefix}-images-idx3-ubyte"))?,
-        0x803,
-        3,
-    )?;
-    let (ldims, labels) = read_idx(
-        &find(dir, &format!("{prefix}-labels-idx1-ubyte"))?,
-        0x801,
-        1,
-    )?;
-    if idims[0] != ldims[0] {
-        bail!(
-            "{}: {prefix} has {} images but {} labels",
-            dir.display(),
-            idims[0],
-            ldims[0]
-        );
-    }
-    if let Some(bad) = labels.iter().find(|&&l| l > 9) {
-        bail!("{}: {prefix} label {bad} is not a digit", dir.display());
-    }
-    let n = idims[0];
-    let images = Tensor::from_vec(pixels, (n, idims[1] * idims[2]), &Device::Cpu)?;
-    let labels = Tensor::from_vec(labels, n, &Device::Cpu)?;
-    Ok(Split {
-        images: normalize(&images, MNIST_SCALE)?,
-        labels: labels.to_dtype(DType::U32)?,
-    })
-}
-
-/// MNIST from its four IDX files in `dir`.
+/// MNIST from its four IDX files in `dir`, read as any IDX set ([`crate::idx::load`]: plain
+/// or gzip, the same checks), then held to ten digit classes.
 pub fn mnist(dir: &Path) -> Result<DataSet> {
+    let set = crate::idx::load(dir)?.set;
+    if set.classes > 10 {
+        bail!(
+            "{}: train label {} is not a digit",
+            dir.display(),
+            set.classes - 1
+        );
+    }
     Ok(DataSet {
         name: "mnist",
-        input_scale: MNIST_SCALE,
         classes: 10,
-        train: mnist_split(dir, "train")?,
-        test: mnist_split(dir, "t10k")?,
+        ..set
     })
 }
 
@@ -405,5 +342,32 @@ mod tests {
             vec![vec![0.25, 1.0]]
         );
         assert_eq!(split.labels.to_vec1::<u32>().unwrap(), vec![9]);
+    }
+
+    #[test]
+    fn mnist_reads_what_the_idx_reader_reads_gzip_included() {
+        for compressed in [false, true] {
+            let dir =
+                crate::idx::tests::write_set(&format!("mnist-{compressed}"), 4, 3, compressed);
+            let set = mnist(&dir).unwrap();
+            let idx = crate::idx::load(&dir).unwrap().set;
+            std::fs::remove_dir_all(&dir).unwrap();
+            assert_eq!(
+                (set.name, set.classes, set.input_scale),
+                ("mnist", 10, MNIST_SCALE)
+            );
+            assert_eq!(
+                set.train.images.to_vec2::<f32>().unwrap(),
+                idx.train.images.to_vec2::<f32>().unwrap()
+            );
+            assert_eq!(
+                set.test.labels.to_vec1::<u32>().unwrap(),
+                idx.test.labels.to_vec1::<u32>().unwrap()
+            );
+        }
+        let dir = crate::idx::tests::write_set("mnist-letters", 12, 12, true);
+        let e = format!("{:#}", mnist(&dir).err().unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(e.contains("train label 11 is not a digit"), "{e}");
     }
 }

@@ -28,7 +28,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use clap::builder::{PossibleValue, PossibleValuesParser};
 use clap::{Parser, Subcommand, ValueEnum};
 use gauss_layer::checkpoint;
 use gauss_layer::{GaussLayerConfig, GaussNetConfig, InitConfig, Parameterization};
@@ -85,7 +84,7 @@ struct TrainArgs {
     #[arg(long)]
     epochs: Option<usize>,
     /// Precision parameterization of the FGN layers.
-    #[arg(long, default_value = "diag", value_parser = parameterization_parser())]
+    #[arg(long, default_value = "diag", value_parser = examples_support::parameterization_parser())]
     param: String,
     /// Columns of U for `--param lowrank` (required there; 1 <= R <= input dimension).
     #[arg(long)]
@@ -127,7 +126,7 @@ struct TrainArgs {
     /// Train only the FGN network.
     #[arg(long)]
     fgn_only: bool,
-    /// Read MNIST IDX files from this directory instead of the bundled digits.
+    /// Read MNIST IDX files (plain or .gz) from this directory instead of the bundled digits.
     #[arg(long, conflicts_with = "data_dir")]
     mnist: Option<PathBuf>,
     /// Read the four IDX files (plain or .gz: MNIST, FashionMNIST, KMNIST, EMNIST
@@ -181,7 +180,7 @@ struct EvalArgs {
     /// A safetensors file with `images` (N, D) and `labels` (N) instead of the bundled test split.
     #[arg(long, conflicts_with = "mnist")]
     data: Option<PathBuf>,
-    /// Evaluate on the MNIST test files in this directory.
+    /// Evaluate on the MNIST test files (plain or .gz) in this directory.
     #[arg(long, conflicts_with = "data_dir")]
     mnist: Option<PathBuf>,
     /// Evaluate on the test split of the IDX files (plain or .gz) in this directory.
@@ -200,24 +199,10 @@ struct EvalArgs {
     device: DeviceArg,
 }
 
-/// Accepts the names of [`Parameterization::ALL`], listed with their summaries in `--help`;
-/// lowrank's rank comes from `--rank` ([`Parameterization::from_name`]).
-fn parameterization_parser() -> PossibleValuesParser {
-    PossibleValuesParser::new(
-        Parameterization::ALL.map(|p| PossibleValue::new(p.name()).help(p.summary())),
-    )
-}
-
 fn device(arg: DeviceArg) -> Result<Device> {
     Ok(match arg {
         DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => {
-            let device = Device::new_cuda(0)
-                .context("cannot open CUDA device 0 (built with --features cuda?)")?;
-            // Reuse freed memory across steps, as PyTorch's caching allocator does.
-            gauss_layer::gpu::retain_freed_memory(&device)?;
-            device
-        }
+        DeviceArg::Cuda => examples_support::cuda_device()?,
         DeviceArg::Metal => Device::new_metal(0)
             .context("cannot open the Metal device (built with --features metal?)")?,
     })
@@ -444,15 +429,7 @@ fn train(args: TrainArgs) -> Result<Value> {
     if let Some(classical) = classical {
         out.insert("classical".into(), classical);
     }
-    out.insert(
-        "train_seconds".into(),
-        json!((started.elapsed().as_secs_f64() * 100.0).round() / 100.0),
-    );
-    // The training loops alone (no data loading, set-up, evaluation or saving).
-    out.insert(
-        "fit_seconds".into(),
-        json!((fit_seconds * 100.0).round() / 100.0),
-    );
+    examples_support::insert_timings(&mut out, started, fit_seconds);
     Ok(Value::Object(out))
 }
 
@@ -530,28 +507,10 @@ fn eval(args: EvalArgs) -> Result<Value> {
     Ok(Value::Object(out))
 }
 
-/// mimalloc keeps freed blocks for reuse instead of returning them to the kernel: training
-/// allocates and frees many large tensors per step (see the README, "Performance").
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Fixes the thread count once: Candle reads `RAYON_NUM_THREADS` on every CPU matmul and,
-/// when it is unset, counts the cores from `/proc` and sysfs each time. Sets it (to Candle's
-/// own default unless the user chose) and builds the global rayon pool with the same count.
-/// Runs first in `main`, before any other thread exists.
-fn pin_threads() {
-    let threads = candle_core::utils::get_num_threads();
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    }
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global();
-}
+examples_support::global_allocator!();
 
 fn main() {
-    pin_threads();
+    examples_support::pin_threads();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => train(args),
@@ -560,23 +519,5 @@ fn main() {
         Command::Convert(args) => interop::convert(args),
         Command::Predict(args) => predict::predict(args),
     };
-    match result {
-        Ok(value) => println!("{value}"),
-        Err(err) => {
-            // One line: each cause once (some errors already quote their source).
-            let mut message = String::new();
-            for cause in err.chain() {
-                let text = cause.to_string();
-                if !message.contains(&text) {
-                    if !message.is_empty() {
-                        message.push_str(": ");
-                    }
-                    message.push_str(&text);
-                }
-            }
-            let message = message.replace('\n', " ");
-            eprintln!("error: {message}");
-            std::process::exit(1);
-        }
-    }
+    println!("{}", examples_support::exit_on_error(result));
 }

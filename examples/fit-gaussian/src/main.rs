@@ -26,7 +26,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use clap::builder::{PossibleValue, PossibleValuesParser};
 use clap::Parser;
 use gauss_layer::MixtureFitOptions;
 use gauss_layer::{checkpoint, Parameterization};
@@ -43,7 +42,7 @@ struct Args {
     #[arg(long)]
     data: Option<PathBuf>,
     /// Precision parameterization of every Gaussian.
-    #[arg(long, default_value = "cholesky", value_parser = parameterization_parser())]
+    #[arg(long, default_value = "cholesky", value_parser = examples_support::parameterization_parser())]
     param: String,
     /// Columns of U for `--param lowrank` (required there; 1 <= R <= input dimension).
     #[arg(long)]
@@ -116,37 +115,11 @@ struct Args {
     out: Option<PathBuf>,
 }
 
-/// Accepts the names of [`Parameterization::ALL`], listed with their summaries in `--help`;
-/// lowrank's rank comes from `--rank` ([`Parameterization::from_name`]).
-fn parameterization_parser() -> PossibleValuesParser {
-    PossibleValuesParser::new(
-        Parameterization::ALL.map(|p| PossibleValue::new(p.name()).help(p.summary())),
-    )
-}
-
 fn to_rows(matrix: &Tensor) -> Result<Vec<Vec<f64>>> {
     Ok(matrix.to_vec2::<f64>()?)
 }
 
-/// mimalloc keeps freed blocks for reuse instead of returning them to the kernel: training
-/// allocates and frees many large tensors per step (see the README, "Performance").
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Fixes the thread count once: Candle reads `RAYON_NUM_THREADS` on every CPU matmul and,
-/// when it is unset, counts the cores from `/proc` and sysfs each time. Sets it (to Candle's
-/// own default unless the user chose) and builds the global rayon pool with the same count.
-/// Runs first in `main`, before any other thread exists.
-fn pin_threads() {
-    let threads = candle_core::utils::get_num_threads();
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    }
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global();
-}
+examples_support::global_allocator!();
 
 /// `--components K`: fit and print the mixture's JSON line.
 fn run_mixture(
@@ -198,22 +171,8 @@ fn run_mixture(
 
 /// One line on stderr and exit status 1 on any error (each cause once), as fgn-classifier.
 fn main() {
-    pin_threads();
-    let args = Args::parse();
-    if let Err(err) = run(args) {
-        let mut message = String::new();
-        for cause in err.chain() {
-            let text = cause.to_string();
-            if !message.contains(&text) {
-                if !message.is_empty() {
-                    message.push_str(": ");
-                }
-                message.push_str(&text);
-            }
-        }
-        eprintln!("error: {}", message.replace('\n', " "));
-        std::process::exit(1);
-    }
+    examples_support::pin_threads();
+    examples_support::exit_on_error(run(Args::parse()));
 }
 
 fn run(args: Args) -> Result<()> {

@@ -4,8 +4,7 @@
 
 use anyhow::Result;
 use candle_core::Tensor;
-use gauss_layer::{linalg, Parameterization};
-use gauss_losses::{nll_covariance_factor, Reduction};
+use gauss_layer::{GaussLayerConfig, MultivariateNormal, Parameterization};
 
 /// The maximum-likelihood Gaussian of a data set within one family.
 pub struct MaximumLikelihood {
@@ -31,21 +30,22 @@ pub fn maximum_likelihood(
     let mean = x.mean(0)?;
     let centered = x.broadcast_sub(&mean)?;
     let full = (centered.t()?.matmul(&centered)? / n as f64)?;
-    let total_variance = linalg::trace(&full.unsqueeze(0)?)?
-        .squeeze(0)?
-        .to_scalar::<f64>()?;
+    // The variances: the diagonal of the full covariance (the identity masks the rest).
+    let eye = Tensor::eye(d, x.dtype(), x.device())?;
+    let variances = (&full * &eye)?.sum(1)?;
+    let total_variance = variances.sum_all()?.to_scalar::<f64>()?;
     let covariance = match parameterization {
-        Parameterization::Diag => {
-            linalg::diag_embed(&linalg::diagonal(&full.unsqueeze(0)?)?)?.squeeze(0)?
-        }
-        Parameterization::Sphere => {
-            let variance = (linalg::trace(&full.unsqueeze(0)?)? / d as f64)?;
-            Tensor::eye(d, x.dtype(), x.device())?.broadcast_mul(&variance)?
-        }
+        Parameterization::Diag => eye.broadcast_mul(&variances.unsqueeze(0)?)?,
+        Parameterization::Sphere => (eye * (total_variance / d as f64))?,
         _ => full,
     };
-    let scale_tril = linalg::cholesky(&covariance.unsqueeze(0)?)?.squeeze(0)?;
-    let nll = nll_covariance_factor(x, &mean, &scale_tril, Reduction::Mean)?.to_scalar::<f64>()?;
+    // The NLL through the library's own density (`direct` holds any SPD matrix as it is).
+    let config = GaussLayerConfig {
+        parameterization: Parameterization::Direct,
+        ..Default::default()
+    };
+    let normal = MultivariateNormal::from_covariance(&mean, &covariance, config)?;
+    let nll = normal.log_prob(x)?.mean_all()?.neg()?.to_scalar::<f64>()?;
     Ok(MaximumLikelihood {
         mean,
         covariance,

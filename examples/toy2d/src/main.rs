@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{AdamW, Linear, Module, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use clap::builder::{PossibleValue, PossibleValuesParser};
 use clap::Parser;
 use gauss_layer::{GaussLayerConfig, GaussNet, GaussNetConfig, Parameterization};
 use gauss_losses::{fgn_objective, FgnObjectiveConfig};
@@ -49,7 +48,7 @@ struct Args {
     #[arg(long, default_value_t = 0.1)]
     lambda_sigma: f64,
     /// Precision parameterization of the FGN layers.
-    #[arg(long, default_value = "cholesky", value_parser = parameterization_parser())]
+    #[arg(long, default_value = "cholesky", value_parser = examples_support::parameterization_parser())]
     param: String,
     /// Columns of U for `--param lowrank` (required there; 1 <= R <= input dimension).
     #[arg(long)]
@@ -57,14 +56,6 @@ struct Args {
     /// Side of the square map in pixels (the PNG adds margins for axes, legend and colour bar).
     #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u32).range(64..=4096))]
     size: u32,
-}
-
-/// Accepts the names of [`Parameterization::ALL`], listed with their summaries in `--help`;
-/// lowrank's rank comes from `--rank` ([`Parameterization::from_name`]).
-fn parameterization_parser() -> PossibleValuesParser {
-    PossibleValuesParser::new(
-        Parameterization::ALL.map(|p| PossibleValue::new(p.name()).help(p.summary())),
-    )
 }
 
 /// The plotted square: the moons live in about [-1.2, 2.2] × [-0.7, 1.2].
@@ -376,28 +367,10 @@ fn draw_map(
     Ok(())
 }
 
-/// mimalloc keeps freed blocks for reuse instead of returning them to the kernel: training
-/// allocates and frees many large tensors per step (see the README, "Performance").
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Fixes the thread count once: Candle reads `RAYON_NUM_THREADS` on every CPU matmul and,
-/// when it is unset, counts the cores from `/proc` and sysfs each time. Sets it (to Candle's
-/// own default unless the user chose) and builds the global rayon pool with the same count.
-/// Runs first in `main`, before any other thread exists.
-fn pin_threads() {
-    let threads = candle_core::utils::get_num_threads();
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    }
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global();
-}
+examples_support::global_allocator!();
 
 fn main() -> Result<()> {
-    pin_threads();
+    examples_support::pin_threads();
     let args = Args::parse();
     let parameterization = Parameterization::from_name(&args.param, args.rank)?;
     std::fs::create_dir_all(&args.out_dir)

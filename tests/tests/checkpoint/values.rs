@@ -5,7 +5,8 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use gauss_layer::checkpoint::{self, LoadOptions};
-use gauss_layer::{linalg, repair, GaussError, GaussLayerConfig, GaussNetConfig, Parameterization};
+use gauss_layer::testing::linalg;
+use gauss_layer::{repair, GaussError, GaussLayerConfig, GaussNetConfig, Parameterization};
 
 use gauss_tests::{new_net, small_diag_net_config, temp_dir};
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
-use gauss_layer::linalg;
+use gauss_layer::testing::linalg;
 use gauss_layer::testing::{relative_error, tolerance};
 use gauss_layer::{GaussLayerConfig, PositiveMap};
 

@@ -12,7 +12,8 @@
 //!   inverse.
 
 use candle_core::{DType, Device, Tensor, Var};
-use gauss_layer::{linalg, GaussLayer, GaussLayerConfig, Parameterization, Precision};
+use gauss_layer::testing::linalg;
+use gauss_layer::{GaussLayer, GaussLayerConfig, Parameterization, Precision};
 use gauss_losses::{layer_nll, nll_covariance_factor, nll_precision_factor, Reduction};
 
 use super::common::{chain_raw_gradient_to_factor, cholesky_raw_from_factor, gradient, Case};

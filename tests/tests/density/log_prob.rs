@@ -73,8 +73,8 @@ fn log_prob_of_diagonal_forms_is_a_sum_of_one_dimensional_normals() -> Result<()
         get(&file, "covariance")?,
         get(&file, "x")?,
     );
-    let variances = gauss_layer::linalg::diagonal(covariance)?; // (Z, d)
-    let diagonal = gauss_layer::linalg::diag_embed(&variances)?;
+    let variances = gauss_layer::testing::linalg::diagonal(covariance)?; // (Z, d)
+    let diagonal = gauss_layer::testing::linalg::diag_embed(&variances)?;
     let layer = GaussLayer::from_covariance(
         mean,
         &diagonal,

@@ -9,8 +9,9 @@ use std::collections::HashMap;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use gauss_layer::testing::linalg;
 use gauss_layer::testing::max_abs;
-use gauss_layer::{gauss_layer, linalg, repair, GaussLayerConfig, Parameterization, Precision};
+use gauss_layer::{gauss_layer, repair, GaussLayerConfig, Parameterization, Precision};
 use gauss_losses::{layer_nll, Reduction};
 
 /// Steps per fit; `direct` walks P's entries through repairs at the PD boundary from the cold

@@ -8,10 +8,9 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use super::{layer_from_parts, ConvertOptions};
-use crate::error::Result;
+use crate::error::{GaussError, Result};
 use crate::import::{
-    assemble, batch_norm, cast_net, in_file, join, load_state_dict, parse_feedforward, state_error,
-    FgnNetLayout, ModuleKind, StateDict,
+    assemble_feedforward, join, net_from_file, net_from_tensors, FgnNetLayout, NetKind, StateDict,
 };
 use crate::layer::GaussLayer;
 use crate::net::GaussNet;
@@ -24,7 +23,7 @@ fn linear(
 ) -> Result<GaussLayer> {
     let weight = dict.host(&join(prefix, "weight"))?;
     let [z, _] = weight.dims[..] else {
-        return Err(crate::error::GaussError::shape(
+        return Err(GaussError::shape(
             format!("tensor `{}`", dict.key(&join(prefix, "weight"))),
             "(out_features, in_features)",
             &weight.dims,
@@ -38,54 +37,22 @@ fn linear(
     layer_from_parts(weight.tensor()?, bias, tanh, options)
 }
 
+/// The network in f64 on the CPU (the layout and assembly of [`crate::import`]).
 fn net_in_f64(
     dict: &StateDict,
     layout: &FgnNetLayout,
     options: &ConvertOptions,
-) -> Result<GaussNet> {
-    if dict.contains(&join(&layout.final_layer, "inv_covars")) {
-        return Err(state_error(format!(
-            "`{}` is already an FGN layer (it has `inv_covars`): import this state dict instead of converting it",
-            dict.key(&layout.final_layer)
-        )));
-    }
-    let classify = |prefix: &str| {
-        if dict.contains(&join(prefix, "running_mean")) {
-            Some(ModuleKind::Norm)
-        } else if dict.contains(&join(prefix, "weight")) {
-            Some(ModuleKind::Layer)
-        } else {
-            None
-        }
-    };
-    let found = parse_feedforward(dict, layout, &classify, "weight", "Feedforward_Classic_net")?;
-    let mut hidden = Vec::with_capacity(found.hidden.len());
-    for (prefix, norm) in &found.hidden {
-        let layer = linear(dict, prefix, options.tanh, options)?;
-        let norm = norm
-            .as_ref()
-            .map(|n| batch_norm(dict, n, layer.out_features(), layout.batch_norm_eps))
-            .transpose()?;
-        hidden.push((layer, norm));
-    }
-    let final_layer = linear(dict, &found.final_layer, false, options)?;
-    let input_norm = found
-        .input_norm
-        .as_ref()
-        .map(|n| {
-            let width = hidden
-                .first()
-                .map_or(final_layer.in_features(), |(l, _)| l.in_features());
-            batch_norm(dict, n, width, layout.batch_norm_eps)
-        })
-        .transpose()?;
-    assemble(
-        input_norm,
-        hidden,
-        final_layer,
+) -> Result<(GaussNet, ())> {
+    let mut read_layer =
+        |prefix: &str, is_final: bool| linear(dict, prefix, options.tanh && !is_final, options);
+    let (net, _) = assemble_feedforward(
+        dict,
+        layout,
+        NetKind::Classic,
         options.gate,
-        layout.batch_norm_eps,
-    )
+        &mut read_layer,
+    )?;
+    Ok((net, ()))
 }
 
 /// Converts a `Feedforward_Classic_net` state dict (`ib.*`, `hidden_layers.{k}.weight/bias`
@@ -103,13 +70,9 @@ pub fn classic_net_from_tensors(
     layout: &FgnNetLayout,
     options: &ConvertOptions,
 ) -> Result<GaussNet> {
-    let dict = StateDict::new(tensors);
-    let net = net_in_f64(&dict, layout, options)?;
-    let (dtype, device) = dict
-        .get(&join(&layout.final_layer, "weight"))
-        .map(|t| (t.dtype(), t.device().clone()))
-        .unwrap_or((DType::F32, Device::Cpu));
-    cast_net(net, &device, dtype)
+    let build = |dict: &StateDict| net_in_f64(dict, layout, options);
+    let like = |_: &()| join(&layout.final_layer, "weight");
+    Ok(net_from_tensors(tensors, build, like)?.0)
 }
 
 /// Reads a `Feedforward_Classic_net` saved with `safetensors.torch.save_file` and converts it
@@ -124,12 +87,6 @@ pub fn convert_classic_net(
     dtype: DType,
     options: &ConvertOptions,
 ) -> Result<GaussNet> {
-    let path = path.as_ref();
-    let result = (|| {
-        let tensors = load_state_dict(path, &Device::Cpu, DType::F64)?;
-        let dict = StateDict::new(&tensors);
-        let net = net_in_f64(&dict, &FgnNetLayout::default(), options)?;
-        cast_net(net, device, dtype)
-    })();
-    result.map_err(|e| in_file(path, e))
+    let build = |dict: &StateDict| net_in_f64(dict, &FgnNetLayout::default(), options);
+    Ok(net_from_file(path.as_ref(), device, dtype, build)?.0)
 }

@@ -243,42 +243,26 @@ pub fn mlp_to_gauss_net(linears: &[Linear], options: &ConvertOptions) -> Result<
             "at least one layer is needed, got 0",
         ));
     };
-    let mut layers = Vec::with_capacity(linears.len());
-    for linear in hidden {
-        layers.push(layer_from_parts(
-            linear.weight().clone(),
-            linear.bias().cloned(),
-            options.tanh,
-            options,
-        )?);
-    }
-    layers.push(layer_from_parts(
-        last.weight().clone(),
-        last.bias().cloned(),
-        false,
-        options,
-    )?);
-    let config = GaussNetConfig {
-        in_features: layers[0].in_features(),
-        hidden: layers[..layers.len() - 1]
-            .iter()
-            .map(GaussLayer::out_features)
-            .collect(),
-        out_features: layers[layers.len() - 1].out_features(),
-        layer: layers[0].config().clone(),
-        output_layer: Some(layers[layers.len() - 1].config().clone()),
-        gate: options.gate,
-        ..Default::default()
-    };
-    for (i, pair) in layers.windows(2).enumerate() {
-        if pair[0].out_features() != pair[1].in_features() {
-            return Err(GaussError::shape(
-                format!("linear layer {}", i + 1),
-                format!("(_, {}) to follow layer {i}", pair[0].out_features()),
-                &[pair[1].out_features(), pair[1].in_features()],
-            ));
-        }
-    }
-    let norms = vec![None; layers.len() - 1];
-    GaussNet::from_parts(config, None, layers, norms)
+    let hidden = hidden
+        .iter()
+        .map(|linear| {
+            let layer = layer_from_parts(
+                linear.weight().clone(),
+                linear.bias().cloned(),
+                options.tanh,
+                options,
+            )?;
+            Ok((layer, None))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let last = layer_from_parts(last.weight().clone(), last.bias().cloned(), false, options)?;
+    let eps = GaussNetConfig::default().batch_norm_eps;
+    GaussNet::from_layers(
+        None,
+        hidden,
+        last,
+        options.gate,
+        eps,
+        "in the order of the linears",
+    )
 }

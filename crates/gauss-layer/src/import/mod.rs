@@ -43,7 +43,7 @@
 //! One layer of the original (`FGN_layer.forward`), with `δ = x − c_z`, `A = inv_covars[z]`
 //! and `clamp` its `torch.clamp(inv_covars, max = 1/eps)`, `eps = 1e-8`, computes
 //! `l = x Wᵀ + b` (`tanh(l)` when `non_lin`), `g = exp(−q)` (no ½) and `y = l · g`. Ours
-//! computes `g = exp(−m²/2)` with `m² = δᵀ P δ` (DESIGN §2), so each neuron's `P` is `2q`
+//! computes `g = exp(−m²/2)` with `m² = δᵀ P δ` (`docs/design.md` §2), so each neuron's `P` is `2q`
 //! read as a quadratic form:
 //!
 //! | `covar_type` | `inv_covars` | original `q` (HEAD) | `P` here | stored as |
@@ -93,8 +93,9 @@ pub use net::{
 };
 pub use state_dict::{load_state_dict, state_dict_from_bytes};
 
-pub(crate) use net::{assemble, batch_norm, cast_net, parse_feedforward, ModuleKind};
-pub(crate) use state_dict::{in_file, join, state_error, StateDict};
+// What conversion (`crate::convert`) shares: the state dict reader and the network assembly.
+pub(crate) use net::{assemble_feedforward, net_from_file, net_from_tensors, NetKind};
+pub(crate) use state_dict::{join, StateDict};
 
 /// The largest `inv_covars` value the original uses (`clamp(max = 1/eps)`, `eps = 1e-8`).
 pub const FGN_INV_COVAR_MAX: f64 = 1e8;

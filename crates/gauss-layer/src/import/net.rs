@@ -9,13 +9,73 @@ use candle_nn::BatchNorm;
 use super::layer::{biases_look_tied, cast_layer, import_layer};
 use super::state_dict::{in_file, join, list_prefixes, load_state_dict, state_error, StateDict};
 use super::{FgnImportOptions, FgnImportReport, FgnLayerReport, FgnModelKind, FgnNetLayout};
-use crate::error::{GaussError, Result};
+use crate::error::Result;
 use crate::layer::GaussLayer;
-use crate::net::{GaussNet, GaussNetConfig};
+use crate::net::GaussNet;
+
+/// Which original network a feed-forward state dict holds: an FGN one (imported) or a
+/// classical one (converted, [`crate::convert`]). The module layout is the same; the tensor
+/// that marks a layer differs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NetKind {
+    /// `Feedforward_FGN_net`: layers hold `inv_covars`.
+    Fgn,
+    /// `Feedforward_Classic_net`: layers are `Linear`s (`weight`).
+    Classic,
+}
+
+impl NetKind {
+    /// The tensor that marks a layer of this kind.
+    fn layer_leaf(self) -> &'static str {
+        match self {
+            NetKind::Fgn => "inv_covars",
+            NetKind::Classic => "weight",
+        }
+    }
+
+    /// The original's class name.
+    fn model_name(self) -> &'static str {
+        match self {
+            NetKind::Fgn => "Feedforward_FGN_net",
+            NetKind::Classic => "Feedforward_Classic_net",
+        }
+    }
+
+    /// What the module under `prefix` holds, judged by its tensors (`None`: neither a layer
+    /// nor a batch norm). A classical batch norm has a `weight` too, so `running_mean` is
+    /// asked first there.
+    fn classify(self, dict: &StateDict, prefix: &str) -> Option<ModuleKind> {
+        let norm = dict.contains(&join(prefix, "running_mean"));
+        let layer = dict.contains(&join(prefix, self.layer_leaf()));
+        match (self, layer, norm) {
+            (NetKind::Fgn, true, _) | (NetKind::Classic, true, false) => Some(ModuleKind::Layer),
+            (_, _, true) => Some(ModuleKind::Norm),
+            _ => None,
+        }
+    }
+
+    /// Refuses a state dict of the other kind, saying which function reads it.
+    fn check_final_layer(self, dict: &StateDict, layout: &FgnNetLayout) -> Result<()> {
+        let fgn = dict.contains(&join(&layout.final_layer, "inv_covars"));
+        match self {
+            NetKind::Fgn if !fgn && dict.contains(&join(&layout.final_layer, "weight")) => {
+                Err(state_error(format!(
+                    "`{}` is a classical Linear layer (`weight`, no `inv_covars`): this looks like a Feedforward_Classic_net state dict, which converts (gauss_layer::convert::convert_classic_net, CLI `convert`) rather than imports",
+                    dict.key(&layout.final_layer)
+                )))
+            }
+            NetKind::Classic if fgn => Err(state_error(format!(
+                "`{}` is already an FGN layer (it has `inv_covars`): import this state dict instead of converting it",
+                dict.key(&layout.final_layer)
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
 
 /// What a module of `hidden_layers` holds, judged by its tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum ModuleKind {
+enum ModuleKind {
     /// A layer (`inv_covars` for FGN, `weight` for a classical `Linear`).
     Layer,
     /// A `BatchNorm1d` (`running_mean`).
@@ -38,16 +98,15 @@ pub(crate) struct Feedforward {
 /// Reads the module layout of `Feedforward_FGN_net` / `Feedforward_Classic_net`:
 /// `hidden_layers.{k}` holds, without dropout, layer j at `2j` and its batch norm (or an
 /// identity, no tensors) at `2j + 1`; with dropout, a `Dropout` at 0 and layer j at `1 + 3j`,
-/// its batch norm at `2 + 3j`, a `Dropout` at `3 + 3j`. `classify` tells a module's kind
-/// from its prefix (`None`: neither a layer nor a batch norm); `layer_leaf` names the tensor
-/// that marks a layer, for messages.
-pub(crate) fn parse_feedforward(
+/// its batch norm at `2 + 3j`, a `Dropout` at `3 + 3j`. `kind` tells a module's kind from its
+/// tensors ([`NetKind::classify`]).
+fn parse_feedforward(
     dict: &StateDict,
     layout: &FgnNetLayout,
-    classify: &dyn Fn(&str) -> Option<ModuleKind>,
-    layer_leaf: &str,
-    model_name: &str,
+    kind: NetKind,
 ) -> Result<Feedforward> {
+    let (layer_leaf, model_name) = (kind.layer_leaf(), kind.model_name());
+    let classify = |prefix: &str| kind.classify(dict, prefix);
     if classify(&layout.final_layer) != Some(ModuleKind::Layer) {
         return Err(state_error(format!(
             "no final layer: tensor `{}` is missing, so this is not a {model_name} state dict. Layers (tensors `*.{layer_leaf}`) were found under: {}; all module prefixes: {}",
@@ -152,12 +211,7 @@ pub(crate) fn parse_feedforward(
 
 /// A `BatchNorm1d` in eval mode, f64 on the CPU; `width` is the size it must have. Without
 /// `weight` and `bias` (`affine=False`) it gets 1 and 0.
-pub(crate) fn batch_norm(
-    dict: &StateDict,
-    prefix: &str,
-    width: usize,
-    eps: f64,
-) -> Result<BatchNorm> {
+fn batch_norm(dict: &StateDict, prefix: &str, width: usize, eps: f64) -> Result<BatchNorm> {
     let get = |n: &str| dict.host_shaped(&join(prefix, n), &[width]);
     let mean = get("running_mean")?;
     let var = get("running_var")?;
@@ -254,42 +308,49 @@ fn check_fits_dtype(net: &GaussNet, dtype: DType) -> Result<()> {
     Ok(())
 }
 
-/// Assembles a network (f64, CPU) from its parts: the input norm, the hidden layers each
-/// with its batch norm, the final layer.
-pub(crate) fn assemble(
-    input_norm: Option<BatchNorm>,
-    hidden: Vec<(GaussLayer, Option<BatchNorm>)>,
-    final_layer: GaussLayer,
+/// Reads a feed-forward state dict of `kind` into a network (f64, CPU), for import and
+/// conversion alike: refuses the other kind, checks the module layout
+/// ([`parse_feedforward`]), reads each hidden layer with `read_layer(prefix, false)` and the
+/// batch norm after it, the final layer with `read_layer(prefix, true)`, the input batch
+/// norm, and assembles them ([`GaussNet::from_layers`]). Returns the network and the layout found.
+pub(crate) fn assemble_feedforward(
+    dict: &StateDict,
+    layout: &FgnNetLayout,
+    kind: NetKind,
     gate: bool,
-    batch_norm_eps: f64,
-) -> Result<GaussNet> {
-    let batch_norm = hidden.iter().any(|(_, n)| n.is_some());
-    let (layers, norms): (Vec<GaussLayer>, Vec<Option<BatchNorm>>) = hidden.into_iter().unzip();
-    let first = layers.first().unwrap_or(&final_layer);
-    let config = GaussNetConfig {
-        in_features: first.in_features(),
-        hidden: layers.iter().map(GaussLayer::out_features).collect(),
-        out_features: final_layer.out_features(),
-        layer: first.config().clone(),
-        output_layer: Some(final_layer.config().clone()),
-        input_batch_norm: input_norm.is_some(),
-        batch_norm,
-        batch_norm_eps,
-        dropout: 0.0,
-        gate,
-    };
-    let mut layers = layers;
-    layers.push(final_layer);
-    for (i, pair) in layers.windows(2).enumerate() {
-        if pair[0].out_features() != pair[1].in_features() {
-            return Err(GaussError::shape(
-                format!("layer {} (in the order of the state dict)", i + 1),
-                format!("{} inputs, the width of layer {i}", pair[0].out_features()),
-                &[pair[1].out_features(), pair[1].in_features()],
-            ));
-        }
+    read_layer: &mut dyn FnMut(&str, bool) -> Result<GaussLayer>,
+) -> Result<(GaussNet, Feedforward)> {
+    kind.check_final_layer(dict, layout)?;
+    let found = parse_feedforward(dict, layout, kind)?;
+    let mut hidden = Vec::with_capacity(found.hidden.len());
+    for (prefix, norm) in &found.hidden {
+        let layer = read_layer(prefix, false)?;
+        let norm = norm
+            .as_ref()
+            .map(|n| batch_norm(dict, n, layer.out_features(), layout.batch_norm_eps))
+            .transpose()?;
+        hidden.push((layer, norm));
     }
-    GaussNet::from_parts(config, input_norm, layers, norms)
+    let final_layer = read_layer(&found.final_layer, true)?;
+    let input_norm = found
+        .input_norm
+        .as_ref()
+        .map(|n| {
+            let width = hidden
+                .first()
+                .map_or(final_layer.in_features(), |(l, _)| l.in_features());
+            batch_norm(dict, n, width, layout.batch_norm_eps)
+        })
+        .transpose()?;
+    let net = GaussNet::from_layers(
+        input_norm,
+        hidden,
+        final_layer,
+        gate,
+        layout.batch_norm_eps,
+        "in the order of the state dict",
+    )?;
+    Ok((net, found))
 }
 
 fn layer_report(prefix: &str, layer: &GaussLayer) -> FgnLayerReport {
@@ -303,18 +364,6 @@ fn layer_report(prefix: &str, layer: &GaussLayer) -> FgnLayerReport {
     }
 }
 
-fn fgn_classify<'a>(dict: &'a StateDict<'a>) -> impl Fn(&str) -> Option<ModuleKind> + 'a {
-    move |prefix: &str| {
-        if dict.contains(&join(prefix, "inv_covars")) {
-            Some(ModuleKind::Layer)
-        } else if dict.contains(&join(prefix, "running_mean")) {
-            Some(ModuleKind::Norm)
-        } else {
-            None
-        }
-    }
-}
-
 /// The network in f64 on the CPU and its report.
 fn net_in_f64(
     dict: &StateDict,
@@ -322,69 +371,36 @@ fn net_in_f64(
     options: &FgnImportOptions,
 ) -> Result<(GaussNet, FgnImportReport)> {
     options.validate()?;
-    let final_weight = join(&layout.final_layer, "weight");
-    if !dict.contains(&join(&layout.final_layer, "inv_covars")) && dict.contains(&final_weight) {
-        return Err(state_error(format!(
-            "`{}` is a classical Linear layer (`weight`, no `inv_covars`): this looks like a Feedforward_Classic_net state dict, which converts (gauss_layer::convert::convert_classic_net, CLI `convert`) rather than imports",
-            dict.key(&layout.final_layer)
-        )));
-    }
-    let classify = fgn_classify(dict);
-    let found = parse_feedforward(dict, layout, &classify, "inv_covars", "Feedforward_FGN_net")?;
     let mut reports = Vec::new();
-    let mut notes = Vec::new();
-    let mut hidden = Vec::with_capacity(found.hidden.len());
     let mut covar_type = None;
-    for (prefix, norm) in &found.hidden {
-        let (layer, t) = import_layer(dict, prefix, options, options.non_lin)?;
-        covar_type = Some(t);
-        let norm = norm
-            .as_ref()
-            .map(|n| batch_norm(dict, n, layer.out_features(), layout.batch_norm_eps))
-            .transpose()?;
+    // The original builds `fl` without `non_lin`; the covariance type reported is the first
+    // layer's.
+    let mut read_layer = |prefix: &str, is_final: bool| {
+        let (layer, t) = import_layer(dict, prefix, options, options.non_lin && !is_final)?;
+        covar_type.get_or_insert(t);
         reports.push(layer_report(prefix, &layer));
-        hidden.push((layer, norm));
+        Ok(layer)
+    };
+    let (net, found) =
+        assemble_feedforward(dict, layout, NetKind::Fgn, options.gate, &mut read_layer)?;
+    let mut notes = Vec::new();
+    let mut prefixes = found
+        .hidden
+        .iter()
+        .map(|(p, _)| p)
+        .chain([&found.final_layer]);
+    if options.free_biases && prefixes.all(|p| biases_look_tied(dict, p)) {
+        notes.push(tied_note());
     }
-    // The original builds `fl` without `non_lin`.
-    let (final_layer, t) = import_layer(dict, &found.final_layer, options, false)?;
-    let covar_type = covar_type.unwrap_or(t);
-    reports.push(layer_report(&found.final_layer, &final_layer));
-    let input_norm = found
-        .input_norm
-        .as_ref()
-        .map(|n| {
-            let width = hidden
-                .first()
-                .map_or(final_layer.in_features(), |(l, _)| l.in_features());
-            batch_norm(dict, n, width, layout.batch_norm_eps)
-        })
-        .transpose()?;
-    if options.free_biases {
-        let prefixes: Vec<&str> = found
-            .hidden
-            .iter()
-            .map(|(p, _)| p.as_str())
-            .chain([found.final_layer.as_str()])
-            .collect();
-        if prefixes.iter().all(|p| biases_look_tied(dict, p)) {
-            notes.push(tied_note());
-        }
-    }
-    let input_batch_norm = input_norm.is_some();
-    let batch_norm = hidden.iter().any(|(_, n)| n.is_some());
-    let net = assemble(
-        input_norm,
-        hidden,
-        final_layer,
-        options.gate,
-        layout.batch_norm_eps,
-    )?;
+    let Some(covar_type) = covar_type else {
+        return Err(state_error("no FGN layer was read"));
+    };
     let report = FgnImportReport {
         kind: FgnModelKind::Net,
         covar_type,
         layers: reports,
-        input_batch_norm,
-        batch_norm,
+        input_batch_norm: net.config().input_batch_norm,
+        batch_norm: net.config().batch_norm,
         dropout: found.dropout,
         gate: options.gate,
         stripped_prefix: dict.stripped_prefix().map(str::to_string),
@@ -408,7 +424,7 @@ fn lone_layer_in_f64(
         notes.push(tied_note());
     }
     let reports = vec![layer_report("", &layer)];
-    let net = assemble(None, Vec::new(), layer, options.gate, 1e-5)?;
+    let net = GaussNet::from_layers(None, Vec::new(), layer, options.gate, 1e-5, "")?;
     let report = FgnImportReport {
         kind: FgnModelKind::Layer,
         covar_type,
@@ -423,10 +439,37 @@ fn lone_layer_in_f64(
     Ok((net, report))
 }
 
-fn dtype_and_device_of(dict: &StateDict, key: &str) -> (DType, Device) {
-    dict.get(key)
+/// Runs `build` on `tensors` read as a state dict (it computes in f64 on the host), then
+/// casts the network to the dtype and device of the tensor that `like` names (f32 on the CPU
+/// when it is missing).
+pub(crate) fn net_from_tensors<R>(
+    tensors: &HashMap<String, Tensor>,
+    build: impl FnOnce(&StateDict) -> Result<(GaussNet, R)>,
+    like: impl FnOnce(&R) -> String,
+) -> Result<(GaussNet, R)> {
+    let dict = StateDict::new(tensors);
+    let (net, extra) = build(&dict)?;
+    let (dtype, device) = dict
+        .get(&like(&extra))
         .map(|t| (t.dtype(), t.device().clone()))
-        .unwrap_or((DType::F32, Device::Cpu))
+        .unwrap_or((DType::F32, Device::Cpu));
+    Ok((cast_net(net, &device, dtype)?, extra))
+}
+
+/// Reads the state dict in `path` in f64 on the host, runs `build` on it and casts the network
+/// to `device` and `dtype`; every error names the file.
+pub(crate) fn net_from_file<R>(
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+    build: impl FnOnce(&StateDict) -> Result<(GaussNet, R)>,
+) -> Result<(GaussNet, R)> {
+    let result = (|| {
+        let tensors = load_state_dict(path, &Device::Cpu, DType::F64)?;
+        let (net, extra) = build(&StateDict::new(&tensors))?;
+        Ok((cast_net(net, device, dtype)?, extra))
+    })();
+    result.map_err(|e| in_file(path, e))
 }
 
 /// Imports a `Feedforward_FGN_net` state dict (see the module docs for the layout and the
@@ -443,10 +486,9 @@ pub fn fgn_net_from_tensors(
     layout: &FgnNetLayout,
     options: &FgnImportOptions,
 ) -> Result<GaussNet> {
-    let dict = StateDict::new(tensors);
-    let (net, _) = net_in_f64(&dict, layout, options)?;
-    let (dtype, device) = dtype_and_device_of(&dict, &join(&layout.final_layer, "centers"));
-    cast_net(net, &device, dtype)
+    let build = |dict: &StateDict| net_in_f64(dict, layout, options);
+    let like = |_: &FgnImportReport| join(&layout.final_layer, "centers");
+    Ok(net_from_tensors(tensors, build, like)?.0)
 }
 
 /// Imports whatever the state dict holds: a `Feedforward_FGN_net` (when `{final_layer}.*` is
@@ -461,14 +503,12 @@ pub fn fgn_model_from_tensors(
     layout: &FgnNetLayout,
     options: &FgnImportOptions,
 ) -> Result<(GaussNet, FgnImportReport)> {
-    let dict = StateDict::new(tensors);
-    let (net, report) = model_in_f64(&dict, layout, options)?;
-    let centers = match report.kind {
+    let build = |dict: &StateDict| model_in_f64(dict, layout, options);
+    let like = |report: &FgnImportReport| match report.kind {
         FgnModelKind::Net => join(&layout.final_layer, "centers"),
         FgnModelKind::Layer => "centers".to_string(),
     };
-    let (dtype, device) = dtype_and_device_of(&dict, &centers);
-    Ok((cast_net(net, &device, dtype)?, report))
+    net_from_tensors(tensors, build, like)
 }
 
 fn model_in_f64(
@@ -496,14 +536,8 @@ pub fn import_fgn_model(
     dtype: DType,
     options: &FgnImportOptions,
 ) -> Result<(GaussNet, FgnImportReport)> {
-    let path = path.as_ref();
-    let result = (|| {
-        let tensors = load_state_dict(path, &Device::Cpu, DType::F64)?;
-        let dict = StateDict::new(&tensors);
-        let (net, report) = model_in_f64(&dict, &FgnNetLayout::default(), options)?;
-        Ok((cast_net(net, device, dtype)?, report))
-    })();
-    result.map_err(|e| in_file(path, e))
+    let build = |dict: &StateDict| model_in_f64(dict, &FgnNetLayout::default(), options);
+    net_from_file(path.as_ref(), device, dtype, build)
 }
 
 /// Reads a `Feedforward_FGN_net` saved with `safetensors.torch.save_file`, on `device` in
@@ -518,14 +552,8 @@ pub fn import_fgn_net(
     dtype: DType,
     options: &FgnImportOptions,
 ) -> Result<GaussNet> {
-    let path = path.as_ref();
-    let result = (|| {
-        let tensors = load_state_dict(path, &Device::Cpu, DType::F64)?;
-        let dict = StateDict::new(&tensors);
-        let (net, _) = net_in_f64(&dict, &FgnNetLayout::default(), options)?;
-        cast_net(net, device, dtype)
-    })();
-    result.map_err(|e| in_file(path, e))
+    let build = |dict: &StateDict| net_in_f64(dict, &FgnNetLayout::default(), options);
+    Ok(net_from_file(path.as_ref(), device, dtype, build)?.0)
 }
 
 /// Reads one `FGN_layer` stored under `prefix` (`""` for a layer saved on its own), on

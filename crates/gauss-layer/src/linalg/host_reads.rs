@@ -44,7 +44,7 @@ pub(crate) fn record(what: &'static str, tensor: &Tensor) {
 /// Records the library's host reads on the current thread while it lives.
 ///
 /// ```
-/// use gauss_layer::linalg::HostReadLog;
+/// use gauss_layer::HostReadLog;
 /// let log = HostReadLog::start();
 /// // ... a training step ...
 /// assert!(log.reads().is_empty());

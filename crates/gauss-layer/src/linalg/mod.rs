@@ -1,12 +1,16 @@
 //! Batched linear algebra built only from Candle tensor ops (matmul, elementwise, narrow,
 //! cat), so it runs and differentiates on CPU, CUDA and Metal alike; the host side
-//! (eigendecompositions with `faer`, in f64 on the CPU) lives in the private `host` module.
+//! (eigendecompositions with `faer`, in f64 on the CPU) lives in `host`.
+//!
+//! Crate-private: the three helpers the losses build on (`tril`, `tril_inverse`, `diagonal`)
+//! are public as [`crate::ops`]'s, [`HostReadLog`] at the crate root; the integration tests
+//! reach the rest through `gauss_layer::testing::linalg` (the `testing` feature).
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
-//! use gauss_layer::linalg;
+//! use gauss_layer::ops;
 //! let lower = Tensor::new(&[[[2.0f64, 0.0], [1.0, 4.0]]], &Device::Cpu)?;
-//! let inverse = linalg::tril_inverse(&lower)?;
+//! let inverse = ops::tril_inverse(&lower)?;
 //! // [[1/2, 0], [-1/8, 1/4]]
 //! assert_eq!(inverse.to_vec3::<f64>()?, vec![vec![vec![0.5, 0.0], vec![-0.125, 0.25]]]);
 //! # Ok::<(), gauss_layer::GaussError>(())

@@ -134,7 +134,7 @@ pub(super) fn kmeans(
         // samples than the seeds so far, and a further component would hold none.
         let potential: f64 = closest.iter().sum();
         if potential.is_nan() || potential <= 1e-12 * energy {
-            return Err(GaussError::config(
+            return Err(GaussError::data(
                 "samples x",
                 format!(
                     "holds only {} distinct samples (to a relative 1e-6), fewer than the {k} components; fit at most {} components",

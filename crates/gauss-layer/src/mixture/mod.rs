@@ -73,7 +73,7 @@ use rand_distr::StandardNormal;
 
 use crate::config::GaussLayerConfig;
 use crate::density::CovarianceRoot;
-use crate::error::{check_dtype, GaussError, Result};
+use crate::error::{check_device, check_dtype, GaussError, Result};
 use crate::layer::{gauss_layer, GaussLayer};
 use crate::linalg::host;
 
@@ -252,12 +252,12 @@ impl GaussianMixture {
             layer.center().dtype(),
             "the layer's center",
         )?;
-        if !logits.device().same_device(layer.center().device()) {
-            return Err(GaussError::config(
-                "device",
-                "the mixture logits are on another device than the layer",
-            ));
-        }
+        check_device(
+            "mixture logits",
+            &logits,
+            layer.center().device(),
+            "the layer's center",
+        )?;
         Ok(Self {
             layer,
             logits,

@@ -1,5 +1,5 @@
 //! The raw values a [`Precision`] accepts: finite, and small enough that `P` and the
-//! products the layer forms with it stay finite in the raw tensor's dtype (DESIGN §5: a PD,
+//! products the layer forms with it stay finite in the raw tensor's dtype (`docs/design.md` §5: a PD,
 //! *finite* `P` for every accepted raw value). With `M` the dtype's largest finite value:
 //!
 //! | raw entry | accepted | why |

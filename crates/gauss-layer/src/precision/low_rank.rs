@@ -14,7 +14,7 @@ use candle_core::{Tensor, D};
 
 use super::Precision;
 use crate::config::{Parameterization, PrecisionConfig};
-use crate::error::{check_dtype, GaussError, Result};
+use crate::error::{check_device, check_dtype, GaussError, Result};
 use crate::linalg::{self, host};
 
 /// θ (Z, d) and U (Z, d, r) of the raw tensor.
@@ -136,15 +136,10 @@ impl Precision {
             ));
         }
         check_dtype("low-rank diagonal", diagonal, factor.dtype(), "the factor")?;
-        if !diagonal.device().same_device(factor.device()) {
-            return Err(GaussError::config(
-                "device",
-                "the low-rank diagonal is on another device than the factor",
-            ));
-        }
+        check_device("low-rank diagonal", diagonal, factor.device(), "the factor")?;
         let values = host::to_host_values(diagonal)?;
         if let Some(bad) = values.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
-            return Err(GaussError::config(
+            return Err(GaussError::data(
                 "low-rank diagonal",
                 format!("every entry must be finite and > 0, got {bad}"),
             ));

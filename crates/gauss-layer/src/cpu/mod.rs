@@ -1,0 +1,24 @@
+//! Shared plumbing of the fused CPU kernels, written once, one concern a file: the sizes of a
+//! call and the checks every op's public entry makes (`sizes`), typed views of Candle's CPU
+//! storage and the f32/f64 dispatch of `cpu_fwd` and `bwd` (`storage`), parallel loops
+//! (`parallel`), a bounds-checked GEMM call and tile sizes (`gemm`), and the AVX2 kernel
+//! macro with the small vectorizable loops (`simd`).
+
+mod gemm;
+mod parallel;
+mod simd;
+mod sizes;
+mod storage;
+
+pub(crate) use gemm::{matmul, neurons_per_block, MatRef, TILE_ROWS};
+pub(crate) use parallel::{
+    for_each_chunk_mut, for_each_chunk_pair_mut, for_each_chunk_pair_mut_sized,
+    for_each_with_state, rows_per_chunk,
+};
+pub(crate) use simd::{
+    poison_non_finite_rows, row_mean, shift_rows, simd_kernel, squared_distance, Real,
+};
+pub(crate) use sizes::{check_fused_inputs, OperandShape, Sizes};
+pub(crate) use storage::{
+    dispatch_backward3, dispatch_float3, host_backward3, row_major, with_row_major,
+};
