@@ -17,13 +17,12 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
-use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use super::maps;
 use crate::config::PositiveMap;
 use crate::cpu::{row_major, with_row_major, Real};
-use crate::linalg::host;
+use crate::linalg::host::{self, lower_inverse, product, transpose};
 
 /// Which statistic the op computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,44 +48,6 @@ pub(crate) enum StatMap {
 pub(crate) struct PrecisionStat {
     pub stat: Stat,
     pub map: StatMap,
-}
-
-/// Row-major `a · b` of d×d blocks, by faer's blocked SIMD matmul (sequential: the op is
-/// parallel over neurons already).
-fn product(a: &[f64], b: &[f64], d: usize) -> Vec<f64> {
-    let mut out = vec![0f64; d * d];
-    faer::linalg::matmul::matmul(
-        MatMut::from_row_major_slice_mut(&mut out, d, d),
-        Accum::Replace,
-        MatRef::from_row_major_slice(a, d, d),
-        MatRef::from_row_major_slice(b, d, d),
-        1.0,
-        Par::Seq,
-    );
-    out
-}
-
-/// Row-major transpose.
-fn transpose(a: &[f64], d: usize) -> Vec<f64> {
-    let mut out = vec![0f64; d * d];
-    for i in 0..d {
-        for j in 0..d {
-            out[j * d + i] = a[i * d + j];
-        }
-    }
-    out
-}
-
-/// The inverse of a lower-triangular matrix with nonzero diagonal (row-major in and out;
-/// the strict upper triangle of the result is zero), by faer's blocked triangular inverse.
-fn lower_inverse(lower: &[f64], d: usize) -> Vec<f64> {
-    let mut inverse = vec![0f64; d * d];
-    faer::linalg::triangular_inverse::invert_lower_triangular(
-        MatMut::from_row_major_slice_mut(&mut inverse, d, d),
-        MatRef::from_row_major_slice(lower, d, d),
-        Par::Seq,
-    );
-    inverse
 }
 
 /// `(value, ∂value/∂raw)` of one neuron, raw block row-major in f64.
@@ -125,8 +86,7 @@ fn neuron(stat: Stat, map: StatMap, raw: &[f64], d: usize, with_gradient: bool) 
                     let m = lower_inverse(&lower, d);
                     if with_gradient {
                         // ∂‖L⁻¹‖² / ∂L = −2 Mᵀ M Mᵀ, lower triangle.
-                        let mt = transpose(&m, d);
-                        let g = product(&product(&mt, &m, d), &mt, d);
+                        let g = host::tril_covariance_times_inverse_transpose(&m, d);
                         for i in 0..d {
                             for j in 0..=i {
                                 grad[i * d + j] = -2.0 * g[i * d + j];
