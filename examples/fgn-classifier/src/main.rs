@@ -7,6 +7,7 @@
 //! ```
 //! Progress goes to stderr; the last line of stdout is one JSON object with the results.
 
+mod calibration;
 mod cnn;
 mod cnn_cli;
 mod cnn_train;
@@ -163,6 +164,11 @@ struct TrainArgs {
     /// or `noise`, `shuffled`, `inverted`.
     #[arg(long, value_parser = ood::OodSource::parse)]
     ood: Vec<ood::OodSource>,
+    /// Hold out this fraction of the training images (seeded, in (0, 0.5]) to fit a
+    /// softmax temperature after training (temperature scaling, for calibrated
+    /// confidences); the checkpoint records it and eval/predict apply it. MLP only.
+    #[arg(long)]
+    calibration_split: Option<f64>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -255,6 +261,9 @@ fn train(args: TrainArgs) -> Result<Value> {
         let Some(dir) = data_dir else {
             bail!("--arch cnn needs images: pass --data-dir DIR");
         };
+        if args.calibration_split.is_some() {
+            bail!("--calibration-split is implemented for --arch mlp only");
+        }
         return cnn_cli::train(
             &cnn_cli::CnnRun {
                 parameterization,
@@ -287,7 +296,7 @@ fn train(args: TrainArgs) -> Result<Value> {
             &device,
         );
     }
-    let data = match &args.data_dir {
+    let mut data = match &args.data_dir {
         Some(dir) => idx::load(dir)?.set,
         None => load_data(args.mnist.as_deref())?,
     };
@@ -310,6 +319,16 @@ fn train(args: TrainArgs) -> Result<Value> {
         probes => TraceEstimator::Hutchinson { probes },
     };
     let mut rng = StdRng::seed_from_u64(args.seed);
+    // Its own stream, so the split does not shift the training's random draws.
+    let calibration = match args.calibration_split {
+        Some(fraction) => {
+            let mut split_rng = StdRng::seed_from_u64(args.seed ^ 0xca1b_7a7e);
+            let (fit_part, held_out) = calibration::split(&data.train, fraction, &mut split_rng)?;
+            data.train = fit_part;
+            Some(held_out)
+        }
+        None => None,
+    };
     let precision_lr_scale = args
         .precision_lr_scale
         .unwrap_or_else(|| train::precision_lr_scale(parameterization, data.train.features()));
@@ -328,6 +347,10 @@ fn train(args: TrainArgs) -> Result<Value> {
     out.insert("lambda_sigma".into(), json!(lambda_sigma));
     out.insert("trace_probes".into(), json!(trace_probes));
     out.insert("precision_lr_scale".into(), json!(precision_lr_scale));
+    out.insert("train_images".into(), json!(data.train.len()));
+    if let Some(held_out) = &calibration {
+        out.insert("calibration_images".into(), json!(held_out.len()));
+    }
 
     let mut classical = None;
     let mut fit_seconds = 0.0;
@@ -338,6 +361,14 @@ fn train(args: TrainArgs) -> Result<Value> {
         let t = Instant::now();
         let (mlp, _vars, fit) = train_mlp(&sizes, &data.train, &schedule, &mut rng, &device)?;
         fit_seconds += fit;
+        let temperature = match &calibration {
+            Some(held_out) => calibration::fit(&mlp, held_out, &device)?,
+            None => 1.0,
+        };
+        let mlp = calibration::Calibrated {
+            model: &mlp,
+            temperature,
+        };
         let report = evaluate(&mlp, &data.test, &device)?;
         eprintln!(
             "classical: test accuracy {:.4}, noise mean max-softmax {:.3} ({:.1}s)",
@@ -345,7 +376,11 @@ fn train(args: TrainArgs) -> Result<Value> {
             report.noise_mean_max_softmax,
             t.elapsed().as_secs_f64()
         );
-        classical = Some(report_json(&report)?);
+        let mut report_fields = report_json(&report)?;
+        if calibration.is_some() {
+            report_fields["temperature"] = json!(temperature);
+        }
+        classical = Some(report_fields);
         if !args.ood.is_empty() {
             let ood = ood::report(&mlp, &data.test, &args.ood, &device, "classical")?;
             out.insert("classical_ood".into(), ood);
@@ -394,7 +429,23 @@ fn train(args: TrainArgs) -> Result<Value> {
         fit_seconds += fit;
         drop(varmap);
         validate::finite_network(&net, lr)?;
-        let report = evaluate(&net, &data.test, &device)?;
+        let temperature = match &calibration {
+            Some(held_out) => {
+                let temperature = calibration::fit(&net, held_out, &device)?;
+                eprintln!(
+                    "fgn: temperature {temperature:.4} (fitted on {} held-out images)",
+                    held_out.len()
+                );
+                out.insert("temperature".into(), json!(temperature));
+                Some(temperature)
+            }
+            None => None,
+        };
+        let calibrated = calibration::Calibrated {
+            model: &net,
+            temperature: temperature.unwrap_or(1.0),
+        };
+        let report = evaluate(&calibrated, &data.test, &device)?;
         eprintln!(
             "fgn: test accuracy {:.4}, noise mean max-softmax {:.3} ({:.1}s)",
             report.test_accuracy,
@@ -414,12 +465,18 @@ fn train(args: TrainArgs) -> Result<Value> {
         meta.insert("seed".to_string(), args.seed.to_string());
         meta.insert("epochs".to_string(), epochs.to_string());
         meta.insert("lambda_sigma".to_string(), lambda_sigma.to_string());
+        if let Some(temperature) = temperature {
+            meta.insert(
+                calibration::METADATA_KEY.to_string(),
+                temperature.to_string(),
+            );
+        }
         checkpoint::save_with_metadata(&net, &args.out, &meta)
             .with_context(|| format!("cannot save the checkpoint to {}", args.out.display()))?;
         eprintln!("saved {}", args.out.display());
         out.insert("checkpoint".into(), json!(args.out.display().to_string()));
         if !args.ood.is_empty() {
-            let ood = ood::report(&net, &data.test, &args.ood, &device, "fgn")?;
+            let ood = ood::report(&calibrated, &data.test, &args.ood, &device, "fgn")?;
             out.insert("ood".into(), ood);
         }
         if let Value::Object(fields) = report_json(&report)? {
@@ -476,10 +533,16 @@ fn eval(args: EvalArgs) -> Result<Value> {
             split.features()
         );
     }
-    let report = evaluate(&loaded.net, &split, &device)?;
+    let temperature = calibration::recorded(meta)?;
+    let calibrated = calibration::Calibrated {
+        model: &loaded.net,
+        temperature,
+    };
+    let report = evaluate(&calibrated, &split, &device)?;
     let mut out = serde_json::Map::new();
+    out.insert("temperature".into(), json!(temperature));
     if !args.ood.is_empty() {
-        let ood = ood::report(&loaded.net, &split, &args.ood, &device, "fgn")?;
+        let ood = ood::report(&calibrated, &split, &args.ood, &device, "fgn")?;
         out.insert("ood_report".into(), ood);
     }
     out.insert(

@@ -149,6 +149,11 @@ struct Outputs {
     fgn: Option<Vec<f64>>,
 }
 
+/// The logits of `images` (host f64 rows), computed on `device` in batches.
+pub fn logits(model: &dyn Scorer, images: &Tensor, device: &Device) -> Result<Vec<Vec<f64>>> {
+    Ok(run(model, images, device)?.logits)
+}
+
 fn run(model: &dyn Scorer, images: &Tensor, device: &Device) -> Result<Outputs> {
     let n = images.dim(0)?;
     let mut logits = Vec::with_capacity(n);

@@ -87,7 +87,9 @@ pub fn predict(args: PredictArgs) -> Result<Value> {
         .context("the checkpoint's network has no layers")?;
     let features = net.config().in_features;
     let x = read_input(&args.input, features, input_scale, dtype)?.to_device(&device)?;
-    let (output, gaussians) = net.forward_with_gaussians(&x, false)?;
+    let temperature = crate::calibration::recorded(&loaded.user_metadata)?;
+    let (logits, gaussians) = net.forward_with_gaussians(&x, false)?;
+    let output = (logits / temperature)?;
     let host = |t: &Tensor| -> Result<Tensor> {
         Ok(t.to_device(&candle_core::Device::Cpu)?.contiguous()?)
     };
@@ -111,6 +113,7 @@ pub fn predict(args: PredictArgs) -> Result<Value> {
         "out_features": net.config().out_features,
         "dtype": if dtype == DType::F64 { "f64" } else { "f32" },
         "input_scale": input_scale,
+        "temperature": temperature,
         "tensors": names,
     }))
 }
