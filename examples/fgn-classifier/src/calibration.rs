@@ -211,11 +211,11 @@ mod tests {
     /// `−q·ln σ(β) − (1−q)·ln σ(−β)` is minimal at `β = ln(q/(1−q))` (closed form).
     #[test]
     fn matches_the_two_class_closed_form() {
-        let q = 0.8;
+        let q: f64 = 0.8;
         let logits = vec![vec![0.0, 1.0]; 10];
         let labels: Vec<u32> = (0..10).map(|k| u32::from(k < 8)).collect();
         let fitted = fit_temperature(&logits, &labels).unwrap();
-        let expected = 1.0 / (q / (1.0 - q) as f64).ln();
+        let expected = 1.0 / (q / (1.0 - q)).ln();
         assert!(
             (fitted / expected - 1.0).abs() < 1e-6,
             "{fitted} vs {expected}"
