@@ -37,7 +37,11 @@ fn the_fitted_temperature_is_recorded_and_applied() -> Result<()> {
     ])?;
     let field = |name: &str| trained[name].as_f64().with_context(|| format!("`{name}`"));
     let (train_images, held_out) = (field("train_images")?, field("calibration_images")?);
-    assert_eq!(held_out, (0.2 * (train_images + held_out)).round(), "{trained}");
+    assert_eq!(
+        held_out,
+        (0.2 * (train_images + held_out)).round(),
+        "{trained}"
+    );
     let temperature = field("temperature")?;
     assert!(temperature.is_finite() && temperature > 0.0, "{trained}");
 
@@ -74,13 +78,19 @@ fn the_fitted_temperature_is_recorded_and_applied() -> Result<()> {
         .max_all()?
         .to_dtype(DType::F64)?
         .to_scalar::<f64>()?;
-    assert!(diff < 1e-5, "predict output differs from logits / T by {diff}");
+    assert!(
+        diff < 1e-5,
+        "predict output differs from logits / T by {diff}"
+    );
     // And the division matters: T differs from 1 by more than that.
     assert!((temperature - 1.0).abs() > 1e-3, "T = {temperature}");
 
     for bad in ["0", "0.75", "nan"] {
         let (ok, _, stderr) = run(&["train", "--fgn-only", "--calibration-split", bad])?;
-        assert!(!ok && stderr.contains("--calibration-split"), "{bad}: {stderr}");
+        assert!(
+            !ok && stderr.contains("--calibration-split"),
+            "{bad}: {stderr}"
+        );
     }
     std::fs::remove_dir_all(&dir)?;
     Ok(())
