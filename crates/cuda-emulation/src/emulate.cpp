@@ -13,7 +13,9 @@ struct Dim3 {
 };
 }  // namespace emulation
 
-static emulation::Dim3 threadIdx, blockIdx, blockDim, gridDim;
+// thread_local: the test harness runs tests on several threads at once, and each launch must
+// see only its own indices (a plain static let one test's launch move another's threadIdx).
+static thread_local emulation::Dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 #define __global__
 #define __device__
