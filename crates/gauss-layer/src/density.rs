@@ -31,13 +31,13 @@
 //! ```
 
 use candle_core::Tensor;
-use faer::Mat;
 use rand::Rng;
 use rand_distr::StandardNormal;
 
 use crate::config::{GaussLayerConfig, Parameterization};
 use crate::error::{check_device, check_dtype, check_float_dtype, GaussError, Result};
 use crate::layer::GaussLayer;
+use crate::linalg::host::HostMatrix;
 use crate::linalg::{self, host};
 use crate::ops::log_prob_from_mahalanobis;
 use crate::precision::Precision;
@@ -91,12 +91,12 @@ impl Given {
 
 /// One neuron's matrices on the host, f64, row-major.
 struct HostNeuron {
-    covariance: Mat<f64>,
-    precision: Mat<f64>,
+    covariance: HostMatrix,
+    precision: HostMatrix,
 }
 
 /// The smallest eigenvalue of one neuron's matrix, a failure naming the neuron.
-fn smallest_eigenvalue(matrix: &Mat<f64>, neuron: usize) -> Result<f64> {
+fn smallest_eigenvalue(matrix: &HostMatrix, neuron: usize) -> Result<f64> {
     host::smallest_eigenvalue(matrix).map_err(|e| match e {
         GaussError::Numerical { what, reason } => GaussError::Numerical {
             what: format!("neuron {neuron}: {what}"),
@@ -176,7 +176,7 @@ fn check_representable(
         None => host.precision.clone(),
         Some(sigma) => {
             let s2 = sigma * sigma;
-            let base = Mat::from_fn(d, d, |i, j| {
+            let base = HostMatrix::from_fn(d, d, |i, j| {
                 host.covariance[(i, j)] - if i == j { s2 } else { 0.0 }
             });
             let base_min = smallest_eigenvalue(&base, neuron)?;

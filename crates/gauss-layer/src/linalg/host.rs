@@ -9,8 +9,13 @@
 use candle_core::{DType, Device, Tensor};
 use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
+use rayon::prelude::*;
 
 use crate::error::{GaussError, Result};
+
+/// One d×d block on the host, f64 (the type the density and mixture code hold blocks in, so
+/// that faer is named only here).
+pub(crate) type HostMatrix = Mat<f64>;
 
 /// Copies a (Z, d, d) tensor to the host as f64, returning (Z, d, row-major values).
 pub(crate) fn to_host_matrices(matrices: &Tensor, what: &str) -> Result<(usize, usize, Vec<f64>)> {
@@ -149,12 +154,89 @@ pub(crate) fn transpose(a: &[f64], d: usize) -> Vec<f64> {
 /// strict upper triangle of the result is zero), by faer's blocked triangular inverse.
 pub(crate) fn lower_inverse(lower: &[f64], d: usize) -> Vec<f64> {
     let mut inverse = vec![0f64; d * d];
+    lower_inverse_into(&mut inverse, lower, d);
+    inverse
+}
+
+/// [`lower_inverse`] into `inverse` (row-major d×d), in the block's own dtype (the fused
+/// `tril_inverse` op runs f32 blocks in f32). The strict upper triangle of `lower` is never
+/// read; that of `inverse` is written 0.
+pub(crate) fn lower_inverse_into<T: faer::traits::ComplexField + Copy>(
+    inverse: &mut [T],
+    lower: &[T],
+    d: usize,
+) {
     faer::linalg::triangular_inverse::invert_lower_triangular(
-        MatMut::from_row_major_slice_mut(&mut inverse, d, d),
+        MatMut::from_row_major_slice_mut(inverse, d, d),
         MatRef::from_row_major_slice(lower, d, d),
         Par::Seq,
     );
-    inverse
+    // faer leaves the strict upper triangle of the destination untouched.
+    for i in 0..d {
+        for j in i + 1..d {
+            inverse[i * d + j] = T::zero_impl();
+        }
+    }
+}
+
+/// [`lower_inverse_into`] for each of `neurons` row-major d×d blocks, in parallel over
+/// the blocks.
+pub(crate) fn lower_inverse_batch<T: faer::traits::ComplexField + Copy + Send + Sync>(
+    lower: &[T],
+    neurons: usize,
+    d: usize,
+) -> Vec<T> {
+    let block = d * d;
+    let mut out = vec![T::zero_impl(); neurons * block];
+    if block == 0 {
+        return out;
+    }
+    out.par_chunks_mut(block)
+        .enumerate()
+        .for_each(|(n, inverse)| {
+            lower_inverse_into(inverse, &lower[n * block..(n + 1) * block], d)
+        });
+    out
+}
+
+/// Solves `L X = B` in place for a lower-triangular `L` (row-major d×d, its strict upper
+/// triangle never read) and `B` (row-major d×k, overwritten by `X`).
+pub(crate) fn solve_lower_in_place(lower: &[f64], rhs: &mut [f64], d: usize, k: usize) {
+    faer::linalg::triangular_solve::solve_lower_triangular_in_place(
+        MatRef::from_row_major_slice(lower, d, d),
+        MatMut::from_row_major_slice_mut(rhs, d, k),
+        Par::Seq,
+    );
+}
+
+/// Solves `Lᵀ X = B` in place for the same `L` as [`solve_lower_in_place`] (`Lᵀ` is the
+/// upper-triangular transpose view, nothing is copied).
+pub(crate) fn solve_lower_transpose_in_place(lower: &[f64], rhs: &mut [f64], d: usize, k: usize) {
+    faer::linalg::triangular_solve::solve_upper_triangular_in_place(
+        MatRef::from_row_major_slice(lower, d, d).transpose(),
+        MatMut::from_row_major_slice_mut(rhs, d, k),
+        Par::Seq,
+    );
+}
+
+/// `scale · A Bᵀ` (row-major d×d) of two row-major d×k blocks.
+pub(crate) fn scaled_outer_product(
+    a: &[f64],
+    b: &[f64],
+    d: usize,
+    k: usize,
+    scale: f64,
+) -> Vec<f64> {
+    let mut out = vec![0f64; d * d];
+    faer::linalg::matmul::matmul(
+        MatMut::from_row_major_slice_mut(&mut out, d, d),
+        Accum::Replace,
+        MatRef::from_row_major_slice(a, d, k),
+        MatRef::from_row_major_slice(b, d, k).transpose(),
+        scale,
+        Par::Seq,
+    );
+    out
 }
 
 /// `tril(Mᵀ M Mᵀ)` of a lower-triangular block `M = L⁻¹` (row-major in and out; the strict

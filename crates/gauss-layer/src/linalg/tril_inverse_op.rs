@@ -6,9 +6,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use faer::{MatMut, MatRef, Par};
-use rayon::prelude::*;
 
+use super::host;
 use crate::cpu::row_major;
 
 /// `L⁻¹` of each (d, d) block of a (Z, d, d) tensor; the strict upper triangle of `L` is
@@ -23,34 +22,6 @@ fn sizes(layout: &Layout) -> candle_core::Result<(usize, usize)> {
     }
 }
 
-fn invert_blocks<T: faer::traits::ComplexField + Copy + Send + Sync>(
-    lower: &[T],
-    neurons: usize,
-    dim: usize,
-) -> Vec<T> {
-    let block = dim * dim;
-    let mut out = vec![T::zero_impl(); neurons * block];
-    if block == 0 {
-        return out;
-    }
-    out.par_chunks_mut(block)
-        .enumerate()
-        .for_each(|(n, inverse)| {
-            faer::linalg::triangular_inverse::invert_lower_triangular(
-                MatMut::from_row_major_slice_mut(inverse, dim, dim),
-                MatRef::from_row_major_slice(&lower[n * block..(n + 1) * block], dim, dim),
-                Par::Seq,
-            );
-            // faer leaves the strict upper triangle of the destination untouched: zero it.
-            for i in 0..dim {
-                for j in i + 1..dim {
-                    inverse[i * dim + j] = T::zero_impl();
-                }
-            }
-        });
-    out
-}
-
 impl CustomOp1 for TrilInverse {
     fn name(&self) -> &'static str {
         "tril-inverse"
@@ -63,12 +34,16 @@ impl CustomOp1 for TrilInverse {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (z, d) = sizes(layout)?;
         let out = match storage {
-            CpuStorage::F32(_) => {
-                CpuStorage::F32(invert_blocks(&row_major::<f32>(storage, layout)?, z, d))
-            }
-            CpuStorage::F64(_) => {
-                CpuStorage::F64(invert_blocks(&row_major::<f64>(storage, layout)?, z, d))
-            }
+            CpuStorage::F32(_) => CpuStorage::F32(host::lower_inverse_batch(
+                &row_major::<f32>(storage, layout)?,
+                z,
+                d,
+            )),
+            CpuStorage::F64(_) => CpuStorage::F64(host::lower_inverse_batch(
+                &row_major::<f64>(storage, layout)?,
+                z,
+                d,
+            )),
             other => bail!(
                 "tril_inverse: supports f32 and f64, got {:?}",
                 other.dtype()

@@ -3,13 +3,13 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use faer::Mat;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::config::{GaussLayerConfig, Parameterization};
 use crate::density;
 use crate::error::{GaussError, Result};
+use crate::linalg::host::HostMatrix;
 use crate::linalg::{self, host};
 use crate::precision::{LowRankFit, Precision};
 use crate::repair;
@@ -173,7 +173,7 @@ impl GaussianMixture {
         }
         let mut covariances: Vec<f64> = Vec::with_capacity(spreads.len() * d * d);
         for spread in &spreads {
-            let mut cov = Mat::from_fn(d, d, |i, j| {
+            let mut cov = HostMatrix::from_fn(d, d, |i, j| {
                 let v = spread[i * d + j];
                 if i == j {
                     v + reg_covar
@@ -513,11 +513,11 @@ impl GaussianMixture {
 /// raising the smaller ones to σ² (times 1 + 1e-6, so the base precision stays finite) is
 /// the maximizer over that set (the weighted likelihood depends on the eigenvalues through
 /// `Σ −log λ − c/λ` per eigenvector, each term increasing up to λ = c).
-fn project_covariance(cov: &mut Mat<f64>, config: &GaussLayerConfig) -> Result<()> {
+fn project_covariance(cov: &mut HostMatrix, config: &GaussLayerConfig) -> Result<()> {
     let d = cov.nrows();
     if config.parameterization == Parameterization::Sphere {
         let mean = (0..d).map(|i| cov[(i, i)]).sum::<f64>() / d as f64;
-        *cov = Mat::from_fn(d, d, |i, j| if i == j { mean } else { 0.0 });
+        *cov = HostMatrix::from_fn(d, d, |i, j| if i == j { mean } else { 0.0 });
     }
     let Some(sigma) = config.width_floor else {
         return Ok(());
@@ -538,7 +538,7 @@ fn raw_from_covariances(
     let mut precision = Vec::with_capacity(k * d * d);
     for component in 0..k {
         let block = &values[component * d * d..(component + 1) * d * d];
-        let cov = Mat::from_fn(d, d, |i, j| block[i * d + j]);
+        let cov = HostMatrix::from_fn(d, d, |i, j| block[i * d + j]);
         let inverse = host::spd_inverse(&cov).ok_or_else(|| {
             GaussError::config(
                 "reg_covar",

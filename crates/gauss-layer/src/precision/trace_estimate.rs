@@ -17,7 +17,6 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
-use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use super::maps;
@@ -25,6 +24,7 @@ use crate::config::PositiveMap;
 use crate::cpu::{row_major, with_row_major, Real};
 use crate::error::Result;
 use crate::linalg;
+use crate::linalg::host;
 
 /// The Candle op: inputs raw (Z, d, d) and probes (Z, d, k), output (Z) estimates.
 #[derive(Clone, Copy, Debug)]
@@ -47,11 +47,7 @@ fn solve(
         lower[i * d + i] = maps::value(map.positive_map, raw[i * d + i]) + map.floor;
     }
     let mut w = probes.to_vec();
-    faer::linalg::triangular_solve::solve_lower_triangular_in_place(
-        MatRef::from_row_major_slice(&lower, d, d),
-        MatMut::from_row_major_slice_mut(&mut w, d, k),
-        Par::Seq,
-    );
+    host::solve_lower_in_place(&lower, &mut w, d, k);
     (lower, w)
 }
 
@@ -66,20 +62,8 @@ fn gradient(
     let (lower, w) = solve(map, raw, probes, d, k);
     // Y = L⁻ᵀ W: Lᵀ is upper triangular (the transpose view of the row-major L).
     let mut y = w.clone();
-    faer::linalg::triangular_solve::solve_upper_triangular_in_place(
-        MatRef::from_row_major_slice(&lower, d, d).transpose(),
-        MatMut::from_row_major_slice_mut(&mut y, d, k),
-        Par::Seq,
-    );
-    let mut outer = vec![0f64; d * d];
-    faer::linalg::matmul::matmul(
-        MatMut::from_row_major_slice_mut(&mut outer, d, d),
-        Accum::Replace,
-        MatRef::from_row_major_slice(&y, d, k),
-        MatRef::from_row_major_slice(&w, d, k).transpose(),
-        -2.0 / k as f64,
-        Par::Seq,
-    );
+    host::solve_lower_transpose_in_place(&lower, &mut y, d, k);
+    let mut outer = host::scaled_outer_product(&y, &w, d, k, -2.0 / k as f64);
     for i in 0..d {
         for j in i + 1..d {
             outer[i * d + j] = 0.0;
