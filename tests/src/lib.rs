@@ -95,6 +95,42 @@ pub fn log_det_spd(a: &Matrix) -> f64 {
         .sum()
 }
 
+/// A host tensor in `dtype` on `device`: cast on the CPU first, then moved (Metal has no f64,
+/// so nothing is created or cast in f64 on the device unless `dtype` is f64).
+pub fn on_device(tensor: &Tensor, dtype: DType, device: &Device) -> Result<Tensor> {
+    Ok(tensor
+        .to_device(&Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)?)
+}
+
+/// The elements of any float tensor, row-major, as f64 on the host (moved to the CPU first,
+/// then widened there).
+pub fn host_values(tensor: &Tensor) -> Result<Vec<f64>> {
+    Ok(tensor
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?)
+}
+
+/// A one-element tensor's value as f64 on the host.
+pub fn host_scalar(tensor: &Tensor) -> Result<f64> {
+    match host_values(tensor)?.as_slice() {
+        [value] => Ok(*value),
+        values => anyhow::bail!("expected one element, got {}", values.len()),
+    }
+}
+
+/// A 2-D tensor as a host [`Matrix`] of f64.
+pub fn host_matrix(tensor: &Tensor) -> Result<Matrix> {
+    let (rows, cols) = tensor.dims2()?;
+    let values = host_values(tensor)?;
+    Ok((0..rows)
+        .map(|i| values[i * cols..(i + 1) * cols].to_vec())
+        .collect())
+}
+
 /// Normal f64 samples with mean 0 and standard deviation `std`, on the CPU.
 pub fn randn(shape: &[usize], std: f64) -> Result<Tensor> {
     Ok(Tensor::randn(0f64, std, shape, &Device::Cpu)?)

@@ -13,9 +13,11 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
+use gauss_layer::testing::{float_dtypes, tolerance};
 use gauss_layer::{
     GaussLayer, GaussLayerConfig, MultivariateNormal, MultivariateNormalBatch, Parameterization,
 };
+use gauss_tests::{host_matrix, host_scalar, host_values, on_device};
 
 const MEAN_P: [f64; 3] = [0.5, -1.0, 2.0];
 const COV_P: [[f64; 3]; 3] = [[2.0, 0.3, -0.4], [0.3, 1.0, 0.2], [-0.4, 0.2, 0.5]];
@@ -67,10 +69,21 @@ fn normal(
     cov: [[f64; 3]; 3],
     parameterization: Parameterization,
 ) -> Result<MultivariateNormal> {
+    normal_on(mean, cov, parameterization, DType::F64, &Device::Cpu)
+}
+
+/// The normal with `cov`, its tensors in `dtype` on `device`.
+fn normal_on(
+    mean: [f64; 3],
+    cov: [[f64; 3]; 3],
+    parameterization: Parameterization,
+    dtype: DType,
+    device: &Device,
+) -> Result<MultivariateNormal> {
     let dev = Device::Cpu;
     Ok(MultivariateNormal::from_covariance(
-        &Tensor::new(&mean, &dev)?,
-        &Tensor::new(&cov, &dev)?,
+        &on_device(&Tensor::new(&mean, &dev)?, dtype, device)?,
+        &on_device(&Tensor::new(&cov, &dev)?, dtype, device)?,
         GaussLayerConfig {
             parameterization,
             ..Default::default()
@@ -79,16 +92,35 @@ fn normal(
 }
 
 fn close(got: f64, expected: f64, what: &str) {
+    close_to(got, expected, 1e-9, what);
+}
+
+fn close_to(got: f64, expected: f64, tol: f64, what: &str) {
     let err = (got - expected).abs() / expected.abs().max(1.0);
     assert!(
-        err < 1e-9,
+        err < tol,
         "{what}: got {got}, expected {expected} ({err:e})"
     );
 }
 
-#[test]
-fn matches_scipy_and_the_closed_form_kl_in_every_parameterization() -> Result<()> {
-    let x = Tensor::new(&X, &Device::Cpu)?;
+/// On each enabled device, in each float dtype it has (f32 to 1e-4: the inputs are rounded
+/// to f32 as well as the arithmetic).
+fn matches_scipy_and_the_closed_form_kl_in_every_parameterization(device: &Device) -> Result<()> {
+    for dtype in float_dtypes(device) {
+        matches_references(dtype, device)?;
+    }
+    Ok(())
+}
+gauss_layer::test_device!(matches_scipy_and_the_closed_form_kl_in_every_parameterization);
+
+fn matches_references(dtype: DType, device: &Device) -> Result<()> {
+    let tol = tolerance(dtype);
+    let close = |got: f64, expected: f64, what: &str| {
+        close_to(got, expected, tol, &format!("{dtype:?} {what}"))
+    };
+    let normal =
+        |mean, cov, parameterization| normal_on(mean, cov, parameterization, dtype, device);
+    let x = on_device(&Tensor::new(&X, &Device::Cpu)?, dtype, device)?;
     let full = [
         Parameterization::Cholesky,
         Parameterization::Direct,
@@ -100,23 +132,24 @@ fn matches_scipy_and_the_closed_form_kl_in_every_parameterization() -> Result<()
         let q = normal(MEAN_Q, COV_Q, parameterization)?;
         let log_prob = p.log_prob(&x)?;
         assert_eq!(log_prob.dims(), &[4], "(N), as torch");
-        for (got, expected) in log_prob.to_vec1::<f64>()?.iter().zip(LOG_PROB_P) {
+        for (got, expected) in host_values(&log_prob)?.iter().zip(LOG_PROB_P) {
             close(*got, expected, &format!("{parameterization} log_prob"));
         }
-        close(p.entropy()?.to_scalar()?, ENTROPY_P, "entropy p");
-        close(q.entropy()?.to_scalar()?, ENTROPY_Q, "entropy q");
-        close(p.kl_divergence(&q)?.to_scalar()?, KL_PQ, "KL(p‖q)");
-        close(q.kl_divergence(&p)?.to_scalar()?, KL_QP, "KL(q‖p)");
-        let cov = p.covariance()?.to_vec2::<f64>()?;
-        let precision = p.precision()?.matmul(&p.covariance()?)?.to_vec2::<f64>()?;
+        close(host_scalar(&p.entropy()?)?, ENTROPY_P, "entropy p");
+        close(host_scalar(&q.entropy()?)?, ENTROPY_Q, "entropy q");
+        close(host_scalar(&p.kl_divergence(&q)?)?, KL_PQ, "KL(p‖q)");
+        close(host_scalar(&q.kl_divergence(&p)?)?, KL_QP, "KL(q‖p)");
+        let cov = host_matrix(&p.covariance()?)?;
+        let precision = host_matrix(&p.precision()?.matmul(&p.covariance()?)?)?;
         for i in 0..3 {
             for j in 0..3 {
                 close(cov[i][j], COV_P[i][j], "covariance");
                 let identity = if i == j { 1.0 } else { 0.0 };
-                assert!((precision[i][j] - identity).abs() < 1e-12);
+                let identity_tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+                assert!((precision[i][j] - identity).abs() < identity_tol);
             }
         }
-        assert_eq!(p.mean()?.to_vec1::<f64>()?, MEAN_P.to_vec());
+        assert_eq!(host_values(&p.mean()?)?, MEAN_P.to_vec());
     }
     let diagonal = |v: [f64; 3]| [[v[0], 0.0, 0.0], [0.0, v[1], 0.0], [0.0, 0.0, v[2]]];
     for parameterization in [
@@ -125,16 +158,11 @@ fn matches_scipy_and_the_closed_form_kl_in_every_parameterization() -> Result<()
     ] {
         let p = normal(MEAN_P, diagonal([2.0, 0.5, 1.5]), parameterization)?;
         let q = normal(MEAN_Q, diagonal([1.0, 1.0, 3.0]), parameterization)?;
-        for (got, expected) in p
-            .log_prob(&x)?
-            .to_vec1::<f64>()?
-            .iter()
-            .zip(DIAG_LOG_PROB_P)
-        {
+        for (got, expected) in host_values(&p.log_prob(&x)?)?.iter().zip(DIAG_LOG_PROB_P) {
             close(*got, expected, &format!("{parameterization} log_prob"));
         }
-        close(p.entropy()?.to_scalar()?, DIAG_ENTROPY_P, "diag entropy");
-        close(p.kl_divergence(&q)?.to_scalar()?, DIAG_KL_PQ, "diag KL");
+        close(host_scalar(&p.entropy()?)?, DIAG_ENTROPY_P, "diag entropy");
+        close(host_scalar(&p.kl_divergence(&q)?)?, DIAG_KL_PQ, "diag KL");
     }
     Ok(())
 }

@@ -8,7 +8,9 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use gauss_layer::testing::{float_dtypes, tolerance};
 use gauss_layer::{gaussian_mixture, GaussLayerConfig, MixtureFitOptions, Parameterization};
+use gauss_tests::{host_matrix, host_values, on_device};
 
 const X: [[f64; 2]; 6] = [
     [0.1, 0.2],
@@ -107,30 +109,51 @@ fn cases() -> [Expected; 3] {
     ]
 }
 
-fn close(got: f64, expected: f64, what: &str) {
-    let err = (got - expected).abs() / expected.abs().max(1.0);
-    assert!(
-        err < 1e-9,
-        "{what}: got {got}, expected {expected} ({err:e})"
-    );
+/// On each enabled device, in each float dtype it has (f32 to 1e-4).
+fn methods_match_scikit_learn_on_fixed_parameters(device: &Device) -> Result<()> {
+    for dtype in float_dtypes(device) {
+        methods_match(dtype, device)?;
+    }
+    Ok(())
 }
+gauss_layer::test_device!(methods_match_scikit_learn_on_fixed_parameters);
 
-#[test]
-fn methods_match_scikit_learn_on_fixed_parameters() -> Result<()> {
-    let dev = Device::Cpu;
-    let x = Tensor::new(&X, &dev)?;
+fn methods_match(dtype: DType, dev: &Device) -> Result<()> {
+    let tol = tolerance(dtype);
+    let close = |got: f64, expected: f64, what: &str| {
+        let err = (got - expected).abs() / expected.abs().max(1.0);
+        assert!(
+            err < tol,
+            "{dtype:?} {what}: got {got}, expected {expected} ({err:e})"
+        );
+    };
+    let host = |values: &[f64], shape: &[usize]| -> Result<Tensor> {
+        on_device(
+            &Tensor::from_slice(values, shape, &Device::Cpu)?,
+            dtype,
+            dev,
+        )
+    };
+    let x = on_device(&Tensor::new(&X, &Device::Cpu)?, dtype, dev)?;
     for case in cases() {
         let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+        let vb = VarBuilder::from_varmap(&varmap, dtype, dev);
         let config = GaussLayerConfig {
             parameterization: case.parameterization,
             ..Default::default()
         };
         let mixture = gaussian_mixture(2, 2, config, vb)?;
+        let covariances: Vec<f64> = case
+            .covariances
+            .iter()
+            .flatten()
+            .flatten()
+            .copied()
+            .collect();
         mixture.set_parameters(
-            &Tensor::new(&[0.3f64, 0.7], &dev)?,
-            &Tensor::new(&[[0.0f64, 0.0], [2.0, 1.0]], &dev)?,
-            &Tensor::new(&case.covariances, &dev)?,
+            &host(&[0.3, 0.7], &[2])?,
+            &host(&[0.0, 0.0, 2.0, 1.0], &[2, 2])?,
+            &host(&covariances, &[2, 2, 2])?,
         )?;
         let name = case.parameterization.to_string();
         assert_eq!(
@@ -138,11 +161,11 @@ fn methods_match_scikit_learn_on_fixed_parameters() -> Result<()> {
             vec![0, 1, 1, 0, 1, 1],
             "{name}"
         );
-        let proba = mixture.predict_proba(&x)?.to_vec2::<f64>()?;
+        let proba = host_matrix(&mixture.predict_proba(&x)?)?;
         for (row, expected) in proba.iter().zip(case.proba_1) {
             close(row[1], expected, &format!("{name} predict_proba"));
         }
-        let samples = mixture.score_samples(&x)?.to_vec1::<f64>()?;
+        let samples = host_values(&mixture.score_samples(&x)?)?;
         for (got, expected) in samples.iter().zip(case.score_samples) {
             close(*got, expected, &format!("{name} score_samples"));
         }

@@ -65,37 +65,38 @@ fn assert_rel(got: f64, expected: f64, tol: f64, what: &str) {
     );
 }
 
-#[test]
-fn lambda_values_match_closed_forms_for_full_parameterizations() -> Result<()> {
+/// On each enabled device, in each float dtype it has (f32: the closed form of the f64
+/// matrices, so the tolerance covers rounding the inputs as well as the arithmetic).
+fn lambda_values_match_closed_forms_for_full_parameterizations(device: &Device) -> Result<()> {
     let ps = random_spd(11, 3, 4);
-    let matrices = to_tensor(&ps)?;
-    for param in [
-        Parameterization::Cholesky,
-        Parameterization::Direct,
-        Parameterization::Expm,
-    ] {
-        let precision = Precision::from_precision_matrix(&matrices, &config(param))?;
-        for variant in LambdaLoss::ALL {
-            let got = variant
-                .per_neuron(&precision)?
-                .mean_all()?
-                .to_scalar::<f64>()?;
-            // expm goes through a matrix logarithm and back: allow its rounding.
-            let tol = if param == Parameterization::Expm {
-                1e-7
-            } else {
-                1e-9
-            };
-            assert_rel(
-                got,
-                expected_value(variant, &ps),
-                tol,
-                &format!("{param} {variant}"),
-            );
+    for dtype in gauss_layer::testing::float_dtypes(device) {
+        let matrices = gauss_tests::on_device(&to_tensor(&ps)?, dtype, device)?;
+        for param in [
+            Parameterization::Cholesky,
+            Parameterization::Direct,
+            Parameterization::Expm,
+        ] {
+            let precision = Precision::from_precision_matrix(&matrices, &config(param))?;
+            for variant in LambdaLoss::ALL {
+                let got = gauss_tests::host_scalar(&variant.per_neuron(&precision)?.mean_all()?)?;
+                // expm goes through a matrix logarithm and back: allow its rounding.
+                let tol = match (dtype, param) {
+                    (DType::F64, Parameterization::Expm) => 1e-7,
+                    (DType::F64, _) => 1e-9,
+                    _ => 1e-4,
+                };
+                assert_rel(
+                    got,
+                    expected_value(variant, &ps),
+                    tol,
+                    &format!("{dtype:?} {param} {variant}"),
+                );
+            }
         }
     }
     Ok(())
 }
+gauss_layer::test_device!(lambda_values_match_closed_forms_for_full_parameterizations);
 
 /// For diag and sphere the default λ-loss is the FGN sigma loss: the mean covariance
 /// eigenvalue `mean_{z,i} 1/p_zi`, gradient `−1/p` over the number of terms, w.r.t. log p.

@@ -1,28 +1,40 @@
 //! The FGN objective: `total = cross_entropy + λ_l2 · mean(w²) + λ_sig · λ-loss`, with the
 //! terms computed here independently (Candle's cross-entropy, the mean of the squared weights
 //! over all layers, the λ-loss pooled over all neurons), and gradients reaching every
-//! parameter that a term depends on.
+//! parameter that a term depends on. On each enabled device, in each float dtype it has.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Module, VarBuilder, VarMap};
+use gauss_layer::testing::{all_finite, float_dtypes};
 use gauss_layer::{gauss_layer, GaussLayerConfig, Parameterization};
 use gauss_losses::{fgn_objective, weight_l2, FgnObjectiveConfig, LambdaLoss};
+use gauss_tests::{host_scalar, on_device};
 
-#[test]
-fn objective_is_the_weighted_sum_of_its_terms() -> Result<()> {
-    let dev = Device::Cpu;
+fn objective_is_the_weighted_sum_of_its_terms(device: &Device) -> Result<()> {
+    for dtype in float_dtypes(device) {
+        weighted_sum(dtype, device)?;
+    }
+    Ok(())
+}
+gauss_layer::test_device!(objective_is_the_weighted_sum_of_its_terms);
+
+fn weighted_sum(dtype: DType, dev: &Device) -> Result<()> {
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+    let vb = VarBuilder::from_varmap(&varmap, dtype, dev);
     let first = gauss_layer(4, 5, GaussLayerConfig::default(), vb.pp("l0"))?;
     let second_cfg = GaussLayerConfig {
         parameterization: Parameterization::Diag,
         ..Default::default()
     };
     let second = gauss_layer(5, 3, second_cfg, vb.pp("l1"))?;
-    let x = Tensor::randn(0.0f64, 1.0, (6, 4), &dev)?;
+    let x = on_device(
+        &Tensor::randn(0.0f64, 1.0, (6, 4), &Device::Cpu)?,
+        dtype,
+        dev,
+    )?;
     let logits = second.forward(&first.forward(&x)?)?;
-    let targets = Tensor::new(&[0u32, 1, 2, 2, 1, 0], &dev)?;
+    let targets = Tensor::new(&[0u32, 1, 2, 2, 1, 0], dev)?;
     let config = FgnObjectiveConfig {
         lambda_l2: 0.3,
         lambda_sigma: 0.05,
@@ -32,14 +44,17 @@ fn objective_is_the_weighted_sum_of_its_terms() -> Result<()> {
     let loss = fgn_objective(&logits, &targets, [&first, &second], &config)?;
     let values = loss.values()?;
 
-    let ce = candle_nn::loss::cross_entropy(&logits, &targets)?.to_scalar::<f64>()?;
+    let ce = host_scalar(&candle_nn::loss::cross_entropy(&logits, &targets)?)?;
     let (w0, w1) = (first.weight().expect("w0"), second.weight().expect("w1"));
-    let l2 = ((w0.sqr()?.sum_all()? + w1.sqr()?.sum_all()?)? / 35.0)?.to_scalar::<f64>()?;
-    let lam = ((first.precision().log_det_precision()?.sum_all()?
-        + second.precision().log_det_precision()?.sum_all()?)?
-        / -8.0)?
-        .to_scalar::<f64>()?;
-    let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1.0);
+    let l2 = host_scalar(&((w0.sqr()?.sum_all()? + w1.sqr()?.sum_all()?)? / 35.0)?)?;
+    let lam = host_scalar(
+        &((first.precision().log_det_precision()?.sum_all()?
+            + second.precision().log_det_precision()?.sum_all()?)?
+            / -8.0)?,
+    )?;
+    // The same ops in another order: rounding of the dtype (f32 sums of a few terms).
+    let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+    let close = |a: f64, b: f64| (a - b).abs() <= tol * b.abs().max(1.0);
     assert!(close(values.cross_entropy, ce), "{values:?} vs ce {ce}");
     assert!(close(values.weight_l2, l2), "{values:?} vs l2 {l2}");
     assert!(close(values.lambda, lam), "{values:?} vs lambda {lam}");
@@ -48,8 +63,8 @@ fn objective_is_the_weighted_sum_of_its_terms() -> Result<()> {
         "{values:?}"
     );
     // One layer's L2 is the plain mean of its squared weights.
-    let single = weight_l2(&first)?.to_scalar::<f64>()?;
-    assert!(close(single, w0.sqr()?.mean_all()?.to_scalar::<f64>()?));
+    let single = host_scalar(&weight_l2(&first)?)?;
+    assert!(close(single, host_scalar(&w0.sqr()?.mean_all()?)?));
 
     let grads = loss.total.backward()?;
     for var in varmap.all_vars() {
@@ -59,11 +74,8 @@ fn objective_is_the_weighted_sum_of_its_terms() -> Result<()> {
             "a parameter of shape {:?} got no gradient",
             var.dims()
         );
-        let finite = grad
-            .map(|g| g.flatten_all()?.to_vec1::<f64>())
-            .transpose()?
-            .is_some_and(|v| v.iter().all(|x| x.is_finite()));
-        assert!(finite);
+        let finite = grad.map(all_finite).transpose()?;
+        assert_eq!(finite, Some(true), "{dtype:?}: a gradient is not finite");
     }
     Ok(())
 }

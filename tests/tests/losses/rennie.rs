@@ -3,20 +3,21 @@
 //! Multivariate Normal", eqs. 7, 9, 14) on random data:
 //! `dJ/dμ = −Σ_a S⁻¹(x_a − μ)`, `dJ/dΛ = n S⁻¹Λ − S⁻¹RᵀRS⁻¹Λ`, `J = Σ_a nll(x_a)`,
 //! `R` the centered data. The expected values are computed on the host in plain f64 with a
-//! Gauss-Jordan inverse, independently of the crate's triangular inverse.
+//! Gauss-Jordan inverse, independently of the crate's triangular inverse, from the values
+//! the device holds (so f32 runs compare f32 arithmetic with exact closed forms of the same
+//! rounded inputs). Every test runs on each enabled device, in each float dtype it has.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
+use gauss_layer::testing::{float_dtypes, tolerance};
 use gauss_losses::{nll_covariance_factor, nll_precision_factor, Reduction};
 use rand::{Rng, SeedableRng};
 
-use gauss_tests::{cholesky, inverse, matmul, transpose, Matrix};
+use gauss_tests::{
+    cholesky, host_matrix, host_values, inverse, matmul, on_device, transpose, Matrix,
+};
 
-fn to_matrix(t: &Tensor) -> Result<Matrix> {
-    Ok(t.to_vec2::<f64>()?)
-}
-
-fn assert_close(got: &Matrix, expected: &Matrix, what: &str) {
+fn assert_close(got: &Matrix, expected: &Matrix, tol: f64, what: &str) {
     let scale = expected
         .iter()
         .flatten()
@@ -29,13 +30,20 @@ fn assert_close(got: &Matrix, expected: &Matrix, what: &str) {
         .enumerate()
     {
         assert!(
-            (g - e).abs() <= 1e-9 * scale,
+            (g - e).abs() <= tol * scale,
             "{what}[{i}]: got {g}, expected {e}"
         );
     }
 }
 
-fn random_case(seed: u64, n: usize, d: usize) -> Result<(Tensor, Tensor, Tensor)> {
+/// (x (n, d), mean (d), Λ (d, d) lower triangular) in `dtype` on `device`.
+fn random_case(
+    seed: u64,
+    n: usize,
+    d: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let x: Vec<f64> = (0..n * d).map(|_| rng.random_range(-2.0..2.0)).collect();
     let mean: Vec<f64> = (0..d).map(|_| rng.random_range(-0.5..0.5)).collect();
@@ -51,16 +59,24 @@ fn random_case(seed: u64, n: usize, d: usize) -> Result<(Tensor, Tensor, Tensor)
     }
     let dev = Device::Cpu;
     Ok((
-        Tensor::from_vec(x, (n, d), &dev)?,
-        Tensor::from_vec(mean, d, &dev)?,
-        Tensor::from_vec(lam, (d, d), &dev)?,
+        on_device(&Tensor::from_vec(x, (n, d), &dev)?, dtype, device)?,
+        on_device(&Tensor::from_vec(mean, d, &dev)?, dtype, device)?,
+        on_device(&Tensor::from_vec(lam, (d, d), &dev)?, dtype, device)?,
     ))
 }
 
-#[test]
-fn covariance_factor_gradients_match_rennie_closed_forms() -> Result<()> {
+fn covariance_factor_gradients_match_rennie_closed_forms(device: &Device) -> Result<()> {
+    for dtype in float_dtypes(device) {
+        rennie_gradients(dtype, device)?;
+    }
+    Ok(())
+}
+gauss_layer::test_device!(covariance_factor_gradients_match_rennie_closed_forms);
+
+fn rennie_gradients(dtype: DType, device: &Device) -> Result<()> {
+    let tol = tolerance(dtype);
     for (seed, n, d) in [(1u64, 40usize, 3usize), (2, 25, 5), (3, 60, 7)] {
-        let (x, mean, lam) = random_case(seed, n, d)?;
+        let (x, mean, lam) = random_case(seed, n, d, dtype, device)?;
         let mean_var = Var::from_tensor(&mean)?;
         let lam_var = Var::from_tensor(&lam)?;
         let loss = nll_covariance_factor(&x, &mean_var, &lam_var, Reduction::Sum)?;
@@ -68,18 +84,25 @@ fn covariance_factor_gradients_match_rennie_closed_forms() -> Result<()> {
         let grad_mean = grads.get(&mean_var).expect("mean has a gradient");
         let grad_lam = grads.get(&lam_var).expect("scale_tril has a gradient");
 
-        let lam_m = to_matrix(&lam)?;
+        let lam_m = host_matrix(&lam)?;
         let s_inv = inverse(&matmul(&lam_m, &transpose(&lam_m)));
-        let centered = to_matrix(&x.broadcast_sub(&mean)?)?;
+        // Centered on the host in f64, from the values the device holds.
+        let (x_m, mean_v) = (host_matrix(&x)?, host_values(&mean)?);
+        let centered: Matrix = x_m
+            .iter()
+            .map(|row| row.iter().zip(&mean_v).map(|(v, m)| v - m).collect())
+            .collect();
         // dJ/dμ = −S⁻¹ Σ_a (x_a − μ)
         let col_sum: Matrix = (0..d)
             .map(|j| vec![centered.iter().map(|r| r[j]).sum::<f64>()])
             .collect();
         let expected_mean: Vec<f64> = matmul(&s_inv, &col_sum).iter().map(|r| -r[0]).collect();
+        let what = format!("{dtype:?} (n, d) = ({n}, {d})");
         assert_close(
-            &vec![grad_mean.to_vec1::<f64>()?],
+            &vec![host_values(grad_mean)?],
             &vec![expected_mean],
-            "dJ/dmu",
+            tol,
+            &format!("{what} dJ/dmu"),
         );
         // dJ/dΛ = n S⁻¹Λ − S⁻¹RᵀRS⁻¹Λ; autograd sees only the lower triangle of Λ.
         let s_inv_lam = matmul(&s_inv, &lam_m);
@@ -98,23 +121,33 @@ fn covariance_factor_gradients_match_rennie_closed_forms() -> Result<()> {
                     .collect()
             })
             .collect();
-        assert_close(&to_matrix(grad_lam)?, &expected_lam, "dJ/dLambda");
+        assert_close(
+            &host_matrix(grad_lam)?,
+            &expected_lam,
+            tol,
+            &format!("{what} dJ/dLambda"),
+        );
     }
     Ok(())
 }
 
 /// The two parameterizations describe the same Gaussian when `L = chol(S⁻¹)`; here `S⁻¹`
 /// and its factor are built on the host, so both NLLs must agree to rounding.
-#[test]
-fn covariance_and_precision_factor_nll_agree() -> Result<()> {
-    let (x, mean, lam) = random_case(7, 30, 4)?;
-    let lam_m = to_matrix(&lam)?;
-    let p = inverse(&matmul(&lam_m, &transpose(&lam_m)));
-    let tril = Tensor::new(cholesky(&p), &Device::Cpu)?.to_dtype(DType::F64)?;
-    let by_cov = nll_covariance_factor(&x, &mean, &lam, Reduction::None)?.to_vec1::<f64>()?;
-    let by_prec = nll_precision_factor(&x, &mean, &tril, Reduction::None)?.to_vec1::<f64>()?;
-    for (a, b) in by_cov.iter().zip(&by_prec) {
-        assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "{a} vs {b}");
+fn covariance_and_precision_factor_nll_agree(device: &Device) -> Result<()> {
+    for dtype in float_dtypes(device) {
+        let (x, mean, lam) = random_case(7, 30, 4, dtype, device)?;
+        let lam_m = host_matrix(&lam)?;
+        let p = inverse(&matmul(&lam_m, &transpose(&lam_m)));
+        let tril = on_device(&Tensor::new(cholesky(&p), &Device::Cpu)?, dtype, device)?;
+        let by_cov = host_values(&nll_covariance_factor(&x, &mean, &lam, Reduction::None)?)?;
+        let by_prec = host_values(&nll_precision_factor(&x, &mean, &tril, Reduction::None)?)?;
+        for (a, b) in by_cov.iter().zip(&by_prec) {
+            assert!(
+                (a - b).abs() <= tolerance(dtype) * b.abs().max(1.0),
+                "{dtype:?}: {a} vs {b}"
+            );
+        }
     }
     Ok(())
 }
+gauss_layer::test_device!(covariance_and_precision_factor_nll_agree);
