@@ -41,10 +41,10 @@ mod tests;
 
 use candle_core::{DType, Tensor};
 
-use crate::config::{DistanceKernel, Parameterization};
+use crate::config::DistanceKernel;
 use crate::cpu::{with_row_major, OperandShape, Sizes, TILE_ROWS};
 use crate::error::{GaussError, Result};
-use crate::precision::Precision;
+use crate::precision::{Precision, RawMap};
 use crate::route::{backend, Backend};
 use conditioning::Conditioning;
 use distance_op::FusedPlan;
@@ -129,17 +129,20 @@ fn fused_applies(x: &Tensor, center: &Tensor, precision: &Precision, portable: b
 /// The fused ops' precision input: the raw parameter where the op can map it itself
 /// (cholesky and direct without a width floor), else the effective factor or matrix.
 fn fused_operand(precision: &Precision) -> Result<(Source, Tensor)> {
-    let config = precision.config();
-    match (config.parameterization, config.width_floor) {
-        (Parameterization::Cholesky, None) => Ok((
+    match precision.raw_map() {
+        Some(RawMap::Cholesky {
+            positive_map,
+            floor,
+        }) => Ok((
             Source::Factor(FactorMap::Cholesky {
-                positive_map: config.positive_map,
-                floor: config.factor_diag_floor,
+                positive_map,
+                floor,
             }),
             precision.raw().clone(),
         )),
-        (Parameterization::Direct, None) => Ok((Source::Matrix, precision.raw().clone())),
-        _ => match precision.factor()? {
+        Some(RawMap::Direct) => Ok((Source::Matrix, precision.raw().clone())),
+        // expm's map needs a matrix exponential, which the distance ops do not run.
+        Some(RawMap::Expm) | None => match precision.factor()? {
             Some(factor) => Ok((Source::Factor(FactorMap::Identity), factor)),
             None => Ok((Source::Matrix, precision.precision_matrix()?)),
         },

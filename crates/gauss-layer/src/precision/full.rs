@@ -3,9 +3,9 @@
 
 use candle_core::{Tensor, D};
 
-use super::stats_op::{PrecisionStat, Stat, StatMap};
+use super::stats_op::{PrecisionStat, Stat};
 use super::trace_estimate;
-use super::{maps, Precision};
+use super::{maps, Precision, RawMap};
 use crate::config::Parameterization;
 use crate::error::Result;
 use crate::linalg;
@@ -14,45 +14,41 @@ use crate::route::{backend, Backend};
 /// The fused statistic op where it applies: a full precision without a width floor, f32 or
 /// f64 on the CPU, not on the portable path.
 fn fused_stat(precision: &Precision, stat: Stat) -> Result<Option<Tensor>> {
-    let config = precision.config();
-    let raw = precision.raw();
-    if !runs_fused_statistics(precision) {
-        return Ok(None);
+    match fused_raw_map(precision) {
+        Some(map) => Ok(Some(
+            precision.raw().apply_op1(PrecisionStat { stat, map })?,
+        )),
+        None => Ok(None),
     }
-    let map = match config.parameterization {
-        Parameterization::Cholesky => StatMap::Cholesky {
-            positive_map: config.positive_map,
-            floor: config.factor_diag_floor,
-        },
-        Parameterization::Direct => StatMap::Direct,
-        Parameterization::Expm => StatMap::Expm,
-        _ => return Ok(None),
-    };
-    Ok(Some(raw.apply_op1(PrecisionStat { stat, map })?))
 }
 
-/// Whether the per-neuron statistics run as fused CPU ops from the raw tensor: a full
-/// precision without a width floor on the [`Backend::CpuFused`] route.
-fn runs_fused_statistics(precision: &Precision) -> bool {
+/// The raw map the fused CPU statistics read, where they run: a precision with a
+/// [`Precision::raw_map`] on the [`Backend::CpuFused`] route.
+fn fused_raw_map(precision: &Precision) -> Option<RawMap> {
     let raw = precision.raw();
-    precision.config().width_floor.is_none()
-        && backend(raw.device(), raw.dtype(), precision.config().portable) == Backend::CpuFused
+    match backend(raw.device(), raw.dtype(), precision.config().portable) {
+        Backend::CpuFused => precision.raw_map(),
+        Backend::Cuda | Backend::Portable => None,
+    }
 }
 
 /// An unbiased estimate of `tr Σ` per neuron from `probes` Rademacher vectors (see the
 /// `trace_estimate` module) for cholesky without a width floor; the exact value otherwise.
 pub(super) fn trace_covariance_estimate(precision: &Precision, probes: usize) -> Result<Tensor> {
-    let config = precision.config();
-    if config.parameterization != Parameterization::Cholesky || config.width_floor.is_some() {
+    if !precision.is_factor_lower_triangular() {
         return trace_covariance(precision);
     }
     let raw = precision.raw();
     let (z, d) = (precision.num_neurons(), precision.dim());
     let vectors = trace_estimate::rademacher_probes(z, d, probes, raw)?;
-    if runs_fused_statistics(precision) {
+    if let Some(RawMap::Cholesky {
+        positive_map,
+        floor,
+    }) = fused_raw_map(precision)
+    {
         let op = trace_estimate::TraceCovarianceEstimate {
-            positive_map: config.positive_map,
-            floor: config.factor_diag_floor,
+            positive_map,
+            floor,
         };
         return Ok(raw.apply_op2(&vectors, op)?);
     }

@@ -55,6 +55,21 @@ mod trace_estimate;
 
 pub(crate) use low_rank_fit::LowRankFit;
 
+/// How a full precision's raw (Z, d, d) tensor maps to `P`, where ops can read the raw
+/// tensor directly ([`Precision::raw_map`]): the one place that rule is written.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum RawMap {
+    /// `P = F Fᵀ`, `F = tril(raw, −1) + diag(map(diag raw) + floor)`.
+    Cholesky {
+        positive_map: crate::config::PositiveMap,
+        floor: f64,
+    },
+    /// `P = (raw + rawᵀ)/2`.
+    Direct,
+    /// `P = expm((raw + rawᵀ)/2)`.
+    Expm,
+}
+
 /// The precision matrices of a layer's Z neurons over d inputs, in one parameterization.
 #[derive(Clone, Debug)]
 pub struct Precision {
@@ -225,7 +240,26 @@ impl Precision {
 
     /// Whether [`Precision::factor`] is lower triangular: cholesky without a width floor.
     pub(crate) fn is_factor_lower_triangular(&self) -> bool {
-        self.parameterization() == Parameterization::Cholesky && self.config().width_floor.is_none()
+        matches!(self.raw_map(), Some(RawMap::Cholesky { .. }))
+    }
+
+    /// How the raw tensor maps to `P` where an op may read it directly instead of the
+    /// effective precision: cholesky, direct and expm without a width floor (the floor adds
+    /// `σ² I` to the covariance, which no raw map holds); `None` for every other form.
+    pub(crate) fn raw_map(&self) -> Option<RawMap> {
+        let config = self.config();
+        if config.width_floor.is_some() {
+            return None;
+        }
+        match config.parameterization {
+            Parameterization::Cholesky => Some(RawMap::Cholesky {
+                positive_map: config.positive_map,
+                floor: config.factor_diag_floor,
+            }),
+            Parameterization::Direct => Some(RawMap::Direct),
+            Parameterization::Expm => Some(RawMap::Expm),
+            _ => None,
+        }
     }
 
     /// The diagonal of `P` for diag and sphere (sphere broadcast to d), `None` otherwise.

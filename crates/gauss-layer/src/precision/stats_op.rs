@@ -19,8 +19,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::maps;
-use crate::config::PositiveMap;
+use super::{maps, RawMap};
 use crate::cpu::{row_major, with_row_major, Real};
 use crate::linalg::host::{self, lower_inverse, product, transpose};
 
@@ -32,33 +31,22 @@ pub(crate) enum Stat {
     TracePrecision,
 }
 
-/// How the raw (Z, d, d) tensor maps to `P`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) enum StatMap {
-    Cholesky {
-        positive_map: PositiveMap,
-        floor: f64,
-    },
-    Direct,
-    Expm,
-}
-
 /// The Candle op: input raw (Z, d, d), output the statistic (Z).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct PrecisionStat {
     pub stat: Stat,
-    pub map: StatMap,
+    pub map: RawMap,
 }
 
 /// `(value, ∂value/∂raw)` of one neuron, raw block row-major in f64.
-fn neuron(stat: Stat, map: StatMap, raw: &[f64], d: usize, with_gradient: bool) -> (f64, Vec<f64>) {
+fn neuron(stat: Stat, map: RawMap, raw: &[f64], d: usize, with_gradient: bool) -> (f64, Vec<f64>) {
     let mut grad = if with_gradient {
         vec![0f64; d * d]
     } else {
         Vec::new()
     };
     match map {
-        StatMap::Cholesky {
+        RawMap::Cholesky {
             positive_map,
             floor,
         } => {
@@ -103,7 +91,7 @@ fn neuron(stat: Stat, map: StatMap, raw: &[f64], d: usize, with_gradient: bool) 
             }
             (value, grad)
         }
-        StatMap::Direct => {
+        RawMap::Direct => {
             if stat == Stat::TracePrecision {
                 if with_gradient {
                     (0..d).for_each(|i| grad[i * d + i] = 1.0);
@@ -132,7 +120,7 @@ fn neuron(stat: Stat, map: StatMap, raw: &[f64], d: usize, with_gradient: bool) 
             };
             (value, grad)
         }
-        StatMap::Expm => {
+        RawMap::Expm => {
             if stat == Stat::LogDetPrecision {
                 if with_gradient {
                     (0..d).for_each(|i| grad[i * d + i] = 1.0);
@@ -178,7 +166,7 @@ impl PrecisionStat {
                 neuron(self.stat, self.map, &block, d, false).0
             })
             .collect();
-        if self.map == StatMap::Expm {
+        if self.map == RawMap::Expm {
             let limit = match T::DTYPE {
                 DType::F64 => f64::MAX,
                 _ => f32::MAX as f64,
