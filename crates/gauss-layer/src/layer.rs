@@ -291,12 +291,12 @@ impl GaussLayer {
         match prev_g {
             None => Ok((y, g)),
             Some(prev) => {
-                let strongest = prev.max_keepdim(D::Minus1)?;
+                let g = ops::gate(&g, prev)?;
                 if self.config.gaussian_only {
-                    let g = g.broadcast_mul(&strongest)?;
                     return Ok((g.clone(), g));
                 }
-                Ok((y.broadcast_mul(&strongest)?, g.broadcast_mul(&strongest)?))
+                // y = linear·g, so gating y is gating g.
+                Ok((ops::gate(&y, prev)?, g))
             }
         }
     }
