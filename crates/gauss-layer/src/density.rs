@@ -39,21 +39,9 @@ use crate::error::{check_device, check_dtype, check_float_dtype, GaussError, Res
 use crate::layer::GaussLayer;
 use crate::linalg::host::HostMatrix;
 use crate::linalg::{self, host};
-use crate::ops::log_prob_from_mahalanobis;
+use crate::ops::{flatten_leading, log_prob_from_mahalanobis};
 use crate::precision::Precision;
 use crate::repair;
-
-/// Flattens `x` (…, d) to (n, d); returns it with the leading dimensions.
-pub(crate) fn flatten_leading(x: &Tensor, d: usize, what: &str) -> Result<(Tensor, Vec<usize>)> {
-    let dims = x.dims();
-    match dims.split_last() {
-        Some((&last, leading)) if last == d => {
-            let n = leading.iter().product::<usize>();
-            Ok((x.reshape((n, d))?, leading.to_vec()))
-        }
-        _ => Err(GaussError::shape(what, format!("(…, {d})"), dims)),
-    }
-}
 
 /// `leading` followed by `tail`.
 pub(crate) fn with_tail(leading: &[usize], tail: &[usize]) -> Vec<usize> {

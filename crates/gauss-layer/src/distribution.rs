@@ -71,10 +71,10 @@ use candle_core::{Tensor, D};
 use rand::Rng;
 
 use crate::config::{GaussLayerConfig, Parameterization};
-use crate::density::flatten_leading;
 use crate::error::{check_dtype, GaussError, Result};
 use crate::layer::GaussLayer;
 use crate::linalg;
+use crate::ops::flatten_leading;
 use crate::ops::{log_normalizer, log_prob_from_mahalanobis};
 use crate::precision::Precision;
 use crate::repair;

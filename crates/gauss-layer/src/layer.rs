@@ -189,11 +189,7 @@ impl GaussLayer {
         }
         check_dtype("input x", x, self.center.dtype(), "center")?;
         check_device("input x", x, self.center.device(), "the layer's center")?;
-        let leading = dims[..dims.len() - 1].to_vec();
-        if dims.len() == 2 {
-            return Ok((x.clone(), leading));
-        }
-        Ok((x.reshape((leading.iter().product::<usize>(), d))?, leading))
+        ops::flatten_leading(x, d, "input x")
     }
 
     /// Output `y` and the (gated) Gaussian activations `g`, gated by `prev_g` when given.

@@ -165,6 +165,23 @@ pub fn gate(gaussian: &Tensor, prev_gaussian: &Tensor) -> Result<Tensor> {
     Ok(gaussian.broadcast_mul(&strongest)?)
 }
 
+/// Flattens `x` (…, d) to (n, d); returns it with the leading dimensions. The one input
+/// flattener of the crate (the layer's forward adds its rank ≥ 2 rule on top); a (n, d)
+/// input comes back as it is, so a strided one is not copied here.
+pub(crate) fn flatten_leading(x: &Tensor, d: usize, what: &str) -> Result<(Tensor, Vec<usize>)> {
+    let dims = x.dims();
+    match dims.split_last() {
+        Some((&last, leading)) if last == d => {
+            if leading.len() == 1 {
+                return Ok((x.clone(), leading.to_vec()));
+            }
+            let n = leading.iter().product::<usize>();
+            Ok((x.reshape((n, d))?, leading.to_vec()))
+        }
+        _ => Err(GaussError::shape(what, format!("(…, {d})"), dims)),
+    }
+}
+
 /// `½·d·log 2π`, the normalizing constant of a d-dimensional normal.
 pub fn log_normalizer(dim: usize) -> f64 {
     0.5 * dim as f64 * (2.0 * std::f64::consts::PI).ln()

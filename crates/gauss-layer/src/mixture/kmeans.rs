@@ -5,7 +5,6 @@ use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use crate::density;
 use crate::error::{check_dtype, GaussError, Result};
 use crate::linalg;
 
@@ -47,7 +46,7 @@ pub(super) fn checked_samples(
     dtype: DType,
     min_rows: usize,
 ) -> Result<Samples> {
-    let (flat, _) = density::flatten_leading(x, d, "samples x")?;
+    let (flat, _) = crate::ops::flatten_leading(x, d, "samples x")?;
     check_dtype("samples x", &flat, dtype, "the mixture")?;
     let n = flat.dims()[0];
     if n < min_rows {
