@@ -82,7 +82,7 @@ def main():
                    help="the in-distribution set: fashion (-> MNIST) or mnist (-> FashionMNIST)")
     p.add_argument("--epochs", type=int, help="override both archs' default epochs")
     p.add_argument("--calibration-split", type=float, default=0.05,
-                   help="MLP runs: fraction of the training images held out to fit the softmax "
+                   help="fraction of the training images held out to fit the softmax "
                    "temperature (train --calibration-split); 0 turns it off")
     p.add_argument("--extra", default="", help="extra train arguments (one string)")
     p.add_argument("--out-dir", default="target/ood-bench", help="checkpoints and logs")
@@ -108,7 +108,7 @@ def main():
                             "--ood", "noise", "--seed", str(seed), "--out", ckpt]
                     if arch == "cnn":
                         args += ["--batch-size", "128"]  # as measured in the README
-                    elif a.calibration_split > 0:
+                    if a.calibration_split > 0:
                         args += ["--calibration-split", str(a.calibration_split)]
                     if a.epochs:
                         args += ["--epochs", str(a.epochs)]

@@ -25,6 +25,10 @@ use crate::ood::{self, Scorer};
 /// The metadata key of the fitted temperature.
 pub const METADATA_KEY: &str = "temperature";
 
+/// Mixed into the run's seed for the calibration split's own random stream, so holding
+/// images out does not shift the training's draws.
+pub const SPLIT_SEED: u64 = 0xca1b_7a7e;
+
 /// The search interval of `ln(1/T)`: T from 1e-2 to 1e2 (a fit at an end says so).
 const LOG_INVERSE_RANGE: (f64, f64) = (-4.605_170_185_988_091, 4.605_170_185_988_091);
 

@@ -12,6 +12,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::{json, Value};
 
+use crate::calibration;
 use crate::cnn::{self, Activation, TrunkConfig};
 use crate::idx::IdxData;
 use crate::ood::{self, OodSource};
@@ -40,12 +41,19 @@ pub struct CnnRun<'a> {
     pub fgn: bool,
     pub ood: &'a [OodSource],
     pub out: &'a Path,
+    /// Fraction of the training images held out to fit a softmax temperature (see
+    /// [`crate::calibration`]), or `None`.
+    pub calibration_split: Option<f64>,
 }
 
 /// `train --arch cnn`: the classical CNN and/or the CNN FGN, evaluated (and OOD-scored when
 /// sets are given); the FGN is saved to `run.out`.
 pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
-    let IdxData { set, height, width } = data;
+    let IdxData {
+        mut set,
+        height,
+        width,
+    } = data;
     let trunk = TrunkConfig {
         height,
         width,
@@ -65,6 +73,30 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
     out.insert("feature_batch_norm".into(), json!(run.feature_batch_norm));
     out.insert("trunk".into(), serde_json::to_value(&trunk)?);
     out.insert("seed".into(), json!(run.seed));
+    // The same seeded stream as the MLP's split, apart from the training's draws.
+    let held_out = match run.calibration_split {
+        Some(fraction) => {
+            let mut split_rng = StdRng::seed_from_u64(run.seed ^ calibration::SPLIT_SEED);
+            let (fit_part, held_out) = calibration::split(&set.train, fraction, &mut split_rng)?;
+            set.train = fit_part;
+            out.insert("train_images".into(), json!(set.train.len()));
+            out.insert("calibration_images".into(), json!(held_out.len()));
+            Some(held_out)
+        }
+        None => None,
+    };
+    // The temperature fitted on the held-out images (1 without them), and a note of it.
+    let temperature_of = |model: &dyn ood::Scorer, what: &str| -> Result<Option<f64>> {
+        let Some(held_out) = &held_out else {
+            return Ok(None);
+        };
+        let temperature = calibration::fit(model, held_out, device)?;
+        eprintln!(
+            "{what}: temperature {temperature:.4} (fitted on {} held-out images)",
+            held_out.len()
+        );
+        Ok(Some(temperature))
+    };
     let mut fit_seconds = 0.0;
     if run.classical {
         let config = TrunkConfig {
@@ -81,7 +113,15 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
             device,
         )?;
         fit_seconds += seconds;
-        let report = ood::report(&model, &set.test, run.ood, device, "classical cnn")?;
+        let temperature = temperature_of(&model, "classical cnn")?;
+        let calibrated = calibration::Calibrated {
+            model: &model,
+            temperature: temperature.unwrap_or(1.0),
+        };
+        let mut report = ood::report(&calibrated, &set.test, run.ood, device, "classical cnn")?;
+        if let Some(temperature) = temperature {
+            report["temperature"] = json!(temperature);
+        }
         out.insert("classical".into(), report);
     }
     if run.fgn {
@@ -126,8 +166,20 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
             device,
         )?;
         fit_seconds += seconds;
-        let report = ood::report(&model, &set.test, run.ood, device, "fgn cnn")?;
+        let temperature = temperature_of(&model, "fgn cnn")?;
+        let calibrated = calibration::Calibrated {
+            model: &model,
+            temperature: temperature.unwrap_or(1.0),
+        };
+        let mut report = ood::report(&calibrated, &set.test, run.ood, device, "fgn cnn")?;
         let mut meta = BTreeMap::new();
+        if let Some(temperature) = temperature {
+            report["temperature"] = json!(temperature);
+            meta.insert(
+                calibration::METADATA_KEY.to_string(),
+                temperature.to_string(),
+            );
+        }
         meta.insert("dataset".to_string(), set.name.to_string());
         meta.insert("input_scale".to_string(), set.input_scale.to_string());
         meta.insert("test_accuracy".to_string(), report["accuracy"].to_string());
@@ -157,8 +209,18 @@ pub fn eval(path: &Path, data: IdxData, sets: &[OodSource], device: &Device) -> 
             data.width
         );
     }
-    let report = ood::report(&loaded.model, &data.set.test, sets, device, "fgn cnn")?;
-    Ok(json!({"checkpoint": path.display().to_string(), "arch": "cnn", "fgn": report}))
+    let temperature = calibration::recorded(&loaded.user_metadata)?;
+    let calibrated = calibration::Calibrated {
+        model: &loaded.model,
+        temperature,
+    };
+    let report = ood::report(&calibrated, &data.set.test, sets, device, "fgn cnn")?;
+    Ok(json!({
+        "checkpoint": path.display().to_string(),
+        "arch": "cnn",
+        "temperature": temperature,
+        "fgn": report,
+    }))
 }
 
 /// `predict` of a CNN checkpoint: `x` (N, H·W) or (N, 1, H, W), divided by the recorded
@@ -227,8 +289,10 @@ pub fn predict(
         );
     }
     let x = scaled.to_device(device)?;
+    let temperature = crate::calibration::recorded(&loaded.user_metadata)?;
     let features = model.trunk.forward(&x)?;
-    let (output, gaussians) = model.net.forward_with_gaussians(&features, false)?;
+    let (logits, gaussians) = model.net.forward_with_gaussians(&features, false)?;
+    let output = (logits / temperature)?;
     let host = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&Device::Cpu)?.contiguous()?) };
     let mut out = HashMap::new();
     out.insert("output".to_string(), host(&output)?);
@@ -245,6 +309,7 @@ pub fn predict(
         "rows": x.dim(0)?,
         "out_features": model.net.config().out_features,
         "input_scale": scale,
+        "temperature": temperature,
         "tensors": names,
     });
     Ok((out, summary))

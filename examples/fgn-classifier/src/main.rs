@@ -166,7 +166,8 @@ struct TrainArgs {
     ood: Vec<ood::OodSource>,
     /// Hold out this fraction of the training images (seeded, in (0, 0.5]) to fit a
     /// softmax temperature after training (temperature scaling, for calibrated
-    /// confidences); the checkpoint records it and eval/predict apply it. MLP only.
+    /// confidences); the checkpoint records it and eval/predict apply it. MLP and CNN
+    /// (both the FGN and the classical network get their own temperature).
     #[arg(long)]
     calibration_split: Option<f64>,
 }
@@ -261,9 +262,6 @@ fn train(args: TrainArgs) -> Result<Value> {
         let Some(dir) = data_dir else {
             bail!("--arch cnn needs images: pass --data-dir DIR");
         };
-        if args.calibration_split.is_some() {
-            bail!("--calibration-split is implemented for --arch mlp only");
-        }
         return cnn_cli::train(
             &cnn_cli::CnnRun {
                 parameterization,
@@ -291,6 +289,7 @@ fn train(args: TrainArgs) -> Result<Value> {
                 fgn: !args.classical_only,
                 ood: &args.ood,
                 out: &args.out,
+                calibration_split: args.calibration_split,
             },
             idx::load(dir)?,
             &device,
@@ -322,7 +321,7 @@ fn train(args: TrainArgs) -> Result<Value> {
     // Its own stream, so the split does not shift the training's random draws.
     let calibration = match args.calibration_split {
         Some(fraction) => {
-            let mut split_rng = StdRng::seed_from_u64(args.seed ^ 0xca1b_7a7e);
+            let mut split_rng = StdRng::seed_from_u64(args.seed ^ calibration::SPLIT_SEED);
             let (fit_part, held_out) = calibration::split(&data.train, fraction, &mut split_rng)?;
             data.train = fit_part;
             Some(held_out)

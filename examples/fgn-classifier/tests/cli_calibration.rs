@@ -95,3 +95,157 @@ fn the_fitted_temperature_is_recorded_and_applied() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// A 12×12 IDX set in `dir`: `n` train and `n / 4` test images of two classes, class 0
+/// bright in the top half and class 1 in the bottom half, with seeded noise on every pixel.
+fn write_two_class_idx(dir: &std::path::Path, n: usize) -> Result<()> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let idx = |magic: u32, dims: &[u32], items: &[u8]| -> Vec<u8> {
+        let mut out = magic.to_be_bytes().to_vec();
+        for d in dims {
+            out.extend_from_slice(&d.to_be_bytes());
+        }
+        out.extend_from_slice(items);
+        out
+    };
+    for (prefix, count) in [("train", n), ("t10k", n / 4)] {
+        let labels: Vec<u8> = (0..count).map(|i| (i % 2) as u8).collect();
+        let mut pixels = Vec::with_capacity(count * 144);
+        for &label in &labels {
+            for p in 0..144 {
+                let top = p < 72;
+                let base = if top == (label == 0) { 150.0 } else { 40.0 };
+                let value: f64 = base + rng.random_range(-60.0..60.0);
+                pixels.push(value.clamp(0.0, 255.0) as u8);
+            }
+        }
+        std::fs::write(
+            dir.join(format!("{prefix}-images-idx3-ubyte")),
+            idx(2051, &[count as u32, 12, 12], &pixels),
+        )?;
+        std::fs::write(
+            dir.join(format!("{prefix}-labels-idx1-ubyte")),
+            idx(2049, &[count as u32], &labels),
+        )?;
+    }
+    Ok(())
+}
+
+/// A copy of a safetensors file without the metadata entry `key` (the header is JSON after
+/// its 8-byte length; tensor offsets are relative to the data, so the header may change
+/// size).
+fn without_metadata(from: &std::path::Path, to: &std::path::Path, key: &str) -> Result<()> {
+    let bytes = std::fs::read(from)?;
+    let length = u64::from_le_bytes(bytes[..8].try_into()?) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + length])?;
+    header["__metadata__"]
+        .as_object_mut()
+        .context("no __metadata__")?
+        .remove(key)
+        .context("the key is not in the metadata")?;
+    let mut text = serde_json::to_string(&header)?;
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&bytes[8 + length..]);
+    std::fs::write(to, out)?;
+    Ok(())
+}
+
+#[test]
+fn a_cnn_records_and_applies_its_temperature() -> Result<()> {
+    let dir = temp_dir("calibration-cnn")?;
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data)?;
+    write_two_class_idx(&data, 200)?;
+    let data = data.display().to_string();
+    let ckpt = dir.join("cnn.safetensors");
+    let ckpt_text = ckpt.display().to_string();
+    let trained = run_ok(&[
+        "train",
+        "--arch",
+        "cnn",
+        "--data-dir",
+        &data,
+        "--channels",
+        "4",
+        "--features",
+        "8",
+        "--hidden",
+        "8",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--calibration-split",
+        "0.2",
+        "--out",
+        &ckpt_text,
+    ])?;
+    assert_eq!(trained["train_images"].as_u64(), Some(160), "{trained}");
+    assert_eq!(
+        trained["calibration_images"].as_u64(),
+        Some(40),
+        "{trained}"
+    );
+    let temperature = trained["fgn"]["temperature"]
+        .as_f64()
+        .with_context(|| format!("fgn.temperature in {trained}"))?;
+    assert!(temperature.is_finite() && temperature > 0.0, "{trained}");
+    assert!(
+        trained["classical"]["temperature"].as_f64().is_some(),
+        "{trained}"
+    );
+
+    // eval reads the recorded temperature: the same report as after training.
+    let evaluated = run_ok(&["eval", &ckpt_text, "--data-dir", &data])?;
+    assert_eq!(evaluated["temperature"].as_f64(), Some(temperature));
+    for field in ["accuracy", "nll", "ece_15"] {
+        assert_eq!(
+            evaluated["fgn"][field], trained["fgn"][field],
+            "{field}: {evaluated} vs {trained}"
+        );
+    }
+
+    // predict: output · T is the output of the same checkpoint without a temperature.
+    let x = Tensor::rand(0f32, 255.0, (6, 144), &Device::Cpu)?.round()?;
+    let input = dir.join("x.safetensors");
+    candle_core::safetensors::save(&HashMap::from([("x".to_string(), x)]), &input)?;
+    let plain = dir.join("plain.safetensors");
+    // The user metadata is stored under `user.` keys.
+    without_metadata(&ckpt, &plain, "user.temperature")?;
+    let mut outputs = Vec::new();
+    for (checkpoint, name) in [(&ckpt, "scaled"), (&plain, "plain")] {
+        let output = dir.join(format!("{name}-out.safetensors"));
+        let predicted = run_ok(&[
+            "predict",
+            &checkpoint.display().to_string(),
+            "--input",
+            &input.display().to_string(),
+            "--output",
+            &output.display().to_string(),
+        ])?;
+        outputs.push((
+            predicted["temperature"].as_f64(),
+            candle_core::safetensors::load(&output, &Device::Cpu)?["output"].clone(),
+        ));
+    }
+    assert_eq!(outputs[0].0, Some(temperature));
+    assert_eq!(outputs[1].0, Some(1.0));
+    // f64: every tensor here is on Device::Cpu
+    let diff = ((&outputs[0].1 * temperature)? - &outputs[1].1)?
+        .abs()?
+        .max_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    assert!(
+        diff < 1e-4,
+        "output · T differs from the plain output by {diff}"
+    );
+    assert!((temperature - 1.0).abs() > 1e-3, "T = {temperature}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
