@@ -110,6 +110,34 @@ macro_rules! test_device {
     };
 }
 
+/// [`test_device!`](crate::test_device) for a body that takes the dtype too,
+/// `fn(DType, &Device) -> Result<(), E>`: `test_device_dtypes!(name, body)` defines
+/// `name(&Device)`, which runs `body` in every dtype of [`float_dtypes`] (f32 and f64; f32
+/// only on Metal) and names the dtype of a failure, and expands `test_device!(name)`.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// fn zeros_sum_to_zero(dtype: DType, device: &Device) -> Result<(), gauss_layer::GaussError> {
+///     let sum = Tensor::zeros(4, dtype, device)?.sum_all()?;
+///     assert_eq!(sum.to_dtype(DType::F32)?.to_scalar::<f32>()?, 0.0);
+///     Ok(())
+/// }
+/// gauss_layer::test_device_dtypes!(zeros_sum_in_every_dtype, zeros_sum_to_zero);
+/// # fn main() {}
+/// ```
+#[macro_export]
+macro_rules! test_device_dtypes {
+    ($name:ident, $body:ident) => {
+        fn $name(device: &$crate::testing::__Device) -> ::std::result::Result<(), String> {
+            for dtype in $crate::testing::float_dtypes(device) {
+                $body(dtype, device).map_err(|e| format!("{dtype:?}: {e:?}"))?;
+            }
+            Ok(())
+        }
+        $crate::test_device!($name);
+    };
+}
+
 /// Whether a [`test_device!`](crate::test_device) body named `name` is an f64 body (its
 /// name contains `f64`), which Metal cannot run (it has no f64): prints a note and returns
 /// true so the Metal test skips it.

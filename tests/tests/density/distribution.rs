@@ -13,7 +13,7 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use gauss_layer::testing::{float_dtypes, tolerance};
+use gauss_layer::testing::tolerance;
 use gauss_layer::{
     GaussLayer, GaussLayerConfig, MultivariateNormal, MultivariateNormalBatch, Parameterization,
 };
@@ -103,15 +103,12 @@ fn close_to(got: f64, expected: f64, tol: f64, what: &str) {
     );
 }
 
-/// On each enabled device, in each float dtype it has (f32 to 1e-4: the inputs are rounded
-/// to f32 as well as the arithmetic).
-fn matches_scipy_and_the_closed_form_kl_in_every_parameterization(device: &Device) -> Result<()> {
-    for dtype in float_dtypes(device) {
-        matches_references(dtype, device)?;
-    }
-    Ok(())
-}
-gauss_layer::test_device!(matches_scipy_and_the_closed_form_kl_in_every_parameterization);
+// On each enabled device, in each float dtype it has (f32 to 1e-4: the inputs are rounded
+// to f32 as well as the arithmetic).
+gauss_layer::test_device_dtypes!(
+    matches_scipy_and_the_closed_form_kl_in_every_parameterization,
+    matches_references
+);
 
 fn matches_references(dtype: DType, device: &Device) -> Result<()> {
     let tol = tolerance(dtype);

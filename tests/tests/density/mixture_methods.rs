@@ -8,7 +8,7 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use gauss_layer::testing::{float_dtypes, tolerance};
+use gauss_layer::testing::tolerance;
 use gauss_layer::{gaussian_mixture, GaussLayerConfig, MixtureFitOptions, Parameterization};
 use gauss_tests::{host_matrix, host_values, on_device};
 
@@ -109,14 +109,11 @@ fn cases() -> [Expected; 3] {
     ]
 }
 
-/// On each enabled device, in each float dtype it has (f32 to 1e-4).
-fn methods_match_scikit_learn_on_fixed_parameters(device: &Device) -> Result<()> {
-    for dtype in float_dtypes(device) {
-        methods_match(dtype, device)?;
-    }
-    Ok(())
-}
-gauss_layer::test_device!(methods_match_scikit_learn_on_fixed_parameters);
+// On each enabled device, in each float dtype it has (f32 to 1e-4).
+gauss_layer::test_device_dtypes!(
+    methods_match_scikit_learn_on_fixed_parameters,
+    methods_match
+);
 
 fn methods_match(dtype: DType, dev: &Device) -> Result<()> {
     let tol = tolerance(dtype);

@@ -6,7 +6,7 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use gauss_layer::testing::{float_dtypes, tolerance};
+use gauss_layer::testing::tolerance;
 use gauss_layer::{gauss_layer, GaussLayerConfig};
 use gauss_losses::{
     layer_nll, mixture_logits, mixture_nll, mixture_nll_from_components, Reduction,
@@ -14,13 +14,7 @@ use gauss_losses::{
 
 use gauss_tests::{gradient_of, host_values, on_device};
 
-fn single_component_mixture_equals_plain_nll(device: &Device) -> Result<()> {
-    for dtype in float_dtypes(device) {
-        single_component(dtype, device)?;
-    }
-    Ok(())
-}
-gauss_layer::test_device!(single_component_mixture_equals_plain_nll);
+gauss_layer::test_device_dtypes!(single_component_mixture_equals_plain_nll, single_component);
 
 fn single_component(dtype: DType, device: &Device) -> Result<()> {
     let tol = if dtype == DType::F64 { 1e-12 } else { 1e-6 };
@@ -53,13 +47,10 @@ fn single_component(dtype: DType, device: &Device) -> Result<()> {
     Ok(())
 }
 
-fn mixture_matches_host_log_sum_exp_and_is_differentiable(device: &Device) -> Result<()> {
-    for dtype in float_dtypes(device) {
-        log_sum_exp(dtype, device)?;
-    }
-    Ok(())
-}
-gauss_layer::test_device!(mixture_matches_host_log_sum_exp_and_is_differentiable);
+gauss_layer::test_device_dtypes!(
+    mixture_matches_host_log_sum_exp_and_is_differentiable,
+    log_sum_exp
+);
 
 fn log_sum_exp(dtype: DType, device: &Device) -> Result<()> {
     // Inputs exact in f32 too, so only the arithmetic's rounding differs between dtypes.

@@ -6,18 +6,12 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Module, VarBuilder, VarMap};
-use gauss_layer::testing::{all_finite, float_dtypes};
+use gauss_layer::testing::all_finite;
 use gauss_layer::{gauss_layer, GaussLayerConfig, Parameterization};
 use gauss_losses::{fgn_objective, weight_l2, FgnObjectiveConfig, LambdaLoss};
 use gauss_tests::{host_scalar, on_device};
 
-fn objective_is_the_weighted_sum_of_its_terms(device: &Device) -> Result<()> {
-    for dtype in float_dtypes(device) {
-        weighted_sum(dtype, device)?;
-    }
-    Ok(())
-}
-gauss_layer::test_device!(objective_is_the_weighted_sum_of_its_terms);
+gauss_layer::test_device_dtypes!(objective_is_the_weighted_sum_of_its_terms, weighted_sum);
 
 fn weighted_sum(dtype: DType, dev: &Device) -> Result<()> {
     let varmap = VarMap::new();

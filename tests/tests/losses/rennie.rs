@@ -65,13 +65,10 @@ fn random_case(
     ))
 }
 
-fn covariance_factor_gradients_match_rennie_closed_forms(device: &Device) -> Result<()> {
-    for dtype in float_dtypes(device) {
-        rennie_gradients(dtype, device)?;
-    }
-    Ok(())
-}
-gauss_layer::test_device!(covariance_factor_gradients_match_rennie_closed_forms);
+gauss_layer::test_device_dtypes!(
+    covariance_factor_gradients_match_rennie_closed_forms,
+    rennie_gradients
+);
 
 fn rennie_gradients(dtype: DType, device: &Device) -> Result<()> {
     let tol = tolerance(dtype);
