@@ -168,8 +168,9 @@ pub enum PositiveMap {
     Exp,
 }
 
-/// Which form of the squared Mahalanobis distance the layer uses (see
-/// `docs/design.md` §4 and the table in the `kernels` notes of the crate docs).
+/// Which form of the squared Mahalanobis distance the layer uses (`docs/design.md` §4 has
+/// the table of what `Auto` picks per parameterization and device;
+/// [`crate::GaussLayer::resolved_kernel`] reports what runs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DistanceKernel {

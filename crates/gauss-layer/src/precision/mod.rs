@@ -85,7 +85,8 @@ impl Precision {
     /// `&GaussLayerConfig`.
     ///
     /// # Shapes
-    /// `raw`: cholesky, direct, expm (Z, d, d); diag (Z, d); sphere (Z).
+    /// `raw`: cholesky, direct, expm (Z, d, d); diag (Z, d); sphere (Z); lowrank with rank r
+    /// (Z, d, r + 1) (column 0 the log diagonal θ, then `U`).
     /// `dim` is d (needed for sphere, checked for the others).
     ///
     /// # Errors
