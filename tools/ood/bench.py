@@ -84,6 +84,10 @@ def main():
     p.add_argument("--calibration-split", type=float, default=0.05,
                    help="fraction of the training images held out to fit the softmax "
                    "temperature (train --calibration-split); 0 turns it off")
+    p.add_argument("--fashion-cnn", default="--channels 32 --channels 64 --augment flip",
+                   help="train arguments of the CNNs trained on FashionMNIST (one string; the "
+                   "README's recipe: a 32/64-channel trunk and mirrored images, which suit "
+                   "clothes but not digits)")
     p.add_argument("--extra", default="", help="extra train arguments (one string)")
     p.add_argument("--out-dir", default="target/ood-bench", help="checkpoints and logs")
     a = p.parse_args()
@@ -108,6 +112,8 @@ def main():
                             "--ood", "noise", "--seed", str(seed), "--out", ckpt]
                     if arch == "cnn":
                         args += ["--batch-size", "128"]  # as measured in the README
+                        if direction == "fashion":
+                            args += a.fashion_cnn.split()
                     if a.calibration_split > 0:
                         args += ["--calibration-split", str(a.calibration_split)]
                     if a.epochs:

@@ -14,12 +14,13 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, Var};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder, VarMap};
+use candle_nn::{BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Linear, VarBuilder, VarMap};
 use gauss_layer::{checkpoint, GaussNet};
 use rand::rngs::StdRng;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::conv_block;
 use crate::evaluate::Classifier;
 use crate::train::Mlp;
 
@@ -42,10 +43,12 @@ pub enum Activation {
     None,
 }
 
-/// The trunk: per entry of `channels` a block 3×3 conv (padding 1) → ReLU → 2×2 max-pool,
-/// then flatten → `Linear` to `features` → `activation`.
+/// The trunk: per entry of `channels` a block 3×3 conv (padding 1) → batch norm (when
+/// `batch_norm`) → ReLU → 2×2 max-pool, then flatten → `Linear` to `features` →
+/// `activation`.
 ///
-/// Deserialization is strict: every field present, unknown fields refused.
+/// Deserialization is strict: every field present (`batch_norm` may be absent, as in
+/// checkpoints written before it existed: false), unknown fields refused.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrunkConfig {
@@ -54,6 +57,9 @@ pub struct TrunkConfig {
     pub channels: Vec<usize>,
     pub features: usize,
     pub activation: Activation,
+    /// A `candle_nn::BatchNorm` over each block's channels, between the conv and the ReLU.
+    #[serde(default)]
+    pub batch_norm: bool,
 }
 
 impl Default for TrunkConfig {
@@ -64,6 +70,7 @@ impl Default for TrunkConfig {
             channels: vec![32, 64],
             features: 64,
             activation: Activation::Relu,
+            batch_norm: false,
         }
     }
 }
@@ -119,6 +126,11 @@ impl TrunkConfig {
         for (i, &c) in self.channels.iter().enumerate() {
             out.push((format!("conv{i}.weight"), vec![c, c_in, 3, 3]));
             out.push((format!("conv{i}.bias"), vec![c]));
+            if self.batch_norm {
+                for part in BATCH_NORM_TENSORS {
+                    out.push((format!("bn{i}.{part}"), vec![c]));
+                }
+            }
             c_in = c;
         }
         out.push(("fc.weight".into(), vec![self.features, self.flat()]));
@@ -127,9 +139,21 @@ impl TrunkConfig {
     }
 }
 
+/// A block's batch-norm tensors (candle-nn's names) and the value each starts at.
+const BATCH_NORM_TENSORS: [&str; 4] = ["weight", "bias", "running_mean", "running_var"];
+
+fn batch_norm_start(part: &str) -> f32 {
+    match part {
+        "weight" | "running_var" => 1.0,
+        _ => 0.0,
+    }
+}
+
 /// The convolutional trunk (see [`TrunkConfig`]).
 pub struct Trunk {
     convs: Vec<Conv2d>,
+    /// One per block when the config asks for batch norm, else empty.
+    norms: Vec<BatchNorm>,
     fc: Linear,
     config: TrunkConfig,
 }
@@ -150,6 +174,7 @@ impl Trunk {
             ..Default::default()
         };
         let mut convs = Vec::new();
+        let mut norms = Vec::new();
         let mut c_in = 1;
         for (i, &c) in config.channels.iter().enumerate() {
             convs.push(candle_nn::conv2d(
@@ -159,13 +184,26 @@ impl Trunk {
                 conv,
                 vb.pp(format!("conv{i}")),
             )?);
+            if config.batch_norm {
+                norms.push(candle_nn::batch_norm(
+                    c,
+                    BatchNormConfig::default(),
+                    vb.pp(format!("bn{i}")),
+                )?);
+            }
             c_in = c;
         }
         let fc = candle_nn::linear(config.flat(), config.features, vb.pp("fc"))?;
-        Ok(Self { convs, fc, config })
+        Ok(Self {
+            convs,
+            norms,
+            fc,
+            config,
+        })
     }
 
-    /// Seeded He-uniform weights (bound √(6 / fan_in)) and zero biases, written into
+    /// Seeded He-uniform weights (bound √(6 / fan_in)), zero biases and batch norms that
+    /// start as the identity, written into
     /// `varmap` before [`Trunk::new`] (Candle's CPU generator cannot be seeded).
     pub fn seeded_varmap(
         config: &TrunkConfig,
@@ -181,7 +219,10 @@ impl Trunk {
                 .map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?;
             for (name, shape) in config.tensor_shapes() {
                 let n: usize = shape.iter().product();
-                let values: Vec<f32> = if name.ends_with(".bias") {
+                let values: Vec<f32> = if name.starts_with("bn") {
+                    let part = name.rsplit('.').next().unwrap_or_default();
+                    vec![batch_norm_start(part); n]
+                } else if name.ends_with(".bias") {
                     vec![0.0; n]
                 } else {
                     let fan_in: usize = shape[1..].iter().product();
@@ -209,6 +250,20 @@ impl Trunk {
     /// # Errors
     /// A shape that is neither; Candle errors.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_t(x, false)
+    }
+
+    /// [`Trunk::forward`] in training mode when `train` (batch norms normalize with the
+    /// batch's statistics and update their running ones).
+    ///
+    /// # Shapes
+    /// As [`Trunk::forward`].
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.forward_on(x, train, conv_block::has_cpu_path(x))
+    }
+
+    /// [`Trunk::forward_t`] through the fused CPU blocks or the portable ones.
+    fn forward_on(&self, x: &Tensor, train: bool, cpu_path: bool) -> candle_core::Result<Tensor> {
         let (h, w) = (self.config.height, self.config.width);
         let b = x.dim(0)?;
         let mut t = match x.dims() {
@@ -219,8 +274,18 @@ impl Trunk {
                 h * w
             ),
         };
-        for conv in &self.convs {
-            t = conv.forward(&t)?.relu()?.max_pool2d(2)?;
+        if cpu_path {
+            // NHWC through the blocks; back to NCHW before flattening so `fc` sees the
+            // same feature order on every path.
+            t = t.permute((0, 2, 3, 1))?;
+            for (i, conv) in self.convs.iter().enumerate() {
+                t = conv_block::block_cpu(conv, self.norms.get(i), &t, train)?;
+            }
+            t = t.permute((0, 3, 1, 2))?;
+        } else {
+            for (i, conv) in self.convs.iter().enumerate() {
+                t = conv_block::block_portable(conv, self.norms.get(i), &t, train)?;
+            }
         }
         let t = self.fc.forward(&t.flatten_from(1)?)?;
         Ok(match self.config.activation {
@@ -240,6 +305,23 @@ impl Trunk {
             ));
             if let Some(b) = conv.bias() {
                 out.push((format!("{TENSOR_PREFIX}conv{i}.bias"), b.clone()));
+            }
+            if let Some(norm) = self.norms.get(i) {
+                let (weight, bias) = norm
+                    .weight_and_bias()
+                    .map(|(w, b)| (w.clone(), b.clone()))
+                    .unzip();
+                let parts = [
+                    weight,
+                    bias,
+                    Some(norm.running_mean().clone()),
+                    Some(norm.running_var().clone()),
+                ];
+                for (part, t) in BATCH_NORM_TENSORS.iter().zip(parts) {
+                    if let Some(t) = t {
+                        out.push((format!("{TENSOR_PREFIX}bn{i}.{part}"), t));
+                    }
+                }
             }
         }
         out.push((
@@ -463,12 +545,17 @@ mod tests {
     use rand::SeedableRng;
 
     fn small() -> (CnnFgn, VarMap) {
+        small_with(false)
+    }
+
+    fn small_with(batch_norm: bool) -> (CnnFgn, VarMap) {
         let config = TrunkConfig {
             height: 8,
             width: 6,
             channels: vec![2, 3],
             features: 4,
             activation: Activation::Tanh,
+            batch_norm,
         };
         let mut rng = StdRng::seed_from_u64(1);
         let varmap = Trunk::seeded_varmap(&config, &mut rng, DType::F32, &Device::Cpu).unwrap();
@@ -505,31 +592,107 @@ mod tests {
     }
 
     #[test]
+    fn the_fused_cpu_trunk_computes_the_portable_one() {
+        // Same weights, both block forms, NHWC and back: same features and the same
+        // gradients for every trunk tensor (f32 rounding apart), with and without batch
+        // norm, in training and in evaluation mode.
+        for batch_norm in [false, true] {
+            let config = TrunkConfig {
+                height: 9,
+                width: 6,
+                channels: vec![3, 4],
+                features: 5,
+                activation: Activation::None,
+                batch_norm,
+            };
+            let mut rng = StdRng::seed_from_u64(5);
+            let varmap = Trunk::seeded_varmap(&config, &mut rng, DType::F32, &Device::Cpu).unwrap();
+            let trunk = Trunk::new(config, &varmap, DType::F32, &Device::Cpu).unwrap();
+            let x = Tensor::rand(0f32, 1.0, (4, 54), &Device::Cpu).unwrap();
+            let probe = Tensor::randn(0f32, 1.0, (4, 5), &Device::Cpu).unwrap();
+            let gap = |a: &Tensor, b: &Tensor| -> f32 {
+                (a - b)
+                    .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar())
+                    .unwrap()
+            };
+            for train in [true, false] {
+                let fused = trunk.forward_on(&x, train, true).unwrap();
+                let portable = trunk.forward_on(&x, train, false).unwrap();
+                let what = format!("batch norm {batch_norm}, train {train}");
+                assert!(
+                    gap(&fused, &portable) < 1e-5,
+                    "{what}: {}",
+                    gap(&fused, &portable)
+                );
+                let grad = |out: &Tensor| {
+                    (out * &probe)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap()
+                };
+                let (g_fused, g_portable) = (grad(&fused), grad(&portable));
+                let vars = varmap.data().lock().unwrap();
+                assert_eq!(vars.len(), if batch_norm { 14 } else { 6 });
+                for (name, var) in vars.iter().filter(|(n, _)| !n.contains("running")) {
+                    let (a, b) = (g_fused.get(var).unwrap(), g_portable.get(var).unwrap());
+                    assert!(gap(a, b) < 1e-4, "{what}, {name}: {}", gap(a, b));
+                }
+            }
+        }
+    }
+
+    #[test]
     fn a_saved_cnn_rebuilds_the_same_function() {
-        let (model, _vars) = small();
-        let x = Tensor::arange(0f32, 96.0, &Device::Cpu)
-            .unwrap()
-            .reshape((2, 48))
-            .unwrap()
-            .affine(1.0 / 96.0, 0.0)
-            .unwrap();
-        let before = model.logits(&x).unwrap().to_vec2::<f32>().unwrap();
-        // (N, 1, H, W) gives what (N, H·W) gives.
-        let image = model.logits(&x.reshape((2, 1, 8, 6)).unwrap()).unwrap();
-        assert_eq!(image.to_vec2::<f32>().unwrap(), before);
-        let path = temp("roundtrip");
-        let mut meta = BTreeMap::new();
-        meta.insert("input_scale".to_string(), "255".to_string());
-        save(&model, &path, &meta).unwrap();
-        assert!(is_cnn_checkpoint(&path).unwrap());
-        let loaded = load(&path, &Device::Cpu, None).unwrap();
-        std::fs::remove_file(&path).unwrap();
-        assert_eq!(loaded.user_metadata["input_scale"], "255");
-        assert_eq!(loaded.model.trunk.config(), model.trunk.config());
-        assert_eq!(
-            loaded.model.logits(&x).unwrap().to_vec2::<f32>().unwrap(),
-            before
-        );
+        for batch_norm in [false, true] {
+            let (model, _vars) = small_with(batch_norm);
+            let x = Tensor::arange(0f32, 96.0, &Device::Cpu)
+                .unwrap()
+                .reshape((2, 48))
+                .unwrap()
+                .affine(1.0 / 96.0, 0.0)
+                .unwrap();
+            // Training-mode passes move the batch norms' running statistics off their
+            // start, so the round trip has to carry them.
+            for _ in 0..3 {
+                model.trunk.forward_t(&x, true).unwrap();
+            }
+            let before = model.logits(&x).unwrap().to_vec2::<f32>().unwrap();
+            // (N, 1, H, W) gives what (N, H·W) gives.
+            let image = model.logits(&x.reshape((2, 1, 8, 6)).unwrap()).unwrap();
+            assert_eq!(image.to_vec2::<f32>().unwrap(), before);
+            let path = temp(&format!("roundtrip-{batch_norm}"));
+            let mut meta = BTreeMap::new();
+            meta.insert("input_scale".to_string(), "255".to_string());
+            save(&model, &path, &meta).unwrap();
+            assert!(is_cnn_checkpoint(&path).unwrap());
+            let loaded = load(&path, &Device::Cpu, None).unwrap();
+            std::fs::remove_file(&path).unwrap();
+            assert_eq!(loaded.user_metadata["input_scale"], "255");
+            assert_eq!(loaded.model.trunk.config(), model.trunk.config());
+            if batch_norm {
+                let mean = loaded.model.trunk.norms[0].running_mean();
+                let moved: f32 = mean.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+                assert!(moved > 0.0, "the running mean never left 0");
+            }
+            assert_eq!(
+                loaded.model.logits(&x).unwrap().to_vec2::<f32>().unwrap(),
+                before
+            );
+        }
+    }
+
+    #[test]
+    fn a_trunk_config_from_before_batch_norm_still_loads() {
+        // `user.trunk` as checkpoints wrote it before the field existed.
+        let old =
+            r#"{"height":28,"width":28,"channels":[16,32],"features":64,"activation":"none"}"#;
+        let config: TrunkConfig = serde_json::from_str(old).unwrap();
+        assert!(!config.batch_norm);
+        assert_eq!(config.tensor_shapes().len(), 6);
+        let unknown = old.replace("\"features\"", "\"feature_count\"");
+        assert!(serde_json::from_str::<TrunkConfig>(&unknown).is_err());
     }
 
     /// Rewrites the saved checkpoint with `edit` applied to its tensors and metadata.

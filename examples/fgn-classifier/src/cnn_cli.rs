@@ -12,6 +12,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::{json, Value};
 
+use crate::augment::Augment;
 use crate::calibration;
 use crate::cnn::{self, Activation, TrunkConfig};
 use crate::idx::IdxData;
@@ -28,6 +29,8 @@ pub struct CnnRun<'a> {
     pub parameterization: Parameterization,
     pub hidden: &'a [usize],
     pub channels: &'a [usize],
+    /// Batch norm in each conv block (see [`TrunkConfig::batch_norm`]).
+    pub trunk_batch_norm: bool,
     pub features: usize,
     pub activation: Activation,
     pub tied_bias: bool,
@@ -44,6 +47,8 @@ pub struct CnnRun<'a> {
     /// Fraction of the training images held out to fit a softmax temperature (see
     /// [`crate::calibration`]), or `None`.
     pub calibration_split: Option<f64>,
+    /// Random transformations of the training images.
+    pub augment: Augment,
 }
 
 /// `train --arch cnn`: the classical CNN and/or the CNN FGN, evaluated (and OOD-scored when
@@ -60,6 +65,7 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
         channels: run.channels.to_vec(),
         features: run.features,
         activation: run.activation,
+        batch_norm: run.trunk_batch_norm,
     };
     trunk.validate()?;
     let mut rng = StdRng::seed_from_u64(run.seed);
@@ -73,6 +79,7 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
     out.insert("feature_batch_norm".into(), json!(run.feature_batch_norm));
     out.insert("trunk".into(), serde_json::to_value(&trunk)?);
     out.insert("seed".into(), json!(run.seed));
+    out.insert("augment".into(), json!(run.augment));
     // The same seeded stream as the MLP's split, apart from the training's draws.
     let held_out = match run.calibration_split {
         Some(fraction) => {
@@ -109,6 +116,7 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
             set.classes,
             &set.train,
             &run.schedule,
+            run.augment,
             &mut rng,
             device,
         )?;
@@ -161,6 +169,7 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
             &objective,
             &set.train,
             &run.schedule,
+            run.augment,
             run.head_lr,
             &mut rng,
             device,

@@ -14,6 +14,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
+use crate::augment::{self, Augment};
 use crate::cnn::{CnnClassical, CnnFgn, Trunk, TrunkConfig};
 use crate::data::Split;
 use crate::train::{Mlp, Schedule};
@@ -33,13 +34,36 @@ fn batch(split: &Split, index: &[u32], device: &Device) -> Result<(Tensor, Tenso
     ))
 }
 
+/// [`batch`] with each image transformed by `augment` (on the host, before the move).
+fn augmented_batch(
+    split: &Split,
+    index: &[u32],
+    (augment, height, width): (Augment, usize, usize),
+    rng: &mut StdRng,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    if augment == Augment::None {
+        return batch(split, index, device);
+    }
+    let (x, y) = batch(split, index, &Device::Cpu)?;
+    let shape = x.shape().clone();
+    let mut pixels = x.flatten_all()?.to_vec1::<f32>()?;
+    augment::apply(&mut pixels, height, width, augment, rng);
+    Ok((
+        Tensor::from_vec(pixels, shape, &Device::Cpu)?.to_device(device)?,
+        y.to_device(device)?,
+    ))
+}
+
 /// Runs `schedule.epochs` epochs of `step` (which returns the batch loss) with a cosine
 /// decay of every optimizer's learning rate (each from its own starting rate); returns the
 /// seconds the epochs took.
+#[allow(clippy::too_many_arguments)]
 fn fit(
     label: &str,
     train: &Split,
     schedule: &Schedule,
+    augment: (Augment, usize, usize),
     rng: &mut StdRng,
     device: &Device,
     opts: &mut [(FusedAdamW, f64)],
@@ -56,7 +80,7 @@ fn fit(
         for index in batches {
             let progress = t as f64 / total as f64;
             let decay = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
-            let (x, y) = batch(train, &index, device)?;
+            let (x, y) = augmented_batch(train, &index, augment, rng, device)?;
             let loss = step(&x, &y)?;
             let grads = loss.backward()?;
             for (opt, lr) in opts.iter_mut() {
@@ -95,15 +119,18 @@ fn adam(vars: Vec<candle_core::Var>, lr: f64) -> Result<FusedAdamW> {
 }
 
 /// Trains the trunk with a linear head (`hidden` ReLU layers between) by cross-entropy.
+#[allow(clippy::too_many_arguments)]
 pub fn train_classical(
     trunk_config: TrunkConfig,
     hidden: &[usize],
     classes: usize,
     train: &Split,
     schedule: &Schedule,
+    augment: Augment,
     rng: &mut StdRng,
     device: &Device,
 ) -> Result<(CnnClassical, f64)> {
+    let augment = (augment, trunk_config.height, trunk_config.width);
     let trunk_vars = Trunk::seeded_varmap(&trunk_config, rng, DType::F32, device)?;
     let mut sizes = vec![trunk_config.features];
     sizes.extend(hidden);
@@ -123,11 +150,13 @@ pub fn train_classical(
         "classical cnn",
         train,
         schedule,
+        augment,
         rng,
         device,
         &mut opts,
         |x, y| {
-            let logits = crate::evaluate::Classifier::logits(&model, x)?;
+            let features = model.trunk.forward_t(x, true)?;
+            let logits = crate::evaluate::Classifier::logits(&model.head, &features)?;
             Ok(candle_nn::loss::cross_entropy(&logits, y)?)
         },
     )?;
@@ -146,10 +175,12 @@ pub fn train_fgn(
     objective: &FgnObjectiveConfig,
     train: &Split,
     schedule: &Schedule,
+    augment: Augment,
     head_lr: f64,
     rng: &mut StdRng,
     device: &Device,
 ) -> Result<(CnnFgn, f64)> {
+    let augment = (augment, trunk_config.height, trunk_config.width);
     if config
         .layer_specs()
         .iter()
@@ -191,11 +222,12 @@ pub fn train_fgn(
         "fgn cnn",
         train,
         schedule,
+        augment,
         rng,
         device,
         &mut opts,
         |x, y| {
-            let features = model.trunk.forward(x)?;
+            let features = model.trunk.forward_t(x, true)?;
             let logits = model.net.forward(&features, true)?;
             Ok(fgn_objective(&logits, y, model.net.layers(), objective)?.total)
         },

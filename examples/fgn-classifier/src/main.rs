@@ -7,10 +7,12 @@
 //! ```
 //! Progress goes to stderr; the last line of stdout is one JSON object with the results.
 
+mod augment;
 mod calibration;
 mod cnn;
 mod cnn_cli;
 mod cnn_train;
+mod conv_block;
 mod data;
 mod evaluate;
 mod idx;
@@ -141,6 +143,9 @@ struct TrainArgs {
     /// Channels of the CNN trunk's conv blocks (3×3 conv, ReLU, 2×2 max-pool each).
     #[arg(long, default_values_t = vec![16, 32])]
     channels: Vec<usize>,
+    /// Batch norm in each of the CNN trunk's conv blocks (between the conv and the ReLU).
+    #[arg(long)]
+    trunk_batch_norm: bool,
     /// Features the CNN trunk hands to the head.
     #[arg(long, default_value_t = 64)]
     features: usize,
@@ -170,6 +175,10 @@ struct TrainArgs {
     /// (both the FGN and the classical network get their own temperature).
     #[arg(long)]
     calibration_split: Option<f64>,
+    /// Random transformations of the CNN's training images: `flip` (mirrored left–right
+    /// half the time: for FashionMNIST, not digits), `shift` (up to ±2 pixels), `shift-flip`.
+    #[arg(long, value_enum, default_value = "none")]
+    augment: augment::Augment,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -256,6 +265,9 @@ fn train(args: TrainArgs) -> Result<Value> {
         lambda_l2: args.lambda_l2,
         out: (!args.classical_only).then_some(args.out.as_path()),
     })?;
+    if !cnn && args.augment != augment::Augment::None {
+        bail!("--augment transforms the CNN's training images; the MLP trains on them as they are (add --arch cnn)");
+    }
     let device = device(args.device)?;
     let data_dir = args.data_dir.as_deref().or(args.mnist.as_deref());
     if cnn {
@@ -267,6 +279,7 @@ fn train(args: TrainArgs) -> Result<Value> {
                 parameterization,
                 hidden: &args.hidden,
                 channels: &args.channels,
+                trunk_batch_norm: args.trunk_batch_norm,
                 features: args.features,
                 activation: args.feature_activation,
                 tied_bias: args.tied_bias,
@@ -290,6 +303,7 @@ fn train(args: TrainArgs) -> Result<Value> {
                 ood: &args.ood,
                 out: &args.out,
                 calibration_split: args.calibration_split,
+                augment: args.augment,
             },
             idx::load(dir)?,
             &device,
