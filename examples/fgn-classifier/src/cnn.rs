@@ -548,18 +548,30 @@ mod tests {
         small_with(false)
     }
 
-    fn small_with(batch_norm: bool) -> (CnnFgn, VarMap) {
+    /// An f32 CPU trunk of `channels` blocks on `height × width` images, seeded.
+    fn seeded_trunk(
+        (height, width): (usize, usize),
+        channels: Vec<usize>,
+        (features, activation): (usize, Activation),
+        batch_norm: bool,
+        seed: u64,
+    ) -> (Trunk, VarMap) {
         let config = TrunkConfig {
-            height: 8,
-            width: 6,
-            channels: vec![2, 3],
-            features: 4,
-            activation: Activation::Tanh,
+            height,
+            width,
+            channels,
+            features,
+            activation,
             batch_norm,
         };
-        let mut rng = StdRng::seed_from_u64(1);
+        let mut rng = StdRng::seed_from_u64(seed);
         let varmap = Trunk::seeded_varmap(&config, &mut rng, DType::F32, &Device::Cpu).unwrap();
         let trunk = Trunk::new(config, &varmap, DType::F32, &Device::Cpu).unwrap();
+        (trunk, varmap)
+    }
+
+    fn small_with(batch_norm: bool) -> (CnnFgn, VarMap) {
+        let (trunk, _) = seeded_trunk((8, 6), vec![2, 3], (4, Activation::Tanh), batch_norm, 1);
         let net_vars = VarMap::new();
         let layer = GaussLayerConfig {
             init: InitConfig {
@@ -597,17 +609,8 @@ mod tests {
         // gradients for every trunk tensor (f32 rounding apart), with and without batch
         // norm, in training and in evaluation mode.
         for batch_norm in [false, true] {
-            let config = TrunkConfig {
-                height: 9,
-                width: 6,
-                channels: vec![3, 4],
-                features: 5,
-                activation: Activation::None,
-                batch_norm,
-            };
-            let mut rng = StdRng::seed_from_u64(5);
-            let varmap = Trunk::seeded_varmap(&config, &mut rng, DType::F32, &Device::Cpu).unwrap();
-            let trunk = Trunk::new(config, &varmap, DType::F32, &Device::Cpu).unwrap();
+            let (trunk, varmap) =
+                seeded_trunk((9, 6), vec![3, 4], (5, Activation::None), batch_norm, 5);
             let x = Tensor::rand(0f32, 1.0, (4, 54), &Device::Cpu).unwrap();
             let probe = Tensor::randn(0f32, 1.0, (4, 5), &Device::Cpu).unwrap();
             let gap = |a: &Tensor, b: &Tensor| -> f32 {

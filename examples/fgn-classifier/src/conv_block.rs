@@ -24,9 +24,17 @@ use candle_core::{
 use candle_nn::{BatchNorm, Conv2d, ModuleT};
 use rayon::prelude::*;
 
-/// Whether [`block_cpu`] serves `x`: a CPU tensor in f32 or f64.
+/// Environment variable that, set to `portable`, makes the CPU run [`block_portable`] too
+/// (to time one form against the other; README, "Out of distribution").
+pub const BLOCKS_ENV: &str = "FGN_TRUNK_BLOCKS";
+
+/// Whether [`block_cpu`] serves `x`: a CPU tensor in f32 or f64, unless [`BLOCKS_ENV`] says
+/// `portable`.
 pub fn has_cpu_path(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+    static PORTABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let portable =
+        *PORTABLE.get_or_init(|| std::env::var(BLOCKS_ENV).is_ok_and(|v| v == "portable"));
+    !portable && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
 /// The block with candle-nn's `Conv2d` and `BatchNorm` (every device and dtype); `train`
@@ -115,6 +123,9 @@ struct Im2Col;
 fn im2col<T: WithDType>(x: &[T], (b, h, w, c): (usize, usize, usize, usize)) -> Vec<T> {
     let row = 9 * c + 1;
     let mut out = vec![T::zero(); b * h * w * row];
+    if out.is_empty() {
+        return out;
+    }
     out.par_chunks_mut(w * row)
         .enumerate()
         .for_each(|(by, image_row)| {
@@ -144,6 +155,9 @@ fn im2col<T: WithDType>(x: &[T], (b, h, w, c): (usize, usize, usize, usize)) -> 
 fn col2im<T: WithDType>(grad: &[T], (b, h, w, c): (usize, usize, usize, usize)) -> Vec<T> {
     let row = 9 * c + 1;
     let mut out = vec![T::zero(); b * h * w * c];
+    if out.is_empty() {
+        return out;
+    }
     out.par_chunks_mut(w * c)
         .enumerate()
         .for_each(|(by, out_row)| {
