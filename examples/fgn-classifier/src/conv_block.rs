@@ -395,6 +395,7 @@ mod tests {
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        // f64: these tests build every tensor on `Device::Cpu` (see `random`).
         (a - b)
             .and_then(|d| {
                 d.abs()?
@@ -433,6 +434,7 @@ mod tests {
         assert_eq!(fused.dims(), portable.dims());
         assert!(max_abs_diff(&fused, &portable) <= tolerance);
         // Some windows must be all-negative (ReLU kills them) for the test to cover it.
+        // f64: a host-side count; `portable` lives on `Device::Cpu`.
         let zeros: f64 = portable
             .eq(0.0)
             .and_then(|m| m.to_dtype(DType::F64)?.sum_all()?.to_scalar())
