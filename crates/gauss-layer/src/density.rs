@@ -83,17 +83,6 @@ struct HostNeuron {
     precision: HostMatrix,
 }
 
-/// The smallest eigenvalue of one neuron's matrix, a failure naming the neuron.
-fn smallest_eigenvalue(matrix: &HostMatrix, neuron: usize) -> Result<f64> {
-    host::smallest_eigenvalue(matrix).map_err(|e| match e {
-        GaussError::Numerical { what, reason } => GaussError::Numerical {
-            what: format!("neuron {neuron}: {what}"),
-            reason,
-        },
-        other => other,
-    })
-}
-
 /// Checks one neuron's given matrix (symmetric, finite, positive definite) and returns both
 /// its covariance and its precision.
 fn host_neuron(block: &[f64], d: usize, neuron: usize, given: Given) -> Result<HostNeuron> {
@@ -121,7 +110,7 @@ fn host_neuron(block: &[f64], d: usize, neuron: usize, given: Given) -> Result<H
         ));
     }
     let matrix = host::symmetric_block(block, d);
-    let smallest = smallest_eigenvalue(&matrix, neuron)?;
+    let smallest = host::smallest_eigenvalue(&matrix, neuron)?;
     let inverse = if smallest > 0.0 {
         host::spd_inverse(&matrix)
     } else {
@@ -159,7 +148,7 @@ fn check_representable(
     config: &GaussLayerConfig,
     neuron: usize,
 ) -> Result<()> {
-    let min_variance = smallest_eigenvalue(&host.covariance, neuron)?;
+    let min_variance = host::smallest_eigenvalue(&host.covariance, neuron)?;
     let base_precision = match config.width_floor {
         None => host.precision.clone(),
         Some(sigma) => {
@@ -167,7 +156,7 @@ fn check_representable(
             let base = HostMatrix::from_fn(d, d, |i, j| {
                 host.covariance[(i, j)] - if i == j { s2 } else { 0.0 }
             });
-            let base_min = smallest_eigenvalue(&base, neuron)?;
+            let base_min = host::smallest_eigenvalue(&base, neuron)?;
             let inverse = if base_min > 0.0 {
                 host::spd_inverse(&base)
             } else {
@@ -197,7 +186,7 @@ fn check_representable(
         .map(|diagonal| diagonal.into_iter().enumerate().find(|&(_, v)| v <= floor))
         .unwrap_or(Some((0, f64::NAN)));
     if let Some((row, value)) = below {
-        let min_precision = smallest_eigenvalue(&base_precision, neuron)?;
+        let min_precision = host::smallest_eigenvalue(&base_precision, neuron)?;
         return Err(GaussError::config(
             "factor_diag_floor",
             format!(
@@ -414,7 +403,7 @@ impl GaussLayer {
             return Ok(Tensor::zeros(out_shape, x.dtype(), x.device())?);
         }
         if self.precision().parameterization() == Parameterization::Direct {
-            repair::check_positive_definite(self.precision())?.into_result()?;
+            repair::ensure_positive_definite(self.precision())?;
         }
         let m2 = self.mahalanobis_sq(&flat)?;
         let log_det = self.precision().log_det_precision()?;
@@ -437,7 +426,7 @@ impl GaussLayer {
             }
         }
         if precision.parameterization() == Parameterization::Direct {
-            repair::check_positive_definite(precision)?.into_result()?;
+            repair::ensure_positive_definite(precision)?;
         }
         Ok(CovarianceRoot::Full(linalg::cholesky(
             &precision.covariance_matrix()?,

@@ -71,7 +71,7 @@ use candle_core::{Tensor, D};
 use rand::Rng;
 
 use crate::config::{GaussLayerConfig, Parameterization};
-use crate::error::{check_dtype, GaussError, Result};
+use crate::error::{check_device, check_dtype, GaussError, Result};
 use crate::layer::GaussLayer;
 use crate::linalg;
 use crate::ops::flatten_leading;
@@ -321,7 +321,7 @@ impl MultivariateNormalBatch {
         }
         let precision = self.layer.precision();
         if precision.parameterization() == Parameterization::Direct {
-            repair::check_positive_definite(precision)?.into_result()?;
+            repair::ensure_positive_definite(precision)?;
         }
         // (n, Z, d) → differences per member, (Z, n, d).
         let delta = x
@@ -384,12 +384,12 @@ impl MultivariateNormalBatch {
             own_mean.dtype(),
             "this distribution",
         )?;
-        if !other_mean.device().same_device(own_mean.device()) {
-            return Err(GaussError::config(
-                "device",
-                "the other distribution is on another device than this one",
-            ));
-        }
+        check_device(
+            "other distribution's mean",
+            other_mean,
+            own_mean.device(),
+            "this distribution",
+        )?;
         let other_precision = other.precision()?; // (Z, d, d)
         let trace = (&other_precision * &self.covariance()?)?
             .sum(D::Minus1)?

@@ -26,7 +26,7 @@ use candle_nn::{Init, VarBuilder};
 use crate::config::GaussLayerConfig;
 use crate::error::{check_device, check_dtype, check_float_dtype, GaussError, Result};
 use crate::init::{self, InitStream};
-use crate::kernels::{self, layer_op, Operand, ResolvedKernel};
+use crate::kernels::{self, layer_op, ResolvedKernel};
 use crate::ops;
 use crate::precision::Precision;
 
@@ -252,38 +252,15 @@ impl GaussLayer {
     /// [`GaussLayer::forward_with_gaussian`] on checked rows `x` (N, d), `prev_g` (N, K).
     fn forward_rows(&self, x: &Tensor, prev_g: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         let resolved = self.resolve(x)?;
-        let (y, g) = match (&self.weight, &resolved.operand) {
-            (Some(weight), Operand::Fused(input, plan)) => {
-                // Gating multiplies g, and so y = linear·g, by the same per-row factor.
-                let bias = self.effective_bias(weight)?;
-                layer_op::forward(
-                    x,
-                    &self.center,
-                    weight,
-                    bias.as_ref(),
-                    input,
-                    *plan,
-                    self.config.tanh,
-                )?
-            }
-            _ => {
-                let m2 = kernels::run(x, &self.center, &resolved)?;
-                let g = ops::gaussian(&m2)?;
-                match &self.weight {
-                    None => (g.clone(), g),
-                    Some(weight) => {
-                        let mut linear = x.matmul(&weight.t()?)?;
-                        if let Some(bias) = self.effective_bias(weight)? {
-                            linear = linear.broadcast_add(&bias.unsqueeze(0)?)?;
-                        }
-                        if self.config.tanh {
-                            linear = linear.tanh()?;
-                        }
-                        ((linear * &g)?, g)
-                    }
-                }
-            }
+        let linear = match &self.weight {
+            Some(weight) => Some(layer_op::Linear {
+                weight,
+                bias: self.effective_bias(weight)?,
+                tanh: self.config.tanh,
+            }),
+            None => None,
         };
+        let (y, g) = resolved.run_layer(x, &self.center, linear.as_ref())?;
         match prev_g {
             None => Ok((y, g)),
             Some(prev) => {

@@ -312,6 +312,18 @@ struct StepOp<'a> {
     moments: RefCell<&'a mut Moments>,
 }
 
+/// The gradient must have the parameter's shape (every backend's entry check).
+fn check_same_shape(parameter: &Layout, gradient: &Layout) -> Result<()> {
+    if parameter.shape() != gradient.shape() {
+        bail!(
+            "fused-adamw: gradient of shape {:?} for a parameter of shape {:?}",
+            gradient.dims(),
+            parameter.dims()
+        )
+    }
+    Ok(())
+}
+
 impl InplaceOp2 for StepOp<'_> {
     fn name(&self) -> &'static str {
         "fused-adamw"
@@ -328,13 +340,7 @@ impl InplaceOp2 for StepOp<'_> {
         else {
             bail!("fused-adamw: expected a contiguous parameter and gradient, got strides {:?} and {:?}", l1.stride(), l2.stride())
         };
-        if l1.shape() != l2.shape() {
-            bail!(
-                "fused-adamw: gradient of shape {:?} for a parameter of shape {:?}",
-                l2.dims(),
-                l1.dims()
-            )
-        }
+        check_same_shape(l1, l2)?;
         let mut moments = self.moments.borrow_mut();
         match (s1, s2, &mut **moments) {
             (CpuStorage::F32(theta), CpuStorage::F32(g), Moments::F32 { m, v }) => {
@@ -370,13 +376,7 @@ impl InplaceOp2 for StepOp<'_> {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<()> {
-        if l1.shape() != l2.shape() {
-            bail!(
-                "fused-adamw: gradient of shape {:?} for a parameter of shape {:?}",
-                l2.dims(),
-                l1.dims()
-            )
-        }
+        check_same_shape(l1, l2)?;
         let mut moments = self.moments.borrow_mut();
         match &mut **moments {
             Moments::CudaF32 { m, v } => crate::cuda::adamw_step::<f32>(

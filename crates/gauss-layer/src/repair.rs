@@ -38,6 +38,7 @@ use crate::config::Parameterization;
 use crate::error::{GaussError, Result};
 use crate::linalg::{self, host};
 use crate::precision::Precision;
+use crate::route::{backend, Backend};
 
 /// Positive-definiteness of one neuron's precision.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -111,7 +112,7 @@ pub fn check_positive_definite_matrices(matrices: &Tensor) -> Result<PdReport> {
         .into_par_iter()
         .map(|neuron| -> Result<NeuronPd> {
             let block = host::symmetric_block(&values[neuron * d * d..(neuron + 1) * d * d], d);
-            let min_eigenvalue = host::symmetric_eigenvalues(&block)?
+            let min_eigenvalue = host::symmetric_eigenvalues(&block, neuron)?
                 .into_iter()
                 .fold(f64::INFINITY, f64::min);
             Ok(NeuronPd {
@@ -157,7 +158,8 @@ pub fn ensure_positive_definite(precision: &Precision) -> Result<()> {
     }
     let raw = precision.raw();
     // The portable path runs the device-side check on the CPU too (what a GPU runs).
-    let all_factor = if raw.device().is_cpu() && !precision.config().portable {
+    let route = backend(raw.device(), raw.dtype(), precision.config().portable);
+    let all_factor = if route == Backend::CpuFused {
         let (z, d, values) = host::to_host_matrices(raw, "precision matrices")?;
         (0..z).all(|n| host::cholesky_lower(&values[n * d * d..(n + 1) * d * d], d).is_some())
     } else {
@@ -253,7 +255,7 @@ fn repair_block(neuron: usize, block_values: &mut [f64], d: usize, floor: f64) -
         return Ok(());
     }
     let block = host::symmetric_block(block_values, d);
-    let (eigenvalues, eigenvectors) = host::symmetric_eigen(&block)?;
+    let (eigenvalues, eigenvectors) = host::symmetric_eigen(&block, neuron)?;
     if eigenvalues.iter().all(|&l| l >= floor) {
         return Ok(());
     }
@@ -317,7 +319,7 @@ pub fn repair_var_in_place(var: &Var, min_eigenvalue: f64) -> Result<PdReport> {
 pub fn repair_var_if_needed(var: &Var, min_eigenvalue: f64) -> Result<bool> {
     check_floor(min_eigenvalue)?;
     let raw = var.as_tensor();
-    let above_floor = if raw.device().is_cpu() {
+    let above_floor = if backend(raw.device(), raw.dtype(), false) == Backend::CpuFused {
         above_floor_on_host(raw, min_eigenvalue)?
     } else {
         above_floor_in_tensor_ops(raw, min_eigenvalue)?

@@ -1,6 +1,8 @@
 //! The one routing decision: which implementation family runs an op for a device, a dtype
-//! and the user's `portable` switch. The distance kernels, the precision statistics and the
-//! batched linear algebra all ask [`backend`]; nothing else looks at the device to choose.
+//! and the user's `portable` switch. The distance kernels, the precision statistics, the
+//! batched linear algebra and the positive-definiteness checks all ask [`backend`]; the
+//! ops whose host reads only pay off where they cost nothing (expm's squaring count) ask
+//! [`host_reads_are_free`]. Nothing else looks at the device to choose.
 //!
 //! | device | dtype | `portable` | backend |
 //! |---|---|---|---|
@@ -36,6 +38,15 @@ pub(crate) fn backend(device: &Device, dtype: DType, portable: bool) -> Backend 
     }
 }
 
+/// Whether reading a tensor's values on the host is free (the tensor is in host memory).
+///
+/// Ops that can shorten their work by looking at the data (expm reads the largest norm of
+/// the batch to pick its squaring count) do so only here; on a GPU the same read would stall
+/// the stream, so they run a read-free form there.
+pub(crate) fn host_reads_are_free(device: &Device) -> bool {
+    matches!(device, Device::Cpu)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,5 +58,6 @@ mod tests {
         assert_eq!(backend(&Device::Cpu, DType::F64, true), Backend::Portable);
         assert_eq!(backend(&Device::Cpu, DType::F16, false), Backend::Portable);
         assert_eq!(backend(&Device::Cpu, DType::BF16, false), Backend::Portable);
+        assert!(host_reads_are_free(&Device::Cpu));
     }
 }

@@ -22,15 +22,13 @@ use candle_core::Tensor;
 use gauss_layer::GaussLayer;
 
 use crate::check;
-use crate::gaussian::nll_from_mahalanobis;
 use crate::reduction::Reduction;
-use gauss_layer::repair::ensure_positive_definite;
 use gauss_layer::Result;
 
 /// NLL of each sample under each neuron's Gaussian.
 ///
-/// A `direct` layer whose precision is not positive definite is an error (see
-/// [`gauss_layer::repair::check_positive_definite`]).
+/// The negative of [`GaussLayer::log_prob`]. A `direct` layer whose precision is not
+/// positive definite is an error (see [`gauss_layer::repair::ensure_positive_definite`]).
 ///
 /// # Shapes
 /// `x`: (B, d) → (B, Z) for [`Reduction::None`], (Z) otherwise
@@ -63,8 +61,6 @@ pub fn layer_nll(layer: &GaussLayer, x: &Tensor, reduction: Reduction) -> Result
     let d = layer.in_features();
     check::samples(x, "samples x", Some(d))?;
     gauss_layer::check_dtype("samples x", x, layer.center().dtype(), "the layer's center")?;
-    ensure_positive_definite(layer.precision())?;
-    let mahalanobis_sq = layer.mahalanobis_sq(x)?;
-    let log_det = layer.precision().log_det_precision()?;
-    reduction.apply(&nll_from_mahalanobis(&mahalanobis_sq, &log_det, d)?)
+    // The layer's own density (its positive-definiteness check, kernel and log-det).
+    reduction.apply(&layer.log_prob(x)?.neg()?)
 }

@@ -1,5 +1,6 @@
-//! The whole layer forward as one fused CPU op:
-//! `g = exp(-m2/2)`, `y = act(x Wᵀ + b) ∘ g` (`act` = tanh or identity), with `m2` from the
+//! The whole layer forward as one fused CPU op, with its portable twin
+//! ([`forward_portable`]) beside it and [`Resolved::run_layer`] choosing by the resolver's
+//! plan: `g = exp(-m2/2)`, `y = act(x Wᵀ + b) ∘ g` (`act` = tanh or identity), with `m2` from the
 //! fused expanded or projected algorithm the resolver planned.
 //!
 //! One op instead of six (B, Z) elementwise ops and a matmul. Its output is one (2, B, Z)
@@ -12,12 +13,76 @@
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::distance_op::FusedPlan;
+use super::{Operand, Resolved};
 use crate::cpu::{
     check_fused_inputs, dispatch_float3, for_each_chunk_mut, for_each_chunk_pair_mut,
     host_backward3, matmul, rows_per_chunk, with_row_major, MatRef, OperandShape, Real, Sizes,
     TILE_ROWS,
 };
 use crate::error::{check_dtype, GaussError, Result};
+use crate::ops;
+
+/// The linear part of a layer: `act(x Wᵀ + b)` with `act` tanh or the identity.
+pub(crate) struct Linear<'a> {
+    /// W (Z, d).
+    pub weight: &'a Tensor,
+    /// b (Z): the stored bias, or the tied `-W·c`.
+    pub bias: Option<Tensor>,
+    pub tanh: bool,
+}
+
+impl Resolved {
+    /// The layer's `y` and `g` on rows `x` (N, d) with this plan: the fused op where the
+    /// resolver planned a fused distance and the layer has a linear part, else
+    /// [`forward_portable`]. Without a linear part `y` is `g`.
+    ///
+    /// # Shapes
+    /// `x`: (N, d), `center`: (Z, d) → `y`, `g`: (N, Z)
+    pub(crate) fn run_layer(
+        &self,
+        x: &Tensor,
+        center: &Tensor,
+        linear: Option<&Linear>,
+    ) -> Result<(Tensor, Tensor)> {
+        match (linear, &self.operand) {
+            (Some(linear), Operand::Fused(input, plan)) => forward(
+                x,
+                center,
+                linear.weight,
+                linear.bias.as_ref(),
+                input,
+                *plan,
+                linear.tanh,
+            ),
+            _ => forward_portable(x, center, linear, self),
+        }
+    }
+}
+
+/// The portable twin of the fused op, in tensor ops: `m2` through the resolved kernel, then
+/// `g = exp(-m2/2)` and `y = act(x Wᵀ + b) ∘ g` (`y = g` without a linear part).
+///
+/// # Shapes
+/// `x`: (N, d), `center`: (Z, d) → `y`, `g`: (N, Z)
+pub(crate) fn forward_portable(
+    x: &Tensor,
+    center: &Tensor,
+    linear: Option<&Linear>,
+    resolved: &Resolved,
+) -> Result<(Tensor, Tensor)> {
+    let g = ops::gaussian(&super::run(x, center, resolved)?)?;
+    let Some(linear) = linear else {
+        return Ok((g.clone(), g));
+    };
+    let mut activation = x.matmul(&linear.weight.t()?)?;
+    if let Some(bias) = &linear.bias {
+        activation = activation.broadcast_add(&bias.unsqueeze(0)?)?;
+    }
+    if linear.tanh {
+        activation = activation.tanh()?;
+    }
+    Ok(((activation * &g)?, g))
+}
 
 /// The Candle op: inputs x (B, d), params (Z, 2d [+1]) = [center | weight | bias], factor
 /// input (Z, d, d); output (2, B, Z) holding `y` then `g`.

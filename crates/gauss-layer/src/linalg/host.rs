@@ -53,37 +53,45 @@ pub(crate) fn symmetric_block(values: &[f64], d: usize) -> Mat<f64> {
     Mat::from_fn(d, d, |i, j| 0.5 * (values[i * d + j] + values[j * d + i]))
 }
 
-/// The eigenvalues of a symmetric matrix, without eigenvectors (a fraction of the cost),
-/// with the same checks as [`symmetric_eigen`].
-pub(crate) fn symmetric_eigenvalues(matrix: &Mat<f64>) -> Result<Vec<f64>> {
-    if !(0..matrix.nrows()).all(|i| (0..matrix.ncols()).all(|j| matrix[(i, j)].is_finite())) {
-        return Err(GaussError::Numerical {
-            what: "symmetric eigenvalues".into(),
-            reason: "the matrix holds NaN or infinite entries".into(),
-        });
+/// A failure of the eigensolver on `neuron`'s matrix, typed as faer types its own.
+fn eigen_failure(what: &str, neuron: usize, reason: String) -> GaussError {
+    GaussError::Numerical {
+        what: format!("neuron {neuron}: {what}"),
+        reason,
     }
-    matrix
-        .self_adjoint_eigenvalues(Side::Lower)
-        .map_err(|e| GaussError::Numerical {
-            what: "symmetric eigenvalues".into(),
-            reason: format!("faer did not converge: {e:?}"),
-        })
 }
 
-/// Eigenvalues (ascending) and eigenvectors (columns) of a symmetric matrix.
-pub(crate) fn symmetric_eigen(matrix: &Mat<f64>) -> Result<(Vec<f64>, Mat<f64>)> {
-    if !(0..matrix.nrows()).all(|i| (0..matrix.ncols()).all(|j| matrix[(i, j)].is_finite())) {
-        return Err(GaussError::Numerical {
-            what: "symmetric eigendecomposition".into(),
-            reason: "the matrix holds NaN or infinite entries".into(),
-        });
+/// Refuses a matrix with NaN or infinite entries (faer's eigensolvers would loop or return
+/// garbage on them).
+fn check_finite_matrix(matrix: &Mat<f64>, what: &str, neuron: usize) -> Result<()> {
+    if (0..matrix.nrows()).all(|i| (0..matrix.ncols()).all(|j| matrix[(i, j)].is_finite())) {
+        return Ok(());
     }
+    Err(eigen_failure(
+        what,
+        neuron,
+        "the matrix holds NaN or infinite entries".into(),
+    ))
+}
+
+/// The eigenvalues of `neuron`'s symmetric matrix, without eigenvectors (a fraction of the
+/// cost), with the same checks as [`symmetric_eigen`].
+pub(crate) fn symmetric_eigenvalues(matrix: &Mat<f64>, neuron: usize) -> Result<Vec<f64>> {
+    let what = "symmetric eigenvalues";
+    check_finite_matrix(matrix, what, neuron)?;
+    matrix
+        .self_adjoint_eigenvalues(Side::Lower)
+        .map_err(|e| eigen_failure(what, neuron, format!("faer did not converge: {e:?}")))
+}
+
+/// Eigenvalues (ascending) and eigenvectors (columns) of `neuron`'s symmetric matrix; a
+/// failure ([`GaussError::Numerical`]) names the neuron.
+pub(crate) fn symmetric_eigen(matrix: &Mat<f64>, neuron: usize) -> Result<(Vec<f64>, Mat<f64>)> {
+    let what = "symmetric eigendecomposition";
+    check_finite_matrix(matrix, what, neuron)?;
     let evd = matrix
         .self_adjoint_eigen(Side::Lower)
-        .map_err(|e| GaussError::Numerical {
-            what: "symmetric eigendecomposition".into(),
-            reason: format!("faer did not converge: {e:?}"),
-        })?;
+        .map_err(|e| eigen_failure(what, neuron, format!("faer did not converge: {e:?}")))?;
     let s = evd.S().column_vector();
     let values = (0..matrix.nrows()).map(|i| s[i]).collect();
     Ok((values, evd.U().to_owned()))
@@ -279,8 +287,8 @@ pub(crate) fn tril_covariance_times_inverse_transpose(m: &[f64], d: usize) -> Ve
 }
 
 /// The smallest eigenvalue of a symmetric matrix (NaN for an empty one).
-pub(crate) fn smallest_eigenvalue(matrix: &Mat<f64>) -> Result<f64> {
-    Ok(symmetric_eigenvalues(matrix)?
+pub(crate) fn smallest_eigenvalue(matrix: &Mat<f64>, neuron: usize) -> Result<f64> {
+    Ok(symmetric_eigenvalues(matrix, neuron)?
         .first()
         .copied()
         .unwrap_or(f64::NAN))
@@ -309,9 +317,9 @@ pub(crate) fn cholesky_diagonal(matrix: &Mat<f64>) -> Option<Vec<f64>> {
 ///
 /// # Errors
 /// [`GaussError::Numerical`] for a non-finite matrix or a failed eigendecomposition.
-pub(crate) fn raise_eigenvalues(matrix: &Mat<f64>, lowest: f64) -> Result<Mat<f64>> {
+pub(crate) fn raise_eigenvalues(matrix: &Mat<f64>, lowest: f64, neuron: usize) -> Result<Mat<f64>> {
     let d = matrix.nrows();
-    let (values, vectors) = symmetric_eigen(matrix)?;
+    let (values, vectors) = symmetric_eigen(matrix, neuron)?;
     let raised = from_eigen(&values, &vectors, |l| l.max(lowest));
     Ok(Mat::from_fn(d, d, |i, j| raised[i * d + j]))
 }
@@ -319,6 +327,33 @@ pub(crate) fn raise_eigenvalues(matrix: &Mat<f64>, lowest: f64) -> Result<Mat<f6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A matrix faer must not see (a NaN entry) is a typed failure naming the neuron, from
+    /// both eigensolvers and the helpers over them.
+    #[test]
+    fn eigen_failures_name_the_neuron() {
+        let mut values = vec![2.0, 0.0, 0.0, 2.0];
+        values[1] = f64::NAN;
+        let matrix = symmetric_block(&values, 2);
+        let failures = [
+            symmetric_eigen(&matrix, 3).map(|_| ()),
+            symmetric_eigenvalues(&matrix, 3).map(|_| ()),
+            smallest_eigenvalue(&matrix, 3).map(|_| ()),
+            raise_eigenvalues(&matrix, 1.0, 3).map(|_| ()),
+        ];
+        for failure in failures {
+            match failure {
+                Err(GaussError::Numerical { what, reason }) => {
+                    assert!(what.starts_with("neuron 3: "), "{what}");
+                    assert!(reason.contains("NaN"), "{reason}");
+                }
+                other => panic!("expected a Numerical error naming neuron 3, got {other:?}"),
+            }
+        }
+        // The same matrix without the NaN passes.
+        let fine = symmetric_block(&[2.0, 0.0, 0.0, 2.0], 2);
+        assert_eq!(symmetric_eigenvalues(&fine, 3).unwrap(), vec![2.0, 2.0]);
+    }
 
     /// The triangular products against the dense definition `tril(Mᵀ M Mᵀ)`, summed term by
     /// term here, at sizes below, at and above faer's blocking thresholds.

@@ -172,7 +172,7 @@ impl GaussianMixture {
             spreads = vec![pooled];
         }
         let mut covariances: Vec<f64> = Vec::with_capacity(spreads.len() * d * d);
-        for spread in &spreads {
+        for (component, spread) in spreads.iter().enumerate() {
             let mut cov = HostMatrix::from_fn(d, d, |i, j| {
                 let v = spread[i * d + j];
                 if i == j {
@@ -181,7 +181,7 @@ impl GaussianMixture {
                     v
                 }
             });
-            project_covariance(&mut cov, config)?;
+            project_covariance(&mut cov, config, component)?;
             covariances.extend((0..d * d).map(|ij| cov[(ij / d, ij % d)]));
         }
         let blocks = spreads.len();
@@ -513,7 +513,11 @@ impl GaussianMixture {
 /// raising the smaller ones to σ² (times 1 + 1e-6, so the base precision stays finite) is
 /// the maximizer over that set (the weighted likelihood depends on the eigenvalues through
 /// `Σ −log λ − c/λ` per eigenvector, each term increasing up to λ = c).
-fn project_covariance(cov: &mut HostMatrix, config: &GaussLayerConfig) -> Result<()> {
+fn project_covariance(
+    cov: &mut HostMatrix,
+    config: &GaussLayerConfig,
+    component: usize,
+) -> Result<()> {
     let d = cov.nrows();
     if config.parameterization == Parameterization::Sphere {
         let mean = (0..d).map(|i| cov[(i, i)]).sum::<f64>() / d as f64;
@@ -523,7 +527,7 @@ fn project_covariance(cov: &mut HostMatrix, config: &GaussLayerConfig) -> Result
         return Ok(());
     };
     let lowest = sigma * sigma * (1.0 + 1e-6);
-    *cov = host::raise_eigenvalues(cov, lowest)?;
+    *cov = host::raise_eigenvalues(cov, lowest, component)?;
     Ok(())
 }
 

@@ -98,7 +98,7 @@ fn base_precision_block(
     let Some(sigma) = width_floor else {
         return Ok(block.to_vec());
     };
-    let (eigenvalues, vectors) = host::symmetric_eigen(&host::symmetric_block(block, d))?;
+    let (eigenvalues, vectors) = host::symmetric_eigen(&host::symmetric_block(block, d), neuron)?;
     let s2 = sigma * sigma;
     for &l in &eigenvalues {
         if !is_positive(l) {
@@ -132,7 +132,7 @@ pub(super) fn raw_from_precision_block(
 ) -> Result<Vec<f64>> {
     let config: PrecisionConfig = config.into();
     let not_pd = |block: &[f64]| -> GaussError {
-        let min_eigenvalue = host::symmetric_eigen(&host::symmetric_block(block, d))
+        let min_eigenvalue = host::symmetric_eigen(&host::symmetric_block(block, d), neuron)
             .map(|(values, _)| values[0])
             .unwrap_or(f64::NAN);
         GaussError::NotPositiveDefinite {
@@ -167,7 +167,8 @@ pub(super) fn raw_from_precision_block(
             Ok(raw)
         }
         Parameterization::Expm => {
-            let (eigenvalues, vectors) = host::symmetric_eigen(&host::symmetric_block(block, d))?;
+            let (eigenvalues, vectors) =
+                host::symmetric_eigen(&host::symmetric_block(block, d), neuron)?;
             if !is_positive(eigenvalues[0]) {
                 return Err(not_pd(block));
             }
@@ -222,7 +223,7 @@ fn low_rank_block(
     neuron: usize,
     tolerance: f64,
 ) -> Result<Vec<f64>> {
-    let (eigenvalues, vectors) = host::symmetric_eigen(&host::symmetric_block(block, d))?;
+    let (eigenvalues, vectors) = host::symmetric_eigen(&host::symmetric_block(block, d), neuron)?;
     if !is_positive(eigenvalues[0]) {
         return Err(GaussError::NotPositiveDefinite {
             neuron,

@@ -38,6 +38,18 @@ fn capacitance(theta: &Tensor, u: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((lower, scaled))
 }
 
+/// `θ` and `Y = C⁻¹ (D⁻¹U)ᵀ` (Z, r, d), with `C` the capacitance's Cholesky factor: the
+/// Woodbury correction to `D⁻¹` is `Yᵀ Y`.
+fn woodbury_factor(precision: &Precision) -> Result<(Tensor, Tensor)> {
+    let (theta, u) = parts(precision)?;
+    let (lower, scaled) = capacitance(&theta, &u)?;
+    let y = linalg::matmul(
+        &linalg::tril_inverse_routed(&lower, precision.config().portable)?,
+        &linalg::transpose(&scaled)?,
+    )?;
+    Ok((theta, y))
+}
+
 /// The dense precision matrices (asked for explicitly).
 pub(super) fn precision_matrix(precision: &Precision) -> Result<Tensor> {
     let (theta, u) = parts(precision)?;
@@ -46,13 +58,8 @@ pub(super) fn precision_matrix(precision: &Precision) -> Result<Tensor> {
 
 /// The dense covariance by Woodbury: `D⁻¹ − (D⁻¹U) (I + K)⁻¹ (D⁻¹U)ᵀ`.
 pub(super) fn covariance_matrix(precision: &Precision) -> Result<Tensor> {
-    let (theta, u) = parts(precision)?;
-    let (lower, scaled) = capacitance(&theta, &u)?;
-    // (D⁻¹U)(I + K)⁻¹(D⁻¹U)ᵀ = Yᵀ Y with Y = C⁻¹ (D⁻¹U)ᵀ.
-    let y = linalg::matmul(
-        &linalg::tril_inverse_routed(&lower, precision.config().portable)?,
-        &linalg::transpose(&scaled)?,
-    )?;
+    let (theta, y) = woodbury_factor(precision)?;
+    // (D⁻¹U)(I + K)⁻¹(D⁻¹U)ᵀ = Yᵀ Y.
     let correction = linalg::matmul(&linalg::transpose(&y)?, &y)?;
     Ok((linalg::diag_embed(&theta.neg()?.exp()?)? - correction)?)
 }
@@ -67,12 +74,7 @@ pub(super) fn log_det_precision(precision: &Precision) -> Result<Tensor> {
 
 /// `tr Σ = Σ e^{−θ} − ‖C⁻¹ (D⁻¹U)ᵀ‖²_F`.
 pub(super) fn trace_covariance(precision: &Precision) -> Result<Tensor> {
-    let (theta, u) = parts(precision)?;
-    let (lower, scaled) = capacitance(&theta, &u)?;
-    let y = linalg::matmul(
-        &linalg::tril_inverse_routed(&lower, precision.config().portable)?,
-        &linalg::transpose(&scaled)?,
-    )?;
+    let (theta, y) = woodbury_factor(precision)?;
     Ok((theta.neg()?.exp()?.sum(D::Minus1)? - y.sqr()?.sum((1, 2))?)?)
 }
 

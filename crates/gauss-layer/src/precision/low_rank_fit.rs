@@ -99,7 +99,7 @@ impl LowRankFit {
         let (d, r) = (theta.len(), self.rank);
         let t: Vec<f64> = theta.iter().map(|v| (0.5 * v).exp()).collect();
         let scaled: Vec<f64> = (0..d * d).map(|ij| t[ij / d] * s[ij] * t[ij % d]).collect();
-        let (values, vectors) = host::symmetric_eigen(&host::symmetric_block(&scaled, d))
+        let (values, vectors) = host::symmetric_eigen(&host::symmetric_block(&scaled, d), neuron)
             .map_err(|e| numerical(neuron, &e.to_string()))?;
         if values[0].is_nan() || values[0] <= 0.0 {
             return Err(numerical(

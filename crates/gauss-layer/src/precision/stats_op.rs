@@ -39,7 +39,14 @@ pub(crate) struct PrecisionStat {
 }
 
 /// `(value, ∂value/∂raw)` of one neuron, raw block row-major in f64.
-fn neuron(stat: Stat, map: RawMap, raw: &[f64], d: usize, with_gradient: bool) -> (f64, Vec<f64>) {
+fn neuron_stat(
+    stat: Stat,
+    map: RawMap,
+    raw: &[f64],
+    d: usize,
+    with_gradient: bool,
+    neuron: usize,
+) -> (f64, Vec<f64>) {
     let mut grad = if with_gradient {
         vec![0f64; d * d]
     } else {
@@ -127,7 +134,8 @@ fn neuron(stat: Stat, map: RawMap, raw: &[f64], d: usize, with_gradient: bool) -
                 }
                 return ((0..d).map(|i| raw[i * d + i]).sum(), grad);
             }
-            let Ok((eigenvalues, vectors)) = host::symmetric_eigen(&host::symmetric_block(raw, d))
+            let Ok((eigenvalues, vectors)) =
+                host::symmetric_eigen(&host::symmetric_block(raw, d), neuron)
             else {
                 return (f64::NAN, vec![f64::NAN; grad.len()]);
             };
@@ -163,7 +171,7 @@ impl PrecisionStat {
                     .iter()
                     .map(|v| v.to_f64())
                     .collect();
-                neuron(self.stat, self.map, &block, d, false).0
+                neuron_stat(self.stat, self.map, &block, d, false, n).0
             })
             .collect();
         if self.map == RawMap::Expm {
@@ -194,7 +202,7 @@ impl PrecisionStat {
                     .iter()
                     .map(|v| v.to_f64())
                     .collect();
-                let (_, grad) = neuron(self.stat, self.map, &block, d, true);
+                let (_, grad) = neuron_stat(self.stat, self.map, &block, d, true, n);
                 let scale = upstream[n].to_f64();
                 for (o, g) in block_out.iter_mut().zip(grad) {
                     *o = T::from_f64(scale * g);

@@ -56,7 +56,7 @@ fn eigenvalues(matrices: &Tensor) -> Vec<Vec<f64>> {
     (0..z)
         .map(|n| {
             let block = host::symmetric_block(&values[n * d * d..(n + 1) * d * d], d);
-            host::symmetric_eigen(&block).unwrap().0
+            host::symmetric_eigen(&block, n).unwrap().0
         })
         .collect()
 }
