@@ -44,8 +44,8 @@ def has_idx(path):
     return any("train-images" in n for n in names) and any("t10k-labels" in n for n in names)
 
 
-def run(binary, args, log):
-    cmd = [binary, "train"] + args
+def run(binary, args, log, command="train"):
+    cmd = [binary, command] + args
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
     started = time.time()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -89,6 +89,9 @@ def main():
                    "README's recipe: a 32/64-channel trunk and mirrored images, which suit "
                    "clothes but not digits)")
     p.add_argument("--extra", default="", help="extra train arguments (one string)")
+    p.add_argument("--eval-mirror", action="store_true",
+                   help="also score each saved FashionMNIST CNN FGN with `eval --test-time-mirror` "
+                   "(each test image and its mirror averaged), as the row '... fgn mirrored'")
     p.add_argument("--out-dir", default="target/ood-bench", help="checkpoints and logs")
     a = p.parse_args()
 
@@ -121,7 +124,14 @@ def main():
                     args += a.extra.split()
                     out = run(a.binary, args, log)
                     runs.append({"direction": direction, "arch": arch, "seed": seed, "result": out})
-                    for net, rep in rows(out, arch):
+                    found = rows(out, arch)
+                    if a.eval_mirror and arch == "cnn" and direction == "fashion" and out.get("fgn"):
+                        ev = run(a.binary, [ckpt, "--data-dir", dirs[direction], "--ood", dirs[other],
+                                            "--ood", "noise", "--test-time-mirror"], log, "eval")
+                        runs.append({"direction": direction, "arch": arch, "seed": seed,
+                                     "eval_mirrored": ev})
+                        found.append(("fgn mirrored", ev.get("fgn")))
+                    for net, rep in found:
                         if not rep:
                             continue
                         key = f"{direction}->{other} {arch} {net}"

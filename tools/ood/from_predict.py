@@ -3,7 +3,11 @@
 with numpy, runs `fgn-classifier predict` on them, and scores its `output` and last `g{i}`
 with scikit-learn (roc_auc_score, roc_curve) and a numpy ECE. Prints JSON.
 
-    python3 tools/ood/from_predict.py CKPT --data-dir IN_DIR --ood OUT_DIR [--binary PATH]
+    python3 tools/ood/from_predict.py CKPT --data-dir IN_DIR --ood OUT_DIR [--binary PATH] [--mirror]
+
+With --mirror it mirrors the images itself (numpy), runs `predict` on both views of a
+checkpoint that does not record test-time mirroring, and averages the two views' outputs
+and g: an outside check of `eval --test-time-mirror`.
 
 Needs numpy, scikit-learn and safetensors (pip install numpy scikit-learn safetensors).
 """
@@ -71,12 +75,21 @@ def main():
     p.add_argument("--data-dir", required=True)
     p.add_argument("--ood", required=True)
     p.add_argument("--binary", default="target/release/fgn-classifier")
+    p.add_argument("--mirror", action="store_true",
+                   help="average each image's outputs with its left-right mirror's")
     a = p.parse_args()
     x_in = read_idx(find(a.data_dir, "t10k-images-idx3-ubyte"))
     y_in = read_idx(find(a.data_dir, "t10k-labels-idx1-ubyte"))
     x_out = read_idx(find(a.ood, "t10k-images-idx3-ubyte"))
-    logits_in, g_in = predict(a.binary, a.checkpoint, x_in)
-    logits_out, g_out = predict(a.binary, a.checkpoint, x_out)
+    def views(images):
+        logits, g = predict(a.binary, a.checkpoint, images)
+        if not a.mirror:
+            return logits, g
+        logits_m, g_m = predict(a.binary, a.checkpoint, images[:, :, ::-1].copy())
+        return (logits + logits_m) / 2, (g + g_m) / 2
+
+    logits_in, g_in = views(x_in)
+    logits_out, g_out = views(x_out)
     p_in, p_out = softmax(logits_in), softmax(logits_out)
     correct = (p_in.argmax(1) == y_in).astype(np.float64)
     labels = np.r_[np.ones(len(p_in)), np.zeros(len(p_out))]

@@ -596,6 +596,41 @@ mod tests {
         (CnnFgn { trunk, net }, net_vars)
     }
 
+    /// Test-time mirroring averages a view and its mirror, so the mirrored network gives an
+    /// image and its mirror the same logits and Gaussians; and its average is the mean of
+    /// the two single-view forwards.
+    #[test]
+    fn mirrored_views_are_mirror_invariant_and_the_mean_of_both() {
+        let (model, _) = small();
+        let (h, w) = (model.trunk.config().height, model.trunk.config().width);
+        let x = Tensor::rand(0f32, 1.0, (3, h * w), &Device::Cpu).unwrap();
+        let mirrored = crate::mirror::with_mirrors(&x, h, w)
+            .unwrap()
+            .narrow(0, 3, 3)
+            .unwrap();
+        let gap = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar())
+                .unwrap()
+        };
+        let (logits, gaussians) = model.forward_views(&x, true).unwrap();
+        let (logits_m, gaussians_m) = model.forward_views(&mirrored, true).unwrap();
+        assert!(gap(&logits, &logits_m) < 1e-5);
+        for (g, g_m) in gaussians.iter().zip(&gaussians_m) {
+            assert!(gap(g, g_m) < 1e-6);
+        }
+        let (single, single_g) = model.forward_views(&x, false).unwrap();
+        let (single_m, single_g_m) = model.forward_views(&mirrored, false).unwrap();
+        // The single views differ (else the test could not fail)...
+        assert!(gap(&single, &single_m) > 1e-4);
+        // ...and the mirrored forward is their mean.
+        let mean = ((single + single_m).unwrap() / 2.0).unwrap();
+        assert!(gap(&logits, &mean) < 1e-5);
+        let last = single_g.len() - 1;
+        let mean_g = ((&single_g[last] + &single_g_m[last]).unwrap() / 2.0).unwrap();
+        assert!(gap(&gaussians[last], &mean_g) < 1e-6);
+    }
+
     fn temp(name: &str) -> std::path::PathBuf {
         std::env::temp_dir().join(format!(
             "fgn-cnn-test-{name}-{}.safetensors",

@@ -16,6 +16,7 @@ use crate::augment::Augment;
 use crate::calibration;
 use crate::cnn::{self, Activation, TrunkConfig};
 use crate::idx::IdxData;
+use crate::mirror::{self, Mirrored};
 use crate::ood::{self, OodSource};
 use crate::train::Schedule;
 
@@ -49,6 +50,8 @@ pub struct CnnRun<'a> {
     pub calibration_split: Option<f64>,
     /// Random transformations of the training images.
     pub augment: Augment,
+    /// Average each test image's outputs with its mirror's (see [`crate::mirror`]).
+    pub test_time_mirror: bool,
 }
 
 /// `train --arch cnn`: the classical CNN and/or the CNN FGN, evaluated (and OOD-scored when
@@ -80,6 +83,7 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
     out.insert("trunk".into(), serde_json::to_value(&trunk)?);
     out.insert("seed".into(), json!(run.seed));
     out.insert("augment".into(), json!(run.augment));
+    out.insert("test_time_mirror".into(), json!(run.test_time_mirror));
     // The same seeded stream as the MLP's split, apart from the training's draws.
     let held_out = match run.calibration_split {
         Some(fraction) => {
@@ -121,9 +125,15 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
             device,
         )?;
         fit_seconds += seconds;
-        let temperature = temperature_of(&model, "classical cnn")?;
+        let mirrored = Mirrored { model: &model };
+        let scorer: &dyn ood::Scorer = if run.test_time_mirror {
+            &mirrored
+        } else {
+            &model
+        };
+        let temperature = temperature_of(scorer, "classical cnn")?;
         let calibrated = calibration::Calibrated {
-            model: &model,
+            model: scorer,
             temperature: temperature.unwrap_or(1.0),
         };
         let mut report = ood::report(&calibrated, &set.test, run.ood, device, "classical cnn")?;
@@ -175,9 +185,15 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
             device,
         )?;
         fit_seconds += seconds;
-        let temperature = temperature_of(&model, "fgn cnn")?;
+        let mirrored = Mirrored { model: &model };
+        let scorer: &dyn ood::Scorer = if run.test_time_mirror {
+            &mirrored
+        } else {
+            &model
+        };
+        let temperature = temperature_of(scorer, "fgn cnn")?;
         let calibrated = calibration::Calibrated {
-            model: &model,
+            model: scorer,
             temperature: temperature.unwrap_or(1.0),
         };
         let mut report = ood::report(&calibrated, &set.test, run.ood, device, "fgn cnn")?;
@@ -188,6 +204,9 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
                 calibration::METADATA_KEY.to_string(),
                 temperature.to_string(),
             );
+        }
+        if run.test_time_mirror {
+            meta.insert(mirror::METADATA_KEY.to_string(), "true".to_string());
         }
         meta.insert("dataset".to_string(), set.name.to_string());
         meta.insert("input_scale".to_string(), set.input_scale.to_string());
@@ -206,7 +225,14 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
 }
 
 /// `eval` of a CNN checkpoint on the test split of an IDX directory.
-pub fn eval(path: &Path, data: IdxData, sets: &[OodSource], device: &Device) -> Result<Value> {
+/// `test_time_mirror` forces mirroring on (else the checkpoint's record decides).
+pub fn eval(
+    path: &Path,
+    data: IdxData,
+    sets: &[OodSource],
+    test_time_mirror: bool,
+    device: &Device,
+) -> Result<Value> {
     let loaded = cnn::load(path, device, None)?;
     let trunk = loaded.model.trunk.config();
     if (data.height, data.width) != (trunk.height, trunk.width) {
@@ -219,8 +245,16 @@ pub fn eval(path: &Path, data: IdxData, sets: &[OodSource], device: &Device) -> 
         );
     }
     let temperature = calibration::recorded(&loaded.user_metadata)?;
-    let calibrated = calibration::Calibrated {
+    let mirror = test_time_mirror || mirror::recorded(&loaded.user_metadata)?;
+    let mirrored = Mirrored {
         model: &loaded.model,
+    };
+    let calibrated = calibration::Calibrated {
+        model: if mirror {
+            &mirrored as &dyn ood::Scorer
+        } else {
+            &loaded.model
+        },
         temperature,
     };
     let report = ood::report(&calibrated, &data.set.test, sets, device, "fgn cnn")?;
@@ -228,6 +262,7 @@ pub fn eval(path: &Path, data: IdxData, sets: &[OodSource], device: &Device) -> 
         "checkpoint": path.display().to_string(),
         "arch": "cnn",
         "temperature": temperature,
+        "test_time_mirror": mirror,
         "fgn": report,
     }))
 }
@@ -239,6 +274,7 @@ pub fn predict(
     input: &Path,
     device: &Device,
     dtype: Option<DType>,
+    test_time_mirror: bool,
 ) -> Result<(HashMap<String, Tensor>, Value)> {
     let loaded = cnn::load(checkpoint, device, dtype)?;
     let model = &loaded.model;
@@ -299,8 +335,8 @@ pub fn predict(
     }
     let x = scaled.to_device(device)?;
     let temperature = crate::calibration::recorded(&loaded.user_metadata)?;
-    let features = model.trunk.forward(&x)?;
-    let (logits, gaussians) = model.net.forward_with_gaussians(&features, false)?;
+    let mirror = test_time_mirror || mirror::recorded(&loaded.user_metadata)?;
+    let (logits, gaussians) = model.forward_views(&x, mirror)?;
     let output = (logits / temperature)?;
     let host = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&Device::Cpu)?.contiguous()?) };
     let mut out = HashMap::new();
@@ -319,6 +355,7 @@ pub fn predict(
         "out_features": model.net.config().out_features,
         "input_scale": scale,
         "temperature": temperature,
+        "test_time_mirror": mirror,
         "tensors": names,
     });
     Ok((out, summary))

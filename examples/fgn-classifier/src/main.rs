@@ -20,6 +20,7 @@ mod init;
 mod interop;
 mod limits;
 mod metrics;
+mod mirror;
 mod ood;
 mod predict;
 mod train;
@@ -179,6 +180,11 @@ struct TrainArgs {
     /// half the time: for FashionMNIST, not digits), `shift` (up to ±2 pixels), `shift-flip`.
     #[arg(long, value_enum, default_value = "none")]
     augment: augment::Augment,
+    /// Score each test image as itself and mirrored left–right and average the two (CNN
+    /// only; for clothes, not digits): the temperature is fitted and the checkpoint
+    /// records it, so eval and predict do the same.
+    #[arg(long)]
+    test_time_mirror: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -213,6 +219,10 @@ struct EvalArgs {
     /// Device to evaluate on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
+    /// Score each test image as itself and mirrored left–right and average the two, whether
+    /// or not the checkpoint records it (CNN only; for clothes, not digits; README, "Out of distribution").
+    #[arg(long)]
+    test_time_mirror: bool,
 }
 
 fn device(arg: DeviceArg) -> Result<Device> {
@@ -265,6 +275,9 @@ fn train(args: TrainArgs) -> Result<Value> {
         lambda_l2: args.lambda_l2,
         out: (!args.classical_only).then_some(args.out.as_path()),
     })?;
+    if !cnn && args.test_time_mirror {
+        bail!("--test-time-mirror averages a CNN's views of each test image; add --arch cnn");
+    }
     if !cnn && args.augment != augment::Augment::None {
         bail!("--augment transforms the CNN's training images; the MLP trains on them as they are (add --arch cnn)");
     }
@@ -304,6 +317,7 @@ fn train(args: TrainArgs) -> Result<Value> {
                 out: &args.out,
                 calibration_split: args.calibration_split,
                 augment: args.augment,
+                test_time_mirror: args.test_time_mirror,
             },
             idx::load(dir)?,
             &device,
@@ -512,7 +526,16 @@ fn eval(args: EvalArgs) -> Result<Value> {
         let Some(dir) = args.data_dir.as_deref().or(args.mnist.as_deref()) else {
             bail!("a CNN checkpoint is evaluated on IDX images: pass --data-dir DIR");
         };
-        return cnn_cli::eval(&args.checkpoint, idx::load(dir)?, &args.ood, &device);
+        return cnn_cli::eval(
+            &args.checkpoint,
+            idx::load(dir)?,
+            &args.ood,
+            args.test_time_mirror,
+            &device,
+        );
+    }
+    if args.test_time_mirror {
+        bail!("--test-time-mirror applies to CNN checkpoints; this one is an MLP");
     }
     let loaded = checkpoint::load(&args.checkpoint, &device, None)?;
     validate::note_converted_dtype(&loaded, &device);

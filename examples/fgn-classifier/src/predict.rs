@@ -31,6 +31,10 @@ pub struct PredictArgs {
     dtype: Option<DTypeArg>,
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
+    /// Average each image's outputs and `g{i}` with its left–right mirror's, whether or not
+    /// the checkpoint records test-time mirroring (CNN checkpoints only).
+    #[arg(long)]
+    test_time_mirror: bool,
 }
 
 /// Reads `x` from a safetensors file (a regular file: a FIFO or device is refused before it
@@ -67,6 +71,7 @@ pub fn predict(args: PredictArgs) -> Result<Value> {
             &args.input,
             &device,
             args.dtype.map(DType::from),
+            args.test_time_mirror,
         )?;
         let mut named: Vec<(&str, &Tensor)> =
             tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
@@ -75,6 +80,9 @@ pub fn predict(args: PredictArgs) -> Result<Value> {
             .with_context(|| format!("cannot write {}", args.output.display()))?;
         summary["output"] = json!(args.output.display().to_string());
         return Ok(summary);
+    }
+    if args.test_time_mirror {
+        bail!("--test-time-mirror applies to CNN checkpoints; this one is an MLP");
     }
     let loaded = checkpoint::load(&args.checkpoint, &device, args.dtype.map(DType::from))?;
     crate::validate::note_converted_dtype(&loaded, &device);
