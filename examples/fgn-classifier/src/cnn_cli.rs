@@ -16,7 +16,7 @@ use crate::augment::Augment;
 use crate::calibration;
 use crate::cnn::{self, Activation, TrunkConfig};
 use crate::idx::IdxData;
-use crate::mirror::{self, Mirrored};
+use crate::mirror::{self, Views};
 use crate::ood::{self, OodSource};
 use crate::train::Schedule;
 
@@ -125,15 +125,13 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
             device,
         )?;
         fit_seconds += seconds;
-        let mirrored = Mirrored { model: &model };
-        let scorer: &dyn ood::Scorer = if run.test_time_mirror {
-            &mirrored
-        } else {
-            &model
+        let scorer = Views {
+            model: &model,
+            mirror: run.test_time_mirror,
         };
-        let temperature = temperature_of(scorer, "classical cnn")?;
+        let temperature = temperature_of(&scorer, "classical cnn")?;
         let calibrated = calibration::Calibrated {
-            model: scorer,
+            model: &scorer,
             temperature: temperature.unwrap_or(1.0),
         };
         let mut report = ood::report(&calibrated, &set.test, run.ood, device, "classical cnn")?;
@@ -185,15 +183,13 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
             device,
         )?;
         fit_seconds += seconds;
-        let mirrored = Mirrored { model: &model };
-        let scorer: &dyn ood::Scorer = if run.test_time_mirror {
-            &mirrored
-        } else {
-            &model
+        let scorer = Views {
+            model: &model,
+            mirror: run.test_time_mirror,
         };
-        let temperature = temperature_of(scorer, "fgn cnn")?;
+        let temperature = temperature_of(&scorer, "fgn cnn")?;
         let calibrated = calibration::Calibrated {
-            model: scorer,
+            model: &scorer,
             temperature: temperature.unwrap_or(1.0),
         };
         let mut report = ood::report(&calibrated, &set.test, run.ood, device, "fgn cnn")?;
@@ -246,14 +242,10 @@ pub fn eval(
     }
     let temperature = calibration::recorded(&loaded.user_metadata)?;
     let mirror = test_time_mirror || mirror::recorded(&loaded.user_metadata)?;
-    let mirrored = Mirrored {
-        model: &loaded.model,
-    };
     let calibrated = calibration::Calibrated {
-        model: if mirror {
-            &mirrored as &dyn ood::Scorer
-        } else {
-            &loaded.model
+        model: &Views {
+            model: &loaded.model,
+            mirror,
         },
         temperature,
     };

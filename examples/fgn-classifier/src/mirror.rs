@@ -79,22 +79,16 @@ impl CnnFgn {
     }
 }
 
-/// A CNN scored on each image and its mirror (see the module docs).
-pub struct Mirrored<'a, M> {
+/// A CNN scored on each image alone, or on each image and its mirror averaged when
+/// `mirror` (see the module docs): the one switch `train` and `eval` score through.
+pub struct Views<'a, M> {
     pub model: &'a M,
+    pub mirror: bool,
 }
 
-impl Classifier for Mirrored<'_, CnnClassical> {
-    fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let trunk = self.model.trunk.config();
-        let both = with_mirrors(x, trunk.height, trunk.width)?;
-        mean_of_views(&self.model.logits(&both)?)
-    }
-}
-
-impl Scorer for Mirrored<'_, CnnFgn> {
+impl Scorer for Views<'_, CnnFgn> {
     fn scores(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-        let (logits, gaussians) = self.model.forward_views(x, true)?;
+        let (logits, gaussians) = self.model.forward_views(x, self.mirror)?;
         let Some(last) = gaussians.last() else {
             bail!("the network has no layers");
         };
@@ -102,9 +96,14 @@ impl Scorer for Mirrored<'_, CnnFgn> {
     }
 }
 
-impl Scorer for Mirrored<'_, CnnClassical> {
+impl Scorer for Views<'_, CnnClassical> {
     fn scores(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-        Ok((self.logits(x)?, None))
+        if !self.mirror {
+            return Ok((self.model.logits(x)?, None));
+        }
+        let trunk = self.model.trunk.config();
+        let both = with_mirrors(x, trunk.height, trunk.width)?;
+        Ok((mean_of_views(&self.model.logits(&both)?)?, None))
     }
 }
 
