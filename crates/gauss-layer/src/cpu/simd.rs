@@ -22,14 +22,14 @@ macro_rules! simd_kernel {
             {
                 #[target_feature(enable = "avx2")]
                 unsafe fn avx2<$t: Real>($($arg: $ty),*) $(-> $ret)? {
-                    body($($arg),*)
+                    body::<$t>($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx2") {
                     // SAFETY: the CPU supports AVX2, checked just above.
-                    return unsafe { avx2($($arg),*) };
+                    return unsafe { avx2::<$t>($($arg),*) };
                 }
             }
-            body($($arg),*)
+            body::<$t>($($arg),*)
         }
     };
 }

@@ -24,6 +24,7 @@ use crate::route::{backend, Backend};
 mod expm;
 pub(crate) mod host;
 mod host_reads;
+pub(crate) mod lanes;
 mod tril_inverse_op;
 
 pub use expm::{expm_symmetric, trace_expm_symmetric};
