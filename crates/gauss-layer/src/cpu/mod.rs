@@ -15,8 +15,10 @@ pub(crate) use parallel::{
     for_each_chunk_mut, for_each_chunk_pair_mut, for_each_chunk_pair_mut_sized,
     for_each_with_state, rows_per_chunk,
 };
+#[cfg(test)]
+pub(crate) use simd::with_width;
 pub(crate) use simd::{
-    poison_non_finite_rows, row_mean, shift_rows, simd_kernel, squared_distance, Real,
+    poison_non_finite_rows, row_mean, shift_rows, simd_kernel, squared_distance, width, Real, Width,
 };
 pub(crate) use sizes::{check_fused_inputs, OperandShape, Sizes};
 pub(crate) use storage::{

@@ -1,14 +1,65 @@
 //! Vector width: the kernel macro that compiles a hot loop for AVX2 beside the baseline, the
 //! float types the kernels run on, and the small loops written to vectorize.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use candle_core::WithDType;
 
+/// The vector width a [`simd_kernel!`] instance runs at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub(crate) enum Width {
+    /// The build's baseline (SSE2 for plain x86-64; every non-x86 target).
+    Baseline = 0,
+    /// AVX2: 8 f32 or 4 f64 per instruction.
+    Avx2 = 1,
+}
+
+/// A narrower width than the CPU's for every kernel ([`with_width`], the tests' switch), as
+/// `Width as u8`. Process-wide: the kernels run on rayon's workers.
+static WIDTH_LIMIT: AtomicU8 = AtomicU8::new(Width::Avx2 as u8);
+
+/// The widest of the CPU's widths (checked at run time, cached by std), at most the limit.
+pub(crate) fn width() -> Width {
+    #[cfg(target_arch = "x86_64")]
+    let detected = if std::arch::is_x86_feature_detected!("avx2") {
+        Width::Avx2
+    } else {
+        Width::Baseline
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let detected = Width::Baseline;
+    let limit = match WIDTH_LIMIT.load(Ordering::Relaxed) {
+        0 => Width::Baseline,
+        _ => Width::Avx2,
+    };
+    detected.min(limit)
+}
+
+/// Runs `f` with every kernel limited to `limit` (a wider width than the CPU has is never
+/// used), so tests can check that every width gives the same bits. Calls are serialized;
+/// kernels of other tests running meanwhile are limited too, which changes none of their bits
+/// (the property the width tests check).
+#[cfg(test)]
+pub(crate) fn with_width<R>(limit: Width, f: impl FnOnce() -> R) -> R {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    WIDTH_LIMIT.store(limit as u8, Ordering::Relaxed);
+    let out = f();
+    WIDTH_LIMIT.store(Width::Avx2 as u8, Ordering::Relaxed);
+    out
+}
+
 /// Defines a kernel function whose body is compiled twice: for AVX2 (used when the CPU has it,
-/// checked at run time and cached by std) and for the build's baseline target (x86-64 without
-/// flags means SSE2: 4 floats per instruction instead of 8). The arithmetic is the same in
-/// both (Rust never contracts `a·b + c` into an FMA and no feature changes an operation's
-/// order), so the results are bit-identical; only the vector width differs. Use it for the
-/// hand-written inner loops; GEMMs already dispatch at run time inside `gemm`.
+/// see [`width`]) and for the build's baseline target (x86-64 without flags means SSE2: 4
+/// floats per instruction instead of 8). The arithmetic is the same in both (Rust never
+/// contracts `a·b + c` into an FMA and no feature changes an operation's order), so the
+/// results are bit-identical; only the vector width differs (tests run the kernels at both
+/// widths and compare the bits). Use it for the hand-written inner loops; GEMMs already
+/// dispatch at run time inside `gemm`. (An AVX-512 instance was tried on 2026-12-06 and made
+/// no measurable difference to training: not kept.)
 macro_rules! simd_kernel {
     (
         $(#[$meta:meta])*
@@ -24,8 +75,8 @@ macro_rules! simd_kernel {
                 unsafe fn avx2<$t: Real>($($arg: $ty),*) $(-> $ret)? {
                     body::<$t>($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU supports AVX2, checked just above.
+                if $crate::cpu::width() == $crate::cpu::Width::Avx2 {
+                    // SAFETY: `width` reports AVX2 only where the CPU has it.
                     return unsafe { avx2::<$t>($($arg),*) };
                 }
             }

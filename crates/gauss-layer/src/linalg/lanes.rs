@@ -322,4 +322,33 @@ mod tests {
         let without = scratch.trace_covariance(false);
         assert_eq!(with, without);
     }
+
+    /// The same bits at both vector widths (`cpu::simd_kernel!`: baseline and, where the CPU
+    /// has it, AVX2).
+    #[test]
+    fn both_vector_widths_give_the_same_bits() {
+        use crate::cpu::{with_width, Width};
+        let d = 37;
+        let blocks: Vec<Vec<f64>> = (0..6).map(|s| block(d, s)).collect();
+        let run = || {
+            let mut scratch = Scratch::new(d);
+            scratch.fill_lower(blocks.len(), |lane, i, j| blocks[lane][i * d + j]);
+            let trace = scratch.trace_covariance(true);
+            let grad: Vec<Lane> = (0..d * d)
+                .map(|k| *scratch.gradient(k / d, k % d))
+                .collect();
+            (
+                trace.map(f64::to_bits),
+                grad.concat()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let widest = run();
+        assert!(
+            with_width(Width::Baseline, run) == widest,
+            "the baseline width differs from the default"
+        );
+    }
 }

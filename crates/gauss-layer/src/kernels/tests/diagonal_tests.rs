@@ -69,3 +69,44 @@ fn diagonal_fused_rows_do_not_depend_on_the_blocking() -> TestResult {
     }
     Ok(())
 }
+
+/// The hand-vectorized loops give the same bits at both vector widths (`cpu::simd_kernel!`:
+/// baseline and, where the CPU has it, AVX2): the diagonal op's forward and backward, f32 and
+/// f64.
+#[test]
+fn diagonal_fused_is_bit_identical_at_both_vector_widths() -> TestResult {
+    use crate::cpu::{width, with_width, Width};
+    let c = case(12, 23, 37, 7, 10.0);
+    let mut rng = StdRng::seed_from_u64(112);
+    let diagonal = normal(&mut rng, &[7, 37], 1.0).exp()?;
+    let upstream = normal(&mut rng, &[23, 7], 1.0);
+    // f64: tests of the fused CPU kernels run on the CPU only
+    for dtype in [DType::F64, DType::F32] {
+        let inputs = [&c.x, &c.center, &diagonal].map(|t| t.to_dtype(dtype));
+        let [x, center, diagonal] = inputs;
+        let (x, center, diagonal) = (x?, center?, diagonal?);
+        let upstream = upstream.to_dtype(dtype)?;
+        let run = || -> std::result::Result<Vec<Vec<f64>>, Box<dyn std::error::Error>> {
+            let mut out = vec![flat(&diagonal_fused(&x, &center, &diagonal)?)?];
+            for grad in gradients(diagonal_fused, [&x, &center, &diagonal], &upstream)? {
+                out.push(flat(&grad)?);
+            }
+            Ok(out)
+        };
+        let widest = run()?;
+        let narrower = with_width(Width::Baseline, || (width(), run()));
+        let (used, values) = (narrower.0, narrower.1?);
+        assert_eq!(used, Width::Baseline);
+        for (a, b) in widest.iter().zip(&values) {
+            let same = a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same, "{dtype:?}: {used:?} differs from the default width");
+        }
+    }
+    Ok(())
+}
+
+/// A tensor's values as f64 (exact for f32 and f64), row-major.
+fn flat(t: &Tensor) -> candle_core::Result<Vec<f64>> {
+    // f64: a host-side copy of CPU test tensors, to compare their bits
+    t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()
+}
