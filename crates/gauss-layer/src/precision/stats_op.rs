@@ -41,13 +41,18 @@ pub(crate) struct PrecisionStat {
     pub map: RawMap,
 }
 
+/// `L_ii` of a cholesky neuron from its raw diagonal entry: the positive map plus the floor.
+fn factor_diagonal(raw: f64, positive_map: PositiveMap, floor: f64) -> f64 {
+    maps::value(positive_map, raw) + floor
+}
+
 /// `L` of a cholesky neuron from its raw block (row-major, f64): the strict lower triangle
-/// as stored, the diagonal through the positive map plus the floor, the upper triangle 0.
-fn cholesky_lower(raw: &[f64], d: usize, positive_map: PositiveMap, floor: f64) -> Vec<f64> {
+/// as stored, the diagonal by [`factor_diagonal`], the upper triangle 0.
+fn lower_from_raw(raw: &[f64], d: usize, positive_map: PositiveMap, floor: f64) -> Vec<f64> {
     let mut lower = vec![0f64; d * d];
     for i in 0..d {
         lower[i * d..i * d + i].copy_from_slice(&raw[i * d..i * d + i]);
-        lower[i * d + i] = maps::value(positive_map, raw[i * d + i]) + floor;
+        lower[i * d + i] = factor_diagonal(raw[i * d + i], positive_map, floor);
     }
     lower
 }
@@ -78,7 +83,7 @@ fn neuron_stat(
             positive_map,
             floor,
         } => {
-            let lower = cholesky_lower(raw, d, positive_map, floor);
+            let lower = lower_from_raw(raw, d, positive_map, floor);
             let value = match stat {
                 Stat::LogDetPrecision => {
                     if with_gradient {
@@ -187,7 +192,7 @@ fn cholesky_trace_in_lanes<T: Real>(
         scratch.fill_lower(used, |lane, i, j| {
             let r = raw_of(lane, i, j);
             if i == j {
-                maps::value(positive_map, r) + floor
+                factor_diagonal(r, positive_map, floor)
             } else {
                 r
             }
