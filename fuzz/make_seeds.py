@@ -11,8 +11,9 @@ from safetensors.numpy import save
 HERE = pathlib.Path(__file__).parent
 ROOT = HERE.parent
 
-LAYER = {"parameterization": "cholesky", "positive_map": "softplus", "factor_diag_floor": 1e-06,
-         "width_floor": None, "tanh": False, "tied_bias": False, "gaussian_only": False,
+PRECISION = {"parameterization": "cholesky", "positive_map": "softplus", "factor_diag_floor": 1e-06,
+             "width_floor": None, "portable": False}
+LAYER = {"precision": PRECISION, "tanh": False, "tied_bias": False, "gaussian_only": False,
          "kernel": "auto",
          "init": {"center_std": 0.1, "precision_scale": None, "perturbation": 0.001, "seed": None}}
 RAW = {"cholesky": ("precision_factor", 3), "direct": ("precision", 3), "expm": ("precision_log", 3),
@@ -20,7 +21,8 @@ RAW = {"cholesky": ("precision_factor", 3), "direct": ("precision", 3), "expm": 
 
 
 def checkpoint(d, hidden, out, param, dtype, batch_norm=False, tied=False, only=False):
-    layer = dict(LAYER, parameterization=param, tied_bias=tied, gaussian_only=only)
+    layer = dict(LAYER, precision=dict(PRECISION, parameterization=param), tied_bias=tied,
+                 gaussian_only=only)
     config = {"in_features": d, "hidden": hidden, "out_features": out, "layer": layer,
               "output_layer": None, "input_batch_norm": batch_norm, "batch_norm": batch_norm,
               "batch_norm_eps": 1e-05, "dropout": 0.0, "gate": True}
@@ -52,7 +54,7 @@ def checkpoint(d, hidden, out, param, dtype, batch_norm=False, tied=False, only=
         if i < len(hidden) and batch_norm:
             norm(f"norms.{i}", z)
         width = z
-    meta = {"format": "gauss-layer.gauss-net", "format_version": "2", "config": json.dumps(config),
+    meta = {"format": "gauss-layer.gauss-net", "format_version": "3", "config": json.dumps(config),
             "dtype": {np.float32: "f32", np.float64: "f64", np.float16: "f16"}[dtype]}
     return save(tensors, metadata=meta)
 

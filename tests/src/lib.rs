@@ -171,10 +171,7 @@ pub fn small_diag_net_config() -> GaussNetConfig {
         in_features: 3,
         hidden: vec![4],
         out_features: 2,
-        layer: GaussLayerConfig {
-            parameterization: Parameterization::Diag,
-            ..Default::default()
-        },
+        layer: GaussLayerConfig::with_parameterization(Parameterization::Diag),
         ..Default::default()
     }
 }

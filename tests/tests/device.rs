@@ -17,14 +17,17 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use gauss_layer::{
     gauss_layer, GaussError, GaussLayer, GaussLayerConfig, GaussNet, GaussNetConfig, InitConfig,
-    Parameterization,
+    Parameterization, PrecisionConfig,
 };
 use gauss_losses::{fgn_objective, layer_nll, FgnObjectiveConfig, LambdaLoss, Reduction};
 
 fn portable_config(parameterization: Parameterization) -> GaussLayerConfig {
     GaussLayerConfig {
-        parameterization,
-        portable: true,
+        precision: PrecisionConfig {
+            parameterization,
+            portable: true,
+            ..Default::default()
+        },
         init: InitConfig {
             seed: Some(5),
             ..Default::default()

@@ -9,7 +9,7 @@ use std::hint::black_box;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Module, VarBuilder, VarMap};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use gauss_layer::{gauss_layer, DistanceKernel, GaussLayerConfig};
+use gauss_layer::{gauss_layer, DistanceKernel, GaussLayerConfig, PrecisionConfig};
 
 const SHAPES: [(usize, usize, usize); 2] = [(256, 32, 64), (512, 64, 128)];
 
@@ -28,8 +28,11 @@ fn layer_benches(c: &mut Criterion) {
             let varmap = VarMap::new();
             let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
             let config = GaussLayerConfig {
+                precision: PrecisionConfig {
+                    portable,
+                    ..Default::default()
+                },
                 kernel,
-                portable,
                 ..Default::default()
             };
             let layer = gauss_layer(dim, neurons, config, vb).expect("layer");

@@ -2,12 +2,19 @@
 //! checkpoints can embed it.
 //!
 //! ```
-//! use gauss_layer::{GaussLayerConfig, Parameterization};
+//! use gauss_layer::{GaussLayerConfig, Parameterization, PrecisionConfig};
 //! let config = GaussLayerConfig {
-//!     parameterization: Parameterization::Diag,
+//!     precision: PrecisionConfig {
+//!         parameterization: Parameterization::Diag,
+//!         width_floor: Some(0.05),
+//!         ..Default::default()
+//!     },
 //!     tanh: true,
 //!     ..Default::default()
 //! };
+//! // The common case in one call:
+//! let cholesky = GaussLayerConfig::with_parameterization(Parameterization::Cholesky);
+//! assert_eq!(cholesky, GaussLayerConfig::default());
 //! config.validate().unwrap();
 //! let json = serde_json::to_string(&config).unwrap();
 //! let back: GaussLayerConfig = serde_json::from_str(&json).unwrap();
@@ -220,16 +227,14 @@ impl Default for InitConfig {
     }
 }
 
-/// Configuration of one [`crate::GaussLayer`].
+/// How a layer's precision is stored and where it is computed: the map from the raw
+/// precision tensor to the precision matrices, which a [`crate::Precision`] carries and a
+/// [`GaussLayerConfig`] holds as its `precision`.
 ///
-/// Deserialization is strict: every field must be present (an `Option` as `null` or a value)
-/// and an unknown field is an error naming it, so a damaged or hand-edited config never
-/// loads a different network with defaults in place of what was written. In Rust, start from
-/// [`Default`] and set the fields you need; checkpoints written by older versions are upgraded
-/// by [`crate::checkpoint`] (its table of added fields and their defaults).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Deserialization is strict (see [`GaussLayerConfig`]).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct GaussLayerConfig {
+pub struct PrecisionConfig {
     /// How the precision is stored. Default: [`Parameterization::Cholesky`].
     pub parameterization: Parameterization,
     /// Positive map of the Cholesky diagonal. Default: softplus.
@@ -241,6 +246,83 @@ pub struct GaussLayerConfig {
     /// neuron's gradient alive so it can always grow back. Must be `> 0` when set.
     #[serde(deserialize_with = "required_option")]
     pub width_floor: Option<f64>,
+    /// Run the portable tensor-op forms of the kernels (what CUDA and Metal run) even on the
+    /// CPU, instead of the fused CPU ops. The results agree to rounding; the fused ops are
+    /// faster. Default `false`. Useful to test the GPU path on a machine without a GPU.
+    pub portable: bool,
+}
+
+impl Default for PrecisionConfig {
+    fn default() -> Self {
+        Self {
+            parameterization: Parameterization::Cholesky,
+            positive_map: PositiveMap::Softplus,
+            factor_diag_floor: 1e-6,
+            width_floor: None,
+            portable: false,
+        }
+    }
+}
+
+/// A layer config's precision part, so the [`crate::Precision`] constructors take either.
+impl From<&GaussLayerConfig> for PrecisionConfig {
+    fn from(config: &GaussLayerConfig) -> Self {
+        config.precision
+    }
+}
+
+impl PrecisionConfig {
+    /// The default config with another parameterization: the common case in one call.
+    pub fn with_parameterization(parameterization: Parameterization) -> Self {
+        Self {
+            parameterization,
+            ..Self::default()
+        }
+    }
+
+    /// Checks that the precision can work. Fields are named as in a [`GaussLayerConfig`]
+    /// (`precision.width_floor`).
+    ///
+    /// # Errors
+    /// [`GaussError::InvalidConfig`] naming the field: a negative or non-finite
+    /// `factor_diag_floor`, a non-positive or non-finite `width_floor`, a lowrank rank of 0,
+    /// a width floor with lowrank.
+    pub fn validate(&self) -> Result<()> {
+        check_finite_non_negative("precision.factor_diag_floor", self.factor_diag_floor)?;
+        if let Some(width) = self.width_floor {
+            check_finite_positive("precision.width_floor", width)?;
+        }
+        if let Parameterization::LowRank { rank } = self.parameterization {
+            if rank == 0 {
+                return Err(GaussError::config(
+                    "precision.parameterization",
+                    "lowrank needs rank >= 1, got 0",
+                ));
+            }
+            if self.width_floor.is_some() {
+                return Err(GaussError::config(
+                    "precision.width_floor",
+                    "is not supported with the lowrank parameterization (its effective precision would not stay diagonal plus low rank); leave it None",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Configuration of one [`crate::GaussLayer`].
+///
+/// Deserialization is strict: every field must be present (an `Option` as `null` or a value)
+/// and an unknown field is an error naming it, so a damaged or hand-edited config never
+/// loads a different network with defaults in place of what was written. In Rust, start from
+/// [`Default`] and set the fields you need; checkpoints written by older versions are upgraded
+/// by [`crate::checkpoint`] (its table of added and moved fields).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GaussLayerConfig {
+    /// How the precision is stored and where it is computed. Default: Cholesky factor,
+    /// softplus diagonal, fused CPU ops.
+    pub precision: PrecisionConfig,
     /// `tanh` on the linear part: `y = tanh(Wx + b) · g`.
     pub tanh: bool,
     /// Tied bias `b = -W·c`: the linear part's zero line passes through the center.
@@ -249,74 +331,8 @@ pub struct GaussLayerConfig {
     pub gaussian_only: bool,
     /// Which distance kernel to use. Default: automatic.
     pub kernel: DistanceKernel,
-    /// Run the portable tensor-op forms of the kernels (what CUDA and Metal run) even on the
-    /// CPU, instead of the fused CPU ops. The results agree to rounding; the fused ops are
-    /// faster. Default `false`. Useful to test the GPU path on a machine without a GPU.
-    pub portable: bool,
     /// Initialization of a freshly created layer.
     pub init: InitConfig,
-}
-
-impl Default for GaussLayerConfig {
-    fn default() -> Self {
-        Self {
-            parameterization: Parameterization::Cholesky,
-            positive_map: PositiveMap::Softplus,
-            factor_diag_floor: 1e-6,
-            width_floor: None,
-            tanh: false,
-            tied_bias: false,
-            gaussian_only: false,
-            kernel: DistanceKernel::Auto,
-            portable: false,
-            init: InitConfig::default(),
-        }
-    }
-}
-
-/// The part of a [`GaussLayerConfig`] that defines the map from a layer's raw precision
-/// tensor to its precision matrices, and where it is computed: what a [`crate::Precision`]
-/// carries.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PrecisionConfig {
-    /// How the precision is stored.
-    pub parameterization: Parameterization,
-    /// Positive map of the Cholesky diagonal.
-    pub positive_map: PositiveMap,
-    /// Floor added to the mapped Cholesky diagonal.
-    pub factor_diag_floor: f64,
-    /// Smallest width of the Gaussian, if any.
-    pub width_floor: Option<f64>,
-    /// Compute in the portable tensor-op forms even on the CPU (see
-    /// [`GaussLayerConfig::portable`]).
-    pub portable: bool,
-}
-
-impl Default for PrecisionConfig {
-    fn default() -> Self {
-        GaussLayerConfig::default().precision_config()
-    }
-}
-
-impl From<&GaussLayerConfig> for PrecisionConfig {
-    fn from(config: &GaussLayerConfig) -> Self {
-        config.precision_config()
-    }
-}
-
-impl PrecisionConfig {
-    /// Checks the floors (as [`GaussLayerConfig::validate`] does for these fields).
-    ///
-    /// # Errors
-    /// [`GaussError::InvalidConfig`] naming the field: a negative or non-finite
-    /// `factor_diag_floor`, a non-positive or non-finite `width_floor`.
-    pub fn validate(&self) -> Result<()> {
-        check_finite_non_negative("factor_diag_floor", self.factor_diag_floor)?;
-        if let Some(width) = self.width_floor {
-            check_finite_positive("width_floor", width)?;
-        }
-        Ok(())
-    }
 }
 
 /// Deserializes an `Option` field that must be present, as `null` or a value. Serde takes a
@@ -354,14 +370,11 @@ fn check_finite_positive(field: &'static str, value: f64) -> Result<()> {
 }
 
 impl GaussLayerConfig {
-    /// The fields that define the precision map (what a [`crate::Precision`] carries).
-    pub fn precision_config(&self) -> PrecisionConfig {
-        PrecisionConfig {
-            parameterization: self.parameterization,
-            positive_map: self.positive_map,
-            factor_diag_floor: self.factor_diag_floor,
-            width_floor: self.width_floor,
-            portable: self.portable,
+    /// The default config with another parameterization: the common case in one call.
+    pub fn with_parameterization(parameterization: Parameterization) -> Self {
+        Self {
+            precision: PrecisionConfig::with_parameterization(parameterization),
+            ..Self::default()
         }
     }
 
@@ -370,7 +383,7 @@ impl GaussLayerConfig {
     /// # Errors
     /// [`GaussError::InvalidConfig`] naming the first field that cannot work.
     pub fn validate(&self) -> Result<()> {
-        self.precision_config().validate()?;
+        self.precision.validate()?;
         check_finite_non_negative("init.center_std", self.init.center_std)?;
         check_finite_non_negative("init.perturbation", self.init.perturbation)?;
         if let Some(scale) = self.init.precision_scale {
@@ -382,23 +395,9 @@ impl GaussLayerConfig {
                 "has no linear part, so `tanh` and `tied_bias` must be false",
             ));
         }
-        if let Parameterization::LowRank { rank } = self.parameterization {
-            if rank == 0 {
-                return Err(GaussError::config(
-                    "parameterization",
-                    "lowrank needs rank >= 1, got 0",
-                ));
-            }
-            if self.width_floor.is_some() {
-                return Err(GaussError::config(
-                    "width_floor",
-                    "is not supported with the lowrank parameterization (its effective precision would not stay diagonal plus low rank); leave it None",
-                ));
-            }
-        }
         if self.kernel == DistanceKernel::Projected
             && matches!(
-                self.parameterization,
+                self.precision.parameterization,
                 Parameterization::Direct | Parameterization::LowRank { .. }
             )
         {
@@ -406,7 +405,7 @@ impl GaussLayerConfig {
                 "kernel",
                 format!(
                     "`projected` needs a square factor P = F Fᵀ, which the `{}` parameterization does not keep; use `auto`, `expanded` or `naive`",
-                    self.parameterization.name()
+                    self.precision.parameterization.name()
                 ),
             ));
         }
@@ -431,10 +430,10 @@ impl GaussLayerConfig {
     /// lowrank's `U` has at most as many columns as the layer has inputs (R ≤ d): more add
     /// nothing a full-rank `U` does not give and cost O(d·R) memory per neuron.
     pub(crate) fn check_rank(&self, in_features: usize) -> Result<()> {
-        if let Parameterization::LowRank { rank } = self.parameterization {
+        if let Parameterization::LowRank { rank } = self.precision.parameterization {
             if rank > in_features {
                 return Err(GaussError::config(
-                    "parameterization",
+                    "precision.parameterization",
                     format!(
                         "lowrank needs rank <= the layer's {in_features} inputs, got rank {rank}"
                     ),
@@ -478,9 +477,23 @@ mod tests {
     fn parsing_is_strict_about_missing_and_unknown_fields() {
         // A missing plain field, a missing `Option` field (serde's default would be `None`), a
         // missing nested field, and an unknown field (a byte flip of `tanh`).
-        let e = parse_edited(|v| drop(v.as_object_mut().unwrap().remove("positive_map")));
+        let e = parse_edited(|v| {
+            drop(
+                v["precision"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("positive_map"),
+            )
+        });
         assert!(e.contains("missing field `positive_map`"), "{e}");
-        let e = parse_edited(|v| drop(v.as_object_mut().unwrap().remove("width_floor")));
+        let e = parse_edited(|v| {
+            drop(
+                v["precision"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("width_floor"),
+            )
+        });
         assert!(e.contains("missing field `width_floor`"), "{e}");
         let e = parse_edited(|v| drop(v["init"].as_object_mut().unwrap().remove("seed")));
         assert!(e.contains("missing field `seed`"), "{e}");
@@ -491,8 +504,20 @@ mod tests {
         assert!(e.contains("unknown field `tanx`"), "{e}");
         // `null` is an explicit `None`.
         let mut value = serde_json::to_value(GaussLayerConfig::default()).unwrap();
-        value["width_floor"] = serde_json::Value::Null;
+        value["precision"]["width_floor"] = serde_json::Value::Null;
         let parsed: GaussLayerConfig = serde_json::from_value(value).unwrap();
-        assert_eq!(parsed.width_floor, None);
+        assert_eq!(parsed.precision.width_floor, None);
+        // A precision field at the layer's level (where format version 2 had it) is unknown.
+        let e = parse_edited(|v| {
+            let map = v["precision"]
+                .as_object_mut()
+                .unwrap()
+                .remove("positive_map")
+                .unwrap();
+            v.as_object_mut()
+                .unwrap()
+                .insert("positive_map".into(), map);
+        });
+        assert!(e.contains("unknown field `positive_map`"), "{e}");
     }
 }

@@ -149,7 +149,7 @@ fn check_representable(
     neuron: usize,
 ) -> Result<()> {
     let min_variance = host::smallest_eigenvalue(&host.covariance, neuron)?;
-    let base_precision = match config.width_floor {
+    let base_precision = match config.precision.width_floor {
         None => host.precision.clone(),
         Some(sigma) => {
             let s2 = sigma * sigma;
@@ -178,10 +178,10 @@ fn check_representable(
             }
         }
     };
-    if config.parameterization != Parameterization::Cholesky {
+    if config.precision.parameterization != Parameterization::Cholesky {
         return Ok(());
     }
-    let floor = config.factor_diag_floor;
+    let floor = config.precision.factor_diag_floor;
     let below = host::cholesky_diagonal(&base_precision)
         .map(|diagonal| diagonal.into_iter().enumerate().find(|&(_, v)| v <= floor))
         .unwrap_or(Some((0, f64::NAN)));
@@ -479,10 +479,7 @@ mod tests {
     fn log_prob_of_a_standard_normal_is_closed_form() -> Result<()> {
         let dev = Device::Cpu;
         for parameterization in Parameterization::ALL {
-            let config = GaussLayerConfig {
-                parameterization,
-                ..Default::default()
-            };
+            let config = GaussLayerConfig::with_parameterization(parameterization);
             let mean = Tensor::zeros(3, DType::F64, &dev)?;
             let eye = Tensor::eye(3, DType::F64, &dev)?;
             let layer = GaussLayer::from_covariance(&mean, &eye, config)?;

@@ -60,7 +60,7 @@ impl GaussLayer {
     /// ```
     /// use candle_core::{DType, Device, Tensor};
     /// use gauss_layer::{GaussLayer, GaussLayerConfig, Parameterization, Precision};
-    /// let config = GaussLayerConfig { parameterization: Parameterization::Diag, ..Default::default() };
+    /// let config = GaussLayerConfig::with_parameterization(Parameterization::Diag);
     /// let (z, d) = (3, 2);
     /// let weight = Tensor::ones((z, d), DType::F32, &Device::Cpu)?;
     /// let center = Tensor::zeros((z, d), DType::F32, &Device::Cpu)?;
@@ -127,27 +127,27 @@ impl GaussLayer {
             check_device("bias", b, center.device(), "center")?;
         }
         let name = Precision::tensor_name(precision.parameterization());
-        if precision.parameterization() != config.parameterization {
+        if precision.parameterization() != config.precision.parameterization {
             return Err(GaussError::config(
                 "parameterization",
                 format!(
                     "config says {} but the precision is {}",
-                    config.parameterization,
+                    config.precision.parameterization,
                     precision.parameterization()
                 ),
             ));
         }
-        if precision.config() != config.precision_config() {
+        if precision.config() != config.precision {
             return Err(GaussError::config(
                 "precision",
                 format!(
                     "was built with {:?}, but the layer config says {:?}",
                     precision.config(),
-                    config.precision_config()
+                    config.precision
                 ),
             ));
         }
-        let expected_raw = Precision::raw_shape(config.parameterization, z, d);
+        let expected_raw = Precision::raw_shape(config.precision.parameterization, z, d);
         if precision.raw().dims() != expected_raw.as_slice() || precision.dim() != d {
             return Err(GaussError::shape(
                 format!("precision tensor `{name}`"),
@@ -288,7 +288,7 @@ impl GaussLayer {
             &self.center,
             &self.precision,
             self.config.kernel,
-            self.config.portable,
+            self.config.precision.portable,
         )
     }
 
@@ -450,8 +450,8 @@ pub fn gauss_layer(
         seed.map(|s| (s, InitStream::Center)),
     )?;
 
-    let name = Precision::tensor_name(config.parameterization);
-    let shape = Precision::raw_shape(config.parameterization, z, d);
+    let name = Precision::tensor_name(config.precision.parameterization);
+    let shape = Precision::raw_shape(config.precision.parameterization, z, d);
     let raw = if vb.contains_tensor(name) {
         vb.get(shape, name)?
     } else {
@@ -499,6 +499,7 @@ fn get_or_init<S: Into<Shape>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::PrecisionConfig;
     use crate::config::{InitConfig, Parameterization};
     use crate::testing::{all_finite, relative_error};
     use candle_core::{DType, Device, Var};
@@ -558,7 +559,10 @@ mod tests {
         bad(gauss_layer(0, 3, GaussLayerConfig::default(), vb.pp("a")));
         bad(gauss_layer(3, 0, GaussLayerConfig::default(), vb.pp("b")));
         let floor = GaussLayerConfig {
-            width_floor: Some(-1.0),
+            precision: PrecisionConfig {
+                width_floor: Some(-1.0),
+                ..Default::default()
+            },
             ..Default::default()
         };
         bad(gauss_layer(3, 2, floor, vb.pp("c")));
@@ -579,7 +583,7 @@ mod tests {
             for parameterization in Parameterization::ALL {
                 for (scale, magnitude) in [(1e-2, 1e4), (1e6, 1.0), (1e6, 1e4)] {
                     let config = GaussLayerConfig {
-                        parameterization,
+                        precision: PrecisionConfig::with_parameterization(parameterization),
                         tanh: parameterization == Parameterization::Expm,
                         init: InitConfig {
                             precision_scale: Some(scale),
@@ -624,10 +628,7 @@ mod tests {
 
     fn options_follow_their_definitions_f64(device: &Device) -> Result<()> {
         let x = Tensor::randn(0f64, 1.0, (5, 3), device)?;
-        let base = GaussLayerConfig {
-            parameterization: Parameterization::Diag,
-            ..Default::default()
-        };
+        let base = GaussLayerConfig::with_parameterization(Parameterization::Diag);
         let (_, plain) = build(base.clone(), 3, 2, DType::F64, device)?;
         let (y, g) = plain.forward_with_gaussian(&x, None)?;
         let weight = plain.weight().unwrap();
@@ -692,7 +693,7 @@ mod tests {
     fn seeded_layers_are_bit_identical(device: &Device) -> Result<()> {
         for parameterization in Parameterization::ALL {
             let seeded = |seed| GaussLayerConfig {
-                parameterization,
+                precision: PrecisionConfig::with_parameterization(parameterization),
                 init: InitConfig {
                     seed: Some(seed),
                     ..Default::default()

@@ -16,7 +16,7 @@
 //! use gauss_layer::{ops, DistanceKernel, GaussLayerConfig, Parameterization, Precision};
 //! let x = Tensor::new(&[[1.0f64, 2.0]], &Device::Cpu)?;
 //! let center = Tensor::new(&[[0.0f64, 0.0]], &Device::Cpu)?;
-//! let config = GaussLayerConfig { parameterization: Parameterization::Diag, ..Default::default() };
+//! let config = GaussLayerConfig::with_parameterization(Parameterization::Diag);
 //! // P = diag(e^ln2, e^ln3) = diag(2, 3): m2 = 2·1² + 3·2² = 14.
 //! let raw = Tensor::new(&[[2f64.ln(), 3f64.ln()]], &Device::Cpu)?;
 //! let precision = Precision::from_raw(raw, 2, &config)?;

@@ -355,6 +355,7 @@ fn above_floor_in_tensor_ops(raw: &Tensor, floor: f64) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::PrecisionConfig;
     use candle_core::Device;
 
     #[test]
@@ -363,8 +364,11 @@ mod tests {
         // pivot, which a min reduction may drop; the check must still fail on neuron 1.
         use crate::config::GaussLayerConfig;
         let config = GaussLayerConfig {
-            parameterization: Parameterization::Direct,
-            portable: true,
+            precision: PrecisionConfig {
+                parameterization: Parameterization::Direct,
+                portable: true,
+                ..Default::default()
+            },
             ..Default::default()
         };
         for raw in [
@@ -471,10 +475,7 @@ mod tests {
     #[test]
     fn ensure_positive_definite_names_the_neuron() {
         use crate::config::GaussLayerConfig;
-        let config = GaussLayerConfig {
-            parameterization: Parameterization::Direct,
-            ..Default::default()
-        };
+        let config = GaussLayerConfig::with_parameterization(Parameterization::Direct);
         let good = Tensor::new(&[[[2.0f32, 0.5], [0.5, 1.0]]], &Device::Cpu).unwrap();
         let both = Tensor::new(
             &[[[2.0f32, 0.5], [0.5, 1.0]], [[1.0, 2.0], [2.0, 1.0]]],

@@ -18,7 +18,9 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 use candle_nn::{Module, VarBuilder, VarMap};
 use clap::Parser;
-use gauss_layer::{gauss_layer, DistanceKernel, GaussLayerConfig, Parameterization};
+use gauss_layer::{
+    gauss_layer, DistanceKernel, GaussLayerConfig, Parameterization, PrecisionConfig,
+};
 use serde::Serialize;
 use timing::{interleaved_ms, median_ratio, Timing};
 
@@ -122,9 +124,12 @@ fn main() -> Result<()> {
     let parameterization: Parameterization = args.param.parse()?;
     let (b, d, z) = (args.batch, args.in_features, args.out_features);
     let config = GaussLayerConfig {
-        parameterization,
+        precision: PrecisionConfig {
+            parameterization,
+            portable: args.portable,
+            ..Default::default()
+        },
         kernel: parse_kernel(&args.kernel)?,
-        portable: args.portable,
         ..Default::default()
     };
     let varmap = VarMap::new();

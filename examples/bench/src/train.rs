@@ -29,6 +29,7 @@ use clap::Parser;
 use gauss_layer::FusedAdamW;
 use gauss_layer::{
     repair, GaussLayerConfig, GaussNet, GaussNetConfig, InitConfig, Parameterization,
+    PrecisionConfig,
 };
 use gauss_losses::{fgn_objective, FgnObjectiveConfig, TraceEstimator};
 use rand::rngs::StdRng;
@@ -227,13 +228,13 @@ fn net_config(args: &Args, param: Parameterization) -> GaussNetConfig {
         hidden: args.hidden.clone(),
         out_features: args.classes,
         layer: GaussLayerConfig {
-            parameterization: param,
+            precision: PrecisionConfig::with_parameterization(param),
             tanh: true,
             init: init.clone(),
             ..Default::default()
         },
         output_layer: Some(GaussLayerConfig {
-            parameterization: param,
+            precision: PrecisionConfig::with_parameterization(param),
             init,
             ..Default::default()
         }),

@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use gauss_layer::{GaussLayerConfig, GaussNetConfig, InitConfig, Parameterization};
+use gauss_layer::{
+    GaussLayerConfig, GaussNetConfig, InitConfig, Parameterization, PrecisionConfig,
+};
 use gauss_losses::FgnObjectiveConfig;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -150,14 +152,14 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
             hidden: run.hidden.to_vec(),
             out_features: set.classes,
             layer: GaussLayerConfig {
-                parameterization: run.parameterization,
+                precision: PrecisionConfig::with_parameterization(run.parameterization),
                 tanh: true,
                 tied_bias: run.tied_bias,
                 init: init.clone(),
                 ..Default::default()
             },
             output_layer: Some(GaussLayerConfig {
-                parameterization: run.parameterization,
+                precision: PrecisionConfig::with_parameterization(run.parameterization),
                 tied_bias: run.tied_bias,
                 init,
                 ..Default::default()

@@ -184,7 +184,7 @@ pub fn train_fgn(
     if config
         .layer_specs()
         .iter()
-        .any(|(_, _, l)| l.parameterization == Parameterization::Direct)
+        .any(|(_, _, l)| l.precision.parameterization == Parameterization::Direct)
     {
         bail!("--arch cnn does not support --param direct (its precisions need a repair step per update); use diag, cholesky or lowrank");
     }

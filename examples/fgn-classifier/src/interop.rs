@@ -140,7 +140,7 @@ fn layer_summaries(net: &GaussNet) -> Vec<Value> {
             json!({
                 "in_features": l.in_features(),
                 "out_features": l.out_features(),
-                "parameterization": l.config().parameterization.name(),
+                "parameterization": l.config().precision.parameterization.name(),
                 "tanh": l.config().tanh,
                 "tied_bias": l.config().tied_bias,
             })

@@ -32,10 +32,7 @@ pub fn check_train(size: &TrainSize) -> Result<()> {
     let overflow = || anyhow::anyhow!("--hidden {:?}: the network's size overflows", size.hidden);
     let mut elements: u64 = 0;
     if size.fgn {
-        let layer = GaussLayerConfig {
-            parameterization: size.parameterization,
-            ..Default::default()
-        };
+        let layer = GaussLayerConfig::with_parameterization(size.parameterization);
         let config = GaussNetConfig {
             in_features: size.features,
             hidden: size.hidden.to_vec(),

@@ -34,7 +34,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Parser, Subcommand, ValueEnum};
 use gauss_layer::checkpoint;
-use gauss_layer::{GaussLayerConfig, GaussNetConfig, InitConfig, Parameterization};
+use gauss_layer::{
+    GaussLayerConfig, GaussNetConfig, InitConfig, Parameterization, PrecisionConfig,
+};
 use gauss_losses::{FgnObjectiveConfig, TraceEstimator};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -425,13 +427,13 @@ fn train(args: TrainArgs) -> Result<Value> {
             hidden: args.hidden.clone(),
             out_features: data.classes,
             layer: GaussLayerConfig {
-                parameterization,
+                precision: PrecisionConfig::with_parameterization(parameterization),
                 tanh: true,
                 init: init.clone(),
                 ..Default::default()
             },
             output_layer: Some(GaussLayerConfig {
-                parameterization,
+                precision: PrecisionConfig::with_parameterization(parameterization),
                 init,
                 ..Default::default()
             }),

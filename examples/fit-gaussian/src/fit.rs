@@ -5,7 +5,9 @@
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use gauss_layer::{repair, GaussLayerConfig, InitConfig, Parameterization, Precision};
+use gauss_layer::{
+    repair, GaussLayerConfig, InitConfig, Parameterization, Precision, PrecisionConfig,
+};
 use gauss_layer::{GaussNet, GaussNetConfig};
 use gauss_losses::{layer_nll, Reduction};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -78,7 +80,7 @@ pub fn fit(x: &Tensor, device: &Device, options: &FitOptions) -> Result<Fitted> 
         in_features: d,
         out_features: 1,
         layer: GaussLayerConfig {
-            parameterization: options.parameterization,
+            precision: PrecisionConfig::with_parameterization(options.parameterization),
             gaussian_only: true,
             init: InitConfig {
                 seed: Some(options.seed),

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use gauss_layer::{gaussian_mixture, GaussianMixture, MixtureFitOptions};
+use gauss_layer::{gaussian_mixture, GaussianMixture, MixtureFitOptions, PrecisionConfig};
 use gauss_layer::{GaussLayer, GaussLayerConfig, Parameterization};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -69,8 +69,11 @@ pub fn run(x: &Tensor, source: &str, args: &MixtureArgs) -> Result<Value> {
     // f64: fit-gaussian runs on the CPU (`main` fixes the device), in f64 like scikit-learn.
     let vb = VarBuilder::from_varmap(&varmap, DType::F64, x.device());
     let config = GaussLayerConfig {
-        parameterization: args.parameterization,
-        factor_diag_floor: relative_factor_diag_floor(x)?,
+        precision: PrecisionConfig {
+            parameterization: args.parameterization,
+            factor_diag_floor: relative_factor_diag_floor(x)?,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mixture =
@@ -122,7 +125,7 @@ pub fn run(x: &Tensor, source: &str, args: &MixtureArgs) -> Result<Value> {
 /// (data × 1e7 fits as data does). It is never raised: on data × 1e-7 `reg_covar` (1e-6,
 /// absolute, as scikit-learn's) sets the variances, far above the data's own.
 fn relative_factor_diag_floor(x: &Tensor) -> Result<f64> {
-    let default = GaussLayerConfig::default().factor_diag_floor;
+    let default = GaussLayerConfig::default().precision.factor_diag_floor;
     let centered = x.broadcast_sub(&x.mean_keepdim(0)?)?;
     let largest_variance = centered
         .sqr()?

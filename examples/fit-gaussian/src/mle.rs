@@ -40,10 +40,7 @@ pub fn maximum_likelihood(
         _ => full,
     };
     // The NLL through the library's own density (`direct` holds any SPD matrix as it is).
-    let config = GaussLayerConfig {
-        parameterization: Parameterization::Direct,
-        ..Default::default()
-    };
+    let config = GaussLayerConfig::with_parameterization(Parameterization::Direct);
     let normal = MultivariateNormal::from_covariance(&mean, &covariance, config)?;
     let nll = normal.log_prob(x)?.mean_all()?.neg()?.to_scalar::<f64>()?;
     Ok(MaximumLikelihood {

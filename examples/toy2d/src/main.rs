@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{AdamW, Linear, Module, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
-use gauss_layer::{GaussLayerConfig, GaussNet, GaussNetConfig, Parameterization};
+use gauss_layer::{GaussLayerConfig, GaussNet, GaussNetConfig, Parameterization, PrecisionConfig};
 use gauss_losses::{fgn_objective, FgnObjectiveConfig};
 use plotters::prelude::*;
 use rand::rngs::StdRng;
@@ -139,7 +139,7 @@ fn train_fgn(x: &Tensor, y: &Tensor, args: &Args) -> Result<GaussNet> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let layer = GaussLayerConfig {
-        parameterization,
+        precision: PrecisionConfig::with_parameterization(parameterization),
         tanh: true,
         init: gauss_layer::InitConfig {
             seed: Some(args.seed),

@@ -15,7 +15,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use anyhow::Result;
 use candle_core::{DType, Device};
 use gauss_layer::checkpoint::{self, LoadOptions};
-use gauss_layer::{GaussError, GaussLayerConfig, GaussNetConfig, InitConfig, Parameterization};
+use gauss_layer::{
+    GaussError, GaussLayerConfig, GaussNetConfig, InitConfig, Parameterization, PrecisionConfig,
+};
 use serde_json::{json, Value};
 
 use gauss_tests::{new_net, temp_dir};
@@ -472,7 +474,7 @@ fn cases_for(base: &Base, tag: &str, seed: u64) -> Vec<Case> {
         }),
         Expect::Error("missing"),
     );
-    for version in ["0", "3", "-1", "1.5", "", "99999999999999999999", " 2"] {
+    for version in ["0", "4", "-1", "1.5", "", "99999999999999999999", " 2"] {
         add(
             format!("format_version {version:?}"),
             with_header(base, |h| {
@@ -633,14 +635,17 @@ fn bases() -> Result<Vec<(&'static str, Base)>> {
         hidden: vec![4],
         out_features: 2,
         layer: GaussLayerConfig {
-            parameterization: Parameterization::Cholesky,
+            precision: PrecisionConfig::with_parameterization(Parameterization::Cholesky),
             tanh: true,
             init: init.clone(),
             ..Default::default()
         },
         output_layer: Some(GaussLayerConfig {
-            parameterization: Parameterization::Diag,
-            width_floor: Some(0.5),
+            precision: PrecisionConfig {
+                parameterization: Parameterization::Diag,
+                width_floor: Some(0.5),
+                ..Default::default()
+            },
             init: init.clone(),
             ..Default::default()
         }),
@@ -653,7 +658,7 @@ fn bases() -> Result<Vec<(&'static str, Base)>> {
         hidden: vec![],
         out_features: 3,
         layer: GaussLayerConfig {
-            parameterization: Parameterization::Expm,
+            precision: PrecisionConfig::with_parameterization(Parameterization::Expm),
             tied_bias: true,
             init: init.clone(),
             ..Default::default()
@@ -666,7 +671,7 @@ fn bases() -> Result<Vec<(&'static str, Base)>> {
         hidden: vec![24],
         out_features: 4,
         layer: GaussLayerConfig {
-            parameterization: Parameterization::Cholesky,
+            precision: PrecisionConfig::with_parameterization(Parameterization::Cholesky),
             init: init.clone(),
             ..Default::default()
         },

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use gauss_layer::checkpoint;
-use gauss_layer::{GaussLayerConfig, GaussNet, GaussNetConfig, Parameterization};
+use gauss_layer::{GaussLayerConfig, GaussNet, GaussNetConfig, Parameterization, PrecisionConfig};
 
 use gauss_tests::{new_net, small_diag_net_config, temp_dir};
 
@@ -28,14 +28,11 @@ fn configs() -> Vec<GaussNetConfig> {
             hidden: vec![7, 4],
             out_features: 3,
             layer: GaussLayerConfig {
-                parameterization,
+                precision: PrecisionConfig::with_parameterization(parameterization),
                 tanh: true,
                 ..Default::default()
             },
-            output_layer: Some(GaussLayerConfig {
-                parameterization,
-                ..Default::default()
-            }),
+            output_layer: Some(GaussLayerConfig::with_parameterization(parameterization)),
             input_batch_norm: true,
             batch_norm: true,
             dropout: 0.25,
@@ -50,7 +47,7 @@ fn save_then_load_gives_bit_identical_outputs() -> Result<()> {
     let dir = temp_dir("ckpt-roundtrip")?;
     let x = Tensor::randn(0f32, 1.0, (9, 5), &Device::Cpu)?;
     for config in configs() {
-        let name = config.layer.parameterization.name();
+        let name = config.layer.precision.parameterization.name();
         let (net, _vars) = new_net(config.clone(), DType::F32)?;
         // One training-mode pass moves the batch-norm running statistics off their defaults,
         // so the round trip also covers them.
@@ -129,7 +126,7 @@ fn checkpoint_loads_and_runs_on_the_device(device: &Device) -> Result<()> {
     let dir = temp_dir("ckpt-device")?;
     let x = Tensor::randn(0f32, 1.0, (9, 5), &Device::Cpu)?;
     for config in configs() {
-        let name = config.layer.parameterization.name();
+        let name = config.layer.precision.parameterization.name();
         for dtype in [DType::F32, DType::F64] {
             let (net, _vars) = new_net(config.clone(), dtype)?;
             let x = x.to_dtype(dtype)?;

@@ -99,10 +99,7 @@ fn an_overflowing_matrix_exponential_is_an_error_not_nan() -> Result<()> {
         in_features: 3,
         hidden: vec![],
         out_features: 2,
-        layer: GaussLayerConfig {
-            parameterization: Parameterization::Expm,
-            ..Default::default()
-        },
+        layer: GaussLayerConfig::with_parameterization(Parameterization::Expm),
         ..Default::default()
     };
     let (net, varmap) = new_net(config, DType::F32)?;

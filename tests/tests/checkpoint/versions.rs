@@ -1,13 +1,14 @@
-//! Format versions: this build writes version 2 and still reads the version-1 files written
-//! by earlier builds (fixtures in `tests/data/checkpoint/`, see the README there), filling the
-//! config fields added since from the upgrade table; version 2 is parsed strictly.
+//! Format versions: this build writes version 3 and still reads the version-1 and version-2
+//! files written by earlier builds (fixtures in `tests/data/checkpoint/`, see the README
+//! there), filling the config fields added since and moving the fields moved since (the
+//! upgrade table); version 3 is parsed strictly.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, D};
 use gauss_layer::checkpoint::{self, FORMAT_VERSION};
-use gauss_layer::{GaussError, Parameterization};
+use gauss_layer::{GaussError, PrecisionConfig};
 
 use gauss_tests::{new_net, small_diag_net_config, temp_dir};
 
@@ -37,15 +38,24 @@ fn digits_correct(net: &gauss_layer::GaussNet) -> Result<usize> {
 }
 
 #[test]
-fn version_1_files_of_earlier_builds_still_load() -> Result<()> {
-    for name in ["v1-cholesky.safetensors", "v1-before-seed.safetensors"] {
+fn version_1_and_2_files_of_earlier_builds_still_load() -> Result<()> {
+    for (name, version) in [
+        ("v1-cholesky.safetensors", 1),
+        ("v1-before-seed.safetensors", 1),
+        ("v2-cholesky.safetensors", 2),
+    ] {
         let loaded = checkpoint::load(fixture(name), &Device::Cpu, None)
             .with_context(|| format!("loading {name}"))?;
-        assert_eq!(loaded.format_version, 1, "{name}");
+        assert_eq!(loaded.format_version, version, "{name}");
         let config = loaded.net.config();
         assert_eq!((config.in_features, config.out_features), (64, 10));
         assert_eq!(config.hidden, vec![4]);
-        assert_eq!(config.layer.parameterization, Parameterization::Cholesky);
+        // Cholesky with the defaults, written beside `tanh` in versions 1 and 2, arrives in
+        // each layer's `precision`.
+        let output = config.output_layer.as_ref().unwrap_or(&config.layer);
+        for layer in [&config.layer, output] {
+            assert_eq!(layer.precision, PrecisionConfig::default(), "{name}");
+        }
         assert!(config.layer.tanh && config.gate);
         // The seed recorded by the writer, or `None` from the upgrade table.
         let seed = if name.contains("before-seed") {
@@ -71,12 +81,12 @@ fn saves_write_the_current_version_and_strict_configs() -> Result<()> {
     net.save(&path)?;
     let loaded = checkpoint::load(&path, &Device::Cpu, None)?;
     assert_eq!(loaded.format_version, FORMAT_VERSION);
-    assert_eq!(FORMAT_VERSION, 2);
+    assert_eq!(FORMAT_VERSION, 3);
     // The same file relabelled version 1 still loads (a v1 reader accepted complete configs).
     let bytes = std::fs::read(&path)?;
     let n = u64::from_le_bytes(bytes[..8].try_into()?) as usize;
     let header = std::str::from_utf8(&bytes[8..8 + n])?;
-    let relabelled = header.replace("\"format_version\":\"2\"", "\"format_version\":\"1\"");
+    let relabelled = header.replace("\"format_version\":\"3\"", "\"format_version\":\"1\"");
     assert_ne!(
         relabelled, header,
         "the header spells the version as expected"
@@ -88,10 +98,10 @@ fn saves_write_the_current_version_and_strict_configs() -> Result<()> {
     assert_eq!(loaded.format_version, 1);
     assert_eq!(loaded.net.config(), net.config());
     // A missing field that no upgrade row provides is an error in both versions.
-    for version in ["1", "2"] {
+    for version in ["1", "2", "3"] {
         let edited = header
             .replace(
-                "\"format_version\":\"2\"",
+                "\"format_version\":\"3\"",
                 &format!("\"format_version\":\"{version}\""),
             )
             .replace("\\\"gate\\\":true", "\\\"gatex\\\":true");

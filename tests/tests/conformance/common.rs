@@ -226,13 +226,15 @@ pub fn cholesky_raw_from_factor(
         for i in 0..d {
             let k = n * d * d + i * d + i;
             anyhow::ensure!(
-                values[k] > config.factor_diag_floor,
+                values[k] > config.precision.factor_diag_floor,
                 "factor diagonal {} of neuron {n} is not above the floor {}",
                 values[k],
-                config.factor_diag_floor
+                config.precision.factor_diag_floor
             );
-            values[k] =
-                positive_map_inverse(config.positive_map, values[k] - config.factor_diag_floor);
+            values[k] = positive_map_inverse(
+                config.precision.positive_map,
+                values[k] - config.precision.factor_diag_floor,
+            );
         }
     }
     Ok(Tensor::from_vec(values, (z, d, d), &Device::Cpu)?)
@@ -255,7 +257,7 @@ pub fn chain_raw_gradient_to_factor(
         .flatten_all()?
         .to_vec1::<f64>()?
         .into_iter()
-        .map(|r| positive_map_derivative(config.positive_map, r))
+        .map(|r| positive_map_derivative(config.precision.positive_map, r))
         .collect();
     let derivative = Tensor::from_vec(derivative, raw_diag.dims(), &Device::Cpu)?
         .to_dtype(grad_raw.dtype())?

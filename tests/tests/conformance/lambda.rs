@@ -9,7 +9,7 @@
 //! is their sum, the log-determinant the sum of their logs).
 
 use candle_core::{DType, Device, Var};
-use gauss_layer::{GaussLayerConfig, Precision};
+use gauss_layer::{GaussLayerConfig, Precision, PrecisionConfig};
 use gauss_losses::LambdaLoss;
 
 use super::common::{chain_raw_gradient_to_factor, cholesky_raw_from_factor, Case};
@@ -37,7 +37,10 @@ pub fn check(case: &mut Case) -> anyhow::Result<()> {
 
     // Through a cholesky Precision with the default raw map.
     let config = GaussLayerConfig {
-        portable: case.portable,
+        precision: PrecisionConfig {
+            portable: case.portable,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let raw = cholesky_raw_from_factor(

@@ -8,7 +8,7 @@
 //! the reference tensor itself.
 
 use candle_core::{DType, Device, Tensor, Var};
-use gauss_layer::{GaussLayer, GaussLayerConfig, Parameterization, Precision};
+use gauss_layer::{GaussLayer, GaussLayerConfig, Parameterization, Precision, PrecisionConfig};
 
 use super::common::{chain_raw_gradient_to_factor, cholesky_raw_from_factor, gradient, Case};
 
@@ -49,8 +49,11 @@ pub fn check(case: &mut Case) -> anyhow::Result<()> {
     let parameterization: Parameterization = case.file.meta("param")?.parse()?;
     let param_tensor = case.file.meta("param_tensor")?;
     let config = GaussLayerConfig {
-        parameterization,
-        portable: case.portable,
+        precision: PrecisionConfig {
+            parameterization,
+            portable: case.portable,
+            ..Default::default()
+        },
         ..Default::default()
     };
 

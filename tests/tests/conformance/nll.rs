@@ -13,7 +13,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use gauss_layer::testing::linalg;
-use gauss_layer::{GaussLayer, GaussLayerConfig, Parameterization, Precision};
+use gauss_layer::{GaussLayer, GaussLayerConfig, Parameterization, Precision, PrecisionConfig};
 use gauss_losses::{layer_nll, nll_covariance_factor, nll_precision_factor, Reduction};
 
 use super::common::{chain_raw_gradient_to_factor, cholesky_raw_from_factor, gradient, Case};
@@ -74,8 +74,11 @@ fn check_layer(case: &mut Case) -> anyhow::Result<()> {
     };
 
     let cholesky = GaussLayerConfig {
+        precision: PrecisionConfig {
+            portable: case.portable,
+            ..Default::default()
+        },
         gaussian_only: true,
-        portable: case.portable,
         ..Default::default()
     };
     let raw = cholesky_raw_from_factor(
@@ -106,7 +109,10 @@ fn check_layer(case: &mut Case) -> anyhow::Result<()> {
     )?;
 
     let direct = GaussLayerConfig {
-        parameterization: Parameterization::Direct,
+        precision: PrecisionConfig {
+            parameterization: Parameterization::Direct,
+            ..cholesky.precision
+        },
         ..cholesky
     };
     let matrix = linalg::matmul(&factor, &linalg::transpose(&factor)?)?;

@@ -4,13 +4,10 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use gauss_layer::testing::relative_error;
-use gauss_layer::{GaussError, GaussLayer, GaussLayerConfig, Parameterization};
+use gauss_layer::{GaussError, GaussLayer, GaussLayerConfig, Parameterization, PrecisionConfig};
 
 fn config(parameterization: Parameterization) -> GaussLayerConfig {
-    GaussLayerConfig {
-        parameterization,
-        ..Default::default()
-    }
+    GaussLayerConfig::with_parameterization(parameterization)
 }
 
 /// A correlated 3×3 covariance (eigenvalues about 0.3 to 4.6) and a mean, two neurons.
@@ -87,7 +84,10 @@ fn cholesky_floor_is_stated_and_can_be_lowered() -> Result<()> {
         assert!(text.contains(needle), "`{needle}` not in: {text}");
     }
     let at_zero = GaussLayerConfig {
-        factor_diag_floor: 0.0,
+        precision: PrecisionConfig {
+            factor_diag_floor: 0.0,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let layer = GaussLayer::from_covariance(&mean, &wide, at_zero)?;
@@ -109,7 +109,10 @@ fn cholesky_floor_is_stated_and_can_be_lowered() -> Result<()> {
 fn width_floor_is_stated() -> Result<()> {
     let (mean, cov) = two_normals()?;
     let floored = GaussLayerConfig {
-        width_floor: Some(1.0),
+        precision: PrecisionConfig {
+            width_floor: Some(1.0),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let text = message(GaussLayer::from_covariance(&mean, &cov, floored));
@@ -123,7 +126,10 @@ fn width_floor_is_stated() -> Result<()> {
             .unsqueeze(0)?
             .repeat((2, 1, 1))?)?;
     let floored = GaussLayerConfig {
-        width_floor: Some(0.5),
+        precision: PrecisionConfig {
+            width_floor: Some(0.5),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let layer = GaussLayer::from_covariance(&mean, &wide, floored)?;

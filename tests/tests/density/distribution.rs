@@ -84,10 +84,7 @@ fn normal_on(
     Ok(MultivariateNormal::from_covariance(
         &on_device(&Tensor::new(&mean, &dev)?, dtype, device)?,
         &on_device(&Tensor::new(&cov, &dev)?, dtype, device)?,
-        GaussLayerConfig {
-            parameterization,
-            ..Default::default()
-        },
+        GaussLayerConfig::with_parameterization(parameterization),
     )?)
 }
 
@@ -237,10 +234,7 @@ fn batch(
     Ok(MultivariateNormalBatch::from_covariance(
         &Tensor::new(&means, &dev)?,
         &Tensor::new(&covariances, &dev)?,
-        GaussLayerConfig {
-            parameterization,
-            ..Default::default()
-        },
+        GaussLayerConfig::with_parameterization(parameterization),
     )?)
 }
 

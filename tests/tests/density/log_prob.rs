@@ -6,7 +6,7 @@
 
 use anyhow::Result;
 use candle_core::Tensor;
-use gauss_layer::{GaussLayer, GaussLayerConfig, Parameterization};
+use gauss_layer::{GaussLayer, GaussLayerConfig, Parameterization, PrecisionConfig};
 
 use crate::common::{get, load};
 
@@ -33,10 +33,7 @@ fn log_prob_matches_scipy_for_every_full_parameterization() -> Result<()> {
             Parameterization::Direct,
             Parameterization::Expm,
         ] {
-            let config = GaussLayerConfig {
-                parameterization,
-                ..Default::default()
-            };
+            let config = GaussLayerConfig::with_parameterization(parameterization);
             let layers = [
                 (
                     "from_covariance",
@@ -78,10 +75,7 @@ fn log_prob_of_diagonal_forms_is_a_sum_of_one_dimensional_normals() -> Result<()
     let layer = GaussLayer::from_covariance(
         mean,
         &diagonal,
-        GaussLayerConfig {
-            parameterization: Parameterization::Diag,
-            ..Default::default()
-        },
+        GaussLayerConfig::with_parameterization(Parameterization::Diag),
     )?;
     let (xs, means, vars) = (
         x.to_vec2::<f64>()?,
@@ -116,10 +110,7 @@ fn log_prob_of_diagonal_forms_is_a_sum_of_one_dimensional_normals() -> Result<()
     let sphere = GaussLayer::from_covariance(
         mean,
         &eye,
-        GaussLayerConfig {
-            parameterization: Parameterization::Sphere,
-            ..Default::default()
-        },
+        GaussLayerConfig::with_parameterization(Parameterization::Sphere),
     )?;
     let expected: Vec<Vec<f64>> = xs
         .iter()
@@ -175,8 +166,11 @@ fn log_prob_matches_scipy_on_the_device(device: &candle_core::Device) -> Result<
         let (mean, covariance, x) = (on("mean")?, on("covariance")?, on("x")?);
         for parameterization in [Parameterization::Cholesky, Parameterization::Expm] {
             let config = GaussLayerConfig {
-                parameterization,
-                portable: true,
+                precision: PrecisionConfig {
+                    parameterization,
+                    portable: true,
+                    ..Default::default()
+                },
                 ..Default::default()
             };
             // Well-conditioned neuron only (index 0): f32 cannot hold condition 1e6 to 1e-4.

@@ -19,10 +19,7 @@ fn fit(
 ) -> Result<(MixtureFit, GaussianMixture)> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
-    let config = GaussLayerConfig {
-        parameterization,
-        ..Default::default()
-    };
+    let config = GaussLayerConfig::with_parameterization(parameterization);
     let mixture = gaussian_mixture(x.dim(1)?, k, config, vb)?;
     let options = MixtureFitOptions {
         n_init: 2,
@@ -47,10 +44,7 @@ fn draws(means: &[Vec<f64>], roots: &[Vec<f64>], n: usize, seed: u64) -> Result<
     let truth = GaussLayer::from_covariance(
         &Tensor::from_vec(means.concat(), (k, d), &dev)?,
         &Tensor::from_vec(covariances, (k, d, d), &dev)?,
-        GaussLayerConfig {
-            parameterization: Parameterization::Expm,
-            ..Default::default()
-        },
+        GaussLayerConfig::with_parameterization(Parameterization::Expm),
     )?;
     let truth = GaussianMixture::new(truth, Tensor::zeros(k, DType::F64, &dev)?)?;
     Ok(truth.sample(n, &mut rand::rngs::StdRng::seed_from_u64(seed))?)
@@ -180,10 +174,7 @@ fn every_parameterization_round_trips_its_own_precision_matrix() -> Result<()> {
     let mut parameterizations = Parameterization::ALL.to_vec();
     parameterizations.push(Parameterization::LowRank { rank: 4 });
     for parameterization in parameterizations {
-        let config = GaussLayerConfig {
-            parameterization,
-            ..Default::default()
-        };
+        let config = GaussLayerConfig::with_parameterization(parameterization);
         let shape = gauss_layer::Precision::raw_shape(parameterization, z, d);
         let count: usize = shape.iter().product();
         let mut values: Vec<f64> = (0..count).map(|_| rng.random_range(-0.5..0.5)).collect();
@@ -219,10 +210,7 @@ fn every_parameterization_round_trips_its_own_precision_matrix() -> Result<()> {
 #[test]
 fn low_rank_from_parts_and_errors() -> Result<()> {
     let dev = Device::Cpu;
-    let config = GaussLayerConfig {
-        parameterization: Parameterization::LowRank { rank: 1 },
-        ..Default::default()
-    };
+    let config = GaussLayerConfig::with_parameterization(Parameterization::LowRank { rank: 1 });
     let mean = Tensor::zeros((1, 2), DType::F64, &dev)?;
     let diagonal = Tensor::new(&[[1.0f64, 2.0]], &dev)?;
     let u = Tensor::new(&[[[1.0f64], [-1.0]]], &dev)?;

@@ -9,7 +9,7 @@
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
-use gauss_layer::{gaussian_mixture, MixtureFitOptions, MIXTURE_LOGITS_NAME};
+use gauss_layer::{gaussian_mixture, MixtureFitOptions, PrecisionConfig, MIXTURE_LOGITS_NAME};
 use gauss_layer::{GaussLayerConfig, Parameterization};
 use gauss_losses::{mixture_nll, Reduction};
 
@@ -49,10 +49,7 @@ fn fit_reaches_scikit_learn_for_every_parameterization() -> Result<()> {
             );
             let varmap = VarMap::new();
             let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
-            let config = GaussLayerConfig {
-                parameterization,
-                ..Default::default()
-            };
+            let config = GaussLayerConfig::with_parameterization(parameterization);
             let mixture = gaussian_mixture(x.dim(1)?, k, config, vb)?;
             let fit = mixture.fit(x, &MixtureFitOptions::default())?;
             let what = format!(
@@ -229,7 +226,10 @@ fn width_floor_is_fitted_exactly_by_em() -> Result<()> {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
         let config = GaussLayerConfig {
-            width_floor,
+            precision: PrecisionConfig {
+                width_floor,
+                ..Default::default()
+            },
             ..Default::default()
         };
         let mixture = gaussian_mixture(2, 3, config, vb)?;
@@ -326,10 +326,7 @@ fn low_rank_below_full_rank_beats_diag() -> Result<()> {
     let x = get(&file, "x")?;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
-    let config = GaussLayerConfig {
-        parameterization: Parameterization::LowRank { rank: 2 },
-        ..Default::default()
-    };
+    let config = GaussLayerConfig::with_parameterization(Parameterization::LowRank { rank: 2 });
     let mixture = gaussian_mixture(10, 4, config, vb)?;
     let fit = mixture.fit(x, &MixtureFitOptions::default())?;
     let (diag, best_full) = (

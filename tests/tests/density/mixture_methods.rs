@@ -135,10 +135,7 @@ fn methods_match(dtype: DType, dev: &Device) -> Result<()> {
     for case in cases() {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, dtype, dev);
-        let config = GaussLayerConfig {
-            parameterization: case.parameterization,
-            ..Default::default()
-        };
+        let config = GaussLayerConfig::with_parameterization(case.parameterization);
         let mixture = gaussian_mixture(2, 2, config, vb)?;
         let covariances: Vec<f64> = case
             .covariances

@@ -175,10 +175,7 @@ fn tied_mixture(
     varmap: &VarMap,
 ) -> Result<gauss_layer::GaussianMixture> {
     let vb = VarBuilder::from_varmap(varmap, DType::F64, &Device::Cpu);
-    let config = GaussLayerConfig {
-        parameterization,
-        ..Default::default()
-    };
+    let config = GaussLayerConfig::with_parameterization(parameterization);
     Ok(gaussian_mixture(d, k, config, vb)?.with_tied_covariance(true)?)
 }
 

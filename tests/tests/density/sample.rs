@@ -104,10 +104,7 @@ fn layer_samples_have_the_neurons_mean_and_covariance() -> Result<()> {
             other => other,
         };
         let (mean, cov) = normals(parameterization)?;
-        let config = GaussLayerConfig {
-            parameterization,
-            ..Default::default()
-        };
+        let config = GaussLayerConfig::with_parameterization(parameterization);
         let layer = GaussLayer::from_covariance(&mean, &cov, config)?;
         let mut rng = StdRng::seed_from_u64(7);
         let draws = layer.sample(n, &mut rng)?;

@@ -159,7 +159,7 @@ fn edited_checkpoint(bytes: &[u8], version: &str, edit: impl Fn(&str) -> String)
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
     let edited = edit(&header.replace(
-        "\"format_version\":\"2\"",
+        "\"format_version\":\"3\"",
         &format!("\"format_version\":\"{version}\""),
     ));
     assert_ne!(edited, header);
@@ -176,7 +176,7 @@ fn configs_refuse_duplicate_keys_and_nested_unknown_fields_in_every_version() ->
     let path = dir.join("net.safetensors");
     checkpoint::save(&net, &path)?;
     let bytes = std::fs::read(&path)?;
-    for version in ["1", "2"] {
+    for version in ["1", "2", "3"] {
         // `"gate":false` appended after `"gate":true`: last-wins would load gate = false.
         let file = edited_checkpoint(&bytes, version, |h| {
             h.replace("\\\"gate\\\":true", "\\\"gate\\\":true,\\\"gate\\\":false")
@@ -191,16 +191,13 @@ fn configs_refuse_duplicate_keys_and_nested_unknown_fields_in_every_version() ->
     }
     // A lowrank network with an unknown field inside its parameterization.
     let config = GaussNetConfig {
-        layer: GaussLayerConfig {
-            parameterization: Parameterization::LowRank { rank: 2 },
-            ..Default::default()
-        },
+        layer: GaussLayerConfig::with_parameterization(Parameterization::LowRank { rank: 2 }),
         ..small_diag_net_config()
     };
     let (net, _vars) = new_net(config, DType::F32)?;
     checkpoint::save(&net, &path)?;
     let bytes = std::fs::read(&path)?;
-    for version in ["1", "2"] {
+    for version in ["1", "2", "3"] {
         let file = edited_checkpoint(&bytes, version, |h| {
             h.replace("{\\\"rank\\\":2}", "{\\\"rank\\\":2,\\\"extra\\\":1}")
         });
@@ -226,10 +223,7 @@ fn sizes_are_counted_in_checked_arithmetic_and_lowrank_rank_is_at_most_d() -> Re
     // 1e9 hidden diag neurons over 64 inputs: 1.3e11 parameters, more than any machine here.
     let config = GaussNetConfig {
         hidden: vec![1_000_000_000],
-        layer: GaussLayerConfig {
-            parameterization: Parameterization::Diag,
-            ..Default::default()
-        },
+        layer: GaussLayerConfig::with_parameterization(Parameterization::Diag),
         ..config
     };
     let bytes = memory::network_elements(&config)?.checked_mul(16);
@@ -238,10 +232,7 @@ fn sizes_are_counted_in_checked_arithmetic_and_lowrank_rank_is_at_most_d() -> Re
         .to_string();
     assert!(e.contains("needs about"), "{e}");
     // Rank 1000 on 64 inputs (6.4 GB of U before): refused by the config, as is the layer.
-    let lowrank = GaussLayerConfig {
-        parameterization: Parameterization::LowRank { rank: 1000 },
-        ..Default::default()
-    };
+    let lowrank = GaussLayerConfig::with_parameterization(Parameterization::LowRank { rank: 1000 });
     let config = GaussNetConfig {
         hidden: vec![8],
         layer: lowrank.clone(),
@@ -250,10 +241,7 @@ fn sizes_are_counted_in_checked_arithmetic_and_lowrank_rank_is_at_most_d() -> Re
     let e = config.validate().unwrap_err().to_string();
     assert!(e.contains("rank <= the layer's 64 inputs"), "{e}");
     assert!(lowrank.validate_sizes(64, 8).is_err());
-    let fine = GaussLayerConfig {
-        parameterization: Parameterization::LowRank { rank: 64 },
-        ..Default::default()
-    };
+    let fine = GaussLayerConfig::with_parameterization(Parameterization::LowRank { rank: 64 });
     fine.validate_sizes(64, 8)?;
     Ok(())
 }

@@ -5,7 +5,7 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor, Var};
-use gauss_layer::{checkpoint, GaussError, GaussLayer, GaussLayerConfig};
+use gauss_layer::{checkpoint, GaussError, GaussLayer, GaussLayerConfig, PrecisionConfig};
 use gauss_layer::{Parameterization, PositiveMap, Precision};
 use gauss_tests::{new_net, small_diag_net_config, temp_dir};
 
@@ -31,8 +31,11 @@ type Entry = (Vec<usize>, f64);
 fn cases(dtype: DType) -> Vec<(GaussLayerConfig, Vec<usize>, f64, Option<Entry>)> {
     let (log, factor, direct) = bounds(dtype);
     let config = |parameterization, positive_map| GaussLayerConfig {
-        parameterization,
-        positive_map,
+        precision: PrecisionConfig {
+            parameterization,
+            positive_map,
+            ..Default::default()
+        },
         ..Default::default()
     };
     use Parameterization as P;
@@ -84,11 +87,11 @@ fn raw_with(
     index: &[usize],
     value: f64,
 ) -> Result<Tensor> {
-    let shape = Precision::raw_shape(config.parameterization, Z, D);
+    let shape = Precision::raw_shape(config.precision.parameterization, Z, D);
     let n: usize = shape.iter().product();
     let mut values = vec![0.0f64; n];
     // direct: the identity (PD), so the layer's output is meaningful.
-    if config.parameterization == Parameterization::Direct {
+    if config.precision.parameterization == Parameterization::Direct {
         for z in 0..Z {
             for i in 0..D {
                 values[z * D * D + i * D + i] = 1.0;
@@ -158,7 +161,7 @@ fn raw_values_outside_the_finite_range_are_refused_on_every_parameterization() -
             for (index, bound) in entries {
                 let what = format!(
                     "{} {:?} {dtype:?} at {index:?}",
-                    config.parameterization, config.positive_map
+                    config.precision.parameterization, config.precision.positive_map
                 );
                 for bad in [bound * 1.01, -bound * 1.01, f64::NAN, f64::INFINITY, 1e38] {
                     // 1e38 is inside the direct range of f64 only.
@@ -171,7 +174,7 @@ fn raw_values_outside_the_finite_range_are_refused_on_every_parameterization() -
                             what: tensor,
                             reason,
                         }) => {
-                            let name = Precision::tensor_name(config.parameterization);
+                            let name = Precision::tensor_name(config.precision.parameterization);
                             assert!(tensor.contains(name), "{what}: {tensor}");
                             assert!(reason.contains(&format!("{index:?}")), "{what}: {reason}");
                         }
@@ -183,7 +186,7 @@ fn raw_values_outside_the_finite_range_are_refused_on_every_parameterization() -
                 // Just inside the range, both signs: finite P, outputs and gradients.
                 for good in [bound * 0.99, -bound * 0.99] {
                     // A negative direct diagonal is not PD (direct is checked and repaired).
-                    if config.parameterization == Parameterization::Direct && good < 0.0 {
+                    if config.precision.parameterization == Parameterization::Direct && good < 0.0 {
                         continue;
                     }
                     let raw = raw_with(&config, dtype, &index, good)?;
@@ -197,10 +200,7 @@ fn raw_values_outside_the_finite_range_are_refused_on_every_parameterization() -
 
 #[test]
 fn precision_matrices_with_nan_are_refused() -> Result<()> {
-    let config = GaussLayerConfig {
-        parameterization: Parameterization::Direct,
-        ..Default::default()
-    };
+    let config = GaussLayerConfig::with_parameterization(Parameterization::Direct);
     let p = Tensor::new(&[[[1.0f64, f64::NAN], [f64::NAN, 1.0]]], &Device::Cpu)?;
     assert!(Precision::from_precision_matrix(&p, &config).is_err());
     Ok(())

@@ -186,7 +186,7 @@ fn precisions_and_layouts_are_the_originals() -> Result<()> {
             let err = relative_error(&p, get(&r, &format!("P{i}"))?)?;
             assert!(err < TOL_F64, "{} P{i}: {err:e}", case.name);
             assert_eq!(
-                layer.config().parameterization,
+                layer.config().precision.parameterization,
                 case.covar.parameterization()
             );
             assert_eq!(layer.config().tied_bias, !case.free_biases);

@@ -93,7 +93,7 @@ fn original_rule_sets_each_layers_width_from_its_own_size() -> Result<()> {
         let options = ConvertOptions::fgn_original(covar_type, 4.0);
         let net = mlp_to_gauss_net(&layers, &options)?;
         assert_eq!(
-            net.layers()[0].config().parameterization,
+            net.layers()[0].config().precision.parameterization,
             covar_type.parameterization()
         );
         assert!(net.layers()[0].config().tanh && !net.layers()[1].config().tanh);

@@ -7,7 +7,7 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use gauss_layer::testing::relative_error;
-use gauss_layer::{GaussLayer, GaussLayerConfig, Parameterization, Precision};
+use gauss_layer::{GaussLayer, GaussLayerConfig, Parameterization, Precision, PrecisionConfig};
 use gauss_losses::{layer_nll, LambdaLoss, Reduction};
 
 /// A lowrank layer and a direct layer with the same P, centers and weights.
@@ -51,8 +51,11 @@ impl Pair {
             Parameterization::Direct
         };
         let config = GaussLayerConfig {
-            parameterization,
-            portable,
+            precision: PrecisionConfig {
+                parameterization,
+                portable,
+                ..Default::default()
+            },
             ..Default::default()
         };
         let raw = if low_rank {
@@ -172,10 +175,7 @@ fn low_rank_matches_direct_with_the_same_precision_f64() -> Result<()> {
 
 #[test]
 fn low_rank_inverse_map_is_exact_where_documented() -> Result<()> {
-    let config = |rank| GaussLayerConfig {
-        parameterization: Parameterization::LowRank { rank },
-        ..Default::default()
-    };
+    let config = |rank| GaussLayerConfig::with_parameterization(Parameterization::LowRank { rank });
     let device = Device::Cpu;
     // rank ≥ d: any positive-definite P is represented exactly.
     let a = Tensor::randn(0f64, 1.0, (2, 4, 4), &device)?;

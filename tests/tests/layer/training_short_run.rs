@@ -5,7 +5,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use gauss_layer::checkpoint;
-use gauss_layer::{GaussLayerConfig, GaussNet, GaussNetConfig, Parameterization};
+use gauss_layer::{GaussLayerConfig, GaussNet, GaussNetConfig, Parameterization, PrecisionConfig};
 use gauss_losses::{fgn_objective, FgnObjectiveConfig};
 
 use gauss_tests::new_net;
@@ -53,14 +53,13 @@ fn short_training_lowers_the_loss_and_resumes_from_a_checkpoint() -> Result<()> 
         hidden: vec![8],
         out_features: 2,
         layer: GaussLayerConfig {
-            parameterization: Parameterization::Diag,
+            precision: PrecisionConfig::with_parameterization(Parameterization::Diag),
             tanh: true,
             ..Default::default()
         },
-        output_layer: Some(GaussLayerConfig {
-            parameterization: Parameterization::Diag,
-            ..Default::default()
-        }),
+        output_layer: Some(GaussLayerConfig::with_parameterization(
+            Parameterization::Diag,
+        )),
         ..Default::default()
     };
     let (net, varmap) = new_net(config, DType::F32)?;

@@ -12,10 +12,7 @@ use gauss_tests::temp_dir;
 fn layer_saves_and_loads_under_documented_names(device: &Device) -> anyhow::Result<()> {
     let dir = temp_dir("layer-vb")?;
     for parameterization in Parameterization::ALL {
-        let config = GaussLayerConfig {
-            parameterization,
-            ..Default::default()
-        };
+        let config = GaussLayerConfig::with_parameterization(parameterization);
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let layer = gauss_layer(5, 3, config.clone(), vb.pp("layer0"))?;
@@ -53,10 +50,7 @@ gauss_layer::test_device!(layer_saves_and_loads_under_documented_names);
 /// small enough step (first-order descent).
 fn one_training_step_lowers_the_loss_f64(device: &Device) -> anyhow::Result<()> {
     for parameterization in Parameterization::ALL {
-        let config = GaussLayerConfig {
-            parameterization,
-            ..Default::default()
-        };
+        let config = GaussLayerConfig::with_parameterization(parameterization);
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F64, device);
         let layer = gauss_layer(4, 3, config, vb)?;

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use gauss_layer::{gauss_layer, GaussError, GaussLayerConfig, Parameterization};
+use gauss_layer::{gauss_layer, GaussError, GaussLayerConfig, Parameterization, PrecisionConfig};
 use gauss_losses::{
     checked_cross_entropy, fgn_objective, layer_nll, nll_covariance_factor, nll_precision_factor,
     weight_l2_of_layers, FgnObjectiveConfig, LambdaLoss, Reduction,
@@ -104,7 +104,7 @@ fn indefinite_direct_precision_is_an_error_not_nan() -> Result<()> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F64, &dev());
     let cfg = GaussLayerConfig {
-        parameterization: Parameterization::Direct,
+        precision: PrecisionConfig::with_parameterization(Parameterization::Direct),
         gaussian_only: true,
         ..Default::default()
     };

@@ -11,7 +11,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use gauss_layer::testing::linalg;
 use gauss_layer::testing::max_abs;
-use gauss_layer::{gauss_layer, repair, GaussLayerConfig, Parameterization, Precision};
+use gauss_layer::{
+    gauss_layer, repair, GaussLayerConfig, Parameterization, Precision, PrecisionConfig,
+};
 use gauss_losses::{layer_nll, Reduction};
 
 /// Steps per fit; `direct` walks P's entries through repairs at the PD boundary from the cold
@@ -46,7 +48,7 @@ fn fit(
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
     let config = GaussLayerConfig {
-        parameterization,
+        precision: PrecisionConfig::with_parameterization(parameterization),
         gaussian_only: true,
         ..Default::default()
     };

@@ -52,10 +52,7 @@ fn expected_value(variant: LambdaLoss, ps: &[Matrix]) -> f64 {
 }
 
 fn config(parameterization: Parameterization) -> GaussLayerConfig {
-    GaussLayerConfig {
-        parameterization,
-        ..Default::default()
-    }
+    GaussLayerConfig::with_parameterization(parameterization)
 }
 
 fn assert_rel(got: f64, expected: f64, tol: f64, what: &str) {
@@ -288,10 +285,8 @@ fn lambda_trace_estimate_is_unbiased(device: &Device) -> Result<()> {
     let expected = expected_value(LambdaLoss::TraceCovariance, &ps);
     for dtype in gauss_layer::testing::float_dtypes(device) {
         let config = config(Parameterization::Cholesky);
-        let portable = GaussLayerConfig {
-            portable: true,
-            ..config.clone()
-        };
+        let mut portable = config.clone();
+        portable.precision.portable = true;
         for config in [config, portable] {
             let p = to_tensor(&ps)?.to_dtype(dtype)?.to_device(device)?;
             let precision = Precision::from_precision_matrix(&p, &config)?;
@@ -312,7 +307,7 @@ fn lambda_trace_estimate_is_unbiased(device: &Device) -> Result<()> {
             let n = draws.len() as f64;
             let mean = draws.iter().sum::<f64>() / n;
             let sd = (draws.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
-            let what = format!("{dtype:?} portable={}", config.portable);
+            let what = format!("{dtype:?} portable={}", config.precision.portable);
             assert!(sd > 0.0, "{what}: the draws do not vary");
             assert!(
                 (mean - expected).abs() < 5.0 * sd / n.sqrt(),

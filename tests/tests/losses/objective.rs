@@ -17,10 +17,7 @@ fn weighted_sum(dtype: DType, dev: &Device) -> Result<()> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, dtype, dev);
     let first = gauss_layer(4, 5, GaussLayerConfig::default(), vb.pp("l0"))?;
-    let second_cfg = GaussLayerConfig {
-        parameterization: Parameterization::Diag,
-        ..Default::default()
-    };
+    let second_cfg = GaussLayerConfig::with_parameterization(Parameterization::Diag);
     let second = gauss_layer(5, 3, second_cfg, vb.pp("l1"))?;
     let x = on_device(
         &Tensor::randn(0.0f64, 1.0, (6, 4), &Device::Cpu)?,

@@ -20,10 +20,10 @@
 //!    each tensor's byte range must match its shape and dtype (checked arithmetic) and lie in
 //!    the file, and the ranges must tile the data section exactly.
 //! 3. The metadata: `format` must be [`FORMAT_NAME`] and `format_version` one this build reads
-//!    (1 or [`FORMAT_VERSION`]); `config` is parsed **strictly** (an unknown or missing field is
-//!    an error naming the field's path; version-1 configs are first upgraded by filling the
-//!    fields added since, see the table in the `schema` module) and validated; `dtype` must
-//!    name a float dtype.
+//!    (1 to [`FORMAT_VERSION`]); `config` is parsed **strictly** (an unknown or missing field is
+//!    an error naming the field's path; older configs are first upgraded by filling the
+//!    fields added since and moving the fields moved since, see the table in the `schema`
+//!    module) and validated; `dtype` must name a float dtype.
 //! 4. The tensors the config implies (names, shapes) are computed with checked arithmetic,
 //!    without building a network, and compared with the header: a missing, unexpected,
 //!    misshapen or wrongly typed tensor is an error naming it.
@@ -99,9 +99,10 @@ pub use save::{clean_stale_temp_files, STALE_TEMP_AGE};
 
 /// Value of the `format` metadata field.
 pub const FORMAT_NAME: &str = "gauss-layer.gauss-net";
-/// Version of the checkpoint layout this crate writes. It reads this one and every older one
-/// (version 1: the same layout, with a config that older builds parsed leniently; its
-/// missing fields are filled from the upgrade table).
+/// Version of the checkpoint layout this crate writes. It reads this one and every older one:
+/// version 1 is the same layout with a config that older builds parsed leniently (its
+/// missing fields are filled from the upgrade table); version 2 has each layer's precision
+/// fields beside `tanh` instead of in its `precision` (moved on load).
 pub const FORMAT_VERSION: u32 = schema::CURRENT_VERSION;
 
 const KEY_FORMAT: &str = "format";

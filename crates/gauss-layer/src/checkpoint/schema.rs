@@ -9,37 +9,78 @@ use crate::net::GaussNetConfig;
 use crate::precision::Precision;
 
 /// The format version this crate writes.
-pub(crate) const CURRENT_VERSION: u32 = 2;
+pub(crate) const CURRENT_VERSION: u32 = 3;
 
-/// Config fields added by each format version, with the JSON value that reproduces what a
-/// file of the older version meant. Loading a version-`v` file applies every row of every
-/// entry with `from >= v`, in order, to the config JSON before strict deserialization: a row
-/// inserts its value where the field is absent and its parent object exists (an
-/// `output_layer` of `null` has no fields to fill).
+/// What changed in the config from one format version to the next, with what reproduces the
+/// older meaning. Loading a version-`v` file applies every entry with `from >= v`, in order,
+/// to the config JSON before strict deserialization.
 ///
 /// **Adding a config field**: bump [`CURRENT_VERSION`] (in `mod.rs`, `FORMAT_VERSION`), add an
-/// entry `Upgrade { from: <old version>, added: &[("path.to.field", "<default JSON>")] }`,
+/// entry `Upgrade { from: <old version>, added: &[("path.to.field", "<default JSON>")], .. }`,
 /// with one row per place the field occurs (`layer.…` and `output_layer.…` for a layer
-/// field), and a fixture of the old version under `tests/data/checkpoint/`.
+/// field), and a fixture of the old version under `tests/data/checkpoint/`. **Moving a
+/// field** is a `moved` row `(old path, new path)`.
 pub(crate) struct Upgrade {
     /// The version this entry upgrades from (to `from + 1`).
     pub from: u32,
-    /// `(dotted field path, default value as JSON)`.
+    /// `(dotted field path, default value as JSON)`: inserted where the field is absent and
+    /// its parent object exists (an `output_layer` of `null` has no fields to fill).
     pub added: &'static [(&'static str, &'static str)],
+    /// `(old dotted path, new dotted path)`: the value is taken out of the old place and put
+    /// in the new one, creating the new parent object if needed. A file holding the field in
+    /// both places is an error; one holding it in neither is left to the strict parse.
+    pub moved: &'static [(&'static str, &'static str)],
 }
 
 /// The upgrade table (see [`Upgrade`]).
-pub(crate) const UPGRADES: &[Upgrade] = &[Upgrade {
-    // Version 1 configs were parsed leniently (missing fields took their defaults); the
-    // fields added during version 1 are the initialization seed and the portable switch. Version 2 is strict.
-    from: 1,
-    added: &[
-        ("layer.init.seed", "null"),
-        ("output_layer.init.seed", "null"),
-        ("layer.portable", "false"),
-        ("output_layer.portable", "false"),
-    ],
-}];
+pub(crate) const UPGRADES: &[Upgrade] = &[
+    Upgrade {
+        // Version 1 configs were parsed leniently (missing fields took their defaults); the
+        // fields added during version 1 are the initialization seed and the portable switch.
+        // Version 2 is strict.
+        from: 1,
+        added: &[
+            ("layer.init.seed", "null"),
+            ("output_layer.init.seed", "null"),
+            ("layer.portable", "false"),
+            ("output_layer.portable", "false"),
+        ],
+        moved: &[],
+    },
+    Upgrade {
+        // Version 3 nests the precision fields of a layer config in `precision` (a
+        // `PrecisionConfig`), so they are said once.
+        from: 2,
+        added: &[],
+        moved: &[
+            ("layer.parameterization", "layer.precision.parameterization"),
+            ("layer.positive_map", "layer.precision.positive_map"),
+            (
+                "layer.factor_diag_floor",
+                "layer.precision.factor_diag_floor",
+            ),
+            ("layer.width_floor", "layer.precision.width_floor"),
+            ("layer.portable", "layer.precision.portable"),
+            (
+                "output_layer.parameterization",
+                "output_layer.precision.parameterization",
+            ),
+            (
+                "output_layer.positive_map",
+                "output_layer.precision.positive_map",
+            ),
+            (
+                "output_layer.factor_diag_floor",
+                "output_layer.precision.factor_diag_floor",
+            ),
+            (
+                "output_layer.width_floor",
+                "output_layer.precision.width_floor",
+            ),
+            ("output_layer.portable", "output_layer.precision.portable"),
+        ],
+    },
+];
 
 /// Parses the `config` metadata of a version-`version` checkpoint strictly: unknown and
 /// missing fields are errors naming the field's path.
@@ -131,31 +172,94 @@ fn upgrade(config: &mut Value, version: u32) -> Result<(), String> {
     if !config.is_object() {
         return Err("expected a JSON object".to_string());
     }
-    for entry in UPGRADES.iter().filter(|u| u.from >= version) {
+    let entries: Vec<&Upgrade> = UPGRADES.iter().filter(|u| u.from >= version).collect();
+    for (i, entry) in entries.iter().enumerate() {
         for (path, default) in entry.added {
+            // A field is absent only if it is at neither its place in this version nor the
+            // place later versions moved it to (a complete newer config labelled older).
+            if value_at(config, &moved_path(path, &entries[i + 1..])).is_some() {
+                continue;
+            }
             let default: Value = serde_json::from_str(default)
                 .map_err(|e| format!("internal: upgrade default of `{path}`: {e}"))?;
             insert_if_absent(config, path, default);
+        }
+        for (from, to) in entry.moved {
+            move_field(config, from, to)?;
         }
     }
     Ok(())
 }
 
+/// The object at the dotted `path` of parents (`None` where one is missing or not an object).
+fn object_at<'a>(
+    config: &'a mut Value,
+    parents: &[&str],
+) -> Option<&'a mut serde_json::Map<String, Value>> {
+    let mut node = config;
+    for part in parents {
+        node = node.get_mut(*part).filter(|child| child.is_object())?;
+    }
+    node.as_object_mut()
+}
+
+fn split_path(path: &str) -> (Vec<&str>, &str) {
+    let mut parts: Vec<&str> = path.split('.').collect();
+    let field = parts.pop().unwrap_or_default();
+    (parts, field)
+}
+
+/// Where the later `entries` move the field at `path`.
+fn moved_path(path: &str, entries: &[&Upgrade]) -> String {
+    let mut path = path.to_string();
+    for entry in entries {
+        if let Some((_, to)) = entry.moved.iter().find(|(from, _)| *from == path) {
+            path = (*to).to_string();
+        }
+    }
+    path
+}
+
+/// The value at the dotted `path`, if there is one.
+fn value_at<'a>(config: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.')
+        .try_fold(config, |node, part| node.get(part))
+}
+
 /// Inserts `value` at the dotted `path` when the field is absent and every parent is an
 /// object; leaves anything else to the strict parse.
 fn insert_if_absent(config: &mut Value, path: &str, value: Value) {
-    let mut parts: Vec<&str> = path.split('.').collect();
-    let Some(field) = parts.pop() else { return };
-    let mut node = config;
-    for part in parts {
-        match node.get_mut(part) {
-            Some(child) if child.is_object() => node = child,
-            _ => return,
-        }
-    }
-    if let Some(object) = node.as_object_mut() {
+    let (parents, field) = split_path(path);
+    if let Some(object) = object_at(config, &parents) {
         object.entry(field).or_insert(value);
     }
+}
+
+/// Moves the field at `from` to `to` (see [`Upgrade::moved`]).
+fn move_field(config: &mut Value, from: &str, to: &str) -> Result<(), String> {
+    let (from_parents, from_field) = split_path(from);
+    let Some(value) = object_at(config, &from_parents).and_then(|o| o.remove(from_field)) else {
+        return Ok(());
+    };
+    let (to_parents, to_field) = split_path(to);
+    // Create the new parents below the deepest existing one (the old field's parent exists).
+    let mut node = &mut *config;
+    for part in to_parents {
+        let object = node.as_object_mut().ok_or_else(|| {
+            format!("cannot move `{from}` to `{to}`: `{part}`'s parent is not an object")
+        })?;
+        node = object
+            .entry(part)
+            .or_insert_with(|| Value::Object(serde_json::Map::new()));
+    }
+    let object = node.as_object_mut().ok_or_else(|| {
+        format!("cannot move `{from}` to `{to}`: its new parent is not an object")
+    })?;
+    if object.contains_key(to_field) {
+        return Err(format!("`{from}` and `{to}` are both given; the format version this file names has only `{from}`"));
+    }
+    object.insert(to_field.to_string(), value);
+    Ok(())
 }
 
 /// One tensor the config implies.
@@ -219,10 +323,10 @@ pub(crate) fn visit_expected(
             }
         }
         emit(format!("{prefix}.center"), vec![out, width])?;
-        let name = Precision::tensor_name(layer.parameterization);
+        let name = Precision::tensor_name(layer.precision.parameterization);
         emit(
             format!("{prefix}.{name}"),
-            Precision::raw_shape(layer.parameterization, out, width),
+            Precision::raw_shape(layer.precision.parameterization, out, width),
         )?;
         if i + 1 < layers && config.batch_norm {
             norm(&mut emit, &format!("norms.{i}"), out)?;
@@ -262,15 +366,13 @@ mod tests {
                         hidden: vec![4, 2],
                         out_features: 5,
                         layer: GaussLayerConfig {
-                            parameterization,
                             tied_bias,
                             gaussian_only,
-                            ..Default::default()
+                            ..GaussLayerConfig::with_parameterization(parameterization)
                         },
-                        output_layer: Some(GaussLayerConfig {
-                            parameterization: Parameterization::Diag,
-                            ..Default::default()
-                        }),
+                        output_layer: Some(GaussLayerConfig::with_parameterization(
+                            Parameterization::Diag,
+                        )),
                         batch_norm,
                         input_batch_norm,
                         ..Default::default()
@@ -334,8 +436,17 @@ mod tests {
         let json = value.to_string();
         let upgraded = parse_config(&json, 1).unwrap();
         assert_eq!(upgraded.layer.init.seed, None);
-        // Version 2 is strict: the same JSON is refused, naming the path.
-        let err = parse_config(&json, 2).unwrap_err();
+        // A version-1 file has its precision fields beside `tanh`, and may lack `portable`.
+        let mut flat = value.clone();
+        flat["layer"] = flattened(&flat["layer"]);
+        flat["layer"].as_object_mut().unwrap().remove("portable");
+        let upgraded = parse_config(&flat.to_string(), 1).unwrap();
+        assert_eq!(
+            (upgraded.layer.init.seed, upgraded.layer.precision.portable),
+            (None, false)
+        );
+        // The current version is strict: the same JSON is refused, naming the path.
+        let err = parse_config(&json, CURRENT_VERSION).unwrap_err();
         assert!(err.contains("layer.init") && err.contains("seed"), "{err}");
         // An upgrade never overwrites a value that is there, and unknown fields stay errors.
         value["layer"]["init"]["seed"] = serde_json::json!(5);
@@ -347,6 +458,73 @@ mod tests {
         let err = parse_config(&value.to_string(), 1).unwrap_err();
         assert!(
             err.contains("layer") && err.contains("unknown field `tanx`"),
+            "{err}"
+        );
+    }
+
+    /// A layer config as format version 2 wrote it: the precision fields beside `tanh`.
+    fn flattened(layer: &serde_json::Value) -> serde_json::Value {
+        let mut flat = layer.clone();
+        let object = flat.as_object_mut().unwrap();
+        let precision = object.remove("precision").unwrap();
+        for (key, value) in precision.as_object().unwrap() {
+            object.insert(key.clone(), value.clone());
+        }
+        flat
+    }
+
+    #[test]
+    fn version_2_configs_have_their_precision_fields_moved() {
+        let config = GaussNetConfig {
+            layer: GaussLayerConfig {
+                precision: crate::PrecisionConfig {
+                    parameterization: Parameterization::Diag,
+                    positive_map: crate::PositiveMap::Exp,
+                    factor_diag_floor: 0.25,
+                    width_floor: Some(0.5),
+                    portable: true,
+                },
+                tanh: true,
+                ..Default::default()
+            },
+            output_layer: Some(GaussLayerConfig::with_parameterization(
+                Parameterization::LowRank { rank: 2 },
+            )),
+            ..Default::default()
+        };
+        let mut value = serde_json::to_value(&config).unwrap();
+        value["layer"] = flattened(&value["layer"]);
+        value["output_layer"] = flattened(&value["output_layer"]);
+        assert!(value["layer"].get("precision").is_none() && value["layer"]["width_floor"] == 0.5);
+        assert_eq!(parse_config(&value.to_string(), 2).unwrap(), config);
+        // Version 1 too (whose upgrade adds `portable` at the old place first).
+        value["layer"].as_object_mut().unwrap().remove("portable");
+        let mut expected = config.clone();
+        expected.layer.precision.portable = false;
+        assert_eq!(parse_config(&value.to_string(), 1).unwrap(), expected);
+        // Version 2 had `portable`: without it the file is refused, naming it.
+        let err = parse_config(&value.to_string(), 2).unwrap_err();
+        assert!(
+            err.contains("layer.precision") && err.contains("portable"),
+            "{err}"
+        );
+        value["layer"]["portable"] = serde_json::json!(false);
+        // A network without an output layer config (`null`) has nothing to move there.
+        value["output_layer"] = serde_json::Value::Null;
+        expected.output_layer = None;
+        assert_eq!(parse_config(&value.to_string(), 2).unwrap(), expected);
+        // The flat form is not version 3, and a field in both places is refused.
+        let err = parse_config(&value.to_string(), CURRENT_VERSION).unwrap_err();
+        assert!(
+            err.contains("unknown field `factor_diag_floor`") && err.contains("`precision`"),
+            "{err}"
+        );
+        value["layer"]["precision"] = serde_json::json!({"parameterization": "diag"});
+        let err = parse_config(&value.to_string(), 2).unwrap_err();
+        assert!(
+            err.contains(
+                "`layer.parameterization` and `layer.precision.parameterization` are both given"
+            ),
             "{err}"
         );
     }

@@ -50,7 +50,7 @@ mod classic;
 use candle_core::{Tensor, D};
 use candle_nn::Linear;
 
-use crate::config::{GaussLayerConfig, Parameterization};
+use crate::config::{GaussLayerConfig, Parameterization, PrecisionConfig};
 use crate::error::{GaussError, Result};
 use crate::import::FgnCovarType;
 use crate::layer::GaussLayer;
@@ -188,7 +188,7 @@ pub(crate) fn layer_from_parts(
     };
     let center = zero_line_centers(&weight, &bias)?;
     let config = GaussLayerConfig {
-        parameterization: options.parameterization,
+        precision: PrecisionConfig::with_parameterization(options.parameterization),
         tanh,
         ..Default::default()
     };

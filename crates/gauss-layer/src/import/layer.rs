@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor};
 
 use super::state_dict::{join, state_error, Host, StateDict};
 use super::{FgnCovarType, FgnImportOptions, FGN_INV_COVAR_MAX};
-use crate::config::GaussLayerConfig;
+use crate::config::{GaussLayerConfig, PrecisionConfig};
 use crate::error::{GaussError, Result};
 use crate::layer::GaussLayer;
 use crate::precision::Precision;
@@ -81,7 +81,7 @@ pub(crate) fn import_layer(
     let natural = covar_type.parameterization();
     let parameterization = options.parameterization.unwrap_or(natural);
     let config = GaussLayerConfig {
-        parameterization,
+        precision: PrecisionConfig::with_parameterization(parameterization),
         tanh,
         tied_bias: !options.free_biases,
         ..Default::default()

@@ -358,7 +358,7 @@ fn layer_report(prefix: &str, layer: &GaussLayer) -> FgnLayerReport {
         prefix: prefix.to_string(),
         in_features: layer.in_features(),
         out_features: layer.out_features(),
-        parameterization: layer.config().parameterization,
+        parameterization: layer.config().precision.parameterization,
         tanh: layer.config().tanh,
         tied_bias: layer.config().tied_bias,
     }

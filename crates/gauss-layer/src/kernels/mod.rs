@@ -44,7 +44,7 @@ use candle_core::{DType, Tensor};
 use crate::config::DistanceKernel;
 use crate::cpu::{with_row_major, OperandShape, Sizes, TILE_ROWS};
 use crate::error::{GaussError, Result};
-use crate::precision::{Precision, RawMap};
+use crate::precision::{DistanceOperand, Precision};
 use crate::route::{backend, Backend};
 use conditioning::Conditioning;
 use distance_op::FusedPlan;
@@ -126,27 +126,23 @@ fn fused_applies(x: &Tensor, center: &Tensor, precision: &Precision, portable: b
         && precision.raw().dtype() == x.dtype()
 }
 
-/// The fused ops' precision input: the raw parameter where the op can map it itself
-/// (cholesky and direct without a width floor), else the effective factor or matrix.
+/// The fused ops' precision input, as [`Precision::distance_operand`] picks it.
 fn fused_operand(precision: &Precision) -> Result<(Source, Tensor)> {
-    match precision.raw_map() {
-        Some(RawMap::Cholesky {
+    Ok(match precision.distance_operand()? {
+        DistanceOperand::CholeskyRaw {
+            raw,
             positive_map,
             floor,
-        }) => Ok((
+        } => (
             Source::Factor(FactorMap::Cholesky {
                 positive_map,
                 floor,
             }),
-            precision.raw().clone(),
-        )),
-        Some(RawMap::Direct) => Ok((Source::Matrix, precision.raw().clone())),
-        // expm's map needs a matrix exponential, which the distance ops do not run.
-        Some(RawMap::Expm) | None => match precision.factor()? {
-            Some(factor) => Ok((Source::Factor(FactorMap::Identity), factor)),
-            None => Ok((Source::Matrix, precision.precision_matrix()?)),
-        },
-    }
+            raw,
+        ),
+        DistanceOperand::Factor(factor) => (Source::Factor(FactorMap::Identity), factor),
+        DistanceOperand::Matrix(matrix) => (Source::Matrix, matrix),
+    })
 }
 
 /// The conditioning of the centers and the fused input, read on the host (CPU tensors).

@@ -24,13 +24,13 @@ use super::{GaussianMixture, MixtureFit, MixtureFitOptions, MIXTURE_LOGITS_NAME}
 /// `rank >= d`), and for lowrank below full rank without a width floor, whose M-step is the
 /// monotone block ascent of [`low_rank_em_rank`].
 fn m_step_is_exact(config: &GaussLayerConfig, dim: usize) -> bool {
-    match config.parameterization {
+    match config.precision.parameterization {
         Parameterization::Cholesky
         | Parameterization::Direct
         | Parameterization::Expm
         | Parameterization::Diag
         | Parameterization::Sphere => true,
-        Parameterization::LowRank { rank } => rank >= dim || config.width_floor.is_none(),
+        Parameterization::LowRank { rank } => rank >= dim || config.precision.width_floor.is_none(),
     }
 }
 
@@ -38,8 +38,10 @@ fn m_step_is_exact(config: &GaussLayerConfig, dim: usize) -> bool {
 /// floor): first the diagonal members (U = 0, the diag fit), then generalized M-steps of
 /// [`LowRankFit::ascend`] from there, so the fit scores at least the diagonal fit.
 fn low_rank_em_rank(config: &GaussLayerConfig, dim: usize) -> Option<usize> {
-    match config.parameterization {
-        Parameterization::LowRank { rank } if rank < dim && config.width_floor.is_none() => {
+    match config.precision.parameterization {
+        Parameterization::LowRank { rank }
+            if rank < dim && config.precision.width_floor.is_none() =>
+        {
             Some(rank)
         }
         _ => None,
@@ -122,7 +124,7 @@ impl GaussianMixture {
         // Per component: the weighted covariance around its own mean (d × d, row-major),
         // before `reg_covar`.
         let mut spreads: Vec<Vec<f64>> = Vec::with_capacity(k);
-        if needs_full_covariance(config.parameterization) {
+        if needs_full_covariance(config.precision.parameterization) {
             for (component, count) in counts_host.iter().enumerate() {
                 let centered = x.broadcast_sub(&means.narrow(0, component, 1)?)?;
                 let weighted = centered.broadcast_mul(&resp.narrow(1, component, 1)?)?;
@@ -519,11 +521,11 @@ fn project_covariance(
     component: usize,
 ) -> Result<()> {
     let d = cov.nrows();
-    if config.parameterization == Parameterization::Sphere {
+    if config.precision.parameterization == Parameterization::Sphere {
         let mean = (0..d).map(|i| cov[(i, i)]).sum::<f64>() / d as f64;
         *cov = HostMatrix::from_fn(d, d, |i, j| if i == j { mean } else { 0.0 });
     }
-    let Some(sigma) = config.width_floor else {
+    let Some(sigma) = config.precision.width_floor else {
         return Ok(());
     };
     let lowest = sigma * sigma * (1.0 + 1e-6);

@@ -67,7 +67,7 @@ impl GaussianMixture {
     pub fn num_parameters(&self) -> usize {
         let (k, d) = (self.num_components(), self.dim());
         let full = d * (d + 1) / 2;
-        let per_component = match self.layer.config().parameterization {
+        let per_component = match self.layer.config().precision.parameterization {
             Parameterization::Cholesky | Parameterization::Direct | Parameterization::Expm => full,
             Parameterization::Diag => d,
             Parameterization::Sphere => 1,

@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::inverse::raw_from_precision_block;
 use super::Precision;
-use crate::config::{GaussLayerConfig, Parameterization};
+use crate::config::{GaussLayerConfig, Parameterization, PrecisionConfig};
 use crate::error::Result;
 use crate::init::{self, InitStream};
 use crate::linalg::host;
@@ -48,8 +48,8 @@ impl Precision {
         config.validate_sizes(d, z)?;
         let scale = config.init.precision_scale.unwrap_or(1.0 / d as f64);
         let eps = config.init.perturbation;
-        let shape = Self::raw_shape(config.parameterization, z, d);
-        let values = match config.parameterization {
+        let shape = Self::raw_shape(config.precision.parameterization, z, d);
+        let values = match config.precision.parameterization {
             // log p = log(scale · (1 + eps · n)), one draw per diagonal entry (diag) or neuron.
             Parameterization::Diag | Parameterization::Sphere => {
                 let count = shape.iter().product();
@@ -76,9 +76,9 @@ impl Precision {
             _ => {
                 let noise = noise(config, z * d * d, device)?;
                 // The initial P is the base precision: no width floor in the inverse map.
-                let base_config = GaussLayerConfig {
+                let base_config = PrecisionConfig {
                     width_floor: None,
-                    ..config.clone()
+                    ..config.precision
                 };
                 let mut values = Vec::with_capacity(z * d * d);
                 let mut block = vec![0.0; d * d];
@@ -94,7 +94,7 @@ impl Precision {
                     values.extend(raw_from_precision_block(
                         &block,
                         d,
-                        &base_config,
+                        base_config,
                         neuron,
                         0.0,
                     )?);

@@ -100,10 +100,7 @@ impl Precision {
     /// ```
     /// use candle_core::{Device, Tensor};
     /// use gauss_layer::{GaussLayerConfig, Parameterization, Precision};
-    /// let config = GaussLayerConfig {
-    ///     parameterization: Parameterization::LowRank { rank: 1 },
-    ///     ..Default::default()
-    /// };
+    /// let config = GaussLayerConfig::with_parameterization(Parameterization::LowRank { rank: 1 });
     /// // P = diag(1, 2) + u uᵀ with u = (1, 1).
     /// let diagonal = Tensor::new(&[[1.0f64, 2.0]], &Device::Cpu)?;
     /// let u = Tensor::new(&[[[1.0f64], [1.0]]], &Device::Cpu)?;

@@ -27,7 +27,7 @@
 //! ```
 //! use candle_core::{Device, Tensor};
 //! use gauss_layer::{GaussLayerConfig, Parameterization, Precision};
-//! let config = GaussLayerConfig { parameterization: Parameterization::Diag, ..Default::default() };
+//! let config = GaussLayerConfig::with_parameterization(Parameterization::Diag);
 //! // Two neurons over 3 inputs: P = diag(e^0, e^0, e^0) and diag(e^1, e^1, e^1).
 //! let raw = Tensor::new(&[[0.0f64, 0.0, 0.0], [1.0, 1.0, 1.0]], &Device::Cpu)?;
 //! let precision = Precision::from_raw(raw, 3, &config)?;
@@ -50,10 +50,12 @@ mod inverse;
 pub(crate) mod low_rank;
 mod low_rank_fit;
 pub(crate) mod maps;
+mod operand;
 mod stats_op;
 mod trace_estimate;
 
 pub(crate) use low_rank_fit::LowRankFit;
+pub(crate) use operand::DistanceOperand;
 
 /// How a full precision's raw (Z, d, d) tensor maps to `P`, where ops can read the raw
 /// tensor directly ([`Precision::raw_map`]): the one place that rule is written.

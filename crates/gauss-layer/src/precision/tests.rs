@@ -9,8 +9,11 @@ use crate::testing::relative_error;
 
 fn config(parameterization: Parameterization, width_floor: Option<f64>) -> GaussLayerConfig {
     GaussLayerConfig {
-        parameterization,
-        width_floor,
+        precision: PrecisionConfig {
+            parameterization,
+            width_floor,
+            ..Default::default()
+        },
         ..Default::default()
     }
 }
@@ -204,7 +207,7 @@ fn diagonal_forms_initialize_without_dense_matrices() {
     // A 784 → 256 diag layer: the raw tensor is (256, 784) and the seeded draw has as many
     // values; a dense (Z, d, d) f64 buffer would be 1.26 GB.
     let cfg = GaussLayerConfig {
-        parameterization: Parameterization::Diag,
+        precision: PrecisionConfig::with_parameterization(Parameterization::Diag),
         init: crate::config::InitConfig {
             seed: Some(3),
             ..Default::default()
@@ -267,7 +270,7 @@ fn fused_statistics_match_the_tensor_op_forms() {
         for (name, statistic) in statistics {
             let mut results = Vec::new();
             for portable in [false, true] {
-                cfg.portable = portable;
+                cfg.precision.portable = portable;
                 let precision = Precision::from_raw(var.as_tensor().clone(), d, &cfg).unwrap();
                 let value = statistic(&precision).unwrap();
                 // A weighted sum, so every neuron's gradient is scaled differently.

@@ -254,16 +254,13 @@ mod tests {
     }
 
     fn config() -> GaussLayerConfig {
-        GaussLayerConfig {
-            parameterization: Parameterization::Cholesky,
-            ..Default::default()
-        }
+        GaussLayerConfig::with_parameterization(Parameterization::Cholesky)
     }
 
     fn op(config: &GaussLayerConfig) -> TraceCovarianceEstimate {
         TraceCovarianceEstimate {
-            positive_map: config.positive_map,
-            floor: config.factor_diag_floor,
+            positive_map: config.precision.positive_map,
+            floor: config.precision.factor_diag_floor,
         }
     }
 

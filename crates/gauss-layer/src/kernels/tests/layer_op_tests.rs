@@ -1,4 +1,5 @@
 use super::*;
+use crate::config::PrecisionConfig;
 
 /// The fused layer op against the layer composed from tensor ops (naive distances), for
 /// cholesky (raw fed to the op), cholesky with a width floor and expm (factor fed to the op),
@@ -47,8 +48,11 @@ fn fused_layer_matches_composed_layer() -> TestResult {
     ];
     for (parameterization, width_floor, with_bias, kernel) in cases {
         let config = GaussLayerConfig {
-            parameterization,
-            width_floor,
+            precision: PrecisionConfig {
+                parameterization,
+                width_floor,
+                ..Default::default()
+            },
             ..Default::default()
         };
         let c = case(18, batch, dim, neurons, 2.0);

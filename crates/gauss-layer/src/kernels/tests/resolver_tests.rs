@@ -1,4 +1,5 @@
 use super::*;
+use crate::config::PrecisionConfig;
 
 /// The resolver through every parameterization (with and without a width floor), on the
 /// default and the portable path, against the naive kernel: values and gradients to x,
@@ -17,9 +18,12 @@ fn dispatcher_agrees_with_naive_for_every_parameterization() -> TestResult {
             }
             for portable in [false, true] {
                 let config = GaussLayerConfig {
-                    parameterization,
-                    width_floor,
-                    portable,
+                    precision: PrecisionConfig {
+                        parameterization,
+                        width_floor,
+                        portable,
+                        ..Default::default()
+                    },
                     ..Default::default()
                 };
                 let what = format!("{parameterization} {width_floor:?} portable {portable}");
@@ -172,8 +176,11 @@ fn auto_avoids_the_expanded_form_for_ill_conditioned_precisions() -> TestResult 
             // The cholesky parameterization holding exactly these f32 factors (exp map, no
             // floor, so raw = tril(L, -1) + diag(log L_ii)).
             let config = GaussLayerConfig {
-                positive_map: PositiveMap::Exp,
-                factor_diag_floor: 0.0,
+                precision: PrecisionConfig {
+                    positive_map: PositiveMap::Exp,
+                    factor_diag_floor: 0.0,
+                    ..Default::default()
+                },
                 ..Default::default()
             };
             let lower32 = lower.to_dtype(DType::F32)?;
