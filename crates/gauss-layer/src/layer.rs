@@ -24,6 +24,7 @@ use candle_core::{Shape, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
 use crate::config::GaussLayerConfig;
+use crate::cpu::Sizes;
 use crate::error::{check_device, check_dtype, check_float_dtype, GaussError, Result};
 use crate::init::{self, InitStream};
 use crate::kernels::{self, layer_op, ResolvedKernel};
@@ -282,8 +283,16 @@ impl GaussLayer {
         Ok(self.bias.clone())
     }
 
+    /// The resolver's plan for rows `x` (N, d) that [`GaussLayer::flatten_input`] checked:
+    /// the sizes go inward from here, and no op checks `x` again.
     fn resolve(&self, x: &Tensor) -> Result<kernels::Resolved> {
+        let sizes = Sizes {
+            batch: x.dim(0)?,
+            dim: self.in_features(),
+            neurons: self.out_features(),
+        };
         kernels::resolve(
+            sizes,
             x,
             &self.center,
             &self.precision,

@@ -30,14 +30,16 @@
 use candle_core::{Tensor, D};
 
 use crate::config::DistanceKernel;
+use crate::cpu::Sizes;
 use crate::error::{check_dtype, GaussError, Result};
 use crate::kernels;
 use crate::precision::Precision;
 
 pub use crate::linalg::{diagonal, tril, tril_inverse};
 
-/// Checks x (B, d), center (Z, d) against the precision's Z and d.
-fn check_arguments(x: &Tensor, center: &Tensor, precision: &Precision) -> Result<()> {
+/// Checks x (B, d), center (Z, d) against the precision's Z and d: the one check of the
+/// functional core's entry, whose sizes the kernels then take as given.
+fn check_arguments(x: &Tensor, center: &Tensor, precision: &Precision) -> Result<Sizes> {
     let (z, d) = (precision.num_neurons(), precision.dim());
     if center.dims() != [z, d] {
         return Err(GaussError::shape(
@@ -59,7 +61,12 @@ fn check_arguments(x: &Tensor, center: &Tensor, precision: &Precision) -> Result
         precision.raw(),
         x.dtype(),
         "the input x",
-    )
+    )?;
+    Ok(Sizes {
+        batch: x.dims()[0],
+        dim: d,
+        neurons: z,
+    })
 }
 
 /// Squared Mahalanobis distances `m2[b, z] = (x_b − c_z)ᵀ P_z (x_b − c_z)` through the
@@ -77,8 +84,8 @@ pub fn mahalanobis_sq(
     precision: &Precision,
     kernel: DistanceKernel,
 ) -> Result<Tensor> {
-    check_arguments(x, center, precision)?;
-    kernels::mahalanobis_sq(x, center, precision, kernel, false)
+    let sizes = check_arguments(x, center, precision)?;
+    kernels::mahalanobis_sq(sizes, x, center, precision, kernel, false)
 }
 
 /// [`mahalanobis_sq`] in tensor ops only (the portable forms CUDA and Metal run), on any
@@ -95,8 +102,8 @@ pub fn mahalanobis_sq_portable(
     precision: &Precision,
     kernel: DistanceKernel,
 ) -> Result<Tensor> {
-    check_arguments(x, center, precision)?;
-    kernels::mahalanobis_sq(x, center, precision, kernel, true)
+    let sizes = check_arguments(x, center, precision)?;
+    kernels::mahalanobis_sq(sizes, x, center, precision, kernel, true)
 }
 
 /// The broadcast form over a (B, Z, d) difference tensor for precision matrices given

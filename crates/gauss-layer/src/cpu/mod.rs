@@ -20,7 +20,7 @@ pub(crate) use simd::with_width;
 pub(crate) use simd::{
     poison_non_finite_rows, row_mean, shift_rows, simd_kernel, squared_distance, width, Real, Width,
 };
-pub(crate) use sizes::{check_fused_inputs, OperandShape, Sizes};
+pub(crate) use sizes::{check_built_for, OperandShape, Sizes};
 pub(crate) use storage::{
     dispatch_backward3, dispatch_float3, host_backward3, row_major, with_row_major,
 };

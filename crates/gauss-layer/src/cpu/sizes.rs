@@ -1,8 +1,7 @@
-//! The sizes of a call and the checks every fused op's public entry makes.
+//! The sizes of a call, checked once at the public boundary and passed inward, and the
+//! fused ops' guard that Candle hands them the inputs they were built for.
 
-use candle_core::{DType, Device, Shape, Tensor};
-
-use crate::error::{check_dtype, GaussError, Result};
+use candle_core::Shape;
 
 /// Sizes of one call: B inputs, d dims, Z neurons.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,42 +21,16 @@ pub(crate) enum OperandShape {
 }
 
 impl Sizes {
-    /// Checks x (B, d), center (Z, d) and the precision operand, naming the one at fault.
-    pub(crate) fn of(
-        x: &[usize],
-        center: &[usize],
-        operand: &[usize],
+    /// The fused distance ops' guard (see [`check_built_for`]) on x (B, d), the centers
+    /// (Z, d) and an operand of `operand_shape`; returns the sizes.
+    pub(crate) fn check_distance_inputs(
+        self,
+        op: &str,
+        dims: [&[usize]; 3],
         operand_shape: OperandShape,
-        operand_what: &str,
-    ) -> Result<Self> {
-        let &[batch, dim] = x else {
-            return Err(GaussError::shape("input x", "(batch, d)", x));
-        };
-        let &[neurons, center_dim] = center else {
-            return Err(GaussError::shape("center", format!("(Z, {dim})"), center));
-        };
-        if center_dim != dim {
-            return Err(GaussError::shape(
-                "center",
-                format!("({neurons}, {dim}) (d from the input x)"),
-                center,
-            ));
-        }
-        let (ok, expected) = match operand_shape {
-            OperandShape::Diagonal => (operand == [neurons, dim], format!("({neurons}, {dim})")),
-            OperandShape::Square => (
-                operand == [neurons, dim, dim],
-                format!("({neurons}, {dim}, {dim})"),
-            ),
-        };
-        if !ok {
-            return Err(GaussError::shape(operand_what, expected, operand));
-        }
-        Ok(Sizes {
-            batch,
-            dim,
-            neurons,
-        })
+    ) -> candle_core::Result<Self> {
+        check_built_for(op, dims, &self.gradient_shapes(operand_shape))?;
+        Ok(self)
     }
 
     /// Shapes of the gradients to x (B, d), the centers (Z, d) and the operand.
@@ -73,39 +46,16 @@ impl Sizes {
     }
 }
 
-/// The checks of a fused op's public entry: shapes, one dtype (f32 or f64) for all inputs,
-/// and the CPU. Returns the sizes.
-pub(crate) fn check_fused_inputs(
+/// A fused op's guard on what Candle hands it: the inputs must have the shapes the op was
+/// built for (from sizes its caller checked at the public boundary). Internal: a mismatch is
+/// a bug in this crate, reported as an error rather than a slice panic.
+pub(crate) fn check_built_for(
     op: &str,
-    [x, center, operand]: [&Tensor; 3],
-    operand_shape: OperandShape,
-    operand_what: &str,
-) -> Result<Sizes> {
-    let sizes = Sizes::of(
-        x.dims(),
-        center.dims(),
-        operand.dims(),
-        operand_shape,
-        operand_what,
-    )?;
-    if !matches!(x.dtype(), DType::F32 | DType::F64) {
-        return Err(GaussError::dtype(
-            format!("{op}: input x"),
-            "F32 or F64 (the fused CPU kernels' dtypes)",
-            x.dtype(),
-        ));
+    dims: [&[usize]; 3],
+    expected: &[Shape; 3],
+) -> candle_core::Result<()> {
+    if dims.iter().zip(expected).any(|(d, e)| *d != e.dims()) {
+        candle_core::bail!("{op}: inputs {dims:?}, built for {expected:?}");
     }
-    check_dtype("center", center, x.dtype(), "the input x")?;
-    check_dtype(operand_what, operand, x.dtype(), "the input x")?;
-    for (what, tensor) in [("input x", x), ("center", center), (operand_what, operand)] {
-        if !tensor.device().is_cpu() {
-            return Err(GaussError::device(
-                format!("{op}: {what}"),
-                &Device::Cpu,
-                "a fused CPU kernel; the layer runs the portable form on other devices",
-                tensor.device(),
-            ));
-        }
-    }
-    Ok(sizes)
+    Ok(())
 }

@@ -6,9 +6,8 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 
 use crate::cpu::{
-    check_fused_inputs, dispatch_backward3, dispatch_float3, for_each_chunk_mut,
-    for_each_chunk_pair_mut, poison_non_finite_rows, rows_per_chunk, simd_kernel, OperandShape,
-    Real, Sizes,
+    dispatch_backward3, dispatch_float3, for_each_chunk_mut, for_each_chunk_pair_mut,
+    poison_non_finite_rows, rows_per_chunk, simd_kernel, OperandShape, Real, Sizes,
 };
 use crate::error::Result;
 
@@ -246,10 +245,11 @@ fn backward<T: Real>(
 }
 
 /// The Candle op: inputs (x, center, diagonal), output m2 (B, Z).
-#[derive(Clone, Copy, Debug, Default)]
-struct DiagonalDistance;
-
-const OPERAND: &str = "diagonal precision";
+#[derive(Clone, Copy, Debug)]
+struct DiagonalDistance {
+    /// The sizes the public boundary checked; the op's inputs were built to them.
+    sizes: Sizes,
+}
 
 impl CustomOp3 for DiagonalDistance {
     fn name(&self) -> &'static str {
@@ -265,12 +265,10 @@ impl CustomOp3 for DiagonalDistance {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let s = Sizes::of(
-            l1.dims(),
-            l2.dims(),
-            l3.dims(),
+        let s = self.sizes.check_distance_inputs(
+            self.name(),
+            [l1.dims(), l2.dims(), l3.dims()],
             OperandShape::Diagonal,
-            OPERAND,
         )?;
         let out = dispatch_float3(
             self.name(),
@@ -290,12 +288,10 @@ impl CustomOp3 for DiagonalDistance {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let s = Sizes::of(
-            x.dims(),
-            center.dims(),
-            diagonal.dims(),
+        let s = self.sizes.check_distance_inputs(
+            self.name(),
+            [x.dims(), center.dims(), diagonal.dims()],
             OperandShape::Diagonal,
-            OPERAND,
         )?;
         dispatch_backward3(
             self.name(),
@@ -307,16 +303,17 @@ impl CustomOp3 for DiagonalDistance {
     }
 }
 
-/// Diagonal-precision distances through the fused CPU op (with its fused backward).
+/// Diagonal-precision distances through the fused CPU op (with its fused backward), on
+/// inputs of the checked `sizes` (f32 or f64, one dtype, on the CPU: what the resolver
+/// planned it for).
 ///
 /// # Shapes
 /// `x`: (B, d), `center`: (Z, d), `diagonal`: (Z, d) → (B, Z)
-pub(crate) fn fused(x: &Tensor, center: &Tensor, diagonal: &Tensor) -> Result<Tensor> {
-    check_fused_inputs(
-        "diagonal Mahalanobis kernel",
-        [x, center, diagonal],
-        OperandShape::Diagonal,
-        OPERAND,
-    )?;
-    Ok(x.apply_op3(center, diagonal, DiagonalDistance)?)
+pub(crate) fn fused(
+    sizes: Sizes,
+    x: &Tensor,
+    center: &Tensor,
+    diagonal: &Tensor,
+) -> Result<Tensor> {
+    Ok(x.apply_op3(center, diagonal, DiagonalDistance { sizes })?)
 }

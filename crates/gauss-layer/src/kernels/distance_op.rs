@@ -8,8 +8,7 @@ use super::expanded::{self, Source};
 use super::factors::FactorMap;
 use super::projected;
 use crate::cpu::{
-    check_fused_inputs, dispatch_backward3, dispatch_float3, poison_non_finite_rows, OperandShape,
-    Real, Sizes,
+    dispatch_backward3, dispatch_float3, poison_non_finite_rows, OperandShape, Real, Sizes,
 };
 use crate::error::Result;
 
@@ -66,45 +65,17 @@ impl FusedPlan {
             }
         }
     }
-
-    /// What the op's third input is, for error messages.
-    fn operand_what(self) -> &'static str {
-        match self {
-            FusedPlan::Projected(FactorMap::Cholesky { .. })
-            | FusedPlan::Expanded {
-                source: Source::Factor(FactorMap::Cholesky { .. }),
-                ..
-            } => "raw Cholesky parameter",
-            FusedPlan::Projected(_)
-            | FusedPlan::Expanded {
-                source: Source::Factor(_),
-                ..
-            } => "precision factor",
-            FusedPlan::Expanded {
-                source: Source::Matrix,
-                ..
-            } => "precision matrix",
-        }
-    }
 }
 
 /// The Candle op: inputs (x, center, precision operand), output m2 (B, Z).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct FusedDistance {
     pub(crate) plan: FusedPlan,
+    /// The sizes the public boundary checked; the op's inputs were built to them.
+    pub(crate) sizes: Sizes,
 }
 
 impl FusedDistance {
-    fn sizes(&self, x: &[usize], center: &[usize], input: &[usize]) -> Result<Sizes> {
-        Sizes::of(
-            x,
-            center,
-            input,
-            OperandShape::Square,
-            self.plan.operand_what(),
-        )
-    }
-
     fn forward<T: Real>(&self, x: &[T], center: &[T], input: &[T], s: Sizes) -> Vec<T> {
         let mut out = vec![T::zero(); s.batch * s.neurons];
         self.plan.forward_into(&mut out, x, center, input, s);
@@ -126,7 +97,11 @@ impl CustomOp3 for FusedDistance {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let s = self.sizes(l1.dims(), l2.dims(), l3.dims())?;
+        let s = self.sizes.check_distance_inputs(
+            self.name(),
+            [l1.dims(), l2.dims(), l3.dims()],
+            OperandShape::Square,
+        )?;
         let out = dispatch_float3(
             self.name(),
             "x, center and precision",
@@ -145,7 +120,11 @@ impl CustomOp3 for FusedDistance {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let s = self.sizes(x.dims(), center.dims(), input.dims())?;
+        let s = self.sizes.check_distance_inputs(
+            self.name(),
+            [x.dims(), center.dims(), input.dims()],
+            OperandShape::Square,
+        )?;
         let plan = self.plan;
         dispatch_backward3(
             self.name(),
@@ -157,21 +136,17 @@ impl CustomOp3 for FusedDistance {
     }
 }
 
-/// Runs the fused distance op with `plan` after the checks every fused entry makes.
+/// Runs the fused distance op with `plan` on inputs of the checked `sizes` (f32 or f64, one
+/// dtype, on the CPU: what the resolver planned it for).
 ///
 /// # Shapes
 /// `x`: (B, d), `center`: (Z, d), `input`: (Z, d, d) → (B, Z)
 pub(crate) fn apply(
+    sizes: Sizes,
     x: &Tensor,
     center: &Tensor,
     input: &Tensor,
     plan: FusedPlan,
 ) -> Result<Tensor> {
-    check_fused_inputs(
-        "fused Mahalanobis kernel",
-        [x, center, input],
-        OperandShape::Square,
-        plan.operand_what(),
-    )?;
-    Ok(x.apply_op3(center, input, FusedDistance { plan })?)
+    Ok(x.apply_op3(center, input, FusedDistance { plan, sizes })?)
 }

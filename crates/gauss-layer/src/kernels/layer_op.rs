@@ -15,11 +15,10 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use super::distance_op::FusedPlan;
 use super::{Operand, Resolved};
 use crate::cpu::{
-    check_fused_inputs, dispatch_float3, for_each_chunk_mut, for_each_chunk_pair_mut,
-    host_backward3, matmul, rows_per_chunk, with_row_major, MatRef, OperandShape, Real, Sizes,
-    TILE_ROWS,
+    check_built_for, dispatch_float3, for_each_chunk_mut, for_each_chunk_pair_mut, host_backward3,
+    matmul, rows_per_chunk, with_row_major, MatRef, Real, Sizes, TILE_ROWS,
 };
-use crate::error::{check_dtype, GaussError, Result};
+use crate::error::Result;
 use crate::ops;
 
 /// The linear part of a layer: `act(x Wᵀ + b)` with `act` tanh or the identity.
@@ -46,6 +45,7 @@ impl Resolved {
     ) -> Result<(Tensor, Tensor)> {
         match (linear, &self.operand) {
             (Some(linear), Operand::Fused(input, plan)) => forward(
+                self.sizes,
                 x,
                 center,
                 linear.weight,
@@ -91,6 +91,8 @@ struct FusedGaussLayer {
     plan: FusedPlan,
     has_bias: bool,
     tanh: bool,
+    /// The sizes the public boundary checked; the op's inputs were built to them.
+    sizes: Sizes,
 }
 
 /// Center, weight and bias (zeros without one) split out of the packed parameters.
@@ -106,29 +108,14 @@ impl FusedGaussLayer {
         2 * dim + usize::from(self.has_bias)
     }
 
-    fn sizes(&self, x: &[usize], params: &[usize], factor: &[usize]) -> Result<Sizes> {
-        let &[neurons, width] = params else {
-            return Err(GaussError::shape(
-                "packed layer parameters",
-                "(Z, 2d [+ 1])",
-                params,
-            ));
-        };
-        let dim = x.get(1).copied().unwrap_or(0);
-        if width != self.width(dim) {
-            return Err(GaussError::shape(
-                "packed layer parameters",
-                format!("({neurons}, {})", self.width(dim)),
-                params,
-            ));
-        }
-        Sizes::of(
-            x,
-            &[neurons, dim],
-            factor,
-            OperandShape::Square,
-            "precision operand",
-        )
+    /// The op's input shapes: x (B, d), params (Z, 2d [+ 1]), factor (Z, d, d).
+    fn input_shapes(&self) -> [Shape; 3] {
+        let s = self.sizes;
+        [
+            (s.batch, s.dim).into(),
+            (s.neurons, self.width(s.dim)).into(),
+            (s.neurons, s.dim, s.dim).into(),
+        ]
     }
 
     fn split<'a, T: Real>(&self, params: &'a [T], s: Sizes) -> Params<'a, T> {
@@ -348,7 +335,12 @@ impl CustomOp3 for FusedGaussLayer {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let sizes = self.sizes(l1.dims(), l2.dims(), l3.dims())?;
+        check_built_for(
+            self.name(),
+            [l1.dims(), l2.dims(), l3.dims()],
+            &self.input_shapes(),
+        )?;
+        let sizes = self.sizes;
         let out = dispatch_float3(
             self.name(),
             "inputs",
@@ -388,16 +380,17 @@ impl FusedGaussLayer {
         g: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let s = self.sizes(x.dims(), params.dims(), factor.dims())?;
+        check_built_for(
+            self.name(),
+            [x.dims(), params.dims(), factor.dims()],
+            &self.input_shapes(),
+        )?;
+        let s = self.sizes;
         let bz = s.batch * s.neurons;
         let grad = grad.to_dtype(T::DTYPE)?.contiguous()?;
         host_backward3::<T>(
             [x, params, factor, &grad],
-            [
-                (s.batch, s.dim).into(),
-                (s.neurons, self.width(s.dim)).into(),
-                (s.neurons, s.dim, s.dim).into(),
-            ],
+            self.input_shapes(),
             |x, p, f, grad| {
                 with_row_major::<T, _>(g, |g| {
                     Ok(self.backward(x, p, f, g, &grad[..bz], &grad[bz..], s))
@@ -411,10 +404,16 @@ impl FusedGaussLayer {
 /// `y = act(x Wᵀ + b) ∘ g` (`act` = tanh or identity), `m2` by `plan`. Pass a tied bias `-W·c`
 /// as `bias` if the layer uses one; gating is applied by the caller.
 ///
+/// The inputs are not checked again: `sizes` are those the public boundary checked (the
+/// layer's forward) and the resolver planned a fused op for (f32 or f64 on the CPU, one
+/// dtype), and the layer's own tensors hold its invariants.
+///
 /// # Shapes
 /// `x`: (B, d), `center`: (Z, d), `weight`: (Z, d), `bias`: (Z), `operand`: (Z, d, d)
 /// → `y`: (B, Z), `g`: (B, Z)
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
+    sizes: Sizes,
     x: &Tensor,
     center: &Tensor,
     weight: &Tensor,
@@ -423,31 +422,8 @@ pub(crate) fn forward(
     plan: FusedPlan,
     tanh: bool,
 ) -> Result<(Tensor, Tensor)> {
-    let sizes = check_fused_inputs(
-        "fused layer",
-        [x, center, operand],
-        OperandShape::Square,
-        "precision operand",
-    )?;
-    let (neurons, dim) = (sizes.neurons, sizes.dim);
-    if weight.dims() != [neurons, dim] {
-        return Err(GaussError::shape(
-            "weight",
-            format!("({neurons}, {dim})"),
-            weight.dims(),
-        ));
-    }
-    check_dtype("weight", weight, x.dtype(), "the input x")?;
     let mut parts = vec![center.clone(), weight.clone()];
     if let Some(bias) = bias {
-        if bias.dims() != [neurons] {
-            return Err(GaussError::shape(
-                "bias",
-                format!("({neurons})"),
-                bias.dims(),
-            ));
-        }
-        check_dtype("bias", bias, x.dtype(), "the input x")?;
         parts.push(bias.unsqueeze(1)?);
     }
     let params = Tensor::cat(&parts, 1)?;
@@ -455,6 +431,7 @@ pub(crate) fn forward(
         plan,
         has_bias: bias.is_some(),
         tanh,
+        sizes,
     };
     let packed = x.apply_op3(&params, operand, op)?;
     Ok((packed.get(0)?, packed.get(1)?))

@@ -42,7 +42,7 @@ mod tests;
 use candle_core::{DType, Tensor};
 
 use crate::config::DistanceKernel;
-use crate::cpu::{with_row_major, OperandShape, Sizes, TILE_ROWS};
+use crate::cpu::{with_row_major, Sizes, TILE_ROWS};
 use crate::error::{GaussError, Result};
 use crate::precision::{DistanceOperand, Precision};
 use crate::route::{backend, Backend};
@@ -112,11 +112,13 @@ pub(crate) enum Operand {
     LowRank(Tensor, Tensor),
 }
 
-/// A resolved kernel with its input, ready to run.
+/// A resolved kernel with its input and the call's sizes, ready to run.
 #[derive(Clone, Debug)]
 pub(crate) struct Resolved {
     pub kernel: ResolvedKernel,
     pub operand: Operand,
+    /// The sizes checked at the public boundary, passed inward so no op checks `x` again.
+    pub sizes: Sizes,
 }
 
 /// Whether the fused CPU ops can run on these tensors: all on the [`Backend::CpuFused`] route.
@@ -169,18 +171,27 @@ fn projected_needs_factor(precision: &Precision) -> GaussError {
 
 /// The one resolver: which kernel runs for these arguments, with its input.
 ///
-/// `portable` forces the tensor-op forms (what CUDA and Metal run) on the CPU too.
+/// `portable` forces the tensor-op forms (what CUDA and Metal run) on the CPU too. `s` are
+/// the sizes of `x`, `center` and `precision`, which the caller has checked (the public
+/// boundary: the layer's forward, `ops`); nothing here checks them again.
 ///
 /// # Shapes
 /// `x`: (B, d), `center`: (Z, d)
 pub(crate) fn resolve(
+    s: Sizes,
     x: &Tensor,
     center: &Tensor,
     precision: &Precision,
     kernel: DistanceKernel,
     portable: bool,
 ) -> Result<Resolved> {
-    let resolved = |kernel, operand| Ok(Resolved { kernel, operand });
+    let resolved = |kernel, operand| {
+        Ok(Resolved {
+            kernel,
+            operand,
+            sizes: s,
+        })
+    };
     if kernel == DistanceKernel::Naive {
         return resolved(
             ResolvedKernel::Naive,
@@ -223,13 +234,6 @@ pub(crate) fn resolve(
         };
     }
     let (source, input) = fused_operand(precision)?;
-    let s = Sizes::of(
-        x.dims(),
-        center.dims(),
-        input.dims(),
-        OperandShape::Square,
-        "precision operand",
-    )?;
     let expanded = |projected_forward: bool| {
         let plan = FusedPlan::Expanded {
             source,
@@ -276,11 +280,14 @@ pub(crate) fn resolve(
 pub(crate) fn run(x: &Tensor, center: &Tensor, resolved: &Resolved) -> Result<Tensor> {
     let portable = match (&resolved.operand, resolved.kernel) {
         (Operand::Diagonal(p), ResolvedKernel::DiagonalFused) => {
-            return diagonal::fused(x, center, p)
+            return diagonal::fused(resolved.sizes, x, center, p)
         }
-        (Operand::Fused(input, plan), _) => return distance_op::apply(x, center, input, *plan),
+        (Operand::Fused(input, plan), _) => {
+            return distance_op::apply(resolved.sizes, x, center, input, *plan)
+        }
         (Operand::LowRank(diagonal, u), ResolvedKernel::LowRankFused) => {
-            return Ok((diagonal::fused(x, center, diagonal)? + projected::portable(x, center, u)?)?)
+            let diagonal_part = diagonal::fused(resolved.sizes, x, center, diagonal)?;
+            return Ok((diagonal_part + projected::portable(x, center, u)?)?);
         }
         (Operand::LowRank(diagonal, u), _) => {
             (diagonal::portable(x, center, diagonal)? + projected::portable(x, center, u)?)?
@@ -308,12 +315,13 @@ fn poison_non_finite_rows(x: &Tensor, m2: &Tensor) -> Result<Tensor> {
 /// # Shapes
 /// `x`: (B, d), `center`: (Z, d) → (B, Z)
 pub(crate) fn mahalanobis_sq(
+    s: Sizes,
     x: &Tensor,
     center: &Tensor,
     precision: &Precision,
     kernel: DistanceKernel,
     portable: bool,
 ) -> Result<Tensor> {
-    let resolved = resolve(x, center, precision, kernel, portable)?;
+    let resolved = resolve(s, x, center, precision, kernel, portable)?;
     run(x, center, &resolved)
 }

@@ -219,7 +219,10 @@ fn expanded_fused_gradients_match_autograd() -> TestResult {
                 projected_forward,
             };
             let fast = gradients(
-                |x, c, r| Ok(x.apply_op3(c, r, FusedDistance { plan })?),
+                |x, c, r| {
+                    let sizes = super::sizes(x, c)?;
+                    Ok(x.apply_op3(c, r, FusedDistance { plan, sizes })?)
+                },
                 [&c.x, &c.center, &raw],
                 &upstream,
             )?;

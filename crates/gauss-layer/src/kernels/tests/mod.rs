@@ -215,7 +215,13 @@ pub(super) fn expanded_scale(center: &Tensor, precision: &Tensor) -> candle_core
 
 /// The fused projected op on a factor.
 pub(super) fn projected_fused(x: &Tensor, c: &Tensor, f: &Tensor) -> crate::Result<Tensor> {
-    distance_op::apply(x, c, f, FusedPlan::Projected(FactorMap::Identity))
+    distance_op::apply(
+        sizes(x, c)?,
+        x,
+        c,
+        f,
+        FusedPlan::Projected(FactorMap::Identity),
+    )
 }
 
 /// The fused projected op on a raw Cholesky parameter (the map inside the op).
@@ -230,7 +236,7 @@ pub(super) fn cholesky_fused(
         positive_map,
         floor,
     };
-    distance_op::apply(x, c, raw, FusedPlan::Projected(map))
+    distance_op::apply(sizes(x, c)?, x, c, raw, FusedPlan::Projected(map))
 }
 
 /// The fused expanded op on a precision matrix.
@@ -239,7 +245,7 @@ pub(super) fn expanded_fused(x: &Tensor, c: &Tensor, p: &Tensor) -> crate::Resul
         source: Source::Matrix,
         projected_forward: false,
     };
-    distance_op::apply(x, c, p, plan)
+    distance_op::apply(sizes(x, c)?, x, c, p, plan)
 }
 
 /// The fused expanded op on a factor.
@@ -248,7 +254,7 @@ pub(super) fn expanded_fused_factor(x: &Tensor, c: &Tensor, f: &Tensor) -> crate
         source: Source::Factor(FactorMap::Identity),
         projected_forward: false,
     };
-    distance_op::apply(x, c, f, plan)
+    distance_op::apply(sizes(x, c)?, x, c, f, plan)
 }
 
 /// The portable expanded form.
@@ -258,7 +264,7 @@ pub(super) fn expanded_portable(x: &Tensor, c: &Tensor, p: &Tensor) -> crate::Re
 
 /// The fused diagonal op.
 pub(super) fn diagonal_fused(x: &Tensor, c: &Tensor, p: &Tensor) -> crate::Result<Tensor> {
-    diagonal::fused(x, c, p)
+    diagonal::fused(sizes(x, c)?, x, c, p)
 }
 
 /// The resolver's distances (fused where it applies).
@@ -269,9 +275,18 @@ pub(super) fn mahalanobis_sq(
     kernel: DistanceKernel,
     portable: bool,
 ) -> crate::Result<Tensor> {
-    super::mahalanobis_sq(x, c, precision, kernel, portable)
+    super::mahalanobis_sq(sizes(x, c)?, x, c, precision, kernel, portable)
 }
 
+/// The sizes of a call on rows `x` (B, d) and centers `c` (Z, d).
+pub(super) fn sizes(x: &Tensor, c: &Tensor) -> crate::Result<Sizes> {
+    let ((batch, dim), (neurons, _)) = (x.dims2()?, c.dims2()?);
+    Ok(Sizes {
+        batch,
+        dim,
+        neurons,
+    })
+}
 /// The kernel the resolver picks on the default (fused) path.
 pub(super) fn resolve_kernel(
     x: &Tensor,
@@ -279,7 +294,7 @@ pub(super) fn resolve_kernel(
     precision: &Precision,
     kernel: DistanceKernel,
 ) -> crate::Result<super::ResolvedKernel> {
-    Ok(super::resolve(x, c, precision, kernel, false)?.kernel)
+    Ok(super::resolve(sizes(x, c)?, x, c, precision, kernel, false)?.kernel)
 }
 
 /// The fused layer op where the resolver plans a fused distance, else `None`.
@@ -291,9 +306,17 @@ pub(super) fn layer_fused(
     precision: &Precision,
     kernel: DistanceKernel,
 ) -> crate::Result<Option<(Tensor, Tensor)>> {
-    match super::resolve(x, center, precision, kernel, false)?.operand {
+    let resolved = super::resolve(sizes(x, center)?, x, center, precision, kernel, false)?;
+    match resolved.operand {
         Operand::Fused(input, plan) => Ok(Some(layer_op::forward(
-            x, center, weight, bias, &input, plan, false,
+            resolved.sizes,
+            x,
+            center,
+            weight,
+            bias,
+            &input,
+            plan,
+            false,
         )?)),
         _ => Ok(None),
     }

@@ -48,6 +48,7 @@ fn dispatcher_agrees_with_naive_for_every_parameterization() -> TestResult {
                 };
                 let precision = Precision::from_raw(raw.clone(), dim, &config)?;
                 let resolved = super::super::resolve(
+                    super::sizes(&c.x, &c.center)?,
                     &c.x,
                     &c.center,
                     &precision,
