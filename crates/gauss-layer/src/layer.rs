@@ -45,8 +45,8 @@ impl GaussLayer {
     /// Builds a layer from tensors.
     ///
     /// Every tensor must have the dtype and device of `center`. The precision must have been
-    /// built with the precision part of `config` ([`GaussLayerConfig::precision_config`]: the
-    /// parameterization, positive map, factor floor and width floor), e.g.
+    /// built with the precision part of `config` ([`GaussLayerConfig::precision`]: the
+    /// parameterization, positive map, factor floor, width floor and `portable`), e.g.
     /// `Precision::from_raw(raw, d, &config)`.
     ///
     /// # Shapes
@@ -130,7 +130,7 @@ impl GaussLayer {
         let name = Precision::tensor_name(precision.parameterization());
         if precision.parameterization() != config.precision.parameterization {
             return Err(GaussError::config(
-                "parameterization",
+                "precision.parameterization",
                 format!(
                     "config says {} but the precision is {}",
                     config.precision.parameterization,

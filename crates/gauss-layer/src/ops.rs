@@ -77,7 +77,8 @@ fn check_arguments(x: &Tensor, center: &Tensor, precision: &Precision) -> Result
 /// `x`: (B, d), `center`: (Z, d) → (B, Z)
 ///
 /// # Errors
-/// Shapes or dtypes that do not match the precision; `Projected` for `direct`.
+/// Shapes or dtypes that do not match the precision; `Projected` for `direct` and
+/// `lowrank` (no square factor).
 pub fn mahalanobis_sq(
     x: &Tensor,
     center: &Tensor,
@@ -146,7 +147,7 @@ pub fn mahalanobis_sq_naive(x: &Tensor, center: &Tensor, precision: &Tensor) -> 
 /// # Errors
 /// Candle errors only.
 pub fn gaussian(mahalanobis_sq: &Tensor) -> Result<Tensor> {
-    Ok((mahalanobis_sq * -0.5)?.exp()?)
+    kernels::gaussian(mahalanobis_sq)
 }
 
 /// Gating by the previous layer: `g · max_k prev_g[b, k]`.

@@ -61,7 +61,7 @@ struct Args {
     #[arg(long, default_value = "auto")]
     kernel: String,
     /// Run the portable tensor-op path (what CUDA and Metal run) instead of the fused CPU
-    /// ops (`GaussLayerConfig::portable`).
+    /// ops (`PrecisionConfig::portable`).
     #[arg(long)]
     portable: bool,
 }

@@ -1,5 +1,6 @@
 //! Shared plumbing of the fused CPU kernels, written once, one concern a file: the sizes of a
-//! call and the checks every op's public entry makes (`sizes`), typed views of Candle's CPU
+//! call, built where the public boundary checks `x` and passed inward, and the ops' guard
+//! that Candle hands them what they were built for (`sizes`), typed views of Candle's CPU
 //! storage and the f32/f64 dispatch of `cpu_fwd` and `bwd` (`storage`), parallel loops
 //! (`parallel`), a bounds-checked GEMM call and tile sizes (`gemm`), and the AVX2 kernel
 //! macro with the small vectorizable loops (`simd`).

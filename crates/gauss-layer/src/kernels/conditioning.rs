@@ -107,7 +107,8 @@ impl Conditioning {
                 [f64::INFINITY; 2]
             }
         };
-        // O(Z·d²) per call: neurons in parallel (each with its own row buffers), the worst kept.
+        // O(Z·d²) per call for lower-triangular factors (O(Z·d³) for matrices and other
+        // factors, which need a Gram product and a factorization): neurons in parallel (each with its own row buffers), the worst kept.
         let [spread, condition] = (0..s.neurons)
             .into_par_iter()
             .map_init(

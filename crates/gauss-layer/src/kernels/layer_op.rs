@@ -19,7 +19,6 @@ use crate::cpu::{
     matmul, rows_per_chunk, with_row_major, MatRef, Real, Sizes, TILE_ROWS,
 };
 use crate::error::Result;
-use crate::ops;
 
 /// The linear part of a layer: `act(x Wᵀ + b)` with `act` tanh or the identity.
 pub(crate) struct Linear<'a> {
@@ -70,7 +69,7 @@ pub(crate) fn forward_portable(
     linear: Option<&Linear>,
     resolved: &Resolved,
 ) -> Result<(Tensor, Tensor)> {
-    let g = ops::gaussian(&super::run(x, center, resolved)?)?;
+    let g = super::gaussian(&super::run(x, center, resolved)?)?;
     let Some(linear) = linear else {
         return Ok((g.clone(), g));
     };

@@ -2,8 +2,9 @@
 //! training step costs a GPU in synchronizations (each read waits for the device) and that
 //! every read happens in the working dtype (no f64 on a device that has none).
 //!
-//! Every side read of the library goes through [`record`]: [`super::read_scalar`] and the
-//! host moves of [`super::host`]. Recording is per thread and off unless a
+//! Every read on the training path goes through [`record`]: [`super::read_scalar`] and the
+//! host moves of [`super::host`]. Reads off that path are not logged (the raw-value check
+//! when a `Precision` is built, saves, import, the mixture's k-means start, error messages). Recording is per thread and off unless a
 //! [`HostReadLog`] is alive on that thread, so it costs a thread-local lookup per read.
 
 use std::cell::RefCell;

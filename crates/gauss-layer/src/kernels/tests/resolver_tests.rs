@@ -222,3 +222,23 @@ fn auto_avoids_the_expanded_form_for_ill_conditioned_precisions() -> TestResult 
     }
     Ok(())
 }
+
+/// Where the batch is at most twice the width the projected backward is the faster one
+/// (`projected_backward_is_faster`): `Auto` takes the projected op for a well-conditioned
+/// cholesky layer that the check would pass, and the expanded op from one row more.
+#[test]
+fn auto_takes_the_projected_form_for_batches_up_to_twice_the_width() -> TestResult {
+    use crate::config::GaussLayerConfig;
+    use crate::kernels::ResolvedKernel;
+    let dim = 12;
+    for (batch, expected) in [
+        (2 * dim, ResolvedKernel::ProjectedFused),
+        (2 * dim + 1, ResolvedKernel::ExpandedFused),
+    ] {
+        let c = case(43, batch, dim, 10, 1.0);
+        let precision = Precision::from_raw(c.factor.clone(), dim, &GaussLayerConfig::default())?;
+        let kernel = resolve_kernel(&c.x, &c.center, &precision, DistanceKernel::Auto)?;
+        assert_eq!(kernel, expected, "batch {batch}");
+    }
+    Ok(())
+}
