@@ -26,12 +26,12 @@
 //! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 use candle_nn::{BatchNorm, Dropout, ModuleT, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::config::GaussLayerConfig;
-use crate::error::{GaussError, Result};
+use crate::error::{check_device, check_dtype, GaussError, Result};
 use crate::init::layer_seed;
 use crate::layer::{gauss_layer, GaussLayer};
 use crate::precision::Precision;
@@ -355,6 +355,13 @@ impl GaussNet {
                 x.dims(),
             ));
         }
+        // Checked here, not only by the first layer: the input batch norm runs before it and
+        // would report a dtype or device mismatch as a bare Candle error.
+        if let Some(first) = self.layers.first() {
+            let center = first.center();
+            check_dtype("input x", x, center.dtype(), "the network's parameters")?;
+            check_device("input x", x, center.device(), "the network's parameters")?;
+        }
         let mut h = match &self.input_norm {
             Some(norm) => norm.forward_t(x, train)?,
             None => x.clone(),
@@ -405,6 +412,12 @@ impl GaussNet {
     /// The Gaussian layers, in order (for losses over all layers, e.g. the λ-loss).
     pub fn layers(&self) -> &[GaussLayer] {
         &self.layers
+    }
+
+    /// The dtype of the parameters, which inputs must have (`None` only for a network without
+    /// layers, which the constructors refuse).
+    pub fn dtype(&self) -> Option<DType> {
+        self.layers.first().map(|layer| layer.center().dtype())
     }
 
     /// The batch norm after each hidden layer (`None` where there is none).

@@ -25,8 +25,13 @@ pub trait Classifier {
 }
 
 impl Classifier for gauss_layer::GaussNet {
+    /// Inputs come as f32; an f64 checkpoint (`import` writes them) runs in f64.
     fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        Ok(self.forward(x, false)?)
+        let x = match self.dtype() {
+            Some(dtype) if dtype != x.dtype() => x.to_dtype(dtype)?,
+            _ => x.clone(),
+        };
+        Ok(self.forward(&x, false)?)
     }
 }
 

@@ -435,3 +435,28 @@ fn predict_applies_the_input_scale_a_trained_checkpoint_records() -> Result<()> 
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// `import` writes f64 checkpoints; `eval` runs one on the f32 digits in its own dtype (it
+/// refused: "input x: expected dtype F64"), with and without an input batch norm.
+#[test]
+fn eval_runs_an_f64_checkpoint() -> Result<()> {
+    use gauss_layer::{GaussLayerConfig, GaussNetConfig, Parameterization};
+    let dir = temp_dir("eval-f64")?;
+    for input_batch_norm in [false, true] {
+        let config = GaussNetConfig {
+            in_features: 64,
+            hidden: vec![4],
+            out_features: 10,
+            layer: GaussLayerConfig::with_parameterization(Parameterization::Diag),
+            input_batch_norm,
+            ..Default::default()
+        };
+        let (net, _vars) = gauss_tests::new_net(config, DType::F64)?;
+        let path = dir.join(format!("f64-{input_batch_norm}.safetensors"));
+        net.save(&path)?;
+        let json = run_ok(&["eval", &path.display().to_string()])?;
+        assert_eq!(json["test_total"], 360, "{json}");
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -266,3 +266,30 @@ fn losses_refuse_a_singular_factor_instead_of_returning_inf() -> Result<()> {
     assert!(nll_precision_factor(&x, &mean, &inf, Reduction::Sum).is_err());
     Ok(())
 }
+
+/// A network with an input batch norm names an input of the wrong dtype (the batch norm runs
+/// before the first layer's own check; it used to surface as Candle's bare "dtype mismatch in
+/// sub"), in both directions.
+#[test]
+fn networks_name_an_input_of_the_wrong_dtype() -> Result<()> {
+    for (net_dtype, input_dtype) in [(DType::F64, DType::F32), (DType::F32, DType::F64)] {
+        let config = GaussNetConfig {
+            input_batch_norm: true,
+            batch_norm: true,
+            ..small_diag_net_config()
+        };
+        let (net, _vars) = new_net(config, net_dtype)?;
+        let x = Tensor::zeros((5, 3), input_dtype, &Device::Cpu)?;
+        for train in [false, true] {
+            match net.forward(&x, train) {
+                Err(GaussError::DType { what, got, .. }) => {
+                    assert_eq!((what.as_str(), got), ("input x", input_dtype))
+                }
+                other => panic!("{net_dtype:?} net, {input_dtype:?} x: {other:?}"),
+            }
+        }
+        let ok = net.forward(&x.to_dtype(net_dtype)?, false)?;
+        assert_eq!(ok.dims(), [5, 2]);
+    }
+    Ok(())
+}
