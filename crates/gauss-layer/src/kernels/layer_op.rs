@@ -117,6 +117,12 @@ impl FusedGaussLayer {
         ]
     }
 
+    /// The op's guard ([`check_built_for`]) on the inputs Candle hands it; returns the sizes.
+    fn built_for(&self, dims: [&[usize]; 3]) -> candle_core::Result<Sizes> {
+        check_built_for(self.name(), dims, &self.input_shapes())?;
+        Ok(self.sizes)
+    }
+
     fn split<'a, T: Real>(&self, params: &'a [T], s: Sizes) -> Params<'a, T> {
         let width = self.width(s.dim);
         let mut out = Params {
@@ -334,12 +340,7 @@ impl CustomOp3 for FusedGaussLayer {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        check_built_for(
-            self.name(),
-            [l1.dims(), l2.dims(), l3.dims()],
-            &self.input_shapes(),
-        )?;
-        let sizes = self.sizes;
+        let sizes = self.built_for([l1.dims(), l2.dims(), l3.dims()])?;
         let out = dispatch_float3(
             self.name(),
             "inputs",
@@ -379,12 +380,7 @@ impl FusedGaussLayer {
         g: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        check_built_for(
-            self.name(),
-            [x.dims(), params.dims(), factor.dims()],
-            &self.input_shapes(),
-        )?;
-        let s = self.sizes;
+        let s = self.built_for([x.dims(), params.dims(), factor.dims()])?;
         let bz = s.batch * s.neurons;
         let grad = grad.to_dtype(T::DTYPE)?.contiguous()?;
         host_backward3::<T>(
