@@ -23,5 +23,6 @@ pub(crate) use simd::{
 };
 pub(crate) use sizes::{check_built_for, OperandShape, Sizes};
 pub(crate) use storage::{
-    dispatch_backward3, dispatch_float3, host_backward3, row_major, with_row_major,
+    dispatch_backward3, dispatch_float3, host_backward3, needs_input_gradient, row_major,
+    with_row_major, Gradients3,
 };

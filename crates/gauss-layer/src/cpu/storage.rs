@@ -86,8 +86,8 @@ pub(crate) fn dispatch_float3<R>(
 pub(crate) fn host_backward3<T: Real>(
     [a, b, c, d]: [&Tensor; 4],
     shapes: [Shape; 3],
-    backward: impl FnOnce(&[T], &[T], &[T], &[T]) -> candle_core::Result<(Vec<T>, Vec<T>, Vec<T>)>,
-) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    backward: impl FnOnce(&[T], &[T], &[T], &[T]) -> candle_core::Result<Gradients3<T>>,
+) -> candle_core::Result<(Option<Tensor>, Tensor, Tensor)> {
     let (ga, gb, gc) = with_row_major::<T, _>(a, |a| {
         with_row_major::<T, _>(b, |b| {
             with_row_major::<T, _>(c, |c| with_row_major::<T, _>(d, |d| backward(a, b, c, d)))
@@ -96,7 +96,7 @@ pub(crate) fn host_backward3<T: Real>(
     let [sa, sb, sc] = shapes;
     let device = a.device();
     Ok((
-        Tensor::from_vec(ga, sa, device)?,
+        ga.map(|ga| Tensor::from_vec(ga, sa, device)).transpose()?,
         Tensor::from_vec(gb, sb, device)?,
         Tensor::from_vec(gc, sc, device)?,
     ))
@@ -128,8 +128,17 @@ pub(crate) fn dispatch_backward3(
         }
         other => bail!("{op}: supports f32 and f64, got {other:?}"),
     };
-    Ok((Some(ga), Some(gb), Some(gc)))
+    Ok((ga, Some(gb), Some(gc)))
 }
 
-/// Three gradients as row-major host vectors.
-pub(crate) type Gradients3<T> = (Vec<T>, Vec<T>, Vec<T>);
+/// Three gradients as row-major host vectors. The first, the input's, is `None` where
+/// [`needs_input_gradient`] said no: computing it is a third to a half of a fused backward.
+pub(crate) type Gradients3<T> = (Option<Vec<T>>, Vec<T>, Vec<T>);
+
+/// Whether a fused op's backward must compute the gradient of its input `x`. Candle calls
+/// `bwd` for every op on the path to a variable and accumulates every gradient it returns,
+/// but the first layer's input (the data) tracks no op, so its gradient would be computed,
+/// added to zeros and dropped.
+pub(crate) fn needs_input_gradient(x: &Tensor) -> bool {
+    x.track_op()
+}

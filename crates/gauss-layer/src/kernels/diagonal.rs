@@ -7,7 +7,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 
 use crate::cpu::{
     dispatch_backward3, dispatch_float3, for_each_chunk_mut, for_each_chunk_pair_mut,
-    poison_non_finite_rows, rows_per_chunk, simd_kernel, OperandShape, Real, Sizes,
+    needs_input_gradient, poison_non_finite_rows, rows_per_chunk, simd_kernel, Gradients3,
+    OperandShape, Real, Sizes,
 };
 use crate::error::Result;
 
@@ -191,37 +192,41 @@ fn forward<T: Real>(x: &[T], center: &[T], diagonal: &[T], s: Sizes) -> Vec<T> {
     out
 }
 
+/// Gradients `(∂x, ∂c, ∂p)` of `Σ G ∘ m2`; `∂x` only `if input_gradient`.
 fn backward<T: Real>(
     x: &[T],
     center: &[T],
     diagonal: &[T],
     grad: &[T],
     s: Sizes,
-) -> (Vec<T>, Vec<T>, Vec<T>) {
+    input_gradient: bool,
+) -> Gradients3<T> {
     let Sizes {
         batch,
         dim,
         neurons,
     } = s;
-    let mut grad_x = vec![T::zero(); batch * dim];
+    let mut grad_x = input_gradient.then(|| vec![T::zero(); batch * dim]);
     let mut grad_center = vec![T::zero(); neurons * dim];
     let mut grad_diagonal = vec![T::zero(); neurons * dim];
     if dim == 0 || neurons == 0 {
         return (grad_x, grad_center, grad_diagonal);
     }
-    let chunk_rows = rows_per_chunk(batch);
-    for_each_chunk_mut(&mut grad_x, chunk_rows * dim, |chunk, gx_chunk| {
-        let row0 = chunk * chunk_rows;
-        let rows = gx_chunk.len() / dim;
-        grad_x_rows(
-            &x[row0 * dim..(row0 + rows) * dim],
-            center,
-            diagonal,
-            &grad[row0 * neurons..(row0 + rows) * neurons],
-            gx_chunk,
-            dim,
-        );
-    });
+    if let Some(grad_x) = grad_x.as_mut() {
+        let chunk_rows = rows_per_chunk(batch);
+        for_each_chunk_mut(grad_x, chunk_rows * dim, |chunk, gx_chunk| {
+            let row0 = chunk * chunk_rows;
+            let rows = gx_chunk.len() / dim;
+            grad_x_rows(
+                &x[row0 * dim..(row0 + rows) * dim],
+                center,
+                diagonal,
+                &grad[row0 * neurons..(row0 + rows) * neurons],
+                gx_chunk,
+                dim,
+            );
+        });
+    }
     for_each_chunk_pair_mut(
         &mut grad_center,
         dim,
@@ -293,12 +298,13 @@ impl CustomOp3 for DiagonalDistance {
             [x.dims(), center.dims(), diagonal.dims()],
             OperandShape::Diagonal,
         )?;
+        let input_gradient = needs_input_gradient(x);
         dispatch_backward3(
             self.name(),
             [x, center, diagonal, grad],
             s.gradient_shapes(OperandShape::Diagonal),
-            |x, c, p, g| backward(x, c, p, g, s),
-            |x, c, p, g| backward(x, c, p, g, s),
+            |x, c, p, g| backward(x, c, p, g, s, input_gradient),
+            |x, c, p, g| backward(x, c, p, g, s, input_gradient),
         )
     }
 }

@@ -8,7 +8,8 @@ use super::expanded::{self, Source};
 use super::factors::FactorMap;
 use super::projected;
 use crate::cpu::{
-    dispatch_backward3, dispatch_float3, poison_non_finite_rows, OperandShape, Real, Sizes,
+    dispatch_backward3, dispatch_float3, needs_input_gradient, poison_non_finite_rows, Gradients3,
+    OperandShape, Real, Sizes,
 };
 use crate::error::Result;
 
@@ -49,7 +50,7 @@ impl FusedPlan {
         poison_non_finite_rows(out, x, s.dim, s.neurons);
     }
 
-    /// Gradients `(∂x, ∂c, ∂input)` of `Σ G ∘ m2`.
+    /// Gradients `(∂x, ∂c, ∂input)` of `Σ G ∘ m2`; `∂x` only `if input_gradient`.
     pub(super) fn backward<T: Real>(
         self,
         x: &[T],
@@ -57,11 +58,14 @@ impl FusedPlan {
         input: &[T],
         grad: &[T],
         s: Sizes,
-    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        input_gradient: bool,
+    ) -> Gradients3<T> {
         match self {
-            FusedPlan::Projected(map) => projected::backward(x, center, input, grad, map, s),
+            FusedPlan::Projected(map) => {
+                projected::backward(x, center, input, grad, map, s, input_gradient)
+            }
             FusedPlan::Expanded { source, .. } => {
-                expanded::backward(x, center, input, grad, source, s)
+                expanded::backward(x, center, input, grad, source, s, input_gradient)
             }
         }
     }
@@ -126,12 +130,13 @@ impl CustomOp3 for FusedDistance {
             OperandShape::Square,
         )?;
         let plan = self.plan;
+        let input_gradient = needs_input_gradient(x);
         dispatch_backward3(
             self.name(),
             [x, center, input, grad],
             s.gradient_shapes(OperandShape::Square),
-            |x, c, p, g| plan.backward(x, c, p, g, s),
-            |x, c, p, g| plan.backward(x, c, p, g, s),
+            |x, c, p, g| plan.backward(x, c, p, g, s, input_gradient),
+            |x, c, p, g| plan.backward(x, c, p, g, s, input_gradient),
         )
     }
 }

@@ -22,7 +22,7 @@ use candle_core::{Tensor, D};
 use super::factors::{FactorMap, Factors};
 use crate::cpu::{
     for_each_chunk_pair_mut_sized, for_each_with_state, matmul, row_mean, rows_per_chunk,
-    shift_rows, MatRef, Real, Sizes, TILE_ROWS,
+    shift_rows, Gradients3, MatRef, Real, Sizes, TILE_ROWS,
 };
 use crate::error::Result;
 use crate::linalg::host;
@@ -445,7 +445,8 @@ fn input_gradient_rows<T: Real>(q: &[T], tile: &[T], dim: usize, grad_x: &mut [T
     }
 }
 
-/// Expanded backward: `(∂x (B, d), ∂c (Z, d), ∂input (Z, d, d))` of `Σ G ∘ m2`.
+/// Expanded backward: `(∂x (B, d), ∂c (Z, d), ∂input (Z, d, d))` of `Σ G ∘ m2`; `∂x` (half
+/// the GEMM work) only `if input_gradient`.
 pub(super) fn backward<T: Real>(
     x: &[T],
     center: &[T],
@@ -453,13 +454,14 @@ pub(super) fn backward<T: Real>(
     grad: &[T],
     source: Source,
     s: Sizes,
-) -> (Vec<T>, Vec<T>, Vec<T>) {
+    input_gradient: bool,
+) -> Gradients3<T> {
     let Sizes {
         batch,
         dim,
         neurons,
     } = s;
-    let mut grad_x = vec![T::zero(); batch * dim];
+    let mut grad_x = input_gradient.then(|| vec![T::zero(); batch * dim]);
     let mut grad_center = vec![T::zero(); neurons * dim];
     let mut grad_input = vec![T::zero(); neurons * dim * dim];
     if batch == 0 || neurons == 0 || dim == 0 {
@@ -472,7 +474,17 @@ pub(super) fn backward<T: Real>(
     pack_neurons(input, factors.as_ref(), &centered, 0, dim, &mut packed);
     let tile_rows = backward_tile_rows(dim);
     let chunk_rows = rows_per_chunk(batch);
-    let chunks: Vec<&mut [T]> = grad_x.chunks_mut(chunk_rows * dim).collect();
+    // Row chunks of the batch: (rows, their rows of ∂x where it is wanted).
+    let chunks: Vec<(usize, Option<&mut [T]>)> = match grad_x.as_mut() {
+        Some(grad_x) => grad_x
+            .chunks_mut(chunk_rows * dim)
+            .map(|gx| (gx.len() / dim, Some(gx)))
+            .collect(),
+        None => (0..batch)
+            .step_by(chunk_rows)
+            .map(|row0| (chunk_rows.min(batch - row0), None))
+            .collect(),
+    };
     // Per thread: Σ_b G_bz [pairs | x̃ | 1]_b (Z, W), a pair tile and a q tile.
     let states = for_each_with_state(
         chunks,
@@ -481,17 +493,15 @@ pub(super) fn backward<T: Real>(
             (
                 vec![T::zero(); neurons * w],
                 vec![T::zero(); rows * w],
-                vec![T::zero(); rows * w],
+                vec![T::zero(); if input_gradient { rows * w } else { 0 }],
             )
         },
-        |(sums, tile, q), chunk, gx_chunk| {
+        |(sums, tile, q), chunk, (rows, mut gx_chunk)| {
             let row0 = chunk * chunk_rows;
-            let rows = gx_chunk.len() / dim;
             for t0 in (0..rows).step_by(tile_rows) {
                 let m = tile_rows.min(rows - t0);
                 let first = row0 + t0;
                 let tile = &mut tile[..m * w];
-                let q = &mut q[..m * w];
                 pair_rows(&x[first * dim..(first + m) * dim], &shift, tile);
                 let g_rows = &grad[first * neurons..(first + m) * neurons];
                 let tile_view = MatRef {
@@ -511,6 +521,10 @@ pub(super) fn backward<T: Real>(
                     },
                     tile_view,
                 );
+                let Some(gx_chunk) = gx_chunk.as_deref_mut() else {
+                    continue;
+                };
+                let q = &mut q[..m * w];
                 matmul(
                     (m, w, neurons),
                     q,

@@ -16,7 +16,8 @@ use super::distance_op::FusedPlan;
 use super::{Operand, Resolved};
 use crate::cpu::{
     check_built_for, dispatch_float3, for_each_chunk_mut, for_each_chunk_pair_mut, host_backward3,
-    matmul, rows_per_chunk, with_row_major, MatRef, Real, Sizes, TILE_ROWS,
+    matmul, needs_input_gradient, rows_per_chunk, with_row_major, Gradients3, MatRef, Real, Sizes,
+    TILE_ROWS,
 };
 use crate::error::Result;
 
@@ -177,7 +178,8 @@ impl FusedGaussLayer {
         out
     }
 
-    /// Gradients (∂x, ∂params, ∂factor input) from `g` and the gradients of `y` and `g`.
+    /// Gradients (∂x, ∂params, ∂factor input) from `g` and the gradients of `y` and `g`;
+    /// ∂x only `if input_gradient`.
     #[allow(clippy::too_many_arguments)]
     fn backward<T: Real>(
         &self,
@@ -188,7 +190,8 @@ impl FusedGaussLayer {
         grad_y: &[T],
         grad_g: &[T],
         s: Sizes,
-    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        input_gradient: bool,
+    ) -> Gradients3<T> {
         let tanh = self.tanh;
         let p = self.split(params, s);
         let (batch, dim, neurons) = (s.batch, s.dim, s.neurons);
@@ -237,28 +240,31 @@ impl FusedGaussLayer {
             );
         }
         let (mut grad_x, grad_center, grad_factor) =
-            self.plan.backward(x, &p.center, factor, &grad_m2, s);
+            self.plan
+                .backward(x, &p.center, factor, &grad_m2, s, input_gradient);
         if bz == 0 || dim == 0 {
             let grad_params = vec![T::zero(); neurons * self.width(dim)];
             return (grad_x, grad_params, grad_factor);
         }
         // ∂x += ∂lin · W
-        for_each_chunk_mut(&mut grad_x, chunk_rows * dim, |chunk, gx| {
-            let row0 = chunk * chunk_rows;
-            let rows = gx.len() / dim;
-            matmul(
-                (rows, dim, neurons),
-                gx,
-                dim,
-                true,
-                MatRef {
-                    data: &grad_lin[row0 * neurons..(row0 + rows) * neurons],
-                    row_stride: neurons,
-                    col_stride: 1,
-                },
-                p.weight,
-            );
-        });
+        if let Some(grad_x) = grad_x.as_mut() {
+            for_each_chunk_mut(grad_x, chunk_rows * dim, |chunk, gx| {
+                let row0 = chunk * chunk_rows;
+                let rows = gx.len() / dim;
+                matmul(
+                    (rows, dim, neurons),
+                    gx,
+                    dim,
+                    true,
+                    MatRef {
+                        data: &grad_lin[row0 * neurons..(row0 + rows) * neurons],
+                        row_stride: neurons,
+                        col_stride: 1,
+                    },
+                    p.weight,
+                );
+            });
+        }
         // ∂W = ∂linᵀ x, ∂b = Σ_b ∂lin
         let mut grad_weight = vec![T::zero(); neurons * dim];
         let chunk_neurons = neurons.div_ceil(8).max(1);
@@ -367,7 +373,7 @@ impl CustomOp3 for FusedGaussLayer {
             DType::F64 => self.backward_tensors::<f64>(x, params, factor, &g, grad)?,
             other => bail!("{}: supports f32 and f64, got {other:?}", self.name()),
         };
-        Ok((Some(gx), Some(gp), Some(gf)))
+        Ok((gx, Some(gp), Some(gf)))
     }
 }
 
@@ -379,8 +385,9 @@ impl FusedGaussLayer {
         factor: &Tensor,
         g: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    ) -> candle_core::Result<(Option<Tensor>, Tensor, Tensor)> {
         let s = self.built_for([x.dims(), params.dims(), factor.dims()])?;
+        let input_gradient = needs_input_gradient(x);
         let bz = s.batch * s.neurons;
         let grad = grad.to_dtype(T::DTYPE)?.contiguous()?;
         host_backward3::<T>(
@@ -388,7 +395,7 @@ impl FusedGaussLayer {
             self.input_shapes(),
             |x, p, f, grad| {
                 with_row_major::<T, _>(g, |g| {
-                    Ok(self.backward(x, p, f, g, &grad[..bz], &grad[bz..], s))
+                    Ok(self.backward(x, p, f, g, &grad[..bz], &grad[bz..], s, input_gradient))
                 })
             },
         )

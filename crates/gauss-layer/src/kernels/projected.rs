@@ -16,7 +16,7 @@ use candle_core::{Tensor, D};
 use super::factors::{FactorMap, Factors};
 use crate::cpu::{
     for_each_chunk_mut, for_each_with_state, matmul, neurons_per_block, row_mean, rows_per_chunk,
-    shift_rows, squared_distance, MatRef, Real, Sizes, TILE_ROWS,
+    shift_rows, squared_distance, Gradients3, MatRef, Real, Sizes, TILE_ROWS,
 };
 use crate::error::Result;
 use crate::linalg;
@@ -173,7 +173,8 @@ pub(super) fn forward_into<T: Real>(
 /// fewer, larger calls.
 const BACKWARD_TILE_ROWS: usize = 256;
 
-/// Gradients `(∂x (B, d), ∂c (Z, d), ∂F (Z, d, d))` of `Σ G ∘ m2`, row-major.
+/// Gradients `(∂x (B, d), ∂c (Z, d), ∂F (Z, d, d))` of `Σ G ∘ m2`, row-major; `∂x` (one of
+/// the three GEMMs per tile) only `if input_gradient`.
 pub(super) fn backward<T: Real>(
     x: &[T],
     center: &[T],
@@ -181,7 +182,8 @@ pub(super) fn backward<T: Real>(
     grad: &[T],
     map: FactorMap,
     s: Sizes,
-) -> (Vec<T>, Vec<T>, Vec<T>) {
+    input_gradient: bool,
+) -> Gradients3<T> {
     let Sizes {
         batch,
         dim,
@@ -189,8 +191,10 @@ pub(super) fn backward<T: Real>(
     } = s;
     let mut grad_factor = vec![T::zero(); neurons * dim * dim];
     let mut grad_center = vec![T::zero(); neurons * dim];
+    let grad_x_len = if input_gradient { batch * dim } else { 0 };
     if batch == 0 || neurons == 0 || dim == 0 {
-        return (vec![T::zero(); batch * dim], grad_center, grad_factor);
+        let grad_x = input_gradient.then(|| vec![T::zero(); grad_x_len]);
+        return (grad_x, grad_center, grad_factor);
     }
     let factors = Factors::new(factor, map, s);
     let (shift, projected_centers) = shift_and_projected_centers(center, &factors, s);
@@ -202,7 +206,7 @@ pub(super) fn backward<T: Real>(
         .collect();
     let partial_grad_x = for_each_with_state(
         blocks,
-        || vec![T::zero(); batch * dim],
+        || vec![T::zero(); grad_x_len],
         |grad_x, b, (grad_factor_block, grad_center_block)| {
             let z0 = b * block;
             let count = grad_center_block.len() / dim;
@@ -255,18 +259,20 @@ pub(super) fn backward<T: Real>(
                     col_stride: 1,
                 };
                 // ∂x rows += W · stackedᵀ
-                matmul(
-                    (rows, dim, cols),
-                    &mut grad_x[t0 * dim..(t0 + rows) * dim],
-                    dim,
-                    true,
-                    w_view,
-                    MatRef {
-                        data: &stacked,
-                        row_stride: 1,
-                        col_stride: cols,
-                    },
-                );
+                if input_gradient {
+                    matmul(
+                        (rows, dim, cols),
+                        &mut grad_x[t0 * dim..(t0 + rows) * dim],
+                        dim,
+                        true,
+                        w_view,
+                        MatRef {
+                            data: &stacked,
+                            row_stride: 1,
+                            col_stride: cols,
+                        },
+                    );
+                }
                 // Xᵀ W, with X the shifted inputs.
                 matmul(
                     (dim, cols, rows),
@@ -309,9 +315,9 @@ pub(super) fn backward<T: Real>(
     let mut partials = partial_grad_x.into_iter();
     let mut grad_x = partials
         .next()
-        .unwrap_or_else(|| vec![T::zero(); batch * dim]);
+        .unwrap_or_else(|| vec![T::zero(); grad_x_len]);
     for partial in partials {
         grad_x.iter_mut().zip(&partial).for_each(|(a, &b)| *a += b);
     }
-    (grad_x, grad_center, grad_factor)
+    (input_gradient.then_some(grad_x), grad_center, grad_factor)
 }

@@ -19,6 +19,7 @@ use crate::precision::Precision;
 
 mod diagonal_tests;
 mod expanded_tests;
+mod input_gradient_tests;
 mod layer_op_tests;
 mod projected_tests;
 mod resolver_tests;
