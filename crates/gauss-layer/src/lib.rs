@@ -85,4 +85,4 @@ pub use mixture::{
 };
 pub use net::{GaussNet, GaussNetConfig};
 pub use optim::FusedAdamW;
-pub use precision::Precision;
+pub use precision::{seed_trace_probes, Precision};

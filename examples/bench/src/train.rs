@@ -388,6 +388,7 @@ fn main() -> Result<()> {
     if args.batch == 0 || args.samples == 0 || args.steps == 0 {
         bail!("--batch, --samples and --steps must be positive");
     }
+    gauss_layer::seed_trace_probes(args.seed);
     let device = examples_support::device(&args.device)?;
     let dtype = examples_support::dtype(&args.dtype)?;
     let (images, labels) = synthetic(&args, dtype, &device)?;

@@ -123,7 +123,8 @@ struct TrainArgs {
     /// Device to train and evaluate on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
-    /// Seed of the initialization, shuffling and evaluation noise.
+    /// Seed of the initialization, shuffling, evaluation noise and the λ-loss's trace probes
+    /// (those on the CPU; a GPU draws them from its own Candle generator).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Train only the classical MLP (no checkpoint).
@@ -256,6 +257,8 @@ fn default_lambda_sigma(features: usize) -> f64 {
 }
 
 fn train(args: TrainArgs) -> Result<Value> {
+    // The λ-loss's random trace probes (cholesky at 256+ inputs) follow the seed too.
+    gauss_layer::seed_trace_probes(args.seed);
     let parameterization = Parameterization::from_name(&args.param, args.rank)?;
     let cnn = args.arch == Arch::Cnn;
     let epochs = args.epochs.unwrap_or(if cnn {

@@ -56,6 +56,7 @@ mod trace_estimate;
 
 pub(crate) use low_rank_fit::LowRankFit;
 pub(crate) use operand::DistanceOperand;
+pub use trace_estimate::seed_trace_probes;
 
 /// How a full precision's raw (Z, d, d) tensor maps to `P`, where ops can read the raw
 /// tensor directly ([`Precision::raw_map`]): the one place that rule is written.

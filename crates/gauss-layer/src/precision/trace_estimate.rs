@@ -15,8 +15,12 @@
 //! included, as the statistics op does); its portable twin is [`estimate_in_tensor_ops`],
 //! which GPUs run (through a tensor-op triangular inverse: O(d³), the same value and gradient).
 
+use std::sync::Mutex;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
 use super::maps;
@@ -204,12 +208,63 @@ pub(crate) fn estimate_in_tensor_ops(factor: &Tensor, probes: &Tensor) -> Result
     Ok((w.sqr()?.sum((1, 2))? / k)?)
 }
 
+/// The generator of CPU probes once [`seed_trace_probes`] has run (Candle's CPU generator,
+/// the thread's, seeded by the OS, cannot be seeded).
+static SEEDED_PROBES: Mutex<Option<StdRng>> = Mutex::new(None);
+
+/// Makes the random probes of Hutchinson trace estimates
+/// ([`Precision::trace_covariance_estimate`](crate::Precision::trace_covariance_estimate),
+/// the λ-loss's `TraceEstimator::Hutchinson`) on the CPU a fixed sequence from `seed`, so a
+/// training run that uses them can be repeated (as `torch.manual_seed` does). Until it is
+/// called they come from Candle's CPU generator, which cannot be seeded. Process-wide; on
+/// CUDA, seed Candle's generator with `Device::set_seed`.
+///
+/// ```
+/// # fn main() -> gauss_layer::Result<()> {
+/// use candle_core::{DType, Device, Tensor};
+/// use gauss_layer::{Parameterization, Precision, PrecisionConfig};
+///
+/// // One neuron, d = 6, a factor with off-diagonal entries (so the estimate depends on
+/// // the probes).
+/// let values: Vec<f64> = (0..36).map(|k| (k as f64 * 0.37).sin()).collect();
+/// let raw = Tensor::from_vec(values, (1, 6, 6), &Device::Cpu)?;
+/// let config = PrecisionConfig::with_parameterization(Parameterization::Cholesky);
+/// let precision = Precision::from_raw(raw, 6, config)?;
+/// gauss_layer::seed_trace_probes(7);
+/// let first = precision.trace_covariance_estimate(8)?.to_vec1::<f64>()?;
+/// gauss_layer::seed_trace_probes(7);
+/// assert_eq!(precision.trace_covariance_estimate(8)?.to_vec1::<f64>()?, first);
+/// # Ok(())
+/// # }
+/// ```
+pub fn seed_trace_probes(seed: u64) {
+    // A poisoned lock only means another thread panicked mid-draw: the generator is usable.
+    let mut generator = SEEDED_PROBES.lock().unwrap_or_else(|e| e.into_inner());
+    *generator = Some(StdRng::seed_from_u64(seed));
+}
+
 /// Rademacher probes (independent ±1) of shape (Z, d, k), drawn on `like`'s device in its
-/// dtype (Candle's generator of that device).
+/// dtype: on the CPU from the [`seed_trace_probes`] generator once seeded, else from
+/// Candle's generator of that device.
 ///
 /// # Shapes
 /// `like`: any float tensor → (Z, d, k)
 pub(crate) fn rademacher_probes(z: usize, d: usize, k: usize, like: &Tensor) -> Result<Tensor> {
+    if like.device().is_cpu() {
+        let mut generator = SEEDED_PROBES.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(generator) = generator.as_mut() {
+            let signs: Vec<f32> = (0..z * d * k)
+                .map(|_| {
+                    if generator.random_bool(0.5) {
+                        1.0
+                    } else {
+                        -1.0
+                    }
+                })
+                .collect();
+            return Ok(Tensor::from_vec(signs, (z, d, k), like.device())?.to_dtype(like.dtype())?);
+        }
+    }
     let uniform = Tensor::zeros((z, d, k), like.dtype(), like.device())?.rand_like(0.0, 1.0)?;
     let signs = uniform.ge(0.5)?.to_dtype(like.dtype())?;
     Ok(signs.affine(2.0, -1.0)?)
