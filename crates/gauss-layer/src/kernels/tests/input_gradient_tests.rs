@@ -79,30 +79,17 @@ fn fused_ops_skip_the_gradient_of_an_input_that_tracks_nothing() -> TestResult {
     for dtype in [DType::F64, DType::F32] {
         let cast = |t: &Tensor| t.to_dtype(dtype).expect("cast");
         let x = cast(&c.x);
-        check(
-            "diagonal",
-            &|x, p| diagonal_fused(x, &p[0], &p[1]),
-            &x,
-            &[cast(&c.center), cast(&diagonal)],
-        )?;
-        check(
-            "projected",
-            &|x, p| projected_fused(x, &p[0], &p[1]),
-            &x,
-            &[cast(&c.center), cast(&c.factor)],
-        )?;
-        check(
-            "expanded, matrix",
-            &|x, p| expanded_fused(x, &p[0], &p[1]),
-            &x,
-            &[cast(&c.center), cast(&precision)],
-        )?;
-        check(
-            "expanded, factor",
-            &|x, p| expanded_fused_factor(x, &p[0], &p[1]),
-            &x,
-            &[cast(&c.center), cast(&c.factor)],
-        )?;
+        type DistanceOp = fn(&Tensor, &Tensor, &Tensor) -> crate::Result<Tensor>;
+        let distance_ops: [(&str, DistanceOp, &Tensor); 4] = [
+            ("diagonal", diagonal_fused, &diagonal),
+            ("projected", projected_fused, &c.factor),
+            ("expanded, matrix", expanded_fused, &precision),
+            ("expanded, factor", expanded_fused_factor, &c.factor),
+        ];
+        for (name, op, operand) in distance_ops {
+            let params = [cast(&c.center), cast(operand)];
+            check(name, &|x, p| op(x, &p[0], &p[1]), &x, &params)?;
+        }
         for kernel in [DistanceKernel::Projected, DistanceKernel::Expanded] {
             let layer = |x: &Tensor, p: &[Tensor]| -> crate::Result<Tensor> {
                 let precision = Precision::from_raw(p[3].clone(), 9, PrecisionConfig::default())?;
