@@ -1,14 +1,14 @@
 //! Diagonal precisions (diag and sphere): `m2[b, z] = Σ_i p_zi (x_bi - c_zi)²` in B·Z·d
-//! work. The fused CPU op computes it exactly (no expansion, no cancellation) in one pass with
-//! its fused backward, no (B, Z, d) temporary; its portable twin is the expanded form in
-//! matmuls (tensor ops), clamped at 0.
+//! work. The fused CPU form ([`FusedPlan::Diagonal`](super::distance_op::FusedPlan) of the
+//! fused distance and layer ops) computes it exactly (no expansion, no cancellation) in one
+//! pass with its fused backward, no (B, Z, d) temporary; its portable twin is the expanded
+//! form in matmuls (tensor ops), clamped at 0.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
+use candle_core::{Tensor, D};
 
 use crate::cpu::{
-    dispatch_backward3, dispatch_float3, for_each_chunk_mut, for_each_chunk_pair_mut,
-    needs_input_gradient, poison_non_finite_rows, rows_per_chunk, simd_kernel, Gradients3,
-    OperandShape, Real, Sizes,
+    for_each_chunk_mut, for_each_chunk_pair_mut, rows_per_chunk, simd_kernel, Gradients3, Real,
+    Sizes,
 };
 use crate::error::Result;
 
@@ -203,29 +203,35 @@ simd_kernel! {
     }
 }
 
-fn forward<T: Real>(x: &[T], center: &[T], diagonal: &[T], s: Sizes) -> Vec<T> {
+/// `m2` (B, Z) into `out` (zeros on entry): the exact weighted distances, rows in parallel
+/// chunks. Non-finite input rows are left to the caller
+/// ([`FusedPlan::forward_into`](super::distance_op::FusedPlan) poisons them for every plan).
+pub(super) fn forward_into<T: Real>(
+    out: &mut [T],
+    x: &[T],
+    center: &[T],
+    diagonal: &[T],
+    s: Sizes,
+) {
     let Sizes {
         batch,
         dim,
         neurons,
     } = s;
-    let mut out = vec![T::zero(); batch * neurons];
     if batch == 0 || neurons == 0 || dim == 0 {
-        return out;
+        return;
     }
     let chunk_rows = rows_per_chunk(batch);
-    for_each_chunk_mut(&mut out, chunk_rows * neurons, |chunk, out_chunk| {
+    for_each_chunk_mut(out, chunk_rows * neurons, |chunk, out_chunk| {
         let row0 = chunk * chunk_rows;
         let rows = out_chunk.len() / neurons;
         let x_rows = &x[row0 * dim..(row0 + rows) * dim];
         forward_rows(x_rows, center, diagonal, out_chunk, dim);
     });
-    poison_non_finite_rows(&mut out, x, dim, neurons);
-    out
 }
 
 /// Gradients `(∂x, ∂c, ∂p)` of `Σ G ∘ m2`; `∂x` only `if input_gradient`.
-fn backward<T: Real>(
+pub(super) fn backward<T: Real>(
     x: &[T],
     center: &[T],
     diagonal: &[T],
@@ -279,79 +285,4 @@ fn backward<T: Real>(
         },
     );
     (grad_x, grad_center, grad_diagonal)
-}
-
-/// The Candle op: inputs (x, center, diagonal), output m2 (B, Z).
-#[derive(Clone, Copy, Debug)]
-struct DiagonalDistance {
-    /// The sizes the public boundary checked; the op's inputs were built to them.
-    sizes: Sizes,
-}
-
-impl CustomOp3 for DiagonalDistance {
-    fn name(&self) -> &'static str {
-        "diagonal-mahalanobis-sq"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let s = self.sizes.check_distance_inputs(
-            self.name(),
-            [l1.dims(), l2.dims(), l3.dims()],
-            OperandShape::Diagonal,
-        )?;
-        let out = dispatch_float3(
-            self.name(),
-            "x, center and diagonal",
-            [(s1, l1), (s2, l2), (s3, l3)],
-            |x, c, p| CpuStorage::F32(forward(x, c, p, s)),
-            |x, c, p| CpuStorage::F64(forward(x, c, p, s)),
-        )?;
-        Ok((out, Shape::from((s.batch, s.neurons))))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        center: &Tensor,
-        diagonal: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let s = self.sizes.check_distance_inputs(
-            self.name(),
-            [x.dims(), center.dims(), diagonal.dims()],
-            OperandShape::Diagonal,
-        )?;
-        let input_gradient = needs_input_gradient(x);
-        dispatch_backward3(
-            self.name(),
-            [x, center, diagonal, grad],
-            s.gradient_shapes(OperandShape::Diagonal),
-            |x, c, p, g| backward(x, c, p, g, s, input_gradient),
-            |x, c, p, g| backward(x, c, p, g, s, input_gradient),
-        )
-    }
-}
-
-/// Diagonal-precision distances through the fused CPU op (with its fused backward), on
-/// inputs of the checked `sizes` (f32 or f64, one dtype, on the CPU: what the resolver
-/// planned it for).
-///
-/// # Shapes
-/// `x`: (B, d), `center`: (Z, d), `diagonal`: (Z, d) → (B, Z)
-pub(crate) fn fused(
-    sizes: Sizes,
-    x: &Tensor,
-    center: &Tensor,
-    diagonal: &Tensor,
-) -> Result<Tensor> {
-    Ok(x.apply_op3(center, diagonal, DiagonalDistance { sizes })?)
 }

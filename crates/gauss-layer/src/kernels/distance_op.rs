@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::expanded::{self, Source};
 use super::factors::FactorMap;
-use super::projected;
+use super::{diagonal, projected};
 use crate::cpu::{
     dispatch_backward3, dispatch_float3, needs_input_gradient, poison_non_finite_rows, Gradients3,
     OperandShape, Real, Sizes,
@@ -16,6 +16,9 @@ use crate::error::Result;
 /// Which algorithm runs each direction of the fused distance op.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum FusedPlan {
+    /// Diagonal precisions (diag, sphere, lowrank's diagonal part): the operand is the (Z, d)
+    /// diagonal, forward and backward exact in B·Z·d ([`diagonal`]).
+    Diagonal,
     /// Projected forward and backward (needs a factor).
     Projected(FactorMap),
     /// Expanded backward; the forward is expanded too unless `projected_forward` (which
@@ -28,6 +31,14 @@ pub(crate) enum FusedPlan {
 }
 
 impl FusedPlan {
+    /// The shape of the plan's operand: (Z, d) for [`FusedPlan::Diagonal`], else (Z, d, d).
+    pub(crate) fn operand_shape(self) -> OperandShape {
+        match self {
+            FusedPlan::Diagonal => OperandShape::Diagonal,
+            _ => OperandShape::Square,
+        }
+    }
+
     /// `m2` (B, Z) into `out`.
     pub(super) fn forward_into<T: Real>(
         self,
@@ -38,6 +49,7 @@ impl FusedPlan {
         s: Sizes,
     ) {
         match self {
+            FusedPlan::Diagonal => diagonal::forward_into(out, x, center, input, s),
             FusedPlan::Projected(map)
             | FusedPlan::Expanded {
                 source: Source::Factor(map),
@@ -61,6 +73,7 @@ impl FusedPlan {
         input_gradient: bool,
     ) -> Gradients3<T> {
         match self {
+            FusedPlan::Diagonal => diagonal::backward(x, center, input, grad, s, input_gradient),
             FusedPlan::Projected(map) => {
                 projected::backward(x, center, input, grad, map, s, input_gradient)
             }
@@ -104,7 +117,7 @@ impl CustomOp3 for FusedDistance {
         let s = self.sizes.check_distance_inputs(
             self.name(),
             [l1.dims(), l2.dims(), l3.dims()],
-            OperandShape::Square,
+            self.plan.operand_shape(),
         )?;
         let out = dispatch_float3(
             self.name(),
@@ -127,14 +140,14 @@ impl CustomOp3 for FusedDistance {
         let s = self.sizes.check_distance_inputs(
             self.name(),
             [x.dims(), center.dims(), input.dims()],
-            OperandShape::Square,
+            self.plan.operand_shape(),
         )?;
         let plan = self.plan;
         let input_gradient = needs_input_gradient(x);
         dispatch_backward3(
             self.name(),
             [x, center, input, grad],
-            s.gradient_shapes(OperandShape::Square),
+            s.gradient_shapes(plan.operand_shape()),
             |x, c, p, g| plan.backward(x, c, p, g, s, input_gradient),
             |x, c, p, g| plan.backward(x, c, p, g, s, input_gradient),
         )
@@ -145,7 +158,8 @@ impl CustomOp3 for FusedDistance {
 /// dtype, on the CPU: what the resolver planned it for).
 ///
 /// # Shapes
-/// `x`: (B, d), `center`: (Z, d), `input`: (Z, d, d) → (B, Z)
+/// `x`: (B, d), `center`: (Z, d), `input`: (Z, d, d), (Z, d) for [`FusedPlan::Diagonal`]
+/// → (B, Z)
 pub(crate) fn apply(
     sizes: Sizes,
     x: &Tensor,

@@ -100,13 +100,14 @@ impl ResolvedKernel {
 /// What the resolved kernel takes as its precision input.
 #[derive(Clone, Debug)]
 pub(crate) enum Operand {
-    /// (Z, d) diagonal precisions.
+    /// (Z, d) diagonal precisions, for the portable form (the fused one is
+    /// [`Operand::Fused`] with [`FusedPlan::Diagonal`]).
     Diagonal(Tensor),
     /// (Z, d, d) factors `F` with `P = F Fᵀ`.
     Factor(Tensor),
     /// (Z, d, d) precision matrices.
     Matrix(Tensor),
-    /// The fused distance op's (Z, d, d) input and its plan.
+    /// The fused distance op's input ((Z, d, d); (Z, d) for the diagonal plan) and its plan.
     Fused(Tensor, FusedPlan),
     /// lowrank: the diagonal `e^θ` (Z, d) and the factor `U` (Z, d, r).
     LowRank(Tensor, Tensor),
@@ -220,12 +221,17 @@ pub(crate) fn resolve(
         return resolved(kernel, Operand::LowRank(theta.exp()?, u));
     }
     if let Some(diagonal) = precision.diagonal_precision()? {
-        let kernel = if fused {
-            ResolvedKernel::DiagonalFused
+        return if fused {
+            resolved(
+                ResolvedKernel::DiagonalFused,
+                Operand::Fused(diagonal, FusedPlan::Diagonal),
+            )
         } else {
-            ResolvedKernel::DiagonalTensorOps
+            resolved(
+                ResolvedKernel::DiagonalTensorOps,
+                Operand::Diagonal(diagonal),
+            )
         };
-        return resolved(kernel, Operand::Diagonal(diagonal));
     }
     if !fused {
         // Portable: decided without reading device data.
@@ -301,14 +307,12 @@ pub(crate) fn gaussian(mahalanobis_sq: &Tensor) -> Result<Tensor> {
 /// `x`: (B, d), `center`: (Z, d) → (B, Z)
 pub(crate) fn run(x: &Tensor, center: &Tensor, resolved: &Resolved) -> Result<Tensor> {
     let portable = match (&resolved.operand, resolved.kernel) {
-        (Operand::Diagonal(p), ResolvedKernel::DiagonalFused) => {
-            return diagonal::fused(resolved.sizes, x, center, p)
-        }
         (Operand::Fused(input, plan), _) => {
             return distance_op::apply(resolved.sizes, x, center, input, *plan)
         }
         (Operand::LowRank(diagonal, u), ResolvedKernel::LowRankFused) => {
-            let diagonal_part = diagonal::fused(resolved.sizes, x, center, diagonal)?;
+            let diagonal_part =
+                distance_op::apply(resolved.sizes, x, center, diagonal, FusedPlan::Diagonal)?;
             return Ok((diagonal_part + projected::portable(x, center, u)?)?);
         }
         (Operand::LowRank(diagonal, u), _) => {

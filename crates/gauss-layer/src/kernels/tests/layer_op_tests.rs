@@ -2,8 +2,8 @@ use super::*;
 use crate::config::PrecisionConfig;
 
 /// The fused layer op against the layer composed from tensor ops (naive distances), for
-/// cholesky (raw fed to the op), cholesky with a width floor and expm (factor fed to the op),
-/// with and without a bias: outputs and gradients to every input.
+/// cholesky (raw fed to the op), cholesky with a width floor and expm (factor fed to the op)
+/// and direct (the matrix), with and without a bias: outputs and gradients to every input.
 #[test]
 fn fused_layer_matches_composed_layer() -> TestResult {
     use crate::config::{DistanceKernel, GaussLayerConfig, Parameterization};
@@ -57,7 +57,8 @@ fn fused_layer_matches_composed_layer() -> TestResult {
         };
         let c = case(18, batch, dim, neurons, 2.0);
         let mut rng = StdRng::seed_from_u64(118);
-        let mut raw = normal(&mut rng, &[neurons, dim, dim], 0.3);
+        let raw_shape = Precision::raw_shape(parameterization, neurons, dim);
+        let mut raw = normal(&mut rng, &raw_shape, 0.3);
         if parameterization == Parameterization::Direct {
             raw = precision_of(&c)?;
         }

@@ -11,7 +11,7 @@ use super::conditioning::Conditioning;
 use super::distance_op::{self, FusedPlan};
 use super::expanded::Source;
 use super::factors::FactorMap;
-use super::{diagonal, expanded, layer_op, Operand};
+use super::{expanded, layer_op, Operand};
 use crate::config::{DistanceKernel, PositiveMap};
 use crate::cpu::Sizes;
 use crate::error::GaussError;
@@ -265,7 +265,7 @@ pub(super) fn expanded_portable(x: &Tensor, c: &Tensor, p: &Tensor) -> crate::Re
 
 /// The fused diagonal op.
 pub(super) fn diagonal_fused(x: &Tensor, c: &Tensor, p: &Tensor) -> crate::Result<Tensor> {
-    diagonal::fused(sizes(x, c)?, x, c, p)
+    distance_op::apply(sizes(x, c)?, x, c, p, FusedPlan::Diagonal)
 }
 
 /// The resolver's distances (fused where it applies).

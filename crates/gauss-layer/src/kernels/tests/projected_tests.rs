@@ -123,7 +123,8 @@ fn inputs_are_checked_at_the_boundary_and_fused_ops_guard_their_build() -> TestR
     let plan = FusedPlan::Projected(FactorMap::Identity);
     let err = distance_op::apply(other, &c.x, &c.center, &c.factor, plan).unwrap_err();
     assert!(err.to_string().contains("built for"), "{err}");
-    let err = diagonal::fused(other, &c.x, &c.center, &c.center).unwrap_err();
+    let err =
+        distance_op::apply(other, &c.x, &c.center, &c.center, FusedPlan::Diagonal).unwrap_err();
     assert!(err.to_string().contains("built for"), "{err}");
     let half = projected_fused(
         &c.x.to_dtype(DType::F16)?,
