@@ -550,7 +550,7 @@ mod tests {
                 Var::from_tensor(&ramp(12, 0.1)?.reshape((3, 4))?)?,
                 Var::from_tensor(&ramp(5, -0.7)?)?,
                 // Large enough for the parallel path.
-                Var::from_tensor(&ramp(2 * PARALLEL_CHUNK + 77, 0.3)?.reshape(((), 1))?)?,
+                Var::from_tensor(&ramp(PARALLEL_MIN + 77, 0.3)?.reshape(((), 1))?)?,
                 // Never in the loss: no gradient.
                 Var::from_tensor(&ramp(4, 0.0)?)?,
                 // Not a float: dropped by both optimizers.
