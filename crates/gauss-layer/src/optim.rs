@@ -64,8 +64,9 @@ const PARALLEL_CHUNK: usize = 1 << 14;
 
 /// Parameters of fewer elements are updated on the calling thread: waking the pool between
 /// the serial ops of a training step costs more than splitting saves below this size
-/// (measured with `bench-train --params diag --in 784`: the optimizer's 150k parameters in
-/// three 50k tensors took 0.36–0.39 ms a step split across two threads, 0.22–0.25 ms on one).
+/// (measured with `bench-train --params diag,sphere --in 784`, whose largest parameters have
+/// 50k elements: the optimizer took 0.27–0.36 ms a step with them split across two threads,
+/// 0.19–0.27 ms with each on the calling thread).
 const PARALLEL_MIN: usize = 1 << 18;
 
 /// AdamW (decoupled weight decay) with the update of [`candle_nn::AdamW`], done in place.
