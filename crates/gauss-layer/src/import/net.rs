@@ -477,10 +477,10 @@ pub(crate) fn net_from_file<R>(
 /// is computed in f64 on the host first.
 ///
 /// # Errors
-/// [`GaussError::Checkpoint`] when the state dict is not such a network (the message lists
+/// [`GaussError::Checkpoint`](crate::GaussError::Checkpoint) when the state dict is not such a network (the message lists
 /// the module prefixes it found, e.g. a lone layer's), its modules do not follow the
 /// original's layout, or a layer cannot be imported (see [`super::fgn_layer_from_tensors`]);
-/// [`GaussError::Shape`] for a misshapen tensor, naming it.
+/// [`GaussError::Shape`](crate::GaussError::Shape) for a misshapen tensor, naming it.
 pub fn fgn_net_from_tensors(
     tensors: &HashMap<String, Tensor>,
     layout: &FgnNetLayout,

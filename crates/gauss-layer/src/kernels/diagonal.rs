@@ -1,8 +1,8 @@
 //! Diagonal precisions (diag and sphere): `m2[b, z] = Σ_i p_zi (x_bi - c_zi)²` in B·Z·d
 //! work. The fused CPU form ([`FusedPlan::Diagonal`](super::distance_op::FusedPlan) of the
-//! fused distance and layer ops) computes it exactly (no expansion, no cancellation) in one
-//! pass with its fused backward, no (B, Z, d) temporary; its portable twin is the expanded
-//! form in matmuls (tensor ops), clamped at 0.
+//! fused distance op; layers compose it with their linear part) computes it exactly (no
+//! expansion, no cancellation) in one pass with its fused backward, no (B, Z, d) temporary;
+//! its portable twin is the expanded form in matmuls (tensor ops), clamped at 0.
 
 use candle_core::{Tensor, D};
 

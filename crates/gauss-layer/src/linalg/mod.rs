@@ -211,8 +211,8 @@ const TRIL_INVERSE_BLOCK: usize = 8;
 /// Inverse of a batch of lower-triangular matrices with nonzero diagonal, differentiable on
 /// every device. The upper triangle of `lower` is ignored (it must be finite).
 ///
-/// Where it runs ([`crate::route`]): on the CPU (f32, f64) faer's blocked inverse per matrix,
-/// on CUDA the project's `tril_inverse` kernel (one thread per column), both with the
+/// Where it runs (the crate's one routing decision): on the CPU (f32, f64) faer's blocked
+/// inverse per matrix, on CUDA the project's `tril_inverse` kernel (one thread per column), both with the
 /// closed-form backward `∂L = tril(−Mᵀ Ḡ Mᵀ)`, `M = L⁻¹`; elsewhere (Metal, f16, bf16) the
 /// portable form in matmuls and elementwise ops: recursive 2×2 block inversion
 /// `[[A, 0], [C, D]]⁻¹ = [[A⁻¹, 0], [-D⁻¹ C A⁻¹, D⁻¹]]` down to blocks of size ≤ 8, each
