@@ -89,8 +89,10 @@ def main():
                    default="--channels 32 --channels 64 --features 128 --lambda-sigma 0.05 --augment flip",
                    help="train arguments of the CNNs trained on FashionMNIST (one string; the "
                    "README's recipe: a 32/64-channel trunk, 128 features under the λ-loss weight "
-                   "of 64, and mirrored images, which suit clothes but not digits; pass "
-                   "--epochs 12 as the README does)")
+                   "of 64, and mirrored images, which suit clothes but not digits)")
+    p.add_argument("--fashion-cnn-epochs", type=int, default=12,
+                   help="epochs of the CNNs trained on FashionMNIST, unless --epochs is given "
+                   "(the README's recipe: 12)")
     p.add_argument("--extra", default="", help="extra train arguments (one string)")
     p.add_argument("--eval-mirror", action="store_true",
                    help="also score each saved FashionMNIST CNN FGN with `eval --test-time-mirror` "
@@ -127,8 +129,11 @@ def main():
                         args += a.fashion_cnn.split()
                 if a.calibration_split > 0:
                     args += ["--calibration-split", str(a.calibration_split)]
-                if a.epochs:
-                    args += ["--epochs", str(a.epochs)]
+                epochs = a.epochs
+                if not epochs and arch == "cnn" and direction == "fashion":
+                    epochs = a.fashion_cnn_epochs
+                if epochs:
+                    args += ["--epochs", str(epochs)]
                 args += a.extra.split()
                 jobs.append((direction, other, arch, seed, ckpt, args))
 
