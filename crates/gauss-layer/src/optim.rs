@@ -55,6 +55,7 @@ use candle_core::{bail, CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, V
 use candle_nn::{Optimizer, ParamsAdamW};
 use rayon::prelude::*;
 
+use crate::cpu::simd_kernel;
 use crate::route::{backend, Backend};
 #[cfg(feature = "cuda")]
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
@@ -210,6 +211,7 @@ impl Element for f32 {
     fn from_f64(value: f64) -> Self {
         value as f32
     }
+    #[inline(always)]
     fn sqrt(self) -> Self {
         f32::sqrt(self)
     }
@@ -219,6 +221,7 @@ impl Element for f64 {
     fn from_f64(value: f64) -> Self {
         value
     }
+    #[inline(always)]
     fn sqrt(self) -> Self {
         f64::sqrt(self)
     }
@@ -291,9 +294,7 @@ impl<T: Element> Scalars<T> {
     }
 
     fn update_slices(&self, theta: &mut [T], m: &mut [T], v: &mut [T], g: &[T]) {
-        for (((theta, m), v), g) in theta.iter_mut().zip(m).zip(v).zip(g) {
-            self.update(theta, m, v, *g);
-        }
+        update_slices(self, theta, m, v, g);
     }
 
     /// The whole tensor; chunks on the rayon pool when it is large (each element is updated
@@ -309,6 +310,17 @@ impl<T: Element> Scalars<T> {
             .zip(v.par_chunks_mut(PARALLEL_CHUNK))
             .zip(g.par_chunks(PARALLEL_CHUNK))
             .for_each(|(((theta, m), v), g)| self.update_slices(theta, m, v, g));
+    }
+}
+
+simd_kernel! {
+    /// [`Scalars::update`] over the slices: compiled for AVX2 too, so the square roots and
+    /// divisions run 8 (f32) to a vector where the CPU has it (the same IEEE operations in the
+    /// same order at every width, so the same bits).
+    fn update_slices<T: Element>(s: &Scalars<T>, theta: &mut [T], m: &mut [T], v: &mut [T], g: &[T]) {
+        for (((theta, m), v), g) in theta.iter_mut().zip(m).zip(v).zip(g) {
+            s.update(theta, m, v, *g);
+        }
     }
 }
 

@@ -117,8 +117,11 @@ fn parse_kernel(name: &str) -> Result<DistanceKernel> {
 }
 
 fn main() -> Result<()> {
-    examples_support::pin_threads();
     let args = Args::parse();
+    examples_support::run_on_thread_pool(move || run(args))
+}
+
+fn run(args: Args) -> Result<()> {
     let device = examples_support::device(&args.device)?;
     let dtype = examples_support::dtype(&args.dtype)?;
     let parameterization: Parameterization = args.param.parse()?;

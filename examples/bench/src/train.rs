@@ -383,8 +383,11 @@ fn bits(varmap: &VarMap) -> Result<Vec<(String, Vec<u64>)>> {
 }
 
 fn main() -> Result<()> {
-    examples_support::pin_threads();
     let args = Args::parse();
+    examples_support::run_on_thread_pool(move || run(args))
+}
+
+fn run(args: Args) -> Result<()> {
     if args.batch == 0 || args.samples == 0 || args.steps == 0 {
         bail!("--batch, --samples and --steps must be positive");
     }

@@ -614,14 +614,13 @@ fn eval(args: EvalArgs) -> Result<Value> {
 examples_support::global_allocator!();
 
 fn main() {
-    examples_support::pin_threads();
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result = examples_support::run_on_thread_pool(move || match cli.command {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
         Command::Import(args) => interop::import(args),
         Command::Convert(args) => interop::convert(args),
         Command::Predict(args) => predict::predict(args),
-    };
+    });
     println!("{}", examples_support::exit_on_error(result));
 }

@@ -171,8 +171,8 @@ fn run_mixture(
 
 /// One line on stderr and exit status 1 on any error (each cause once), as fgn-classifier.
 fn main() {
-    examples_support::pin_threads();
-    examples_support::exit_on_error(run(Args::parse()));
+    let args = Args::parse();
+    examples_support::exit_on_error(examples_support::run_on_thread_pool(move || run(args)));
 }
 
 fn run(args: Args) -> Result<()> {

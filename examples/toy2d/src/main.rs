@@ -370,8 +370,11 @@ fn draw_map(
 examples_support::global_allocator!();
 
 fn main() -> Result<()> {
-    examples_support::pin_threads();
     let args = Args::parse();
+    examples_support::run_on_thread_pool(move || run(args))
+}
+
+fn run(args: Args) -> Result<()> {
     let parameterization = Parameterization::from_name(&args.param, args.rank)?;
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;

@@ -1,16 +1,18 @@
 //! Shared plumbing of the fused CPU kernels, written once, one concern a file: the sizes of a
 //! call, built where the public boundary checks `x` and passed inward, and the ops' guard
 //! that Candle hands them what they were built for (`sizes`), typed views of Candle's CPU
-//! storage and the f32/f64 dispatch of `cpu_fwd` and `bwd` (`storage`), parallel loops
-//! (`parallel`), a bounds-checked GEMM call and tile sizes (`gemm`), and the AVX2 kernel
-//! macro with the small vectorizable loops (`simd`).
+//! storage and the f32/f64 dispatch of `cpu_fwd` and `bwd` (`storage`), vectorized `e^x` ops
+//! (`exp`), parallel loops (`parallel`), a bounds-checked GEMM call and tile sizes (`gemm`),
+//! and the AVX2 kernel macro with the small vectorizable loops (`simd`).
 
+mod exp;
 mod gemm;
 mod parallel;
 mod simd;
 mod sizes;
 mod storage;
 
+pub(crate) use exp::{exp, sum_exp_negated};
 pub(crate) use gemm::{matmul, neurons_per_block, MatRef, TILE_ROWS};
 pub(crate) use parallel::{
     for_each_chunk_mut, for_each_chunk_pair_mut, for_each_chunk_pair_mut_sized,

@@ -63,16 +63,16 @@ pub(crate) fn with_width<R>(limit: Width, f: impl FnOnce() -> R) -> R {
 macro_rules! simd_kernel {
     (
         $(#[$meta:meta])*
-        fn $name:ident<$t:ident: Real>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block
+        fn $name:ident<$t:ident: $bound:ident>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block
     ) => {
         $(#[$meta])*
-        fn $name<$t: Real>($($arg: $ty),*) $(-> $ret)? {
+        fn $name<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn body<$t: Real>($($arg: $ty),*) $(-> $ret)? $body
+            fn body<$t: $bound>($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2")]
-                unsafe fn avx2<$t: Real>($($arg: $ty),*) $(-> $ret)? {
+                unsafe fn avx2<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
                     body::<$t>($($arg),*)
                 }
                 if $crate::cpu::width() == $crate::cpu::Width::Avx2 {
@@ -90,6 +90,9 @@ pub(crate) use simd_kernel;
 pub(crate) trait Real: WithDType {
     /// `e^self`.
     fn exp(self) -> Self;
+    /// `e^self` in arithmetic that vectorizes inside a [`simd_kernel!`]: f32 within 2 ulp of
+    /// libm (`cpu::exp`), f64 libm's.
+    fn exp_vectorizable(self) -> Self;
     /// `tanh(self)`.
     fn tanh(self) -> Self;
     /// Not NaN and not infinite.
@@ -98,6 +101,10 @@ pub(crate) trait Real: WithDType {
 impl Real for f32 {
     fn exp(self) -> Self {
         f32::exp(self)
+    }
+    #[inline(always)]
+    fn exp_vectorizable(self) -> Self {
+        super::exp::exp_f32(self)
     }
     fn tanh(self) -> Self {
         f32::tanh(self)
@@ -108,6 +115,10 @@ impl Real for f32 {
 }
 impl Real for f64 {
     fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    #[inline(always)]
+    fn exp_vectorizable(self) -> Self {
         f64::exp(self)
     }
     fn tanh(self) -> Self {

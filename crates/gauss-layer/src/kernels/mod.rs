@@ -218,7 +218,10 @@ pub(crate) fn resolve(
         } else {
             ResolvedKernel::LowRankTensorOps
         };
-        return resolved(kernel, Operand::LowRank(theta.exp()?, u));
+        return resolved(
+            kernel,
+            Operand::LowRank(crate::cpu::exp(&theta, portable)?, u),
+        );
     }
     if let Some(diagonal) = precision.diagonal_precision()? {
         return if fused {

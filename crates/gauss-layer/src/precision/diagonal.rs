@@ -5,6 +5,7 @@ use candle_core::Tensor;
 
 use super::Precision;
 use crate::config::Parameterization;
+use crate::cpu;
 use crate::error::Result;
 
 /// `log p` of the base precision, (Z, d) (sphere broadcast over d).
@@ -21,17 +22,36 @@ fn log_diagonal(precision: &Precision) -> Result<Tensor> {
 
 /// The effective variances `1/p_eff = e^{−θ} + σ²`, (Z, d).
 pub(super) fn effective_variance(precision: &Precision) -> Result<Tensor> {
-    let variance = log_diagonal(precision)?.neg()?.exp()?;
+    let variance = cpu::exp(
+        &log_diagonal(precision)?.neg()?,
+        precision.config().portable,
+    )?;
     Ok(match precision.config().width_floor {
         Some(sigma) => (variance + sigma * sigma)?,
         None => variance,
     })
 }
 
+/// `tr Σ` per neuron, (Z): without a width floor `Σ_i e^{−θ_i}` in one op (sphere `d e^{−θ}`).
+pub(super) fn trace_covariance(precision: &Precision) -> Result<Tensor> {
+    let portable = precision.config().portable;
+    let raw = precision.raw();
+    match (precision.config().width_floor, precision.parameterization()) {
+        (None, Parameterization::Sphere) => {
+            Ok((cpu::exp(&raw.neg()?, portable)? * precision.dim() as f64)?)
+        }
+        (None, _) => Ok(cpu::sum_exp_negated(raw, portable)?),
+        (Some(_), _) => Ok(effective_variance(precision)?.sum(1)?),
+    }
+}
+
 /// The effective diagonal precision `p_eff = e^θ / (1 + σ² e^θ)`, (Z, d).
 pub(super) fn effective_diagonal(precision: &Precision) -> Result<Tensor> {
     match precision.config().width_floor {
-        None => Ok(log_diagonal(precision)?.exp()?),
+        None => Ok(cpu::exp(
+            &log_diagonal(precision)?,
+            precision.config().portable,
+        )?),
         Some(_) => Ok(effective_variance(precision)?.recip()?),
     }
 }

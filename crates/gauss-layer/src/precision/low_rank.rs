@@ -14,6 +14,7 @@ use candle_core::{Tensor, D};
 
 use super::Precision;
 use crate::config::{Parameterization, PrecisionConfig};
+use crate::cpu;
 use crate::error::{check_device, check_dtype, GaussError, Result};
 use crate::linalg::{self, host};
 
@@ -75,7 +76,8 @@ pub(super) fn log_det_precision(precision: &Precision) -> Result<Tensor> {
 /// `tr Σ = Σ e^{−θ} − ‖C⁻¹ (D⁻¹U)ᵀ‖²_F`.
 pub(super) fn trace_covariance(precision: &Precision) -> Result<Tensor> {
     let (theta, y) = woodbury_factor(precision)?;
-    Ok((theta.neg()?.exp()?.sum(D::Minus1)? - y.sqr()?.sum((1, 2))?)?)
+    let inverse_diagonal = cpu::sum_exp_negated(&theta, precision.config().portable)?;
+    Ok((inverse_diagonal - y.sqr()?.sum((1, 2))?)?)
 }
 
 /// `tr P = Σ e^θ + ‖U‖²_F`.

@@ -346,7 +346,7 @@ impl Precision {
             return low_rank::trace_covariance(self);
         }
         if self.is_diagonal() {
-            return Ok(diagonal::effective_variance(self)?.sum(1)?);
+            return diagonal::trace_covariance(self);
         }
         full::trace_covariance(self)
     }
