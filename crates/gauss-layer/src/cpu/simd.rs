@@ -93,6 +93,9 @@ pub(crate) trait Real: WithDType {
     /// `e^self` in arithmetic that vectorizes inside a [`simd_kernel!`]: f32 within 2 ulp of
     /// libm (`cpu::exp`), f64 libm's.
     fn exp_vectorizable(self) -> Self;
+    /// `tanh(self)` in arithmetic that vectorizes inside a [`simd_kernel!`]: f32 within 4 ulp
+    /// of libm (`cpu::exp`), f64 libm's.
+    fn tanh_vectorizable(self) -> Self;
     /// `tanh(self)`.
     fn tanh(self) -> Self;
     /// Not NaN and not infinite.
@@ -105,6 +108,10 @@ impl Real for f32 {
     #[inline(always)]
     fn exp_vectorizable(self) -> Self {
         super::exp::exp_f32(self)
+    }
+    #[inline(always)]
+    fn tanh_vectorizable(self) -> Self {
+        super::exp::tanh_f32(self)
     }
     fn tanh(self) -> Self {
         f32::tanh(self)
@@ -120,6 +127,10 @@ impl Real for f64 {
     #[inline(always)]
     fn exp_vectorizable(self) -> Self {
         f64::exp(self)
+    }
+    #[inline(always)]
+    fn tanh_vectorizable(self) -> Self {
+        f64::tanh(self)
     }
     fn tanh(self) -> Self {
         f64::tanh(self)

@@ -13,11 +13,11 @@
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::distance_op::FusedPlan;
+use super::linear_op::{linear_backward, linear_rows};
 use super::{Operand, Resolved};
 use crate::cpu::{
-    check_built_for, dispatch_float3, for_each_chunk_mut, for_each_chunk_pair_mut, host_backward3,
-    matmul, needs_input_gradient, rows_per_chunk, with_row_major, Gradients3, MatRef, Real, Sizes,
-    TILE_ROWS,
+    check_built_for, dispatch_float3, for_each_chunk_pair_mut, host_backward3,
+    needs_input_gradient, rows_per_chunk, with_row_major, Gradients3, MatRef, Real, Sizes,
 };
 use crate::error::Result;
 
@@ -66,7 +66,9 @@ impl Resolved {
 }
 
 /// The portable twin of the fused op, in tensor ops: `m2` through the resolved kernel, then
-/// `g = exp(-m2/2)` and `y = act(x Wᵀ + b) ∘ g` (`y = g` without a linear part).
+/// `g = exp(-m2/2)` and `y = act(x Wᵀ + b) ∘ g` (`y = g` without a linear part). Where the
+/// resolver planned a fused distance (the diagonal and low-rank plans come here), the linear
+/// part is the fused linear op ([`super::linear_op`]).
 ///
 /// # Shapes
 /// `x`: (N, d), `center`: (Z, d) → `y`, `g`: (N, Z)
@@ -80,13 +82,24 @@ pub(crate) fn forward_portable(
     let Some(linear) = linear else {
         return Ok((g.clone(), g));
     };
-    let mut activation = x.matmul(&linear.weight.t()?)?;
-    if let Some(bias) = &linear.bias {
-        activation = activation.broadcast_add(&bias.unsqueeze(0)?)?;
-    }
-    if linear.tanh {
-        activation = activation.tanh()?;
-    }
+    let activation = if resolved.runs_fused() {
+        super::linear_op::apply(
+            resolved.sizes,
+            x,
+            linear.weight,
+            linear.bias.as_ref(),
+            linear.tanh,
+        )?
+    } else {
+        let mut activation = x.matmul(&linear.weight.t()?)?;
+        if let Some(bias) = &linear.bias {
+            activation = activation.broadcast_add(&bias.unsqueeze(0)?)?;
+        }
+        if linear.tanh {
+            activation = activation.tanh()?;
+        }
+        activation
+    };
     Ok(((activation * &g)?, g))
 }
 
@@ -252,53 +265,8 @@ impl FusedGaussLayer {
             let grad_params = vec![T::zero(); neurons * self.width(dim)];
             return (grad_x, grad_params, grad_factor);
         }
-        // ∂x += ∂lin · W
-        if let Some(grad_x) = grad_x.as_mut() {
-            for_each_chunk_mut(grad_x, chunk_rows * dim, |chunk, gx| {
-                let row0 = chunk * chunk_rows;
-                let rows = gx.len() / dim;
-                matmul(
-                    (rows, dim, neurons),
-                    gx,
-                    dim,
-                    true,
-                    MatRef {
-                        data: &grad_lin[row0 * neurons..(row0 + rows) * neurons],
-                        row_stride: neurons,
-                        col_stride: 1,
-                    },
-                    p.weight,
-                );
-            });
-        }
-        // ∂W = ∂linᵀ x, ∂b = Σ_b ∂lin
-        let mut grad_weight = vec![T::zero(); neurons * dim];
-        let chunk_neurons = neurons.div_ceil(8).max(1);
-        for_each_chunk_mut(&mut grad_weight, chunk_neurons * dim, |chunk, gw| {
-            let z0 = chunk * chunk_neurons;
-            matmul(
-                (gw.len() / dim, dim, batch),
-                gw,
-                dim,
-                false,
-                MatRef {
-                    data: &grad_lin[z0..],
-                    row_stride: 1,
-                    col_stride: neurons,
-                },
-                MatRef {
-                    data: x,
-                    row_stride: dim,
-                    col_stride: 1,
-                },
-            );
-        });
-        let mut grad_bias = vec![T::zero(); neurons];
-        for row in grad_lin.chunks_exact(neurons) {
-            for (gb, &v) in grad_bias.iter_mut().zip(row) {
-                *gb += v;
-            }
-        }
+        let (grad_weight, grad_bias) =
+            linear_backward(&grad_lin, x, p.weight, s, grad_x.as_deref_mut());
         let width = self.width(dim);
         let mut grad_params = vec![T::zero(); neurons * width];
         for (z, row) in grad_params.chunks_exact_mut(width).enumerate() {
@@ -309,32 +277,6 @@ impl FusedGaussLayer {
             }
         }
         (grad_x, grad_params, grad_factor)
-    }
-}
-
-/// `out (rows, Z) = x_rows (rows, d) · Wᵀ`, in tiles of [`TILE_ROWS`] rows (so GEMM's packing
-/// buffers stay tile-sized).
-fn linear_rows<T: Real>(out: &mut [T], x_rows: &[T], weight: MatRef<'_, T>, s: Sizes) {
-    let tile = TILE_ROWS * s.neurons.max(1);
-    for (t, out) in out.chunks_mut(tile).enumerate() {
-        let rows = out.len() / s.neurons.max(1);
-        matmul(
-            (rows, s.neurons, s.dim),
-            out,
-            s.neurons,
-            false,
-            MatRef {
-                data: &x_rows[t * TILE_ROWS * s.dim..][..rows * s.dim],
-                row_stride: s.dim,
-                col_stride: 1,
-            },
-            // Wᵀ: element (i, z) is W[z, i].
-            MatRef {
-                data: weight.data,
-                row_stride: weight.col_stride,
-                col_stride: weight.row_stride,
-            },
-        );
     }
 }
 

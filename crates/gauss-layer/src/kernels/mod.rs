@@ -34,6 +34,7 @@ pub(crate) mod distance_op;
 pub(crate) mod expanded;
 pub(crate) mod factors;
 pub(crate) mod layer_op;
+pub(crate) mod linear_op;
 pub(crate) mod naive;
 pub(crate) mod projected;
 #[cfg(test)]
@@ -120,6 +121,14 @@ pub(crate) struct Resolved {
     pub operand: Operand,
     /// The sizes checked at the public boundary, passed inward so no op checks `x` again.
     pub sizes: Sizes,
+}
+
+impl Resolved {
+    /// Whether the resolver planned a fused CPU op (the [`Backend::CpuFused`] route), so the
+    /// rest of the layer may run fused CPU ops too.
+    pub(crate) fn runs_fused(&self) -> bool {
+        matches!(self.operand, Operand::Fused(..)) || self.kernel == ResolvedKernel::LowRankFused
+    }
 }
 
 /// Whether the fused CPU ops can run on these tensors: all on the [`Backend::CpuFused`] route.

@@ -90,6 +90,19 @@ fn fused_ops_skip_the_gradient_of_an_input_that_tracks_nothing() -> TestResult {
             let params = [cast(&c.center), cast(operand)];
             check(name, &|x, p| op(x, &p[0], &p[1]), &x, &params)?;
         }
+        let sizes = Sizes {
+            batch: 37,
+            dim: 9,
+            neurons: 6,
+        };
+        for tanh in [true, false] {
+            check(
+                &format!("fused linear, tanh {tanh}"),
+                &|x, p| linear_op::apply(sizes, x, &p[0], Some(&p[1]), tanh),
+                &x,
+                &[cast(&weight), cast(&bias)],
+            )?;
+        }
         for kernel in [DistanceKernel::Projected, DistanceKernel::Expanded] {
             let layer = |x: &Tensor, p: &[Tensor]| -> crate::Result<Tensor> {
                 let precision = Precision::from_raw(p[3].clone(), 9, PrecisionConfig::default())?;

@@ -217,3 +217,74 @@ fn fused_layer_backward_is_stateless() -> TestResult {
     }
     Ok(())
 }
+
+/// The fused linear op (the linear part of the diagonal and low-rank layers on the CPU)
+/// against Candle's matmul, broadcast add and tanh: the output and the gradients of x, W and
+/// b, with and without tanh and bias, in f64 (to rounding) and f32.
+#[test]
+fn fused_linear_matches_tensor_ops() -> TestResult {
+    let (batch, dim, neurons) = (37, 11, 9);
+    let mut rng = StdRng::seed_from_u64(131);
+    let x = normal(&mut rng, &[batch, dim], 1.0);
+    let weight = normal(&mut rng, &[neurons, dim], 0.5);
+    let bias = normal(&mut rng, &[neurons], 0.5);
+    let upstream = normal(&mut rng, &[batch, neurons], 1.0);
+    let sizes = Sizes {
+        batch,
+        dim,
+        neurons,
+    };
+    // f64: tests of the fused CPU kernels run on the CPU only
+    for (dtype, tolerance) in [(DType::F64, 1e-12), (DType::F32, 2e-6)] {
+        for (tanh, with_bias) in [(true, true), (true, false), (false, true), (false, false)] {
+            let run =
+                |fused: bool| -> std::result::Result<Vec<Tensor>, Box<dyn std::error::Error>> {
+                    let vars = [&x, &weight, &bias]
+                        .map(|t| t.to_dtype(dtype).and_then(|t| Var::from_tensor(&t)));
+                    let [x, weight, bias] = vars;
+                    let (x, weight, bias) = (x?, weight?, bias?);
+                    let bias_in = with_bias.then_some(bias.as_tensor());
+                    let y = if fused {
+                        linear_op::apply(sizes, &x, &weight, bias_in, tanh)?
+                    } else {
+                        let mut lin = x.matmul(&weight.t()?)?;
+                        if let Some(bias) = bias_in {
+                            lin = lin.broadcast_add(&bias.unsqueeze(0)?)?;
+                        }
+                        if tanh {
+                            lin = lin.tanh()?;
+                        }
+                        lin
+                    };
+                    let grads = (&y * upstream.to_dtype(dtype)?)?.sum_all()?.backward()?;
+                    let mut out = vec![y];
+                    for var in [&x, &weight] {
+                        out.push(
+                            grads
+                                .get(var.as_tensor())
+                                .cloned()
+                                .ok_or("missing gradient")?,
+                        );
+                    }
+                    if with_bias {
+                        out.push(grads.get(bias.as_tensor()).cloned().ok_or("missing ∂b")?);
+                    } else {
+                        assert!(grads.get(bias.as_tensor()).is_none(), "∂b without a bias");
+                    }
+                    Ok(out)
+                };
+            let (fused, ops) = (run(true)?, run(false)?);
+            for (name, (a, b)) in ["y", "∂x", "∂W", "∂b"].iter().zip(fused.iter().zip(&ops)) {
+                // f64: CPU test tensors
+                let (a, b) = (a.to_dtype(DType::F64)?, b.to_dtype(DType::F64)?);
+                let scale = b.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-12);
+                let err = max_relative_error(&a, &b, scale);
+                assert!(
+                    err < tolerance,
+                    "{dtype:?} tanh {tanh} bias {with_bias}: {name} error {err:e}"
+                );
+            }
+        }
+    }
+    Ok(())
+}

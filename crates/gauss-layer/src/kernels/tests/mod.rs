@@ -11,7 +11,7 @@ use super::conditioning::Conditioning;
 use super::distance_op::{self, FusedPlan};
 use super::expanded::Source;
 use super::factors::FactorMap;
-use super::{expanded, layer_op, Operand};
+use super::{expanded, layer_op, linear_op, Operand};
 use crate::config::{DistanceKernel, PositiveMap};
 use crate::cpu::Sizes;
 use crate::error::GaussError;
