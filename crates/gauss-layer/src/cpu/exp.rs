@@ -192,6 +192,14 @@ fn gradient_exp_negated<T: Real>(values: &[T], upstream: &[T]) -> Vec<T> {
     out
 }
 
+/// [`gradient_exp_negated`] of the CPU tensors `x` (Z, d) and `upstream` (Z), as `T`.
+fn gradient_tensor<T: Real>(x: &Tensor, upstream: &Tensor) -> candle_core::Result<Tensor> {
+    let values = with_row_major::<T, _>(x, |values| {
+        with_row_major::<T, _>(upstream, |g| Ok(gradient_exp_negated(values, g)))
+    })?;
+    Tensor::from_vec(values, x.shape(), x.device())
+}
+
 /// The op behind [`sum_exp_negated`] on the fused CPU route.
 struct SumExpNegated;
 
@@ -237,28 +245,12 @@ impl CustomOp1 for SumExpNegated {
     ) -> candle_core::Result<Option<Tensor>> {
         self.rows(x.dims())?;
         let grad = grad.to_dtype(x.dtype())?;
-        let values = match x.dtype() {
-            DType::F32 => with_row_major::<f32, _>(x, |values| {
-                with_row_major::<f32, _>(&grad, |g| {
-                    Ok(Tensor::from_vec(
-                        gradient_exp_negated(values, g),
-                        x.shape(),
-                        x.device(),
-                    ))
-                })
-            })?,
-            DType::F64 => with_row_major::<f64, _>(x, |values| {
-                with_row_major::<f64, _>(&grad, |g| {
-                    Ok(Tensor::from_vec(
-                        gradient_exp_negated(values, g),
-                        x.shape(),
-                        x.device(),
-                    ))
-                })
-            })?,
+        let out = match x.dtype() {
+            DType::F32 => gradient_tensor::<f32>(x, &grad)?,
+            DType::F64 => gradient_tensor::<f64>(x, &grad)?,
             other => bail!("{}: supports f32 and f64, got {other:?}", self.name()),
         };
-        Ok(Some(values?))
+        Ok(Some(out))
     }
 }
 
