@@ -293,15 +293,11 @@ impl<T: Element> Scalars<T> {
         ]
     }
 
-    fn update_slices(&self, theta: &mut [T], m: &mut [T], v: &mut [T], g: &[T]) {
-        update_slices(self, theta, m, v, g);
-    }
-
     /// The whole tensor; chunks on the rayon pool when it is large (each element is updated
     /// alone, so the split never changes a bit of the result).
     fn update_all(&self, theta: &mut [T], m: &mut [T], v: &mut [T], g: &[T]) {
         if theta.len() < PARALLEL_MIN || rayon::current_num_threads() < 2 {
-            self.update_slices(theta, m, v, g);
+            update_slices(self, theta, m, v, g);
             return;
         }
         theta
@@ -309,7 +305,7 @@ impl<T: Element> Scalars<T> {
             .zip(m.par_chunks_mut(PARALLEL_CHUNK))
             .zip(v.par_chunks_mut(PARALLEL_CHUNK))
             .zip(g.par_chunks(PARALLEL_CHUNK))
-            .for_each(|(((theta, m), v), g)| self.update_slices(theta, m, v, g));
+            .for_each(|(((theta, m), v), g)| update_slices(self, theta, m, v, g));
     }
 }
 

@@ -7,25 +7,25 @@
 //! because the vector libraries that offer `exp` (`wide`, `sleef`) pick their instructions when
 //! the crate is compiled: a plain x86-64 build gets SSE2 without a rounding instruction, and
 //! `wide`'s `exp` measured slower than libm here. Written as plain loops, the body compiles
-//! through [`simd_kernel!`](super::simd_kernel) at the CPU's width, picked at run time.
-//! f64, every other device and `portable` run Candle's own `exp` ([`exp`] asks
-//! [`crate::route::backend`]).
+//! through [`simd_kernel!`](super::simd_kernel) at the CPU's width, picked at run time (f64
+//! keeps libm's `exp` inside the same ops). Every other device and `portable` run Candle's
+//! own `exp` ([`exp`] asks [`crate::route::backend`]).
 
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 use super::{row_major, simd_kernel, with_row_major, Real};
 use crate::route::{backend, Backend};
 
-/// `e^x` elementwise: the vectorized op for f32 on the fused CPU route, Candle's `exp`
-/// elsewhere (f64, `portable`, other devices and dtypes). Both have the gradient
-/// `∂x = ∂y ∘ e^x`; the op's values are within 2 ulp of libm's.
+/// `e^x` elementwise: the op on the fused CPU route (f32 vectorized, within 2 ulp of libm;
+/// f64 libm's own values), Candle's `exp` elsewhere (`portable`, other devices and dtypes).
+/// Both have the gradient `∂x = ∂y ∘ e^x`.
 ///
 /// # Shapes
 /// any → the same
 pub(crate) fn exp(x: &Tensor, portable: bool) -> candle_core::Result<Tensor> {
-    match (backend(x.device(), x.dtype(), portable), x.dtype()) {
-        (Backend::CpuFused, DType::F32) => x.apply_op1(Exp),
-        _ => x.exp(),
+    match backend(x.device(), x.dtype(), portable) {
+        Backend::CpuFused => x.apply_op1(Exp),
+        Backend::Cuda | Backend::Portable => x.exp(),
     }
 }
 
@@ -312,30 +312,37 @@ mod tests {
         );
     }
 
+    /// `op(x)`'s values, then the gradient of `Σ weights ∘ op(x)` by `x`, as f64 (on the CPU),
+    /// for the fused route and then the portable one.
+    fn fused_and_portable(
+        op: impl Fn(&Tensor, bool) -> candle_core::Result<Tensor>,
+        x: &Var,
+        weights: &Tensor,
+    ) -> candle_core::Result<[Vec<f64>; 2]> {
+        let run = |portable: bool| -> candle_core::Result<Vec<f64>> {
+            let y = op(x.as_tensor(), portable)?;
+            let grads = (&y * weights)?.sum_all()?.backward()?;
+            let Some(grad) = grads.get(x.as_tensor()) else {
+                panic!("no gradient for x (portable {portable})");
+            };
+            // f64: a unit test on Device::Cpu (`x` and `weights` build there)
+            let values = y.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            // f64: the same CPU test tensors
+            let grad = grad.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            Ok([values, grad].concat())
+        };
+        Ok([run(false)?, run(true)?])
+    }
+
     #[test]
     fn op_values_and_gradient_match_candles_exp() -> candle_core::Result<()> {
         // d/dx Σ w ∘ e^x = w ∘ e^x: the op (fused route) against Candle's exp (portable).
         let x = Var::new(&[[-1.5f32, 0.0, 0.25], [2.0, -3.0, 0.5]], &Device::Cpu)?;
         let weights = Tensor::new(&[[1f32, -2.0, 0.5], [3.0, 1.0, -1.0]], &Device::Cpu)?;
-        let mut results = Vec::new();
-        for portable in [false, true] {
-            let y = exp(x.as_tensor(), portable)?;
-            let grads = (&y * &weights)?.sum_all()?.backward()?;
-            let Some(grad) = grads.get(x.as_tensor()) else {
-                panic!("no gradient for x (portable {portable})");
-            };
-            results.push((
-                y.flatten_all()?.to_vec1::<f32>()?,
-                grad.flatten_all()?.to_vec1::<f32>()?,
-            ));
-        }
-        let ((fused, fused_grad), (candle, candle_grad)) = (&results[0], &results[1]);
-        for (a, b) in fused
-            .iter()
-            .chain(fused_grad)
-            .zip(candle.iter().chain(candle_grad))
-        {
-            assert!(ulps(*a, *b) <= 2, "{a} against {b}");
+        let [fused, candle] = fused_and_portable(exp, &x, &weights)?;
+        // The f32 values came through f64 exactly.
+        for (a, b) in fused.iter().zip(&candle) {
+            assert!(ulps(*a as f32, *b as f32) <= 2, "{a} against {b}");
         }
         // A strided input (a transpose) is read in row-major order.
         let t = x.as_tensor().t()?;
@@ -359,21 +366,9 @@ mod tests {
         for dtype in [DType::F64, DType::F32] {
             let x = Var::from_tensor(&Tensor::new(&theta, &Device::Cpu)?.to_dtype(dtype)?)?;
             let weights = weights.to_dtype(dtype)?;
-            let mut results = Vec::new();
-            for portable in [false, true] {
-                let y = sum_exp_negated(x.as_tensor(), portable)?;
-                let grads = (&y * &weights)?.sum_all()?.backward()?;
-                let Some(grad) = grads.get(x.as_tensor()) else {
-                    panic!("no gradient for x (portable {portable})");
-                };
-                // f64: a unit test on Device::Cpu (`x` and `weights` build there)
-                let values = y.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-                // f64: the same CPU test tensors
-                let grad = grad.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-                results.push([values, grad].concat());
-            }
+            let [fused, ops] = fused_and_portable(sum_exp_negated, &x, &weights)?;
             let tolerance = if dtype == DType::F64 { 1e-14 } else { 1e-6 };
-            for (fused, ops) in results[0].iter().zip(&results[1]) {
+            for (fused, ops) in fused.iter().zip(&ops) {
                 assert!(
                     (fused - ops).abs() <= tolerance * ops.abs(),
                     "{dtype:?}: {fused} against {ops}"

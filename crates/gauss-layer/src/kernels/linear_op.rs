@@ -171,10 +171,17 @@ impl FusedLinear {
         grad: &[T],
         input_gradient: bool,
     ) -> Gradients3<T> {
-        let mut grad_lin = grad.to_vec();
-        if self.tanh {
-            times_tanh_slope(&mut grad_lin, y);
-        }
+        let scaled;
+        let grad_lin = if self.tanh {
+            scaled = {
+                let mut grad = grad.to_vec();
+                times_tanh_slope(&mut grad, y);
+                grad
+            };
+            &scaled
+        } else {
+            grad
+        };
         let weight = MatRef {
             data: weight,
             row_stride: self.sizes.dim,
@@ -182,7 +189,7 @@ impl FusedLinear {
         };
         let mut grad_x = input_gradient.then(|| vec![T::zero(); x.len()]);
         let (grad_weight, grad_bias) =
-            linear_backward(&grad_lin, x, weight, self.sizes, grad_x.as_deref_mut());
+            linear_backward(grad_lin, x, weight, self.sizes, grad_x.as_deref_mut());
         (grad_x, grad_weight, grad_bias)
     }
 
@@ -246,11 +253,12 @@ impl CustomOp3 for FusedLinear {
                 self.input_shapes(),
                 |x, w, y, g| Ok(self.backward(x, w, y, g, input_gradient)),
             )?,
-            _ => host_backward3::<f64>(
+            candle_core::DType::F64 => host_backward3::<f64>(
                 [x, weight, res, &grad],
                 self.input_shapes(),
                 |x, w, y, g| Ok(self.backward(x, w, y, g, input_gradient)),
             )?,
+            other => candle_core::bail!("{}: supports f32 and f64, got {other:?}", self.name()),
         };
         Ok((gx, Some(gw), self.has_bias.then_some(gb)))
     }
