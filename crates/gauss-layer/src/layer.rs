@@ -190,7 +190,7 @@ impl GaussLayer {
         }
         check_dtype("input x", x, self.center.dtype(), "center")?;
         check_device("input x", x, self.center.device(), "the layer's center")?;
-        ops::flatten_leading(x, d, "input x")
+        ops::flatten_checked(x, d)
     }
 
     /// Output `y` and the (gated) Gaussian activations `g`, gated by `prev_g` when given.

@@ -174,20 +174,28 @@ pub fn gate(gaussian: &Tensor, prev_gaussian: &Tensor) -> Result<Tensor> {
 }
 
 /// Flattens `x` (…, d) to (n, d); returns it with the leading dimensions. The one input
-/// flattener of the crate (the layer's forward adds its rank ≥ 2 rule on top); a (n, d)
-/// input comes back as it is, so a strided one is not copied here.
+/// flattener of the crate (the layer's forward adds its rank ≥ 2 rule on top and checks the
+/// shape itself, then calls [`flatten_checked`]); a (n, d) input comes back as it is, so a
+/// strided one is not copied here.
 pub(crate) fn flatten_leading(x: &Tensor, d: usize, what: &str) -> Result<(Tensor, Vec<usize>)> {
-    let dims = x.dims();
-    match dims.split_last() {
-        Some((&last, leading)) if last == d => {
-            if leading.len() == 1 {
-                return Ok((x.clone(), leading.to_vec()));
-            }
-            let n = leading.iter().product::<usize>();
-            Ok((x.reshape((n, d))?, leading.to_vec()))
-        }
-        _ => Err(GaussError::shape(what, format!("(…, {d})"), dims)),
+    match x.dims().split_last() {
+        Some((&last, _)) if last == d => flatten_checked(x, d),
+        _ => Err(GaussError::shape(what, format!("(…, {d})"), x.dims())),
     }
+}
+
+/// [`flatten_leading`] on an `x` whose shape the caller has checked (last dimension `d`):
+/// reshapes only.
+pub(crate) fn flatten_checked(x: &Tensor, d: usize) -> Result<(Tensor, Vec<usize>)> {
+    let leading = x
+        .dims()
+        .split_last()
+        .map_or(Vec::new(), |(_, l)| l.to_vec());
+    if leading.len() == 1 {
+        return Ok((x.clone(), leading));
+    }
+    let n = leading.iter().product::<usize>();
+    Ok((x.reshape((n, d))?, leading))
 }
 
 /// `½·d·log 2π`, the normalizing constant of a d-dimensional normal.
