@@ -163,7 +163,8 @@ pub fn ensure_positive_definite(precision: &Precision) -> Result<()> {
         let (z, d, values) = host::to_host_matrices(raw, "precision matrices")?;
         (0..z).all(|n| host::cholesky_lower(&values[n * d * d..(n + 1) * d * d], d).is_some())
     } else {
-        let factor = linalg::cholesky(&linalg::symmetrize(raw)?)?;
+        let factor =
+            linalg::cholesky_routed(&linalg::symmetrize(raw)?, precision.config().portable)?;
         all_pivots_positive(&linalg::diagonal(&factor)?)?
     };
     if all_factor {

@@ -24,6 +24,8 @@ pub(crate) use simd::{
     poison_non_finite_rows, row_mean, shift_rows, simd_kernel, squared_distance, width, Real, Width,
 };
 pub(crate) use sizes::{check_built_for, OperandShape, Sizes};
+#[cfg(test)]
+pub(crate) use storage::fused_storage_reads;
 pub(crate) use storage::{
     dispatch_backward3, dispatch_float3, host_backward3, needs_input_gradient, row_major,
     with_row_major, Gradients3,

@@ -14,6 +14,8 @@ pub(crate) fn row_major<'a, T: WithDType>(
     storage: &'a CpuStorage,
     layout: &Layout,
 ) -> candle_core::Result<Cow<'a, [T]>> {
+    #[cfg(test)]
+    FUSED_STORAGE_READS.with(|reads| reads.set(reads.get() + 1));
     let data = T::cpu_storage_as_slice(storage)?;
     if let Some((start, end)) = layout.contiguous_offsets() {
         return Ok(Cow::Borrowed(&data[start..end]));
@@ -36,6 +38,20 @@ pub(crate) fn row_major<'a, T: WithDType>(
         }
     }
     Ok(Cow::Owned(out))
+}
+
+#[cfg(test)]
+thread_local! {
+    /// How many times this thread's fused CPU ops read Candle storage ([`row_major`], which
+    /// every one of them reads through): tests count them to prove that `portable: true`
+    /// runs none.
+    static FUSED_STORAGE_READS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// This thread's count of fused-op storage reads so far (see `FUSED_STORAGE_READS`).
+#[cfg(test)]
+pub(crate) fn fused_storage_reads() -> usize {
+    FUSED_STORAGE_READS.with(|reads| reads.get())
 }
 
 /// Row-major elements of a CPU tensor of dtype `T` (read lock held only while copying or

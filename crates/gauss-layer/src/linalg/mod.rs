@@ -309,11 +309,20 @@ const CHOLESKY_BLOCK: usize = 8;
 /// # Errors
 /// A tensor that is not a batch of square matrices.
 pub fn cholesky(spd: &Tensor) -> Result<Tensor> {
-    let d = square_dim(spd, "cholesky: spd", Some(3))?;
-    cholesky_rec(spd, d)
+    cholesky_routed(spd, false)
 }
 
-fn cholesky_rec(spd: &Tensor, d: usize) -> Result<Tensor> {
+/// [`cholesky`], with `portable: true` sending its triangular inverses to the tensor-op form
+/// on every device (what a layer configured `portable` runs).
+///
+/// # Shapes
+/// `spd`: (Z, d, d) → (Z, d, d)
+pub(crate) fn cholesky_routed(spd: &Tensor, portable: bool) -> Result<Tensor> {
+    let d = square_dim(spd, "cholesky: spd", Some(3))?;
+    cholesky_rec(spd, d, portable)
+}
+
+fn cholesky_rec(spd: &Tensor, d: usize, portable: bool) -> Result<Tensor> {
     if d <= CHOLESKY_BLOCK {
         return small_cholesky(spd, d);
     }
@@ -321,10 +330,13 @@ fn cholesky_rec(spd: &Tensor, d: usize) -> Result<Tensor> {
     let top = spd.narrow(1, 0, h)?.narrow(2, 0, h)?;
     let bottom_left = spd.narrow(1, h, d - h)?.narrow(2, 0, h)?;
     let bottom = spd.narrow(1, h, d - h)?.narrow(2, h, d - h)?;
-    let top_factor = cholesky_rec(&top, h)?;
-    let corner = matmul(&bottom_left, &transpose(&tril_inverse(&top_factor)?)?)?;
+    let top_factor = cholesky_rec(&top, h, portable)?;
+    let corner = matmul(
+        &bottom_left,
+        &transpose(&tril_inverse_routed(&top_factor, portable)?)?,
+    )?;
     let schur = (bottom - gram(&corner)?)?;
-    let bottom_factor = cholesky_rec(&schur, d - h)?;
+    let bottom_factor = cholesky_rec(&schur, d - h, portable)?;
     let z = spd.dim(0)?;
     let zeros = Tensor::zeros((z, h, d - h), spd.dtype(), spd.device())?;
     let upper_rows = Tensor::cat(&[&top_factor, &zeros], 2)?;

@@ -52,7 +52,11 @@ pub(super) fn trace_covariance_estimate(precision: &Precision, probes: usize) ->
         };
         return Ok(raw.apply_op2(&vectors, op)?);
     }
-    trace_estimate::estimate_in_tensor_ops(&cholesky_factor(precision)?, &vectors)
+    trace_estimate::estimate_in_tensor_ops(
+        &cholesky_factor(precision)?,
+        &vectors,
+        precision.config().portable,
+    )
 }
 
 /// The base Cholesky factor `L` (no width floor) of a cholesky precision:
@@ -80,10 +84,10 @@ fn base_factor(precision: &Precision) -> Result<Option<Tensor>> {
 }
 
 /// Cholesky factor of `M = I + σ² FᵀF` (or `I + σ² P` for direct).
-fn floor_cholesky(sigma: f64, gram_like: &Tensor, dim: usize) -> Result<Tensor> {
-    let eye = linalg::eye_like(dim, gram_like)?;
+fn floor_cholesky(precision: &Precision, sigma: f64, gram_like: &Tensor) -> Result<Tensor> {
+    let eye = linalg::eye_like(precision.dim(), gram_like)?;
     let m = (gram_like * (sigma * sigma))?.broadcast_add(&eye)?;
-    linalg::cholesky(&m)
+    linalg::cholesky_routed(&m, precision.config().portable)
 }
 
 /// The effective factor (see [`Precision::factor`]).
@@ -95,7 +99,7 @@ pub(super) fn factor(precision: &Precision) -> Result<Option<Tensor>> {
         None => Ok(Some(base)),
         Some(sigma) => {
             let gram_t = linalg::matmul(&linalg::transpose(&base)?, &base)?;
-            let k = floor_cholesky(sigma, &gram_t, precision.dim())?;
+            let k = floor_cholesky(precision, sigma, &gram_t)?;
             let k_inv = linalg::tril_inverse_routed(&k, precision.config().portable)?;
             Ok(Some(linalg::matmul(&base, &linalg::transpose(&k_inv)?)?))
         }
@@ -109,7 +113,7 @@ pub(super) fn precision_matrix(precision: &Precision) -> Result<Tensor> {
         (Parameterization::Direct, None) => linalg::symmetrize(raw),
         (Parameterization::Direct, Some(sigma)) => {
             let p = linalg::symmetrize(raw)?;
-            let k = floor_cholesky(sigma, &p, precision.dim())?;
+            let k = floor_cholesky(precision, sigma, &p)?;
             let pk = linalg::matmul(
                 &p,
                 &linalg::transpose(&linalg::tril_inverse_routed(
@@ -131,7 +135,10 @@ pub(super) fn precision_matrix(precision: &Precision) -> Result<Tensor> {
 /// of direct's `(A + Aᵀ)/2` (NaN where it is not positive definite).
 fn base_lower(precision: &Precision) -> Result<Tensor> {
     match precision.parameterization() {
-        Parameterization::Direct => linalg::cholesky(&linalg::symmetrize(precision.raw())?),
+        Parameterization::Direct => linalg::cholesky_routed(
+            &linalg::symmetrize(precision.raw())?,
+            precision.config().portable,
+        ),
         _ => cholesky_factor(precision),
     }
 }
@@ -177,7 +184,7 @@ pub(super) fn log_det_precision(precision: &Precision) -> Result<Tensor> {
         Some(f) => linalg::matmul(&linalg::transpose(&f)?, &f)?,
         None => linalg::symmetrize(precision.raw())?,
     };
-    let k = floor_cholesky(sigma, &gram_like, precision.dim())?;
+    let k = floor_cholesky(precision, sigma, &gram_like)?;
     Ok((base - two_sum_log_diagonal(&k)?)?)
 }
 

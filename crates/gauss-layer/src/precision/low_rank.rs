@@ -29,13 +29,13 @@ pub(crate) fn parts(precision: &Precision) -> Result<(Tensor, Tensor)> {
 
 /// `(C, D⁻¹U)`: the Cholesky factor of the capacitance `I_r + Uᵀ D⁻¹ U` (Z, r, r) and
 /// `D⁻¹ U` (Z, d, r).
-fn capacitance(theta: &Tensor, u: &Tensor) -> Result<(Tensor, Tensor)> {
+fn capacitance(theta: &Tensor, u: &Tensor, portable: bool) -> Result<(Tensor, Tensor)> {
     let rank = u.dim(2)?;
     let inverse_diagonal = theta.neg()?.exp()?.unsqueeze(2)?; // (Z, d, 1)
     let scaled = u.broadcast_mul(&inverse_diagonal)?; // D⁻¹ U
     let inner = linalg::matmul(&linalg::transpose(u)?, &scaled)?; // Uᵀ D⁻¹ U
     let eye = linalg::eye_like(rank, u)?;
-    let lower = linalg::cholesky(&inner.broadcast_add(&eye)?)?;
+    let lower = linalg::cholesky_routed(&inner.broadcast_add(&eye)?, portable)?;
     Ok((lower, scaled))
 }
 
@@ -43,7 +43,7 @@ fn capacitance(theta: &Tensor, u: &Tensor) -> Result<(Tensor, Tensor)> {
 /// Woodbury correction to `D⁻¹` is `Yᵀ Y`.
 fn woodbury_factor(precision: &Precision) -> Result<(Tensor, Tensor)> {
     let (theta, u) = parts(precision)?;
-    let (lower, scaled) = capacitance(&theta, &u)?;
+    let (lower, scaled) = capacitance(&theta, &u, precision.config().portable)?;
     let y = linalg::matmul(
         &linalg::tril_inverse_routed(&lower, precision.config().portable)?,
         &linalg::transpose(&scaled)?,
@@ -68,7 +68,7 @@ pub(super) fn covariance_matrix(precision: &Precision) -> Result<Tensor> {
 /// `log det P = Σ θ + 2 Σ log C_ii`.
 pub(super) fn log_det_precision(precision: &Precision) -> Result<Tensor> {
     let (theta, u) = parts(precision)?;
-    let (lower, _) = capacitance(&theta, &u)?;
+    let (lower, _) = capacitance(&theta, &u, precision.config().portable)?;
     let log_det_capacitance = (linalg::diagonal(&lower)?.log()?.sum(D::Minus1)? * 2.0)?;
     Ok((theta.sum(D::Minus1)? + log_det_capacitance)?)
 }
