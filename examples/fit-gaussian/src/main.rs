@@ -91,9 +91,9 @@ struct Args {
     /// Mixture: k-means++ seedings per start; the k-means run of lowest inertia is kept.
     #[arg(long, default_value_t = 3)]
     kmeans_inits: usize,
-    /// Mixture: AdamW steps on the mixture NLL after EM; default 0 where EM maximizes over
-    /// the parameterization's family (all six here; lowrank with a width floor excepted),
-    /// 300 otherwise; refinement would untie a `--tied` mixture, which is never refined.
+    /// Mixture: AdamW steps on the mixture NLL after EM; default 0 (EM maximizes over every
+    /// parameterization's family); refinement would untie a `--tied` mixture, which is never
+    /// refined.
     #[arg(long)]
     refine_steps: Option<usize>,
     /// Mixture: peak learning rate of the refinement (cosine decay).

@@ -17,23 +17,6 @@ use crate::repair;
 use super::kmeans::{checked_samples, host_values, kmeans, squared_distances, KMeans, Samples};
 use super::{GaussianMixture, MixtureFit, MixtureFitOptions, MIXTURE_LOGITS_NAME};
 
-/// Whether EM alone reaches a maximum of the family's likelihood, so that no gradient
-/// refinement is needed by default: true where the M-step's covariance, projected onto the
-/// family (see [`project_covariance`]), is the exact maximizer (the parameterizations whose
-/// `from_precision_matrix` holds every projected covariance exactly; lowrank at full rank,
-/// `rank >= d`), and for lowrank below full rank without a width floor, whose M-step is the
-/// monotone block ascent of [`low_rank_em_rank`].
-fn m_step_is_exact(config: &GaussLayerConfig, dim: usize) -> bool {
-    match config.precision.parameterization {
-        Parameterization::Cholesky
-        | Parameterization::Direct
-        | Parameterization::Expm
-        | Parameterization::Diag
-        | Parameterization::Sphere => true,
-        Parameterization::LowRank { rank } => rank >= dim || config.precision.width_floor.is_none(),
-    }
-}
-
 /// lowrank's rank r when EM fits the layer's own family `diag(e^θ) + U Uᵀ` (r < d, no width
 /// floor): first the diagonal members (U = 0, the diag fit), then generalized M-steps of
 /// [`LowRankFit::ascend`] from there, so the fit scores at least the diagonal fit.
@@ -449,14 +432,10 @@ impl GaussianMixture {
         if let Some(snapshot) = snapshot {
             self.restore(&snapshot)?;
         }
-        // A tied mixture is not refined by default (the gradient steps would untie it).
-        let refine_steps = options.refine_steps.unwrap_or(
-            if self.tied || m_step_is_exact(self.layer.config(), self.dim()) {
-                0
-            } else {
-                300
-            },
-        );
+        // No refinement by default: every M-step maximizes over the layer's family (the
+        // projection onto it is exact, or lowrank's monotone block ascent; a width floor,
+        // which would make lowrank's approximate, is refused with lowrank).
+        let refine_steps = options.refine_steps.unwrap_or(0);
         if refine_steps > 0 {
             self.refine(&samples.x, refine_steps, options.refine_lr)?;
             fit.refine_steps = refine_steps;

@@ -25,9 +25,9 @@
 //!    `covariance_type='tied'`) pools the components' weighted scatter around their own
 //!    means into one covariance, `Σ_k Σ_n r_nk (x_n − μ_k)(x_n − μ_k)ᵀ / N + reg_covar·I`,
 //!    projected onto the family as above and written into every component.
-//! 3. **Gradient refinement** (optional; automatic only for lowrank below full rank with a
-//!    width floor, whose M-step is approximate): AdamW on the mean mixture NLL through the
-//!    layer's own parameterization.
+//! 3. **Gradient refinement** (optional, `refine_steps`; off by default, since every
+//!    M-step above maximizes over the layer's family): AdamW on the mean mixture NLL through
+//!    the layer's own parameterization.
 //!
 //! Every update is written in place into the layer's and the logits' tensors, so a mixture
 //! built through a `VarBuilder` over a `VarMap` ([`gaussian_mixture`]) stays a normal trainable
@@ -138,10 +138,9 @@ pub struct MixtureFitOptions {
     pub kmeans_inits: usize,
     /// Most Lloyd iterations per k-means run. Default 300 (scikit-learn's `KMeans`).
     pub max_kmeans_steps: usize,
-    /// AdamW steps on the mean mixture NLL after EM. `None` (the default): none when EM
-    /// maximizes over the layer's family (cholesky, direct, expm, diag, sphere, with or
-    /// without a width floor; lowrank without one), 300 otherwise (lowrank below full rank
-    /// with a width floor).
+    /// AdamW steps on the mean mixture NLL after EM. `None` (the default) takes none: EM
+    /// maximizes over every layer family (cholesky, direct, expm, diag, sphere, with or
+    /// without a width floor; lowrank, which takes no width floor).
     pub refine_steps: Option<usize>,
     /// Peak learning rate of the refinement (cosine decay to 1/1000 of it). Default 1e-3.
     pub refine_lr: f64,
