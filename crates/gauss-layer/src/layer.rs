@@ -733,4 +733,63 @@ mod tests {
         Ok(())
     }
     crate::test_device!(seeded_layers_are_bit_identical);
+
+    /// `portable: true` sends every op of a layer's training step to tensor ops on the CPU,
+    /// as the table says: the forward, the statistics the losses use (exact and estimated
+    /// `tr Σ`, with the Cholesky factorizations of a width floor and of lowrank's
+    /// capacitance, both recursive past 8), the positive-definiteness check, and their
+    /// backward read no storage through a fused op. The same step without `portable` does,
+    /// so the count can fail.
+    #[test]
+    fn portable_runs_no_fused_op() -> Result<()> {
+        use crate::cpu::fused_storage_reads;
+
+        let x = Tensor::randn(0f32, 1.0, (12, 10), &Device::Cpu)?;
+        let forms = Parameterization::ALL
+            .into_iter()
+            .chain([Parameterization::LowRank { rank: 9 }]);
+        for parameterization in forms {
+            for width_floor in [None, Some(0.5)] {
+                for portable in [true, false] {
+                    let precision = PrecisionConfig {
+                        parameterization,
+                        width_floor,
+                        portable,
+                        ..Default::default()
+                    };
+                    if precision.validate().is_err() {
+                        continue; // lowrank takes no width floor
+                    }
+                    let config = GaussLayerConfig {
+                        precision,
+                        tanh: true,
+                        ..Default::default()
+                    };
+                    let (_varmap, layer) = build(config, 10, 9, DType::F32, &Device::Cpu)?;
+                    let before = fused_storage_reads();
+                    let (y, g) = layer.forward_with_gaussian(&x, None)?;
+                    let p = layer.precision();
+                    crate::repair::ensure_positive_definite(p)?;
+                    let mut loss = (y.sum_all()? + g.sum_all()?)?;
+                    for stat in [
+                        p.log_det_precision()?,
+                        p.trace_covariance()?,
+                        p.trace_covariance_estimate(4)?,
+                        p.trace_precision()?,
+                    ] {
+                        loss = (loss + stat.sum_all()?)?;
+                    }
+                    loss.backward()?;
+                    let reads = fused_storage_reads() - before;
+                    let what = format!("{parameterization} width_floor {width_floor:?}");
+                    if portable {
+                        assert_eq!(reads, 0, "{what}: portable read storage in fused ops");
+                    } else {
+                        assert!(reads > 0, "{what}: the fused route ran no fused op");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }

@@ -15,7 +15,7 @@
 //!   [`MultivariateNormal`], a whole layer as a [`MultivariateNormalBatch`], and
 //!   [`GaussianMixture`] fitted like scikit-learn's (full, diag, spherical, tied).
 //! - [`ops`]: the functional core (distances through the kernel resolver, the Gaussian, the
-//!   gate, and the batched triangular helpers the losses build on, in tensor ops on every
+//!   gate, and the batched triangular helpers the losses build on, differentiable on every
 //!   device); [`HostReadLog`] records the library's reads of device data.
 //! - [`GaussNet`]: a stack of layers; [`checkpoint`]: self-describing safetensors files;
 //!   [`import`]: PyTorch FGN state dicts; [`convert`]: classical `Linear` → Gaussian neurons.

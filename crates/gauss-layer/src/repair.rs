@@ -147,8 +147,8 @@ pub fn check_positive_definite(precision: &Precision) -> Result<PdReport> {
 /// On the CPU this factors each neuron's `(A + Aᵀ)/2` with faer (Z Cholesky factorizations of
 /// O(d³/3), no copy of the tensor beyond its f64 view). On other devices (and on the portable
 /// path) it factors in tensor ops on the device (a blocked Cholesky) and reads back one
-/// scalar, the smallest pivot, in the working dtype: no (Z, d, d) transfer; only a failure
-/// copies the matrices to the host to name the neuron and its eigenvalue.
+/// scalar, the count of positive pivots, in the working dtype: no (Z, d, d) transfer; only a
+/// failure copies the matrices to the host to name the neuron and its eigenvalue.
 ///
 /// # Errors
 /// [`GaussError::NotPositiveDefinite`]; a matrix with NaN or infinite entries.

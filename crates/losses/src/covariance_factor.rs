@@ -3,8 +3,9 @@
 //!
 //! `nll(x) = |Λ⁻¹(x − μ)|²/2 + Σ_i log Λ_ii + d/2 · log 2π`,
 //!
-//! `S⁻¹ = Λ⁻ᵀ Λ⁻¹` through [`gauss_layer::ops::tril_inverse`] (matmuls only), so it is
-//! differentiable on every device. Closed-form gradients for `J = Σ_a nll(x_a)`:
+//! `S⁻¹ = Λ⁻ᵀ Λ⁻¹` through [`gauss_layer::ops::tril_inverse`] (a Candle op with a
+//! closed-form backward on CPU and CUDA, matmuls elsewhere), so it is differentiable on
+//! every device. Closed-form gradients for `J = Σ_a nll(x_a)`:
 //! `dJ/dμ = −Σ_a S⁻¹(x_a − μ)`, `dJ/dΛ = n S⁻¹Λ − S⁻¹RᵀRS⁻¹Λ`, `R` the centered data.
 //!
 //! ```

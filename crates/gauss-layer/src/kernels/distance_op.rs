@@ -1,6 +1,6 @@
-//! The fused CPU distance op for full precisions: one Candle `CustomOp3` over
-//! (x, center, precision operand) whose forward and backward run the projected or expanded
-//! algorithm the resolver planned, on host slices.
+//! The fused CPU distance op: one Candle `CustomOp3` over (x, center, precision operand)
+//! whose forward and backward run the diagonal, projected or expanded algorithm the
+//! resolver planned, on host slices.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 

@@ -7,13 +7,15 @@
 //!
 //! | precision | CPU, f32/f64 (fused) | portable (CUDA, Metal, other dtypes, `portable: true`) |
 //! |---|---|---|
-//! | diag, sphere | fused diagonal op (exact, B·Z·d) | diagonal portable form (matmuls, clamped) |
-//! | cholesky, expm: `Auto`, check passes | fused expanded op (projected forward where d is large) | projected portable form |
-//! | cholesky, expm: `Auto`, check fails | fused projected op | projected portable form |
+//! | diag, sphere (any kernel but `Naive`) | fused diagonal op (exact, B·Z·d) | diagonal portable form (matmuls, clamped) |
+//! | cholesky, expm: `Auto`, B ≤ 2d | fused projected op (no check) | projected portable form |
+//! | cholesky, expm: `Auto`, B > 2d, check passes | fused expanded op (projected forward where d is large) | projected portable form |
+//! | cholesky, expm: `Auto`, B > 2d, check fails | fused projected op | projected portable form |
 //! | direct: `Auto`, check passes | fused expanded op | naive portable form |
 //! | direct: `Auto`, check fails (or not positive definite) | naive portable form | naive portable form |
 //! | lowrank, `Auto` | fused diagonal op + one GEMM against the stacked `U` | diagonal + projected portable forms |
-//! | `Projected` / `Expanded` | that form, fused | that form, portable |
+//! | `Expanded` (full forms, lowrank) | fused expanded op | expanded portable form |
+//! | `Projected` (cholesky, expm; direct and lowrank refuse it: no factor) | fused projected op | projected portable form |
 //! | `Naive` | naive portable form | naive portable form |
 //!
 //! The check ([`conditioning`]) reads the centers and the precision operand on the host, which

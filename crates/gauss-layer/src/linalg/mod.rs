@@ -1,5 +1,7 @@
-//! Batched linear algebra built only from Candle tensor ops (matmul, elementwise, narrow,
-//! cat), so it runs and differentiates on CPU, CUDA and Metal alike; the host side
+//! Batched linear algebra that runs and differentiates on CPU, CUDA and Metal alike: Candle
+//! tensor ops (matmul, elementwise, narrow, cat), except the triangular inverse, a Candle op
+//! (`tril_inverse_op`: faer on the CPU, the project's kernel on CUDA, one closed-form
+//! backward) with the tensor-op recursion as its portable form. The host side
 //! (eigendecompositions with `faer`, in f64 on the CPU) lives in `host`.
 //!
 //! Crate-private: the three helpers the losses build on (`tril`, `tril_inverse`, `diagonal`)

@@ -10,10 +10,15 @@
 //! | sphere | `θ` (Z) | `exp(θ) I` |
 //! | lowrank (rank r) | `[θ | U]` (Z, d, r + 1) | `diag(exp θ) + U Uᵀ` |
 //!
-//! Everything here is Candle tensor ops in the raw tensor's dtype, so it runs and
-//! differentiates on every device; only [`Precision::from_precision_matrix`] and the initial
-//! value work on the host (once, at construction). diag and sphere never build a (Z, d, d)
-//! tensor unless one is asked for ([`Precision::precision_matrix`] and friends).
+//! Every quantity has a tensor-op form in the raw tensor's dtype, which runs and
+//! differentiates on every device (what CUDA, Metal and `portable: true` run); on the
+//! [`crate::route`] `CpuFused` route, Candle CPU ops with closed-form backward ops take the
+//! costly ones (the full forms' `log det P`, `tr Σ`, `tr P` in `stats_op`, the Hutchinson
+//! estimate in `trace_estimate`, diag's, sphere's and lowrank's `e^θ` and `tr Σ` through
+//! `cpu::exp`). Host work: [`Precision::from_precision_matrix`], `from_low_rank` and the
+//! initial value (once, at construction), and the check of the raw values
+//! ([`Precision::from_raw`], `bounds`). diag and sphere never build a (Z, d, d) tensor unless
+//! one is asked for ([`Precision::precision_matrix`] and friends).
 //!
 //! # Width floor
 //! With `width_floor = σ` the Gaussian is never narrower than σ in any direction: the

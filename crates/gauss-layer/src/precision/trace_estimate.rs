@@ -13,7 +13,8 @@
 //!
 //! The fused CPU op below works from the raw tensor (the positive map of the diagonal
 //! included, as the statistics op does); its portable twin is [`estimate_in_tensor_ops`],
-//! which GPUs run (through a tensor-op triangular inverse: O(d³), the same value and gradient).
+//! which GPUs run (through the routed triangular inverse: the CUDA kernel, or the tensor-op
+//! recursion on Metal and with `portable: true`; O(d³), the same value and gradient).
 
 use std::sync::Mutex;
 
