@@ -82,24 +82,14 @@ pub(crate) fn forward_portable(
     let Some(linear) = linear else {
         return Ok((g.clone(), g));
     };
-    let activation = if resolved.runs_fused() {
-        super::linear_op::apply(
-            resolved.sizes,
-            x,
-            linear.weight,
-            linear.bias.as_ref(),
-            linear.tanh,
-        )?
-    } else {
-        let mut activation = x.matmul(&linear.weight.t()?)?;
-        if let Some(bias) = &linear.bias {
-            activation = activation.broadcast_add(&bias.unsqueeze(0)?)?;
-        }
-        if linear.tanh {
-            activation = activation.tanh()?;
-        }
-        activation
-    };
+    let activation = super::linear_op::forward(
+        resolved.runs_fused(),
+        resolved.sizes,
+        x,
+        linear.weight,
+        linear.bias.as_ref(),
+        linear.tanh,
+    )?;
     Ok(((activation * &g)?, g))
 }
 

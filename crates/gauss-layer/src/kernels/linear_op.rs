@@ -264,13 +264,47 @@ impl CustomOp3 for FusedLinear {
     }
 }
 
-/// `act(x Wᵀ + b)` as the fused CPU op (f32 or f64 on the CPU, one dtype: what the resolver
-/// planned a fused distance for). The inputs are not checked again: `sizes` are those the
-/// public boundary checked.
+/// `act(x Wᵀ + b)`: the fused CPU op where `fused` (the resolver planned a fused distance, so
+/// the tensors are f32 or f64 on the CPU, one dtype), else its portable twin [`portable`].
+/// The inputs are not checked again: `sizes` are those the public boundary checked.
 ///
 /// # Shapes
 /// `x`: (B, d), `weight`: (Z, d), `bias`: (Z) → (B, Z)
-pub(super) fn apply(
+pub(super) fn forward(
+    fused: bool,
+    sizes: Sizes,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    tanh: bool,
+) -> Result<Tensor> {
+    if fused {
+        apply(sizes, x, weight, bias, tanh)
+    } else {
+        portable(x, weight, bias, tanh)
+    }
+}
+
+/// The portable twin of the op, in tensor ops: a matmul, a broadcast add and a tanh.
+///
+/// # Shapes
+/// `x`: (B, d), `weight`: (Z, d), `bias`: (Z) → (B, Z)
+fn portable(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, tanh: bool) -> Result<Tensor> {
+    let mut activation = x.matmul(&weight.t()?)?;
+    if let Some(bias) = bias {
+        activation = activation.broadcast_add(&bias.unsqueeze(0)?)?;
+    }
+    if tanh {
+        activation = activation.tanh()?;
+    }
+    Ok(activation)
+}
+
+/// `act(x Wᵀ + b)` as the fused CPU op (see [`forward`]).
+///
+/// # Shapes
+/// `x`: (B, d), `weight`: (Z, d), `bias`: (Z) → (B, Z)
+fn apply(
     sizes: Sizes,
     x: &Tensor,
     weight: &Tensor,

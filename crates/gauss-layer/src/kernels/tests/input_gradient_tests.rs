@@ -98,7 +98,7 @@ fn fused_ops_skip_the_gradient_of_an_input_that_tracks_nothing() -> TestResult {
         for tanh in [true, false] {
             check(
                 &format!("fused linear, tanh {tanh}"),
-                &|x, p| linear_op::apply(sizes, x, &p[0], Some(&p[1]), tanh),
+                &|x, p| linear_op::forward(true, sizes, x, &p[0], Some(&p[1]), tanh),
                 &x,
                 &[cast(&weight), cast(&bias)],
             )?;

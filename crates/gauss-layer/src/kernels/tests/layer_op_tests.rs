@@ -244,18 +244,7 @@ fn fused_linear_matches_tensor_ops() -> TestResult {
                     let [x, weight, bias] = vars;
                     let (x, weight, bias) = (x?, weight?, bias?);
                     let bias_in = with_bias.then_some(bias.as_tensor());
-                    let y = if fused {
-                        linear_op::apply(sizes, &x, &weight, bias_in, tanh)?
-                    } else {
-                        let mut lin = x.matmul(&weight.t()?)?;
-                        if let Some(bias) = bias_in {
-                            lin = lin.broadcast_add(&bias.unsqueeze(0)?)?;
-                        }
-                        if tanh {
-                            lin = lin.tanh()?;
-                        }
-                        lin
-                    };
+                    let y = linear_op::forward(fused, sizes, &x, &weight, bias_in, tanh)?;
                     let grads = (&y * upstream.to_dtype(dtype)?)?.sum_all()?.backward()?;
                     let mut out = vec![y];
                     for var in [&x, &weight] {
