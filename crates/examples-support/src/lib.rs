@@ -40,7 +40,7 @@ macro_rules! global_allocator {
     };
 }
 
-/// Runs an example's `main` as it should run: the thread count fixed ([`pin_threads`]), freed
+/// Runs an example's `main` as it should run: the thread count fixed (`pin_threads`), freed
 /// memory kept by the allocator ([`keep_freed_memory`]), and `main` itself on a worker of a rayon
 /// pool of that many threads, which every parallel loop of a step (the fused kernels', the
 /// optimizer's, Candle's and `gemm`'s) then joins in place. Called from a thread outside the

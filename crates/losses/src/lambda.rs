@@ -5,7 +5,7 @@
 //! | variant | value | per neuron |
 //! |---|---|---|
 //! | [`LambdaLoss::TraceCovariance`] (default) | `mean_z tr(S_z)/d` | mean covariance eigenvalue; the FGN "sigma loss" for diag and sphere |
-//! | [`LambdaLoss::LogdetCovariance`] | `mean_z log|S_z|` | log volume |
+//! | [`LambdaLoss::LogdetCovariance`] | `mean_z log det S_z` | log volume |
 //! | [`LambdaLoss::NegTracePrecision`] | `−mean_z tr(P_z)/d` | the FGN proxy for full matrices |
 //!
 //! ```

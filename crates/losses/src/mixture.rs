@@ -76,7 +76,7 @@ pub fn mixture_nll_from_components(
 /// `x`: (B, d), `logits`: (Z) → (B) for [`Reduction::None`], () otherwise
 ///
 /// # Errors
-/// Logits that are not one per neuron; as [`crate::layer_nll`].
+/// Logits that are not one per neuron; as [`crate::layer_nll()`].
 pub fn mixture_nll(
     layer: &GaussLayer,
     x: &Tensor,

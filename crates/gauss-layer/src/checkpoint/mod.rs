@@ -3,7 +3,7 @@
 //! without the user restating its architecture.
 //!
 //! # Saving
-//! [`save`] is atomic: the bytes go to a temporary file with a name unique to the call
+//! [`save()`] is atomic: the bytes go to a temporary file with a name unique to the call
 //! (`.{name}.gauss-tmp.{pid}.{counter}.{nanos}`, so threads and processes saving to one path
 //! never collide) in the target's directory, which is synced and renamed over the target,
 //! and the directory is synced. An interrupted save leaves the previous file intact; every
@@ -177,7 +177,7 @@ pub fn save(net: &GaussNet, path: impl AsRef<Path>) -> Result<()> {
 /// Saves `net` with extra string metadata that [`load`] hands back.
 ///
 /// # Errors
-/// As [`save`].
+/// As [`save()`].
 pub fn save_with_metadata(
     net: &GaussNet,
     path: impl AsRef<Path>,
@@ -606,7 +606,7 @@ impl GaussNet {
     /// Saves the network atomically to a self-describing checkpoint (see [`crate::checkpoint`]).
     ///
     /// # Errors
-    /// As [`save`].
+    /// As [`save()`].
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         save(self, path)
     }

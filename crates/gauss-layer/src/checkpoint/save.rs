@@ -189,7 +189,7 @@ fn process_is_gone(pid: u32) -> bool {
 /// hour without a write means its writer died, possibly with its pid reused). [`save`] calls
 /// this after every successful save.
 ///
-/// [`save`]: super::save
+/// [`save`]: super::save()
 ///
 /// # Errors
 /// [`crate::GaussError::Io`] when `dir` cannot be listed; files that cannot be removed are

@@ -15,7 +15,7 @@ pub(crate) enum Width {
     Avx2 = 1,
 }
 
-/// A narrower width than the CPU's for every kernel ([`with_width`], the tests' switch), as
+/// A narrower width than the CPU's for every kernel (`with_width`, the tests' switch), as
 /// `Width as u8`. Process-wide: the kernels run on rayon's workers.
 static WIDTH_LIMIT: AtomicU8 = AtomicU8::new(Width::Avx2 as u8);
 

@@ -7,7 +7,7 @@
 //! - [`check_output`]: before any work, refuse an output path that exists and is not a regular
 //!   file (or a symbolic link to one), whose directory is missing, or that is one of the
 //!   inputs (same canonical path, or the same file through a hard link).
-//! - [`write_atomically`] / [`save_tensors`]: the atomic write of [`crate::checkpoint::save`]
+//! - [`write_atomically`] / [`save_tensors`]: the atomic write of [`crate::checkpoint::save()`]
 //!   (temporary file, sync, rename, directory sync; the temporary file removed on every error;
 //!   debris of dead writers cleaned by [`crate::checkpoint::clean_stale_temp_files`]).
 //! - [`DataFile`]: a safetensors data file (samples, images, labels) read on the host with
@@ -206,7 +206,7 @@ pub fn check_output(output: impl AsRef<Path>, inputs: &[&Path]) -> Result<()> {
     Ok(())
 }
 
-/// Writes `bytes` to `path` atomically, as [`crate::checkpoint::save`] does: a uniquely named
+/// Writes `bytes` to `path` atomically, as [`crate::checkpoint::save()`] does: a uniquely named
 /// temporary file beside the target, synced and renamed over it, the directory synced. The
 /// temporary file is removed on every error; afterwards, debris of dead writers in that
 /// directory is cleaned ([`crate::checkpoint::clean_stale_temp_files`]). Through a symbolic

@@ -9,7 +9,7 @@
 //!    M-step computes each component's weighted mean and covariance (plus `reg_covar` on the
 //!    diagonal), projects the covariance onto the parameterization's family (its diagonal for
 //!    diag, its mean variance for sphere, the matrix itself otherwise) and writes it into the
-//!    layer through [`Precision::from_precision_matrix`]. For cholesky, direct, expm, diag and
+//!    layer through [`crate::Precision::from_precision_matrix`]. For cholesky, direct, expm, diag and
 //!    sphere that is the exact maximizer, which is why EM rather than gradient descent: each
 //!    step is closed form, monotone, and free of learning rates; a start from the data avoids
 //!    the stalls of a cold gradient start.

@@ -4,9 +4,9 @@
 //!
 //! | raw entry | accepted | why |
 //! |---|---|---|
-//! | log-scale: diag and sphere `θ`, lowrank's `θ` column, the cholesky diagonal under the `exp` map, every expm entry | `|v| ≤ ½ ln M` (f32 44.36, f64 354.9, f16 5.545) | `e^v ≤ √M`, so `P` is finite and `P·δ²` stays finite for `|δ| ≤ M^{1/4}`; `e^{−v}` (the covariance) likewise |
-//! | factor: cholesky's lower triangle (the diagonal under `softplus` too), lowrank's `U` | `|v| ≤ M^{1/4}` (f32 4.3e9, f64 1.2e77) | the products `v·v` of `L Lᵀ` and `U Uᵀ` stay below `√M` |
-//! | direct `A` | `|v| ≤ √M` (f32 1.8e19) | `P = (A + Aᵀ)/2` is finite |
+//! | log-scale: diag and sphere `θ`, lowrank's `θ` column, the cholesky diagonal under the `exp` map, every expm entry | `abs(v) ≤ ½ ln M` (f32 44.36, f64 354.9, f16 5.545) | `e^v ≤ √M`, so `P` is finite and `P·δ²` stays finite for `abs(δ) ≤ M^{1/4}`; `e^{−v}` (the covariance) likewise |
+//! | factor: cholesky's lower triangle (the diagonal under `softplus` too), lowrank's `U` | `abs(v) ≤ M^{1/4}` (f32 4.3e9, f64 1.2e77) | the products `v·v` of `L Lᵀ` and `U Uᵀ` stay below `√M` |
+//! | direct `A` | `abs(v) ≤ √M` (f32 1.8e19) | `P = (A + Aᵀ)/2` is finite |
 //!
 //! Everything else (NaN, ±∞, a finite value beyond its bound) is refused when the precision
 //! is built ([`Precision::from_raw`], so also when a checkpoint is loaded or a network

@@ -8,7 +8,7 @@
 //! | expm | `A` (Z, d, d) | `expm((A + Aᵀ)/2)` |
 //! | diag | `θ` (Z, d) | `diag(exp θ)` |
 //! | sphere | `θ` (Z) | `exp(θ) I` |
-//! | lowrank (rank r) | `[θ | U]` (Z, d, r + 1) | `diag(exp θ) + U Uᵀ` |
+//! | lowrank (rank r) | `θ` and `U` side by side (Z, d, r + 1) | `diag(exp θ) + U Uᵀ` |
 //!
 //! Every quantity has a tensor-op form in the raw tensor's dtype, which runs and
 //! differentiates on every device (what CUDA, Metal and `portable: true` run); on the
