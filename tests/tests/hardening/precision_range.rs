@@ -231,3 +231,37 @@ fn a_checkpoint_with_an_extreme_finite_log_precision_is_refused_at_load() -> Res
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+#[test]
+fn a_softplus_diagonal_without_a_floor_is_bounded_below() -> Result<()> {
+    // With `factor_diag_floor = 0` the diagonal is `softplus(v) ≈ e^v`, which underflows to 0
+    // (a singular P: log_prob −∞, NaN gradients) below about ln of the smallest float; the
+    // policy bounds it below by −½ ln M, where `softplus(v) ≥ e^v/2 ≥ 1/(2√M)` stays normal.
+    // Above, the factor bound still applies.
+    for dtype in [DType::F32, DType::F64] {
+        let (log, factor, _) = bounds(dtype);
+        let config = GaussLayerConfig {
+            precision: PrecisionConfig {
+                factor_diag_floor: 0.0,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let index = [1, 2, 2];
+        // -800: the value that gave L_ii = 0 in f64 before the bound.
+        for bad in [-log * 1.01, -800.0, factor * 1.01] {
+            let raw = raw_with(&config, dtype, &index, bad)?;
+            match Precision::from_raw(raw, D, &config) {
+                Err(GaussError::Numerical { reason, .. }) => {
+                    assert!(reason.contains("[1, 2, 2]"), "{dtype:?} {bad}: {reason}")
+                }
+                other => panic!("{dtype:?} {bad}: expected a numerical error, got {other:?}"),
+            }
+        }
+        for good in [-log * 0.99, factor * 0.99] {
+            let raw = raw_with(&config, dtype, &index, good)?;
+            assert_finite_layer(&config, raw, &format!("{dtype:?} floor 0, {good:e}"))?;
+        }
+    }
+    Ok(())
+}

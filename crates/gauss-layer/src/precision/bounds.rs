@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | log-scale: diag and sphere `θ`, lowrank's `θ` column, the cholesky diagonal under the `exp` map, every expm entry | `abs(v) ≤ ½ ln M` (f32 44.36, f64 354.9, f16 5.545) | `e^v ≤ √M`, so `P` is finite and `P·δ²` stays finite for `abs(δ) ≤ M^{1/4}`; `e^{−v}` (the covariance) likewise |
 //! | factor: cholesky's lower triangle (the diagonal under `softplus` too), lowrank's `U` | `abs(v) ≤ M^{1/4}` (f32 4.3e9, f64 1.2e77) | the products `v·v` of `L Lᵀ` and `U Uᵀ` stay below `√M` |
+//! | the cholesky diagonal under `softplus` with a `factor_diag_floor` below `1/√M` (0) | also `v ≥ −½ ln M` | `softplus(v) ≥ e^v/2` stays a normal number: `L` invertible, `log det P` and the covariance finite (below, `softplus` underflows to 0) |
 //! | direct `A` | `abs(v) ≤ √M` (f32 1.8e19) | `P = (A + Aᵀ)/2` is finite |
 //!
 //! Everything else (NaN, ±∞, a finite value beyond its bound) is refused when the precision
@@ -35,27 +36,35 @@ fn direct_bound(dtype: DType) -> f64 {
     crate::linalg::max_finite(dtype).sqrt()
 }
 
-/// The bound of the element at multi-index `index` (`None`: unbounded, only finite), and
-/// which kind of entry it is.
+/// The accepted interval `[low, high]` of the element at multi-index `index` (`None`:
+/// unbounded, only finite), and which kind of entry it is.
 fn bound_at(
     config: &PrecisionConfig,
     dtype: DType,
     index: &[usize],
-) -> (Option<f64>, &'static str) {
+) -> (Option<(f64, f64)>, &'static str) {
+    let symmetric = |b: f64| Some((-b, b));
     match (config.parameterization, index) {
         (Parameterization::Diag | Parameterization::Sphere, _) => {
-            (Some(log_bound(dtype)), "log-precision")
+            (symmetric(log_bound(dtype)), "log-precision")
         }
-        (Parameterization::Expm, _) => (Some(log_bound(dtype)), "matrix-log entry"),
-        (Parameterization::Direct, _) => (Some(direct_bound(dtype)), "precision entry"),
-        (Parameterization::LowRank { .. }, [_, _, 0]) => (Some(log_bound(dtype)), "log-diagonal"),
-        (Parameterization::LowRank { .. }, _) => (Some(factor_bound(dtype)), "U entry"),
+        (Parameterization::Expm, _) => (symmetric(log_bound(dtype)), "matrix-log entry"),
+        (Parameterization::Direct, _) => (symmetric(direct_bound(dtype)), "precision entry"),
+        (Parameterization::LowRank { .. }, [_, _, 0]) => {
+            (symmetric(log_bound(dtype)), "log-diagonal")
+        }
+        (Parameterization::LowRank { .. }, _) => (symmetric(factor_bound(dtype)), "U entry"),
         (Parameterization::Cholesky, [_, i, j]) if i == j => match config.positive_map {
-            PositiveMap::Exp => (Some(log_bound(dtype)), "log-diagonal (exp map)"),
-            PositiveMap::Softplus => (Some(factor_bound(dtype)), "factor diagonal"),
+            PositiveMap::Exp => (symmetric(log_bound(dtype)), "log-diagonal (exp map)"),
+            // Without a floor that keeps L_ii normal, softplus(v) ≈ e^v must: v ≥ −½ ln M.
+            PositiveMap::Softplus if config.factor_diag_floor < direct_bound(dtype).recip() => (
+                Some((-log_bound(dtype), factor_bound(dtype))),
+                "factor diagonal (softplus, no floor)",
+            ),
+            PositiveMap::Softplus => (symmetric(factor_bound(dtype)), "factor diagonal"),
         },
         (Parameterization::Cholesky, [_, i, j]) if i > j => {
-            (Some(factor_bound(dtype)), "factor entry")
+            (symmetric(factor_bound(dtype)), "factor entry")
         }
         // Above the diagonal: ignored by the map, only required finite.
         _ => (None, "ignored entry"),
@@ -95,11 +104,11 @@ pub(super) fn check_raw_values(raw: &Tensor, config: &PrecisionConfig) -> Result
             rest /= d.max(1);
         }
         let (bound, kind) = bound_at(config, dtype, &index);
-        let outside = !v.is_finite() || bound.is_some_and(|b| v.abs() > b);
+        let outside = !v.is_finite() || bound.is_some_and(|(low, high)| v < low || v > high);
         if outside {
             let name = Precision::tensor_name(config.parameterization);
             let range = match bound {
-                Some(b) => format!("finite values in [-{b:.6e}, {b:.6e}] (the range where P stays finite in {dtype:?})"),
+                Some((low, high)) => format!("finite values in [{low:.6e}, {high:.6e}] (the range where P stays finite in {dtype:?})"),
                 None => "finite values".to_string(),
             };
             return Err(GaussError::Numerical {
