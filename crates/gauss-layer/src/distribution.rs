@@ -310,6 +310,7 @@ impl MultivariateNormalBatch {
             ));
         }
         check_dtype("input x", x, self.layer.center().dtype(), "the layer")?;
+        check_device("input x", x, self.layer.center().device(), "the layer")?;
         if self.validate_args {
             check_no_nan(x, d)?;
         }
@@ -351,9 +352,11 @@ impl MultivariateNormalBatch {
     /// → (Z)
     ///
     /// # Errors
-    /// As [`crate::Precision::log_det_precision`].
+    /// A `direct` precision that is not positive definite; as
+    /// [`crate::Precision::log_det_precision`].
     pub fn entropy(&self) -> Result<Tensor> {
         let d = self.dim();
+        repair::ensure_positive_definite(self.layer.precision())?;
         let log_det = self.layer.precision().log_det_precision()?;
         Ok(((log_det * -0.5)? + (log_normalizer(d) + 0.5 * d as f64))?)
     }
@@ -365,8 +368,8 @@ impl MultivariateNormalBatch {
     /// → (Z); `other` has the same Z and d
     ///
     /// # Errors
-    /// Another batch size, dimension, dtype or device; as
-    /// [`crate::Precision::covariance_matrix`].
+    /// Another batch size, dimension, dtype or device; a `direct` precision (of either) that
+    /// is not positive definite; as [`crate::Precision::covariance_matrix`].
     pub fn kl_divergence(&self, other: &MultivariateNormalBatch) -> Result<Tensor> {
         let (z, d) = (self.batch_size(), self.dim());
         if (other.batch_size(), other.dim()) != (z, d) {
@@ -390,6 +393,8 @@ impl MultivariateNormalBatch {
             own_mean.device(),
             "this distribution",
         )?;
+        repair::ensure_positive_definite(self.layer.precision())?;
+        repair::ensure_positive_definite(other.layer.precision())?;
         let other_precision = other.precision()?; // (Z, d, d)
         let trace = (&other_precision * &self.covariance()?)?
             .sum(D::Minus1)?
@@ -537,7 +542,7 @@ impl MultivariateNormal {
     /// → () (a scalar)
     ///
     /// # Errors
-    /// As [`crate::Precision::log_det_precision`].
+    /// As [`MultivariateNormalBatch::entropy`].
     pub fn entropy(&self) -> Result<Tensor> {
         Ok(self.batch.entropy()?.squeeze(0)?)
     }
@@ -549,7 +554,7 @@ impl MultivariateNormal {
     /// → () (a scalar)
     ///
     /// # Errors
-    /// Another dimension, dtype or device; as [`crate::Precision::covariance_matrix`].
+    /// As [`MultivariateNormalBatch::kl_divergence`].
     pub fn kl_divergence(&self, other: &MultivariateNormal) -> Result<Tensor> {
         Ok(self.batch.kl_divergence(&other.batch)?.squeeze(0)?)
     }

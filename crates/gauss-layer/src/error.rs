@@ -203,13 +203,11 @@ pub fn check_dtype(what: &str, tensor: &Tensor, expected: DType, whose: &str) ->
 }
 
 /// Checks that `tensor` is on `expected`, the device of `whose` (named in the message, e.g.
-/// `"center"`), naming `what` when it is not.
-pub(crate) fn check_device(
-    what: &str,
-    tensor: &Tensor,
-    expected: &Device,
-    whose: &str,
-) -> Result<()> {
+/// `"center"`), naming `what` when it is not (public for the losses, as [`check_dtype`]).
+///
+/// # Errors
+/// [`GaussError::DeviceMismatch`].
+pub fn check_device(what: &str, tensor: &Tensor, expected: &Device, whose: &str) -> Result<()> {
     if !tensor.device().same_device(expected) {
         return Err(GaussError::device(
             what,

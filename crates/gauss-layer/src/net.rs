@@ -108,10 +108,11 @@ impl GaussNetConfig {
                 format!("must be in [0, 1), got {}", self.dropout),
             ));
         }
-        if !self.batch_norm_eps.is_finite() || self.batch_norm_eps < 0.0 {
+        // 0 would divide by a zero variance (a constant feature, a batch of one): NaN.
+        if !self.batch_norm_eps.is_finite() || self.batch_norm_eps <= 0.0 {
             return Err(GaussError::config(
                 "batch_norm_eps",
-                format!("must be finite and >= 0, got {}", self.batch_norm_eps),
+                format!("must be finite and > 0, got {}", self.batch_norm_eps),
             ));
         }
         self.layer.validate()?;

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Tensor};
 
-use gauss_layer::{check_dtype, GaussError, Result};
+use gauss_layer::{check_device, check_dtype, GaussError, Result};
 
 /// Checks a batch of samples `x`: rank 2, at least one row, `width` columns when given.
 /// Returns `(batch, width)`.
@@ -45,7 +45,7 @@ pub(crate) fn square(m: &Tensor, what: &str, d: usize) -> Result<()> {
 }
 
 /// Checks the arguments of a single-Gaussian NLL: samples `x` (N, d), a `mean` (d) and a
-/// square `factor` (d, d) named `factor_what`, both in `x`'s dtype. Returns `d`.
+/// square `factor` (d, d) named `factor_what`, both in `x`'s dtype and on its device. Returns `d`.
 pub(crate) fn gaussian_args(
     x: &Tensor,
     mean: &Tensor,
@@ -57,6 +57,8 @@ pub(crate) fn gaussian_args(
     square(factor, factor_what, d)?;
     check_dtype("mean", mean, x.dtype(), "samples x")?;
     check_dtype(factor_what, factor, x.dtype(), "samples x")?;
+    check_device("mean", mean, x.device(), "samples x")?;
+    check_device(factor_what, factor, x.device(), "samples x")?;
     Ok(d)
 }
 
@@ -76,19 +78,31 @@ pub(crate) fn square_batch(m: &Tensor, what: &str) -> Result<(usize, usize)> {
 /// non-zero (its log-determinant is the sum of their logs, so a zero would give ±∞ and NaN
 /// gradients). Reads only the d diagonal entries on the host.
 pub(crate) fn nonsingular_triangular(factor: &Tensor, what: &str) -> Result<()> {
-    let diagonal = gauss_layer::ops::diagonal(&factor.unsqueeze(0)?)?
-        .squeeze(0)?
+    nonsingular_triangular_batch(&factor.unsqueeze(0)?, what)
+}
+
+/// [`nonsingular_triangular`] for a batch `factors` (Z, d, d), naming the neuron at fault.
+/// Reads only the Z·d diagonal entries on the host.
+pub(crate) fn nonsingular_triangular_batch(factors: &Tensor, what: &str) -> Result<()> {
+    let diagonals = gauss_layer::ops::diagonal(factors)?
         .to_device(&candle_core::Device::Cpu)?
         .to_dtype(DType::F64)?
-        .to_vec1::<f64>()?;
-    if let Some(i) = diagonal.iter().position(|v| !v.is_finite() || *v == 0.0) {
-        return Err(GaussError::Numerical {
-            what: what.to_string(),
-            reason: format!(
-                "is singular or not finite: diagonal entry {i} is {}; a triangular factor needs a finite, non-zero diagonal",
-                diagonal[i]
-            ),
-        });
+        .to_vec2::<f64>()?;
+    for (neuron, diagonal) in diagonals.iter().enumerate() {
+        if let Some(i) = diagonal.iter().position(|v| !v.is_finite() || *v == 0.0) {
+            let whose = if diagonals.len() == 1 {
+                String::new()
+            } else {
+                format!("neuron {neuron}'s ")
+            };
+            return Err(GaussError::Numerical {
+                what: what.to_string(),
+                reason: format!(
+                    "is singular or not finite: {whose}diagonal entry {i} is {}; a triangular factor needs a finite, non-zero diagonal",
+                    diagonal[i]
+                ),
+            });
+        }
     }
     Ok(())
 }

@@ -183,10 +183,15 @@ impl LambdaLoss {
     /// `tril`: (Z, d, d) → (Z)
     ///
     /// # Errors
-    /// `tril` not a (Z, d, d) batch with Z ≥ 1.
+    /// `tril` not a (Z, d, d) batch with Z ≥ 1; for the two covariance terms, which invert
+    /// `L`, a zero or non-finite diagonal entry ([`gauss_layer::GaussError::Numerical`] naming
+    /// the neuron; reads the Z·d diagonal on the host).
     pub fn per_neuron_from_factor(self, tril: &Tensor) -> Result<Tensor> {
         let (_, d) = check::square_batch(tril, "precision factors tril")?;
         let factor = ops::tril(tril)?;
+        if self != LambdaLoss::NegTracePrecision {
+            check::nonsingular_triangular_batch(&factor, "precision factors tril")?;
+        }
         let d = d as f64;
         Ok(match self {
             LambdaLoss::TraceCovariance => (ops::tril_inverse(&factor)?.sqr()?.sum((1, 2))? / d)?,

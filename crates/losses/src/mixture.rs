@@ -50,7 +50,7 @@ pub fn mixture_logits(num_components: usize, vb: VarBuilder) -> Result<Tensor> {
 /// `component_nll`: (B, Z), `logits`: (Z) → (B) for [`Reduction::None`], () otherwise
 ///
 /// # Errors
-/// An empty batch; logits of another length or dtype.
+/// An empty batch; logits of another length, dtype or device.
 pub fn mixture_nll_from_components(
     component_nll: &Tensor,
     logits: &Tensor,
@@ -62,6 +62,12 @@ pub fn mixture_nll_from_components(
         "mixture logits",
         logits,
         component_nll.dtype(),
+        "component nll",
+    )?;
+    gauss_layer::check_device(
+        "mixture logits",
+        logits,
+        component_nll.device(),
         "component nll",
     )?;
     let log_weights = candle_nn::ops::log_softmax(logits, 0)?;

@@ -35,7 +35,7 @@ use gauss_layer::Result;
 /// `x`: (N, d), `mean`: (d), `tril`: (d, d) → (N) for [`Reduction::None`], () otherwise
 ///
 /// # Errors
-/// Samples that are not (N, d) with N ≥ 1, a mean or factor of another size or dtype;
+/// Samples that are not (N, d) with N ≥ 1, a mean or factor of another size, dtype or device;
 /// a factor with a zero or non-finite diagonal entry ([`gauss_layer::GaussError::Numerical`]).
 pub fn nll_precision_factor(
     x: &Tensor,

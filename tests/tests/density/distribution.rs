@@ -450,3 +450,47 @@ fn batch_view_shapes_errors_and_sampling() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn an_indefinite_direct_precision_is_an_error_not_nan() -> Result<()> {
+    // (A + Aᵀ)/2 = [[1, 2], [2, 1]] has eigenvalues 3 and −1: no density. Every method that
+    // needs P⁻¹ or log det P says so, as log_prob and sample do, instead of returning NaN.
+    let dev = Device::Cpu;
+    let config = GaussLayerConfig::with_parameterization(Parameterization::Direct);
+    let raw = Tensor::new(&[[[1.0f64, 2.0], [2.0, 1.0]]], &dev)?;
+    let precision = gauss_layer::Precision::from_raw(raw, 2, &config)?;
+    let center = Tensor::zeros((1, 2), DType::F64, &dev)?;
+    let config = GaussLayerConfig {
+        gaussian_only: true,
+        ..config
+    };
+    let layer = GaussLayer::new(None, None, center, precision, config)?;
+    let batch = layer.distributions()?;
+    let fine = batch_2d()?;
+    let refused = [
+        ("entropy", batch.entropy().map(|_| ())),
+        ("kl (self)", batch.kl_divergence(&fine).map(|_| ())),
+        ("kl (other)", fine.kl_divergence(&batch).map(|_| ())),
+        (
+            "one member's entropy",
+            layer.distribution(0)?.entropy().map(|_| ()),
+        ),
+    ];
+    for (what, result) in refused {
+        match result {
+            Err(gauss_layer::GaussError::NotPositiveDefinite { .. }) => {}
+            other => panic!("{what}: expected NotPositiveDefinite, got {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+/// One standard normal in 2-D, as a batch of one.
+fn batch_2d() -> Result<MultivariateNormalBatch> {
+    let dev = Device::Cpu;
+    Ok(MultivariateNormalBatch::from_covariance(
+        &Tensor::zeros((1, 2), DType::F64, &dev)?,
+        &Tensor::new(&[[[1.0f64, 0.0], [0.0, 1.0]]], &dev)?,
+        GaussLayerConfig::default(),
+    )?)
+}

@@ -262,3 +262,75 @@ fn more_components_than_distinct_samples_is_an_error() -> Result<()> {
     three.fit(&x, &MixtureFitOptions::default())?;
     Ok(())
 }
+
+#[test]
+fn parameters_can_be_written_back_and_one_component_ties() -> Result<()> {
+    let dev = Device::Cpu;
+    let covariance = Tensor::new(
+        &[[[2.0f64, 0.5], [0.5, 1.0]], [[1.0, 0.0], [0.0, 3.0]]],
+        &dev,
+    )?;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+    let mixture = gaussian_mixture(2, 2, GaussLayerConfig::default(), vb)?;
+    mixture.set_parameters(
+        &Tensor::new(&[0.3f64, 0.7], &dev)?,
+        &Tensor::new(&[[0.0f64, 1.0], [2.0, -1.0]], &dev)?,
+        &covariance,
+    )?;
+    // Only the weights change: the mixture's own means and covariances go back in (Candle's
+    // slice_set refuses a source sharing the target's storage).
+    let means = mixture.means().clone();
+    mixture.set_parameters(
+        &Tensor::new(&[0.5f64, 0.5], &dev)?,
+        &means,
+        &mixture.covariances()?,
+    )?;
+    assert_eq!(
+        host_matrix(mixture.means())?,
+        vec![vec![0.0, 1.0], vec![2.0, -1.0]]
+    );
+    let weights = host_values(&mixture.weights()?)?;
+    assert!(
+        weights.iter().all(|w| (w - 0.5).abs() < 1e-12),
+        "{weights:?}"
+    );
+    let written = host_values(&mixture.covariances()?.flatten_all()?)?;
+    let expected = host_values(&covariance.flatten_all()?)?;
+    for (got, want) in written.iter().zip(&expected) {
+        assert!((got - want).abs() < 1e-12, "{written:?} vs {expected:?}");
+    }
+
+    // One component is tied already.
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+    let single =
+        gaussian_mixture(2, 1, GaussLayerConfig::default(), vb)?.with_tied_covariance(true)?;
+    single.set_parameters(
+        &Tensor::new(&[1.0f64], &dev)?,
+        &Tensor::new(&[[0.5f64, 0.5]], &dev)?,
+        &covariance.narrow(0, 0, 1)?,
+    )?;
+    assert_eq!(host_matrix(single.means())?, vec![vec![0.5, 0.5]]);
+    Ok(())
+}
+
+#[test]
+fn covariances_of_an_indefinite_direct_precision_are_an_error() -> Result<()> {
+    // (A + Aᵀ)/2 = [[1, 2], [2, 1]]: eigenvalues 3 and −1, no covariance (it was NaN).
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+    let config = GaussLayerConfig::with_parameterization(Parameterization::Direct);
+    let mixture = gaussian_mixture(2, 1, config, vb)?;
+    let raw = varmap
+        .all_vars()
+        .into_iter()
+        .find(|var| var.dims() == [1, 2, 2])
+        .ok_or_else(|| anyhow::anyhow!("no (1, 2, 2) precision variable"))?;
+    raw.set(&Tensor::new(&[[[1.0f64, 2.0], [2.0, 1.0]]], &dev)?)?;
+    match mixture.covariances() {
+        Err(gauss_layer::GaussError::NotPositiveDefinite { .. }) => Ok(()),
+        other => panic!("expected NotPositiveDefinite, got {other:?}"),
+    }
+}

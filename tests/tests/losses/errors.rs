@@ -136,3 +136,31 @@ fn indefinite_direct_precision_is_an_error_not_nan() -> Result<()> {
     }
     Ok(())
 }
+
+/// The functional core of the λ-loss refuses a singular factor for the two covariance terms
+/// (they invert `L`: inf values and NaN gradients before), naming the neuron; `tr P` needs no
+/// inverse and takes it.
+#[test]
+fn singular_factors_are_an_error_for_the_covariance_terms() -> Result<()> {
+    let tril = Tensor::new(
+        &[[[1.0f64, 0.0], [0.0, 2.0]], [[1.0, 0.0], [0.5, 0.0]]],
+        &dev(),
+    )?;
+    for variant in [LambdaLoss::TraceCovariance, LambdaLoss::LogdetCovariance] {
+        match variant.per_neuron_from_factor(&tril) {
+            Err(GaussError::Numerical { reason, .. }) => {
+                assert!(
+                    reason.contains("neuron 1") && reason.contains("entry 1"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{variant}: expected a numerical error, got {other:?}"),
+        }
+    }
+    // tr P = |L|²_F / −d per neuron: (1 + 4) / −2 and (1 + 0.25) / −2.
+    let values = LambdaLoss::NegTracePrecision
+        .per_neuron_from_factor(&tril)?
+        .to_vec1::<f64>()?;
+    assert_eq!(values, vec![-2.5, -0.625]);
+    Ok(())
+}

@@ -63,6 +63,17 @@ struct Snapshot {
     logits: Tensor,
 }
 
+/// `source` in `target`'s dtype and device, in storage of its own: Candle's `slice_set`
+/// refuses a source that shares the target's storage (the mixture's own means handed back to
+/// `set_parameters`, or a view of them), and the dtype, device and layout conversions return
+/// the same storage when they have nothing to do. The copy is O(K·d²), once per EM step.
+fn detached_source(source: &Tensor, target: &Tensor) -> Result<Tensor> {
+    Ok(source
+        .to_dtype(target.dtype())?
+        .to_device(target.device())?
+        .copy()?)
+}
+
 impl GaussianMixture {
     /// Writes log-weights, means and the raw precision tensor into the mixture's tensors.
     pub(super) fn write(&self, log_weights: &[f64], means: &Tensor, raw: &Tensor) -> Result<()> {
@@ -70,13 +81,9 @@ impl GaussianMixture {
         let (dtype, device) = (center.dtype(), center.device());
         let logits = host::from_host(log_weights.to_vec(), &[log_weights.len()], dtype, device)?;
         self.logits.slice_set(&logits, 0, 0)?;
-        center.slice_set(
-            &means.to_dtype(dtype)?.to_device(device)?.contiguous()?,
-            0,
-            0,
-        )?;
+        center.slice_set(&detached_source(means, center)?, 0, 0)?;
         let own_raw = self.layer.precision().raw();
-        own_raw.slice_set(&raw.to_dtype(dtype)?.to_device(device)?.contiguous()?, 0, 0)?;
+        own_raw.slice_set(&detached_source(raw, own_raw)?, 0, 0)?;
         Ok(())
     }
 

@@ -299,6 +299,11 @@ impl GaussianMixture {
     /// Writes component 0's raw precision into every component.
     fn tie_precisions(&self) -> Result<()> {
         let raw = self.layer.precision().raw();
+        if raw.dim(0)? == 1 {
+            // One component is tied already (and the broadcast below would be `raw` itself,
+            // which `slice_set` refuses as its own source).
+            return Ok(());
+        }
         let shared = raw
             .narrow(0, 0, 1)?
             .broadcast_as(raw.shape())?
@@ -366,6 +371,7 @@ impl GaussianMixture {
     /// As [`crate::Precision::covariance_matrix`] (e.g. a `direct` precision that is not
     /// positive definite).
     pub fn covariances(&self) -> Result<Tensor> {
+        crate::repair::ensure_positive_definite(self.layer.precision())?;
         self.layer.precision().covariance_matrix()
     }
 
