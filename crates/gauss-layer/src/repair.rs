@@ -31,7 +31,7 @@
 //! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use rayon::prelude::*;
 
 use crate::config::Parameterization;
@@ -216,6 +216,12 @@ fn check_floor(min_eigenvalue: f64) -> Result<()> {
 /// their `A` unchanged. Returns a tensor on the device and in the dtype of `matrices`.
 /// A matrix with a non-finite entry is an error naming the neuron (nothing can repair it).
 ///
+/// The eigenvalues are raised to `max(min_eigenvalue, 2·u·√d·λ_max)` (`u` the dtype's unit
+/// roundoff): rounding the repaired matrix to its dtype moves its eigenvalues by at most
+/// `u·√d·λ_max` (Weyl's bound on the rounding error's norm), so a floor below the dtype's
+/// resolution (1e-12 in f32 against λ_max = 3) still gives a positive definite matrix there,
+/// with eigenvalues at least `u·√d·λ_max`; a floor above it is met up to that rounding.
+///
 /// # Shapes
 /// `matrices`: (Z, d, d) → (Z, d, d)
 ///
@@ -228,14 +234,23 @@ pub fn repair_matrices(matrices: &Tensor, min_eigenvalue: f64) -> Result<Tensor>
     let outcomes: Vec<Result<()>> = values
         .par_chunks_mut((d * d).max(1))
         .enumerate()
-        .map(|(neuron, block_values)| repair_block(neuron, block_values, d, min_eigenvalue))
+        .map(|(neuron, block_values)| {
+            repair_block(neuron, block_values, d, min_eigenvalue, matrices.dtype())
+        })
         .collect();
     outcomes.into_iter().collect::<Result<()>>()?;
     host::from_host(values, matrices.dims(), matrices.dtype(), matrices.device())
 }
 
-/// Repairs one neuron's row-major block in place (see [`repair_matrices`]).
-fn repair_block(neuron: usize, block_values: &mut [f64], d: usize, floor: f64) -> Result<()> {
+/// Repairs one neuron's row-major block in place (see [`repair_matrices`]); the block will be
+/// stored in `dtype`.
+fn repair_block(
+    neuron: usize,
+    block_values: &mut [f64],
+    d: usize,
+    floor: f64,
+    dtype: DType,
+) -> Result<()> {
     if let Some(i) = block_values.iter().position(|v| !v.is_finite()) {
         return Err(GaussError::Numerical {
             what: "repair_matrices".to_string(),
@@ -260,7 +275,9 @@ fn repair_block(neuron: usize, block_values: &mut [f64], d: usize, floor: f64) -
     if eigenvalues.iter().all(|&l| l >= floor) {
         return Ok(());
     }
-    let fixed = host::from_eigen(&eigenvalues, &eigenvectors, |l| l.max(floor));
+    let largest = eigenvalues.iter().fold(floor, |m, l| m.max(l.abs()));
+    let raised = floor.max(2.0 * linalg::unit_roundoff(dtype) * (d as f64).sqrt() * largest);
+    let fixed = host::from_eigen(&eigenvalues, &eigenvectors, |l| l.max(raised));
     block_values.copy_from_slice(&fixed);
     Ok(())
 }
@@ -422,6 +439,36 @@ mod tests {
             low.as_tensor().to_vec3::<f64>().unwrap(),
             vec![vec![vec![0.5, 0.0], vec![0.0, 1.0]]]
         );
+    }
+
+    #[test]
+    fn repaired_matrices_stay_above_the_floor_in_their_dtype() {
+        // [[1, 2], [2, 1]] (eigenvalues 3, −1) repaired to the floor 1e-12: raised exactly to
+        // it, the matrix is 1.5·[[1, 1], [1, 1]] + O(1e-12), which f32 rounds to a singular
+        // matrix. The margin of `repair_matrices` keeps it positive definite in f32 and f64.
+        for dtype in [DType::F32, DType::F64] {
+            let a = Tensor::new(&[[[1.0f64, 2.0], [2.0, 1.0]]], &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let fixed = repair_matrices(&a, 1e-12).unwrap();
+            assert_eq!(fixed.dtype(), dtype);
+            let report = check_positive_definite_matrices(&fixed).unwrap();
+            let smallest = report.neurons[0].min_eigenvalue;
+            assert!(
+                smallest >= 1e-12,
+                "{dtype:?}: smallest eigenvalue {smallest:e}"
+            );
+            ensure_positive_definite(
+                &Precision::from_raw(
+                    fixed,
+                    2,
+                    PrecisionConfig::with_parameterization(Parameterization::Direct),
+                )
+                .unwrap(),
+            )
+            .unwrap();
+        }
     }
 
     #[test]

@@ -3,22 +3,12 @@
 
 use candle_core::{DType, Tensor};
 
-use super::{eye_like, matmul, read_scalar, square_dim, trace};
+use super::{eye_like, matmul, read_scalar, square_dim, trace, unit_roundoff};
 use crate::error::{GaussError, Result};
 
 /// Largest norm of the scaled argument of the Taylor polynomial in [`expm_symmetric`]:
 /// keeps the cancellation between alternating terms (a factor of at most `e^{2θ}`) small.
 const EXPM_MAX_SCALED_NORM: f64 = 1.0;
-
-/// Unit roundoff of a floating dtype: the Taylor truncation error is pushed below it.
-pub(crate) fn unit_roundoff(dtype: DType) -> f64 {
-    match dtype {
-        DType::F64 => f64::EPSILON / 2.0,
-        DType::F32 => f32::EPSILON as f64 / 2.0,
-        DType::F16 => 2f64.powi(-11),
-        _ => 2f64.powi(-8),
-    }
-}
 
 /// The smallest Taylor degree m whose truncation error for `‖X‖ ≤ norm`, relative to
 /// `‖expm(X)‖ ≥ e^{−norm}`, is below `tolerance`: the tail `Σ_{k>m} normᵏ/k!` is at most

@@ -63,6 +63,18 @@ pub(crate) fn max_finite(dtype: DType) -> f64 {
     }
 }
 
+/// Unit roundoff of a float dtype (bf16's for any other dtype): the relative error of
+/// rounding a value to it. expm pushes its Taylor truncation error below it; the eigenvalue
+/// repair keeps its floor clear of it.
+pub(crate) fn unit_roundoff(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => f64::EPSILON / 2.0,
+        DType::F32 => f32::EPSILON as f64 / 2.0,
+        DType::F16 => 2f64.powi(-11),
+        _ => 2f64.powi(-8),
+    }
+}
+
 /// Checks that `matrices` is (..., d, d) with a batch rank given by `rank` (None: any) and
 /// returns d.
 pub(crate) fn square_dim(matrices: &Tensor, what: &str, rank: Option<usize>) -> Result<usize> {
