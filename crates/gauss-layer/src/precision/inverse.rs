@@ -28,7 +28,8 @@ impl Precision {
     ///
     /// # Errors
     /// A matrix that is not representable: not positive definite
-    /// ([`GaussError::NotPositiveDefinite`]), not diagonal for diag, not a multiple of the
+    /// ([`GaussError::NotPositiveDefinite`]; direct stores any matrix, as its raw tensor
+    /// does, and is checked where it is used: [`crate::repair`]), not diagonal for diag, not a multiple of the
     /// identity for sphere, a Cholesky diagonal at or below `factor_diag_floor`, or narrower
     /// than the width floor allows (the message names the neuron and the floor).
     ///
