@@ -473,7 +473,10 @@ pub fn load(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Loaded
         .collect::<std::result::Result<_, safetensors::SafeTensorError>>()?;
     let gauss_bytes = safetensors::tensor::serialize(gauss, Some(metadata.clone()))?;
     let loaded = checkpoint::load_from_bytes(&gauss_bytes, path, device, dtype)?;
-    let run_dtype = dtype.unwrap_or(loaded.stored_dtype);
+    // The Gaussian part's default too (f64 loads as f32 on Metal), so the trunk feeds it
+    // features of its own dtype.
+    let run_dtype =
+        dtype.unwrap_or_else(|| checkpoint::default_load_dtype(loaded.stored_dtype, device));
     ensure!(
         loaded.net.config().in_features == config.features,
         "{origin}: the trunk gives {} features, the Gaussian layers take {}",
@@ -539,12 +542,14 @@ pub fn load(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Loaded
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use gauss_layer::{GaussLayerConfig, GaussNetConfig, InitConfig};
     use rand::SeedableRng;
 
-    fn small() -> (CnnFgn, VarMap) {
+    /// A seeded f32 CPU CNN: a 2-block trunk on 8×6 images, 4 features, Gaussian layers 5
+    /// and 3 (three classes).
+    pub(crate) fn small() -> (CnnFgn, VarMap) {
         small_with(false)
     }
 

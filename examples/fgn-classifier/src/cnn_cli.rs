@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use gauss_layer::files::{DataFile, HostMatrix};
 use gauss_layer::{
     GaussLayerConfig, GaussNetConfig, InitConfig, Parameterization, PrecisionConfig,
 };
@@ -17,6 +18,7 @@ use serde_json::{json, Value};
 use crate::augment::Augment;
 use crate::calibration;
 use crate::cnn::{self, Activation, TrunkConfig};
+use crate::data::Split;
 use crate::idx::IdxData;
 use crate::mirror::{self, Views};
 use crate::ood::{self, OodSource};
@@ -222,24 +224,23 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
     Ok(Value::Object(out))
 }
 
-/// `eval` of a CNN checkpoint on the test split of an IDX directory.
+/// `eval` of a CNN checkpoint on the test split of an IDX directory (`(split, height, width)`
+/// as [`crate::idx::test_split`] reads it).
 /// `test_time_mirror` forces mirroring on (else the checkpoint's record decides).
 pub fn eval(
     path: &Path,
-    data: IdxData,
+    (test, height, width): (Split, usize, usize),
     sets: &[OodSource],
     test_time_mirror: bool,
     device: &Device,
 ) -> Result<Value> {
     let loaded = cnn::load(path, device, None)?;
     let trunk = loaded.model.trunk.config();
-    if (data.height, data.width) != (trunk.height, trunk.width) {
+    if (height, width) != (trunk.height, trunk.width) {
         bail!(
-            "the checkpoint's trunk takes {}×{} images, the data has {}×{}",
+            "the checkpoint's trunk takes {}×{} images, the data has {height}×{width}",
             trunk.height,
             trunk.width,
-            data.height,
-            data.width
         );
     }
     let temperature = calibration::recorded(&loaded.user_metadata)?;
@@ -251,7 +252,7 @@ pub fn eval(
         },
         temperature,
     };
-    let report = ood::report(&calibrated, &data.set.test, sets, device, "fgn cnn")?;
+    let report = ood::report(&calibrated, &test, sets, device, "fgn cnn")?;
     Ok(json!({
         "checkpoint": path.display().to_string(),
         "arch": "cnn",
@@ -261,8 +262,19 @@ pub fn eval(
     }))
 }
 
-/// `predict` of a CNN checkpoint: `x` (N, H·W) or (N, 1, H, W), divided by the recorded
-/// `input_scale`; writes `output` and each Gaussian layer's `g{i}`.
+/// The tensor `x` (N, 1, H, W) of the safetensors `bytes` as the matrix (N, H·W) of the same
+/// values: `DataFile::matrix` reads rank 2 only, and the trunk takes either shape.
+fn images_as_rows(bytes: &[u8], input: &Path, rows: usize, cols: usize) -> Result<HostMatrix> {
+    let file = safetensors::SafeTensors::deserialize(bytes)?;
+    let view = file.tensor("x")?;
+    let flat = safetensors::tensor::TensorView::new(view.dtype(), vec![rows, cols], view.data())?;
+    let flat_bytes = safetensors::tensor::serialize([("x", flat)], None)?;
+    Ok(DataFile::parse(&flat_bytes, input)?.matrix("x")?)
+}
+
+/// `predict` of a CNN checkpoint: `x` (N, H·W) or (N, 1, H, W) of any float or integer
+/// dtype, divided by the recorded `input_scale`; writes `output` and each Gaussian layer's
+/// `g{i}`.
 pub fn predict(
     checkpoint: &Path,
     input: &Path,
@@ -280,54 +292,36 @@ pub fn predict(
         .map(|l| l.center().dtype())
         .context("the checkpoint's network has no layers")?;
     let bytes = gauss_layer::files::read_regular(input)?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .with_context(|| format!("{} is not a readable safetensors file", input.display()))?;
-    let Some(x) = tensors.get("x") else {
-        bail!(
-            "{}: no tensor `x`; predict reads the inputs from `x`",
+    let file = DataFile::parse(&bytes, input)?;
+    let shape = file.shape("x").with_context(|| {
+        format!(
+            "{}: predict reads the inputs from a tensor `x`",
             input.display()
-        );
-    };
+        )
+    })?;
     let (h, w) = (model.trunk.config().height, model.trunk.config().width);
-    let shape_ok = match x.dims() {
-        [n, d] => *n > 0 && *d == h * w,
-        [n, 1, xh, xw] => *n > 0 && (*xh, *xw) == (h, w),
+    let shape_ok = match shape[..] {
+        [n, d] => n > 0 && d == h * w,
+        [n, 1, xh, xw] => n > 0 && (xh, xw) == (h, w),
         _ => false,
     };
     if !shape_ok {
         bail!(
-            "{}: `x` has shape {:?}, the network expects (N, {}) or (N, 1, {h}, {w}) with N >= 1",
+            "{}: `x` has shape {shape:?}, the network expects (N, {}) or (N, 1, {h}, {w}) with N >= 1",
             input.display(),
-            x.dims(),
             h * w
         );
     }
-    if !matches!(
-        x.dtype(),
-        DType::F16 | DType::BF16 | DType::F32 | DType::F64 | DType::U8 | DType::U32 | DType::I64
-    ) {
-        bail!(
-            "{}: `x` has dtype {:?}; expected a float or integer tensor",
-            input.display(),
-            x.dtype()
-        );
-    }
-    // f64: `x` was read from the file onto the CPU; it is scaled and cast there, and checked
-    // finite after both (a finite 1e300 overflows f32), before it moves to the device.
-    let scaled = (x.to_dtype(DType::F64)? / scale)?.to_dtype(run_dtype)?;
-    // f64: the scaled input is still on the CPU.
-    let values = scaled
-        .to_dtype(DType::F64)?
-        .flatten_all()?
-        .to_vec1::<f64>()?;
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        bail!(
-            "{}: `x` element {i} is {} after scaling by 1/{scale} and conversion to {run_dtype:?}; expected finite values",
-            input.display(),
-            values[i]
-        );
-    }
-    let x = scaled.to_device(device)?;
+    // Read as the MLP's `predict` reads it (`DataFile::matrix`: every float and integer dtype,
+    // each value finite), then checked finite after the scaling and the conversion to the
+    // network's dtype (a finite 1e300 overflows f32), on the host.
+    let mut x = if shape.len() == 4 {
+        images_as_rows(&bytes, input, shape[0], h * w)?
+    } else {
+        file.matrix("x")?
+    };
+    x.divide(scale);
+    let x = x.to_tensor(run_dtype, device)?;
     let temperature = crate::calibration::recorded(&loaded.user_metadata)?;
     let mirror = test_time_mirror || mirror::recorded(&loaded.user_metadata)?;
     let (logits, gaussians) = model.forward_views(&x, mirror)?;
@@ -353,4 +347,55 @@ pub fn predict(
         "tensors": names,
     });
     Ok((out, summary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::evaluate::Classifier;
+
+    /// CNN `predict` reads `x` as the MLP's does: integer images (I32, I16, in either shape)
+    /// give exactly what the same values as f32 give, which is the model's own forward of
+    /// `x / input_scale`.
+    #[test]
+    fn predict_reads_integer_images_as_the_mlp_predict_does() -> Result<()> {
+        let (model, _vars) = cnn::tests::small();
+        let dir = std::env::temp_dir().join(format!("fgn-cnn-predict-int-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let ckpt = dir.join("cnn.safetensors");
+        let mut meta = BTreeMap::new();
+        meta.insert("input_scale".to_string(), "255".to_string());
+        cnn::save(&model, &ckpt, &meta)?;
+        let cpu = Device::Cpu;
+        // Pixel p of image i is (7·i + 5·p) % 256: integers that f32 holds exactly.
+        let pixels: Vec<i32> = (0..96)
+            .map(|v: i32| (7 * (v / 48) + 5 * (v % 48)) % 256)
+            .collect();
+        let as_i32 = Tensor::from_vec(pixels.clone(), (2, 48), &cpu)?;
+        let as_f32 = as_i32.to_dtype(DType::F32)?;
+        // Scaled in f64 and rounded to f32 once, as predict does.
+        let scaled = (as_i32.to_dtype(DType::F64)? / 255.0)?.to_dtype(DType::F32)?;
+        let expected = model.logits(&scaled)?.to_vec2::<f32>()?;
+        let run = |name: &str, x: Tensor| -> Result<Vec<Vec<f32>>> {
+            let input = dir.join(format!("{name}.safetensors"));
+            candle_core::safetensors::save(&HashMap::from([("x".to_string(), x)]), &input)?;
+            let (out, _) = predict(&ckpt, &input, &cpu, None, false)?;
+            Ok(out["output"].to_vec2::<f32>()?)
+        };
+        let i16_images = Tensor::from_vec(
+            pixels.iter().map(|&v| v as i16).collect::<Vec<_>>(),
+            (2, 1, 8, 6),
+            &cpu,
+        )?;
+        let results = [
+            ("f32", run("f32", as_f32)?),
+            ("i32", run("i32", as_i32)?),
+            ("i16-images", run("i16", i16_images)?),
+        ];
+        std::fs::remove_dir_all(&dir)?;
+        for (name, got) in results {
+            assert_eq!(got, expected, "{name}");
+        }
+        Ok(())
+    }
 }

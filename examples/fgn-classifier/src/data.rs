@@ -199,6 +199,16 @@ pub fn mnist(dir: &Path) -> Result<DataSet> {
     })
 }
 
+/// Only the MNIST test split in `dir` (its two `t10k` files; the train files need not be
+/// there), held to the ten digit classes.
+pub fn mnist_test(dir: &Path) -> Result<Split> {
+    let (split, _, _) = crate::idx::test_split(dir)?;
+    if let Some(bad) = split.labels.to_vec1::<u32>()?.into_iter().find(|&l| l > 9) {
+        bail!("{}: test label {bad} is not a digit", dir.display());
+    }
+    Ok(split)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -83,7 +83,9 @@ pub fn read_idx(path: &Path, magic: u32, rank: usize) -> Result<(Vec<usize>, Vec
         head == [0x1f, 0x8b]
     };
     let mut reader: Box<dyn Read> = if gz {
-        Box::new(flate2::read::GzDecoder::new(peek))
+        // Every member: `cat a.gz b.gz` and parallel compressors (pigz, bgzip) write several,
+        // and `GzDecoder` would stop after the first and report the items missing.
+        Box::new(flate2::read::MultiGzDecoder::new(peek))
     } else {
         Box::new(peek)
     };
@@ -171,7 +173,8 @@ fn to_split(raw: RawSplit) -> Result<Split> {
     })
 }
 
-/// Only the test split of the IDX set in `dir` (for out-of-distribution sets).
+/// Only the test split of the IDX set in `dir` (for `eval` and out-of-distribution sets: the
+/// train files need not be there).
 pub fn test_split(dir: &Path) -> Result<(Split, usize, usize)> {
     let raw = raw_split(dir, "t10k")?;
     let (h, w) = (raw.height, raw.width);
@@ -287,6 +290,25 @@ pub mod tests {
                 vec![0, 1, 2, 0, 1]
             );
         }
+    }
+
+    /// A gzip file of two members (as `cat a.gz b.gz` or pigz write it) is read whole: the
+    /// items are every byte of both parts.
+    #[test]
+    fn a_gzip_file_of_several_members_is_read_whole() {
+        let dir = write_set("members", 4, 2, false);
+        let path = dir.join("t10k-images-idx3-ubyte");
+        let bytes = std::fs::read(&path).unwrap();
+        let (head, tail) = bytes.split_at(bytes.len() / 2);
+        let mut two = gzip(head);
+        two.extend_from_slice(&gzip(tail));
+        std::fs::remove_file(&path).unwrap();
+        let gz = dir.join("t10k-images-idx3-ubyte.gz");
+        std::fs::write(&gz, two).unwrap();
+        let (dims, items) = read_idx(&gz, IMAGES_MAGIC, 3).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(dims, vec![4, 4, 3]);
+        assert_eq!(items, bytes[16..].to_vec());
     }
 
     #[test]

@@ -533,7 +533,7 @@ fn eval(args: EvalArgs) -> Result<Value> {
         };
         return cnn_cli::eval(
             &args.checkpoint,
-            idx::load(dir)?,
+            idx::test_split(dir)?,
             &args.ood,
             args.test_time_mirror,
             &device,
@@ -553,13 +553,11 @@ fn eval(args: EvalArgs) -> Result<Value> {
     let (split, bundled): (Split, bool) = match (&args.data, &args.mnist) {
         (Some(path), _) => (data::eval_file(path, scale, classes)?, false),
         (None, None) if args.data_dir.is_some() => (
-            idx::load(args.data_dir.as_deref().unwrap_or(Path::new(".")))?
-                .set
-                .test,
+            idx::test_split(args.data_dir.as_deref().unwrap_or(Path::new(".")))?.0,
             false,
         ),
         (None, Some(dir)) => (
-            data::mnist(dir)?.test,
+            data::mnist_test(dir)?,
             meta.get("dataset").is_some_and(|d| d == "mnist"),
         ),
         (None, None) => (
@@ -623,4 +621,78 @@ fn main() {
         Command::Predict(args) => predict::predict(args),
     });
     println!("{}", examples_support::exit_on_error(result));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+    use candle_nn::{VarBuilder, VarMap};
+    use gauss_layer::GaussNet;
+
+    fn run_eval(args: &[&str]) -> Result<Value> {
+        let cli = Cli::try_parse_from([&["fgn-classifier", "eval"], args].concat())?;
+        let Command::Eval(args) = cli.command else {
+            unreachable!("parsed as eval")
+        };
+        eval(args)
+    }
+
+    /// `n` (height × width) test images of an IDX set, labels i % 3, and no train files.
+    fn write_test_only(dir: &Path, n: u32, height: u32, width: u32) -> Result<()> {
+        let pixels: Vec<u8> = (0..n * height * width).map(|v| (v % 256) as u8).collect();
+        let labels: Vec<u8> = (0..n).map(|i| (i % 3) as u8).collect();
+        std::fs::write(
+            dir.join("t10k-images-idx3-ubyte"),
+            idx::tests::idx_bytes(0x803, &[n, height, width], &pixels),
+        )?;
+        std::fs::write(
+            dir.join("t10k-labels-idx1-ubyte"),
+            idx::tests::idx_bytes(0x801, &[n], &labels),
+        )?;
+        Ok(())
+    }
+
+    /// `eval` reads only the test split it scores: a directory holding only the `t10k` files
+    /// evaluates an MLP (`--data-dir`, `--mnist`) and a CNN checkpoint on all of its images.
+    #[test]
+    fn eval_needs_only_the_test_files() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("fgn-eval-t10k-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let (mlp_data, cnn_data) = (dir.join("mlp"), dir.join("cnn"));
+        std::fs::create_dir_all(&mlp_data)?;
+        std::fs::create_dir_all(&cnn_data)?;
+        write_test_only(&mlp_data, 5, 4, 3)?;
+        write_test_only(&cnn_data, 4, 8, 6)?;
+
+        let vars = VarMap::new();
+        let net = GaussNet::new(
+            GaussNetConfig {
+                in_features: 12,
+                hidden: vec![4],
+                out_features: 3,
+                ..Default::default()
+            },
+            VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu),
+        )?;
+        let mlp = dir.join("mlp.safetensors");
+        checkpoint::save(&net, &mlp)?;
+        let (model, _vars) = cnn::tests::small();
+        let cnn_ckpt = dir.join("cnn.safetensors");
+        cnn::save(&model, &cnn_ckpt, &BTreeMap::new())?;
+
+        let (mlp, mlp_data) = (mlp.display().to_string(), mlp_data.display().to_string());
+        let by_dir = run_eval(&[&mlp, "--data-dir", &mlp_data]);
+        let by_mnist = run_eval(&[&mlp, "--mnist", &mlp_data]);
+        let cnn_ckpt = cnn_ckpt.display().to_string();
+        let cnn = run_eval(&[&cnn_ckpt, "--data-dir", &cnn_data.display().to_string()]);
+        std::fs::remove_dir_all(&dir)?;
+        for report in [by_dir?, by_mnist?] {
+            assert_eq!(report["test_total"], 5, "{report}");
+        }
+        let cnn = cnn?;
+        assert!(cnn["fgn"]["accuracy"].is_number(), "{cnn}");
+        Ok(())
+    }
 }

@@ -135,6 +135,13 @@ fn outputs_never_replace_devices_fifos_or_inputs() -> Result<()> {
         assert!(line.contains("FIFO"), "{line}");
         assert!(std::fs::symlink_metadata(&pipe)?.file_type().is_fifo());
     }
+    // A directory path (a new one, ending in a separator): refused before training, naming it.
+    let newdir = format!("{}/ckpts/", dir.display());
+    let line = run_err(&["train", "--epochs", "1", "--out", &newdir])?;
+    assert!(
+        line.contains(&newdir) && line.contains("does not name a file"),
+        "{line}"
+    );
     // predict --output equal to the checkpoint or the input (also spelled differently).
     let ckpt = checkpoint(&dir, "f64")?;
     let before = std::fs::read(&ckpt)?;
@@ -306,14 +313,27 @@ fn the_next_write_removes_a_killed_writers_temporary_file() -> Result<()> {
         &dir.join("x.safetensors"),
         vec![("x", Tensor::zeros((2, 64), DType::F32, &Device::Cpu)?)],
     )?;
-    // What a predict killed mid-write leaves: the atomic write's pattern, a pid not running.
+    // What a predict killed mid-write leaves: the atomic write's pattern, a pid not running,
+    // unmodified for longer than the staleness age.
     let debris = dir.join(".y.safetensors.gauss-tmp.4294967290.0.7");
     std::fs::write(&debris, vec![0u8; 4096])?;
+    std::fs::File::options()
+        .write(true)
+        .open(&debris)?
+        .set_modified(
+            std::time::SystemTime::now()
+                - gauss_layer::checkpoint::STALE_TEMP_AGE
+                - std::time::Duration::from_secs(60),
+        )?;
+    // The same, freshly written: possibly a save in progress in another PID namespace or on
+    // another host (its pid means nothing here), so it is kept.
+    let fresh = dir.join(".y.safetensors.gauss-tmp.4294967290.0.8");
+    std::fs::write(&fresh, vec![0u8; 4096])?;
     let out = dir.join("y.safetensors").display().to_string();
     run_ok(&["predict", &ckpt, "--input", &x, "--output", &out])?;
-    if Path::new("/proc/self").exists() {
-        assert!(!debris.exists(), "debris left");
-    }
+    assert!(!debris.exists(), "debris left");
+    assert!(fresh.exists(), "a fresh temporary file was removed");
+    std::fs::remove_file(&fresh)?;
     let names: Vec<String> = std::fs::read_dir(&dir)?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().to_string())

@@ -143,10 +143,23 @@ fn stale_temporary_files_are_cleaned_and_live_ones_kept() -> Result<()> {
     ];
     #[cfg(target_os = "linux")]
     {
-        // A dead writer's, in the current and the pre-version-2 pattern: removed at once.
+        // A writer not running here, in the current and the pre-version-2 pattern: old, so
+        // removed; recent, kept (it may be a save in progress in another PID namespace or on
+        // another host sharing the directory, whose pid this machine cannot see).
         let pid = dead_pid();
-        write(&format!(".net.safetensors.gauss-tmp.{pid}.3.789"))?;
-        write(&format!(".net.safetensors.{pid}.tmp"))?;
+        for name in [
+            format!(".net.safetensors.gauss-tmp.{pid}.3.789"),
+            format!(".net.safetensors.{pid}.tmp"),
+        ] {
+            write(&name)?;
+            std::fs::File::options()
+                .write(true)
+                .open(dir.join(&name))?
+                .set_modified(std::time::SystemTime::now() - age)?;
+        }
+        let fresh = format!(".fresh.safetensors.gauss-tmp.{pid}.4.790");
+        write(&fresh)?;
+        expected_left.push(fresh);
         // The pre-version-2 pattern of another extension is not ours.
         write(&format!(".notes.txt.{pid}.tmp"))?;
         expected_left.push(format!(".notes.txt.{pid}.tmp"));

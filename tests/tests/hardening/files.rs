@@ -133,17 +133,24 @@ fn tensor_writes_are_atomic_and_clean_the_debris_of_killed_writers() -> Result<(
     let dir = temp_dir("hard-atomic")?;
     let out = dir.join("y.safetensors");
     // Debris of a writer that was killed: the pattern of the atomic write, a pid that is not
-    // running (pid_max on Linux is at most 2^22, so this one never is).
+    // running (pid_max on Linux is at most 2^22, so this one never is), untouched for longer
+    // than the staleness age.
     let dead = dir.join(".y.safetensors.gauss-tmp.4294967290.0.1");
     std::fs::write(&dead, vec![0u8; 1024])?;
+    std::fs::File::options()
+        .write(true)
+        .open(&dead)?
+        .set_modified(
+            std::time::SystemTime::now()
+                - checkpoint::STALE_TEMP_AGE
+                - std::time::Duration::from_secs(60),
+        )?;
     let t = Tensor::new(&[[1.0f32, 2.0]], &Device::Cpu)?;
     files::save_tensors(&out, &[("output", &t), ("g0", &t)])?;
-    if Path::new("/proc/self").exists() {
-        assert!(
-            !dead.exists(),
-            "the next write removes the dead writer's file"
-        );
-    }
+    assert!(
+        !dead.exists(),
+        "the next write removes the dead writer's file"
+    );
     let back = candle_core::safetensors::load(&out, &Device::Cpu)?;
     assert_eq!(back["output"].to_vec2::<f32>()?, vec![vec![1.0, 2.0]]);
     // A failed write (the target is a directory) leaves no temporary file.

@@ -8,12 +8,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-/// Marker in every temporary file name this crate writes: `.{target name}.gauss-tmp.{pid}.{counter}.{nanos}`.
+/// Marker in every temporary file name this crate writes: `.{target name}.gauss-tmp.{pid}.{counter}.{nanos}`
+/// (the target name cut short where it is long, see [`temp_name`]).
 const TEMP_MARKER: &str = "gauss-tmp";
 
-/// A temporary file whose writer is gone is removed at once; one whose writer may still be
-/// alive (or cannot be checked) only once it is this old.
+/// A temporary file is removed only once it has not been modified for this long (see
+/// [`clean_stale_temp_files`]).
 pub const STALE_TEMP_AGE: Duration = Duration::from_secs(60 * 60);
+
+/// A temporary name is never longer than the target's name or than this many bytes: within
+/// every common file-name limit (255 bytes on most file systems, 143 on eCryptfs).
+const TEMP_NAME_BUDGET: usize = 96;
 
 /// Symbolic links followed at most when resolving the target (as the kernel's ELOOP limit).
 const MAX_SYMLINKS: usize = 40;
@@ -51,6 +56,12 @@ pub(crate) fn parent_dir(path: &Path) -> PathBuf {
 }
 
 /// A name no other call, thread or process uses: pid, a process-wide counter and the clock.
+///
+/// The target's name is only there for a person reading the directory, so it is cut (at a
+/// character boundary) to keep the whole name within `max(target name, TEMP_NAME_BUDGET)`
+/// bytes: with the ~45-byte suffix a 240-byte target would otherwise need a temporary name
+/// over the file system's limit and could never be saved. A name that is not UTF-8 is
+/// written lossily, which keeps the temporary name one that [`temp_file_pid`] can read.
 fn temp_name(file_name: &std::ffi::OsStr) -> OsString {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let count = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -58,13 +69,14 @@ fn temp_name(file_name: &std::ffi::OsStr) -> OsString {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let mut name = OsString::from(".");
-    name.push(file_name);
-    name.push(format!(
-        ".{TEMP_MARKER}.{}.{count}.{nanos}",
-        std::process::id()
-    ));
-    name
+    let suffix = format!(".{TEMP_MARKER}.{}.{count}.{nanos}", std::process::id());
+    let target = file_name.to_string_lossy();
+    let budget = file_name.len().max(TEMP_NAME_BUDGET);
+    let mut keep = budget.saturating_sub(1 + suffix.len()).min(target.len());
+    while !target.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    OsString::from(format!(".{}{suffix}", &target[..keep]))
 }
 
 /// Removes the temporary file when dropped unless disarmed (every error path, and unwinding).
@@ -170,24 +182,29 @@ fn temp_file_pid(name: &str) -> Option<u32> {
     pid.parse().ok()
 }
 
-/// Whether process `pid` is known to be gone: only where `/proc` lists processes (Linux);
-/// elsewhere nothing is known and only age counts.
-fn process_is_gone(pid: u32) -> bool {
-    if pid == std::process::id() {
-        return false;
-    }
-    Path::new("/proc/self").exists() && !Path::new(&format!("/proc/{pid}")).exists()
+/// Whether `pid` is a running process other than this one, as far as this machine can tell
+/// (`/proc` on Linux; elsewhere nothing is known and the answer is `false`).
+fn another_process_runs(pid: u32) -> bool {
+    pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Removes temporary files that crashed saves left in `dir` and returns how many.
 ///
 /// A file is removed when its name has the pattern this crate writes
 /// (`.{name}.gauss-tmp.{pid}.{counter}.{nanos}`, or `.{name}.safetensors.{pid}.tmp` from
-/// before format version 2), it is a regular file, and either its writer process is gone
-/// (checked through `/proc` where it exists, i.e. on Linux; never the calling process) or it
-/// was last modified more than [`STALE_TEMP_AGE`] ago (a live save writes continuously, so an
-/// hour without a write means its writer died, possibly with its pid reused). [`save`] calls
-/// this after every successful save.
+/// before format version 2), it is a regular file, it was last modified more than
+/// [`STALE_TEMP_AGE`] ago, and its pid is not another process running on this machine
+/// (checked through `/proc` on Linux; elsewhere age alone decides). [`save`] calls this after
+/// every successful save.
+///
+/// Age is required because a pid missing from this machine's `/proc` does not mean its
+/// writer is dead: a writer in another PID namespace (a container) or on another host
+/// sharing the directory (NFS) has a pid this machine cannot see, and removing its file
+/// mid-save would fail its rename. A save writes and renames within moments, so an hour
+/// without a write means the writer died. A running process with that pid (a writer stalled
+/// here, or the pid reused) keeps the file: leaving debris is harmless, deleting a live save
+/// is not. This process's own pid counts as dead: its saves never sit an hour unrenamed, and
+/// a container's restarted program often has the pid of the run that crashed.
 ///
 /// [`save`]: super::save()
 ///
@@ -216,7 +233,7 @@ pub fn clean_stale_temp_files(dir: impl AsRef<Path>) -> crate::Result<usize> {
             .ok()
             .and_then(|m| now.duration_since(m).ok())
             .is_some_and(|age| age > STALE_TEMP_AGE);
-        if (old || process_is_gone(pid)) && std::fs::remove_file(entry.path()).is_ok() {
+        if old && !another_process_runs(pid) && std::fs::remove_file(entry.path()).is_ok() {
             removed += 1;
         }
     }
@@ -246,5 +263,89 @@ mod tests {
         ] {
             assert_eq!(temp_file_pid(other), None, "{other}");
         }
+    }
+
+    fn test_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("gauss-save-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn write_aged(path: &Path, age: Duration) {
+        std::fs::write(path, b"partial").unwrap();
+        File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(SystemTime::now() - age)
+            .unwrap();
+    }
+
+    /// A pid missing from this machine's process list may be a writer in another PID
+    /// namespace or on another host: its fresh file is kept, only an old one is removed. A
+    /// running process's file is kept whatever its age; this process's own old file is not.
+    #[test]
+    fn only_old_temp_files_of_writers_not_running_here_are_removed() {
+        let dir = test_dir("stale");
+        // Above Linux's largest pid_max (2^22): never a running process here.
+        let absent = 4_000_000_000u32;
+        let old = STALE_TEMP_AGE + Duration::from_secs(60);
+        let fresh_absent = dir.join(format!(".a.safetensors.{TEMP_MARKER}.{absent}.0.1"));
+        let old_absent = dir.join(format!(".b.safetensors.{TEMP_MARKER}.{absent}.0.2"));
+        let old_mine = dir.join(format!(
+            ".c.safetensors.{TEMP_MARKER}.{}.0.3",
+            std::process::id()
+        ));
+        write_aged(&fresh_absent, Duration::ZERO);
+        write_aged(&old_absent, old);
+        write_aged(&old_mine, old);
+        #[cfg(unix)]
+        let parent = {
+            let ppid = std::os::unix::process::parent_id();
+            let path = dir.join(format!(".d.safetensors.{TEMP_MARKER}.{ppid}.0.4"));
+            write_aged(&path, old);
+            Path::new(&format!("/proc/{ppid}")).exists().then_some(path)
+        };
+        clean_stale_temp_files(&dir).unwrap();
+        assert!(
+            fresh_absent.exists(),
+            "a fresh file may be a live save elsewhere"
+        );
+        assert!(
+            !old_absent.exists(),
+            "an hour without a write: its writer died"
+        );
+        assert!(!old_mine.exists(), "this process's saves never sit an hour");
+        #[cfg(unix)]
+        if let Some(parent) = parent {
+            assert!(parent.exists(), "a running process's file is kept");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A 240-byte target name (the usual limit is 255 bytes) saves, ASCII or multi-byte: the
+    /// temporary name is no longer than the target's and is still recognized for cleaning.
+    #[test]
+    fn a_long_target_name_saves_and_its_temp_name_fits() {
+        let dir = test_dir("long");
+        for target in ["a".repeat(240), "é".repeat(120)] {
+            assert_eq!(target.len(), 240);
+            let name = temp_name(std::ffi::OsStr::new(&target));
+            assert!(name.len() <= 240, "{} bytes", name.len());
+            let name = name.to_str().expect("UTF-8");
+            assert_eq!(temp_file_pid(name), Some(std::process::id()));
+            assert!(name.starts_with(&format!(".{}", &target[..100])), "{name}");
+            let path = dir.join(&target);
+            write_atomically(&path, b"saved").unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), b"saved");
+        }
+        // A short name keeps all of it.
+        let short = temp_name(std::ffi::OsStr::new("net.safetensors"));
+        assert!(short
+            .to_str()
+            .unwrap()
+            .starts_with(".net.safetensors.gauss-tmp."));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -169,8 +169,15 @@ pub fn zero_line_centers(weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
         return Err(GaussError::shape("bias", format!("({z})"), bias.dims()));
     }
     let norm_sq = weight.sqr()?.sum_keepdim(D::Minus1)?;
-    let safe = norm_sq.maximum(f64::MIN_POSITIVE)?;
+    // A dead neuron (|w|² = 0) is selected, not floored: a floor such as f64::MIN_POSITIVE
+    // rounds to 0 in f32 (b/0), and in f64 gives -b/floor = ∞ for |b| ≥ 4, then 0·∞ = NaN.
+    // Its denominator becomes 1 so the branch `where_cond` discards is finite too (a NaN
+    // there would still reach the gradient).
+    let dead = norm_sq.eq(0.0)?;
+    let ones = norm_sq.ones_like()?;
+    let safe = dead.where_cond(&ones, &norm_sq)?;
     let scale = (bias.unsqueeze(1)?.neg()? / safe)?;
+    let scale = dead.where_cond(&scale.zeros_like()?, &scale)?;
     Ok(weight.broadcast_mul(&scale)?)
 }
 
@@ -265,4 +272,41 @@ pub fn mlp_to_gauss_net(linears: &[Linear], options: &ConvertOptions) -> Result<
         eps,
         "in the order of the linears",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Module};
+
+    /// A dead neuron (w = 0) has no zero line: its center is 0 (the documented value), never
+    /// NaN, in f32 (where a MIN_POSITIVE floor is 0) and f64 (where b/MIN_POSITIVE is ∞ for
+    /// |b| ≥ 4), and the live neuron keeps `c = -b·w/|w|²`.
+    #[test]
+    fn a_dead_neuron_gets_a_zero_center_and_finite_outputs() -> Result<()> {
+        for dtype in [DType::F32, DType::F64] {
+            for dead_bias in [0.5, 5.0] {
+                let weight =
+                    Tensor::new(&[[0.0f64, 0.0], [1.0, 1.0]], &Device::Cpu)?.to_dtype(dtype)?;
+                let bias = Tensor::new(&[dead_bias, 1.0f64], &Device::Cpu)?.to_dtype(dtype)?;
+                let linear = Linear::new(weight, Some(bias));
+                let layer = linear_to_gauss_layer(&linear, &ConvertOptions::default())?;
+                let center = layer.center().to_dtype(DType::F64)?.to_vec2::<f64>()?;
+                // Live neuron: -b·w/|w|² = -1·(1, 1)/2.
+                assert_eq!(
+                    center,
+                    vec![vec![0.0, 0.0], vec![-0.5, -0.5]],
+                    "{dtype:?}, b = {dead_bias}"
+                );
+                let x =
+                    Tensor::new(&[[0.3f64, -2.0], [10.0, 4.0]], &Device::Cpu)?.to_dtype(dtype)?;
+                let y = layer.forward(&x)?.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+                assert!(
+                    y.iter().flatten().all(|v| v.is_finite()),
+                    "{dtype:?}, b = {dead_bias}: {y:?}"
+                );
+            }
+        }
+        Ok(())
+    }
 }

@@ -151,10 +151,24 @@ fn identity(path: &Path) -> Option<(std::path::PathBuf, Option<(u64, u64)>)> {
     Some((canonical, inode))
 }
 
-/// Checks, before any work, that `output` may be written: it does not exist or is a regular
-/// file (or a symbolic link to one): a directory, FIFO, device or socket is never replaced;
-/// the directory it goes to exists; and it is none of `inputs` (compared by canonical path
-/// and, on Unix, by device and inode, so a hard link or a `./` prefix is caught too).
+/// Whether the last component of `path`, as written, is a file name: not empty (the path
+/// ends in a separator), `.` or `..`. `Path::file_name` cannot tell: it reads `out/new/` and
+/// `out/new/.` as `new`, so a save to them would be attempted, and fail, after all the work.
+fn names_a_file(path: &Path) -> bool {
+    // Separators are ASCII, so splitting the encoded bytes on them is exact.
+    let bytes = path.as_os_str().as_encoded_bytes();
+    let last = bytes
+        .rsplit(|&b| b.is_ascii() && std::path::is_separator(b as char))
+        .next()
+        .unwrap_or_default();
+    !matches!(last, b"" | b"." | b"..")
+}
+
+/// Checks, before any work, that `output` may be written: it names a file (it does not end
+/// in a path separator, `.` or `..`); it does not exist or is a regular file (or a symbolic
+/// link to one): a directory, FIFO, device or socket is never replaced; the directory it goes
+/// to exists; and it is none of `inputs` (compared by canonical path and, on Unix, by device
+/// and inode, so a hard link or a `./` prefix is caught too).
 ///
 /// # Errors
 /// [`GaussError::Data`] naming the output and what is wrong; [`GaussError::Io`] when its
@@ -175,6 +189,12 @@ pub fn check_output(output: impl AsRef<Path>, inputs: &[&Path]) -> Result<()> {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_error(output, e)),
+    }
+    if !names_a_file(output) {
+        return Err(GaussError::data(
+            origin(),
+            "does not name a file (it ends in a path separator, `.` or `..`); give a file path such as DIR/net.safetensors",
+        ));
     }
     let target = resolve_target(output).map_err(|e| io_error(output, e))?;
     let dir = parent_dir(&target);
@@ -239,4 +259,38 @@ pub fn save_tensors(path: impl AsRef<Path>, tensors: &[(&str, &Tensor)]) -> Resu
     .map_err(|e| GaussError::data(path.display().to_string(), format!("cannot serialize: {e}")))?;
     drop(host);
     write_atomically(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An output path whose last component is not a file name is refused before any work,
+    /// naming it; the same directory with a file name is accepted.
+    #[test]
+    fn an_output_that_names_no_file_is_refused() {
+        let dir = std::env::temp_dir().join(format!("gauss-files-out-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = dir.display().to_string();
+        let sep = std::path::MAIN_SEPARATOR;
+        for output in [
+            format!("{base}{sep}newdir{sep}"),
+            format!("{base}{sep}newdir{sep}{sep}"),
+            format!("{base}{sep}newdir{sep}."),
+            format!("{base}{sep}newdir{sep}.."),
+            String::new(),
+        ] {
+            let err = check_output(&output, &[]).expect_err(&output);
+            let text = err.to_string();
+            assert!(matches!(err, GaussError::Data { .. }), "{output}: {text}");
+            assert!(
+                text.contains(&output) && text.contains("does not name a file"),
+                "{output}: {text}"
+            );
+        }
+        assert!(check_output(dir.join("net.safetensors"), &[]).is_ok());
+        assert!(names_a_file(Path::new("net.safetensors")));
+        assert!(names_a_file(Path::new(".hidden")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

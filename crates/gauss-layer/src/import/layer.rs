@@ -46,7 +46,7 @@ pub fn fgn_layer_from_tensors(
         .ok_or_else(|| state_error(format!("tensor `{centers_key}` is missing")))?;
     let (device, dtype) = (like.device().clone(), like.dtype());
     let (layer, _) = import_layer(&dict, prefix, options, options.non_lin)?;
-    cast_layer(&layer, &device, dtype)
+    cast_lone_layer(&layer, &device, dtype)
 }
 
 /// The layer in f64 on the CPU, and the covariance type read.
@@ -323,6 +323,59 @@ fn looks_full(a: &[f64], z: usize, d: usize) -> bool {
         }
     }
     upper
+}
+
+/// Every value of `tensors` (named as in the errors) is finite in `dtype`: a center of 1e300
+/// or a weight of 1e39 converted to f32 would become ±∞ and the layer would only produce NaN.
+pub(crate) fn check_tensors_fit_dtype(tensors: &[(String, Tensor)], dtype: DType) -> Result<()> {
+    let limit = match dtype {
+        DType::F16 => half::f16::MAX.to_f64(),
+        DType::BF16 => half::bf16::MAX.to_f64(),
+        DType::F32 => f32::MAX as f64,
+        _ => f64::MAX,
+    };
+    for (name, tensor) in tensors {
+        let values = tensor
+            .to_device(&candle_core::Device::Cpu)?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        if let Some(i) = values
+            .iter()
+            .position(|v| !v.is_finite() || v.abs() > limit)
+        {
+            let v = values[i];
+            return Err(state_error(format!(
+                "tensor `{name}` (as converted) holds {v:e} at flat index {i}, which is not finite in {dtype:?}; import in a wider dtype (f64)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// [`cast_layer`] for a layer imported on its own, after the check a network's cast runs
+/// ([`check_tensors_fit_dtype`]), so a lone layer is refused where the same file imported as
+/// a model is.
+pub(crate) fn cast_lone_layer(
+    layer: &GaussLayer,
+    device: &candle_core::Device,
+    dtype: DType,
+) -> Result<GaussLayer> {
+    let mut tensors = Vec::with_capacity(4);
+    if let Some(w) = layer.weight() {
+        tensors.push(("weight".to_string(), w.clone()));
+    }
+    if let Some(b) = layer.bias() {
+        tensors.push(("bias".to_string(), b.clone()));
+    }
+    tensors.push(("center".to_string(), layer.center().clone()));
+    let precision = layer.precision();
+    tensors.push((
+        Precision::tensor_name(precision.parameterization()).to_string(),
+        precision.raw().clone(),
+    ));
+    check_tensors_fit_dtype(&tensors, dtype)?;
+    cast_layer(layer, device, dtype)
 }
 
 /// The same layer with its tensors on `device` in `dtype`.

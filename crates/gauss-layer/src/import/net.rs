@@ -6,7 +6,9 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::BatchNorm;
 
-use super::layer::{biases_look_tied, cast_layer, import_layer};
+use super::layer::{
+    biases_look_tied, cast_layer, cast_lone_layer, check_tensors_fit_dtype, import_layer,
+};
 use super::state_dict::{in_file, join, list_prefixes, load_state_dict, state_error, StateDict};
 use super::{FgnImportOptions, FgnImportReport, FgnLayerReport, FgnModelKind, FgnNetLayout};
 use crate::error::Result;
@@ -283,29 +285,7 @@ pub(crate) fn cast_net(net: GaussNet, device: &Device, dtype: DType) -> Result<G
 /// Every value of `net` (f64, CPU) is finite in `dtype`: a center of 1e300 or a weight of
 /// 1e39 converted to f32 would become ±∞ and the network would only produce NaN.
 fn check_fits_dtype(net: &GaussNet, dtype: DType) -> Result<()> {
-    let limit = match dtype {
-        DType::F16 => half::f16::MAX.to_f64(),
-        DType::BF16 => half::bf16::MAX.to_f64(),
-        DType::F32 => f32::MAX as f64,
-        _ => f64::MAX,
-    };
-    for (name, tensor) in net.named_tensors() {
-        let values = tensor
-            .to_device(&Device::Cpu)?
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1::<f64>()?;
-        if let Some(i) = values
-            .iter()
-            .position(|v| !v.is_finite() || v.abs() > limit)
-        {
-            let v = values[i];
-            return Err(state_error(format!(
-                "tensor `{name}` (as converted) holds {v:e} at flat index {i}, which is not finite in {dtype:?}; import in a wider dtype (f64)"
-            )));
-        }
-    }
-    Ok(())
+    check_tensors_fit_dtype(&net.named_tensors(), dtype)
 }
 
 /// Reads a feed-forward state dict of `kind` into a network (f64, CPU), for import and
@@ -580,7 +560,50 @@ pub fn import_fgn_layer(
             )));
         }
         let (layer, _) = import_layer(&dict, prefix, options, options.non_lin)?;
-        cast_layer(&layer, device, dtype)
+        cast_lone_layer(&layer, device, dtype)
     })();
     result.map_err(|e| in_file(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lone layer whose weight 1e5 exceeds f16's largest finite value (65504) is refused in
+    /// f16 by `import_fgn_layer`, as `import_fgn_model` refuses the same file, naming the
+    /// tensor; in f32 it imports with the weight intact.
+    #[test]
+    fn a_lone_layer_that_overflows_the_dtype_is_refused() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("gauss-lone-f16-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| crate::GaussError::Io {
+            path: dir.display().to_string(),
+            source: e,
+        })?;
+        let path = dir.join("layer.safetensors");
+        let cpu = Device::Cpu;
+        let tensors: HashMap<String, Tensor> = [
+            ("weights", Tensor::new(&[[1e5f32, 1.0]], &cpu)?),
+            ("biases", Tensor::new(&[0.0f32], &cpu)?),
+            ("centers", Tensor::new(&[[0.0f32, 0.0]], &cpu)?),
+            ("inv_covars", Tensor::new(&[[1.0f32, 1.0]], &cpu)?),
+        ]
+        .into_iter()
+        .map(|(n, t)| (n.to_string(), t))
+        .collect();
+        candle_core::safetensors::save(&tensors, &path)?;
+        let options = FgnImportOptions::default();
+        let layer = import_fgn_layer(&path, "", &cpu, DType::F16, &options);
+        let model = import_fgn_model(&path, &cpu, DType::F16, &options);
+        let f32_layer = import_fgn_layer(&path, "", &cpu, DType::F32, &options);
+        std::fs::remove_dir_all(&dir).ok();
+        let text = layer.expect_err("1e5 is not finite in f16").to_string();
+        assert!(
+            text.contains("`weight`") && text.contains("F16") && text.contains("layer.safetensors"),
+            "{text}"
+        );
+        assert!(model.is_err(), "the model importer refuses the same file");
+        let weight = f32_layer?.weight().expect("a weight").to_vec2::<f32>()?;
+        assert_eq!(weight, vec![vec![1e5f32, 1.0]]);
+        Ok(())
+    }
 }
