@@ -374,6 +374,7 @@ mod tests {
         let as_i32 = Tensor::from_vec(pixels.clone(), (2, 48), &cpu)?;
         let as_f32 = as_i32.to_dtype(DType::F32)?;
         // Scaled in f64 and rounded to f32 once, as predict does.
+        // f64: a unit test on the CPU (`as_i32` is built there)
         let scaled = (as_i32.to_dtype(DType::F64)? / 255.0)?.to_dtype(DType::F32)?;
         let expected = model.logits(&scaled)?.to_vec2::<f32>()?;
         let run = |name: &str, x: Tensor| -> Result<Vec<Vec<f32>>> {

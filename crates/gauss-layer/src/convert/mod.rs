@@ -291,6 +291,7 @@ mod tests {
                 let bias = Tensor::new(&[dead_bias, 1.0f64], &Device::Cpu)?.to_dtype(dtype)?;
                 let linear = Linear::new(weight, Some(bias));
                 let layer = linear_to_gauss_layer(&linear, &ConvertOptions::default())?;
+                // f64: a unit test on Device::Cpu (the tensors above are built there)
                 let center = layer.center().to_dtype(DType::F64)?.to_vec2::<f64>()?;
                 // Live neuron: -b·w/|w|² = -1·(1, 1)/2.
                 assert_eq!(
@@ -300,6 +301,7 @@ mod tests {
                 );
                 let x =
                     Tensor::new(&[[0.3f64, -2.0], [10.0, 4.0]], &Device::Cpu)?.to_dtype(dtype)?;
+                // f64: a unit test on Device::Cpu (the tensors above are built there)
                 let y = layer.forward(&x)?.to_dtype(DType::F64)?.to_vec2::<f64>()?;
                 assert!(
                     y.iter().flatten().all(|v| v.is_finite()),
