@@ -13,16 +13,22 @@ use crate::cpu::{
 use crate::error::Result;
 
 /// The portable twin: `(x∘x) pᵀ − 2 x (p∘c)ᵀ + Σ_i p_zi c_zi²` in tensor ops (every device,
-/// autograd), no (B, Z, d) tensor, clamped at 0 against cancellation.
+/// autograd), no (B, Z, d) tensor, clamped at 0 against cancellation. x and the centers are
+/// shifted by the centers' mean first, as the expanded portable form does: the three terms
+/// cancel to `m2`, and their size (`Σ p x²`) is what sets the rounding error, so data far from
+/// the origin (pixels around 128) would lose the digits of `m2` near a center.
 ///
 /// # Shapes
 /// `x`: (B, d), `center`: (Z, d), `diagonal`: (Z, d) → (B, Z)
 pub(crate) fn portable(x: &Tensor, center: &Tensor, diagonal: &Tensor) -> Result<Tensor> {
-    let x = x.contiguous()?;
-    let weighted_center = (diagonal * center)?;
+    // m2 does not change when x and c move together, so the shift carries no gradient.
+    let shift = center.detach().mean_keepdim(0)?;
+    let x = x.broadcast_sub(&shift)?.contiguous()?;
+    let center = center.broadcast_sub(&shift)?;
+    let weighted_center = (diagonal * &center)?;
     let quadratic = x.sqr()?.matmul(&diagonal.t()?)?;
     let cross = x.matmul(&weighted_center.t()?)?;
-    let constant = (weighted_center * center)?.sum(D::Minus1)?.unsqueeze(0)?;
+    let constant = (weighted_center * &center)?.sum(D::Minus1)?.unsqueeze(0)?;
     Ok((quadratic - (cross * 2.0)?)?
         .broadcast_add(&constant)?
         .relu()?)

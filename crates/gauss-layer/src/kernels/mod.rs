@@ -342,11 +342,12 @@ pub(crate) fn run(x: &Tensor, center: &Tensor, resolved: &Resolved) -> Result<Te
     poison_non_finite_rows(x, &portable)
 }
 
-/// The portable forms' version of the fused ops' rule for non-finite input rows: `0 · Σ_i x_bi`
+/// The portable forms' version of the fused ops' rule for non-finite input rows: `Σ_i 0·x_bi`
 /// is 0 for a finite row and NaN otherwise, so adding it makes exactly those rows NaN (its
-/// gradient is 0 elsewhere).
+/// gradient is 0 elsewhere). The zeros are summed, not the row: a finite row's sum can
+/// overflow (d = 1000 values of 70 in f16), and `0·∞` would poison it.
 fn poison_non_finite_rows(x: &Tensor, m2: &Tensor) -> Result<Tensor> {
-    let poison = (x.detach().sum_keepdim(1)? * 0.0)?;
+    let poison = (x.detach() * 0.0)?.sum_keepdim(1)?;
     Ok(m2.broadcast_add(&poison)?)
 }
 

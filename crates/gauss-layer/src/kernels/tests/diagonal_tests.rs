@@ -110,3 +110,45 @@ fn flat(t: &Tensor) -> candle_core::Result<Vec<f64>> {
     // f64: a host-side copy of CPU test tensors, to compare their bits
     t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()
 }
+
+#[test]
+fn diagonal_portable_keeps_its_digits_away_from_the_origin() -> TestResult {
+    // Pixels around 128, centers within 0.05 of the inputs, P = I/784: m2 ≈ 0.003 while each
+    // term of the expansion is about Σ p x² ≈ 16000. Without the shift by the centers' mean
+    // the f32 portable form lost every digit (0.0010–0.0068 for 0.0027).
+    let (batch, dim, neurons) = (8, 784, 4);
+    let mut rng = StdRng::seed_from_u64(211);
+    let x = (normal(&mut rng, &[batch, dim], 1.0) + 128.0)?;
+    let center = (x.narrow(0, 0, neurons)? + normal(&mut rng, &[neurons, dim], 0.05))?;
+    let diagonal = Tensor::full(1.0 / dim as f64, (neurons, dim), &Device::Cpu)?;
+    let expected = oracle_diagonal(&x, &center, &diagonal)?;
+    let as_f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let portable =
+        super::super::diagonal::portable(&as_f32(&x)?, &as_f32(&center)?, &as_f32(&diagonal)?)?;
+    // Relative to m2 itself (no floor): the error of the shifted expansion is about
+    // eps_f32 · Σ p (x − c̄)² ≈ 1e-7, against m2 ≥ 0.002 near a center.
+    assert!(max_relative_error(&portable, &expected, 0.0) < 1e-3);
+    Ok(())
+}
+
+#[test]
+fn portable_forms_keep_a_finite_row_whose_sum_overflows() -> TestResult {
+    // The portable rule for non-finite rows adds Σ 0·x (NaN only for a non-finite row); it
+    // summed x first, and [3e38, 3e38] sums to ∞ in f32, so a finite row came out NaN.
+    let x = Tensor::new(&[[3e38f32, 3e38], [0.5, -0.5]], &Device::Cpu)?;
+    let center = Tensor::zeros((2, 2), DType::F32, &Device::Cpu)?;
+    let diagonal = Tensor::ones((2, 2), DType::F32, &Device::Cpu)?;
+    let resolved = crate::kernels::Resolved {
+        kernel: crate::kernels::ResolvedKernel::DiagonalTensorOps,
+        operand: Operand::Diagonal(diagonal),
+        sizes: Sizes {
+            batch: 2,
+            dim: 2,
+            neurons: 2,
+        },
+    };
+    let m2 = super::super::run(&x, &center, &resolved)?.to_vec2::<f32>()?;
+    assert!(m2[0].iter().all(|v| !v.is_nan()), "{m2:?}");
+    assert_eq!(m2[1], vec![0.5, 0.5]);
+    Ok(())
+}
