@@ -265,3 +265,35 @@ fn a_softplus_diagonal_without_a_floor_is_bounded_below() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn expm_is_bounded_by_its_eigenvalues_not_only_its_entries() -> Result<()> {
+    // Every entry 0.9·½ ln M (40 in f32) is within the entry bound, but (A + Aᵀ)/2 then has
+    // the eigenvalue 3·40 = 120 and P = expm overflows (negative: e^−120 makes P singular).
+    // Rows of absolute sum above ½ ln M are refused (Gershgorin bounds the eigenvalues by
+    // them), naming the row.
+    let config = GaussLayerConfig {
+        precision: PrecisionConfig::with_parameterization(Parameterization::Expm),
+        ..Default::default()
+    };
+    for dtype in [DType::F32, DType::F64] {
+        let (log, _, _) = bounds(dtype);
+        let entry = 0.9 * log;
+        for sign in [1.0, -1.0] {
+            let raw = Tensor::full(sign * entry, (Z, D, D), &Device::Cpu)?.to_dtype(dtype)?;
+            match Precision::from_raw(raw, D, &config) {
+                Err(GaussError::Numerical { reason, .. }) => {
+                    assert!(reason.contains("row 0 of neuron 0"), "{reason}")
+                }
+                other => panic!("{dtype:?} {sign}: expected a numerical error, got {other:?}"),
+            }
+        }
+        // Rows summing to just inside the bound: finite P, outputs and gradients.
+        let inside = 0.99 * log / D as f64;
+        for sign in [1.0, -1.0] {
+            let raw = Tensor::full(sign * inside, (Z, D, D), &Device::Cpu)?.to_dtype(dtype)?;
+            assert_finite_layer(&config, raw, &format!("expm {dtype:?} {sign}"))?;
+        }
+    }
+    Ok(())
+}

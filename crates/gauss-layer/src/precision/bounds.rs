@@ -5,6 +5,7 @@
 //! | raw entry | accepted | why |
 //! |---|---|---|
 //! | log-scale: diag and sphere `θ`, lowrank's `θ` column, the cholesky diagonal under the `exp` map, every expm entry | `abs(v) ≤ ½ ln M` (f32 44.36, f64 354.9, f16 5.545) | `e^v ≤ √M`, so `P` is finite and `P·δ²` stays finite for `abs(δ) ≤ M^{1/4}`; `e^{−v}` (the covariance) likewise |
+//! | expm: each row of `(A + Aᵀ)/2` | absolute sum `≤ ½ ln M` | bounds its eigenvalues `λ` (Gershgorin), so `e^{±λ} ≤ √M` |
 //! | factor: cholesky's lower triangle (the diagonal under `softplus` too), lowrank's `U` | `abs(v) ≤ M^{1/4}` (f32 4.3e9, f64 1.2e77) | the products `v·v` of `L Lᵀ` and `U Uᵀ` stay below `√M` |
 //! | the cholesky diagonal under `softplus` with a `factor_diag_floor` below `1/√M` (0) | also `v ≥ −½ ln M` | `softplus(v) ≥ e^v/2` stays a normal number: `L` invertible, `log det P` and the covariance finite (below, `softplus` underflows to 0) |
 //! | direct `A` | `abs(v) ≤ √M` (f32 1.8e19) | `P = (A + Aᵀ)/2` is finite |
@@ -75,8 +76,56 @@ fn bound_at(
 ///
 /// # Errors
 /// [`GaussError::Numerical`] naming the tensor, the element's index, its value and the
-/// accepted range.
+/// accepted range (for expm, the neuron and row whose absolute sum is too large).
 pub(super) fn check_raw_values(raw: &Tensor, config: &PrecisionConfig) -> Result<()> {
+    check_entries(raw, config)?;
+    if config.parameterization == Parameterization::Expm {
+        check_expm_spectrum(raw, config)?;
+    }
+    Ok(())
+}
+
+/// expm's eigenvalues: `P = expm(S)`, `S = (A + Aᵀ)/2`, has eigenvalues `e^λ` for those `λ` of
+/// `S`, which entries within `½ ln M` do not bound (d entries of 44 give λ = 44·d in f32).
+/// Gershgorin's bound `|λ| ≤ max_i Σ_j |S_ij|` does: every row's absolute sum within `½ ln M`
+/// keeps `e^{±λ} ≤ √M`, so `P` and the covariance `e^{−S}` stay finite and invertible. One
+/// reduction on the device and one scalar read; the host sees the tensor only on a failure.
+fn check_expm_spectrum(raw: &Tensor, config: &PrecisionConfig) -> Result<()> {
+    let bound = log_bound(raw.dtype());
+    let row_sums = ((raw + raw.transpose(1, 2)?)? * 0.5)?.abs()?.sum(2)?; // (Z, d)
+    let largest = row_sums
+        .max_all()?
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    if largest <= bound {
+        return Ok(());
+    }
+    let sums = row_sums
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .to_vec2::<f64>()?;
+    let (neuron, row, sum) = sums
+        .iter()
+        .enumerate()
+        .flat_map(|(z, rows)| rows.iter().enumerate().map(move |(i, &s)| (z, i, s)))
+        .find(|&(_, _, s)| s > bound)
+        .unwrap_or((0, 0, largest));
+    Err(GaussError::Numerical {
+        what: format!(
+            "precision tensor `{}` ({})",
+            Precision::tensor_name(config.parameterization),
+            config.parameterization
+        ),
+        reason: format!(
+            "row {row} of neuron {neuron} of (A + Aᵀ)/2 has absolute sum {sum:e}; expected at most {bound:.6e} (½ ln of the largest {:?}), which bounds the eigenvalues λ of (A + Aᵀ)/2 so that P = expm keeps e^(±λ) finite",
+            raw.dtype()
+        ),
+    })
+}
+
+/// Every entry within its interval (see [`bound_at`]).
+fn check_entries(raw: &Tensor, config: &PrecisionConfig) -> Result<()> {
     let dtype = raw.dtype();
     let scalar = |t: Tensor| -> Result<f64> {
         Ok(t.to_device(&Device::Cpu)?
