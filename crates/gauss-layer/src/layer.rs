@@ -473,10 +473,12 @@ pub fn gauss_layer(
     };
     // A refused raw value is named with the layer's prefix (`layers.0.precision_log_diag`).
     let precision = Precision::from_raw(raw, d, &config).map_err(|e| match e {
-        GaussError::Numerical { what, reason } => GaussError::Numerical {
-            what: format!("{}: {what}", vb.prefix()),
-            reason,
-        },
+        GaussError::Numerical { what, reason } if !vb.prefix().is_empty() => {
+            GaussError::Numerical {
+                what: format!("{}: {what}", vb.prefix()),
+                reason,
+            }
+        }
         other => other,
     })?;
     GaussLayer::new(weight, bias, center, precision, config)
@@ -733,6 +735,38 @@ mod tests {
         Ok(())
     }
     crate::test_device!(seeded_layers_are_bit_identical);
+
+    /// A perturbation too large for the initial precision to stay positive definite is a
+    /// config error naming `init.perturbation` (it surfaced as a NaN raw value or a neuron that
+    /// is not positive definite, with no word about the setting).
+    #[test]
+    fn a_too_large_perturbation_is_named() -> Result<()> {
+        for (parameterization, d, perturbation) in [
+            (Parameterization::Diag, 8, 0.6),
+            (Parameterization::LowRank { rank: 2 }, 8, 0.6),
+            (Parameterization::Cholesky, 64, 0.5),
+            (Parameterization::Expm, 64, 0.5),
+        ] {
+            let config = GaussLayerConfig {
+                precision: PrecisionConfig::with_parameterization(parameterization),
+                init: InitConfig {
+                    perturbation,
+                    seed: Some(1),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let error = build(config, d, 16, DType::F32, &Device::Cpu)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                error.contains("init.perturbation") && error.contains("too large"),
+                "{parameterization}: {error:?}"
+            );
+        }
+        Ok(())
+    }
 
     /// `portable: true` sends every op of a layer's training step to tensor ops on the CPU,
     /// as the table says: the forward, the statistics the losses use (exact and estimated

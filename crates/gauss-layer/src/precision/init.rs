@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use super::inverse::raw_from_precision_block;
 use super::Precision;
 use crate::config::{GaussLayerConfig, Parameterization, PrecisionConfig};
-use crate::error::Result;
+use crate::error::{GaussError, Result};
 use crate::init::{self, InitStream};
 use crate::linalg::host;
 
@@ -19,6 +19,29 @@ fn noise(config: &GaussLayerConfig, count: usize, device: &Device) -> Result<Vec
         }
         None => host::to_host_values(&Tensor::randn(0f32, 1f32, count, device)?),
     }
+}
+
+/// `log(scale · (1 + eps · n))`, the perturbed log-precision of one draw `n`; an `eps` so
+/// large that `1 + eps · n ≤ 0` is named (the log would be NaN, refused later as a raw value
+/// with no word about the perturbation).
+fn perturbed_log(scale: f64, eps: f64, n: f64) -> Result<f64> {
+    let factor = 1.0 + eps * n;
+    if factor > 0.0 {
+        return Ok((scale * factor).ln());
+    }
+    Err(perturbation_too_large(
+        eps,
+        format!("1 + perturbation · n = {factor:e} ≤ 0 for the draw n = {n:.3}"),
+    ))
+}
+
+fn perturbation_too_large(eps: f64, why: String) -> GaussError {
+    GaussError::config(
+        "init.perturbation",
+        format!(
+            "{eps} is too large: {why}, so the initial precision is not positive definite; it is meant to be tiny (the default is 1e-3)"
+        ),
+    )
 }
 
 impl Precision {
@@ -55,8 +78,8 @@ impl Precision {
                 let count = shape.iter().product();
                 noise(config, count, device)?
                     .into_iter()
-                    .map(|n| (scale * (1.0 + eps * n)).ln())
-                    .collect()
+                    .map(|n| perturbed_log(scale, eps, n))
+                    .collect::<Result<_>>()?
             }
             // θ as for diag; U = 0.1 · √(scale/d) · N, so each column adds about 1% of the
             // diagonal along its direction (‖u‖² ≈ 0.01 · scale) whatever d: a small low-rank
@@ -65,13 +88,12 @@ impl Precision {
             Parameterization::LowRank { rank } => {
                 let noise = noise(config, z * d * (rank + 1), device)?;
                 let column_scale = 0.1 * (scale / d as f64).sqrt();
-                noise
-                    .chunks_exact(rank + 1)
-                    .flat_map(|row| {
-                        let theta = (scale * (1.0 + eps * row[0])).ln();
-                        std::iter::once(theta).chain(row[1..].iter().map(move |n| column_scale * n))
-                    })
-                    .collect()
+                let mut values = Vec::with_capacity(noise.len());
+                for row in noise.chunks_exact(rank + 1) {
+                    values.push(perturbed_log(scale, eps, row[0])?);
+                    values.extend(row[1..].iter().map(|n| column_scale * n));
+                }
+                values
             }
             _ => {
                 let noise = noise(config, z * d * d, device)?;
@@ -91,13 +113,17 @@ impl Precision {
                             block[i * d + j] = scale * (eye + eps * off);
                         }
                     }
-                    values.extend(raw_from_precision_block(
-                        &block,
-                        d,
-                        base_config,
-                        neuron,
-                        0.0,
-                    )?);
+                    let raw = raw_from_precision_block(&block, d, base_config, neuron, 0.0)
+                        .map_err(|e| match e {
+                            GaussError::NotPositiveDefinite { .. } if eps > 0.0 => {
+                                perturbation_too_large(
+                                    eps,
+                                    format!("the perturbed matrix of neuron {neuron} has a non-positive eigenvalue ({e})"),
+                                )
+                            }
+                            other => other,
+                        })?;
+                    values.extend(raw);
                 }
                 values
             }
