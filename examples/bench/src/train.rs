@@ -388,13 +388,28 @@ fn main() -> Result<()> {
 }
 
 fn run(args: Args) -> Result<()> {
+    println!("{}", serde_json::to_string(&report(&args)?)?);
+    Ok(())
+}
+
+/// Refuses sizes the benchmark cannot run with before any work: `synthetic` draws labels from
+/// `0..classes`, which panics when empty.
+fn check_args(args: &Args) -> Result<()> {
     if args.batch == 0 || args.samples == 0 || args.steps == 0 {
         bail!("--batch, --samples and --steps must be positive");
     }
+    if args.classes == 0 {
+        bail!("--classes must be >= 1, got 0");
+    }
+    Ok(())
+}
+
+fn report(args: &Args) -> Result<Report> {
+    check_args(args)?;
     gauss_layer::seed_trace_probes(args.seed);
     let device = examples_support::device(&args.device)?;
     let dtype = examples_support::dtype(&args.dtype)?;
-    let (images, labels) = synthetic(&args, dtype, &device)?;
+    let (images, labels) = synthetic(args, dtype, &device)?;
     let objective = FgnObjectiveConfig {
         lambda_l2: args.lambda_l2,
         lambda_sigma: args.lambda_sigma,
@@ -408,7 +423,7 @@ fn run(args: Args) -> Result<()> {
     for name in &args.params {
         let param: Parameterization = name.trim().parse()?;
         for fused in [false, true] {
-            pairs.push(build_pair(&args, param, fused, &images, dtype, &device)?);
+            pairs.push(build_pair(args, param, fused, &images, dtype, &device)?);
         }
     }
     for round in 0..args.warmup + args.rounds.max(1) {
@@ -439,7 +454,8 @@ fn run(args: Args) -> Result<()> {
         };
         let timing = Timing::of(&pair.step_times);
         results.push(PairReport {
-            param: pair.param.name().to_string(),
+            // `lowrank:R`, not `lowrank`: two ranks in one run stay apart.
+            param: pair.param.to_string(),
             optimizer: pair.opt.name(),
             step_ms: timing.median,
             step_min_ms: timing.min,
@@ -462,7 +478,7 @@ fn run(args: Args) -> Result<()> {
             identical_to_candle_adamw: identical,
         });
     }
-    let report = Report {
+    Ok(Report {
         in_features: args.in_features,
         hidden: args.hidden.clone(),
         classes: args.classes,
@@ -473,7 +489,48 @@ fn run(args: Args) -> Result<()> {
         device: args.device.clone(),
         threads: rayon::current_num_threads(),
         results,
-    };
-    println!("{}", serde_json::to_string(&report)?);
-    Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let base = [
+            "bench-train",
+            "--in",
+            "3",
+            "--hidden",
+            "4",
+            "--samples",
+            "8",
+        ];
+        let tiny = [
+            "--batch", "4", "--steps", "1", "--rounds", "1", "--warmup", "0",
+        ];
+        Args::parse_from(base.iter().chain(&tiny).chain(extra))
+    }
+
+    #[test]
+    fn zero_classes_is_refused_naming_the_option() {
+        let e = report(&args(&["--classes", "0"]))
+            .err()
+            .expect("--classes 0 must fail")
+            .to_string();
+        assert!(e.contains("--classes") && e.contains("got 0"), "{e}");
+    }
+
+    #[test]
+    fn lowrank_results_carry_their_rank() -> Result<()> {
+        let report = report(&args(&[
+            "--classes",
+            "2",
+            "--params",
+            "lowrank:1,lowrank:2",
+        ]))?;
+        let params: Vec<&str> = report.results.iter().map(|r| r.param.as_str()).collect();
+        assert_eq!(params, ["lowrank:1", "lowrank:1", "lowrank:2", "lowrank:2"]);
+        Ok(())
+    }
 }

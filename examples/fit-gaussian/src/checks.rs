@@ -69,7 +69,11 @@ pub fn sizes(samples: usize, dim: usize, components: usize) -> Result<()> {
                 .and_then(|m| m.checked_mul(k))
                 .and_then(|m| x.checked_add(m))
         })
-        .and_then(|b| n.checked_mul(k).and_then(|nk| b.checked_add(nk * 8 * 4)));
+        .and_then(|b| {
+            n.checked_mul(k)
+                .and_then(|nk| nk.checked_mul(8 * 4))
+                .and_then(|r| b.checked_add(r))
+        });
     memory::check_fits(
         &format!("fitting {components} Gaussian(s) to {samples} samples in {dim} dimensions"),
         estimate,
@@ -172,6 +176,9 @@ mod tests {
             let e = sizes(n, d, 1).unwrap_err().to_string();
             assert!(e.contains("overflows") || e.contains("needs about"), "{e}");
         }
+        // N·d·32 and K·d²·96 fit in u64 but the (N, K) term N·K·32 does not.
+        let e = sizes(1 << 58, 1, 4).unwrap_err().to_string();
+        assert!(e.contains("overflows"), "{e}");
     }
 
     #[test]

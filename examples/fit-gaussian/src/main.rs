@@ -1,5 +1,6 @@
 //! Learns a multivariate normal's mean and precision by gradient descent on the negative
-//! log-likelihood, and compares the result with the closed-form maximum-likelihood fit; or,
+//! log-likelihood, and compares the result with the maximum-likelihood fit within the
+//! parameterization's family (closed form; for lowrank below full rank, EM; see `mle`); or,
 //! with `--components K`, fits a mixture of K normals the way scikit-learn's
 //! `GaussianMixture` does (k-means++ start on the data, then EM).
 //!
@@ -10,8 +11,8 @@
 //! ```
 //!
 //! One Gaussian: progress goes to stderr; a human summary and, as the last line of stdout,
-//! one JSON object (`mean`, `covariance`, `nll`, `mle_nll`, `steps`, errors against the MLE,
-//! ...) go to stdout. A mixture: a summary goes to stderr and stdout is one JSON line
+//! one JSON object (`mean`, `covariance`, `nll`, `mle_nll`, `mle_method`, `steps`, errors
+//! against the MLE, ...) go to stdout. A mixture: a summary goes to stderr and stdout is one JSON line
 //! (`mean_log_likelihood` in nats per sample, the quantity of scikit-learn's `score`,
 //! `weights`, `means`, `covariances`, `steps`, `seconds`, ...).
 
@@ -261,8 +262,8 @@ fn run(args: Args) -> Result<()> {
         if fitted.converged { " (converged)" } else { "" }
     );
     println!(
-        "mean NLL: fitted {:.9}, closed-form MLE {:.9}",
-        fitted.nll, mle.nll
+        "mean NLL: fitted {:.9}, MLE ({}) {:.9}",
+        fitted.nll, mle.method, mle.nll
     );
     println!("mean vs MLE: max-abs error {mean_error:.3e}");
     println!("covariance vs MLE: relative Frobenius error {covariance_error:.3e}");
@@ -277,7 +278,8 @@ fn run(args: Args) -> Result<()> {
     }
 
     let summary = json!({
-        "param": parameterization.name(),
+        // `lowrank:R`, not `lowrank`: runs of two ranks stay apart.
+        "param": parameterization.to_string(),
         "data": source,
         "samples": n,
         "dim": d,
@@ -285,6 +287,7 @@ fn run(args: Args) -> Result<()> {
         "converged": fitted.converged,
         "nll": fitted.nll,
         "mle_nll": mle.nll,
+        "mle_method": mle.method,
         "mean": mean.to_vec1::<f64>()?,
         "covariance": to_rows(&covariance)?,
         "mean_max_abs_error": mean_error,

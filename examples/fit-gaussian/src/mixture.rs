@@ -99,7 +99,8 @@ pub fn run(x: &Tensor, source: &str, args: &MixtureArgs) -> Result<Value> {
         eprintln!("saved the mixture's tensors to {}", path.display());
     }
     Ok(json!({
-        "param": args.parameterization.name(),
+        // `lowrank:R`, not `lowrank`: runs of two ranks stay apart.
+        "param": args.parameterization.to_string(),
         "data": source,
         "samples": n,
         "dim": d,

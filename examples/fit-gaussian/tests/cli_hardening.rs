@@ -67,6 +67,17 @@ fn nonsense_options_and_sizes_get_one_line() -> Result<()> {
             "needs about",
         ),
         (vec!["--samples", "1000000000000"], "needs about"),
+        (
+            vec![
+                "--samples",
+                "288230376151711744",
+                "--dim",
+                "1",
+                "--components",
+                "4",
+            ],
+            "overflows",
+        ),
     ];
     for (args, needle) in cases {
         let line = run_err(&args)?;
@@ -110,13 +121,17 @@ fn hostile_files_and_degenerate_data_get_one_line() -> Result<()> {
             .collect(),
     )?;
     for (data, params) in [
-        (&identical, &["cholesky", "diag", "sphere"][..]),
-        (&collinear, &["cholesky", "expm"][..]),
-        (&constant, &["cholesky", "diag"][..]),
-        (&huge, &["cholesky", "diag"][..]),
+        (&identical, &["cholesky", "diag", "sphere", "lowrank"][..]),
+        (&collinear, &["cholesky", "expm", "lowrank"][..]),
+        (&constant, &["cholesky", "diag", "lowrank"][..]),
+        (&huge, &["cholesky", "diag", "lowrank"][..]),
     ] {
         for param in params {
-            let line = run_err(&["--data", data, "--param", param, "--steps", "20"])?;
+            let mut args = vec!["--data", data, "--param", param, "--steps", "20"];
+            if *param == "lowrank" {
+                args.extend(["--rank", "1"]);
+            }
+            let line = run_err(&args)?;
             assert!(
                 line.contains("singular or not finite"),
                 "{data} {param}: {line}"

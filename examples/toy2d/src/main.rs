@@ -464,14 +464,67 @@ fn run(args: Args) -> Result<()> {
         .collect();
     let mlp_conf: Vec<f32> = mlp_probs.max(D::Minus1)?.to_vec1()?;
     let far_mean = |c: &[f32]| far.iter().map(|&i| c[i] as f64).sum::<f64>() / far.len() as f64;
-    println!(
-        "{{\"param\":\"{}\",\"classical_accuracy\":{:.4},\"fgn_accuracy\":{:.4},\"classical_far_mean_max_softmax\":{:.4},\"fgn_far_mean_max_softmax\":{:.4},\"out_dir\":{:?}}}",
-        parameterization,
-        accuracy(&mlp.forward(&x)?, &y)?,
-        accuracy(&fgn.forward(&x, false)?, &y)?,
-        far_mean(&mlp_conf),
-        far_mean(&fgn_conf),
-        out.display().to_string()
-    );
+    let summary = Summary {
+        param: parameterization,
+        classical_accuracy: accuracy(&mlp.forward(&x)?, &y)?,
+        fgn_accuracy: accuracy(&fgn.forward(&x, false)?, &y)?,
+        classical_far: far_mean(&mlp_conf),
+        fgn_far: far_mean(&fgn_conf),
+    };
+    println!("{}", summary.json_line(out));
     Ok(())
+}
+
+/// What the last line of stdout reports.
+struct Summary {
+    param: Parameterization,
+    classical_accuracy: f64,
+    fgn_accuracy: f64,
+    /// Mean max softmax on the map's border ring.
+    classical_far: f64,
+    fgn_far: f64,
+}
+
+impl Summary {
+    /// One JSON object, built by serde_json rather than by hand: a NaN becomes `null` (not
+    /// the bare `NaN` no JSON reader takes) and the path is escaped as JSON (not as Rust's
+    /// `{:?}`, whose `\u{7}` is invalid JSON). Numbers keep the 4 decimals they always had.
+    fn json_line(&self, out_dir: &Path) -> String {
+        let round = |v: f64| (v * 1e4).round() / 1e4;
+        serde_json::json!({
+            "param": self.param.to_string(),
+            "classical_accuracy": round(self.classical_accuracy),
+            "fgn_accuracy": round(self.fgn_accuracy),
+            "classical_far_mean_max_softmax": round(self.classical_far),
+            "fgn_far_mean_max_softmax": round(self.fgn_far),
+            "out_dir": out_dir.display().to_string(),
+        })
+        .to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_is_json_with_nan_as_null_and_the_path_escaped() -> Result<()> {
+        let summary = Summary {
+            param: Parameterization::LowRank { rank: 2 },
+            classical_accuracy: 0.987_65,
+            fgn_accuracy: 1.0,
+            classical_far: 0.99,
+            fgn_far: f64::NAN,
+        };
+        let dir = "out \"dir\" \\ \u{7} é";
+        let line = summary.json_line(Path::new(dir));
+        let value: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("not JSON: {line}"))?;
+        assert_eq!(value["param"], "lowrank:2", "{line}");
+        assert_eq!(value["classical_accuracy"], 0.9877, "{line}");
+        assert_eq!(value["fgn_accuracy"], 1.0, "{line}");
+        assert!(value["fgn_far_mean_max_softmax"].is_null(), "{line}");
+        assert_eq!(value["out_dir"], dir, "{line}");
+        Ok(())
+    }
 }
