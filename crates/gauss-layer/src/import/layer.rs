@@ -328,12 +328,7 @@ fn looks_full(a: &[f64], z: usize, d: usize) -> bool {
 /// Every value of `tensors` (named as in the errors) is finite in `dtype`: a center of 1e300
 /// or a weight of 1e39 converted to f32 would become ±∞ and the layer would only produce NaN.
 pub(crate) fn check_tensors_fit_dtype(tensors: &[(String, Tensor)], dtype: DType) -> Result<()> {
-    let limit = match dtype {
-        DType::F16 => half::f16::MAX.to_f64(),
-        DType::BF16 => half::bf16::MAX.to_f64(),
-        DType::F32 => f32::MAX as f64,
-        _ => f64::MAX,
-    };
+    let limit = crate::linalg::max_finite(dtype);
     for (name, tensor) in tensors {
         let values = tensor
             .to_device(&candle_core::Device::Cpu)?
