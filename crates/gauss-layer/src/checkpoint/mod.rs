@@ -168,7 +168,8 @@ fn io_error(path: &Path, source: std::io::Error) -> GaussError {
 ///
 /// # Errors
 /// [`GaussError::Io`] when the file cannot be written (the previous file is then intact and
-/// no temporary file is left); [`GaussError::Checkpoint`] when the network cannot be
+/// no temporary file is left, except when only the final directory sync fails: the message
+/// says the new file is in place); [`GaussError::Checkpoint`] when the network cannot be
 /// serialized (mixed dtypes).
 pub fn save(net: &GaussNet, path: impl AsRef<Path>) -> Result<()> {
     save_with_metadata(net, path, &BTreeMap::new())

@@ -133,7 +133,14 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()>
     drop(file);
     std::fs::rename(&guard.path, &target)?;
     guard.armed = false;
-    sync_dir(&dir)?;
+    // After the rename the new file is in place: a failed sync must not read as a failed
+    // save that left the previous file (the callers' errors say it is intact).
+    sync_dir(&dir).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("the new file is in place, but syncing its directory failed ({e}): a crash before the system writes it back may restore the previous file"),
+        )
+    })?;
     // Debris of crashed saves; a failure to clean does not fail this save.
     let _ = clean_stale_temp_files(&dir);
     Ok(())

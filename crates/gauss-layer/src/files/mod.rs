@@ -234,7 +234,8 @@ pub fn check_output(output: impl AsRef<Path>, inputs: &[&Path]) -> Result<()> {
 /// target that is not a regular file (directory, FIFO, device) is refused, never replaced.
 ///
 /// # Errors
-/// [`GaussError::Io`] naming `path`; the previous file is then intact.
+/// [`GaussError::Io`] naming `path`; the previous file is then intact, except when only the
+/// final sync of the directory fails (the message says the new file is in place).
 pub fn write_atomically(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
     let path = path.as_ref();
     crate::checkpoint::save::write_atomically(path, bytes).map_err(|e| io_error(path, e))
