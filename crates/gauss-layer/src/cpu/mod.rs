@@ -21,8 +21,11 @@ pub(crate) use parallel::{
 #[cfg(test)]
 pub(crate) use simd::with_width;
 pub(crate) use simd::{
-    poison_non_finite_rows, row_mean, shift_rows, simd_kernel, squared_distance, width, Real, Width,
+    poison_non_finite_rows, row_mean, shift_rows, simd_kernel, squared_distance, Real,
 };
+// `width` and `Width` serve the x86-64 instances of `simd_kernel!` (and the tests) only.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
+pub(crate) use simd::{width, Width};
 pub(crate) use sizes::{check_built_for, OperandShape, Sizes};
 #[cfg(test)]
 pub(crate) use storage::fused_storage_reads;

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use candle_core::WithDType;
 
 /// The vector width a [`simd_kernel!`] instance runs at.
+// Only the x86-64 instances of `simd_kernel!` ask for the width (elsewhere there is one).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u8)]
 pub(crate) enum Width {
@@ -17,9 +19,11 @@ pub(crate) enum Width {
 
 /// A narrower width than the CPU's for every kernel (`with_width`, the tests' switch), as
 /// `Width as u8`. Process-wide: the kernels run on rayon's workers.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 static WIDTH_LIMIT: AtomicU8 = AtomicU8::new(Width::Avx2 as u8);
 
 /// The widest of the CPU's widths (checked at run time, cached by std), at most the limit.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) fn width() -> Width {
     #[cfg(target_arch = "x86_64")]
     let detected = if std::arch::is_x86_feature_detected!("avx2") {
