@@ -278,39 +278,9 @@ pub(super) fn forward(
     bias: Option<&Tensor>,
     tanh: bool,
 ) -> Result<Tensor> {
-    if fused {
-        apply(sizes, x, weight, bias, tanh)
-    } else {
-        portable(x, weight, bias, tanh)
+    if !fused {
+        return portable(x, weight, bias, tanh);
     }
-}
-
-/// The portable twin of the op, in tensor ops: a matmul, a broadcast add and a tanh.
-///
-/// # Shapes
-/// `x`: (B, d), `weight`: (Z, d), `bias`: (Z) → (B, Z)
-fn portable(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, tanh: bool) -> Result<Tensor> {
-    let mut activation = x.matmul(&weight.t()?)?;
-    if let Some(bias) = bias {
-        activation = activation.broadcast_add(&bias.unsqueeze(0)?)?;
-    }
-    if tanh {
-        activation = activation.tanh()?;
-    }
-    Ok(activation)
-}
-
-/// `act(x Wᵀ + b)` as the fused CPU op (see [`forward`]).
-///
-/// # Shapes
-/// `x`: (B, d), `weight`: (Z, d), `bias`: (Z) → (B, Z)
-fn apply(
-    sizes: Sizes,
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    tanh: bool,
-) -> Result<Tensor> {
     let has_bias = bias.is_some();
     let zeros;
     let bias = match bias {
@@ -326,4 +296,19 @@ fn apply(
         sizes,
     };
     Ok(x.apply_op3(weight, bias, op)?)
+}
+
+/// The portable twin of the op, in tensor ops: a matmul, a broadcast add and a tanh.
+///
+/// # Shapes
+/// `x`: (B, d), `weight`: (Z, d), `bias`: (Z) → (B, Z)
+fn portable(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, tanh: bool) -> Result<Tensor> {
+    let mut activation = x.matmul(&weight.t()?)?;
+    if let Some(bias) = bias {
+        activation = activation.broadcast_add(&bias.unsqueeze(0)?)?;
+    }
+    if tanh {
+        activation = activation.tanh()?;
+    }
+    Ok(activation)
 }
