@@ -1,4 +1,5 @@
-//! The losses crate against closed forms: errors, fits, λ-loss, mixtures, the FGN objective, Rennie's gradients.
+//! The losses crate against closed forms: errors, fits, λ-loss, mixtures, the FGN objective, reductions,
+//! Rennie's gradients.
 
 #[path = "losses/errors.rs"]
 mod errors;
@@ -10,5 +11,7 @@ mod lambda;
 mod mixture;
 #[path = "losses/objective.rs"]
 mod objective;
+#[path = "losses/reductions.rs"]
+mod reductions;
 #[path = "losses/rennie.rs"]
 mod rennie;

@@ -28,6 +28,19 @@ pub(crate) fn samples(x: &Tensor, what: &str, width: Option<usize>) -> Result<(u
     Ok((batch, features))
 }
 
+/// Checks that `t` has a float dtype (F16, BF16, F32 or F64): the losses take logarithms and
+/// exponentials, which Candle has no integer kernels for (it panics on them).
+pub(crate) fn float_dtype(t: &Tensor, what: &str) -> Result<()> {
+    match t.dtype() {
+        DType::F16 | DType::BF16 | DType::F32 | DType::F64 => Ok(()),
+        other => Err(GaussError::dtype(
+            what,
+            "a float dtype (F16, BF16, F32 or F64)",
+            other,
+        )),
+    }
+}
+
 /// Checks a vector of length `len`.
 pub(crate) fn vector(v: &Tensor, what: &str, len: usize) -> Result<()> {
     if v.dims() != [len] {
@@ -53,6 +66,7 @@ pub(crate) fn gaussian_args(
     factor_what: &str,
 ) -> Result<usize> {
     let (_, d) = samples(x, "samples x", None)?;
+    float_dtype(x, "samples x")?;
     vector(mean, "mean", d)?;
     square(factor, factor_what, d)?;
     check_dtype("mean", mean, x.dtype(), "samples x")?;

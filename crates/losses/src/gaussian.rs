@@ -18,8 +18,10 @@
 //! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 
-use candle_core::Tensor;
+use candle_core::{Tensor, D};
 use gauss_layer::ops::{self, log_prob_from_mahalanobis};
+
+use crate::check;
 
 use gauss_layer::Result;
 
@@ -36,12 +38,15 @@ pub use gauss_layer::ops::log_normalizer;
 /// `mahalanobis_sq`: (B, Z) with `log_det_precision`: (Z) → (B, Z)
 ///
 /// # Errors
-/// Shapes that do not broadcast (a Candle error).
+/// A tensor of a non-float dtype ([`gauss_layer::GaussError::DType`]); shapes that do not
+/// broadcast (a Candle error).
 pub fn nll_from_mahalanobis(
     mahalanobis_sq: &Tensor,
     log_det_precision: &Tensor,
     dim: usize,
 ) -> Result<Tensor> {
+    check::float_dtype(mahalanobis_sq, "mahalanobis_sq")?;
+    check::float_dtype(log_det_precision, "log_det_precision")?;
     Ok(log_prob_from_mahalanobis(mahalanobis_sq, log_det_precision, dim)?.neg()?)
 }
 
@@ -49,11 +54,13 @@ pub fn nll_from_mahalanobis(
 /// it right (and its gradient `1/F_ii` right) for a factor with negative diagonal entries.
 ///
 /// # Shapes
-/// `factors`: (Z, d, d) → (Z)
+/// `factors`: (Z, d, d) → (Z); any batch of square matrices (…, d, d) → (…)
 ///
 /// # Errors
-/// A tensor that is not a batch of square matrices.
+/// A tensor that is not a batch of square matrices, or not of a float dtype.
 pub fn log_det_from_triangular(factors: &Tensor) -> Result<Tensor> {
+    check::float_dtype(factors, "triangular factors")?;
     let diagonal = ops::diagonal(factors)?;
-    Ok((diagonal.abs()?.log()?.sum(1)? * 2.0)?)
+    // The sum runs over each matrix's own diagonal, the last axis, whatever the batch rank.
+    Ok((diagonal.abs()?.log()?.sum(D::Minus1)? * 2.0)?)
 }

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::check;
 use crate::gaussian::log_det_from_triangular;
+use crate::reduction::accumulated;
 
 /// Which penalty on the covariance eigenvalues to use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -44,7 +45,7 @@ pub enum LambdaLoss {
 
 /// How [`LambdaLoss::TraceCovariance`] gets `tr Σ`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum TraceEstimator {
     /// The exact trace (and gradient): O(d³) per neuron for the full forms.
     #[default]
@@ -138,6 +139,7 @@ impl LambdaLoss {
 
     /// The loss of one or several layers: the mean of the per-neuron terms over all neurons
     /// of all layers (so a layer weighs by its width, and the value does not grow with depth).
+    /// f16 and bf16 terms are summed in f32.
     ///
     /// # Shapes
     /// → ()
@@ -165,7 +167,7 @@ impl LambdaLoss {
         for layer in layers {
             let terms = self.per_neuron_with(layer.precision(), estimator)?;
             neurons += terms.elem_count();
-            let sum = terms.sum_all()?;
+            let sum = accumulated(&terms, |t| Ok(t.sum_all()?))?;
             total = Some(match total {
                 None => sum,
                 Some(acc) => (acc + sum)?,
@@ -183,11 +185,13 @@ impl LambdaLoss {
     /// `tril`: (Z, d, d) → (Z)
     ///
     /// # Errors
-    /// `tril` not a (Z, d, d) batch with Z ≥ 1; for the two covariance terms, which invert
-    /// `L`, a zero or non-finite diagonal entry ([`gauss_layer::GaussError::Numerical`] naming
-    /// the neuron; reads the Z·d diagonal on the host).
+    /// `tril` not a (Z, d, d) batch with Z ≥ 1 or not of a float dtype; for the two
+    /// covariance terms, which invert `L`, a zero or non-finite diagonal entry
+    /// ([`gauss_layer::GaussError::Numerical`] naming the neuron; reads the Z·d diagonal on
+    /// the host).
     pub fn per_neuron_from_factor(self, tril: &Tensor) -> Result<Tensor> {
         let (_, d) = check::square_batch(tril, "precision factors tril")?;
+        check::float_dtype(tril, "precision factors tril")?;
         let factor = ops::tril(tril)?;
         if self != LambdaLoss::NegTracePrecision {
             check::nonsingular_triangular_batch(&factor, "precision factors tril")?;

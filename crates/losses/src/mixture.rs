@@ -50,13 +50,22 @@ pub fn mixture_logits(num_components: usize, vb: VarBuilder) -> Result<Tensor> {
 /// `component_nll`: (B, Z), `logits`: (Z) → (B) for [`Reduction::None`], () otherwise
 ///
 /// # Errors
-/// An empty batch; logits of another length, dtype or device.
+/// An empty batch, no components or a non-float dtype; logits of another length, dtype or
+/// device.
 pub fn mixture_nll_from_components(
     component_nll: &Tensor,
     logits: &Tensor,
     reduction: Reduction,
 ) -> Result<Tensor> {
     let (_, components) = check::samples(component_nll, "component nll", None)?;
+    check::float_dtype(component_nll, "component nll")?;
+    if components == 0 {
+        return Err(GaussError::shape(
+            "component nll",
+            "(batch, components) with at least one component",
+            component_nll.dims(),
+        ));
+    }
     check::vector(logits, "mixture logits", components)?;
     gauss_layer::check_dtype(
         "mixture logits",

@@ -36,9 +36,10 @@ use crate::lambda::{LambdaLoss, TraceEstimator};
 use crate::weight_l2::weight_l2_of_layers;
 use gauss_layer::{GaussError, Result};
 
-/// Weights of the FGN objective's regularizers.
+/// Weights of the FGN objective's regularizers. Deserialized strictly, as the layer's
+/// configs: a missing field takes its default, an unknown one (a misspelt weight) is an error.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct FgnObjectiveConfig {
     /// Weight `λ_l2` of the mean squared linear weight. Default `1e-4`.
     pub lambda_l2: f64,

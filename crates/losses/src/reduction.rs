@@ -1,9 +1,9 @@
 //! How per-sample losses are reduced over the batch.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use gauss_layer::Result;
+use gauss_layer::{GaussError, Result};
 
 /// Reduction of per-sample losses over the batch (the first dimension).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -19,18 +19,53 @@ pub enum Reduction {
 }
 
 impl Reduction {
-    /// Reduces `per_sample` over its first (batch) dimension.
+    /// Reduces `per_sample` over its first (batch) dimension. An f16 or bf16 tensor is summed
+    /// in f32 and the result rounded back to its dtype (see [`accumulated`]).
     ///
     /// # Shapes
     /// `per_sample`: (B, ...) → `None`: (B, ...); `Mean`, `Sum`: (...)
     ///
     /// # Errors
-    /// Candle errors (a rank-0 tensor has no batch dimension).
+    /// For `Mean` and `Sum`, a rank-0 tensor (no batch dimension, [`GaussError::Shape`]); for
+    /// `Mean`, an empty batch ([`GaussError::EmptyBatch`]: the mean of no samples is 0/0, NaN).
     pub fn apply(self, per_sample: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Reduction::None => per_sample.clone(),
-            Reduction::Mean => per_sample.mean(0)?,
-            Reduction::Sum => per_sample.sum(0)?,
-        })
+        if self != Reduction::None {
+            match per_sample.dims().first() {
+                None => {
+                    return Err(GaussError::shape(
+                        "per-sample losses",
+                        "(batch, ...)",
+                        per_sample.dims(),
+                    ))
+                }
+                Some(0) if self == Reduction::Mean => {
+                    return Err(GaussError::EmptyBatch {
+                        what: "per-sample losses".to_string(),
+                        got: per_sample.dims().to_vec(),
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+        match self {
+            Reduction::None => Ok(per_sample.clone()),
+            Reduction::Mean => accumulated(per_sample, |t| Ok(t.mean(0)?)),
+            Reduction::Sum => accumulated(per_sample, |t| Ok(t.sum(0)?)),
+        }
+    }
+}
+
+/// Runs the reduction `reduce` on `t` widened to f32 when `t` is f16 or bf16, and rounds its
+/// result back to `t`'s dtype; other dtypes as they are. Candle's CPU sum accumulates in the
+/// tensor's dtype, and a running sum in 11 (f16) or 8 (bf16) significant bits stops growing
+/// once its spacing exceeds twice the terms: 1000 terms of 10.3 summed in bf16 give 4096,
+/// not 10312. The casts are differentiable, and f32 exists on every device.
+pub(crate) fn accumulated(
+    t: &Tensor,
+    reduce: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    match t.dtype() {
+        DType::F16 | DType::BF16 => Ok(reduce(&t.to_dtype(DType::F32)?)?.to_dtype(t.dtype())?),
+        _ => reduce(t),
     }
 }

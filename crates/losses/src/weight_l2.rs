@@ -18,6 +18,8 @@
 use candle_core::Tensor;
 use gauss_layer::GaussLayer;
 
+use crate::reduction::accumulated;
+
 use gauss_layer::{GaussError, Result};
 
 /// Mean of the squared weights of one layer; zero for a Gaussian-only layer (no weights).
@@ -33,7 +35,7 @@ pub fn weight_l2(layer: &GaussLayer) -> Result<Tensor> {
 
 /// Mean of the squared weights over all weights of all layers (one pooled mean, so a wide
 /// layer weighs by its size); zero when no layer has weights. Errors when there are no
-/// layers.
+/// layers. f16 and bf16 weights are summed in f32.
 ///
 /// # Shapes
 /// → ()
@@ -48,7 +50,7 @@ pub fn weight_l2_of_layers<'a>(layers: impl IntoIterator<Item = &'a GaussLayer>)
         any_layer = Some(layer);
         if let Some(weight) = layer.weight() {
             count += weight.elem_count();
-            let sum = weight.sqr()?.sum_all()?;
+            let sum = accumulated(&weight.sqr()?, |t| Ok(t.sum_all()?))?;
             total = Some(match total {
                 None => sum,
                 Some(acc) => (acc + sum)?,

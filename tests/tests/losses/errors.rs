@@ -5,7 +5,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use gauss_layer::{gauss_layer, GaussError, GaussLayerConfig, Parameterization, PrecisionConfig};
 use gauss_losses::{
-    checked_cross_entropy, fgn_objective, layer_nll, nll_covariance_factor, nll_precision_factor,
+    checked_cross_entropy, fgn_objective, layer_nll, log_det_from_triangular,
+    mixture_nll_from_components, nll_covariance_factor, nll_from_mahalanobis, nll_precision_factor,
     weight_l2_of_layers, FgnObjectiveConfig, LambdaLoss, Reduction,
 };
 
@@ -162,5 +163,126 @@ fn singular_factors_are_an_error_for_the_covariance_terms() -> Result<()> {
         .per_neuron_from_factor(&tril)?
         .to_vec1::<f64>()?;
     assert_eq!(values, vec![-2.5, -0.625]);
+    Ok(())
+}
+
+/// A class target outside `0..C` is an error naming the row. Before, the largest value of the
+/// index dtype (Candle's gather padding) silently gave 0 for its row, dropping the sample:
+/// logits [[1, 2, 3], [0, 0, 0]] with targets [2, u32::MAX] came to (ln(e + e² + e³) − 3)/2.
+#[test]
+fn cross_entropy_refuses_targets_outside_the_classes() -> Result<()> {
+    // f64: host tensors of the test.
+    let logits = Tensor::new(&[[1.0f64, 2.0, 3.0], [0.0, 0.0, 0.0]], &dev())?;
+    let bad = [
+        Tensor::new(&[2u32, u32::MAX], &dev())?,
+        Tensor::new(&[2u32, 3], &dev())?,
+        Tensor::new(&[2u8, u8::MAX], &dev())?,
+        Tensor::new(&[2i64, i64::MAX], &dev())?,
+        Tensor::new(&[2i64, -1], &dev())?,
+    ];
+    for targets in &bad {
+        match checked_cross_entropy(&logits, targets) {
+            Err(GaussError::Data { origin, reason }) => {
+                assert_eq!(origin, "class targets");
+                assert!(
+                    reason.contains("row 1") && reason.contains("0..3"),
+                    "{reason}"
+                );
+            }
+            other => panic!("{targets}: expected a data error, got {other:?}"),
+        }
+    }
+    // In range: the mean of −log softmax, (ln(e + e² + e³) − 3 + ln 3)/2.
+    let e = std::f64::consts::E;
+    let expected = ((e + e * e + e * e * e).ln() - 3.0 + 3f64.ln()) / 2.0;
+    for targets in [
+        Tensor::new(&[2u32, 1], &dev())?,
+        Tensor::new(&[2u8, 1], &dev())?,
+        Tensor::new(&[2i64, 1], &dev())?,
+    ] {
+        let got = checked_cross_entropy(&logits, &targets)?.to_scalar::<f64>()?;
+        assert!(
+            (got - expected).abs() <= 1e-12 * expected,
+            "{got} vs {expected}"
+        );
+    }
+    Ok(())
+}
+
+/// No classes and no mixture components are shape errors naming the argument (Candle's
+/// "empty tensor for reduce" before).
+#[test]
+fn zero_classes_and_zero_components_are_shape_errors() -> Result<()> {
+    // f64: host tensors of the test.
+    let empty = Tensor::zeros((2, 0), DType::F64, &dev())?;
+    let targets = Tensor::new(&[0u32, 0], &dev())?;
+    let err = checked_cross_entropy(&empty, &targets).unwrap_err();
+    assert!(
+        matches!(&err, GaussError::Shape { what, .. } if what == "logits"),
+        "{err}"
+    );
+    // f64: host tensor of the test.
+    let no_logits = Tensor::zeros(0, DType::F64, &dev())?;
+    let err = mixture_nll_from_components(&empty, &no_logits, Reduction::Mean).unwrap_err();
+    assert!(
+        matches!(&err, GaussError::Shape { what, .. } if what == "component nll"),
+        "{err}"
+    );
+    Ok(())
+}
+
+/// Integer tensors where the losses need floats are a dtype error naming the argument; Candle
+/// has no integer log/exp/affine kernels and panicked ("no unary function for u32", "attempt to
+/// subtract with overflow") in each of these.
+#[test]
+fn integer_tensors_are_a_dtype_error_not_a_panic() -> Result<()> {
+    let x = Tensor::new(&[[1u32, 2], [3, 4]], &dev())?;
+    let mean = Tensor::new(&[0u32, 0], &dev())?;
+    let factor = Tensor::new(&[[1u32, 0], [0, 1]], &dev())?;
+    let factors = factor.unsqueeze(0)?;
+    let targets = Tensor::new(&[0u32, 1], &dev())?;
+    let is_dtype_error = |result: gauss_layer::Result<Tensor>, what: &str| match result {
+        Err(GaussError::DType { .. }) => {}
+        other => panic!("{what}: expected a dtype error, got {other:?}"),
+    };
+    is_dtype_error(
+        nll_covariance_factor(&x, &mean, &factor, Reduction::Mean),
+        "nll_covariance_factor",
+    );
+    is_dtype_error(
+        nll_precision_factor(&x, &mean, &factor, Reduction::Mean),
+        "nll_precision_factor",
+    );
+    for variant in LambdaLoss::ALL {
+        is_dtype_error(variant.per_neuron_from_factor(&factors), variant.name());
+    }
+    is_dtype_error(
+        mixture_nll_from_components(&x, &mean, Reduction::Mean),
+        "mixture_nll_from_components",
+    );
+    is_dtype_error(checked_cross_entropy(&x, &targets), "checked_cross_entropy");
+    is_dtype_error(log_det_from_triangular(&factors), "log_det_from_triangular");
+    is_dtype_error(
+        nll_from_mahalanobis(&mean, &Tensor::new(0u32, &dev())?, 2),
+        "nll_from_mahalanobis",
+    );
+    Ok(())
+}
+
+/// `Reduction::Mean` of no samples is an `EmptyBatch` error (it was 0/0, NaN per column);
+/// the sum of no samples is 0 (the empty sum); a scalar has no batch axis to reduce.
+#[test]
+fn mean_of_an_empty_batch_is_an_error_not_nan() -> Result<()> {
+    let empty = Tensor::zeros((0, 3), DType::F32, &dev())?;
+    let err = Reduction::Mean.apply(&empty).unwrap_err();
+    assert!(matches!(err, GaussError::EmptyBatch { .. }), "{err}");
+    assert_eq!(
+        Reduction::Sum.apply(&empty)?.to_vec1::<f32>()?,
+        vec![0.0; 3]
+    );
+    assert_eq!(Reduction::None.apply(&empty)?.dims(), &[0, 3]);
+    let scalar = Tensor::new(1f32, &dev())?;
+    let err = Reduction::Mean.apply(&scalar).unwrap_err();
+    assert!(matches!(err, GaussError::Shape { .. }), "{err}");
     Ok(())
 }

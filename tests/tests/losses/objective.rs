@@ -81,3 +81,24 @@ fn objective_config_round_trips_through_serde_with_defaults() -> Result<()> {
     assert_eq!(config, back);
     Ok(())
 }
+
+/// The objective's config is strict, as the layer's: an unknown (misspelt) field is an error
+/// naming it, in the config and in the Hutchinson estimator's fields. Before, `lamda_l2` was
+/// ignored and the objective silently ran with the default `lambda_l2`.
+#[test]
+fn objective_config_refuses_unknown_fields() -> Result<()> {
+    let err = serde_json::from_str::<FgnObjectiveConfig>(r#"{"lamda_l2":0.01}"#).unwrap_err();
+    assert!(err.to_string().contains("lamda_l2"), "{err}");
+    let err = serde_json::from_str::<FgnObjectiveConfig>(
+        r#"{"trace_estimator":{"hutchinson":{"probes":4,"seed":1}}}"#,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("seed"), "{err}");
+    let config: FgnObjectiveConfig =
+        serde_json::from_str(r#"{"trace_estimator":{"hutchinson":{"probes":4}}}"#)?;
+    assert_eq!(
+        config.trace_estimator,
+        gauss_losses::TraceEstimator::Hutchinson { probes: 4 }
+    );
+    Ok(())
+}
