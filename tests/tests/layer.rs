@@ -4,6 +4,8 @@
 mod convert_linear;
 #[path = "layer/low_rank.rs"]
 mod low_rank;
+#[path = "layer/net_edges.rs"]
+mod net_edges;
 #[path = "layer/training_short_run.rs"]
 mod training_short_run;
 #[path = "layer/varbuilder.rs"]

@@ -310,6 +310,10 @@ impl PrecisionConfig {
     }
 }
 
+/// The most elements one tensor of a layer may have: its f64 storage (8 bytes an element, the
+/// widest float dtype) must stay within `isize::MAX` bytes, the limit of one allocation.
+pub(crate) const MAX_TENSOR_ELEMENTS: usize = isize::MAX as usize / 8;
+
 /// Configuration of one [`crate::GaussLayer`].
 ///
 /// Deserialization is strict: every field must be present (an `Option` as `null` or a value)
@@ -415,7 +419,10 @@ impl GaussLayerConfig {
     /// Checks the layer sizes together with the config.
     ///
     /// # Errors
-    /// As [`GaussLayerConfig::validate`]; also zero `in_features` or `out_features`.
+    /// As [`GaussLayerConfig::validate`]; also zero `in_features` or `out_features`, and
+    /// (field `size`) sizes whose weight, center or precision tensor has more elements than
+    /// one allocation can hold in f64 (`isize::MAX / 8`), counted in checked arithmetic
+    /// instead of overflowing.
     pub fn validate_sizes(&self, in_features: usize, out_features: usize) -> Result<()> {
         if in_features == 0 {
             return Err(GaussError::config("in_features", "must be >= 1, got 0"));
@@ -424,7 +431,50 @@ impl GaussLayerConfig {
             return Err(GaussError::config("out_features", "must be >= 1, got 0"));
         }
         self.check_rank(in_features)?;
-        self.validate()
+        self.validate()?;
+        self.check_tensor_sizes(in_features, out_features)
+    }
+
+    /// Every tensor of a layer of `in_features` → `out_features` (weight and center (Z, d),
+    /// the precision's raw tensor) has at most [`MAX_TENSOR_ELEMENTS`] elements, in checked
+    /// arithmetic (Candle's shape products would overflow, and a `Vec` of more bytes than
+    /// `isize::MAX` cannot be allocated).
+    pub(crate) fn check_tensor_sizes(&self, in_features: usize, out_features: usize) -> Result<()> {
+        let (z, d) = (out_features, in_features);
+        let raw: Option<usize> = match self.precision.parameterization {
+            Parameterization::Cholesky | Parameterization::Direct | Parameterization::Expm => {
+                z.checked_mul(d).and_then(|n| n.checked_mul(d))
+            }
+            Parameterization::Diag => z.checked_mul(d),
+            Parameterization::Sphere => Some(z),
+            Parameterization::LowRank { rank } => rank
+                .checked_add(1)
+                .and_then(|columns| z.checked_mul(d)?.checked_mul(columns)),
+        };
+        let largest = z.checked_mul(d).zip(raw).map(|(zd, raw)| zd.max(raw));
+        let layer = || {
+            format!(
+                "a {} layer of {in_features} inputs and {out_features} neurons",
+                self.precision.parameterization
+            )
+        };
+        match largest {
+            Some(n) if n <= MAX_TENSOR_ELEMENTS => Ok(()),
+            Some(n) => Err(GaussError::config(
+                "size",
+                format!(
+                    "{} has a tensor of {n} elements, more than the {MAX_TENSOR_ELEMENTS} one allocation holds in f64; choose smaller sizes",
+                    layer()
+                ),
+            )),
+            None => Err(GaussError::config(
+                "size",
+                format!(
+                    "{}: the element count of its tensors overflows; choose smaller sizes",
+                    layer()
+                ),
+            )),
+        }
     }
 
     /// lowrank's `U` has at most as many columns as the layer has inputs (R ≤ d): more add

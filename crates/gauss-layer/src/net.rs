@@ -88,7 +88,8 @@ impl GaussNetConfig {
     ///
     /// # Errors
     /// [`GaussError::InvalidConfig`] naming the field: a zero width, a dropout outside
-    /// [0, 1), a non-positive batch-norm epsilon, or what [`GaussLayerConfig::validate`] refuses.
+    /// [0, 1), a non-positive batch-norm epsilon, or what [`GaussLayerConfig::validate_sizes`]
+    /// refuses for a layer (a lowrank rank above its inputs, tensors too large to allocate).
     pub fn validate(&self) -> Result<()> {
         if self.in_features == 0 {
             return Err(GaussError::config("in_features", "must be >= 1, got 0"));
@@ -119,16 +120,18 @@ impl GaussNetConfig {
         if let Some(output) = &self.output_layer {
             output.validate()?;
         }
-        // Each layer's lowrank rank against its own input width.
+        // Each layer's lowrank rank against its own input width, and its tensors' sizes.
+        // (Walked in place: `layer_specs` clones a config per layer, and a damaged checkpoint
+        // may claim a great many layers.)
         let mut width = self.in_features;
         for &next in &self.hidden {
             self.layer.check_rank(width)?;
+            self.layer.check_tensor_sizes(width, next)?;
             width = next;
         }
-        self.output_layer
-            .as_ref()
-            .unwrap_or(&self.layer)
-            .check_rank(width)
+        let output = self.output_layer.as_ref().unwrap_or(&self.layer);
+        output.check_rank(width)?;
+        output.check_tensor_sizes(width, self.out_features)
     }
 
     /// `(in_features, out_features, config)` of every Gaussian layer, in order.
@@ -226,11 +229,16 @@ impl GaussNet {
     /// Assembles a network from parts (used by importers and conversions).
     ///
     /// `norms[i]` is the batch norm after hidden layer `i` (one entry per hidden layer, `None`
-    /// where there is none); `config` must describe the parts (sizes, batch norm flags).
+    /// where there is none); `config` must describe the parts (sizes, batch norm flags and
+    /// widths, the norms' epsilon, each layer's config but its `init`; the norms affine, as
+    /// [`GaussNet::new`] makes them), since a checkpoint saves `config` and rebuilds the
+    /// network from it. All parts share layer 0's dtype and device.
     ///
     /// # Errors
     /// [`GaussError::InvalidConfig`] or [`GaussError::Shape`] when the parts do not match
-    /// `config` (layer count or sizes, batch-norm flags), or `config` is invalid.
+    /// `config` (layer count or sizes, a layer's config, batch-norm flags, widths, epsilon or
+    /// a norm without weight and bias), or `config` is invalid; [`GaussError::DType`] or
+    /// [`GaussError::DeviceMismatch`] for a part of another dtype or device than layer 0.
     pub fn from_parts(
         config: GaussNetConfig,
         input_norm: Option<BatchNorm>,
@@ -249,12 +257,42 @@ impl GaussNet {
                 ),
             ));
         }
-        for (i, (layer, (fan_in, fan_out, _))) in layers.iter().zip(&specs).enumerate() {
+        // One dtype and device for the whole network, layer 0's (a later layer of another
+        // dtype refused the previous layer's output as a bad "input x"; saves refuse it too).
+        let reference = layers.first().map(|layer| layer.center().clone());
+        let check_part = |what: &str, tensor: &Tensor| -> Result<()> {
+            if let Some(reference) = &reference {
+                check_dtype(what, tensor, reference.dtype(), "layer 0's center")?;
+                check_device(what, tensor, reference.device(), "layer 0's center")?;
+            }
+            Ok(())
+        };
+        for (i, (layer, (fan_in, fan_out, expected))) in layers.iter().zip(&specs).enumerate() {
+            check_part(&format!("layer {i}'s center"), layer.center())?;
             if layer.in_features() != *fan_in || layer.out_features() != *fan_out {
                 return Err(GaussError::shape(
                     format!("layer {i}"),
                     format!("({fan_out}, {fan_in}) neurons × inputs"),
                     &[layer.out_features(), layer.in_features()],
+                ));
+            }
+            // `init` only shapes a freshly created layer (and its seed differs per layer).
+            let built = GaussLayerConfig {
+                init: expected.init.clone(),
+                ..layer.config().clone()
+            };
+            if built != *expected {
+                let field = if i < config.hidden.len() || config.output_layer.is_none() {
+                    "layer"
+                } else {
+                    "output_layer"
+                };
+                return Err(GaussError::config(
+                    field,
+                    format!(
+                        "describes layer {i} as {expected:?} (init aside), but it was built with {:?}",
+                        layer.config()
+                    ),
                 ));
             }
         }
@@ -275,6 +313,47 @@ impl GaussNet {
                 "batch_norm",
                 "the batch norms given do not match the config's flags",
             ));
+        }
+        let widths = std::iter::once(config.in_features).chain(config.hidden.iter().copied());
+        let named_norms = std::iter::once(("input_norm".to_string(), input_norm.as_ref())).chain(
+            norms
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (format!("norms.{i}"), n.as_ref())),
+        );
+        for ((name, norm), width) in named_norms.zip(widths) {
+            let Some(norm) = norm else { continue };
+            check_part(
+                &format!("batch norm {name}.running_mean"),
+                norm.running_mean(),
+            )?;
+            if norm.running_mean().dims() != [width] {
+                return Err(GaussError::shape(
+                    format!("batch norm {name}.running_mean"),
+                    format!("({width})"),
+                    norm.running_mean().dims(),
+                ));
+            }
+            // A checkpoint stores every norm's weight and bias and rebuilds it with the
+            // config's epsilon.
+            if norm.weight_and_bias().is_none() {
+                return Err(GaussError::config(
+                    "batch_norm",
+                    format!(
+                        "batch norm {name} has no weight and bias (affine: false), which the network's batch norms (and its checkpoints) always have"
+                    ),
+                ));
+            }
+            if norm.eps() != config.batch_norm_eps {
+                return Err(GaussError::config(
+                    "batch_norm_eps",
+                    format!(
+                        "is {}, but batch norm {name} was built with eps {}",
+                        config.batch_norm_eps,
+                        norm.eps()
+                    ),
+                ));
+            }
         }
         Ok(Self::assemble(config, input_norm, layers, norms))
     }
@@ -327,12 +406,17 @@ impl GaussNet {
     /// Logits of the output layer. `train` switches batch norm to batch statistics (updating the
     /// running ones) and turns dropout on.
     ///
+    /// An empty batch (B = 0) gives empty logits, except in training through a batch norm.
+    ///
     /// # Shapes
     /// `x`: (B, in_features) → (B, out_features)
     ///
     /// # Errors
     /// [`GaussError::Shape`] or [`GaussError::DType`] for an `x` the first layer cannot take
-    /// (wrong width, dtype or device); Candle errors.
+    /// (wrong width, dtype or device); in training, a network with a batch norm refuses a
+    /// batch of fewer than two samples ([`GaussError::EmptyBatch`] for none,
+    /// [`GaussError::Shape`] for one, as PyTorch's `BatchNorm1d` does): its batch variance
+    /// is undefined and would turn the running statistics into NaN for good. Candle errors.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         Ok(self.run(x, train, false)?.0)
     }
@@ -362,6 +446,27 @@ impl GaussNet {
             let center = first.center();
             check_dtype("input x", x, center.dtype(), "the network's parameters")?;
             check_device("input x", x, center.device(), "the network's parameters")?;
+        }
+        let batch = x.dim(0)?;
+        // Candle's batch norm in training divides the running variance's update by B - 1 and
+        // takes means over B rows: B = 0 or 1 would write NaN into the running statistics,
+        // which every later evaluation would then read. Refused before any norm runs.
+        if train && batch < 2 && self.has_batch_norm() {
+            return Err(if batch == 0 {
+                GaussError::EmptyBatch {
+                    what: "input x (batch norm in training)".to_string(),
+                    got: x.dims().to_vec(),
+                }
+            } else {
+                GaussError::shape(
+                    "input x",
+                    format!(
+                        "(batch, {}) with batch >= 2 in training: a batch norm needs two samples for its variance",
+                        self.config.in_features
+                    ),
+                    x.dims(),
+                )
+            });
         }
         let mut h = match &self.input_norm {
             Some(norm) => norm.forward_t(x, train)?,
@@ -405,9 +510,16 @@ impl GaussNet {
     pub fn max_gaussian(&self, x: &Tensor) -> Result<Tensor> {
         let (_, gaussians) = self.forward_with_gaussians(x, false)?;
         match gaussians.last() {
+            // Candle's max over an empty tensor is an error; an empty batch has no maxima.
+            Some(g) if g.dim(0)? == 0 => Ok(Tensor::zeros(0, g.dtype(), g.device())?),
             Some(g) => Ok(g.max(D::Minus1)?),
             None => Err(GaussError::config("hidden", "network has no layers")),
         }
+    }
+
+    /// Whether any batch norm (the input's or a hidden layer's) runs in the forward.
+    fn has_batch_norm(&self) -> bool {
+        self.input_norm.is_some() || self.norms.iter().any(Option::is_some)
     }
 
     /// The Gaussian layers, in order (for losses over all layers, e.g. the λ-loss).

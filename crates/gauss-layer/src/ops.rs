@@ -171,6 +171,10 @@ pub fn gate(gaussian: &Tensor, prev_gaussian: &Tensor) -> Result<Tensor> {
             pd,
         ));
     }
+    if gd[0] == 0 {
+        // No rows to gate (and Candle's max over an empty tensor is an error).
+        return Ok(gaussian.clone());
+    }
     let strongest = prev_gaussian.max_keepdim(D::Minus1)?;
     Ok(gaussian.broadcast_mul(&strongest)?)
 }

@@ -19,11 +19,31 @@ use crate::cnn::{CnnClassical, CnnFgn, Trunk, TrunkConfig};
 use crate::data::Split;
 use crate::train::{Mlp, Schedule};
 
-/// Shuffled mini-batch indices of one epoch.
+/// Shuffled mini-batch indices of one epoch. A last batch of one sample (of a batch size
+/// above one) joins the batch before it: batch norm (the trunk's, and the Gaussian layers' `--feature-batch-norm`, on by
+/// default) needs two samples for a batch variance, and `GaussNet` refuses one in training.
 fn epoch_batches(n: usize, batch_size: usize, rng: &mut StdRng) -> Vec<Vec<u32>> {
     let mut order: Vec<u32> = (0..n as u32).collect();
     order.shuffle(rng);
-    order.chunks(batch_size).map(<[u32]>::to_vec).collect()
+    let mut batches: Vec<Vec<u32>> = order.chunks(batch_size).map(<[u32]>::to_vec).collect();
+    if batch_size >= 2 && batches.len() >= 2 && batches.last().is_some_and(|l| l.len() == 1) {
+        if let Some(lone) = batches.pop() {
+            if let Some(previous) = batches.last_mut() {
+                previous.extend(lone);
+            }
+        }
+    }
+    batches
+}
+
+/// Steps in one epoch of `n` samples: the number of [`epoch_batches`].
+fn steps_per_epoch(n: usize, batch_size: usize) -> usize {
+    let steps = n.div_ceil(batch_size.max(1));
+    if batch_size >= 2 && steps >= 2 && n % batch_size == 1 {
+        steps - 1
+    } else {
+        steps
+    }
 }
 
 fn batch(split: &Split, index: &[u32], device: &Device) -> Result<(Tensor, Tensor)> {
@@ -69,7 +89,7 @@ fn fit(
     opts: &mut [(FusedAdamW, f64)],
     mut step: impl FnMut(&Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<f64> {
-    let steps_per_epoch = train.len().div_ceil(schedule.batch_size.max(1));
+    let steps_per_epoch = steps_per_epoch(train.len(), schedule.batch_size);
     let total = (steps_per_epoch * schedule.epochs).max(1);
     let started = Instant::now();
     let mut t = 0usize;
@@ -233,4 +253,34 @@ pub fn train_fgn(
         },
     )?;
     Ok((model, seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    /// Every sample once an epoch; no batch of one sample unless the set has one; the step
+    /// count the progress bar and the learning-rate schedule use is the batches' count.
+    #[test]
+    fn epoch_batches_cover_every_sample_and_never_leave_one_alone() {
+        let mut rng = StdRng::seed_from_u64(0);
+        for (n, batch_size) in [(1, 4), (5, 4), (9, 4), (8, 4), (3, 1), (129, 128), (2, 128)] {
+            let batches = epoch_batches(n, batch_size, &mut rng);
+            let mut seen: Vec<u32> = batches.concat();
+            seen.sort_unstable();
+            assert_eq!(
+                seen,
+                (0..n as u32).collect::<Vec<_>>(),
+                "n {n}, batch {batch_size}"
+            );
+            assert_eq!(batches.len(), steps_per_epoch(n, batch_size), "n {n}");
+            if n >= 2 && batch_size >= 2 {
+                assert!(batches.iter().all(|b| b.len() >= 2), "n {n}: {batches:?}");
+            }
+        }
+        // 9 = 4 + 4 + 1: the lone sample joins the second batch.
+        let sizes: Vec<usize> = epoch_batches(9, 4, &mut rng).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [4, 5]);
+    }
 }
