@@ -768,6 +768,43 @@ mod tests {
         Ok(())
     }
 
+    /// A `precision_scale` below f32's smallest normal number is refused in f32 by every
+    /// form (the log-scale and factor forms by the raw-value bounds; direct, which stores `P`
+    /// itself, by name: its initial diagonal rounded to 0 and `P = 0` passed), while 1e-3
+    /// builds.
+    #[test]
+    fn a_scale_the_dtype_cannot_hold_is_refused_by_every_form() -> Result<()> {
+        for parameterization in Parameterization::ALL {
+            let config = |scale| GaussLayerConfig {
+                precision: PrecisionConfig::with_parameterization(parameterization),
+                init: InitConfig {
+                    precision_scale: Some(scale),
+                    seed: Some(1),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            build(config(1e-3), 4, 3, DType::F32, &Device::Cpu)?;
+            let refused = build(config(1e-300), 4, 3, DType::F32, &Device::Cpu);
+            assert!(refused.is_err(), "{parameterization}: 1e-300 in f32 built");
+        }
+        let direct = GaussLayerConfig {
+            precision: PrecisionConfig::with_parameterization(Parameterization::Direct),
+            init: InitConfig {
+                precision_scale: Some(1e-300),
+                seed: Some(1),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let error = build(direct, 4, 3, DType::F32, &Device::Cpu)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("init.precision_scale"), "{error:?}");
+        Ok(())
+    }
+
     /// `portable: true` sends every op of a layer's training step to tensor ops on the CPU,
     /// as the table says: the forward, the statistics the losses use (exact and estimated
     /// `tr Σ`, with the Cholesky factorizations of a width floor and of lowrank's

@@ -18,7 +18,7 @@
 //! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use crate::error::{GaussError, Result};
 use crate::route::{backend, Backend};
@@ -60,6 +60,17 @@ pub(crate) fn max_finite(dtype: DType) -> f64 {
         DType::BF16 => half::bf16::MAX.to_f64(),
         DType::F32 => f32::MAX as f64,
         _ => f64::MAX,
+    }
+}
+
+/// The smallest positive normal number of a float dtype (f64's for any other dtype): below it
+/// a value loses precision, and a small enough one rounds to 0.
+pub(crate) fn min_positive_normal(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => half::f16::MIN_POSITIVE.to_f64(),
+        DType::BF16 => half::bf16::MIN_POSITIVE.to_f64(),
+        DType::F32 => f32::MIN_POSITIVE as f64,
+        _ => f64::MIN_POSITIVE,
     }
 }
 
@@ -115,8 +126,19 @@ pub fn eye_like(d: usize, like: &Tensor) -> Result<Tensor> {
     Ok(Tensor::eye(d, like.dtype(), like.device())?)
 }
 
-fn tril_mask(d: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    Ok(Tensor::tril2(d, dtype, device)?)
+/// Keeps the entries of each (d, d) matrix where `keep(row, col)` holds and writes exact zeros
+/// elsewhere: a select, not a product with a 0/1 mask, so a NaN or ∞ in the dropped part does
+/// not spread (`0·NaN` is NaN; "only the lower triangle is read" must hold for any upper one).
+fn select_entries(
+    matrices: &Tensor,
+    d: usize,
+    keep: fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+) -> Result<Tensor> {
+    let index = Tensor::arange(0u32, d as u32, matrices.device())?;
+    let rows = index.reshape((d, 1))?.broadcast_as((d, d))?;
+    let cols = index.reshape((1, d))?.broadcast_as((d, d))?;
+    let mask = keep(&rows, &cols)?.broadcast_as(matrices.shape())?;
+    Ok(mask.where_cond(matrices, &matrices.zeros_like()?)?)
 }
 
 /// Lower triangle (diagonal included) of a batch of square matrices.
@@ -128,8 +150,7 @@ fn tril_mask(d: usize, dtype: DType, device: &Device) -> Result<Tensor> {
 /// A tensor that is not a batch of square matrices of the documented rank.
 pub fn tril(matrices: &Tensor) -> Result<Tensor> {
     let d = square_dim(matrices, "tril: matrices", None)?;
-    let mask = tril_mask(d, matrices.dtype(), matrices.device())?;
-    Ok(matrices.broadcast_mul(&mask)?)
+    select_entries(matrices, d, |rows, cols| rows.ge(cols))
 }
 
 /// Strictly lower triangle (diagonal excluded) of a batch of square matrices.
@@ -141,8 +162,7 @@ pub fn tril(matrices: &Tensor) -> Result<Tensor> {
 /// A tensor that is not a batch of square matrices of the documented rank.
 pub fn strict_tril(matrices: &Tensor) -> Result<Tensor> {
     let d = square_dim(matrices, "strict_tril: matrices", None)?;
-    let mask = (tril_mask(d, matrices.dtype(), matrices.device())? - eye_like(d, matrices)?)?;
-    Ok(matrices.broadcast_mul(&mask)?)
+    select_entries(matrices, d, |rows, cols| rows.gt(cols))
 }
 
 /// `(A + Aᵀ)/2` for a batch of square matrices.
@@ -166,9 +186,12 @@ pub fn symmetrize(matrices: &Tensor) -> Result<Tensor> {
 /// A tensor that is not a batch of square matrices of the documented rank.
 pub fn diagonal(matrices: &Tensor) -> Result<Tensor> {
     let d = square_dim(matrices, "diagonal: matrices", None)?;
+    // Entries i·(d + 1) of each flattened matrix: d reads, and the off-diagonal entries
+    // (NaN or ∞ included) take no part.
+    let positions = Tensor::arange_step(0u32, (d * d) as u32, (d + 1) as u32, matrices.device())?;
     Ok(matrices
-        .broadcast_mul(&eye_like(d, matrices)?)?
-        .sum(D::Minus1)?)
+        .flatten_from(D::Minus2)?
+        .index_select(&positions, D::Minus1)?)
 }
 
 /// Batch of diagonal matrices from their diagonals.
@@ -384,7 +407,7 @@ fn small_cholesky(spd: &Tensor, b: usize) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::testing::max_abs;
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         max_abs(&(a - b).unwrap()).unwrap()
@@ -511,5 +534,71 @@ mod tests {
             vec![vec![vec![1.0, 3.0], vec![3.0, 3.0]]]
         );
         assert!(tril_inverse(&Tensor::zeros((2, 3), DType::F64, &Device::Cpu).unwrap()).is_err());
+    }
+
+    /// The triangle and diagonal selections read only what they keep: a NaN or ∞ elsewhere
+    /// (an unused upper triangle) neither reaches the values (a 0/1 mask product made the
+    /// dropped entries NaN, and the diagonal's row sums NaN) nor the gradients, which are 1 on
+    /// the kept entries and exactly 0 on the others. Ranks 2, 3 and 4 (leading batch dims).
+    #[test]
+    fn selections_ignore_non_finite_entries_they_drop() {
+        let values = [
+            [2.0f32, f32::NAN, f32::INFINITY],
+            [0.5, -3.0, f32::NEG_INFINITY],
+            [1.5, 0.25, 4.0],
+        ];
+        for leading in [vec![], vec![2], vec![2, 1]] {
+            let mut shape = leading.clone();
+            shape.extend([3, 3]);
+            let copies: usize = leading.iter().product();
+            let m = Var::from_tensor(
+                &Tensor::new(&values, &Device::Cpu)
+                    .unwrap()
+                    .broadcast_as(shape.as_slice())
+                    .unwrap()
+                    .contiguous()
+                    .unwrap(),
+            )
+            .unwrap();
+            let lower = tril(&m)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let strict = strict_tril(&m)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let diag = diagonal(&m)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let expect_lower = [2.0, 0.0, 0.0, 0.5, -3.0, 0.0, 1.5, 0.25, 4.0];
+            let expect_strict = [0.0, 0.0, 0.0, 0.5, 0.0, 0.0, 1.5, 0.25, 0.0];
+            assert_eq!(lower, expect_lower.repeat(copies), "{shape:?}");
+            assert_eq!(strict, expect_strict.repeat(copies), "{shape:?}");
+            assert_eq!(diag, [2.0, -3.0, 4.0].repeat(copies), "{shape:?}");
+            let loss = ((tril(&m).unwrap().sum_all().unwrap()
+                + strict_tril(&m).unwrap().sum_all().unwrap())
+            .unwrap()
+                + diagonal(&m).unwrap().sum_all().unwrap())
+            .unwrap();
+            let grads = loss.backward().unwrap();
+            let grad = grads
+                .get(&m)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            // tril + strict_tril + diagonal: 2 on the diagonal, 2 below, 0 above.
+            let expect_grad = [2.0, 0.0, 0.0, 2.0, 2.0, 0.0, 2.0, 2.0, 2.0];
+            assert_eq!(grad, expect_grad.repeat(copies), "{shape:?}");
+        }
     }
 }

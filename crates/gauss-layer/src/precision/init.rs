@@ -44,6 +44,29 @@ fn perturbation_too_large(eps: f64, why: String) -> GaussError {
     )
 }
 
+/// direct stores `P` itself, so its initial diagonal (`scale` perturbed) must be a normal
+/// number of the dtype: a smaller one rounds towards 0 when cast (`precision_scale` 1e-300 in
+/// f32 gave `P = 0`). The other forms store logarithms or factors, which the raw-value bounds
+/// check ([`super::bounds`]) covers.
+fn check_direct_diagonal(
+    raw: &[f64],
+    d: usize,
+    dtype: DType,
+    scale: f64,
+    neuron: usize,
+) -> Result<()> {
+    let smallest = crate::linalg::min_positive_normal(dtype);
+    match (0..d).map(|i| raw[i * d + i]).find(|&v| v < smallest) {
+        None => Ok(()),
+        Some(v) => Err(GaussError::config(
+            "init.precision_scale",
+            format!(
+                "{scale:e} is too small for a direct precision in {dtype:?}: neuron {neuron} would start with the diagonal entry {v:e}, below the smallest normal {dtype:?} ({smallest:e}), which rounds towards 0"
+            ),
+        )),
+    }
+}
+
 impl Precision {
     /// The FGN initial raw tensor: `P ≈ scale · I` with a tiny symmetric random perturbation
     /// of relative size `config.init.perturbation` (`scale = config.init.precision_scale`,
@@ -123,6 +146,9 @@ impl Precision {
                             }
                             other => other,
                         })?;
+                    if config.precision.parameterization == Parameterization::Direct {
+                        check_direct_diagonal(&raw, d, dtype, scale, neuron)?;
+                    }
                     values.extend(raw);
                 }
                 values
