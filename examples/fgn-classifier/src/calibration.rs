@@ -117,7 +117,23 @@ pub fn fit_temperature(logits: &[Vec<f64>], labels: &[u32]) -> Result<f64> {
             f_right = nll(right);
         }
     }
-    Ok(1.0 / (0.5 * (lo + hi)).exp())
+    let log_inverse = 0.5 * (lo + hi);
+    let temperature = 1.0 / log_inverse.exp();
+    if at_range_end(log_inverse) {
+        eprintln!(
+            "note: the fitted temperature {temperature:.4} is at an end of its search range \
+             (0.01 to 100): the held-out NLL still falls beyond it (every held-out image \
+             classified with a wide margin, or logits that rank the labels last)"
+        );
+    }
+    Ok(temperature)
+}
+
+/// Whether a fitted `ln(1/T)` lies at an end of [`LOG_INVERSE_RANGE`] (the search stops
+/// within 1e-10 of it).
+fn at_range_end(log_inverse: f64) -> bool {
+    let (lo, hi) = LOG_INVERSE_RANGE;
+    log_inverse - lo < 1e-6 || hi - log_inverse < 1e-6
 }
 
 /// Fits the temperature of `model` on the calibration split (logits computed on `device`).
@@ -224,6 +240,24 @@ mod tests {
             (fitted / expected - 1.0).abs() < 1e-6,
             "{fitted} vs {expected}"
         );
+    }
+
+    /// Held-out logits that classify every image with a margin: the NLL falls as T → 0, and
+    /// the fit stops at the end of its range (T = 0.01), which it says; an interior fit does
+    /// not count as one.
+    #[test]
+    fn a_fit_at_an_end_of_the_range_is_recognised() {
+        let logits = vec![vec![0.0, 1.0]; 10];
+        let fitted = fit_temperature(&logits, &[1; 10]).unwrap();
+        assert!((fitted / 0.01 - 1.0).abs() < 1e-6, "{fitted}");
+        assert!(at_range_end((1.0 / fitted).ln()));
+        let labels: Vec<u32> = (0..10).map(|k| u32::from(k < 8)).collect();
+        let interior = fit_temperature(&logits, &labels).unwrap();
+        assert!(!at_range_end((1.0 / interior).ln()));
+        // Labels always ranked last: the NLL falls as T → ∞ (the other end, T = 100).
+        let fitted = fit_temperature(&logits, &[0; 10]).unwrap();
+        assert!((fitted / 100.0 - 1.0).abs() < 1e-6, "{fitted}");
+        assert!(at_range_end((1.0 / fitted).ln()));
     }
 
     #[test]

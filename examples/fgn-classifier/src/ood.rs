@@ -41,7 +41,13 @@ pub trait Scorer {
 }
 
 fn fgn_scores(net: &GaussNet, features: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-    let (logits, gaussians) = net.forward_with_gaussians(features, false)?;
+    // Inputs come as f32; an f64 network (`import` writes f64 checkpoints) runs in f64, as
+    // `evaluate`'s `Classifier` runs it.
+    let features = match net.dtype() {
+        Some(dtype) if dtype != features.dtype() => features.to_dtype(dtype)?,
+        _ => features.clone(),
+    };
+    let (logits, gaussians) = net.forward_with_gaussians(&features, false)?;
     let Some(last) = gaussians.last() else {
         bail!("the network has no layers");
     };
@@ -180,12 +186,7 @@ fn scores(outputs: &Outputs) -> Vec<(&'static str, Vec<f64>)> {
     let max_softmax = outputs
         .logits
         .iter()
-        .map(|row| {
-            metrics::log_softmax(row)
-                .into_iter()
-                .fold(f64::NEG_INFINITY, f64::max)
-                .exp()
-        })
+        .map(|row| metrics::max_softmax(row))
         .collect();
     let entropy = outputs
         .logits
@@ -223,13 +224,10 @@ pub fn report(
     let mut nll = 0.0;
     for (row, &y) in inside.logits.iter().zip(&labels) {
         let lp = metrics::log_softmax(row);
-        let (best, &best_lp) = lp
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .unwrap_or((0, &f64::NEG_INFINITY));
+        // The first largest, as `numpy.argmax` and Candle's `argmax` (`evaluate`) take it.
+        let best = metrics::argmax(&lp).unwrap_or(0);
         correct.push(best == y as usize);
-        confidence.push(best_lp.exp());
+        confidence.push(lp.get(best).map_or(f64::NAN, |l| l.exp()));
         nll -= lp[y as usize];
     }
     let n = labels.len().max(1) as f64;
@@ -271,6 +269,82 @@ pub fn report(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Logits = the images themselves (and no FGN score).
+    struct Identity;
+
+    impl Scorer for Identity {
+        fn scores(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+            Ok((x.clone(), None))
+        }
+    }
+
+    impl Classifier for Identity {
+        fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            Ok(x.clone())
+        }
+    }
+
+    fn split(images: &[[f32; 2]], labels: &[u32]) -> Split {
+        Split {
+            images: Tensor::from_vec(images.concat(), (images.len(), 2), &Device::Cpu).unwrap(),
+            labels: Tensor::new(labels, &Device::Cpu).unwrap(),
+        }
+    }
+
+    /// A tie between the top logits predicts the first class, as `numpy.argmax` (which
+    /// `tools/ood/from_predict.py` uses) and Candle's `argmax` (which `evaluate` uses) do:
+    /// logits (0.5, 0.5) with label 0 and (0.2, 0.7) with label 1 are both correct. NLL:
+    /// ln 2 and ln(1 + e^−0.5), closed forms.
+    #[test]
+    fn report_accuracy_breaks_ties_as_argmax_does() {
+        let test = split(&[[0.5, 0.5], [0.2, 0.7]], &[0, 1]);
+        let report = report(&Identity, &test, &[], &Device::Cpu, "ties").unwrap();
+        let evaluated = crate::evaluate::evaluate(&Identity, &test, &Device::Cpu).unwrap();
+        assert_eq!(evaluated.test_accuracy, 1.0);
+        assert_eq!(report["accuracy"], json!(1.0));
+        let nll = (2f64.ln() + (1.0 + (-0.5f64).exp()).ln()) / 2.0;
+        assert!((report["nll"].as_f64().unwrap() - nll).abs() < 1e-6);
+    }
+
+    /// NaN logits give NaN scores: before, they scored as the most in-distribution image
+    /// there is by the entropy (−0) and the least by max-softmax (0).
+    #[test]
+    fn nan_logits_give_nan_scores() {
+        let outputs = Outputs {
+            logits: vec![vec![f64::NAN, 0.0], vec![0.0, 0.0]],
+            fgn: None,
+        };
+        for (name, values) in scores(&outputs) {
+            assert!(values[0].is_nan(), "{name}: {}", values[0]);
+            assert!(values[1].is_finite(), "{name}: {}", values[1]);
+        }
+    }
+
+    /// An f64 network (`import` writes f64 checkpoints) scored on f32 images, as `eval --ood`
+    /// does: the images run in the network's dtype, as `evaluate` runs them.
+    #[test]
+    fn report_runs_an_f64_network_on_f32_images() {
+        use candle_nn::{VarBuilder, VarMap};
+        let varmap = VarMap::new();
+        let config = gauss_layer::GaussNetConfig {
+            in_features: 2,
+            hidden: vec![3],
+            out_features: 2,
+            ..Default::default()
+        };
+        let net = GaussNet::new(
+            config,
+            VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu),
+        )
+        .unwrap();
+        let test = split(&[[0.1, 0.9], [0.8, 0.3], [0.5, 0.5]], &[0, 1, 1]);
+        let report = report(&net, &test, &[OodSource::Inverted], &Device::Cpu, "f64")
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let evaluated = crate::evaluate::evaluate(&net, &test, &Device::Cpu).unwrap();
+        assert_eq!(report["accuracy"], json!(round(evaluated.test_accuracy)));
+        assert!(report["ood"]["inverted"]["fgn"]["auroc"].is_number());
+    }
 
     #[test]
     fn generated_sets_keep_shape_and_pixels_in_range() {
