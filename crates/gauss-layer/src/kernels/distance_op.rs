@@ -2,14 +2,14 @@
 //! whose forward and backward run the diagonal, projected or expanded algorithm the
 //! resolver planned, on host slices.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::expanded::{self, Source};
 use super::factors::FactorMap;
 use super::{diagonal, projected};
 use crate::cpu::{
-    dispatch_backward3, dispatch_float3, needs_input_gradient, poison_non_finite_rows, Gradients3,
-    OperandShape, Real, Sizes,
+    dispatch_backward3, dispatch_float3, needs_input_gradient, poison_non_finite_rows,
+    with_row_major, Gradients3, OperandShape, Real, Sizes,
 };
 use crate::error::Result;
 
@@ -134,7 +134,7 @@ impl CustomOp3 for FusedDistance {
         x: &Tensor,
         center: &Tensor,
         input: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let s = self.sizes.check_distance_inputs(
@@ -144,6 +144,27 @@ impl CustomOp3 for FusedDistance {
         )?;
         let plan = self.plan;
         let input_gradient = needs_input_gradient(x);
+        // The clamp of a negative m2 (a matrix that is not positive definite) passes no
+        // gradient; factors' m2 is never negative.
+        let clamps = matches!(
+            plan,
+            FusedPlan::Expanded {
+                source: Source::Matrix,
+                ..
+            }
+        );
+        let masked;
+        let grad = match x.dtype() {
+            DType::F32 if clamps => {
+                masked = without_clamped::<f32>([x, center, input, res, grad], s)?;
+                &masked
+            }
+            DType::F64 if clamps => {
+                masked = without_clamped::<f64>([x, center, input, res, grad], s)?;
+                &masked
+            }
+            _ => grad,
+        };
         dispatch_backward3(
             self.name(),
             [x, center, input, grad],
@@ -152,6 +173,27 @@ impl CustomOp3 for FusedDistance {
             |x, c, p, g| plan.backward(x, c, p, g, s, input_gradient),
         )
     }
+}
+
+/// The upstream gradient `grad` (B, Z) as `T`, zero where the expanded forward clamped a
+/// negative `m2` to its output `res` (see [`expanded::zero_clamped_gradients`]).
+fn without_clamped<T: Real>(
+    [x, center, matrix, res, grad]: [&Tensor; 5],
+    s: Sizes,
+) -> candle_core::Result<Tensor> {
+    let grad = grad.to_dtype(T::DTYPE)?;
+    let mut values = with_row_major::<T, _>(&grad, |g| Ok(g.to_vec()))?;
+    with_row_major::<T, _>(res, |res| {
+        with_row_major::<T, _>(x, |x| {
+            with_row_major::<T, _>(center, |c| {
+                with_row_major::<T, _>(matrix, |a| {
+                    expanded::zero_clamped_gradients(&mut values, res, T::zero(), x, c, a, s);
+                    Ok(())
+                })
+            })
+        })
+    })?;
+    Tensor::from_vec(values, grad.shape(), grad.device())
 }
 
 /// Runs the fused distance op with `plan` on inputs of the checked `sizes` (f32 or f64, one

@@ -14,8 +14,9 @@
 //!
 //! The terms cancel when the centers sit far from each other relative to the widths, or
 //! when P is ill-conditioned: the resolver's conditioning check ([`super::conditioning`])
-//! sends such layers to the projected form. `m2` is clamped at 0 (the clamp only hides
-//! rounding, so the backward passes gradients through it).
+//! sends such layers to the projected form. `m2` is clamped at 0; the backward passes
+//! gradients through the clamp where it only hid rounding, and blocks them where a precision
+//! matrix that is not positive definite gave a negative `m2` ([`zero_clamped_gradients`]).
 
 use candle_core::{Tensor, D};
 
@@ -413,6 +414,58 @@ pub(super) fn forward_into<T: Real>(
                 }
             },
         );
+    }
+}
+
+/// Zeroes the incoming gradient `grad` (B, Z) of the pairs whose `m2` the forward clamped
+/// from a negative value (a precision matrix that is not positive definite): the clamp's
+/// derivative is 0 there, as the portable forms' `relu` and finite differences have it, while
+/// the expanded backward would differentiate the negative value. Candidates are the pairs
+/// whose forward output `out` (B, Z) equals `at_clamp` (`m2 = 0`, or `g = 1` for the layer
+/// op), a few where `P` is positive definite; of those, the pairs whose `(x − c)ᵀ A (x − c)`,
+/// in f64, is negative. Factors need none of this: `|Fᵀ(x − c)|² ≥ 0`.
+pub(super) fn zero_clamped_gradients<T: Real>(
+    grad: &mut [T],
+    out: &[T],
+    at_clamp: T,
+    x: &[T],
+    center: &[T],
+    matrix: &[T],
+    s: Sizes,
+) {
+    let Sizes {
+        batch,
+        dim,
+        neurons,
+    } = s;
+    if batch == 0 || neurons == 0 || dim == 0 {
+        return;
+    }
+    let mut diff = vec![0f64; dim];
+    for (k, (g, &o)) in grad.iter_mut().zip(out).enumerate().take(batch * neurons) {
+        if o != at_clamp || *g == T::zero() {
+            continue;
+        }
+        let (b, z) = (k / neurons, k % neurons);
+        let (xb, cz) = (&x[b * dim..][..dim], &center[z * dim..][..dim]);
+        for ((d, &xi), &ci) in diff.iter_mut().zip(xb).zip(cz) {
+            *d = xi.to_f64() - ci.to_f64();
+        }
+        let a = &matrix[z * dim * dim..][..dim * dim];
+        let m2: f64 = a
+            .chunks_exact(dim)
+            .zip(&diff)
+            .map(|(row, &di)| {
+                di * row
+                    .iter()
+                    .zip(&diff)
+                    .map(|(&v, &dj)| v.to_f64() * dj)
+                    .sum::<f64>()
+            })
+            .sum();
+        if m2 < 0.0 {
+            *g = T::zero();
+        }
     }
 }
 

@@ -13,6 +13,7 @@
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::distance_op::FusedPlan;
+use super::expanded::{zero_clamped_gradients, Source};
 use super::linear_op::{linear_backward, linear_rows};
 use super::{Operand, Resolved};
 use crate::cpu::{
@@ -247,6 +248,14 @@ impl FusedGaussLayer {
                     }
                 },
             );
+        }
+        if let FusedPlan::Expanded {
+            source: Source::Matrix,
+            ..
+        } = self.plan
+        {
+            // A clamped m2 (g = 1 there) passes no gradient where it was negative.
+            zero_clamped_gradients(&mut grad_m2, g, T::one(), x, &p.center, factor, s);
         }
         let (mut grad_x, grad_center, grad_factor) =
             self.plan

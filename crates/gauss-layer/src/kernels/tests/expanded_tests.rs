@@ -236,3 +236,119 @@ fn expanded_fused_gradients_match_autograd() -> TestResult {
 fn expanded_fused_f32_gradients_match_autograd() -> TestResult {
     check_f32_gradients(expanded_fused_factor, &case(61, 65, 16, 17, 1.0), 161)
 }
+
+/// Indefinite (and not symmetric) matrices `A` for two neurons, inputs on both sides of the
+/// cone where `(x − c)ᵀ A (x − c) = 0`, an upstream gradient and the layer's weight and bias.
+fn indefinite_case() -> candle_core::Result<[Tensor; 6]> {
+    let mut rng = StdRng::seed_from_u64(77);
+    let x = normal(&mut rng, &[9, 3], 1.0);
+    let center = normal(&mut rng, &[2, 3], 0.5);
+    let a = Tensor::new(
+        &[
+            [[1.0f64, 0.4, 0.0], [-0.2, -0.8, 0.1], [0.0, 0.3, 0.5]],
+            [[-1.0, 0.0, 0.2], [0.0, 0.6, 0.0], [0.2, 0.0, 0.9]],
+        ],
+        &Device::Cpu,
+    )?;
+    let up = normal(&mut rng, &[9, 2], 1.0);
+    let weight = normal(&mut rng, &[2, 3], 1.0);
+    let bias = normal(&mut rng, &[2], 1.0);
+    Ok([x, center, a, up, weight, bias])
+}
+
+/// Where a precision matrix that is not positive definite makes `m2` negative, every form
+/// clamps it to 0, so its gradient there is 0 (the naive form's `relu`, and central
+/// differences: `m2` stays 0 under a small step); the fused expanded backward differentiated
+/// the negative value instead, in the distance op and in the layer op.
+#[test]
+fn expanded_fused_passes_no_gradient_through_a_clamped_negative_m2() -> TestResult {
+    let [x, center, a, up, weight, bias] = indefinite_case()?;
+    let naive = |x: &Tensor, c: &Tensor, a: &Tensor| -> crate::Result<Tensor> {
+        let sym = ((a + a.transpose(1, 2)?)? * 0.5)?;
+        super::super::naive::portable(x, c, &sym)
+    };
+    let m2 = naive(&x, &center, &a)?;
+    // f64: a CPU test
+    let values = m2.flatten_all()?.to_vec1::<f64>()?;
+    let clamped = values.iter().filter(|&&v| v == 0.0).count();
+    assert!(clamped >= 3 && clamped + 3 <= values.len(), "{values:?}");
+    let inputs = [&x, &center, &a];
+    let fused = gradients(expanded_fused, inputs, &up)?;
+    let oracle = gradients(naive, inputs, &up)?;
+    for (name, (f, o)) in ["x", "center", "matrix"]
+        .iter()
+        .zip(fused.iter().zip(&oracle))
+    {
+        let err = gradient_error(f, o)?;
+        assert!(err < 1e-12, "distance op ∂{name}: relative error {err:e}");
+    }
+    // Central differences of the fused forward itself, in every coordinate of x.
+    // f64: a CPU test
+    let mut xv = x.flatten_all()?.to_vec1::<f64>()?;
+    // f64: a CPU test
+    let up_v = up.flatten_all()?.to_vec1::<f64>()?;
+    // f64: a CPU test
+    let grad_x = fused[0].flatten_all()?.to_vec1::<f64>()?;
+    let loss = |xv: &[f64]| -> crate::Result<f64> {
+        let x = Tensor::from_slice(xv, (9, 3), &Device::Cpu)?;
+        // f64: a CPU test
+        let m2 = expanded_fused(&x, &center, &a)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        Ok(m2.iter().zip(&up_v).map(|(m, u)| m * u).sum())
+    };
+    let h = 1e-6;
+    for k in 0..xv.len() {
+        let v = xv[k];
+        xv[k] = v + h;
+        let plus = loss(&xv)?;
+        xv[k] = v - h;
+        let minus = loss(&xv)?;
+        xv[k] = v;
+        let fd = (plus - minus) / (2.0 * h);
+        assert!(
+            (fd - grad_x[k]).abs() < 1e-6,
+            "∂x[{k}]: {} against {fd}",
+            grad_x[k]
+        );
+    }
+    // The fused layer op (its backward sees g = 1 where m2 was clamped).
+    let plan = FusedPlan::Expanded {
+        source: Source::Matrix,
+        projected_forward: false,
+    };
+    for tanh in [false, true] {
+        let run = |fused: bool| -> std::result::Result<Vec<Tensor>, Box<dyn std::error::Error>> {
+            let vars = [&x, &center, &a, &weight, &bias]
+                .iter()
+                .map(|t| Var::from_tensor(t))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let [x, c, a, w, b] = [0, 1, 2, 3, 4].map(|i| vars[i].as_tensor());
+            let (y, g) = if fused {
+                layer_op::forward(sizes(x, c)?, x, c, w, Some(b), a, plan, tanh)?
+            } else {
+                let g = (naive(x, c, a)? * -0.5)?.exp()?;
+                let mut lin = x.matmul(&w.t()?)?.broadcast_add(&b.unsqueeze(0)?)?;
+                if tanh {
+                    lin = lin.tanh()?;
+                }
+                ((lin * &g)?, g)
+            };
+            let loss = (y.mul(&up)?.sum_all()? + g.mul(&up)?.sum_all()?)?;
+            let grads = loss.backward()?;
+            Ok(vars
+                .iter()
+                .map(|v| grads.get(v.as_tensor()).cloned().ok_or("missing gradient"))
+                .collect::<std::result::Result<Vec<_>, _>>()?)
+        };
+        let names = ["x", "center", "matrix", "weight", "bias"];
+        for (name, (f, o)) in names.iter().zip(run(true)?.iter().zip(&run(false)?)) {
+            let err = gradient_error(f, o)?;
+            assert!(
+                err < 1e-12,
+                "layer op (tanh {tanh}) ∂{name}: relative error {err:e}"
+            );
+        }
+    }
+    Ok(())
+}

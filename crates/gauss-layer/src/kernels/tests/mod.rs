@@ -18,6 +18,7 @@ use crate::error::GaussError;
 use crate::precision::Precision;
 
 mod diagonal_tests;
+mod edge_tests;
 mod expanded_tests;
 mod input_gradient_tests;
 mod layer_op_tests;
