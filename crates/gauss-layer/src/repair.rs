@@ -216,11 +216,14 @@ fn check_floor(min_eigenvalue: f64) -> Result<()> {
 /// their `A` unchanged. Returns a tensor on the device and in the dtype of `matrices`.
 /// A matrix with a non-finite entry is an error naming the neuron (nothing can repair it).
 ///
-/// The eigenvalues are raised to `max(min_eigenvalue, 2·u·√d·λ_max)` (`u` the dtype's unit
+/// The eigenvalues are raised to `min_eigenvalue + 2·u·√d·λ_max` (`u` the dtype's unit
 /// roundoff): rounding the repaired matrix to its dtype moves its eigenvalues by at most
-/// `u·√d·λ_max` (Weyl's bound on the rounding error's norm), so a floor below the dtype's
-/// resolution (1e-12 in f32 against λ_max = 3) still gives a positive definite matrix there,
-/// with eigenvalues at least `u·√d·λ_max`; a floor above it is met up to that rounding.
+/// `u·√d·λ_max` (Weyl's bound on the rounding error's norm), so the matrix stored in its
+/// dtype keeps every eigenvalue above `min_eigenvalue` (by at least `u·√d·λ_max`), also for a
+/// floor below the dtype's resolution (1e-12 in f32 against λ_max = 3), and the next check
+/// ([`repair_var_if_needed`]) finds nothing to repair. Raised to the floor itself, rounding
+/// left f32 matrices just below it (0.997e-6 for the floor 1e-6), so every later check
+/// repaired them again.
 ///
 /// # Shapes
 /// `matrices`: (Z, d, d) → (Z, d, d)
@@ -276,7 +279,7 @@ fn repair_block(
         return Ok(());
     }
     let largest = eigenvalues.iter().fold(floor, |m, l| m.max(l.abs()));
-    let raised = floor.max(2.0 * linalg::unit_roundoff(dtype) * (d as f64).sqrt() * largest);
+    let raised = floor + 2.0 * linalg::unit_roundoff(dtype) * (d as f64).sqrt() * largest;
     let fixed = host::from_eigen(&eigenvalues, &eigenvectors, |l| l.max(raised));
     block_values.copy_from_slice(&fixed);
     Ok(())
@@ -311,11 +314,7 @@ pub fn repair_positive_definite(precision: &Precision, min_eigenvalue: f64) -> R
 pub fn repair_var_in_place(var: &Var, min_eigenvalue: f64) -> Result<PdReport> {
     check_floor(min_eigenvalue)?;
     let report = check_positive_definite_matrices(var.as_tensor())?;
-    if report
-        .neurons
-        .iter()
-        .any(|n| n.min_eigenvalue.is_nan() || n.min_eigenvalue < min_eigenvalue)
-    {
+    if below_floor(&report, min_eigenvalue) {
         let repaired = repair_matrices(var.as_tensor(), min_eigenvalue)?;
         var.set(&repaired)?;
     }
@@ -345,8 +344,18 @@ pub fn repair_var_if_needed(var: &Var, min_eigenvalue: f64) -> Result<bool> {
     if above_floor {
         return Ok(false);
     }
-    repair_var_in_place(var, min_eigenvalue)?;
-    Ok(true)
+    // The factorization fails for an eigenvalue at the floor too, which needs no repair: say
+    // whether one was made.
+    let report = repair_var_in_place(var, min_eigenvalue)?;
+    Ok(below_floor(&report, min_eigenvalue))
+}
+
+/// Whether some neuron of `report` has its smallest eigenvalue below `floor` (or NaN).
+fn below_floor(report: &PdReport, floor: f64) -> bool {
+    report
+        .neurons
+        .iter()
+        .any(|n| n.min_eigenvalue.is_nan() || n.min_eigenvalue < floor)
 }
 
 /// Whether every `(A + Aᵀ)/2 − floor·I` of a (Z, d, d) batch has a Cholesky factor (faer).
@@ -435,8 +444,25 @@ mod tests {
         let indefinite = Tensor::new(&[[[1.0f32, 2.0], [2.0, 1.0]]], &Device::Cpu).unwrap();
         assert!(!above_floor_in_tensor_ops(&indefinite, 0.5).unwrap());
         assert!(repair_var_if_needed(&low, 0.5).unwrap());
+        // Raised to the floor plus the rounding margin 2·u·√2·1 (3e-16 in f64).
+        let fixed = low.as_tensor().to_vec3::<f64>().unwrap();
+        assert!(
+            fixed[0][0][0] > 0.5 && fixed[0][0][0] - 0.5 < 1e-15,
+            "{fixed:?}"
+        );
         assert_eq!(
-            low.as_tensor().to_vec3::<f64>().unwrap(),
+            (fixed[0][0][1], fixed[0][1][0], fixed[0][1][1]),
+            (0.0, 0.0, 1.0)
+        );
+        // Repaired, it is above the floor: the next check repairs nothing.
+        assert!(!repair_var_if_needed(&low, 0.5).unwrap());
+        assert_eq!(low.as_tensor().to_vec3::<f64>().unwrap(), fixed);
+        // An eigenvalue exactly at the floor fails the factorization but needs no repair:
+        // nothing changes, and the call says so.
+        let at_floor = Var::new(&[[[0.5f64, 0.0], [0.0, 1.0]]], &Device::Cpu).unwrap();
+        assert!(!repair_var_if_needed(&at_floor, 0.5).unwrap());
+        assert_eq!(
+            at_floor.as_tensor().to_vec3::<f64>().unwrap(),
             vec![vec![vec![0.5, 0.0], vec![0.0, 1.0]]]
         );
     }
@@ -468,6 +494,39 @@ mod tests {
                 .unwrap(),
             )
             .unwrap();
+        }
+    }
+
+    #[test]
+    fn repaired_f32_matrices_stay_above_a_floor_above_the_resolution() {
+        // Indefinite f32 blocks A_ij = sin(1.3 i + 0.7 j + 5 n) − 0.2 (fixed values) repaired to
+        // the floor 1e-6: raised exactly to it, rounding to f32 left their smallest eigenvalue
+        // just below it (e.g. 0.9975e-6), so `repair_var_if_needed` repaired them again on
+        // every call. Now they stay above the floor in f32 and a second call does nothing.
+        let floor = 1e-6;
+        for d in [2usize, 3, 4, 8] {
+            let values: Vec<f32> = (0..3 * d * d)
+                .map(|k| {
+                    let (n, i, j) = (k / (d * d), k % (d * d) / d, k % d);
+                    ((1.3 * i as f64 + 0.7 * j as f64 + 5.0 * n as f64).sin() - 0.2) as f32
+                })
+                .collect();
+            let a = Tensor::from_vec(values, (3, d, d), &Device::Cpu).unwrap();
+            assert!(!check_positive_definite_matrices(&a)
+                .unwrap()
+                .all_positive_definite());
+            let fixed = repair_matrices(&a, floor).unwrap();
+            assert_eq!(fixed.dtype(), DType::F32);
+            let smallest = check_positive_definite_matrices(&fixed)
+                .unwrap()
+                .min_eigenvalue();
+            assert!(smallest >= floor, "d {d}: smallest eigenvalue {smallest:e}");
+            let var = Var::from_tensor(&fixed).unwrap();
+            assert!(!repair_var_if_needed(&var, floor).unwrap(), "d {d}");
+            assert_eq!(
+                var.as_tensor().to_vec3::<f32>().unwrap(),
+                fixed.to_vec3::<f32>().unwrap()
+            );
         }
     }
 
@@ -545,7 +604,15 @@ mod tests {
         let var = Var::new(&[[[-1.0f32, 0.0], [0.0, 2.0]]], &Device::Cpu).unwrap();
         let before = repair_var_in_place(&var, 0.25).unwrap();
         assert!(!before.all_positive_definite());
+        // The floor 0.25 plus the margin 2·u·√2·2 (3.4e-7 in f32) for rounding.
         let after = var.as_tensor().to_vec3::<f32>().unwrap();
-        assert_eq!(after, vec![vec![vec![0.25, 0.0], vec![0.0, 2.0]]]);
+        assert!(
+            after[0][0][0] > 0.25 && after[0][0][0] < 0.250001,
+            "{after:?}"
+        );
+        assert_eq!(
+            (after[0][0][1], after[0][1][0], after[0][1][1]),
+            (0.0, 0.0, 2.0)
+        );
     }
 }

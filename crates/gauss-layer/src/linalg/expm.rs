@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::{eye_like, matmul, read_scalar, square_dim, trace, unit_roundoff};
+use super::{eye_like, matmul, read_scalar, square_dim, sum_accumulated, trace, unit_roundoff};
 use crate::error::{GaussError, Result};
 
 /// Largest norm of the scaled argument of the Taylor polynomial in [`expm_symmetric`]:
@@ -117,7 +117,7 @@ pub fn trace_expm_symmetric(symmetric: &Tensor) -> Result<Tensor> {
         for _ in 1..squarings {
             acc = matmul(&acc, &acc)?;
         }
-        acc.sqr()?.sum((1, 2))?
+        sum_accumulated(&acc.sqr()?, (1, 2))?
     };
     let result = (trace * shift.flatten_all()?.exp()?)?;
     if may_overflow {
@@ -235,25 +235,28 @@ fn check_finite(result: &Tensor, symmetric: &Tensor, what: &str) -> Result<()> {
     if total.is_finite() {
         return Ok(());
     }
-    // Name the worst neuron by its largest diagonal entry (a lower bound of λ_max).
-    let diagonal = super::diagonal(symmetric)?.max(1)?;
-    let (worst, value) = diagonal
+    // Name the first neuron whose exponential (or its trace) is not finite, with its
+    // largest diagonal entry (a lower bound of λ_max). The largest diagonal entry alone
+    // does not find it: off-diagonal entries raise λ_max too.
+    let per_neuron = if result.rank() == 1 {
+        result.clone()
+    } else {
+        result.abs()?.flatten_from(1)?.sum(1)?
+    };
+    let per_neuron = per_neuron
         .to_device(&candle_core::Device::Cpu)?
         .to_dtype(DType::F64)?
-        .to_vec1::<f64>()?
-        .into_iter()
-        .enumerate()
-        .fold((0, f64::NEG_INFINITY), |best, (k, v)| {
-            if v > best.1 {
-                (k, v)
-            } else {
-                best
-            }
-        });
+        .to_vec1::<f64>()?;
+    let worst = per_neuron.iter().position(|v| !v.is_finite()).unwrap_or(0);
+    let value = super::diagonal(&symmetric.get(worst)?.unsqueeze(0)?)?
+        .max_all()?
+        .to_device(&candle_core::Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
     Err(GaussError::Numerical {
         what: what.to_string(),
         reason: format!(
-            "the exponential overflows {:?} (largest eigenvalue above {:.1}): neuron {worst} has a diagonal entry {value:e}; keep the raw expm parameter smaller or use f64",
+            "the exponential overflows {:?} (largest eigenvalue above {:.1}) for neuron {worst} (its largest diagonal entry is {value:e}); keep the raw expm parameter smaller or use f64",
             symmetric.dtype(),
             expm_overflow_limit(symmetric.dtype())
         ),
@@ -436,5 +439,27 @@ mod tests {
         // A NaN input is an error too.
         let a = Tensor::new(&[[[f64::NAN, 0.0], [0.0, 1.0]]], &Device::Cpu).unwrap();
         assert!(expm_symmetric(&a).is_err());
+    }
+
+    #[test]
+    fn overflow_errors_name_the_overflowing_neuron() {
+        // Neuron 0 = diag(40, 40): e^40 ≈ 2.4e17 is finite in f32. Neuron 1 = [[0, 89],
+        // [89, 0]] has eigenvalues ±89 and e^89 ≈ 4.5e38 overflows f32 (max 3.4e38). The
+        // largest diagonal entry is neuron 0's, but neuron 1 overflows.
+        let a = Tensor::new(
+            &[[[40.0f32, 0.0], [0.0, 40.0]], [[0.0, 89.0], [89.0, 0.0]]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        for (what, err) in [
+            ("expm", expm_symmetric(&a).map(|_| ()).unwrap_err()),
+            ("trace", trace_expm_symmetric(&a).map(|_| ()).unwrap_err()),
+        ] {
+            let text = err.to_string();
+            assert!(
+                matches!(err, GaussError::Numerical { .. }) && text.contains("neuron 1 "),
+                "{what}: {text}"
+            );
+        }
     }
 }

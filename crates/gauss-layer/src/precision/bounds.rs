@@ -92,7 +92,10 @@ pub(super) fn check_raw_values(raw: &Tensor, config: &PrecisionConfig) -> Result
 /// reduction on the device and one scalar read; the host sees the tensor only on a failure.
 fn check_expm_spectrum(raw: &Tensor, config: &PrecisionConfig) -> Result<()> {
     let bound = log_bound(raw.dtype());
-    let row_sums = ((raw + raw.transpose(1, 2)?)? * 0.5)?.abs()?.sum(2)?; // (Z, d)
+    // Summed in f32 for f16 and bf16, whose running sums lose digits over d terms (a sum
+    // that comes out short accepts a matrix beyond the bound).
+    let row_sums =
+        crate::linalg::sum_accumulated(&((raw + raw.transpose(1, 2)?)? * 0.5)?.abs()?, 2)?; // (Z, d)
     let largest = row_sums
         .max_all()?
         .to_device(&Device::Cpu)?

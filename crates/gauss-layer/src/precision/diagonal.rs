@@ -3,10 +3,11 @@
 
 use candle_core::Tensor;
 
-use super::Precision;
+use super::{sum_exp_negated, Precision};
 use crate::config::Parameterization;
 use crate::cpu;
 use crate::error::Result;
+use crate::linalg::sum_accumulated;
 
 /// `log p` of the base precision, (Z, d) (sphere broadcast over d).
 fn log_diagonal(precision: &Precision) -> Result<Tensor> {
@@ -40,8 +41,8 @@ pub(super) fn trace_covariance(precision: &Precision) -> Result<Tensor> {
         (None, Parameterization::Sphere) => {
             Ok((cpu::exp(&raw.neg()?, portable)? * precision.dim() as f64)?)
         }
-        (None, _) => Ok(cpu::sum_exp_negated(raw, portable)?),
-        (Some(_), _) => Ok(effective_variance(precision)?.sum(1)?),
+        (None, _) => sum_exp_negated(raw, portable),
+        (Some(_), _) => sum_accumulated(&effective_variance(precision)?, 1),
     }
 }
 
@@ -61,7 +62,7 @@ pub(super) fn log_det_precision(precision: &Precision) -> Result<Tensor> {
     let raw = precision.raw();
     match (precision.config().width_floor, precision.parameterization()) {
         (None, Parameterization::Sphere) => Ok((raw * precision.dim() as f64)?),
-        (None, _) => Ok(raw.sum(1)?),
-        (Some(_), _) => Ok(effective_variance(precision)?.log()?.sum(1)?.neg()?),
+        (None, _) => sum_accumulated(raw, 1),
+        (Some(_), _) => Ok(sum_accumulated(&effective_variance(precision)?.log()?, 1)?.neg()?),
     }
 }

@@ -9,6 +9,7 @@ use super::{maps, Precision, RawMap};
 use crate::config::Parameterization;
 use crate::error::Result;
 use crate::linalg;
+use crate::linalg::{sum_accumulated, trace as trace_accumulated};
 use crate::route::{backend, Backend};
 
 /// The fused statistic op where it applies: a full precision without a width floor, f32 or
@@ -165,7 +166,7 @@ pub(super) fn covariance_matrix(precision: &Precision) -> Result<Tensor> {
 }
 
 fn two_sum_log_diagonal(lower: &Tensor) -> Result<Tensor> {
-    Ok((linalg::diagonal(lower)?.log()?.sum(D::Minus1)? * 2.0)?)
+    Ok((sum_accumulated(&linalg::diagonal(lower)?.log()?, D::Minus1)? * 2.0)?)
 }
 
 /// `log det P_eff` per neuron.
@@ -174,7 +175,7 @@ pub(super) fn log_det_precision(precision: &Precision) -> Result<Tensor> {
         return Ok(value);
     }
     let base = match precision.parameterization() {
-        Parameterization::Expm => linalg::trace(precision.raw())?,
+        Parameterization::Expm => trace_accumulated(precision.raw())?,
         _ => two_sum_log_diagonal(&base_lower(precision)?)?,
     };
     let Some(sigma) = precision.config().width_floor else {
@@ -197,9 +198,11 @@ pub(super) fn trace_covariance(precision: &Precision) -> Result<Tensor> {
         Parameterization::Expm => {
             linalg::trace_expm_symmetric(&linalg::symmetrize(precision.raw())?.neg()?)?
         }
-        _ => linalg::tril_inverse_routed(&base_lower(precision)?, precision.config().portable)?
-            .sqr()?
-            .sum((1, 2))?,
+        _ => sum_accumulated(
+            &linalg::tril_inverse_routed(&base_lower(precision)?, precision.config().portable)?
+                .sqr()?,
+            (1, 2),
+        )?,
     };
     match precision.config().width_floor {
         None => Ok(base),
@@ -213,8 +216,10 @@ pub(super) fn trace_precision(precision: &Precision) -> Result<Tensor> {
         return Ok(value);
     }
     match (precision.parameterization(), precision.config().width_floor) {
-        (Parameterization::Direct, None) => linalg::trace(precision.raw()),
-        (Parameterization::Cholesky, None) => Ok(cholesky_factor(precision)?.sqr()?.sum((1, 2))?),
-        _ => linalg::trace(&precision_matrix(precision)?),
+        (Parameterization::Direct, None) => trace_accumulated(precision.raw()),
+        (Parameterization::Cholesky, None) => {
+            sum_accumulated(&cholesky_factor(precision)?.sqr()?, (1, 2))
+        }
+        _ => trace_accumulated(&precision_matrix(precision)?),
     }
 }

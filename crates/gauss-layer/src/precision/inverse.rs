@@ -73,6 +73,18 @@ impl Precision {
                 precision.dims(),
             ));
         }
+        // Every map below but the eigensolvers' skips NaN (`f64::max` drops it), so diag and
+        // sphere would silently drop a NaN off-diagonal entry: refuse non-finite input here.
+        if let Some(k) = values.iter().position(|v| !v.is_finite()) {
+            let (neuron, i, j) = (k / (d * d), k % (d * d) / d, k % d);
+            return Err(GaussError::Numerical {
+                what: "precision matrix".to_string(),
+                reason: format!(
+                    "neuron {neuron} holds a non-finite entry ({} at ({i}, {j})); a precision matrix must be finite",
+                    values[k]
+                ),
+            });
+        }
         let (dtype, device) = (precision.dtype(), precision.device());
         let mut raw = Vec::with_capacity(z * d * d);
         for neuron in 0..z {

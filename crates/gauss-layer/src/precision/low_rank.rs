@@ -12,10 +12,10 @@
 
 use candle_core::{Tensor, D};
 
-use super::Precision;
+use super::{sum_exp_negated, Precision};
 use crate::config::{Parameterization, PrecisionConfig};
-use crate::cpu;
 use crate::error::{check_device, check_dtype, GaussError, Result};
+use crate::linalg::sum_accumulated;
 use crate::linalg::{self, host};
 
 /// θ (Z, d) and U (Z, d, r) of the raw tensor.
@@ -69,28 +69,29 @@ pub(super) fn covariance_matrix(precision: &Precision) -> Result<Tensor> {
 pub(super) fn log_det_precision(precision: &Precision) -> Result<Tensor> {
     let (theta, u) = parts(precision)?;
     let (lower, _) = capacitance(&theta, &u, precision.config().portable)?;
-    let log_det_capacitance = (linalg::diagonal(&lower)?.log()?.sum(D::Minus1)? * 2.0)?;
-    Ok((theta.sum(D::Minus1)? + log_det_capacitance)?)
+    let log_det_capacitance =
+        (sum_accumulated(&linalg::diagonal(&lower)?.log()?, D::Minus1)? * 2.0)?;
+    Ok((sum_accumulated(&theta, D::Minus1)? + log_det_capacitance)?)
 }
 
 /// `tr Σ = Σ e^{−θ} − ‖C⁻¹ (D⁻¹U)ᵀ‖²_F`.
 pub(super) fn trace_covariance(precision: &Precision) -> Result<Tensor> {
     let (theta, y) = woodbury_factor(precision)?;
-    let inverse_diagonal = cpu::sum_exp_negated(&theta, precision.config().portable)?;
-    Ok((inverse_diagonal - y.sqr()?.sum((1, 2))?)?)
+    let inverse_diagonal = sum_exp_negated(&theta, precision.config().portable)?;
+    Ok((inverse_diagonal - sum_accumulated(&y.sqr()?, (1, 2))?)?)
 }
 
 /// `tr P = Σ e^θ + ‖U‖²_F`.
 pub(super) fn trace_precision(precision: &Precision) -> Result<Tensor> {
     let (theta, u) = parts(precision)?;
-    Ok((theta.exp()?.sum(D::Minus1)? + u.sqr()?.sum((1, 2))?)?)
+    Ok((sum_accumulated(&theta.exp()?, D::Minus1)? + sum_accumulated(&u.sqr()?, (1, 2))?)?)
 }
 
 impl Precision {
     /// lowrank's precision `P = diag(diagonal) + U Uᵀ` from its parts, with no factorization:
     /// the raw tensor is `[ln diagonal | U]`, so `precision_matrix()` gives back exactly
-    /// `diag(diagonal) + U Uᵀ` (to rounding). With a width floor σ this `P` is the base
-    /// precision; the effective one is `(P⁻¹ + σ² I)⁻¹`.
+    /// `diag(diagonal) + U Uᵀ` (to rounding). lowrank takes no width floor (a config with
+    /// one is refused).
     ///
     /// # Shapes
     /// `diagonal`: (Z, d), `factor` U: (Z, d, r) for `lowrank:r`.

@@ -63,6 +63,19 @@ pub(crate) use low_rank_fit::LowRankFit;
 pub(crate) use operand::DistanceOperand;
 pub use trace_estimate::seed_trace_probes;
 
+/// `Σ_j e^{−x_ij}` per row of a (Z, d) tensor: `cpu::sum_exp_negated` (one fused op on the
+/// `CpuFused` route), its sum [`linalg::sum_accumulated`] in f16 and bf16 (always the
+/// portable route).
+///
+/// # Shapes
+/// `x`: (Z, d) → (Z)
+pub(crate) fn sum_exp_negated(x: &Tensor, portable: bool) -> Result<Tensor> {
+    match x.dtype() {
+        DType::F16 | DType::BF16 => linalg::sum_accumulated(&x.neg()?.exp()?, 1),
+        _ => Ok(crate::cpu::sum_exp_negated(x, portable)?),
+    }
+}
+
 /// How a full precision's raw (Z, d, d) tensor maps to `P`, where ops can read the raw
 /// tensor directly ([`Precision::raw_map`]): the one place that rule is written.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -360,15 +373,18 @@ impl Precision {
     /// (Hutchinson: `‖L⁻¹V‖²_F / k`), for cholesky without a width floor, where the exact
     /// trace and its gradient cost O(d³) per neuron and the estimate O(d²·probes); the exact
     /// [`Precision::trace_covariance`] for every other form (diag, sphere and lowrank are
-    /// cheap exactly; direct and expm factor anyway). Fresh probes are drawn on every call
-    /// from the device's generator, so the value is random (not bit-reproducible) while its
-    /// expectation, and that of its gradient, is the exact trace's.
+    /// cheap exactly; direct and expm factor anyway). Fresh probes are drawn on every call,
+    /// so the value is random while its expectation, and that of its gradient, is the exact
+    /// trace's: on the CPU from the [`seed_trace_probes`] generator once it is seeded (a
+    /// repeatable sequence), else from the device's generator (on CUDA seeded by
+    /// `Device::set_seed`).
     ///
     /// # Shapes
     /// → (Z)
     ///
     /// # Errors
-    /// `probes` of 0; as [`Precision::trace_covariance`].
+    /// `probes` of 0, or so many that the (Z, d, probes) probe tensor exceeds one allocation
+    /// (cholesky); as [`Precision::trace_covariance`].
     pub fn trace_covariance_estimate(&self, probes: usize) -> Result<Tensor> {
         if probes == 0 {
             return Err(GaussError::config(
@@ -394,7 +410,7 @@ impl Precision {
             return low_rank::trace_precision(self);
         }
         if self.is_diagonal() {
-            return Ok(diagonal::effective_diagonal(self)?.sum(1)?);
+            return linalg::sum_accumulated(&diagonal::effective_diagonal(self)?, 1);
         }
         full::trace_precision(self)
     }

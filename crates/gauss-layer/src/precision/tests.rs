@@ -307,3 +307,106 @@ fn fused_statistics_match_the_tensor_op_forms() {
         }
     }
 }
+
+/// Half-precision statistics sum in f32: Candle's CPU sum accumulates in the tensor's dtype,
+/// which over d = 200 terms lost most digits (bf16 diag `log det P` −1352 for −1416, f16
+/// cholesky −1445 for −1420 at d = 256). Expected values: the same statistics in f64 of the
+/// very raw values the half tensor holds (so only the half arithmetic differs), within eight
+/// unit roundoffs of the dtype (f16 3.9e-3, bf16 3.1e-2: bf16's `L⁻¹`, squared, is off by
+/// about three roundoffs before any sum).
+#[test]
+fn half_precision_statistics_accumulate_in_f32() {
+    let d = 200;
+    for parameterization in Parameterization::ALL {
+        for width_floor in [None, Some(0.3)] {
+            if width_floor.is_some() && matches!(parameterization, Parameterization::LowRank { .. })
+            {
+                continue; // lowrank takes no width floor
+            }
+            let cfg = config(parameterization, width_floor);
+            for dtype in [DType::F16, DType::BF16] {
+                let raw = Precision::initial_raw(2, d, &cfg, dtype, &Device::Cpu).unwrap();
+                let half = Precision::from_raw(raw.clone(), d, &cfg).unwrap();
+                // f64: the reference, on Device::Cpu
+                let exact =
+                    Precision::from_raw(raw.to_dtype(DType::F64).unwrap(), d, &cfg).unwrap();
+                type Statistic = fn(&Precision) -> crate::Result<Tensor>;
+                let statistics: [(&str, Statistic); 3] = [
+                    ("log det", Precision::log_det_precision),
+                    ("tr S", Precision::trace_covariance),
+                    ("tr P", Precision::trace_precision),
+                ];
+                for (name, statistic) in statistics {
+                    let got = statistic(&half).unwrap();
+                    assert_eq!(got.dtype(), dtype);
+                    let expected = statistic(&exact).unwrap();
+                    let err = relative_error(&got, &expected).unwrap();
+                    assert!(
+                        err < 8.0 * linalg::unit_roundoff(dtype),
+                        "{parameterization} floor {width_floor:?} {dtype:?} {name}: {:?} vs {:?} (relative error {err:e})",
+                        got.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(),
+                        expected.to_vec1::<f64>().unwrap()
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A NaN or ∞ in a precision matrix is refused by every parameterization's inverse map,
+/// naming the neuron and the entry: diag and sphere read only the diagonal and tested the
+/// off-diagonal entries with `f64::max`, which drops NaN, so a NaN there was silently
+/// accepted (and cholesky called it "not positive definite", with a NaN eigenvalue).
+#[test]
+fn non_finite_precision_matrices_are_refused_naming_the_entry() {
+    for bad in [f64::NAN, f64::INFINITY] {
+        // Neuron 1 of two, entry (0, 1).
+        let p = Tensor::new(
+            &[[[2.0f64, 0.0], [0.0, 2.0]], [[2.0, bad], [0.0, 2.0]]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        for parameterization in Parameterization::ALL {
+            for width_floor in [None, Some(0.1)] {
+                if width_floor.is_some()
+                    && matches!(parameterization, Parameterization::LowRank { .. })
+                {
+                    continue;
+                }
+                let cfg = config(parameterization, width_floor);
+                match Precision::from_precision_matrix(&p, &cfg) {
+                    Err(GaussError::Numerical { reason, .. }) => assert!(
+                        reason.contains("neuron 1") && reason.contains("(0, 1)"),
+                        "{parameterization} {bad}: {reason}"
+                    ),
+                    other => panic!(
+                        "{parameterization} floor {width_floor:?} {bad}: expected a Numerical error naming neuron 1, got {other:?}"
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// expm's Gershgorin check sums each row in f32 for half dtypes: equal entries whose exact
+/// row sum is above the dtype's bound `½ ln M` must be refused. Summed in half arithmetic the
+/// row stalls where an entry falls below half the sum's spacing, below the bound, and was
+/// accepted. f16: d = 3000 entries of 0.0019 (held as 0.001899719…), exact row sum 5.699
+/// against the bound 5.5449 (stalls at 4); bf16: d = 1000 entries of 0.05 (held as
+/// 0.050048828125), exact row sum 50.05 against 44.36 (stalls at 16; bf16 has f32's range).
+#[test]
+fn expm_spectrum_check_sums_half_rows_in_f32() {
+    let cfg = config(Parameterization::Expm, None);
+    for (dtype, d, entry) in [(DType::F16, 3000, 0.0019), (DType::BF16, 1000, 0.05)] {
+        let raw = (Tensor::ones((1, d, d), dtype, &Device::Cpu).unwrap() * entry).unwrap();
+        match Precision::from_raw(raw, d, &cfg) {
+            Err(GaussError::Numerical { reason, .. }) => {
+                assert!(reason.contains("absolute sum"), "{dtype:?}: {reason}")
+            }
+            other => panic!(
+                "{dtype:?}: expected the row sum to be refused, got {:?}",
+                other.map(|_| "accepted")
+            ),
+        }
+    }
+}

@@ -27,7 +27,7 @@ use rayon::prelude::*;
 use super::maps;
 use crate::config::PositiveMap;
 use crate::cpu::{row_major, with_row_major, Real};
-use crate::error::Result;
+use crate::error::{GaussError, Result};
 use crate::linalg;
 use crate::linalg::host;
 
@@ -210,7 +210,7 @@ pub(crate) fn estimate_in_tensor_ops(
 ) -> Result<Tensor> {
     let k = probes.dim(2)? as f64;
     let w = linalg::matmul(&linalg::tril_inverse_routed(factor, portable)?, probes)?;
-    Ok((w.sqr()?.sum((1, 2))? / k)?)
+    Ok((crate::linalg::sum_accumulated(&w.sqr()?, (1, 2))? / k)?)
 }
 
 /// The generator of CPU probes once [`seed_trace_probes`] has run (Candle's CPU generator,
@@ -255,6 +255,20 @@ pub fn seed_trace_probes(seed: u64) {
 /// # Shapes
 /// `like`: any float tensor → (Z, d, k)
 pub(crate) fn rademacher_probes(z: usize, d: usize, k: usize, like: &Tensor) -> Result<Tensor> {
+    // A probe count whose (Z, d, k) tensor no allocation holds (or whose size overflows
+    // usize, which panicked in the shape product) is a setting to refuse.
+    let limit = crate::config::MAX_TENSOR_ELEMENTS;
+    if z.checked_mul(d)
+        .and_then(|n| n.checked_mul(k))
+        .is_none_or(|n| n > limit)
+    {
+        return Err(GaussError::config(
+            "probes",
+            format!(
+                "{k} probe vectors for {z} neurons over {d} inputs need a tensor of more than the {limit} elements one allocation holds; use fewer probes"
+            ),
+        ));
+    }
     if like.device().is_cpu() {
         let mut generator = SEEDED_PROBES.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(generator) = generator.as_mut() {
@@ -371,6 +385,19 @@ mod tests {
             )
             .unwrap();
             assert!(rel < 10.0 * tolerance, "{dtype:?} gradient: {rel}");
+        }
+    }
+
+    #[test]
+    fn probe_counts_beyond_one_allocation_are_config_errors() {
+        // usize::MAX probes overflowed the (Z, d, k) shape product (a panic); 2^60 probes fit
+        // usize but no allocation. Both are refused naming `probes`.
+        let precision = Precision::from_raw(raw(2), 8, &config()).unwrap();
+        for probes in [usize::MAX, 1 << 60] {
+            match precision.trace_covariance_estimate(probes) {
+                Err(GaussError::InvalidConfig { field, .. }) => assert_eq!(field, "probes"),
+                other => panic!("{probes} probes: expected a config error, got {other:?}"),
+            }
         }
     }
 
