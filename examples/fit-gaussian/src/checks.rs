@@ -39,7 +39,10 @@ pub fn options(o: &Options) -> Result<()> {
     learning_rate("--lr", o.lr)?;
     learning_rate("--refine-lr", o.refine_lr)?;
     finite_non_negative("--grad-tol", o.grad_tol)?;
-    finite_non_negative("--tol", o.tol)?;
+    // EM stops once the change is below `tol`: 0 could never be met (the library refuses it).
+    if !(o.tol.is_finite() && o.tol > 0.0) {
+        bail!("--tol must be a finite number > 0, got {}", o.tol);
+    }
     finite_non_negative("--reg-covar", o.reg_covar)?;
     if let Some(floor) = o.min_eigenvalue {
         if o.parameterization != Parameterization::Direct {
@@ -147,6 +150,10 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("--grad-tol"), "{e}");
+        }
+        for tol in [f64::NAN, -1.0, 0.0] {
+            let e = options(&Options { tol, ..base() }).unwrap_err().to_string();
+            assert!(e.contains("--tol must be a finite number > 0"), "{e}");
         }
         // Ignored for cholesky: refused rather than silently dropped.
         let e = options(&Options {

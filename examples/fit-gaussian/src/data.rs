@@ -72,10 +72,13 @@ impl KnownGaussian {
 
 /// Reads tensor `x` (N, d) from a safetensors file, converted to f64; errors name the file
 /// and what is wrong (missing tensor, wrong rank, too few samples, non-finite values).
+/// One Gaussian (`components` `None`) needs N > d for a full-rank maximum-likelihood
+/// covariance; a mixture of K components needs N >= K, as scikit-learn (its `reg_covar`
+/// keeps every covariance positive definite whatever N and d).
 ///
 /// # Shapes
 /// → (N, d), f64
-pub fn load_samples(path: &Path, device: &Device) -> Result<Tensor> {
+pub fn load_samples(path: &Path, components: Option<usize>, device: &Device) -> Result<Tensor> {
     // A FIFO, device or directory is refused before it is opened.
     let bytes = gauss_layer::files::read_regular(path)?;
     let file = gauss_layer::files::DataFile::parse(&bytes, path)?;
@@ -88,14 +91,60 @@ pub fn load_samples(path: &Path, device: &Device) -> Result<Tensor> {
             path.display()
         );
     };
-    if d == 0 || n <= d {
-        bail!(
+    match components {
+        None if d == 0 || n <= d => bail!(
             "{}: tensor `x` must have more samples than dimensions (N > d >= 1) for a \
              full-rank maximum-likelihood covariance, got shape {shape:?}",
             path.display()
-        );
+        ),
+        Some(k) if d == 0 || n < k => bail!(
+            "{}: tensor `x` must have at least one sample per component (N >= {k}) and \
+             d >= 1, got shape {shape:?}",
+            path.display()
+        ),
+        _ => {}
     }
-    crate::checks::sizes(n, d, 1)?;
+    crate::checks::sizes(n, d, components.unwrap_or(1))?;
     // Every value finite (named by row and column when not).
     Ok(file.matrix("x")?.to_tensor(DType::F64, device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A mixture needs one sample per component, not N > d: 6 samples in 10 dimensions fit
+    /// 2 components (scikit-learn fits them too; `reg_covar` keeps the covariances positive
+    /// definite), while one Gaussian's full-rank MLE still needs N > d.
+    #[test]
+    fn mixtures_take_fewer_samples_than_dimensions() -> Result<()> {
+        let device = Device::Cpu;
+        let dir = gauss_tests::temp_dir("fit-gaussian-few-samples")?;
+        let path = dir.join("x.safetensors");
+        let known = KnownGaussian::random(10, 3);
+        let x = known.sample(6, 4, &device)?;
+        candle_core::safetensors::save(&std::collections::HashMap::from([("x", x)]), &path)?;
+
+        let text = load_samples(&path, None, &device).unwrap_err().to_string();
+        assert!(text.contains("N > d"), "{text}");
+        let text = load_samples(&path, Some(7), &device)
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("N >= 7"), "{text}");
+
+        let x = load_samples(&path, Some(2), &device)?;
+        assert_eq!(x.dims(), &[6, 10]);
+        let args = crate::mixture::MixtureArgs {
+            components: 2,
+            parameterization: gauss_layer::Parameterization::Cholesky,
+            tied: false,
+            options: gauss_layer::MixtureFitOptions::default(),
+            out: None,
+        };
+        let summary = crate::mixture::run(&x, "few", &args)?;
+        let score = summary["mean_log_likelihood"].as_f64().context("a score")?;
+        assert!(score.is_finite(), "{summary}");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
 }

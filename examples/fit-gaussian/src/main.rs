@@ -111,7 +111,8 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     samples: usize,
     /// Save the fitted model to this safetensors file: one Gaussian as a one-layer GaussNet
-    /// checkpoint; a mixture as its tensors (`center`, the precision tensor, `mixture_logits`).
+    /// checkpoint; a mixture as its tensors (`center`, the precision tensor, `mixture_logits`),
+    /// which mean the fitted mixture under the JSON line's `factor_diag_floor`.
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -131,7 +132,7 @@ fn run_mixture(
 ) -> Result<()> {
     let (x, source) = match &args.data {
         Some(path) => (
-            data::load_samples(path, device)?,
+            data::load_samples(path, Some(components), device)?,
             path.display().to_string(),
         ),
         None => {
@@ -202,7 +203,7 @@ fn run(args: Args) -> Result<()> {
     }
     let (x, source) = match &args.data {
         Some(path) => (
-            data::load_samples(path, &device)?,
+            data::load_samples(path, None, &device)?,
             path.display().to_string(),
         ),
         None => {

@@ -61,17 +61,20 @@ pub fn synthetic(k: usize, dim: usize, n: usize, seed: u64, device: &Device) -> 
 
 /// Fits the mixture to `x` (N, d) and returns the JSON summary: `mean_log_likelihood`
 /// (nats per sample, scikit-learn's `score`), `weights`, `means`, `covariances`, `steps`
-/// (EM iterations plus refinement steps), `seconds` (the fit's wall time), and details.
+/// (EM iterations plus refinement steps), `seconds` (the fit's wall time), and details,
+/// among them `factor_diag_floor`, the config's floor scaled to the data (see
+/// `relative_factor_diag_floor`), which loading the saved tensors back needs.
 pub fn run(x: &Tensor, source: &str, args: &MixtureArgs) -> Result<Value> {
     let (n, d) = x.dims2()?;
     let started = Instant::now();
     let varmap = VarMap::new();
     // f64: fit-gaussian runs on the CPU (`main` fixes the device), in f64 like scikit-learn.
     let vb = VarBuilder::from_varmap(&varmap, DType::F64, x.device());
+    let factor_diag_floor = relative_factor_diag_floor(x)?;
     let config = GaussLayerConfig {
         precision: PrecisionConfig {
             parameterization: args.parameterization,
-            factor_diag_floor: relative_factor_diag_floor(x)?,
+            factor_diag_floor,
             ..Default::default()
         },
         ..Default::default()
@@ -106,6 +109,8 @@ pub fn run(x: &Tensor, source: &str, args: &MixtureArgs) -> Result<Value> {
         "dim": d,
         "components": args.components,
         "tied": args.tied,
+        // The saved cholesky tensors mean this mixture only under this floor.
+        "factor_diag_floor": factor_diag_floor,
         "mean_log_likelihood": fit.mean_log_likelihood,
         "weights": mixture.weights()?.to_vec1::<f64>()?,
         "means": mixture.means().to_vec2::<f64>()?,
@@ -147,7 +152,11 @@ fn relative_factor_diag_floor(x: &Tensor) -> Result<f64> {
 /// safetensors through the library's atomic write (temporary file removed on error, debris
 /// of killed runs cleaned by the next write), so an interrupted save never destroys a
 /// previous file. Load it back with
-/// `gaussian_mixture(d, K, config, VarBuilder::from_mmaped_safetensors(..))`.
+/// `gaussian_mixture(d, K, config, VarBuilder::from_mmaped_safetensors(..))`, `config`
+/// holding the run's parameterization and, as `precision.factor_diag_floor`, the summary's
+/// `factor_diag_floor` (cholesky maps its raw tensor through that floor, and the run scales
+/// it to the data: with the default floor the tensors of a fit to data of standard
+/// deviation above 1 mean other covariances).
 fn save(varmap: &VarMap, path: &Path) -> Result<()> {
     let data = varmap
         .data()
@@ -203,6 +212,55 @@ mod tests {
         // absolute 1e-6; it gives 11.977633 = −ln(2π·1e-6) on 2-D data scaled so).
         let limit = -1.5 * (2.0 * std::f64::consts::PI * 1e-6).ln();
         assert!((small - limit).abs() < 1e-3, "{small} vs {limit}");
+        Ok(())
+    }
+
+    /// A saved mixture loads back as the fitted one under the summary's `factor_diag_floor`:
+    /// on data of standard deviation near 1e7 the run's floor is about 1e-13, and the
+    /// default 1e-6 would read the saved cholesky tensors as covariances 1e13 times smaller.
+    #[test]
+    fn saved_tensors_load_back_under_the_reported_floor() -> Result<()> {
+        let device = Device::Cpu;
+        let x = (synthetic(2, 3, 400, 4, &device)? * 1e7)?;
+        let dir = gauss_tests::temp_dir("fit-gaussian-mixture-floor")?;
+        let path = dir.join("mixture.safetensors");
+        let args = MixtureArgs {
+            components: 2,
+            parameterization: Parameterization::Cholesky,
+            tied: false,
+            options: MixtureFitOptions {
+                n_init: 1,
+                ..Default::default()
+            },
+            out: Some(path.clone()),
+        };
+        let summary = run(&x, "scaled", &args)?;
+        let fitted = summary["mean_log_likelihood"].as_f64().context("a score")?;
+        let floor = summary["factor_diag_floor"]
+            .as_f64()
+            .context("the floor in the summary")?;
+        let reloaded = |factor_diag_floor: f64| -> Result<f64> {
+            let tensors = candle_core::safetensors::load(&path, &device)?;
+            // f64: a unit test on Device::Cpu (the run saves f64 tensors).
+            let vb = VarBuilder::from_tensors(tensors, DType::F64, &device);
+            let config = GaussLayerConfig {
+                precision: PrecisionConfig {
+                    factor_diag_floor,
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            Ok(gaussian_mixture(3, 2, config, vb)?.score(&x)?)
+        };
+        let score = reloaded(floor)?;
+        assert!(
+            (score - fitted).abs() < 1e-9 * fitted.abs(),
+            "{score} vs {fitted}"
+        );
+        let default = GaussLayerConfig::default().precision.factor_diag_floor;
+        let wrong = reloaded(default)?;
+        assert!(wrong < fitted - 1.0, "{wrong} vs {fitted}");
+        std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
 

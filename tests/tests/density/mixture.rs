@@ -341,3 +341,56 @@ fn low_rank_below_full_rank_beats_diag() -> Result<()> {
     );
     Ok(())
 }
+
+/// f16 and bf16 mixtures fit as f64 does, up to their own rounding: the fit sums over
+/// samples in f32 (Candle sums a half dtype in itself: bf16 counts stop growing at 256 and
+/// f16 sums of squares overflow past 65504, which stalled bf16 fits at equal weights and a
+/// mean log-likelihood of −1.0 for −3.3, and refused these 6000 f16 samples as non-finite).
+#[test]
+fn half_precision_fits_sum_in_f32() -> Result<()> {
+    let dev = Device::Cpu;
+    // The README's two normals, 6000 draws.
+    let means = Tensor::new(&[[-4.0f64, 0.0], [4.0, 1.0]], &dev)?;
+    let covariances = Tensor::new(
+        &[[[1.0f64, 0.5], [0.5, 2.0]], [[0.5, 0.0], [0.0, 0.5]]],
+        &dev,
+    )?;
+    let truth = gauss_layer::GaussLayer::from_covariance(
+        &means,
+        &covariances,
+        GaussLayerConfig::default(),
+    )?;
+    let truth = gauss_layer::GaussianMixture::new(truth, Tensor::zeros(2, DType::F64, &dev)?)?;
+    let x = truth.sample(
+        6000,
+        &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0),
+    )?;
+    let fit = |dtype: DType, parameterization: Parameterization| -> Result<(f64, f64, Vec<f64>)> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, dtype, &dev);
+        let config = GaussLayerConfig::with_parameterization(parameterization);
+        let mixture = gaussian_mixture(2, 2, config, vb)?;
+        let x = x.to_dtype(dtype)?;
+        let fit = mixture.fit(&x, &MixtureFitOptions::default())?;
+        let weights = gauss_tests::host_values(&mixture.weights()?)?;
+        Ok((fit.mean_log_likelihood, mixture.score(&x)?, weights))
+    };
+    for parameterization in [Parameterization::Cholesky, Parameterization::Diag] {
+        let (exact, _, exact_weights) = fit(DType::F64, parameterization)?;
+        // The tolerances are the half dtypes' rounding of log-densities near −3 to −10.
+        for (dtype, tol) in [(DType::F16, 1e-2), (DType::BF16, 5e-2)] {
+            let (fitted, score, weights) = fit(dtype, parameterization)?;
+            let what =
+                format!("{parameterization} {dtype:?}: {fitted} (score {score}) vs f64 {exact}");
+            assert!((fitted - exact).abs() < tol, "{what}");
+            assert!((score - exact).abs() < tol, "{what}");
+            for (w, e) in weights.iter().zip(&exact_weights) {
+                assert!(
+                    (w - e).abs() < 1e-2,
+                    "{what}: weights {weights:?} vs {exact_weights:?}"
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -334,3 +334,30 @@ fn covariances_of_an_indefinite_direct_precision_are_an_error() -> Result<()> {
         other => panic!("expected NotPositiveDefinite, got {other:?}"),
     }
 }
+
+/// No samples: the per-sample methods give empty results of the (…) shape, as the layer's
+/// `log_prob` and `responsibilities` do (they were Candle's "empty tensor for reduce"
+/// errors), and `score` (so `bic`, `aic`), a mean over no samples, is an error that says
+/// so, as scikit-learn refuses an empty `X`.
+#[test]
+fn empty_batches_give_empty_results() -> Result<()> {
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+    let mixture = gaussian_mixture(2, 3, GaussLayerConfig::default(), vb)?;
+    for dims in [vec![0, 2], vec![4, 0, 2]] {
+        let x = Tensor::zeros(dims.as_slice(), DType::F64, &dev)?;
+        let leading = &dims[..dims.len() - 1];
+        assert_eq!(mixture.log_prob(&x)?.dims(), leading);
+        assert_eq!(mixture.score_samples(&x)?.dims(), leading);
+        let labels = mixture.predict(&x)?;
+        assert_eq!((labels.dims(), labels.dtype()), (leading, DType::U32));
+        let with_k: Vec<usize> = leading.iter().copied().chain([3]).collect();
+        assert_eq!(mixture.predict_proba(&x)?.dims(), with_k.as_slice());
+        for result in [mixture.score(&x), mixture.bic(&x), mixture.aic(&x)] {
+            let text = result.unwrap_err().to_string();
+            assert!(text.contains("at least one sample"), "{text}");
+        }
+    }
+    Ok(())
+}

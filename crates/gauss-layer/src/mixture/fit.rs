@@ -14,7 +14,9 @@ use crate::linalg::{self, host};
 use crate::precision::{LowRankFit, Precision};
 use crate::repair;
 
-use super::kmeans::{checked_samples, host_values, kmeans, squared_distances, KMeans, Samples};
+use super::kmeans::{
+    accumulation_dtype, checked_samples, host_values, kmeans, squared_distances, KMeans, Samples,
+};
 use super::{GaussianMixture, MixtureFit, MixtureFitOptions, MIXTURE_LOGITS_NAME};
 
 /// lowrank's rank r when EM fits the layer's own family `diag(e^θ) + U Uᵀ` (r < d, no width
@@ -87,19 +89,23 @@ impl GaussianMixture {
         Ok(())
     }
 
-    /// E-step: the mean log-likelihood and the responsibilities (N, K).
+    /// E-step: the mean log-likelihood and the responsibilities (N, K), both summed in
+    /// [`accumulation_dtype`] (f32 for f16 and bf16 samples).
     fn e_step(&self, x: &Tensor) -> Result<(f64, Tensor)> {
-        let joint = self.joint_log_prob(x)?;
+        let joint = self
+            .joint_log_prob(x)?
+            .to_dtype(accumulation_dtype(x.dtype()))?;
         let log_norm = joint.log_sum_exp(1)?; // (N)
         let mean = linalg::read_scalar(&log_norm.mean_all()?)?;
         let resp = joint.broadcast_sub(&log_norm.unsqueeze(1)?)?.exp()?;
         Ok((mean, resp))
     }
 
-    /// M-step from responsibilities `resp` (N, K): weighted means, covariances (with
-    /// `reg_covar` on the diagonal, projected onto the family), weights; written in place.
+    /// M-step from responsibilities `resp` (N, K, in [`accumulation_dtype`]): weighted means,
+    /// covariances (with `reg_covar` on the diagonal, projected onto the family), weights;
+    /// written in place.
     fn m_step(&self, samples: &Samples, resp: &Tensor, reg_covar: f64, stage: Stage) -> Result<()> {
-        let x = &samples.x;
+        let x = &samples.wide;
         let (n, d) = x.dims2()?;
         let k = self.num_components();
         let config = self.layer.config();
@@ -253,7 +259,7 @@ impl GaussianMixture {
         let Some(best) = best else {
             return Ok(0);
         };
-        let x = &samples.x;
+        let x = &samples.wide;
         let ids = Tensor::arange(0u32, k as u32, x.device())?.unsqueeze(0)?;
         let one_hot = best
             .labels
@@ -330,7 +336,7 @@ impl GaussianMixture {
                 format!("must be finite, got {bad}"),
             ));
         }
-        let x = &samples.x;
+        let x = &samples.wide;
         let centers = host::from_host(means.to_vec(), &[k, d], x.dtype(), x.device())?;
         let distances = squared_distances(
             &samples.centered,
@@ -344,7 +350,8 @@ impl GaussianMixture {
             .broadcast_eq(&ids)?
             .to_dtype(x.dtype())?;
         self.m_step(samples, &one_hot, reg_covar, self.first_stage())?;
-        self.layer.center().slice_set(&centers, 0, 0)?;
+        let center = self.layer.center();
+        center.slice_set(&detached_source(&centers, center)?, 0, 0)?;
         Ok(())
     }
 
@@ -367,12 +374,12 @@ impl GaussianMixture {
     }
 
     /// Fits the mixture to `x` by maximum likelihood: k-means++ start (or `means_init`, or
-    /// the current values with `warm_start`), EM, and (when the M-step is approximate for
-    /// the family, or when asked) gradient refinement; see the module docs. The fitted
-    /// values are written into the mixture's tensors in place. A tied mixture
+    /// the current values with `warm_start`), EM, and, only when asked (`refine_steps`),
+    /// gradient refinement; see the module docs. The fitted values are written into the
+    /// mixture's tensors in place. A tied mixture
     /// ([`GaussianMixture::with_tied_covariance`]) stays tied: every M-step writes one
-    /// pooled covariance into all components, and it is never refined by gradient (its fit is
-    /// EM's, approximate only for lowrank below full rank with a width floor).
+    /// pooled covariance into all components, and it is never refined by gradient (its fit
+    /// is EM's, whose M-steps maximize over every family).
     ///
     /// # Shapes
     /// `x`: (…, d), at least K samples
@@ -544,8 +551,8 @@ fn raw_from_covariances(
         }
     }
     let tensor = Tensor::from_vec(precision.clone(), (k, d, d), &Device::Cpu)?;
-    // The nearest representable precision where the family is smaller than the M-step's
-    // (lowrank below full rank); the gradient refinement takes it from there.
+    // The precision in the family's raw form (lowrank reaches here only at full rank, which
+    // holds every precision; below it the M-steps go through `low_rank_raw`).
     match Precision::from_precision_matrix_within(&tensor, config, f64::INFINITY) {
         Ok(p) => Ok(p.raw().clone()),
         Err(original) => {

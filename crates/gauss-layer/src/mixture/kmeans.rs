@@ -8,29 +8,42 @@ use rand::Rng;
 use crate::error::{check_dtype, GaussError, Result};
 use crate::linalg;
 
+/// The dtype the fit's sums over samples run in: f32 for f16 and bf16, whose sums Candle
+/// accumulates in the dtype itself (a bf16 sum of ones stops growing at 256, an f16 sum of
+/// squares overflows past 65504), the dtype itself otherwise.
+pub(super) fn accumulation_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
 /// The samples of a fit with what every step reuses.
 pub(super) struct Samples {
-    /// (N, d).
+    /// (N, d), in the mixture's dtype (what its densities take).
     pub(super) x: Tensor,
-    /// `x` minus its column means (N, d): k-means works on it, and diag/sphere M-steps take
-    /// second moments from it (centering keeps them from cancelling).
+    /// `x` in [`accumulation_dtype`] (N, d): the M-steps' weighted sums run on it.
+    pub(super) wide: Tensor,
+    /// `wide` minus its column means (N, d): k-means works on it, and diag/sphere M-steps
+    /// take second moments from it (centering keeps them from cancelling).
     pub(super) centered: Tensor,
     /// `centered²` (N, d).
     pub(super) centered_sq: Tensor,
     /// `‖centered‖²` per row (N).
     pub(super) centered_norm_sq: Tensor,
-    /// The column means (1, d).
+    /// The column means (1, d), in [`accumulation_dtype`].
     pub(super) offset: Tensor,
 }
 
 impl Samples {
-    fn new(x: Tensor) -> Result<Self> {
-        let offset = x.mean_keepdim(0)?;
-        let centered = x.broadcast_sub(&offset)?;
+    fn new(x: Tensor, wide: Tensor) -> Result<Self> {
+        let offset = wide.mean_keepdim(0)?;
+        let centered = wide.broadcast_sub(&offset)?;
         let centered_sq = centered.sqr()?;
         let centered_norm_sq = centered_sq.sum(1)?;
         Ok(Self {
             x,
+            wide,
             centered,
             centered_sq,
             centered_norm_sq,
@@ -56,14 +69,15 @@ pub(super) fn checked_samples(
             x.dims(),
         ));
     }
-    let energy = linalg::read_scalar(&flat.sqr()?.sum_all()?)?;
+    let wide = flat.to_dtype(accumulation_dtype(dtype))?;
+    let energy = linalg::read_scalar(&wide.sqr()?.sum_all()?)?;
     if !energy.is_finite() {
         return Err(GaussError::data(
             "samples x",
             "holds non-finite values (or values whose squares overflow)",
         ));
     }
-    Samples::new(flat)
+    Samples::new(flat, wide)
 }
 
 /// Host f64 values of a tensor.

@@ -396,7 +396,17 @@ impl GaussianMixture {
     /// # Errors
     /// As [`GaussLayer::log_prob`].
     pub fn log_prob(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.joint_log_prob(x)?.log_sum_exp(D::Minus1)?)
+        let joint = self.joint_log_prob(x)?;
+        if joint.elem_count() == 0 {
+            // No samples (N = 0 somewhere in the leading dimensions): Candle refuses a
+            // reduction of an empty tensor, so the (…) result is made here.
+            return Ok(Tensor::zeros(
+                leading_dims(&joint),
+                joint.dtype(),
+                joint.device(),
+            )?);
+        }
+        Ok(joint.log_sum_exp(D::Minus1)?)
     }
 
     /// Posterior probability of each component given `x` (rows sum to 1).
@@ -544,6 +554,12 @@ impl GaussianMixture {
         }
         Ok(())
     }
+}
+
+/// The dimensions of a (…, K) tensor but its last: the (…) of a per-sample result.
+pub(super) fn leading_dims(joint: &Tensor) -> Vec<usize> {
+    let dims = joint.dims();
+    dims[..dims.len().saturating_sub(1)].to_vec()
 }
 
 /// A tied mixture's covariances `values` (K blocks, row-major) must be equal: every block

@@ -2,13 +2,14 @@
 //! `predict_proba`, `score_samples`, `score`, `bic`, `aic`, with the free-parameter count
 //! that the criteria charge.
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use crate::config::Parameterization;
-use crate::error::Result;
+use crate::error::{GaussError, Result};
 use crate::linalg;
 
-use super::GaussianMixture;
+use super::kmeans::accumulation_dtype;
+use super::{leading_dims, GaussianMixture};
 
 impl GaussianMixture {
     /// The most probable component of each sample (scikit-learn's `predict`): the argmax of
@@ -20,7 +21,16 @@ impl GaussianMixture {
     /// # Errors
     /// As [`crate::GaussLayer::log_prob`].
     pub fn predict(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.joint_log_prob(x)?.argmax(D::Minus1)?)
+        let joint = self.joint_log_prob(x)?;
+        if joint.elem_count() == 0 {
+            // No samples: Candle refuses an argmax over an empty tensor.
+            return Ok(Tensor::zeros(
+                leading_dims(&joint),
+                DType::U32,
+                joint.device(),
+            )?);
+        }
+        Ok(joint.argmax(D::Minus1)?)
     }
 
     /// The posterior probability of each component (scikit-learn's `predict_proba`; the
@@ -53,9 +63,24 @@ impl GaussianMixture {
     /// `x`: (…, d)
     ///
     /// # Errors
-    /// As [`crate::GaussLayer::log_prob`].
+    /// As [`crate::GaussLayer::log_prob`]; no samples (scikit-learn refuses an empty `X`
+    /// too).
     pub fn score(&self, x: &Tensor) -> Result<f64> {
-        linalg::read_scalar(&self.log_prob(x)?.mean_all()?)
+        let log_prob = self.log_prob(x)?;
+        if log_prob.elem_count() == 0 {
+            return Err(GaussError::shape(
+                "samples x",
+                format!(
+                    "(…, {}) with at least one sample (a mean over none is undefined)",
+                    self.dim()
+                ),
+                x.dims(),
+            ));
+        }
+        // Summed in f32 for f16 and bf16, whose own sums stall (a bf16 sum stops growing
+        // once the next term is below half its last bit).
+        let log_prob = log_prob.to_dtype(accumulation_dtype(log_prob.dtype()))?;
+        linalg::read_scalar(&log_prob.mean_all()?)
     }
 
     /// The number of free parameters: K·d means, K − 1 weights, and per component the
@@ -87,7 +112,7 @@ impl GaussianMixture {
     /// `x`: (…, d)
     ///
     /// # Errors
-    /// As [`crate::GaussLayer::log_prob`].
+    /// As [`GaussianMixture::score`].
     pub fn bic(&self, x: &Tensor) -> Result<f64> {
         let n = (x.elem_count() / self.dim().max(1)) as f64;
         Ok(-2.0 * self.score(x)? * n + self.num_parameters() as f64 * n.ln())
@@ -100,7 +125,7 @@ impl GaussianMixture {
     /// `x`: (…, d)
     ///
     /// # Errors
-    /// As [`crate::GaussLayer::log_prob`].
+    /// As [`GaussianMixture::score`].
     pub fn aic(&self, x: &Tensor) -> Result<f64> {
         let n = (x.elem_count() / self.dim().max(1)) as f64;
         Ok(-2.0 * self.score(x)? * n + 2.0 * self.num_parameters() as f64)
