@@ -320,13 +320,52 @@ pub(crate) fn gaussian(mahalanobis_sq: &Tensor) -> Result<Tensor> {
 /// # Shapes
 /// `x`: (B, d), `center`: (Z, d) → (B, Z)
 pub(crate) fn run(x: &Tensor, center: &Tensor, resolved: &Resolved) -> Result<Tensor> {
-    let portable = match (&resolved.operand, resolved.kernel) {
+    if !matches!(x.dtype(), DType::F16 | DType::BF16) {
+        return run_operand(
+            x,
+            center,
+            &resolved.operand,
+            resolved.kernel,
+            resolved.sizes,
+        );
+    }
+    // Half precision (always the portable forms) computes m2 in f32 and rounds the result
+    // once: the expanded forms' terms (`Σ p x²`, x near 20) cancel to nothing in bf16's 8
+    // bits (m2 = 2 came out 0), overflow f16 for inputs near 250, and Candle's CPU sums stall
+    // in the half dtype. The casts are differentiable and f32 exists on every device.
+    let widen = |t: &Tensor| t.to_dtype(DType::F32);
+    let operand = match &resolved.operand {
+        Operand::Diagonal(p) => Operand::Diagonal(widen(p)?),
+        Operand::Factor(f) => Operand::Factor(widen(f)?),
+        Operand::Matrix(p) => Operand::Matrix(widen(p)?),
+        Operand::LowRank(diagonal, u) => Operand::LowRank(widen(diagonal)?, widen(u)?),
+        Operand::Fused(input, plan) => Operand::Fused(widen(input)?, *plan),
+    };
+    let m2 = run_operand(
+        &widen(x)?,
+        &widen(center)?,
+        &operand,
+        resolved.kernel,
+        resolved.sizes,
+    )?;
+    Ok(m2.to_dtype(x.dtype())?)
+}
+
+/// [`run`] on tensors of one dtype.
+fn run_operand(
+    x: &Tensor,
+    center: &Tensor,
+    operand: &Operand,
+    kernel: ResolvedKernel,
+    sizes: Sizes,
+) -> Result<Tensor> {
+    let portable = match (operand, kernel) {
         (Operand::Fused(input, plan), _) => {
-            return distance_op::apply(resolved.sizes, x, center, input, *plan)
+            return distance_op::apply(sizes, x, center, input, *plan)
         }
         (Operand::LowRank(diagonal, u), ResolvedKernel::LowRankFused) => {
             let diagonal_part =
-                distance_op::apply(resolved.sizes, x, center, diagonal, FusedPlan::Diagonal)?;
+                distance_op::apply(sizes, x, center, diagonal, FusedPlan::Diagonal)?;
             return Ok((diagonal_part + projected::portable(x, center, u)?)?);
         }
         (Operand::LowRank(diagonal, u), _) => {

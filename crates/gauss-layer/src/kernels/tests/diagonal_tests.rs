@@ -152,3 +152,56 @@ fn portable_forms_keep_a_finite_row_whose_sum_overflows() -> TestResult {
     assert_eq!(m2[1], vec![0.5, 0.5]);
     Ok(())
 }
+
+/// Half precision computes `m2` in f32: with P = I (d = 8), inputs at a, one center at
+/// a + ½ and one at a − r, `m2 = 8 · ¼ = 2` and `8 r²` exactly (every value representable).
+/// The expanded portable forms' terms (`Σ p x²` after the shift by the centers' mean) cancelled
+/// m2 = 2 to nothing in bf16 and lost it in f16. Every parameterization and kernel, with the
+/// gradient `∂Σm2/∂x = 2(x − c₀) + 2(x − c₁) = 2r − 1` per entry.
+#[test]
+fn half_precision_distances_are_computed_in_f32() -> TestResult {
+    use crate::config::Parameterization;
+    for (dtype, at, r) in [(DType::BF16, 20.0f32, 20.0f32), (DType::F16, 250.0, 30.0)] {
+        let x = Var::from_tensor(&Tensor::full(at, (3, 8), &Device::Cpu)?.to_dtype(dtype)?)?;
+        let center = Tensor::stack(
+            &[
+                Tensor::full(at + 0.5, 8, &Device::Cpu)?,
+                Tensor::full(at - r, 8, &Device::Cpu)?,
+            ],
+            0,
+        )?
+        .to_dtype(dtype)?;
+        let eye = Tensor::eye(8, DType::F32, &Device::Cpu)?
+            .unsqueeze(0)?
+            .repeat((2, 1, 1))?;
+        for parameterization in Parameterization::ALL {
+            let config = crate::config::PrecisionConfig::with_parameterization(parameterization);
+            let precision = Precision::from_precision_matrix(&eye, config)?;
+            let precision = Precision::from_raw(precision.raw().to_dtype(dtype)?, 8, config)?;
+            for kernel in [
+                DistanceKernel::Auto,
+                DistanceKernel::Expanded,
+                DistanceKernel::Naive,
+            ] {
+                let case = format!("{dtype:?} {parameterization} {kernel:?}");
+                let m2 = mahalanobis_sq(&x, &center, &precision, kernel, false)?;
+                assert_eq!(m2.dtype(), dtype);
+                let values = m2.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                for row in &values {
+                    let far = 8.0 * r * r;
+                    assert!((row[0] - 2.0).abs() <= 0.02, "{case}: {values:?}");
+                    assert!((row[1] / far - 1.0).abs() <= 0.01, "{case}: {values:?}");
+                }
+                let grads = m2.sum_all()?.backward()?;
+                let grad = grads.get(&x).ok_or("no gradient of x")?;
+                let grad = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let expected = 2.0 * r - 1.0;
+                assert!(
+                    grad.iter().all(|g| (g / expected - 1.0).abs() <= 0.02),
+                    "{case}: {grad:?}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
