@@ -17,11 +17,20 @@ const TRIL_INVERSE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/tril_inve
 /// Threads per block of the one-thread-per-column kernels.
 const BLOCK: u32 = 128;
 
+/// The most blocks a one-dimensional launch may have (`gridDim.x` ≤ 2³¹ − 1).
+const MAX_GRID_X: usize = i32::MAX as usize;
+
+/// Blocks of `block` threads covering `threads`, or an error past CUDA's grid limit.
+fn blocks_for(threads: usize, block: u32, what: &str) -> candle_core::Result<u32> {
+    let blocks = threads.div_ceil(block as usize);
+    match u32::try_from(blocks) {
+        Ok(blocks) if blocks as usize <= MAX_GRID_X => Ok(blocks),
+        _ => bail!("{what} (CUDA): a launch of {threads} threads exceeds the grid limit"),
+    }
+}
+
 fn grid_for(threads: usize) -> candle_core::Result<LaunchConfig> {
-    let blocks = threads.div_ceil(BLOCK as usize);
-    let Ok(blocks) = u32::try_from(blocks) else {
-        bail!("CUDA launch of {threads} threads exceeds the grid limit");
-    };
+    let blocks = blocks_for(threads, BLOCK, "tril_inverse")?;
     Ok(LaunchConfig {
         grid_dim: (blocks.max(1), 1, 1),
         block_dim: (BLOCK, 1, 1),
@@ -43,12 +52,12 @@ fn tril_inverse_typed<T: CudaDType + DeviceRepr>(
     let Some((start, end)) = layout.contiguous_offsets() else {
         bail!("tril_inverse (CUDA): the input must be contiguous");
     };
+    let (neurons_arg, dim_arg) = (int_arg(neurons, "neurons")?, int_arg(dim, "dimension")?);
     let device = storage.device().clone();
     let input = storage.as_cuda_slice::<T>()?.slice(start..end);
     // SAFETY: every element is written by the kernel (one thread per column writes all d rows).
     let output = unsafe { device.alloc::<T>(neurons * dim * dim)? };
     let func = device.get_or_load_custom_func(kernel, "gauss_tril_inverse", TRIL_INVERSE_PTX)?;
-    let (neurons_arg, dim_arg) = (int_arg(neurons, "neurons")?, int_arg(dim, "dimension")?);
     let mut builder = func.builder();
     builder.arg(&input);
     builder.arg(&output);
@@ -120,9 +129,7 @@ pub(crate) fn adamw_step<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     let grad = grad.as_cuda_slice::<T>()?.slice(g0..g1);
     let mut theta = theta.as_cuda_slice_mut::<T>()?.slice_mut(t0..t1);
     let count = n as i64;
-    let blocks = u32::try_from(n.div_ceil(ELEMENTWISE_BLOCK as usize)).map_err(|_| {
-        candle_core::Error::Msg(format!("fused-adamw (CUDA): {n} elements exceed the grid"))
-    })?;
+    let blocks = blocks_for(n, ELEMENTWISE_BLOCK, "fused-adamw")?;
     let config = LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (ELEMENTWISE_BLOCK, 1, 1),
