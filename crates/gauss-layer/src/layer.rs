@@ -391,8 +391,9 @@ impl candle_nn::Module for GaussLayer {
 /// in place with the FGN initial value (likewise every missing tensor of a seeded layer).
 ///
 /// # Errors
-/// An invalid config or zero sizes; a tensor the builder holds with another shape or dtype; a
-/// precision scale the parameterization cannot represent.
+/// An invalid config or zero sizes; a tensor the builder holds with another shape, dtype or
+/// device than the builder's (named with the builder's prefix); a precision scale the
+/// parameterization cannot represent.
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
@@ -462,7 +463,7 @@ pub fn gauss_layer(
     let name = Precision::tensor_name(config.precision.parameterization);
     let shape = Precision::raw_shape(config.precision.parameterization, z, d);
     let raw = if vb.contains_tensor(name) {
-        vb.get(shape, name)?
+        held_as_built(&vb, name, vb.get(shape, name)?)?
     } else {
         // Init hints cannot express the inverse-mapped FGN value, so create the variable and
         // write the value into its storage (it is the VarMap's own Var).
@@ -484,6 +485,21 @@ pub fn gauss_layer(
     GaussLayer::new(weight, bias, center, precision, config)
 }
 
+/// `tensor`, the builder's `name`, checked against the builder's dtype and device: a
+/// `VarMap` hands back what it holds as it is, and a held tensor of another dtype or device
+/// would otherwise be reported under the name of the first tensor compared with it (a
+/// `center` held in f64 under an f32 builder read as "`weight` has dtype F32").
+fn held_as_built(vb: &VarBuilder, name: &str, tensor: Tensor) -> Result<Tensor> {
+    let what = if vb.prefix().is_empty() {
+        format!("tensor `{name}`")
+    } else {
+        format!("tensor `{}.{name}`", vb.prefix())
+    };
+    check_dtype(&what, &tensor, vb.dtype(), "the VarBuilder")?;
+    check_device(&what, &tensor, vb.device(), "the VarBuilder")?;
+    Ok(tensor)
+}
+
 /// The builder's tensor `name`, created with `init` when missing: by Candle's generator, or,
 /// given a seed and stream, from the seeded host stream written into the new variable.
 fn get_or_init<S: Into<Shape>>(
@@ -495,10 +511,10 @@ fn get_or_init<S: Into<Shape>>(
 ) -> Result<Tensor> {
     let shape = shape.into();
     let Some((seed, stream)) = seeded else {
-        return Ok(vb.get_with_hints(shape, name, init)?);
+        return held_as_built(vb, name, vb.get_with_hints(shape, name, init)?);
     };
     if vb.contains_tensor(name) {
-        return Ok(vb.get(shape, name)?);
+        return held_as_built(vb, name, vb.get(shape, name)?);
     }
     let var = vb.get_with_hints(shape.clone(), name, Init::Const(0.0))?;
     let values = init::sample(init, &shape, &mut init::stream_rng(seed, stream))?;
@@ -585,6 +601,53 @@ mod tests {
         let weight = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
         let err = GaussLayer::new(Some(weight), None, center, precision, config).unwrap_err();
         assert!(err.to_string().contains("weight"), "{err}");
+    }
+
+    /// A tensor that a `VarMap` holds in another dtype than the builder's is refused under
+    /// its own name (it was reported as the first tensor compared with it: a held f64
+    /// `center` read as "`weight` has dtype F32", a held f64 weight and center as the
+    /// freshly made precision tensor), seeded or not, and the precision tensor too.
+    #[test]
+    fn a_held_tensor_of_another_dtype_is_named() -> Result<()> {
+        let dev = Device::Cpu;
+        let seeded = GaussLayerConfig {
+            init: InitConfig {
+                seed: Some(3),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        for config in [GaussLayerConfig::default(), seeded] {
+            for held in [
+                vec!["center"],
+                vec!["weight", "center"],
+                vec!["precision_factor"],
+            ] {
+                let varmap = VarMap::new();
+                for name in &held {
+                    let shape: &[usize] = if *name == "precision_factor" {
+                        &[2, 3, 3]
+                    } else {
+                        &[2, 3]
+                    };
+                    let var = Var::from_tensor(&Tensor::zeros(shape, DType::F64, &dev)?)?;
+                    varmap
+                        .data()
+                        .lock()
+                        .expect("lock")
+                        .insert(format!("l.{name}"), var);
+                }
+                let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+                match gauss_layer(3, 2, config.clone(), vb.pp("l")) {
+                    Err(GaussError::DType { what, got, .. }) => {
+                        assert_eq!(what, format!("tensor `l.{}`", held[0]), "{held:?}");
+                        assert_eq!(got, DType::F64);
+                    }
+                    other => panic!("{held:?}: expected a dtype error, got {other:?}"),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Forward and backward through every parameterization stay finite for inputs of

@@ -155,3 +155,35 @@ fn checkpoint_loads_and_runs_on_the_device(device: &Device) -> Result<()> {
     Ok(())
 }
 gauss_layer::test_device!(checkpoint_loads_and_runs_on_the_device);
+
+/// Every float of the config comes back with its bits: the decimals below are ones that
+/// `serde_json`'s default (not correctly rounded) parse reads one ulp off, so a loaded
+/// network had another width floor, factor floor, batch-norm epsilon and init scale.
+#[test]
+fn config_floats_come_back_bit_for_bit() -> Result<()> {
+    let dir = temp_dir("ckpt-floats")?;
+    let mut config = small_diag_net_config();
+    config.layer.precision.width_floor = Some(4.544_697_111_263_059_6e-5);
+    config.layer.init.center_std = 5.873_272_580_101_452_4e-5;
+    config.batch_norm_eps = 4.539_025_429_288_408_3e-5;
+    config.batch_norm = true;
+    let mut output = GaussLayerConfig::with_parameterization(Parameterization::Cholesky);
+    output.precision.factor_diag_floor = 4.984_131_188_374_780_4e-5;
+    config.output_layer = Some(output);
+    let (net, _vars) = new_net(config.clone(), DType::F32)?;
+    let path = dir.join("floats.safetensors");
+    net.save(&path)?;
+    let loaded = GaussNet::load(&path, &Device::Cpu, None)?;
+    let got = loaded.config();
+    assert_eq!(
+        got.layer.precision.width_floor.map(f64::to_bits),
+        config.layer.precision.width_floor.map(f64::to_bits)
+    );
+    assert_eq!(
+        got.batch_norm_eps.to_bits(),
+        config.batch_norm_eps.to_bits()
+    );
+    assert_eq!(got, &config);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -132,3 +132,41 @@ fn repair_refuses_non_finite_matrices() -> Result<()> {
     assert!(after[5].is_nan() && after[0] == 1.0);
     Ok(())
 }
+
+/// A non-finite value in a precision tensor: `allow_non_finite` does not open it (every layer
+/// refuses a raw precision outside its range when it is built), so the refusal must not say
+/// it would (it did: "LoadOptions::allow_non_finite opens it for inspection"), and with the
+/// option the error still names the tensor and the element.
+#[test]
+fn a_non_finite_precision_is_refused_with_or_without_the_opt_out() -> Result<()> {
+    let dir = temp_dir("ckpt-values-precision")?;
+    let (net, varmap) = new_net(small_diag_net_config(), DType::F32)?;
+    let name = "layers.0.precision_log_diag";
+    let var = varmap.data().lock().expect("lock")[name].clone();
+    let dims = var.dims().to_vec();
+    let mut values = vec![0.5f32; dims.iter().product()];
+    values[1] = f32::NAN;
+    var.set(&Tensor::from_vec(values, dims.as_slice(), &Device::Cpu)?)?;
+    let path = dir.join("nan-precision.safetensors");
+    net.save(&path)?;
+    let reason = checkpoint_reason(checkpoint::load(&path, &Device::Cpu, None));
+    assert!(
+        reason.contains(name) && reason.contains("NaN") && reason.contains("index 1"),
+        "{reason}"
+    );
+    assert!(
+        !reason.contains("opens it"),
+        "promises an opt-out that does not open it: {reason}"
+    );
+    let options = LoadOptions {
+        allow_non_finite: true,
+        ..Default::default()
+    };
+    let reason = checkpoint_reason(checkpoint::load_with_options(&path, &Device::Cpu, &options));
+    assert!(
+        reason.contains("precision_log_diag") && reason.contains("NaN"),
+        "{reason}"
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -32,7 +32,8 @@
 //! truncated meanwhile gives an error, not a bus error), each into a buffer of exactly its
 //! declared size. A non-finite value (NaN, ±∞), or one that overflows the requested dtype,
 //! is an error naming the tensor and the element; [`LoadOptions::allow_non_finite`] turns
-//! that check off for inspection tools.
+//! that check off for inspection tools (except in the precision tensors, whose range every
+//! layer checks when it is built).
 //!
 //! Memory: the header is read once (at most the file's size) and its parse takes a small
 //! multiple of it; the tensors take their own bytes in the loaded dtype (while one tensor is
@@ -118,9 +119,12 @@ pub struct LoadOptions {
     /// checkpoint on Metal, which has no f64, loads as f32: see [`default_load_dtype`]);
     /// `Some(dtype)` (a float dtype) converts every tensor.
     pub dtype: Option<DType>,
-    /// Accept non-finite parameters (NaN, ±∞, or values that overflow `dtype`). Off by
-    /// default: such a network only produces NaN. For inspection tools that must open a
-    /// damaged checkpoint.
+    /// Accept non-finite parameters (NaN, ±∞, or values that overflow `dtype`) in the
+    /// weights, biases, centers and batch norms. Off by default: such a network only produces
+    /// NaN. For inspection tools that must open a damaged checkpoint. A layer's precision
+    /// tensor is still refused when a value is non-finite or outside its parameterization's
+    /// range ([`crate::Precision::from_raw`]: no layer holds such a precision), with an error
+    /// naming the tensor and the element.
     pub allow_non_finite: bool,
 }
 
@@ -527,6 +531,16 @@ impl Element for half::bf16 {
     }
 }
 
+/// Whether `name` (`layers.{i}.<name>`) is a layer's raw precision tensor, whose values
+/// [`crate::Precision::from_raw`] checks whatever the [`LoadOptions`].
+fn is_precision_tensor(name: &str) -> bool {
+    let leaf = name.rsplit('.').next().unwrap_or(name);
+    name.starts_with("layers.")
+        && crate::config::Parameterization::ALL
+            .iter()
+            .any(|&p| crate::precision::Precision::tensor_name(p) == leaf)
+}
+
 /// Bytes read per call: bounds the staging buffer whatever the tensor's size.
 const CHUNK_BYTES: usize = 1 << 16;
 
@@ -586,8 +600,13 @@ fn read_typed<T: Element>(
                     } else {
                         format!("{v}")
                     };
+                    let opt_out = if is_precision_tensor(name) {
+                        "a precision tensor is refused even with LoadOptions::allow_non_finite: its layer accepts only finite raw values within its parameterization's range"
+                    } else {
+                        "LoadOptions::allow_non_finite opens it for inspection"
+                    };
                     return Err(ReadError::Invalid(format!(
-                        "tensor `{name}` holds a non-finite value ({what}) at flat index {}; refusing a network that can only produce NaN (LoadOptions::allow_non_finite opens it for inspection)",
+                        "tensor `{name}` holds a non-finite value ({what}) at flat index {}; refusing a network that can only produce NaN ({opt_out})",
                         values.len()
                     )));
                 }

@@ -462,6 +462,43 @@ mod tests {
         );
     }
 
+    /// Decimals that `serde_json`'s default float parse reads one ulp off (the workspace turns
+    /// on its `float_roundtrip` feature): every config field comes back with the bits it was
+    /// written with, in the current version and through the upgrade from version 2.
+    #[test]
+    fn floats_come_back_bit_for_bit() {
+        let config = GaussNetConfig {
+            layer: GaussLayerConfig {
+                precision: crate::PrecisionConfig {
+                    factor_diag_floor: 4.984_131_188_374_780_4e-5,
+                    width_floor: Some(4.544_697_111_263_059_6e-5),
+                    ..Default::default()
+                },
+                init: crate::InitConfig {
+                    center_std: 5.873_272_580_101_452_4e-5,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            output_layer: Some(GaussLayerConfig {
+                precision: crate::PrecisionConfig {
+                    width_floor: Some(4.984_131_188_374_780_4e-5),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }),
+            batch_norm_eps: 4.539_025_429_288_408_3e-5,
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&config).unwrap();
+        assert_eq!(parse_config(&json, CURRENT_VERSION).unwrap(), config);
+        let mut value = serde_json::to_value(&config).unwrap();
+        value["layer"] = flattened(&value["layer"]);
+        value["output_layer"] = flattened(&value["output_layer"]);
+        let json = serde_json::to_string(&value).unwrap();
+        assert_eq!(parse_config(&json, 2).unwrap(), config);
+    }
+
     /// A layer config as format version 2 wrote it: the precision fields beside `tanh`.
     fn flattened(layer: &serde_json::Value) -> serde_json::Value {
         let mut flat = layer.clone();
