@@ -212,7 +212,9 @@ fn report(args: Args) -> Result<Report> {
         kernel,
         path: if args.portable { "portable" } else { "layer" },
         threads: rayon::current_num_threads(),
-        iters: args.iters,
+        // The rounds timed (`interleaved_ms` times at least one), as bench-train reports
+        // its `rounds`.
+        iters: args.iters.max(1),
         forward_ms: forward_timing.median,
         forward_backward_ms: forward_backward.map(|t| t.median),
         matmul_equal_flops_ms: matmul.median,
@@ -251,6 +253,19 @@ mod tests {
             "0",
         ]);
         assert_eq!(report(args)?.param, "lowrank:2");
+        Ok(())
+    }
+
+    /// `iters` is the number of rounds the medians are over: `--iters 0` still times one
+    /// round (`interleaved_ms`), and the report says 1, not 0.
+    #[test]
+    fn report_counts_the_rounds_it_timed() -> Result<()> {
+        let args = Args::parse_from([
+            "bench", "--batch", "2", "--in", "3", "--out", "2", "--iters", "0", "--warmup", "0",
+        ]);
+        let report = report(args)?;
+        assert_eq!(report.iters, 1);
+        assert!(report.forward_ms.is_finite() && report.matmul_equal_flops_ms.is_finite());
         Ok(())
     }
 }

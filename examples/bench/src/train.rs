@@ -404,6 +404,13 @@ fn check_args(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// The seed of the trace probes of round `round` of parameterization `param` (its candle-nn
+/// and its fused network alike).
+fn probe_seed(seed: u64, round: usize, param: usize) -> u64 {
+    let stream = ((round as u64) << 32) | param as u64;
+    seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 fn report(args: &Args) -> Result<Report> {
     check_args(args)?;
     gauss_layer::seed_trace_probes(args.seed);
@@ -427,7 +434,11 @@ fn report(args: &Args) -> Result<Report> {
         }
     }
     for round in 0..args.warmup + args.rounds.max(1) {
-        for pair in pairs.iter_mut() {
+        for (i, pair) in pairs.iter_mut().enumerate() {
+            // Both optimizers of a parameterization draw the same Hutchinson probes (a
+            // process-wide stream): otherwise their gradients differ from the first step
+            // and `identical_to_candle_adamw` says false of two identical optimizers.
+            gauss_layer::seed_trace_probes(probe_seed(args.seed, round, i / 2));
             let start = Instant::now();
             let phases = pair.run(
                 args.steps, args.batch, &images, &labels, &objective, &device,
@@ -521,8 +532,56 @@ mod tests {
         assert!(e.contains("--classes") && e.contains("got 0"), "{e}");
     }
 
+    /// The trace probes are a process-wide stream: tests that train take turns.
+    static PROBES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// With Hutchinson probes (cholesky, `--trace-probes`), candle-nn's AdamW and
+    /// `FusedAdamW` still see the same gradients, so the report finds them identical (as
+    /// it does with the exact trace), over several steps and rounds.
+    #[test]
+    fn optimizers_compare_on_the_same_trace_probes() -> Result<()> {
+        let _turn = PROBES.lock().unwrap_or_else(|e| e.into_inner());
+        for probes in ["0", "2"] {
+            let args = Args::parse_from([
+                "bench-train",
+                "--in",
+                "3",
+                "--hidden",
+                "4",
+                "--samples",
+                "8",
+                "--batch",
+                "4",
+                "--warmup",
+                "0",
+                "--classes",
+                "2",
+                "--params",
+                "cholesky",
+                "--lambda-sigma",
+                "0.5",
+                "--trace-probes",
+                probes,
+                "--steps",
+                "3",
+                "--rounds",
+                "2",
+            ]);
+            let report = report(&args)?;
+            let fused = &report.results[1];
+            assert_eq!(fused.optimizer, "FusedAdamW");
+            assert_eq!(
+                fused.identical_to_candle_adamw,
+                Some(true),
+                "--trace-probes {probes}"
+            );
+        }
+        Ok(())
+    }
+
     #[test]
     fn lowrank_results_carry_their_rank() -> Result<()> {
+        let _turn = PROBES.lock().unwrap_or_else(|e| e.into_inner());
         let report = report(&args(&[
             "--classes",
             "2",

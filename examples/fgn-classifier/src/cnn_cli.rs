@@ -43,6 +43,8 @@ pub struct CnnRun<'a> {
     pub head_lr: f64,
     pub lambda_sigma: f64,
     pub lambda_l2: f64,
+    /// Hutchinson probes of the λ-loss's tr Σ (`--trace-probes`; 0: the exact trace).
+    pub trace_probes: usize,
     pub schedule: Schedule,
     pub seed: u64,
     pub classical: bool,
@@ -82,6 +84,11 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
     out.insert("epochs".into(), json!(run.schedule.epochs));
     out.insert("learning_rate".into(), json!(run.schedule.learning_rate));
     out.insert("lambda_sigma".into(), json!(run.lambda_sigma));
+    out.insert("trace_probes".into(), json!(run.trace_probes));
+    out.insert(
+        "precision_lr_scale".into(),
+        json!(run.schedule.precision_lr_scale),
+    );
     out.insert("head_learning_rate".into(), json!(run.head_lr));
     out.insert("feature_batch_norm".into(), json!(run.feature_batch_norm));
     out.insert("trunk".into(), serde_json::to_value(&trunk)?);
@@ -173,6 +180,7 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
         let objective = FgnObjectiveConfig {
             lambda_l2: run.lambda_l2,
             lambda_sigma: run.lambda_sigma,
+            trace_estimator: crate::trace_estimator(run.trace_probes),
             ..Default::default()
         };
         let (model, seconds) = crate::cnn_train::train_fgn(

@@ -186,8 +186,9 @@ pub fn train_classical(
 /// Trains the trunk under a `GaussNet` (`config.in_features` = the trunk's features) with
 /// the FGN objective. The first Gaussian layer's centers start on the (initial) trunk
 /// features of random training images, where the data is. The Gaussian layers learn at
-/// `head_lr` (their precisions and centers move with the step size, as in the MLP), the
-/// trunk at `schedule.learning_rate`.
+/// `head_lr` (their precisions and centers move with the step size, as in the MLP; the
+/// precision tensors at `head_lr · schedule.precision_lr_scale`), the trunk at
+/// `schedule.learning_rate`.
 #[allow(clippy::too_many_arguments)]
 pub fn train_fgn(
     trunk_config: TrunkConfig,
@@ -230,14 +231,22 @@ pub fn train_fgn(
         }
         net_vars.set_one("layers.0.center", centers)?;
     }
+    // The precision tensors learn at `head_lr · precision_lr_scale`, as the MLP's learn at
+    // `lr · precision_lr_scale` (`--precision-lr-scale`; 1 for diag, sphere, lowrank and for
+    // the full forms on at most 64 features).
+    let (precision, rest) = crate::train::precision_and_rest(&net_vars, &net)?;
     let model = CnnFgn { trunk, net };
-    let mut opts = [
+    let precision_lr = head_lr * schedule.precision_lr_scale;
+    let mut opts = vec![
         (
             adam(trunk_vars.all_vars(), schedule.learning_rate)?,
             schedule.learning_rate,
         ),
-        (adam(net_vars.all_vars(), head_lr)?, head_lr),
+        (adam(rest, head_lr)?, head_lr),
     ];
+    if !precision.is_empty() {
+        opts.push((adam(precision, precision_lr)?, precision_lr));
+    }
     let seconds = fit(
         "fgn cnn",
         train,
@@ -282,5 +291,85 @@ mod tests {
         // 9 = 4 + 4 + 1: the lone sample joins the second batch.
         let sizes: Vec<usize> = epoch_batches(9, 4, &mut rng).iter().map(Vec::len).collect();
         assert_eq!(sizes, [4, 5]);
+    }
+    /// `--precision-lr-scale` reaches the CNN FGN's precision tensors: at a scale of 1e-30
+    /// their steps (head_lr · 1e-30) vanish in f32, so the precision factors keep their
+    /// (seeded) initial values while the weights and centers train at head_lr.
+    #[test]
+    fn the_cnn_precisions_learn_at_the_scaled_head_rate() -> Result<()> {
+        use crate::cnn::Activation;
+        use gauss_layer::{GaussLayerConfig, InitConfig, PrecisionConfig};
+        let cpu = Device::Cpu;
+        let (n, height, width) = (12usize, 8usize, 6usize);
+        let pixels: Vec<f32> = (0..n * height * width)
+            .map(|v| ((v * 37) % 101) as f32 / 100.0)
+            .collect();
+        let labels: Vec<u32> = (0..n as u32).map(|i| i % 3).collect();
+        let train = Split {
+            images: Tensor::from_vec(pixels, (n, height * width), &cpu)?,
+            labels: Tensor::from_vec(labels, n, &cpu)?,
+        };
+        let trunk = TrunkConfig {
+            height,
+            width,
+            channels: vec![2],
+            features: 4,
+            activation: Activation::None,
+            batch_norm: false,
+        };
+        let layer = GaussLayerConfig {
+            precision: PrecisionConfig::with_parameterization(Parameterization::Cholesky),
+            init: InitConfig {
+                seed: Some(5),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let config = GaussNetConfig {
+            in_features: 4,
+            hidden: vec![],
+            out_features: 3,
+            layer: layer.clone(),
+            output_layer: Some(layer),
+            ..Default::default()
+        };
+        // The initial values: the same seeded config, untrained.
+        let fresh = GaussNet::new(
+            config.clone(),
+            VarBuilder::from_varmap(&VarMap::new(), DType::F32, &cpu),
+        )?;
+        let initial = |net: &GaussNet| -> Result<(Vec<f32>, Vec<f32>)> {
+            let layer = &net.layers()[0];
+            Ok((
+                layer.precision().raw().flatten_all()?.to_vec1()?,
+                layer
+                    .weight()
+                    .ok_or_else(|| anyhow::anyhow!("no weight"))?
+                    .flatten_all()?
+                    .to_vec1()?,
+            ))
+        };
+        let (precision_before, weight_before) = initial(&fresh)?;
+        let schedule = Schedule {
+            epochs: 2,
+            batch_size: 4,
+            learning_rate: 1e-3,
+            precision_lr_scale: 1e-30,
+        };
+        let (model, _) = train_fgn(
+            trunk,
+            config,
+            &FgnObjectiveConfig::default(),
+            &train,
+            &schedule,
+            Augment::None,
+            1e-2,
+            &mut StdRng::seed_from_u64(0),
+            &cpu,
+        )?;
+        let (precision_after, weight_after) = initial(&model.net)?;
+        assert_ne!(weight_after, weight_before, "the head did not train");
+        assert_eq!(precision_after, precision_before);
+        Ok(())
     }
 }

@@ -104,11 +104,13 @@ struct TrainArgs {
     lambda_sigma: Option<f64>,
     /// Random probe vectors per neuron and step for the λ-loss's tr Σ of cholesky layers
     /// (an unbiased Hutchinson estimate, O(d²·N) instead of the exact O(d³)); 0 = exact.
-    /// Default: 16 for inputs of 256 features or more, exact below.
+    /// Default: 16 for inputs of 256 features or more (with --arch cnn: --features), exact
+    /// below.
     #[arg(long)]
     trace_probes: Option<usize>,
-    /// Learning-rate factor of the precision tensors. Default: (64/d)^1.5 (at most 1) for the
-    /// full forms (cholesky, direct, expm) on d input features, 1 for the others.
+    /// Learning-rate factor of the precision tensors (of --lr for the MLP, of --head-lr for
+    /// the CNN). Default: (64/d)^1.5 (at most 1) for the full forms (cholesky, direct, expm)
+    /// on d input features (with --arch cnn: --features), 1 for the others.
     #[arg(long)]
     precision_lr_scale: Option<f64>,
     /// Weight of the mean squared linear weight.
@@ -256,6 +258,43 @@ fn default_lambda_sigma(features: usize) -> f64 {
     0.05 * (64.0 / features.max(1) as f64).powi(2)
 }
 
+/// `--trace-probes` when none is given: 16 Hutchinson probes for Gaussian layers on 256
+/// inputs or more, the exact trace below.
+fn default_trace_probes(features: usize) -> usize {
+    if features >= 256 {
+        16
+    } else {
+        0
+    }
+}
+
+/// The λ-loss's trace estimator of `--trace-probes N` (0: exact).
+pub(crate) fn trace_estimator(probes: usize) -> TraceEstimator {
+    match probes {
+        0 => TraceEstimator::Exact,
+        probes => TraceEstimator::Hutchinson { probes },
+    }
+}
+
+/// The first option of `args` that only `--arch cnn` reads and that was changed from its
+/// default (the MLP would ignore it), if any.
+fn cnn_only_option(args: &TrainArgs) -> Option<&'static str> {
+    [
+        (args.channels != [16, 32], "--channels"),
+        (args.trunk_batch_norm, "--trunk-batch-norm"),
+        (args.features != 64, "--features"),
+        (
+            args.feature_activation != cnn::Activation::None,
+            "--feature-activation",
+        ),
+        (args.tied_bias, "--tied-bias"),
+        (!args.feature_batch_norm, "--feature-batch-norm"),
+        (args.head_lr != 1e-2, "--head-lr"),
+    ]
+    .into_iter()
+    .find_map(|(changed, option)| changed.then_some(option))
+}
+
 fn train(args: TrainArgs) -> Result<Value> {
     // The λ-loss's random trace probes (cholesky at 256+ inputs) follow the seed too.
     gauss_layer::seed_trace_probes(args.seed);
@@ -271,6 +310,11 @@ fn train(args: TrainArgs) -> Result<Value> {
     let lr = args
         .lr
         .unwrap_or(if cnn { cnn_cli::DEFAULT_LR } else { 1e-2 });
+    if !cnn {
+        if let Some(option) = cnn_only_option(&args) {
+            bail!("{option} sets the CNN (trunk or its Gaussian head); the MLP has none (add --arch cnn)");
+        }
+    }
     validate::train(&validate::TrainOptions {
         lr,
         batch_size: args.batch_size,
@@ -286,12 +330,23 @@ fn train(args: TrainArgs) -> Result<Value> {
     if !cnn && args.augment != augment::Augment::None {
         bail!("--augment transforms the CNN's training images; the MLP trains on them as they are (add --arch cnn)");
     }
+    if cnn {
+        // Checked here, before any work, as the MLP's are (validate::train).
+        validate::finite_positive("--head-lr", args.head_lr)?;
+        if let Some(scale) = args.precision_lr_scale {
+            validate::finite_positive("--precision-lr-scale", scale)?;
+        }
+    }
     let device = device(args.device)?;
     let data_dir = args.data_dir.as_deref().or(args.mnist.as_deref());
     if cnn {
         let Some(dir) = data_dir else {
             bail!("--arch cnn needs images: pass --data-dir DIR");
         };
+        // The Gaussian layers read the trunk's `--features`.
+        let trace_probes = args
+            .trace_probes
+            .unwrap_or(default_trace_probes(args.features));
         return cnn_cli::train(
             &cnn_cli::CnnRun {
                 parameterization,
@@ -307,6 +362,7 @@ fn train(args: TrainArgs) -> Result<Value> {
                     .lambda_sigma
                     .unwrap_or_else(|| default_lambda_sigma(args.features)),
                 lambda_l2: args.lambda_l2,
+                trace_probes,
                 schedule: Schedule {
                     epochs,
                     batch_size: args.batch_size,
@@ -345,11 +401,8 @@ fn train(args: TrainArgs) -> Result<Value> {
         .unwrap_or_else(|| default_lambda_sigma(data.train.features()));
     let trace_probes = args
         .trace_probes
-        .unwrap_or(if data.train.features() >= 256 { 16 } else { 0 });
-    let trace_estimator = match trace_probes {
-        0 => TraceEstimator::Exact,
-        probes => TraceEstimator::Hutchinson { probes },
-    };
+        .unwrap_or(default_trace_probes(data.train.features()));
+    let trace_estimator = trace_estimator(trace_probes);
     let mut rng = StdRng::seed_from_u64(args.seed);
     // Its own stream, so the split does not shift the training's random draws.
     let calibration = match args.calibration_split {
@@ -694,5 +747,160 @@ mod tests {
         let cnn = cnn?;
         assert!(cnn["fgn"]["accuracy"].is_number(), "{cnn}");
         Ok(())
+    }
+    fn run_train(args: &[&str]) -> Result<Value> {
+        let cli = Cli::try_parse_from([&["fgn-classifier", "train"], args].concat())?;
+        let Command::Train(args) = cli.command else {
+            unreachable!("parsed as train")
+        };
+        train(args)
+    }
+
+    /// `n` images (height × width) per split of an IDX set, train and test, labels i % 3.
+    fn write_idx_set(dir: &Path, n: u32, height: u32, width: u32) -> Result<()> {
+        write_test_only(dir, n, height, width)?;
+        let pixels: Vec<u8> = (0..n * height * width)
+            .map(|v| ((v * 37) % 251) as u8)
+            .collect();
+        let labels: Vec<u8> = (0..n).map(|i| (i % 3) as u8).collect();
+        std::fs::write(
+            dir.join("train-images-idx3-ubyte"),
+            idx::tests::idx_bytes(0x803, &[n, height, width], &pixels),
+        )?;
+        std::fs::write(
+            dir.join("train-labels-idx1-ubyte"),
+            idx::tests::idx_bytes(0x801, &[n], &labels),
+        )?;
+        Ok(())
+    }
+
+    /// The CNN's own learning rates are checked before any work, as `--lr` is: a bad
+    /// `--head-lr` or `--precision-lr-scale` is named at once, not after reading the data
+    /// (here: none) or training with it.
+    #[test]
+    fn train_cnn_checks_its_rates_before_any_work() {
+        let missing = std::env::temp_dir().join(format!("fgn-no-such-dir-{}", std::process::id()));
+        let missing = missing.display().to_string();
+        let out =
+            std::env::temp_dir().join(format!("fgn-rates-{}.safetensors", std::process::id()));
+        let out = out.display().to_string();
+        for (option, value) in [
+            ("--head-lr", "-1"),
+            ("--head-lr", "NaN"),
+            ("--head-lr", "0"),
+            ("--precision-lr-scale", "inf"),
+            ("--precision-lr-scale", "-0.5"),
+        ] {
+            let given = format!("{option}={value}");
+            let args = [
+                "--arch",
+                "cnn",
+                "--data-dir",
+                &missing,
+                "--out",
+                &out,
+                &given,
+            ];
+            let e = run_train(&args).unwrap_err().to_string();
+            assert!(e.contains(option), "{option} {value}: {e}");
+        }
+    }
+
+    /// `--trace-probes` reaches the CNN FGN's λ-loss: with cholesky Gaussian layers and a
+    /// λ-loss weight, a Hutchinson estimate (3 probes) trains a different network than the
+    /// exact trace, while two exact runs of the same seed give the same checkpoint.
+    #[test]
+    fn train_cnn_uses_the_trace_probes() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("fgn-cnn-probes-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        write_idx_set(&dir, 12, 8, 6)?;
+        let data = dir.display().to_string();
+        let run = |name: &str, probes: &str| -> Result<(Value, Vec<u8>)> {
+            let out = dir.join(format!("{name}.safetensors"));
+            let out_arg = out.display().to_string();
+            let args = [
+                "--arch",
+                "cnn",
+                "--data-dir",
+                &data,
+                "--fgn-only",
+                "--param",
+                "cholesky",
+                "--channels",
+                "2",
+                "--features",
+                "4",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "4",
+                "--lambda-sigma",
+                "0.5",
+                "--trace-probes",
+                probes,
+                "--out",
+                &out_arg,
+            ];
+            let report = run_train(&args)?;
+            let tensors = candle_core::safetensors::load(&out, &Device::Cpu)?;
+            let mut names: Vec<_> = tensors.keys().cloned().collect();
+            names.sort();
+            let mut bytes = Vec::new();
+            for name in names {
+                let t = tensors[&name].flatten_all()?.to_dtype(DType::F32)?;
+                for v in t.to_vec1::<f32>()? {
+                    bytes.extend(v.to_le_bytes());
+                }
+            }
+            Ok((report, bytes))
+        };
+        let exact = run("exact", "0");
+        let again = run("again", "0");
+        let probed = run("probed", "3");
+        std::fs::remove_dir_all(&dir)?;
+        let ((exact, exact_values), (_, again_values)) = (exact?, again?);
+        let (probed, probed_values) = probed?;
+        assert_eq!(exact["trace_probes"], 0, "{exact}");
+        assert_eq!(probed["trace_probes"], 3, "{probed}");
+        assert!(exact_values == again_values, "one seed, two checkpoints");
+        assert_ne!(
+            exact_values, probed_values,
+            "--trace-probes changed nothing"
+        );
+        Ok(())
+    }
+    /// The options only `--arch cnn` reads are refused with the MLP, as `--augment` is,
+    /// instead of being ignored; left at their defaults they do not stand in the way.
+    #[test]
+    fn train_mlp_refuses_the_cnn_only_options() {
+        for given in [
+            "--channels=8",
+            "--trunk-batch-norm",
+            "--features=32",
+            "--feature-activation=tanh",
+            "--tied-bias",
+            "--feature-batch-norm=false",
+            "--head-lr=1e-3",
+        ] {
+            let e = run_train(&["--fgn-only", "--epochs=0", given])
+                .unwrap_err()
+                .to_string();
+            let option = given.split('=').next().unwrap_or(given);
+            assert!(
+                e.contains(option) && e.contains("--arch cnn"),
+                "{given}: {e}"
+            );
+        }
+        // Defaults given explicitly are no change.
+        let e = run_train(&[
+            "--fgn-only",
+            "--epochs=0",
+            "--head-lr=0.01",
+            "--features=64",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--epochs"), "{e}");
     }
 }

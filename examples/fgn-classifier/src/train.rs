@@ -83,29 +83,32 @@ pub struct FgnOptimizer {
     precision: Option<FusedAdamW>,
 }
 
+/// The variables of `net` (created in `varmap`) split into its layers' precision tensors
+/// (`layers.{i}.<precision tensor>`) and everything else.
+pub fn precision_and_rest(varmap: &VarMap, net: &GaussNet) -> Result<(Vec<Var>, Vec<Var>)> {
+    let names: std::collections::HashSet<String> = net
+        .layers()
+        .iter()
+        .enumerate()
+        .map(|(i, layer)| {
+            let name = gauss_layer::Precision::tensor_name(layer.precision().parameterization());
+            format!("layers.{i}.{name}")
+        })
+        .collect();
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow!("VarMap lock poisoned"))?;
+    let (p, r): (Vec<_>, Vec<_>) = data.iter().partition(|(name, _)| names.contains(*name));
+    Ok((
+        p.into_iter().map(|(_, v)| v.clone()).collect(),
+        r.into_iter().map(|(_, v)| v.clone()).collect(),
+    ))
+}
+
 impl FgnOptimizer {
     pub fn new(varmap: &VarMap, net: &GaussNet, schedule: &Schedule) -> Result<Self> {
-        let names: std::collections::HashSet<String> = net
-            .layers()
-            .iter()
-            .enumerate()
-            .map(|(i, layer)| {
-                let name =
-                    gauss_layer::Precision::tensor_name(layer.precision().parameterization());
-                format!("layers.{i}.{name}")
-            })
-            .collect();
-        let (precision, rest): (Vec<Var>, Vec<Var>) = {
-            let data = varmap
-                .data()
-                .lock()
-                .map_err(|_| anyhow!("VarMap lock poisoned"))?;
-            let (p, r): (Vec<_>, Vec<_>) = data.iter().partition(|(name, _)| names.contains(*name));
-            (
-                p.into_iter().map(|(_, v)| v.clone()).collect(),
-                r.into_iter().map(|(_, v)| v.clone()).collect(),
-            )
-        };
+        let (precision, rest) = precision_and_rest(varmap, net)?;
         let adam = |vars: Vec<Var>, lr: f64| {
             FusedAdamW::new(
                 vars,
