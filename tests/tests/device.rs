@@ -205,6 +205,24 @@ fn tensors_on_another_device_get_the_named_error(device: &Device) -> Result<()> 
             other => panic!("expected DeviceMismatch for input x, got {other:?}"),
         }
     }
+    // The functional core checks its arguments' devices too (naming the one that is not
+    // on x's device).
+    let matrix = layer.precision().precision_matrix()?;
+    for result in [
+        gauss_layer::ops::mahalanobis_sq(&x, layer.center(), layer.precision(), Default::default()),
+        gauss_layer::ops::mahalanobis_sq_portable(
+            &x,
+            layer.center(),
+            layer.precision(),
+            Default::default(),
+        ),
+        gauss_layer::ops::mahalanobis_sq_naive(&x, layer.center(), &matrix),
+    ] {
+        match result {
+            Err(GaussError::DeviceMismatch { what, .. }) => assert_eq!(what, "center"),
+            other => panic!("expected DeviceMismatch for center, got {other:?}"),
+        }
+    }
     let weight = Tensor::zeros((3, 6), DType::F32, &Device::Cpu)?;
     let built = GaussLayer::new(
         Some(weight),

@@ -33,7 +33,7 @@ use candle_core::{Tensor, D};
 
 use crate::config::DistanceKernel;
 use crate::cpu::Sizes;
-use crate::error::{check_dtype, GaussError, Result};
+use crate::error::{check_device, check_dtype, GaussError, Result};
 use crate::kernels;
 use crate::precision::Precision;
 
@@ -64,6 +64,13 @@ fn check_arguments(x: &Tensor, center: &Tensor, precision: &Precision) -> Result
         x.dtype(),
         "the input x",
     )?;
+    check_device("center", center, x.device(), "the input x")?;
+    check_device(
+        "precision raw tensor",
+        precision.raw(),
+        x.device(),
+        "the input x",
+    )?;
     Ok(Sizes {
         batch: x.dims()[0],
         dim: d,
@@ -79,8 +86,8 @@ fn check_arguments(x: &Tensor, center: &Tensor, precision: &Precision) -> Result
 /// `x`: (B, d), `center`: (Z, d) → (B, Z)
 ///
 /// # Errors
-/// Shapes or dtypes that do not match the precision; `Projected` for `direct` and
-/// `lowrank` (no square factor).
+/// Shapes or dtypes that do not match the precision; tensors on different devices
+/// ([`GaussError::DeviceMismatch`]); `Projected` for `direct` and `lowrank` (no square factor).
 pub fn mahalanobis_sq(
     x: &Tensor,
     center: &Tensor,
@@ -117,7 +124,7 @@ pub fn mahalanobis_sq_portable(
 /// `x`: (B, d), `center`: (Z, d), `precision`: (Z, d, d) → (B, Z)
 ///
 /// # Errors
-/// Shapes that do not fit together; mixed dtypes.
+/// Shapes that do not fit together; mixed dtypes or devices.
 pub fn mahalanobis_sq_naive(x: &Tensor, center: &Tensor, precision: &Tensor) -> Result<Tensor> {
     let &[z, d] = center.dims() else {
         return Err(GaussError::shape("center", "(Z, d)", center.dims()));
@@ -138,6 +145,8 @@ pub fn mahalanobis_sq_naive(x: &Tensor, center: &Tensor, precision: &Tensor) -> 
     }
     check_dtype("center", center, x.dtype(), "the input x")?;
     check_dtype("precision", precision, x.dtype(), "the input x")?;
+    check_device("center", center, x.device(), "the input x")?;
+    check_device("precision", precision, x.device(), "the input x")?;
     kernels::naive::portable(x, center, precision)
 }
 
