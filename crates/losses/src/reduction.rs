@@ -20,7 +20,8 @@ pub enum Reduction {
 
 impl Reduction {
     /// Reduces `per_sample` over its first (batch) dimension. An f16 or bf16 tensor is summed
-    /// in f32 and the result rounded back to its dtype (see [`accumulated`]).
+    /// in f32 and the result rounded back to its dtype (Candle's CPU sum accumulates in the
+    /// tensor's dtype, which stalls in half precision).
     ///
     /// # Shapes
     /// `per_sample`: (B, ...) → `None`: (B, ...); `Mean`, `Sum`: (...)
