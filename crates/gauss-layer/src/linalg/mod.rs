@@ -225,9 +225,19 @@ pub fn trace(matrices: &Tensor) -> Result<Tensor> {
 /// digits over d terms: bf16 `log det P` of 256 entries near −5.5 came out −1352 instead of
 /// −1416. The casts are differentiable, and f32 exists on every device.
 pub(crate) fn sum_accumulated<D: candle_core::shape::Dims>(t: &Tensor, dims: D) -> Result<Tensor> {
-    match t.dtype() {
-        DType::F16 | DType::BF16 => Ok(t.to_dtype(DType::F32)?.sum(dims)?.to_dtype(t.dtype())?),
+    match accumulation_dtype(t.dtype()) {
+        dtype if dtype != t.dtype() => Ok(t.to_dtype(dtype)?.sum(dims)?.to_dtype(t.dtype())?),
         _ => Ok(t.sum(dims)?),
+    }
+}
+
+/// The dtype sums over a tensor of `dtype` run in: f32 for f16 and bf16 (see
+/// [`sum_accumulated`]: a bf16 sum of ones stops growing at 256, an f16 sum of squares
+/// overflows past 65504), `dtype` itself otherwise.
+pub(crate) fn accumulation_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
     }
 }
 

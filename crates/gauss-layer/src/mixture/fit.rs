@@ -14,9 +14,7 @@ use crate::linalg::{self, host};
 use crate::precision::{LowRankFit, Precision};
 use crate::repair;
 
-use super::kmeans::{
-    accumulation_dtype, checked_samples, host_values, kmeans, squared_distances, KMeans, Samples,
-};
+use super::kmeans::{checked_samples, host_values, kmeans, squared_distances, KMeans, Samples};
 use super::{GaussianMixture, MixtureFit, MixtureFitOptions, MIXTURE_LOGITS_NAME};
 
 /// lowrank's rank r when EM fits the layer's own family `diag(e^θ) + U Uᵀ` (r < d, no width
@@ -90,18 +88,18 @@ impl GaussianMixture {
     }
 
     /// E-step: the mean log-likelihood and the responsibilities (N, K), both summed in
-    /// [`accumulation_dtype`] (f32 for f16 and bf16 samples).
+    /// [`linalg::accumulation_dtype`] (f32 for f16 and bf16 samples).
     fn e_step(&self, x: &Tensor) -> Result<(f64, Tensor)> {
         let joint = self
             .joint_log_prob(x)?
-            .to_dtype(accumulation_dtype(x.dtype()))?;
+            .to_dtype(linalg::accumulation_dtype(x.dtype()))?;
         let log_norm = joint.log_sum_exp(1)?; // (N)
         let mean = linalg::read_scalar(&log_norm.mean_all()?)?;
         let resp = joint.broadcast_sub(&log_norm.unsqueeze(1)?)?.exp()?;
         Ok((mean, resp))
     }
 
-    /// M-step from responsibilities `resp` (N, K, in [`accumulation_dtype`]): weighted means,
+    /// M-step from responsibilities `resp` (N, K, in [`linalg::accumulation_dtype`]): weighted means,
     /// covariances (with `reg_covar` on the diagonal, projected onto the family), weights;
     /// written in place.
     fn m_step(&self, samples: &Samples, resp: &Tensor, reg_covar: f64, stage: Stage) -> Result<()> {

@@ -8,21 +8,11 @@ use rand::Rng;
 use crate::error::{check_dtype, GaussError, Result};
 use crate::linalg;
 
-/// The dtype the fit's sums over samples run in: f32 for f16 and bf16, whose sums Candle
-/// accumulates in the dtype itself (a bf16 sum of ones stops growing at 256, an f16 sum of
-/// squares overflows past 65504), the dtype itself otherwise.
-pub(super) fn accumulation_dtype(dtype: DType) -> DType {
-    match dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        other => other,
-    }
-}
-
 /// The samples of a fit with what every step reuses.
 pub(super) struct Samples {
     /// (N, d), in the mixture's dtype (what its densities take).
     pub(super) x: Tensor,
-    /// `x` in [`accumulation_dtype`] (N, d): the M-steps' weighted sums run on it.
+    /// `x` in [`linalg::accumulation_dtype`] (N, d): the M-steps' weighted sums run on it.
     pub(super) wide: Tensor,
     /// `wide` minus its column means (N, d): k-means works on it, and diag/sphere M-steps
     /// take second moments from it (centering keeps them from cancelling).
@@ -31,7 +21,7 @@ pub(super) struct Samples {
     pub(super) centered_sq: Tensor,
     /// `‖centered‖²` per row (N).
     pub(super) centered_norm_sq: Tensor,
-    /// The column means (1, d), in [`accumulation_dtype`].
+    /// The column means (1, d), in [`linalg::accumulation_dtype`].
     pub(super) offset: Tensor,
 }
 
@@ -69,7 +59,7 @@ pub(super) fn checked_samples(
             x.dims(),
         ));
     }
-    let wide = flat.to_dtype(accumulation_dtype(dtype))?;
+    let wide = flat.to_dtype(linalg::accumulation_dtype(dtype))?;
     let energy = linalg::read_scalar(&wide.sqr()?.sum_all()?)?;
     if !energy.is_finite() {
         return Err(GaussError::data(

@@ -8,8 +8,8 @@ use crate::config::Parameterization;
 use crate::error::{GaussError, Result};
 use crate::linalg;
 
-use super::kmeans::accumulation_dtype;
 use super::{leading_dims, GaussianMixture};
+use crate::linalg::accumulation_dtype;
 
 impl GaussianMixture {
     /// The most probable component of each sample (scikit-learn's `predict`): the argmax of
