@@ -4,8 +4,10 @@
 //!
 //! Every read on the training path goes through [`record`]: [`super::read_scalar`] and the
 //! host moves of [`super::host`]. Reads off that path are not logged (the raw-value check
-//! when a `Precision` is built, saves, import, the mixture's k-means start, error messages). Recording is per thread and off unless a
-//! [`HostReadLog`] is alive on that thread, so it costs a thread-local lookup per read.
+//! when a `Precision` is built, saves, import, the k-means labels of a mixture's start, error
+//! messages; the k-means scalars go through `read_scalar` and are). Recording is per thread
+//! and off unless a [`HostReadLog`] is alive on that thread, so it costs a thread-local lookup
+//! per read.
 
 use std::cell::RefCell;
 
