@@ -3,8 +3,9 @@
 // Arithmetic with exactly one rounding per operation and no contraction into fused
 // multiply-adds, for kernels that must reproduce a chain of Candle tensor ops bit for bit
 // (adamw.cu). nvcc contracts `a * b + c` by default; the _rn intrinsics never are. In the CPU
-// emulation (crates/cuda-emulation, no __CUDACC__) the plain C++ operators do the same: ISO
-// C++ mode does not contract and x86-64 rounds each float operation to its type.
+// emulation (crates/cuda-emulation, no __CUDACC__) the plain C++ operators do the same: its
+// build passes -ffp-contract=off (GCC and Clang contract by default where the target has FMA,
+// ISO mode or not), and x86-64 (SSE2) and aarch64 round each float operation to its type.
 #pragma once
 
 #ifdef __CUDACC__

@@ -10,6 +10,7 @@
 //! what the config implies; values finite). The library's format stays one network type.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -440,14 +441,17 @@ pub struct LoadedCnn {
 /// checks), the trunk checked here (see the module docs).
 pub fn load(path: &Path, device: &Device, dtype: Option<DType>) -> Result<LoadedCnn> {
     let origin = path.display().to_string();
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot open {origin}"))?;
-    ensure!(meta.is_file(), "{origin}: not a regular file");
+    // `open_regular` refuses a FIFO or a directory before anything blocks; reading at most one
+    // byte past the limit keeps memory bounded even if the file grows after it was opened.
+    let file = gauss_layer::files::open_regular(path)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read {origin}"))?;
     ensure!(
-        meta.len() <= MAX_FILE_BYTES,
-        "{origin}: {} bytes, more than the {MAX_FILE_BYTES} a CNN checkpoint may hold",
-        meta.len()
+        bytes.len() as u64 <= MAX_FILE_BYTES,
+        "{origin}: more than the {MAX_FILE_BYTES} bytes a CNN checkpoint may hold"
     );
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {origin}"))?;
     let file = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| anyhow::anyhow!("{origin}: not a readable safetensors file: {e}"))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)

@@ -31,7 +31,8 @@ neurons, gated) on 400 noisy two-moons points, full batch with AdamW, and draws 
 [-3, 4] x [-3, 3.5]: each network's P(class 1) (blue = class 0, red = class 1, grey = \
 unsure), the FGN's max softmax, and the FGN output layer's strongest Gaussian activity. \
 The last line of stdout is one JSON object with both accuracies and the mean max softmax \
-on the map's border, far from the data."
+on the map's border, far from the data. Runs with the same --seed give the same maps and \
+numbers: the seed draws the data and both networks' initial weights."
 )]
 struct Args {
     /// Directory for the PNG files (created if missing).
@@ -40,7 +41,8 @@ struct Args {
     /// Full-batch training steps of each network.
     #[arg(long, default_value_t = 600)]
     steps: usize,
-    /// Seed of the data set and of the FGN's initialization.
+    /// Seed of the data set and of both networks' initialization (the classical MLP's and the
+    /// FGN's).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Weight of the λ-loss (mean covariance eigenvalue) in the FGN objective: larger keeps
@@ -115,8 +117,21 @@ impl Mlp {
     }
 }
 
-fn train_mlp(x: &Tensor, y: &Tensor, steps: usize) -> Result<Mlp> {
-    let varmap = VarMap::new();
+/// Values uniform in `[-bound, bound]`, as an f32 tensor of `shape`.
+fn uniform(rng: &mut StdRng, shape: &[usize], bound: f64) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = (0..n)
+        .map(|_| rng.random_range(-bound..=bound) as f32)
+        .collect();
+    Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
+}
+
+/// Trains the classical MLP. Candle's CPU generator cannot be seeded, so the `Linear` layers'
+/// initial weights and biases are drawn from `rng` instead (as `fgn-classifier` does): the
+/// variance of Candle's own init (Kaiming: weights uniform in ±√(3 / fan_in), biases in
+/// ±1/√fan_in), but the same values for the same seed.
+fn train_mlp(x: &Tensor, y: &Tensor, steps: usize, rng: &mut StdRng) -> Result<Mlp> {
+    let mut varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let sizes = [2, 32, 32, 2];
     let layers = sizes
@@ -124,6 +139,12 @@ fn train_mlp(x: &Tensor, y: &Tensor, steps: usize) -> Result<Mlp> {
         .enumerate()
         .map(|(i, w)| candle_nn::linear(w[0], w[1], vb.pp(i)))
         .collect::<candle_core::Result<Vec<_>>>()?;
+    for (i, w) in sizes.windows(2).enumerate() {
+        let bound = 1.0 / (w[0] as f64).sqrt();
+        let weight = uniform(rng, &[w[1], w[0]], bound * 3f64.sqrt())?;
+        varmap.set_one(format!("{i}.weight"), weight)?;
+        varmap.set_one(format!("{i}.bias"), uniform(rng, &[w[1]], bound)?)?;
+    }
     let mlp = Mlp(layers);
     let mut opt = adam(&varmap, 0.01)?;
     for _ in 0..steps {
@@ -250,6 +271,9 @@ fn to_pixels(value: f64, (lo, hi): (f64, f64), size: i32) -> i32 {
     ((value - lo) / (hi - lo) * size as f64).round() as i32
 }
 
+/// Draws the map and writes it as a PNG through the library's one atomic write: an
+/// interrupted run leaves the previous picture or none, never half of one (plotters' own file
+/// backend writes in place).
 fn draw_map(
     path: &Path,
     size: u32,
@@ -259,8 +283,30 @@ fn draw_map(
     labels: &[u32],
 ) -> Result<()> {
     let side = size as i32;
-    let (width, height) = (LEFT + side + RIGHT, TOP + side + BOTTOM);
-    let root = BitMapBackend::new(path, (width as u32, height as u32)).into_drawing_area();
+    let (width, height) = ((LEFT + side + RIGHT) as u32, (TOP + side + BOTTOM) as u32);
+    let mut rgb = vec![0u8; width as usize * height as usize * 3];
+    render_map(&mut rgb, (width, height), side, values, style, points, labels)?;
+    let image = image::RgbImage::from_raw(width, height, rgb)
+        .context("the rendered map does not fill its picture")?;
+    let mut png = Vec::new();
+    image
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageOutputFormat::Png)
+        .with_context(|| format!("cannot encode {}", path.display()))?;
+    gauss_layer::files::write_atomically(path, &png)?;
+    Ok(())
+}
+
+/// Draws the map into `rgb` (RGB bytes of a `width × height` picture).
+fn render_map(
+    rgb: &mut [u8],
+    (width, height): (u32, u32),
+    side: i32,
+    values: &[f32],
+    style: &MapStyle,
+    points: &[[f32; 2]],
+    labels: &[u32],
+) -> Result<()> {
+    let root = BitMapBackend::with_buffer(rgb, (width, height)).into_drawing_area();
     root.fill(&WHITE)?;
     let text = |s: &str, at: (i32, i32)| font::draw_text(&root, s, at, TEXT, INK);
     let line_height = font::text_height(TEXT);
@@ -327,7 +373,7 @@ fn draw_map(
 
     // Title (left) and legend of the points (right), above the map.
     text(style.title, (LEFT, (TOP - line_height) / 2))?;
-    let mut x = width - 8;
+    let mut x = width as i32 - 8;
     for (class, color) in CLASS_COLORS.iter().enumerate().rev() {
         let label = format!("class {class}");
         x -= font::text_width(&label, TEXT);
@@ -362,8 +408,7 @@ fn draw_map(
     }
     text(style.bar_title, (bar_left, TOP + side + 12 + line_height))?;
 
-    root.present()
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    root.present()?;
     Ok(())
 }
 
@@ -383,7 +428,8 @@ fn run(args: Args) -> Result<()> {
     let x = tensor(&points)?;
     let y = Tensor::new(labels.as_slice(), &Device::Cpu)?;
 
-    let mlp = train_mlp(&x, &y, args.steps)?;
+    // The MLP's initial weights continue the data's random stream.
+    let mlp = train_mlp(&x, &y, args.steps, &mut rng)?;
     let fgn = train_fgn(&x, &y, &args)?;
 
     let grid = grid()?;
@@ -506,6 +552,26 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The classical MLP is a function of the seed: two trainings from the same seed give
+    /// bit-identical logits, another seed other ones.
+    #[test]
+    fn classical_mlp_is_deterministic_from_the_seed() -> Result<()> {
+        let train = |seed: u64| -> Result<Vec<f32>> {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let (points, labels) = moons(40, 0.1, &mut rng)?;
+            let (x, y) = (
+                tensor(&points)?,
+                Tensor::new(labels.as_slice(), &Device::Cpu)?,
+            );
+            let mlp = train_mlp(&x, &y, 5, &mut rng)?;
+            Ok(mlp.forward(&x)?.flatten_all()?.to_vec1()?)
+        };
+        let first = train(3)?;
+        assert_eq!(first, train(3)?);
+        assert_ne!(first, train(4)?);
+        Ok(())
+    }
 
     #[test]
     fn summary_is_json_with_nan_as_null_and_the_path_escaped() -> Result<()> {

@@ -306,10 +306,17 @@ impl GaussianMixture {
     /// `x`: (…, d), at least K samples
     ///
     /// # Errors
-    /// Samples of the wrong width or dtype, too few or non-finite; invalid options.
+    /// Samples on another device than the mixture's ([`GaussError::DeviceMismatch`]), of the
+    /// wrong width or dtype, too few or non-finite; invalid options.
     pub fn init_from_kmeans(&self, x: &Tensor, options: &MixtureFitOptions) -> Result<usize> {
         options.validate()?;
-        let samples = checked_samples(x, self.dim(), self.logits.dtype(), self.num_components())?;
+        let samples = checked_samples(
+            x,
+            self.dim(),
+            self.logits.dtype(),
+            self.logits.device(),
+            self.num_components(),
+        )?;
         let mut rng = StdRng::seed_from_u64(options.seed);
         self.init_from_data(&samples, options, &mut rng)
     }
@@ -383,7 +390,8 @@ impl GaussianMixture {
     /// `x`: (…, d), at least K samples
     ///
     /// # Errors
-    /// Samples of the wrong width or dtype, too few, with fewer distinct samples than
+    /// Samples on another device than the mixture's ([`GaussError::DeviceMismatch`]), of the
+    /// wrong width or dtype, too few, with fewer distinct samples than
     /// components, or non-finite; invalid options (`means_init` of the wrong length); a
     /// covariance the config cannot hold (e.g. variances beyond cholesky's
     /// `factor_diag_floor`, stated in the message); refinement of a mixture whose tensors are
@@ -396,7 +404,13 @@ impl GaussianMixture {
                 "gradient refinement moves each component's precision on its own, which would untie a tied mixture; set `refine_steps: None` or `Some(0)`",
             ));
         }
-        let samples = checked_samples(x, self.dim(), self.logits.dtype(), self.num_components())?;
+        let samples = checked_samples(
+            x,
+            self.dim(),
+            self.logits.dtype(),
+            self.logits.device(),
+            self.num_components(),
+        )?;
         let mut rng = StdRng::seed_from_u64(options.seed);
         let mut best: Option<(MixtureFit, Option<Snapshot>)> = None;
         let single_start = options.warm_start || options.means_init.is_some();
@@ -558,4 +572,66 @@ fn raw_from_covariances(
             Err(original)
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::{VarBuilder, VarMap};
+
+    use super::super::{gaussian_mixture, MixtureFitOptions};
+    use crate::config::GaussLayerConfig;
+    use crate::error::{GaussError, Result};
+
+    /// Samples on another device than the mixture's get the typed
+    /// [`GaussError::DeviceMismatch`] naming them, before any work: the mixture is left as
+    /// it was (without the check, `init_from_kmeans` ran on the host and wrote its result to
+    /// the device, and `fit` failed only in its first E-step, with the layer's "input x"
+    /// error). CPU samples with a mixture on `device`; on the CPU alone (nothing to
+    /// mismatch) the same call fits.
+    fn samples_on_another_device_are_refused(device: &Device) -> Result<()> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let mixture = gaussian_mixture(2, 2, GaussLayerConfig::default(), vb)?;
+        let x = Tensor::new(
+            &[
+                [0.0f32, 0.2],
+                [1.1, -0.3],
+                [0.4, 1.3],
+                [-0.7, 0.5],
+                [9.6, 0.1],
+                [10.8, -0.4],
+                [10.2, 1.2],
+                [11.5, 0.6],
+            ],
+            &Device::Cpu,
+        )?;
+        let options = MixtureFitOptions::default();
+        if device.is_cpu() {
+            assert!(mixture.fit(&x, &options)?.converged);
+            return Ok(());
+        }
+        let before = mixture.means().to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+        for result in [
+            mixture.init_from_kmeans(&x, &options).map(|_| ()),
+            mixture.fit(&x, &options).map(|_| ()),
+        ] {
+            match result {
+                Err(GaussError::DeviceMismatch {
+                    what,
+                    expected,
+                    got,
+                    ..
+                }) => {
+                    assert_eq!(what, "samples x");
+                    assert_eq!((expected, got), (device.location(), Device::Cpu.location()));
+                }
+                other => panic!("expected DeviceMismatch for samples x, got {other:?}"),
+            }
+        }
+        let after = mixture.means().to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+        assert_eq!(before, after, "the refused calls changed the mixture");
+        Ok(())
+    }
+    crate::test_device!(samples_on_another_device_are_refused);
 }

@@ -4,7 +4,8 @@
 //! [`GaussianMixture::fit`] fits it to data the way scikit-learn's `GaussianMixture` does, so
 //! it reaches the same mean log-likelihood (its `score`):
 //! 1. **k-means++ on the data** (the greedy variant scikit-learn uses, best of a few seedings
-//!    by inertia), then Lloyd's iterations; the hard clusters give the first M-step;
+//!    by inertia), then Lloyd's iterations (a cluster left empty takes the sample farthest
+//!    from its center, as in scikit-learn); the hard clusters give the first M-step;
 //! 2. **EM** until the mean log-likelihood changes by less than `tol` per iteration. The
 //!    M-step computes each component's weighted mean and covariance (plus `reg_covar` on the
 //!    diagonal), projects the covariance onto the parameterization's family (its diagonal for
