@@ -165,6 +165,31 @@ fn check_no_nan(x: &Tensor, d: usize) -> Result<()> {
     Ok(())
 }
 
+/// The rows of `x` (over its last dimension) that hold ±∞ and no NaN: samples at infinity,
+/// whose log-density is −∞ under every normal (the module docs). Returns the mask (…, 1)
+/// (u8) and `x` with those rows zeroed, so that no ∞ reaches the computation (where
+/// `0·∞` makes NaN, which the mask would hide from the value but not from the gradient).
+fn infinite_rows(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    // 0·x is NaN exactly where x is ±∞ or NaN.
+    let zeroed = (x * 0.0)?;
+    let non_finite = zeroed.ne(&zeroed)?.max_keepdim(D::Minus1)?;
+    let nan = x.ne(x)?.max_keepdim(D::Minus1)?;
+    let mask = non_finite.gt(&nan)?;
+    let finite = mask
+        .broadcast_as(x.shape())?
+        .where_cond(&x.zeros_like()?, x)?;
+    Ok((mask, finite))
+}
+
+/// `log_p` with the entries of the rows that `mask` marks set to −∞ (`mask` broadcasts to
+/// `log_p`'s shape).
+fn minus_infinity_where(mask: &Tensor, log_p: &Tensor) -> Result<Tensor> {
+    let minus_infinity = (log_p.ones_like()? * f64::NEG_INFINITY)?;
+    Ok(mask
+        .broadcast_as(log_p.shape())?
+        .where_cond(&minus_infinity, log_p)?)
+}
+
 impl MultivariateNormalBatch {
     /// The Gaussian-only layer of `center` and `precision` (all of `source`'s neurons or a
     /// narrow of them), input checks on.
@@ -283,10 +308,16 @@ impl MultivariateNormalBatch {
     /// As [`GaussLayer::log_prob`]; NaN in `x` when validating.
     pub fn log_prob_all(&self, x: &Tensor) -> Result<Tensor> {
         if self.validate_args {
-            self.layer.log_prob_validated(x)
+            check_no_nan(x, self.dim())?;
         } else {
-            self.layer.log_prob(x)
+            flatten_leading(x, self.dim(), "input x")?;
         }
+        // Checked before `infinite_rows` computes with `x` (the layer checks them again).
+        check_dtype("input x", x, self.layer.center().dtype(), "the layer")?;
+        check_device("input x", x, self.layer.center().device(), "the layer")?;
+        // The layer's kernels give NaN for a row holding ±∞; the view promises −∞.
+        let (infinite, finite) = infinite_rows(x)?;
+        minus_infinity_where(&infinite, &self.layer.log_prob(&finite)?)
     }
 
     /// torch's batch semantics: member z scores its own sample, `out[…, z] =
@@ -324,26 +355,30 @@ impl MultivariateNormalBatch {
         if precision.parameterization() == Parameterization::Direct {
             repair::ensure_positive_definite(precision)?;
         }
+        // Samples holding ±∞ get −∞ at the end; they enter the computation as zeros.
+        let (infinite, x) = infinite_rows(x)?;
         // (n, Z, d) → differences per member, (Z, n, d).
         let delta = x
             .reshape((n, z, d))?
             .broadcast_sub(&self.layer.center().unsqueeze(0)?)?
             .transpose(0, 1)?
             .contiguous()?;
+        // Sums over d accumulate in f32 for f16 and bf16.
         let m2 = if let Some(diagonal) = precision.diagonal_precision()? {
-            delta
-                .sqr()?
-                .broadcast_mul(&diagonal.unsqueeze(1)?)?
-                .sum(D::Minus1)?
+            let terms = delta.sqr()?.broadcast_mul(&diagonal.unsqueeze(1)?)?;
+            linalg::sum_accumulated(&terms, D::Minus1)?
         } else if let Some(factor) = precision.factor()? {
             // P = F Fᵀ: m2 = ‖Fᵀ δ‖² = ‖δᵀ F‖².
-            linalg::matmul(&delta, &factor)?.sqr()?.sum(D::Minus1)?
+            linalg::sum_accumulated(&linalg::matmul(&delta, &factor)?.sqr()?, D::Minus1)?
         } else {
             let projected = linalg::matmul(&delta, &precision.precision_matrix()?)?;
-            (projected * &delta)?.sum(D::Minus1)?.relu()?
+            let m2 = linalg::sum_accumulated(&(projected * &delta)?, D::Minus1)?;
+            // Clamped at 0 as in every kernel, keeping NaN (`relu` maps NaN to 0).
+            m2.lt(0.0)?.where_cond(&m2.zeros_like()?, &m2)?
         }; // (Z, n)
         let log_det = precision.log_det_precision()?;
-        Ok(log_prob_from_mahalanobis(&m2.t()?, &log_det, d)?.reshape(out_shape)?)
+        let log_p = log_prob_from_mahalanobis(&m2.t()?, &log_det, d)?.reshape(out_shape)?;
+        minus_infinity_where(&infinite.squeeze(D::Minus1)?, &log_p)
     }
 
     /// The differential entropies `½·d·(1 + ln 2π) − ½·ln det P_z`, nats.
@@ -395,18 +430,24 @@ impl MultivariateNormalBatch {
         )?;
         repair::ensure_positive_definite(self.layer.precision())?;
         repair::ensure_positive_definite(other.layer.precision())?;
+        // In f32 for f16 and bf16: the sums over d, and their combination, where the terms
+        // cancel (tr = d for equal covariances), so that rounding each to the dtype first
+        // would leave only its ulp at d.
+        let dtype = own_mean.dtype();
+        let accumulation = linalg::accumulation_dtype(dtype);
         let other_precision = other.precision()?; // (Z, d, d)
         let trace = (&other_precision * &self.covariance()?)?
-            .sum(D::Minus1)?
-            .sum(D::Minus1)?;
+            .to_dtype(accumulation)?
+            .sum((1, 2))?;
         let delta = (other_mean - own_mean)?.unsqueeze(2)?; // (Z, d, 1)
         let quadratic = (linalg::matmul(&other_precision, &delta)? * &delta)?
-            .sum(D::Minus1)?
-            .sum(D::Minus1)?;
+            .to_dtype(accumulation)?
+            .sum((1, 2))?;
         let own_log_det = self.layer.precision().log_det_precision()?;
         let other_log_det = other.layer.precision().log_det_precision()?;
-        let sum = (((trace + quadratic)? + (own_log_det - other_log_det)?)? - d as f64)?;
-        Ok((sum * 0.5)?)
+        let log_det_difference = (own_log_det - other_log_det)?.to_dtype(accumulation)?;
+        let sum = (((trace + quadratic)? + log_det_difference)? - d as f64)?;
+        Ok((sum * 0.5)?.to_dtype(dtype)?)
     }
 
     /// `n` reparameterized draws `c_z + A_z ε` per member (`A_z A_zᵀ = Σ_z`, `ε` standard
@@ -580,5 +621,176 @@ impl MultivariateNormal {
     /// As [`GaussLayer::sample`].
     pub fn sample<R: Rng + ?Sized>(&self, n: usize, rng: &mut R) -> Result<Tensor> {
         Ok(self.rsample(n, rng)?.detach())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Parameterization, PrecisionConfig};
+    use candle_core::{DType, Device, Var};
+
+    fn config(parameterization: Parameterization) -> GaussLayerConfig {
+        GaussLayerConfig {
+            precision: PrecisionConfig::with_parameterization(parameterization),
+            ..Default::default()
+        }
+    }
+
+    /// The view promises (module docs) that a sample holding ±∞ (and no NaN) gets log-density
+    /// −∞, as torch gives, and that `log_prob` without `validate_args` returns NaN for a NaN
+    /// sample. The full-matrix branch of the batch `log_prob` (direct, lowrank) clamped with
+    /// `relu`, which maps NaN to 0: both samples got the density's peak value,
+    /// −ln 2π − ½ ln 1.75 = −2.1177, and cholesky gave NaN for ±∞.
+    #[test]
+    fn infinite_samples_get_minus_infinity_and_nan_samples_stay_nan() -> Result<()> {
+        let device = Device::Cpu;
+        let mean = Tensor::new(&[[0.0f32, 0.0]], &device)?;
+        let full = Tensor::new(&[[[2.0f32, 0.5], [0.5, 1.0]]], &device)?;
+        let diagonal = Tensor::new(&[[[2.0f32, 0.0], [0.0, 1.0]]], &device)?;
+        let ln_2pi = (2.0 * std::f64::consts::PI).ln();
+        for parameterization in [
+            Parameterization::Cholesky,
+            Parameterization::Direct,
+            Parameterization::Expm,
+            Parameterization::LowRank { rank: 1 },
+            Parameterization::Diag,
+        ] {
+            let is_diag = parameterization == Parameterization::Diag;
+            let covariance = if is_diag { &diagonal } else { &full };
+            // Closed form at x = (1, 1): m2 = xᵀ Σ⁻¹ x (Σ⁻¹ = [[1, −½], [−½, 2]]/1.75 for the
+            // full Σ, diag(½, 1) for the diagonal one), log p = −m2/2 − ln 2π − ½ ln det Σ.
+            let (m2, det) = if is_diag {
+                (1.5, 2.0)
+            } else {
+                (2.0 / 1.75, 1.75f64)
+            };
+            let finite = -m2 / 2.0 - ln_2pi - 0.5 * det.ln();
+            let base = GaussLayer::from_covariance(&mean, covariance, config(parameterization))?;
+            // Variables, to see that the infinite sample sends no NaN into the gradient.
+            let center = Var::from_tensor(base.center())?;
+            let raw = Var::from_tensor(base.precision().raw())?;
+            let layer = GaussLayer::new(
+                None,
+                None,
+                center.as_tensor().clone(),
+                base.precision().with_raw(raw.as_tensor().clone())?,
+                base.config().clone(),
+            )?;
+            let batch = layer.distributions()?;
+            for inf in [f32::INFINITY, f32::NEG_INFINITY] {
+                let rows = Tensor::new(&[[inf, 0.0], [1.0, 1.0]], &device)?;
+                let all = batch.log_prob_all(&rows)?;
+                let own = batch.log_prob(&rows.unsqueeze(1)?)?;
+                for (what, log_p) in [("log_prob_all", &all), ("log_prob", &own)] {
+                    let v = log_p.flatten_all()?.to_vec1::<f32>()?;
+                    assert_eq!(v[0], f32::NEG_INFINITY, "{parameterization} {what} {inf}");
+                    assert!(
+                        (v[1] as f64 - finite).abs() < 1e-5,
+                        "{parameterization} {what}: {} vs {finite}",
+                        v[1]
+                    );
+                    let grads = log_p.narrow(0, 1, 1)?.sum_all()?.backward()?;
+                    for (name, var) in [("center", &center), ("raw", &raw)] {
+                        let g = grads.get(var).expect("a gradient");
+                        assert!(
+                            crate::testing::all_finite(g)?,
+                            "{parameterization} {what} {inf}: d/d{name} {g}"
+                        );
+                    }
+                }
+                // The single normal (the batch of one) says the same.
+                let one = layer.distribution(0)?.log_prob(&rows)?.to_vec1::<f32>()?;
+                assert_eq!(one[0], f32::NEG_INFINITY, "{parameterization} single");
+            }
+            // Without validate_args a NaN sample gives NaN, never a density value.
+            let unchecked = batch.clone().with_validate_args(false);
+            let nan = Tensor::new(&[[[f32::NAN, 0.0]], [[f32::NAN, f32::INFINITY]]], &device)?;
+            let v = unchecked.log_prob(&nan)?.flatten_all()?.to_vec1::<f32>()?;
+            assert!(v.iter().all(|v| v.is_nan()), "{parameterization}: {v:?}");
+            let v = unchecked
+                .log_prob_all(&nan.squeeze(1)?)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            assert!(v.iter().all(|v| v.is_nan()), "{parameterization}: {v:?}");
+            // With it, the NaN is refused (±∞ passes).
+            assert!(batch.log_prob(&nan).is_err());
+            // Wrong inputs stay typed errors, checked or not.
+            for view in [&batch, &unchecked] {
+                let scalar = Tensor::new(1.0f32, &device)?;
+                let err = view.log_prob_all(&scalar).unwrap_err();
+                assert!(matches!(err, GaussError::Shape { .. }), "{err}");
+                let integers = Tensor::new(&[[1u32, 2]], &device)?;
+                let err = view.log_prob_all(&integers).unwrap_err();
+                assert!(matches!(err, GaussError::DType { .. }), "{err}");
+            }
+        }
+        Ok(())
+    }
+
+    /// f16 sums over d = 256 ran in f16 (Candle's CPU sum accumulates in the tensor's dtype):
+    /// `log_prob` of N(0, I) at x = 0.3·1 came out −247.125 instead of −246.75 (3 ulp), and
+    /// `kl_divergence` of N(0, I) from N(0.3·1, I) 11.875 instead of 11.52 (and 11.5 with
+    /// f32 sums rounded to f16 before `tr + quadratic − d`, where ulp(279) = 0.25 cancels);
+    /// the sums, and the KL's combination of them, now run in f32.
+    #[test]
+    fn half_precision_sums_accumulate_in_f32() -> Result<()> {
+        let device = Device::Cpu;
+        let d = 256;
+        let ln_2pi = (2.0 * std::f64::consts::PI).ln();
+        for dtype in [DType::F16, DType::BF16] {
+            // 0.3 as the dtype holds it, and the dtype's ulp at a value (the tolerance).
+            let (x, ulp): (f64, fn(f64) -> f64) = match dtype {
+                DType::F16 => (half::f16::from_f64(0.3).to_f64(), |v| {
+                    let h = half::f16::from_f64(v.abs());
+                    half::f16::from_bits(h.to_bits() + 1).to_f64() - h.to_f64()
+                }),
+                _ => (half::bf16::from_f64(0.3).to_f64(), |v| {
+                    let h = half::bf16::from_f64(v.abs());
+                    half::bf16::from_bits(h.to_bits() + 1).to_f64() - h.to_f64()
+                }),
+            };
+            let zeros = Tensor::zeros((1, d), dtype, &device)?;
+            let shifted = (Tensor::ones((1, d), dtype, &device)? * 0.3)?;
+            let eye = Tensor::eye(d, dtype, &device)?.unsqueeze(0)?;
+            for parameterization in [Parameterization::Diag, Parameterization::Cholesky] {
+                let standard = MultivariateNormalBatch::from_covariance(
+                    &zeros,
+                    &eye,
+                    config(parameterization),
+                )?;
+                let moved = MultivariateNormalBatch::from_covariance(
+                    &shifted,
+                    &eye,
+                    config(parameterization),
+                )?;
+                // Closed forms: m2 = d·x², log p = −m2/2 − (d/2)·ln 2π; KL(N(0, I) ‖ N(m, I))
+                // = |m|²/2 = d·x²/2.
+                let m2 = d as f64 * x * x;
+                let log_p = standard
+                    .log_prob(&shifted.unsqueeze(0)?)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?[0] as f64;
+                let expected = -m2 / 2.0 - d as f64 / 2.0 * ln_2pi;
+                if dtype == DType::F16 {
+                    // (bf16's ulp at 247 is 2: its sums' error hides below it.)
+                    assert!(
+                        (log_p - expected).abs() <= ulp(expected),
+                        "{dtype:?} {parameterization}: log_prob {log_p} vs {expected}"
+                    );
+                }
+                let kl = standard
+                    .kl_divergence(&moved)?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?[0] as f64;
+                assert!(
+                    (kl - m2 / 2.0).abs() <= ulp(m2 / 2.0),
+                    "{dtype:?} {parameterization}: kl {kl} vs {}",
+                    m2 / 2.0
+                );
+            }
+        }
+        Ok(())
     }
 }

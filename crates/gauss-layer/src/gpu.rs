@@ -20,7 +20,8 @@ use candle_core::Device;
 use crate::error::Result;
 
 /// Makes the CUDA memory pool of `device` keep freed memory for reuse (see the module docs).
-/// Returns whether a setting changed: `false` off CUDA, or where the device has no memory pools.
+/// Returns whether the threshold is set now: `false` off CUDA, or where the device has no
+/// memory pools (a second call sets it again and returns `true` again).
 ///
 /// # Errors
 /// A CUDA driver error (as [`crate::GaussError::Candle`]).

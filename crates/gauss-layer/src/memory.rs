@@ -19,6 +19,7 @@
 //! ```
 
 use crate::checkpoint::schema;
+use crate::config::Parameterization;
 use crate::error::{GaussError, Result};
 use crate::net::GaussNetConfig;
 
@@ -26,8 +27,23 @@ use crate::net::GaussNetConfig;
 /// [`crate::GaussNet::named_tensors`]), in checked arithmetic.
 ///
 /// # Errors
-/// [`GaussError::InvalidConfig`] (field `hidden`) when a size overflows.
+/// [`GaussError::InvalidConfig`] (field `hidden`) when a size overflows (field
+/// `precision.parameterization` for a lowrank rank whose `rank + 1` overflows).
 pub fn network_elements(config: &GaussNetConfig) -> Result<u64> {
+    // lowrank's raw shape (Z, d, rank + 1) saturates there (`Precision::raw_shape`): say why
+    // here, before the element count fails on it.
+    for layer in std::iter::once(&config.layer).chain(&config.output_layer) {
+        if let Parameterization::LowRank { rank } = layer.precision.parameterization {
+            if rank.checked_add(1).is_none() {
+                return Err(GaussError::config(
+                    "precision.parameterization",
+                    format!(
+                        "lowrank rank {rank}: the size of its (Z, d, rank + 1) tensor overflows"
+                    ),
+                ));
+            }
+        }
+    }
     let mut total: u64 = 0;
     schema::visit_expected(config, &mut |tensor| {
         total = u64::try_from(tensor.numel)
@@ -105,4 +121,45 @@ pub fn check_fits(what: &str, estimate: Option<u64>) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::GaussLayerConfig;
+
+    /// lowrank's raw tensor is (Z, d, rank + 1): a rank of `usize::MAX` overflowed that
+    /// `rank + 1` (a panic, "attempt to add with overflow", in a build with overflow checks;
+    /// 0 elements without) instead of the documented error.
+    #[test]
+    fn a_lowrank_rank_whose_raw_shape_overflows_is_an_error() {
+        let lowrank =
+            |rank| GaussLayerConfig::with_parameterization(Parameterization::LowRank { rank });
+        for (layer, output_layer) in [
+            (lowrank(usize::MAX), None),
+            (GaussLayerConfig::default(), Some(lowrank(usize::MAX))),
+        ] {
+            let config = GaussNetConfig {
+                in_features: 4,
+                hidden: vec![3],
+                out_features: 2,
+                layer,
+                output_layer,
+                ..Default::default()
+            };
+            let err = network_elements(&config).unwrap_err();
+            assert!(matches!(err, GaussError::InvalidConfig { .. }), "{err}");
+            assert!(err.to_string().contains("overflows"), "{err}");
+        }
+        // Rank 2 on 4 → 3 → 2 (every layer lowrank): per layer weight, bias, center and the
+        // (Z, d, 3) raw tensor: 3·(4 + 1 + 4 + 4·3) + 2·(3 + 1 + 3 + 3·3).
+        let config = GaussNetConfig {
+            in_features: 4,
+            hidden: vec![3],
+            out_features: 2,
+            layer: lowrank(2),
+            ..Default::default()
+        };
+        assert_eq!(network_elements(&config).unwrap(), 3 * 21 + 2 * 16);
+    }
 }

@@ -159,21 +159,25 @@ pub fn float_dtypes(device: &candle_core::Device) -> Vec<DType> {
     vec![DType::F32, DType::F64]
 }
 
-/// Largest absolute value of a tensor, in f64 (0 for an empty tensor).
+/// Largest absolute value of a tensor, in f64 (0 for an empty tensor, NaN when it holds a
+/// NaN, so that it fails any tolerance).
 ///
 /// # Shapes
 /// `tensor`: any
 pub fn max_abs(tensor: &Tensor) -> Result<f64> {
-    if tensor.elem_count() == 0 {
-        return Ok(0.0);
-    }
-    Ok(tensor
+    let values = tensor
         .to_device(&candle_core::Device::Cpu)?
         .to_dtype(DType::F64)?
-        .abs()?
         .flatten_all()?
-        .max(0)?
-        .to_scalar::<f64>()?)
+        .to_vec1::<f64>()?;
+    // On the host: Candle's `max` skips a NaN that is not the first element.
+    Ok(values.iter().fold(0.0f64, |m, v| {
+        if m.is_nan() || v.is_nan() {
+            f64::NAN
+        } else {
+            m.max(v.abs())
+        }
+    }))
 }
 
 /// `max |actual − expected| / max(max |expected|, tiny)`, in f64 (both converted), after
@@ -234,4 +238,24 @@ pub fn all_finite(tensor: &Tensor) -> Result<bool> {
         .to_vec1::<f64>()?
         .iter()
         .all(|v| v.is_finite()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Candle's `max` skips a NaN that is not the first element, so `max_abs` of (1, NaN)
+    /// was 1 and a check `max_abs(a − b) < tol` passed on a NaN result; it is NaN now, which
+    /// fails every tolerance, as `relative_error` does.
+    #[test]
+    fn max_abs_of_a_tensor_holding_nan_is_nan() -> Result<()> {
+        let with_nan = Tensor::new(&[1.0f32, f32::NAN, -3.0], &Device::Cpu)?;
+        assert!(max_abs(&with_nan)?.is_nan());
+        let finite = Tensor::new(&[[1.0f32, -3.0], [2.0, 0.5]], &Device::Cpu)?;
+        assert_eq!(max_abs(&finite)?, 3.0);
+        let infinite = Tensor::new(&[1.0f32, f32::NEG_INFINITY], &Device::Cpu)?;
+        assert_eq!(max_abs(&infinite)?, f64::INFINITY);
+        Ok(())
+    }
 }

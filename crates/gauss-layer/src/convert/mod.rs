@@ -47,13 +47,14 @@
 
 mod classic;
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use candle_nn::Linear;
 
 use crate::config::{GaussLayerConfig, Parameterization, PrecisionConfig};
-use crate::error::{GaussError, Result};
+use crate::error::{check_device, check_dtype, GaussError, Result};
 use crate::import::FgnCovarType;
 use crate::layer::GaussLayer;
+use crate::linalg;
 use crate::net::{GaussNet, GaussNetConfig};
 use crate::precision::Precision;
 
@@ -162,12 +163,20 @@ impl ConvertOptions {
 /// `weight`: (Z, d), `bias`: (Z) → (Z, d)
 ///
 /// # Errors
-/// [`GaussError::Shape`] when `bias` is not (Z).
+/// [`GaussError::Shape`] when `bias` is not (Z); [`GaussError::DType`] or
+/// [`GaussError::DeviceMismatch`] when it is not of the weight's dtype and device.
 pub fn zero_line_centers(weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let (z, _) = weight.dims2()?;
     if bias.dims() != [z] {
         return Err(GaussError::shape("bias", format!("({z})"), bias.dims()));
     }
+    check_dtype("bias", bias, weight.dtype(), "the weight")?;
+    check_device("bias", bias, weight.device(), "the weight")?;
+    // In f32 for f16 and bf16: |w|² overflows f16 from |w| = 256 and loses its small terms
+    // in a half-precision sum.
+    let dtype = weight.dtype();
+    let accumulation = linalg::accumulation_dtype(dtype);
+    let (weight, bias) = (weight.to_dtype(accumulation)?, bias.to_dtype(accumulation)?);
     let norm_sq = weight.sqr()?.sum_keepdim(D::Minus1)?;
     // A dead neuron (|w|² = 0) is selected, not floored: a floor such as f64::MIN_POSITIVE
     // rounds to 0 in f32 (b/0), and in f64 gives -b/floor = ∞ for |b| ≥ 4, then 0·∞ = NaN.
@@ -178,7 +187,46 @@ pub fn zero_line_centers(weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let safe = dead.where_cond(&ones, &norm_sq)?;
     let scale = (bias.unsqueeze(1)?.neg()? / safe)?;
     let scale = dead.where_cond(&scale.zeros_like()?, &scale)?;
-    Ok(weight.broadcast_mul(&scale)?)
+    Ok(weight.broadcast_mul(&scale)?.to_dtype(dtype)?)
+}
+
+/// Refuses a center that is not finite: `Data` when the neuron's weight or bias is not
+/// finite, `Numerical` when they are but `|b|/|w|` does not fit the dtype (the state-dict
+/// conversion refuses both too, `import::net`'s dtype check).
+fn check_centers_finite(weight: &Tensor, bias: &Tensor, center: &Tensor) -> Result<()> {
+    let host = |t: &Tensor| -> Result<Vec<f64>> {
+        Ok(t.to_device(&Device::Cpu)?
+            .to_dtype(DType::F64)? // f64: on the host
+            .flatten_all()?
+            .to_vec1::<f64>()?)
+    };
+    let (z, d) = center.dims2()?;
+    let centers = host(center)?;
+    let Some(neuron) = (0..z).find(|&n| centers[n * d..(n + 1) * d].iter().any(|v| !v.is_finite()))
+    else {
+        return Ok(());
+    };
+    let (weights, biases) = (host(weight)?, host(bias)?);
+    let row = &weights[neuron * d..(neuron + 1) * d];
+    let b = biases[neuron];
+    if !b.is_finite() || row.iter().any(|v| !v.is_finite()) {
+        return Err(GaussError::data(
+            "linear layer",
+            format!(
+                "neuron {neuron}: its weights or bias hold a non-finite value (bias {b}); a center needs finite ones"
+            ),
+        ));
+    }
+    let norm = row.iter().map(|v| v * v).sum::<f64>().sqrt();
+    Err(GaussError::Numerical {
+        what: "zero-line center".into(),
+        reason: format!(
+            "neuron {neuron}: the center −b·w/|w|² is {:e} from the origin (|b| = {:e}, |w| = {norm:e}), which is not finite in {:?}; convert in a wider dtype (f32)",
+            b.abs() / norm,
+            b.abs(),
+            center.dtype()
+        ),
+    })
 }
 
 pub(crate) fn layer_from_parts(
@@ -194,6 +242,7 @@ pub(crate) fn layer_from_parts(
         None => Tensor::zeros(z, weight.dtype(), weight.device())?,
     };
     let center = zero_line_centers(&weight, &bias)?;
+    check_centers_finite(&weight, &bias, &center)?;
     let config = GaussLayerConfig {
         precision: PrecisionConfig::with_parameterization(options.parameterization),
         tanh,
@@ -227,7 +276,9 @@ pub(crate) fn layer_from_parts(
 ///
 /// # Errors
 /// [`GaussError::InvalidConfig`] for a non-positive width; Candle errors for a weight that is
-/// not (Z, d).
+/// not (Z, d); as [`zero_line_centers`]; [`GaussError::Data`] for a neuron whose weights or
+/// bias are not finite, [`GaussError::Numerical`] for one whose center `-b·w/|w|²` is not
+/// finite in the dtype.
 pub fn linear_to_gauss_layer(linear: &Linear, options: &ConvertOptions) -> Result<GaussLayer> {
     layer_from_parts(
         linear.weight().clone(),
@@ -242,7 +293,7 @@ pub fn linear_to_gauss_layer(linear: &Linear, options: &ConvertOptions) -> Resul
 ///
 /// # Errors
 /// [`GaussError::InvalidConfig`] for no layers or a non-positive width; [`GaussError::Shape`]
-/// when consecutive layers do not fit.
+/// when consecutive layers do not fit; as [`linear_to_gauss_layer`].
 pub fn mlp_to_gauss_net(linears: &[Linear], options: &ConvertOptions) -> Result<GaussNet> {
     let Some((last, hidden)) = linears.split_last() else {
         return Err(GaussError::config(
@@ -277,7 +328,7 @@ pub fn mlp_to_gauss_net(linears: &[Linear], options: &ConvertOptions) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device, Module};
+    use candle_core::Module;
 
     /// A dead neuron (w = 0) has no zero line: its center is 0 (the documented value), never
     /// NaN, in f32 (where a MIN_POSITIVE floor is 0) and f64 (where b/MIN_POSITIVE is ∞ for
@@ -309,6 +360,99 @@ mod tests {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// |w|² was summed in the weights' dtype: in f16, w = (300, 0) gave |w|² = ∞ (past 65504)
+    /// and the center 0 instead of −b·w/|w|² = (−0.01, 0), and w = (0.004, 0.004) a subnormal
+    /// |w|² and −124.81 instead of −125; in bf16, the sum of 512 squares 0.05² stalled (ulp
+    /// 2⁻⁷ at 1) at 1.0 instead of 1.28, so the centers came out 28% too far (−0.0500
+    /// instead of −0.0391). Now in f32.
+    #[test]
+    fn half_precision_centers_are_computed_in_f32() -> Result<()> {
+        let device = Device::Cpu;
+        // f64: reference values on the host, from the inputs as the dtype holds them.
+        let round = |v: f64, dtype: DType| -> Result<f64> {
+            Ok(Tensor::new(&[v], &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_dtype(DType::F64)? // f64: on the host
+                .to_vec1::<f64>()?[0])
+        };
+        let cases: Vec<(DType, Vec<Vec<f64>>, Vec<f64>)> = vec![
+            (
+                DType::F16,
+                vec![vec![300.0, 0.0], vec![0.004, 0.004]],
+                vec![3.0, 1.0],
+            ),
+            (DType::BF16, vec![vec![0.05; 512]], vec![1.0]),
+        ];
+        for (dtype, weight, bias) in cases {
+            let weight: Vec<Vec<f64>> = weight
+                .iter()
+                .map(|row| row.iter().map(|&v| round(v, dtype)).collect())
+                .collect::<Result<_>>()?;
+            let bias: Vec<f64> = bias
+                .iter()
+                .map(|&v| round(v, dtype))
+                .collect::<Result<_>>()?;
+            let w = Tensor::new(weight.clone(), &device)?.to_dtype(dtype)?;
+            let b = Tensor::new(bias.clone(), &device)?.to_dtype(dtype)?;
+            let centers = zero_line_centers(&w, &b)?
+                .to_dtype(DType::F64)? // f64: on the host (a CPU tensor)
+                .to_vec2::<f64>()?;
+            for (z, (row, b)) in weight.iter().zip(&bias).enumerate() {
+                // Closed form c = −b·w/|w|², in f64, then as the dtype holds it.
+                let norm_sq: f64 = row.iter().map(|v| v * v).sum();
+                for (i, w) in row.iter().enumerate() {
+                    let expected = round(-b * w / norm_sq, dtype)?;
+                    assert_eq!(centers[z][i], expected, "{dtype:?}: neuron {z}, entry {i}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A bias of another dtype than the weight failed inside a Candle op; it is the typed
+    /// error naming both dtypes now.
+    #[test]
+    fn a_bias_of_another_dtype_is_a_dtype_error() -> Result<()> {
+        let weight = Tensor::new(&[[1.0f32, 2.0]], &Device::Cpu)?;
+        let bias = Tensor::new(&[1.0f32], &Device::Cpu)?.to_dtype(DType::F16)?;
+        let err = zero_line_centers(&weight, &bias).unwrap_err();
+        assert!(matches!(err, GaussError::DType { .. }), "{err}");
+        let linear = Linear::new(weight, Some(bias));
+        let err = linear_to_gauss_layer(&linear, &ConvertOptions::default()).unwrap_err();
+        assert!(matches!(err, GaussError::DType { .. }), "{err}");
+        Ok(())
+    }
+
+    /// A center that does not fit the dtype (f16: |b|/|w| = 10/1e-4 = 1e5 > 65504) became ±∞
+    /// and the layer was built; a weight holding NaN gave a NaN center. Both are refused,
+    /// naming the neuron, as the state-dict conversion refuses them.
+    #[test]
+    fn a_center_that_is_not_finite_in_the_dtype_is_refused() -> Result<()> {
+        let options = ConvertOptions {
+            // ln 0.01 = −4.6 is within f16's raw bound for diag (±5.5).
+            width: InitialWidth::PrecisionScale(1e-2),
+            ..Default::default()
+        };
+        let weight = Tensor::new(&[[1.0f32, 1.0], [1e-4, 0.0]], &Device::Cpu)?;
+        let bias = Tensor::new(&[1.0f32, 10.0], &Device::Cpu)?;
+        // In f32 the center (−1e5, 0) fits.
+        linear_to_gauss_layer(&Linear::new(weight.clone(), Some(bias.clone())), &options)?;
+        let half = Linear::new(
+            weight.to_dtype(DType::F16)?,
+            Some(bias.to_dtype(DType::F16)?),
+        );
+        let err = linear_to_gauss_layer(&half, &options).unwrap_err();
+        assert!(matches!(err, GaussError::Numerical { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("neuron 1") && text.contains("F16"), "{text}");
+
+        let weight = Tensor::new(&[[1.0f32, 1.0], [f32::NAN, 0.0]], &Device::Cpu)?;
+        let err = linear_to_gauss_layer(&Linear::new(weight, Some(bias)), &options).unwrap_err();
+        assert!(matches!(err, GaussError::Data { .. }), "{err}");
+        assert!(err.to_string().contains("neuron 1"), "{err}");
         Ok(())
     }
 }

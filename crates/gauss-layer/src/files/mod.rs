@@ -249,6 +249,15 @@ pub fn write_atomically(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
 /// as [`write_atomically`].
 pub fn save_tensors(path: impl AsRef<Path>, tensors: &[(&str, &Tensor)]) -> Result<()> {
     let path = path.as_ref();
+    // safetensors' `serialize` panics on a name given twice (it indexes a vector of the
+    // distinct names by position).
+    let mut names = std::collections::HashSet::with_capacity(tensors.len());
+    if let Some((name, _)) = tensors.iter().find(|(name, _)| !names.insert(*name)) {
+        return Err(GaussError::data(
+            path.display().to_string(),
+            format!("cannot serialize: tensor `{name}` is given twice; every name must be unique"),
+        ));
+    }
     let mut host = Vec::with_capacity(tensors.len());
     for (name, tensor) in tensors {
         host.push((*name, tensor.to_device(&Device::Cpu)?.contiguous()?));
@@ -293,5 +302,31 @@ mod tests {
         assert!(names_a_file(Path::new("net.safetensors")));
         assert!(names_a_file(Path::new(".hidden")));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The docs promise `Data` for a name given twice, but safetensors' `serialize` does not
+    /// check it: its header keeps one index per name and then writes `names[index]` into a
+    /// vector of the distinct names' length, so ("x", "y", "x") panicked (index out of
+    /// bounds: the len is 2 but the index is 2). Refused before anything is written now,
+    /// naming the tensor.
+    #[test]
+    fn a_tensor_name_given_twice_is_refused_before_writing() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("gauss-files-twice-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("x.safetensors");
+        let a = Tensor::new(&[1.0f32, 2.0], &Device::Cpu)?;
+        let b = Tensor::new(&[3.0f32], &Device::Cpu)?;
+        let err = save_tensors(&path, &[("x", &a), ("y", &b), ("x", &b)]).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, GaussError::Data { .. }), "{text}");
+        assert!(text.contains("`x`") && text.contains("twice"), "{text}");
+        assert!(!path.exists(), "nothing is written");
+        // Distinct names save and read back.
+        save_tensors(&path, &[("x", &a), ("y", &b)])?;
+        let bytes = read_regular(&path)?;
+        let file = DataFile::parse(&bytes, &path)?;
+        assert_eq!(file.names(), ["x", "y"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        Ok(())
     }
 }

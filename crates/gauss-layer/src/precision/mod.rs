@@ -177,7 +177,9 @@ impl Precision {
             }
             Parameterization::Diag => vec![z, d],
             Parameterization::Sphere => vec![z],
-            Parameterization::LowRank { rank } => vec![z, d, rank + 1],
+            // Saturating: a rank the config would refuse (rank ≤ d) must not overflow here;
+            // the element-count check then refuses the shape.
+            Parameterization::LowRank { rank } => vec![z, d, rank.saturating_add(1)],
         }
     }
 
