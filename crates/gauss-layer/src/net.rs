@@ -26,8 +26,8 @@
 //! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 
-use candle_core::{DType, Tensor, D};
-use candle_nn::{BatchNorm, Dropout, ModuleT, VarBuilder};
+use candle_core::{DType, Tensor, Var, D};
+use candle_nn::{BatchNorm, Dropout, ModuleT, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use crate::config::GaussLayerConfig;
@@ -574,6 +574,59 @@ impl GaussNet {
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+
+    /// A copy of the network whose every tensor is a variable of a new `VarMap`, under its
+    /// [`GaussNet::named_tensors`] names: an optimizer over `varmap.all_vars()` trains all of
+    /// it. Networks from [`crate::convert`], [`crate::import`] or [`GaussNet::from_parts`]
+    /// hold plain tensors (an optimizer over the `VarMap` of the original `Linear`s moves
+    /// their weights but never the centers or precisions); this is how to retrain them. The
+    /// copy computes exactly what `self` does; `self` is left as it is.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::{linear, Optimizer, VarBuilder, VarMap, SGD};
+    /// use gauss_layer::convert::{mlp_to_gauss_net, ConvertOptions};
+    ///
+    /// let classic = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&classic, DType::F32, &Device::Cpu);
+    /// let hidden = linear(4, 8, vb.pp("0"))?;
+    /// let out = linear(8, 3, vb.pp("1"))?;
+    /// let converted = mlp_to_gauss_net(&[hidden, out], &ConvertOptions::default())?;
+    /// let (net, varmap) = converted.to_trainable()?;
+    /// assert_eq!(varmap.all_vars().len(), net.named_tensors().len());
+    /// let mut sgd = SGD::new(varmap.all_vars(), 0.1)?;
+    /// let x = Tensor::ones((2, 4), DType::F32, &Device::Cpu)?;
+    /// sgd.backward_step(&net.forward(&x, true)?.sqr()?.sum_all()?)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// Candle's, copying a tensor.
+    pub fn to_trainable(&self) -> Result<(GaussNet, VarMap)> {
+        let Some(center) = self.layers.first().map(GaussLayer::center) else {
+            return Err(GaussError::NoLayers {
+                what: "GaussNet::to_trainable",
+            });
+        };
+        let (dtype, device) = (center.dtype(), center.device().clone());
+        let varmap = VarMap::new();
+        {
+            // A new map: nothing else holds its lock, so it cannot be poisoned.
+            let mut data = varmap
+                .data()
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (name, tensor) in self.named_tensors() {
+                // A copy: the new variables must not write into `self`'s tensors.
+                data.insert(name, Var::from_tensor(&tensor.copy()?)?);
+            }
+        }
+        let net = GaussNet::new(
+            self.config.clone(),
+            VarBuilder::from_varmap(&varmap, dtype, &device),
+        )?;
+        Ok((net, varmap))
     }
 }
 

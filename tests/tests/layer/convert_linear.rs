@@ -113,3 +113,39 @@ fn original_rule_sets_each_layers_width_from_its_own_size() -> Result<()> {
     }
     Ok(())
 }
+
+/// A converted network holds plain tensors; `to_trainable` gives a copy whose every tensor is
+/// a variable: it computes the same outputs bit for bit, and one optimizer step over its
+/// `VarMap` moves the centers and precisions too (over the classical `VarMap` they never
+/// moved), while the converted network itself is left as it was.
+#[test]
+fn to_trainable_makes_every_tensor_of_a_converted_net_a_variable() -> Result<()> {
+    use candle_nn::{Optimizer, SGD};
+    let layers = vec![linear(4, 8)?, linear(8, 3)?];
+    let options = ConvertOptions {
+        width: InitialWidth::PrecisionScale(0.1),
+        ..Default::default()
+    };
+    let converted = mlp_to_gauss_net(&layers, &options)?;
+    let before = converted.named_tensors();
+    let (net, varmap) = converted.to_trainable()?;
+    assert_eq!(varmap.all_vars().len(), before.len());
+    let x = randn(&[16, 4], 1.0)?;
+    let same = (converted.forward(&x, false)? - net.forward(&x, false)?)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f64>()?;
+    assert_eq!(same, 0.0);
+    let mut sgd = SGD::new(varmap.all_vars(), 0.1)?;
+    sgd.backward_step(&net.forward(&x, true)?.sqr()?.mean_all()?)?;
+    for ((name, old), (_, new)) in before.iter().zip(net.named_tensors()) {
+        let moved = (old - &new)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(moved > 0.0, "{name} did not move");
+    }
+    // The converted network's own tensors are untouched.
+    for ((name, old), (_, now)) in before.iter().zip(converted.named_tensors()) {
+        let moved = (old - &now)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert_eq!(moved, 0.0, "{name} of the converted network changed");
+    }
+    Ok(())
+}

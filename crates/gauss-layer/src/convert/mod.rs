@@ -3,7 +3,9 @@
 //! hyperplane `w·x + b = 0` closest to the origin), and its Gaussian starts wide. Then
 //! `y = (Wx + b)·g` with `g ≈ 1` near the data: the converted layer computes what the linear
 //! layer did there, up to a relative error `1 - g ≤ m2/2`, and fades to 0 far away. Retrain
-//! afterwards (cross-entropy plus the λ-loss) to shrink the Gaussians onto the data.
+//! afterwards (cross-entropy plus the λ-loss) to shrink the Gaussians onto the data: the
+//! converted network holds plain tensors, so train the copy of
+//! [`GaussNet::to_trainable`](crate::GaussNet::to_trainable), whose `VarMap` holds every one.
 //!
 //! How wide the Gaussians start ([`InitialWidth`]):
 //! - [`InitialWidth::PrecisionScale`]: `P = scale · I` in every layer (default `1e-3`);
