@@ -116,13 +116,20 @@ impl Parameterization {
             ("lowrank", Some(rank)) => format!("lowrank:{rank}").parse(),
             ("lowrank", None) => Err(GaussError::config(
                 "parameterization",
-                "lowrank needs its rank (`--rank R` on the command line, R >= 1)",
+                "lowrank needs a rank R >= 1 (`rank`, or the name `lowrank:R`; `--rank R` in the example binaries)",
             )),
             (other, None) => other.parse(),
-            (other, Some(rank)) => Err(GaussError::config(
-                "parameterization",
-                format!("a rank ({rank}) is only meaningful for lowrank, got {other:?}"),
-            )),
+            // An unknown name is reported as such, before the rank.
+            (other, Some(rank)) => match other.parse::<Parameterization>()? {
+                Parameterization::LowRank { .. } => Err(GaussError::config(
+                    "parameterization",
+                    format!("{other:?} names its rank already; `rank` ({rank}) gives it twice"),
+                )),
+                parsed => Err(GaussError::config(
+                    "parameterization",
+                    format!("a rank ({rank}) is only meaningful for lowrank, got `{parsed}`"),
+                )),
+            },
         }
     }
 }
@@ -497,6 +504,30 @@ impl GaussLayerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `from_name` with a rank: an unknown name is reported as unknown (it said "a rank is
+    /// only meaningful for lowrank"), a rank given twice as such.
+    #[test]
+    fn from_name_reports_an_unknown_name_before_the_rank() {
+        let unknown = Parameterization::from_name("low-rank", Some(2))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            unknown.contains("must be one of") && unknown.contains("low-rank"),
+            "{unknown}"
+        );
+        let twice = Parameterization::from_name("lowrank:3", Some(2))
+            .unwrap_err()
+            .to_string();
+        assert!(twice.contains("twice"), "{twice}");
+        let diag = Parameterization::from_name("diag", Some(2))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            diag.contains("only meaningful for lowrank") && diag.contains("`diag`"),
+            "{diag}"
+        );
+    }
 
     #[test]
     fn init_seed_round_trips() {

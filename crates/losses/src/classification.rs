@@ -58,7 +58,7 @@ pub fn checked_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor
     if !matches!(targets.dtype(), DType::U8 | DType::U32 | DType::I64) {
         return Err(GaussError::dtype(
             "class targets",
-            "an integer class index dtype (U8, U32 or I64)",
+            "U8, U32 or I64 (integer class indices)",
             targets.dtype(),
         ));
     }

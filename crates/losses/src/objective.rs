@@ -169,6 +169,11 @@ pub fn fgn_objective<'a>(
 ) -> Result<FgnLoss> {
     config.validate()?;
     let layers: Vec<&GaussLayer> = layers.into_iter().collect();
+    if layers.is_empty() {
+        return Err(GaussError::NoLayers {
+            what: "fgn_objective's `layers`",
+        });
+    }
     let cross_entropy = checked_cross_entropy(logits, targets)?;
     let weight_l2 = weight_l2_of_layers(layers.iter().copied())?.to_dtype(logits.dtype())?;
     let lambda = config

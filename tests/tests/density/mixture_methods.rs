@@ -361,3 +361,36 @@ fn empty_batches_give_empty_results() -> Result<()> {
     }
     Ok(())
 }
+
+/// `n_init: 0` and `kmeans_inits: 0` are each refused under their own name (both were
+/// reported as `n_init`, whichever was 0).
+#[test]
+fn zero_starts_name_the_option_at_fault() -> Result<()> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let mixture = gaussian_mixture(2, 2, GaussLayerConfig::default(), vb)?;
+    let x = Tensor::new(
+        &[[0.0f32, 0.0], [1.0, 0.5], [5.0, 5.0], [6.0, 4.5]],
+        &Device::Cpu,
+    )?;
+    for (options, field) in [
+        (
+            MixtureFitOptions {
+                n_init: 0,
+                ..Default::default()
+            },
+            "`n_init`",
+        ),
+        (
+            MixtureFitOptions {
+                kmeans_inits: 0,
+                ..Default::default()
+            },
+            "`kmeans_inits`",
+        ),
+    ] {
+        let msg = mixture.fit(&x, &options).unwrap_err().to_string();
+        assert!(msg.contains(field) && msg.contains("got 0"), "{msg}");
+    }
+    Ok(())
+}

@@ -95,6 +95,19 @@ fn layer_losses_check_width_and_layers() -> Result<()> {
         .unwrap_err()
         .to_string();
     assert!(msg.contains("lambda_l2") && msg.contains("-1"), "{msg}");
+    // No layers: named as the objective's argument (it was "weight L2: ...", a term the
+    // caller never asked for), and the dtype of float targets names the dtypes it takes.
+    let msg = fgn_objective(&logits, &targets, none, &FgnObjectiveConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(msg.starts_with("fgn_objective's `layers`"), "{msg}");
+    let msg = checked_cross_entropy(&logits, &float_targets)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("U8, U32 or I64") && msg.contains("F64"),
+        "{msg}"
+    );
     Ok(())
 }
 

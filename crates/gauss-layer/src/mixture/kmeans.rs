@@ -137,14 +137,13 @@ pub(super) fn kmeans(
         // samples than the seeds so far, and a further component would hold none.
         let potential: f64 = closest.iter().sum();
         if potential.is_nan() || potential <= 1e-12 * energy {
-            return Err(GaussError::data(
-                "samples x",
+            return Err(GaussError::data("samples x", {
+                let distinct = chosen.len();
+                let plural = if distinct == 1 { "" } else { "s" };
                 format!(
-                    "holds only {} distinct samples (to a relative 1e-6), fewer than the {k} components; fit at most {} components",
-                    chosen.len(),
-                    chosen.len()
-                ),
-            ));
+                        "holds only {distinct} distinct sample{plural} (to a relative 1e-6), fewer than the {k} components; fit at most {distinct} component{plural}"
+                    )
+            }));
         }
         let candidates: Vec<usize> = (0..trials).map(|_| draw_index(&closest, rng)).collect();
         let rows = Tensor::new(

@@ -196,11 +196,11 @@ impl MixtureFitOptions {
                 format!("must be finite and > 0, got {}", self.refine_lr),
             ));
         }
-        if self.n_init == 0 || self.kmeans_inits == 0 {
-            return Err(GaussError::config(
-                "n_init",
-                "`n_init` and `kmeans_inits` must be >= 1",
-            ));
+        if self.n_init == 0 {
+            return Err(GaussError::config("n_init", "must be >= 1, got 0"));
+        }
+        if self.kmeans_inits == 0 {
+            return Err(GaussError::config("kmeans_inits", "must be >= 1, got 0"));
         }
         Ok(())
     }

@@ -192,7 +192,7 @@ pub(super) fn raw_from_precision_block(
                 return Err(GaussError::config(
                     "parameterization",
                     format!(
-                        "neuron {neuron}: P has off-diagonal entries up to {off_diagonal_max:e}, so `{}` cannot represent it",
+                        "neuron {neuron}: P has off-diagonal entries up to {off_diagonal_max:.3e}, so `{}` cannot represent it",
                         config.parameterization
                     ),
                 ));
