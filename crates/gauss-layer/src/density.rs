@@ -442,9 +442,11 @@ impl GaussLayer {
     /// → (n, Z, d)
     ///
     /// # Errors
-    /// A `direct` precision that is not positive definite.
+    /// A `direct` precision that is not positive definite; (field `n`) an `n` whose draws
+    /// need more elements than one allocation holds.
     pub fn sample<R: Rng + ?Sized>(&self, n: usize, rng: &mut R) -> Result<Tensor> {
         let (z, d) = (self.out_features(), self.in_features());
+        check_draw_count(n, z * d)?;
         let center = self.center();
         let noise: Vec<f64> = (0..n * z * d).map(|_| rng.sample(StandardNormal)).collect();
         let noise = host::from_host(noise, &[n, z, d], center.dtype(), center.device())?;
@@ -458,6 +460,21 @@ impl GaussLayer {
         };
         Ok(spread.broadcast_add(&center.unsqueeze(0)?)?.contiguous()?)
     }
+}
+
+/// Refuses `n` draws of `per_draw` values each whose noise no allocation holds: the element
+/// count `n * per_draw` overflowed usize (a panic) or the host `Vec` aborted the process.
+pub(crate) fn check_draw_count(n: usize, per_draw: usize) -> Result<()> {
+    let limit = crate::config::MAX_TENSOR_ELEMENTS;
+    if n.checked_mul(per_draw).is_none_or(|count| count > limit) {
+        return Err(GaussError::config(
+            "n",
+            format!(
+                "{n} draws of {per_draw} values each need more than the {limit} elements one allocation holds; draw fewer"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// See [`GaussLayer::covariance_root`].
@@ -509,6 +526,37 @@ mod tests {
         let bad = Tensor::zeros((2, 4), DType::F32, &dev)?;
         let err = layer.log_prob(&bad).unwrap_err().to_string();
         assert!(err.contains("(…, 3)"), "{err}");
+        Ok(())
+    }
+
+    /// A draw count whose noise no allocation holds is a config error naming `n`, from the
+    /// layer, the distribution views and a mixture: `n * Z * d` overflowed (a panic) at
+    /// `usize::MAX`, and at 2^62 the host `Vec` of noise panicked ("capacity overflow").
+    #[test]
+    fn draw_counts_beyond_one_allocation_are_refused() -> Result<()> {
+        let mean = Tensor::zeros((2, 3), DType::F32, &Device::Cpu)?;
+        let eye = Tensor::eye(3, DType::F32, &Device::Cpu)?
+            .unsqueeze(0)?
+            .repeat((2, 1, 1))?;
+        let layer = GaussLayer::from_covariance(&mean, &eye, GaussLayerConfig::default())?;
+        let weights = Tensor::new(&[0.5f32, 0.5], &Device::Cpu)?;
+        let mixture = crate::GaussianMixture::new(layer.clone(), weights.log()?)?;
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+        let is_n_error = |result: Result<Tensor>| match result {
+            Err(GaussError::InvalidConfig { field: "n", .. }) => {}
+            other => panic!(
+                "expected a config error naming n, got {:?}",
+                other.map(|t| t.dims().to_vec())
+            ),
+        };
+        for n in [usize::MAX, 1 << 62] {
+            is_n_error(layer.sample(n, &mut rng));
+            is_n_error(layer.distributions()?.rsample(n, &mut rng));
+            is_n_error(layer.distribution(1)?.sample(n, &mut rng));
+            is_n_error(mixture.sample(n, &mut rng));
+        }
+        assert_eq!(layer.sample(2, &mut rng)?.dims(), [2, 2, 3]);
+        assert_eq!(mixture.sample(2, &mut rng)?.dims(), [2, 3]);
         Ok(())
     }
 }

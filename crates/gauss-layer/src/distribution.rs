@@ -315,6 +315,11 @@ impl MultivariateNormalBatch {
         // Checked before `infinite_rows` computes with `x` (the layer checks them again).
         check_dtype("input x", x, self.layer.center().dtype(), "the layer")?;
         check_device("input x", x, self.layer.center().device(), "the layer")?;
+        // An empty batch: the layer's empty answer (`infinite_rows`' max over the rows would
+        // be Candle's "empty tensor for reduce").
+        if x.elem_count() == 0 {
+            return self.layer.log_prob(x);
+        }
         // The layer's kernels give NaN for a row holding ±∞; the view promises −∞.
         let (infinite, finite) = infinite_rows(x)?;
         minus_infinity_where(&infinite, &self.layer.log_prob(&finite)?)
@@ -723,6 +728,38 @@ mod tests {
                 let integers = Tensor::new(&[[1u32, 2]], &device)?;
                 let err = view.log_prob_all(&integers).unwrap_err();
                 assert!(matches!(err, GaussError::DType { .. }), "{err}");
+            }
+        }
+        Ok(())
+    }
+
+    /// An empty batch of samples gives an empty answer, as `GaussLayer::log_prob` does:
+    /// `log_prob_all` and the single normal's `log_prob` of a (0, d) (or (2, 0, d)) input
+    /// were Candle's "empty tensor for reduce" (the ±∞ row mask's max over no rows).
+    #[test]
+    fn empty_batches_give_empty_log_probs() -> Result<()> {
+        let device = Device::Cpu;
+        let mean = Tensor::new(&[[0.0f32, 0.0], [1.0, 1.0]], &device)?;
+        let eye = Tensor::eye(2, DType::F32, &device)?
+            .unsqueeze(0)?
+            .repeat((2, 1, 1))?;
+        for parameterization in Parameterization::ALL {
+            let batch =
+                MultivariateNormalBatch::from_covariance(&mean, &eye, config(parameterization))?;
+            for (shape, all_dims, one_dims) in [
+                (vec![0, 2], vec![0, 2], vec![0]),
+                (vec![2, 0, 2], vec![2, 0, 2], vec![2, 0]),
+            ] {
+                let x = Tensor::zeros(shape.as_slice(), DType::F32, &device)?;
+                for view in [&batch, &batch.clone().with_validate_args(false)] {
+                    assert_eq!(
+                        view.log_prob_all(&x)?.dims(),
+                        all_dims,
+                        "{parameterization}"
+                    );
+                }
+                let one = batch.layer().distribution(1)?;
+                assert_eq!(one.log_prob(&x)?.dims(), one_dims, "{parameterization}");
             }
         }
         Ok(())

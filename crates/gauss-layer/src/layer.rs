@@ -391,9 +391,9 @@ impl candle_nn::Module for GaussLayer {
 /// in place with the FGN initial value (likewise every missing tensor of a seeded layer).
 ///
 /// # Errors
-/// An invalid config or zero sizes; a tensor the builder holds with another shape, dtype or
-/// device than the builder's (named with the builder's prefix); a precision scale the
-/// parameterization cannot represent.
+/// An invalid config or zero sizes; a builder of a non-float dtype ([`GaussError::DType`]);
+/// a tensor the builder holds with another shape, dtype or device than the builder's (named
+/// with the builder's prefix); a precision scale the parameterization cannot represent.
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
@@ -416,6 +416,9 @@ pub fn gauss_layer(
     vb: VarBuilder,
 ) -> Result<GaussLayer> {
     config.validate_sizes(in_features, out_features)?;
+    // Before any tensor is created: an integer builder failed in Candle's random init
+    // ("unsupported dtype U8 for op rand_uniform").
+    check_float_dtype("the VarBuilder's dtype", vb.dtype())?;
     let (z, d) = (out_features, in_features);
     let seed = config.init.seed;
     let weight = if config.gaussian_only {
@@ -925,5 +928,39 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// A builder of an integer dtype is a dtype error naming it, seeded or not, and creates
+    /// no tensor: unseeded it was Candle's "unsupported dtype U8 for op rand_uniform" (after
+    /// the weight's variable had been made); seeded, a Candle error from the precision's init.
+    #[test]
+    fn integer_builder_dtype_is_a_dtype_error() {
+        for dtype in [DType::U8, DType::U32, DType::I64] {
+            for seed in [None, Some(1)] {
+                for gaussian_only in [false, true] {
+                    let config = GaussLayerConfig {
+                        gaussian_only,
+                        init: InitConfig {
+                            seed,
+                            ..Default::default()
+                        },
+                        ..Default::default()
+                    };
+                    let varmap = VarMap::new();
+                    let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
+                    match gauss_layer(2, 3, config, vb) {
+                        Err(GaussError::DType { got, .. }) => assert_eq!(got, dtype),
+                        other => panic!(
+                            "{dtype:?} seed {seed:?} gaussian_only {gaussian_only}: expected a DType error, got {:?}",
+                            other.map(|_| "a layer")
+                        ),
+                    }
+                    assert!(
+                        varmap.all_vars().is_empty(),
+                        "{dtype:?}: tensors were created"
+                    );
+                }
+            }
+        }
     }
 }

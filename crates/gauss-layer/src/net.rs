@@ -469,7 +469,7 @@ impl GaussNet {
             });
         }
         let mut h = match &self.input_norm {
-            Some(norm) => norm.forward_t(x, train)?,
+            Some(norm) => norm_forward(norm, x, train)?,
             None => x.clone(),
         };
         let mut gaussians = Vec::with_capacity(if keep_all { self.layers.len() } else { 0 });
@@ -485,7 +485,7 @@ impl GaussNet {
             h = y;
             if i < last {
                 if let Some(norm) = &self.norms[i] {
-                    h = norm.forward_t(&h, train)?;
+                    h = norm_forward(norm, &h, train)?;
                 }
                 if let Some(dropout) = &self.dropout {
                     h = dropout.forward(&h, train)?;
@@ -646,4 +646,38 @@ impl ModuleT for GaussNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         Ok(self.forward(x, train)?)
     }
+}
+
+/// `norm` on `x`, in training or not. Candle's training forward computes the batch statistics
+/// of F16 and BF16 inputs in f32 and adds them to the running statistics in the norm's own
+/// dtype, which fails ("dtype mismatch in add, lhs: BF16, rhs: F32"): for those dtypes in
+/// training the norm runs on an f32 copy, whose updated running statistics are written back
+/// into the norm's (so the `VarMap` and checkpoints see them) in its dtype.
+fn norm_forward(norm: &BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
+    let (mean, var) = (norm.running_mean(), norm.running_var());
+    let dtype = mean.dtype();
+    if !train || !matches!(dtype, DType::F16 | DType::BF16) {
+        return Ok(norm.forward_t(x, train)?);
+    }
+    let wide = |t: &Tensor| t.to_dtype(DType::F32);
+    let features = mean.dim(0)?;
+    let (eps, momentum) = (norm.eps(), norm.momentum());
+    let norm32 = match norm.weight_and_bias() {
+        Some((weight, bias)) => BatchNorm::new_with_momentum(
+            features,
+            wide(mean)?,
+            wide(var)?,
+            wide(weight)?,
+            wide(bias)?,
+            eps,
+            momentum,
+        )?,
+        None => {
+            BatchNorm::new_no_bias_with_momentum(features, wide(mean)?, wide(var)?, eps, momentum)?
+        }
+    };
+    let y = norm32.forward_train(&wide(x)?)?;
+    mean.slice_set(&norm32.running_mean().to_dtype(dtype)?, 0, 0)?;
+    var.slice_set(&norm32.running_var().to_dtype(dtype)?, 0, 0)?;
+    Ok(y.to_dtype(x.dtype())?)
 }

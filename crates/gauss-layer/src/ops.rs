@@ -33,7 +33,7 @@ use candle_core::{Tensor, D};
 
 use crate::config::DistanceKernel;
 use crate::cpu::Sizes;
-use crate::error::{check_device, check_dtype, GaussError, Result};
+use crate::error::{check_device, check_dtype, check_float_dtype, GaussError, Result};
 use crate::kernels;
 use crate::precision::Precision;
 
@@ -156,8 +156,9 @@ pub fn mahalanobis_sq_naive(x: &Tensor, center: &Tensor, precision: &Tensor) -> 
 /// `mahalanobis_sq`: any → the same
 ///
 /// # Errors
-/// Candle errors only.
+/// [`GaussError::DType`] for a tensor of an integer dtype (Candle's `exp` panicked on it).
 pub fn gaussian(mahalanobis_sq: &Tensor) -> Result<Tensor> {
+    check_float_dtype("mahalanobis_sq", mahalanobis_sq.dtype())?;
     kernels::gaussian(mahalanobis_sq)
 }
 
@@ -167,8 +168,13 @@ pub fn gaussian(mahalanobis_sq: &Tensor) -> Result<Tensor> {
 /// `gaussian`: (B, Z), `prev_gaussian`: (B, K) → (B, Z)
 ///
 /// # Errors
-/// Shapes that do not fit (a rank other than 2, another batch size, K = 0).
+/// Shapes that do not fit (a rank other than 2, another batch size, K = 0); a `gaussian` of
+/// an integer dtype, a `prev_gaussian` of another dtype or device than `gaussian`.
 pub fn gate(gaussian: &Tensor, prev_gaussian: &Tensor) -> Result<Tensor> {
+    // Checked here: a mismatch was Candle's bare "dtype mismatch in mul".
+    check_float_dtype("gaussian", gaussian.dtype())?;
+    check_dtype("prev_g", prev_gaussian, gaussian.dtype(), "gaussian")?;
+    check_device("prev_g", prev_gaussian, gaussian.device(), "gaussian")?;
     let (gd, pd) = (gaussian.dims(), prev_gaussian.dims());
     if gd.len() != 2 {
         return Err(GaussError::shape("gaussian", "(B, Z)", gd));
@@ -235,4 +241,46 @@ pub fn log_prob_from_mahalanobis(
     Ok((mahalanobis_sq * -0.5)?
         .broadcast_add(&(log_det_precision * 0.5)?)?
         .affine(1.0, -log_normalizer(dim))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// `gaussian` of an integer tensor panicked in Candle's `exp` ("no unary function for
+    /// u8"); `gate` with a `prev_gaussian` of another dtype was Candle's "dtype mismatch in
+    /// mul". Both are dtype errors naming the argument now; matching dtypes still gate.
+    #[test]
+    fn integer_and_mismatched_dtypes_are_dtype_errors() -> Result<()> {
+        let dev = Device::Cpu;
+        for dtype in [DType::U8, DType::U32, DType::I64] {
+            let m2 = Tensor::zeros((2, 3), dtype, &dev)?;
+            match gaussian(&m2) {
+                Err(GaussError::DType { what, got, .. }) => {
+                    assert_eq!((what.as_str(), got), ("mahalanobis_sq", dtype))
+                }
+                other => panic!("{dtype:?}: expected a DType error, got {other:?}"),
+            }
+            match gate(&m2, &m2) {
+                Err(GaussError::DType { what, got, .. }) => {
+                    assert_eq!((what.as_str(), got), ("gaussian", dtype))
+                }
+                other => panic!("{dtype:?}: expected a DType error, got {other:?}"),
+            }
+        }
+        let g = Tensor::ones((2, 3), DType::F32, &dev)?;
+        for dtype in [DType::U32, DType::F16] {
+            let prev = Tensor::ones((2, 1), dtype, &dev)?;
+            match gate(&g, &prev) {
+                Err(GaussError::DType { what, got, .. }) => {
+                    assert_eq!((what.as_str(), got), ("prev_g", dtype))
+                }
+                other => panic!("{dtype:?}: expected a DType error, got {other:?}"),
+            }
+        }
+        let prev = Tensor::new(&[[0.5f32], [0.25]], &dev)?;
+        assert_eq!(gate(&g, &prev)?.to_vec2::<f32>()?, [[0.5f32; 3], [0.25; 3]]);
+        Ok(())
+    }
 }

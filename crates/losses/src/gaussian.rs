@@ -23,7 +23,7 @@ use gauss_layer::ops::{self, log_prob_from_mahalanobis};
 
 use crate::check;
 
-use gauss_layer::Result;
+use gauss_layer::{check_device, check_dtype, GaussError, Result};
 
 /// `d/2 · log 2π`, the normalizing constant of a d-dimensional normal (the layer crate's
 /// [`gauss_layer::ops::log_normalizer`], one definition for both crates).
@@ -38,8 +38,11 @@ pub use gauss_layer::ops::log_normalizer;
 /// `mahalanobis_sq`: (B, Z) with `log_det_precision`: (Z) → (B, Z)
 ///
 /// # Errors
-/// A tensor of a non-float dtype ([`gauss_layer::GaussError::DType`]); shapes that do not
-/// broadcast (a Candle error).
+/// A tensor of a non-float dtype, or two of different dtypes
+/// ([`gauss_layer::GaussError::DType`]); on different devices
+/// ([`gauss_layer::GaussError::DeviceMismatch`]); a `mahalanobis_sq` without a batch
+/// dimension, or a `log_det_precision` whose shape is not a trailing part of
+/// `mahalanobis_sq`'s after it ([`gauss_layer::GaussError::Shape`]).
 pub fn nll_from_mahalanobis(
     mahalanobis_sq: &Tensor,
     log_det_precision: &Tensor,
@@ -47,6 +50,34 @@ pub fn nll_from_mahalanobis(
 ) -> Result<Tensor> {
     check::float_dtype(mahalanobis_sq, "mahalanobis_sq")?;
     check::float_dtype(log_det_precision, "log_det_precision")?;
+    check_dtype(
+        "log_det_precision",
+        log_det_precision,
+        mahalanobis_sq.dtype(),
+        "mahalanobis_sq",
+    )?;
+    check_device(
+        "log_det_precision",
+        log_det_precision,
+        mahalanobis_sq.device(),
+        "mahalanobis_sq",
+    )?;
+    // Checked here: a mismatch was Candle's bare "shape mismatch in broadcast_add".
+    let m2 = mahalanobis_sq.dims();
+    if m2.is_empty() {
+        return Err(GaussError::shape("mahalanobis_sq", "(batch, ...)", m2));
+    }
+    let log_det = log_det_precision.dims();
+    if log_det.len() >= m2.len() || m2[m2.len() - log_det.len()..] != *log_det {
+        return Err(GaussError::shape(
+            "log_det_precision",
+            format!(
+                "{:?} or a trailing part of it (mahalanobis_sq's {m2:?} after its batch dimension)",
+                &m2[1..]
+            ),
+            log_det,
+        ));
+    }
     Ok(log_prob_from_mahalanobis(mahalanobis_sq, log_det_precision, dim)?.neg()?)
 }
 

@@ -86,6 +86,63 @@ fn training_with_batch_norm_refuses_batches_below_two_and_keeps_the_running_stat
     Ok(())
 }
 
+/// Training through a batch norm in F16 or BF16 was Candle's "dtype mismatch in add, lhs:
+/// BF16, rhs: F32" (its batch norm computes half batches' statistics in f32 and adds them to
+/// the running statistics in their own dtype). It trains now, updates the statistics as in
+/// f32 (to the dtype's rounding), keeps their dtype, and sends gradients to every norm's
+/// weight and bias.
+#[test]
+fn training_with_batch_norm_in_half_dtypes_updates_the_running_statistics() -> Result<()> {
+    let config = GaussNetConfig {
+        input_batch_norm: true,
+        batch_norm: true,
+        ..small_diag_net_config()
+    };
+    let rows = [[1f32, 2.0, 3.0], [3.0, 6.0, -1.0]];
+    for dtype in [DType::F16, DType::BF16] {
+        let (net, varmap) = new_net(config.clone(), dtype)?;
+        let two = Tensor::new(&rows, &Device::Cpu)?.to_dtype(dtype)?;
+        let logits = net.forward(&two, true)?;
+        assert_eq!((logits.dims(), logits.dtype()), (&[2usize, 2][..], dtype));
+        let input_norm = net.input_norm().expect("an input batch norm");
+        assert_eq!(input_norm.running_mean().dtype(), dtype);
+        let mean = input_norm
+            .running_mean()
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        let var = input_norm
+            .running_var()
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        // As in the f32 test above: means 0.1·(2, 4, 1), variances 0.9 + 0.1·(2, 8, 8).
+        for (got, want) in mean.iter().zip([0.2f32, 0.4, 0.1]) {
+            assert!(
+                (got - want).abs() <= 2e-3,
+                "{dtype:?} running mean {mean:?}"
+            );
+        }
+        for (got, want) in var.iter().zip([1.1f32, 1.7, 1.7]) {
+            assert!((got - want).abs() <= 1e-2, "{dtype:?} running var {var:?}");
+        }
+        // The hidden norm's statistics moved too, and stay finite.
+        let hidden = net.norms()[0].as_ref().expect("a hidden batch norm");
+        let hidden_var = hidden
+            .running_var()
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        assert!(hidden_var.iter().all(|v| v.is_finite()), "{hidden_var:?}");
+        let grads = logits.to_dtype(DType::F32)?.sqr()?.sum_all()?.backward()?;
+        let vars = varmap.data().lock().unwrap().clone();
+        for name in ["input_norm.weight", "input_norm.bias", "norms.0.weight"] {
+            assert!(
+                grads.get(vars[name].as_tensor()).is_some(),
+                "{dtype:?}: no gradient for {name}"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// An empty batch gives empty outputs, as a single layer does, also through the gating of
 /// the layers above the first (the gate's max over an empty tensor was a Candle error) and
 /// in `max_gaussian`.

@@ -299,3 +299,42 @@ fn mean_of_an_empty_batch_is_an_error_not_nan() -> Result<()> {
     assert!(matches!(err, GaussError::Shape { .. }), "{err}");
     Ok(())
 }
+
+/// `nll_from_mahalanobis` names a `log_det_precision` that does not fit `mahalanobis_sq`
+/// (shape, dtype) instead of Candle's bare "shape mismatch in broadcast_add" or "dtype
+/// mismatch in add"; the documented pairs (B) with () and (B, Z) with (Z) still work.
+#[test]
+fn nll_from_mahalanobis_names_mismatched_log_dets() -> Result<()> {
+    let m2 = Tensor::zeros((3, 2), DType::F32, &dev())?;
+    for bad in [vec![3], vec![2, 2], vec![3, 2], vec![1, 3, 2]] {
+        let log_det = Tensor::zeros(bad.as_slice(), DType::F32, &dev())?;
+        match nll_from_mahalanobis(&m2, &log_det, 2) {
+            Err(GaussError::Shape { what, got, .. }) => {
+                assert_eq!(what, "log_det_precision");
+                assert_eq!(got, bad);
+            }
+            other => panic!("{bad:?}: expected a Shape error, got {other:?}"),
+        }
+    }
+    let scalar = Tensor::new(0f32, &dev())?;
+    let err = nll_from_mahalanobis(&scalar, &scalar, 2).unwrap_err();
+    assert!(matches!(err, GaussError::Shape { .. }), "{err}");
+    let half = Tensor::zeros(2, DType::F16, &dev())?;
+    let err = nll_from_mahalanobis(&m2, &half, 2).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            GaussError::DType {
+                got: DType::F16,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let z = Tensor::zeros(2, DType::F32, &dev())?;
+    assert_eq!(nll_from_mahalanobis(&m2, &z, 2)?.dims(), [3, 2]);
+    assert_eq!(nll_from_mahalanobis(&m2, &scalar, 2)?.dims(), [3, 2]);
+    let column = Tensor::zeros(3, DType::F32, &dev())?;
+    assert_eq!(nll_from_mahalanobis(&column, &scalar, 2)?.dims(), [3]);
+    Ok(())
+}

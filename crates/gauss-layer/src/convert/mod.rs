@@ -53,7 +53,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::Linear;
 
 use crate::config::{GaussLayerConfig, Parameterization, PrecisionConfig};
-use crate::error::{check_device, check_dtype, GaussError, Result};
+use crate::error::{check_device, check_dtype, check_float_dtype, GaussError, Result};
 use crate::import::FgnCovarType;
 use crate::layer::GaussLayer;
 use crate::linalg;
@@ -165,10 +165,11 @@ impl ConvertOptions {
 /// `weight`: (Z, d), `bias`: (Z) → (Z, d)
 ///
 /// # Errors
-/// [`GaussError::Shape`] when `bias` is not (Z); [`GaussError::DType`] or
-/// [`GaussError::DeviceMismatch`] when it is not of the weight's dtype and device.
+/// [`GaussError::Shape`] when `weight` is not (Z, d) or `bias` is not (Z);
+/// [`GaussError::DType`] for a weight of an integer dtype; [`GaussError::DType`] or
+/// [`GaussError::DeviceMismatch`] when the bias is not of the weight's dtype and device.
 pub fn zero_line_centers(weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let (z, _) = weight.dims2()?;
+    let (z, _) = check_weight(weight)?;
     if bias.dims() != [z] {
         return Err(GaussError::shape("bias", format!("({z})"), bias.dims()));
     }
@@ -190,6 +191,16 @@ pub fn zero_line_centers(weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let scale = (bias.unsqueeze(1)?.neg()? / safe)?;
     let scale = dead.where_cond(&scale.zeros_like()?, &scale)?;
     Ok(weight.broadcast_mul(&scale)?.to_dtype(dtype)?)
+}
+
+/// `weight`'s (Z, d), refusing another rank (Candle's "unexpected rank") and an integer
+/// dtype (Candle's `sqr` panicked on it).
+fn check_weight(weight: &Tensor) -> Result<(usize, usize)> {
+    let &[z, d] = weight.dims() else {
+        return Err(GaussError::shape("weight", "(Z, d)", weight.dims()));
+    };
+    check_float_dtype("weight", weight.dtype())?;
+    Ok((z, d))
 }
 
 /// Refuses a center that is not finite: `Data` when the neuron's weight or bias is not
@@ -237,7 +248,7 @@ pub(crate) fn layer_from_parts(
     tanh: bool,
     options: &ConvertOptions,
 ) -> Result<GaussLayer> {
-    let (z, d) = weight.dims2()?;
+    let (z, d) = check_weight(&weight)?;
     let precision_scale = options.width.precision_scale(z)?;
     let bias = match bias {
         Some(b) => b,
@@ -277,8 +288,7 @@ pub(crate) fn layer_from_parts(
 /// Converts one linear layer (no `tanh`).
 ///
 /// # Errors
-/// [`GaussError::InvalidConfig`] for a non-positive width; Candle errors for a weight that is
-/// not (Z, d); as [`zero_line_centers`]; [`GaussError::Data`] for a neuron whose weights or
+/// [`GaussError::InvalidConfig`] for a non-positive width; as [`zero_line_centers`]; [`GaussError::Data`] for a neuron whose weights or
 /// bias are not finite, [`GaussError::Numerical`] for one whose center `-b·w/|w|²` is not
 /// finite in the dtype.
 pub fn linear_to_gauss_layer(linear: &Linear, options: &ConvertOptions) -> Result<GaussLayer> {
@@ -455,6 +465,45 @@ mod tests {
         let err = linear_to_gauss_layer(&Linear::new(weight, Some(bias)), &options).unwrap_err();
         assert!(matches!(err, GaussError::Data { .. }), "{err}");
         assert!(err.to_string().contains("neuron 1"), "{err}");
+        Ok(())
+    }
+
+    /// A `Linear` of an integer dtype, or with a weight that is not a matrix, is a typed error
+    /// naming the weight: integer weights panicked in Candle's `sqr` ("no unary function for
+    /// u8"), and a vector weight was Candle's "unexpected rank".
+    #[test]
+    fn integer_or_non_matrix_weights_are_typed_errors() -> Result<()> {
+        let options = ConvertOptions::default();
+        for dtype in [DType::U8, DType::U32, DType::I64] {
+            let weight = Tensor::ones((2, 3), dtype, &Device::Cpu)?;
+            let bias = Tensor::zeros(2, dtype, &Device::Cpu)?;
+            let linear = Linear::new(weight.clone(), Some(bias.clone()));
+            for result in [
+                linear_to_gauss_layer(&linear, &options).map(|_| ()),
+                mlp_to_gauss_net(std::slice::from_ref(&linear), &options).map(|_| ()),
+                zero_line_centers(&weight, &bias).map(|_| ()),
+            ] {
+                match result {
+                    Err(GaussError::DType { what, got, .. }) => {
+                        assert_eq!((what.as_str(), got), ("weight", dtype))
+                    }
+                    other => panic!("{dtype:?}: expected a DType error, got {other:?}"),
+                }
+            }
+        }
+        let vector = Tensor::ones(3, DType::F32, &Device::Cpu)?;
+        let linear = Linear::new(vector.clone(), None);
+        let err = linear_to_gauss_layer(&linear, &options).unwrap_err();
+        assert!(
+            matches!(&err, GaussError::Shape { what, .. } if what == "weight"),
+            "{err}"
+        );
+        let bias = Tensor::zeros(3, DType::F32, &Device::Cpu)?;
+        let err = zero_line_centers(&vector, &bias).unwrap_err();
+        assert!(
+            matches!(&err, GaussError::Shape { what, .. } if what == "weight"),
+            "{err}"
+        );
         Ok(())
     }
 }

@@ -73,7 +73,7 @@ use rand::Rng;
 use rand_distr::StandardNormal;
 
 use crate::config::GaussLayerConfig;
-use crate::density::CovarianceRoot;
+use crate::density::{check_draw_count, CovarianceRoot};
 use crate::error::{check_device, check_dtype, GaussError, Result};
 use crate::layer::{gauss_layer, GaussLayer};
 use crate::linalg::host;
@@ -429,13 +429,15 @@ impl GaussianMixture {
     /// → (n, d)
     ///
     /// # Errors
-    /// A `direct` precision that is not positive definite.
+    /// A `direct` precision that is not positive definite; (field `n`) an `n` whose draws
+    /// need more elements than one allocation holds.
     pub fn sample_with_components<R: Rng + ?Sized>(
         &self,
         n: usize,
         rng: &mut R,
     ) -> Result<(Tensor, Vec<usize>)> {
         let (k, d) = (self.num_components(), self.dim());
+        check_draw_count(n, d)?;
         let center = self.layer.center();
         let (dtype, device) = (center.dtype(), center.device());
         let weights = host_values(&self.weights()?)?;
@@ -498,7 +500,8 @@ impl GaussianMixture {
     /// → (n, d)
     ///
     /// # Errors
-    /// A `direct` precision that is not positive definite.
+    /// A `direct` precision that is not positive definite; (field `n`) an `n` whose draws
+    /// need more elements than one allocation holds.
     pub fn sample<R: Rng + ?Sized>(&self, n: usize, rng: &mut R) -> Result<Tensor> {
         Ok(self.sample_with_components(n, rng)?.0)
     }

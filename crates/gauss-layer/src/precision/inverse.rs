@@ -31,7 +31,8 @@ impl Precision {
     /// ([`GaussError::NotPositiveDefinite`]; direct stores any matrix, as its raw tensor
     /// does, and is checked where it is used: [`crate::repair`]), not diagonal for diag, not a multiple of the
     /// identity for sphere, a Cholesky diagonal at or below `factor_diag_floor`, or narrower
-    /// than the width floor allows (the message names the neuron and the floor).
+    /// than the width floor allows (the message names the neuron and the floor); a lowrank
+    /// rank above d ([`GaussError::InvalidConfig`], as [`crate::gauss_layer`] refuses it).
     ///
     /// ```
     /// use candle_core::{Device, Tensor};
@@ -73,6 +74,14 @@ impl Precision {
                 precision.dims(),
             ));
         }
+        // lowrank's U has at most d columns, as a layer's (`gauss_layer` refuses more): a
+        // larger rank only adds zero columns, and `d * (rank + 1)` below overflowed (a panic)
+        // or asked for more memory than exists (an abort) for ranks near `usize::MAX`.
+        crate::config::GaussLayerConfig {
+            precision: config,
+            ..Default::default()
+        }
+        .check_rank(d)?;
         // Every map below but the eigensolvers' skips NaN (`f64::max` drops it), so diag and
         // sphere would silently drop a NaN off-diagonal entry: refuse non-finite input here.
         if let Some(k) = values.iter().position(|v| !v.is_finite()) {
@@ -270,7 +279,7 @@ fn low_rank_block(
     for i in 0..d {
         raw[i * (rank + 1)] = delta.ln();
     }
-    // The top eigenpairs fill U's columns (zero columns when rank > d).
+    // The top eigenpairs fill U's columns.
     for (column, k) in (rest..d).rev().enumerate() {
         let scale = (eigenvalues[k] - delta).max(0.0).sqrt();
         for i in 0..d {

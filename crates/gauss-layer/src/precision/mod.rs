@@ -141,7 +141,8 @@ impl Precision {
             let expected = match parameterization {
                 Parameterization::Diag => format!("(Z, {dim})"),
                 Parameterization::Sphere => "(Z)".to_string(),
-                Parameterization::LowRank { rank } => format!("(Z, {dim}, {})", rank + 1),
+                // In u128: a rank of usize::MAX (refused later by the layer) must not overflow.
+                Parameterization::LowRank { rank } => format!("(Z, {dim}, {})", rank as u128 + 1),
                 _ => format!("(Z, {dim}, {dim})"),
             };
             return Err(GaussError::shape(

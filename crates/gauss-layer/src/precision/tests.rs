@@ -410,3 +410,49 @@ fn expm_spectrum_check_sums_half_rows_in_f32() {
         }
     }
 }
+
+/// A lowrank rank of `usize::MAX` (which `validate` leaves to the layer's size checks) with a
+/// raw tensor of the wrong shape: the error message stated the expected `rank + 1` columns in
+/// `usize` arithmetic and panicked on the overflow instead of returning the shape error.
+#[test]
+fn lowrank_shape_error_with_maximal_rank_does_not_overflow() {
+    let cfg = config(Parameterization::LowRank { rank: usize::MAX }, None);
+    let raw = Tensor::zeros((3, 1), DType::F32, &Device::Cpu).unwrap();
+    match Precision::from_raw(raw, 1, &cfg) {
+        Err(GaussError::Shape { expected, got, .. }) => {
+            assert!(expected.contains("18446744073709551616"), "{expected}");
+            assert_eq!(got, [3, 1]);
+        }
+        other => panic!(
+            "expected a Shape error, got {:?}",
+            other.map(|_| "accepted")
+        ),
+    }
+}
+
+/// A lowrank rank above d given with a precision matrix is a config error naming the rank, as
+/// `gauss_layer` makes it: at `usize::MAX` the raw block's `d * (rank + 1)` overflowed (a
+/// panic; a rank just below would have asked for more memory than exists, an abort).
+#[test]
+fn lowrank_rank_above_d_from_a_matrix_is_a_config_error() {
+    let p = Tensor::eye(2, DType::F32, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    for rank in [3, usize::MAX] {
+        let cfg = config(Parameterization::LowRank { rank }, None);
+        match Precision::from_precision_matrix(&p, &cfg) {
+            Err(GaussError::InvalidConfig { field, reason }) => {
+                assert_eq!(field, "precision.parameterization");
+                assert!(reason.contains(&format!("got rank {rank}")), "{reason}");
+            }
+            other => panic!(
+                "rank {rank}: expected a config error, got {:?}",
+                other.map(|_| "a precision")
+            ),
+        }
+    }
+    // Rank d still converts.
+    let cfg = config(Parameterization::LowRank { rank: 2 }, None);
+    assert!(Precision::from_precision_matrix(&p, &cfg).is_ok());
+}
