@@ -285,12 +285,23 @@ fn draw_map(
     let side = size as i32;
     let (width, height) = ((LEFT + side + RIGHT) as u32, (TOP + side + BOTTOM) as u32);
     let mut rgb = vec![0u8; width as usize * height as usize * 3];
-    render_map(&mut rgb, (width, height), side, values, style, points, labels)?;
+    render_map(
+        &mut rgb,
+        (width, height),
+        side,
+        values,
+        style,
+        points,
+        labels,
+    )?;
     let image = image::RgbImage::from_raw(width, height, rgb)
         .context("the rendered map does not fill its picture")?;
     let mut png = Vec::new();
     image
-        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageOutputFormat::Png)
+        .write_to(
+            &mut std::io::Cursor::new(&mut png),
+            image::ImageOutputFormat::Png,
+        )
         .with_context(|| format!("cannot encode {}", path.display()))?;
     gauss_layer::files::write_atomically(path, &png)?;
     Ok(())
