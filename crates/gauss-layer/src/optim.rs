@@ -1,9 +1,19 @@
 //! An AdamW step that updates each parameter and its two moments in place, in one pass.
 //!
 //! [`FusedAdamW`] is a drop-in replacement for [`candle_nn::AdamW`]: the same
-//! [`ParamsAdamW`] config, the same [`Optimizer`] trait, and the same arithmetic, so both give
-//! the same parameters after every step, bit for bit, on the CPU in f32 and f64. It works for
-//! any Candle model, not only Gaussian layers.
+//! [`ParamsAdamW`] config, the same [`Optimizer`] trait, and, in f32 and f64, the same
+//! arithmetic, so both give the same parameters after every step, bit for bit, on the CPU. It
+//! works for any Candle model, not only Gaussian layers.
+//!
+//! Half-precision (f16, bf16) parameters are stepped in f32, as PyTorch's fused AdamW does:
+//! the moments are kept in f32, θ and g are widened to f32, the step is computed there and θ
+//! is rounded back to its dtype once. candle-nn's `AdamW` computes in the parameter's dtype,
+//! where ε = 1e-8 and (1 − β₂)·g² underflow to 0 in f16, so an exact-zero gradient (the
+//! unused upper triangle of every cholesky factor has one) gives 0/0 and a NaN parameter
+//! after one step. The half-precision results are those of an f32 step rounded once, not
+//! candle-nn's.
+//!
+//! The hyper-parameters are checked as PyTorch does, plus finiteness (see [`FusedAdamW`]).
 //!
 //! candle-nn's `AdamW` builds every step from about a dozen tensor ops per parameter, each
 //! allocating a fresh buffer the size of the parameter and writing it back through
@@ -18,7 +28,8 @@
 //! |---|---|
 //! | CPU, f32 or f64 | one in-place pass per tensor |
 //! | CUDA (the `cuda` feature), f32 or f64 | one in-place kernel per tensor (`cuda/adamw.cu`, same roundings as candle-nn's ops), moments in device buffers |
-//! | Metal, other float dtypes | candle-nn's tensor-op form, with the moments as [`Var`]s |
+//! | Metal (or a non-contiguous parameter), f32 or f64 | candle-nn's tensor-op form, with the moments as [`Var`]s |
+//! | any device, f16 or bf16 | the same tensor-op form in f32: moments as f32 [`Var`]s, θ and g widened to f32, θ rounded back once |
 //!
 //! Parameters without a gradient in the [`GradStore`] are skipped, and non-float variables are
 //! dropped at construction, as candle-nn does.
@@ -80,9 +91,16 @@ const PARALLEL_MIN: usize = 1 << 18;
 /// θ ← θ·(1 − lr·λ) − lr · m̂ / (√v̂ + ε)
 /// ```
 ///
-/// evaluated in the parameter's dtype with the same roundings, in the same order, as
-/// candle-nn 0.11's tensor ops (the scalar factors are formed in f64 and rounded to the dtype
-/// once), so the two optimizers agree exactly on the CPU.
+/// evaluated for f32 and f64 parameters in the parameter's dtype with the same roundings, in
+/// the same order, as candle-nn 0.11's tensor ops (the scalar factors are formed in f64 and
+/// rounded to the dtype once), so the two optimizers agree exactly on the CPU. f16 and bf16
+/// parameters are stepped in f32 with f32 moments and rounded back once (candle-nn's step in
+/// f16 turns a parameter with an exact-zero gradient into NaN: ε and (1 − β₂)·g² underflow).
+///
+/// The hyper-parameters must satisfy lr, ε, λ finite and ≥ 0 and 0 ≤ β₁, β₂ < 1 (PyTorch's
+/// checks plus finiteness); they are checked by [`Optimizer::new`] and again by every
+/// [`Optimizer::step`], since [`Optimizer::set_learning_rate`] and
+/// [`FusedAdamW::set_params`] cannot return an error.
 #[derive(Debug)]
 pub struct FusedAdamW {
     vars: Vec<VarState>,
@@ -115,7 +133,8 @@ enum Moments {
         m: CudaSlice<f64>,
         v: CudaSlice<f64>,
     },
-    /// Any other device or float dtype: candle-nn's tensor ops.
+    /// Any other device or float dtype: candle-nn's tensor ops, with the moments in
+    /// [`step_dtype`] of the parameter's dtype.
     Tensors { m: Var, v: Var },
 }
 
@@ -153,11 +172,41 @@ impl Moments {
     }
 
     fn tensors(var: &Var) -> Result<Self> {
+        let dtype = step_dtype(var.dtype());
         Ok(Moments::Tensors {
-            m: Var::zeros(var.shape(), var.dtype(), var.device())?,
-            v: Var::zeros(var.shape(), var.dtype(), var.device())?,
+            m: Var::zeros(var.shape(), dtype, var.device())?,
+            v: Var::zeros(var.shape(), dtype, var.device())?,
         })
     }
+}
+
+/// The dtype a parameter's tensor-op step computes in and keeps its moments in: f32 for the
+/// half-precision dtypes (f32 exists on every device), the parameter's own otherwise.
+fn step_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
+/// Refuses hyper-parameters PyTorch refuses, and non-finite ones: lr, eps and weight_decay
+/// finite and ≥ 0, beta1 and beta2 in [0, 1).
+fn check_params(params: &ParamsAdamW) -> Result<()> {
+    for (name, value) in [
+        ("lr", params.lr),
+        ("eps", params.eps),
+        ("weight_decay", params.weight_decay),
+    ] {
+        if !(value.is_finite() && value >= 0.0) {
+            bail!("fused-adamw: {name} must be finite and >= 0, got {value}")
+        }
+    }
+    for (name, value) in [("beta1", params.beta1), ("beta2", params.beta2)] {
+        if !(0.0..1.0).contains(&value) {
+            bail!("fused-adamw: {name} must be in [0, 1), got {value}")
+        }
+    }
+    Ok(())
 }
 
 /// The scalars of one step, in f64 exactly as candle-nn forms them.
@@ -418,15 +467,27 @@ impl InplaceOp2 for StepOp<'_> {
     }
 }
 
-/// candle-nn's tensor-op step, for parameters off the CPU or of other float dtypes.
+/// candle-nn's tensor-op step, for parameters off the CPU or of other float dtypes, computed
+/// in the moments' dtype ([`step_dtype`]): for f32 and f64 that is the parameter's own (no
+/// cast at all, `to_dtype` to the same dtype returns the tensor), for f16 and bf16 θ and g are
+/// widened to f32 and the new θ is rounded back once.
 fn tensor_step(f: &Factors, theta: &Var, m: &Var, v: &Var, g: &Tensor) -> Result<()> {
-    let next_m = ((m.as_tensor() * f.beta1)? + (g * f.one_minus_beta1)?)?;
+    if g.dtype() != theta.dtype() {
+        bail!(
+            "fused-adamw: expected a gradient of the parameter's dtype {:?}, got {:?}",
+            theta.dtype(),
+            g.dtype()
+        )
+    }
+    let dtype = m.dtype();
+    let g = g.to_dtype(dtype)?;
+    let next_m = ((m.as_tensor() * f.beta1)? + (&g * f.one_minus_beta1)?)?;
     let next_v = ((v.as_tensor() * f.beta2)? + (g.sqr()? * f.one_minus_beta2)?)?;
     let m_hat = (&next_m * f.scale_m)?;
     let v_hat = (&next_v * f.scale_v)?;
-    let next_theta = (theta.as_tensor() * f.decay)?;
+    let next_theta = (theta.as_tensor().to_dtype(dtype)? * f.decay)?;
     let adjusted_grad = (m_hat / (v_hat.sqrt()? + f.eps)?)?;
-    let next_theta = (next_theta - (adjusted_grad * f.lr)?)?;
+    let next_theta = (next_theta - (adjusted_grad * f.lr)?)?.to_dtype(theta.dtype())?;
     m.set(&next_m)?;
     v.set(&next_v)?;
     theta.set(&next_theta)?;
@@ -436,11 +497,15 @@ fn tensor_step(f: &Factors, theta: &Var, m: &Var, v: &Var, g: &Tensor) -> Result
 impl Optimizer for FusedAdamW {
     type Config = ParamsAdamW;
 
-    /// Takes the float variables among `vars` and zero moments for each.
+    /// Takes the float variables among `vars` and zero moments for each (in f32 for f16 and
+    /// bf16 parameters).
     ///
     /// # Errors
-    /// When the moments of an off-CPU parameter cannot be allocated.
+    /// When a hyper-parameter is out of range (lr, eps, weight_decay not finite or negative;
+    /// beta1 or beta2 not in [0, 1)), the error naming the field and its value, or when the
+    /// moments of an off-CPU parameter cannot be allocated.
     fn new(vars: Vec<Var>, params: ParamsAdamW) -> Result<Self> {
+        check_params(&params)?;
         let vars = vars
             .into_iter()
             .filter(|var| var.dtype().is_float())
@@ -460,8 +525,12 @@ impl Optimizer for FusedAdamW {
     /// they are (the step counter, shared by all, still advances).
     ///
     /// # Errors
-    /// When a gradient's shape or dtype differs from its parameter's, or a device op fails.
+    /// When a hyper-parameter is out of range (as in [`Optimizer::new`]; they can have been
+    /// changed since by [`Optimizer::set_learning_rate`] or [`FusedAdamW::set_params`]): then
+    /// nothing is written and the step counter does not advance. When a gradient's shape or
+    /// dtype differs from its parameter's, or a device op fails.
     fn step(&mut self, grads: &GradStore) -> Result<()> {
+        check_params(&self.params)?;
         self.step_t += 1;
         let factors = Factors::new(&self.params, self.step_t);
         for state in self.vars.iter_mut() {
@@ -521,7 +590,8 @@ impl FusedAdamW {
         &self.params
     }
 
-    /// Replaces the hyper-parameters (the moments and step count are kept).
+    /// Replaces the hyper-parameters (the moments and step count are kept). They are checked
+    /// by the next [`Optimizer::step`], which refuses out-of-range values.
     pub fn set_params(&mut self, params: ParamsAdamW) {
         self.params = params;
     }
@@ -613,8 +683,24 @@ mod tests {
     /// after every step (the arithmetic is the same IEEE operations in the same order, so
     /// the tolerance is zero).
     fn compare(dtype: DType, params: ParamsAdamW, steps: usize) -> Result<()> {
+        compare_on(dtype, params, steps, false)
+    }
+
+    /// [`compare`], with `tensor_path` forcing every parameter onto the tensor-op path (the
+    /// one Metal and non-contiguous parameters take).
+    fn compare_on(
+        dtype: DType,
+        params: ParamsAdamW,
+        steps: usize,
+        tensor_path: bool,
+    ) -> Result<()> {
         let (ours, theirs) = twin_vars(dtype)?;
         let mut fused = FusedAdamW::new(ours.clone(), params.clone())?;
+        if tensor_path {
+            for state in fused.vars.iter_mut() {
+                state.moments = Moments::tensors(&state.var)?;
+            }
+        }
         let mut reference = AdamW::new(theirs.clone(), params.clone())?;
         assert_eq!(fused.vars().len(), 5, "the u32 variable is dropped");
         for step in 0..steps {
@@ -674,16 +760,27 @@ mod tests {
         )
     }
 
-    /// Other float dtypes take the tensor-op path (the one CUDA and Metal use).
+    /// The tensor-op path (the one Metal and non-contiguous parameters use) in f32 and f64
+    /// is candle-nn's arithmetic too: the widening added for half precision is no cast there.
     #[test]
     fn tensor_op_path_matches_candle_nn_adamw() -> Result<()> {
+        let params = ParamsAdamW {
+            lr: 0.05,
+            beta1: 0.8,
+            beta2: 0.95,
+            eps: 1e-6,
+            weight_decay: 0.1,
+        };
+        compare_on(DType::F32, params.clone(), 6, true)?;
+        compare_on(DType::F64, params, 6, true)?;
+        // Half precision takes it too, with f32 moments.
         let (ours, _) = twin_vars(DType::BF16)?;
         let fused = FusedAdamW::new(ours, ParamsAdamW::default())?;
         assert!(fused
             .vars
             .iter()
-            .all(|s| matches!(s.moments, Moments::Tensors { .. })));
-        compare(DType::BF16, ParamsAdamW::default(), 6)
+            .all(|s| matches!(&s.moments, Moments::Tensors { m, .. } if m.dtype() == DType::F32)));
+        Ok(())
     }
 
     /// A hand-made gradient store whose gradient is the parameter itself.
@@ -705,6 +802,157 @@ mod tests {
         Ok(())
     }
 
+    /// The new-user repro: an exact-zero gradient in f16 gave 0/0 (ε and (1 − β₂)·g²
+    /// underflow to 0 in f16) and a NaN parameter after one step.
+    #[test]
+    fn half_precision_zero_gradient_leaves_the_parameter_finite() -> Result<()> {
+        for dtype in [DType::F16, DType::BF16] {
+            let v = Var::from_tensor(&Tensor::new(&[1f32, 2.], &Device::Cpu)?.to_dtype(dtype)?)?;
+            let loss = v.as_tensor().narrow(0, 0, 1)?.sqr()?.sum_all()?;
+            FusedAdamW::new(
+                vec![v.clone()],
+                ParamsAdamW {
+                    lr: 0.1,
+                    weight_decay: 0.,
+                    ..Default::default()
+                },
+            )?
+            .backward_step(&loss)?;
+            let got = v.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            assert!(
+                (got[0] - 0.9).abs() < 2e-3 && got[1] == 2.0,
+                "{dtype:?}: expected [0.9, 2.0], got {got:?}"
+            );
+        }
+        Ok(())
+    }
+
+    /// A half-precision step is an f32 step rounded once: after every step the half
+    /// parameter equals an f32 `FusedAdamW`'s (on the CPU fused path) rounded to the half
+    /// dtype, with the same gradients (half-representable, zeros included). The f32 twin is
+    /// reset to the rounded value after each step, so its moments, never rounded, must match
+    /// too (moments kept in the half dtype would drift apart).
+    #[test]
+    fn half_precision_steps_in_f32() -> Result<()> {
+        let dev = Device::Cpu;
+        let params = ParamsAdamW {
+            lr: 0.05,
+            beta1: 0.8,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let start = Tensor::new(&[0.3f32, -1.7, 2.5, 0.0, 1e-3, -4.0, 0.77, 1.0], &dev)?;
+        for dtype in [DType::F16, DType::BF16] {
+            let half = Var::from_tensor(&start.to_dtype(dtype)?)?;
+            let wide = Var::from_tensor(&half.as_tensor().to_dtype(DType::F32)?)?;
+            let mut ours = FusedAdamW::new(vec![half.clone()], params.clone())?;
+            let mut twin = FusedAdamW::new(vec![wide.clone()], params.clone())?;
+            assert!(matches!(twin.vars[0].moments, Moments::F32 { .. }));
+            assert!(matches!(
+                &ours.vars[0].moments,
+                Moments::Tensors { m, v } if m.dtype() == DType::F32 && v.dtype() == DType::F32
+            ));
+            for step in 0..6 {
+                let s = step as f32;
+                let g = Tensor::new(&[1.0f32, -0.5, 0.0, 3.0, -1e-3, 0.0, 0.25 * s, -s], &dev)?
+                    .to_dtype(dtype)?;
+                let mut grads = half.as_tensor().sum_all()?.backward()?;
+                grads.insert(half.as_tensor(), g.clone());
+                ours.step(&grads)?;
+                let mut grads = wide.as_tensor().sum_all()?.backward()?;
+                grads.insert(wide.as_tensor(), g.to_dtype(DType::F32)?);
+                twin.step(&grads)?;
+                let rounded = wide.as_tensor().to_dtype(dtype)?;
+                assert_eq!(
+                    bits(&half)?,
+                    bits(&Var::from_tensor(&rounded)?)?,
+                    "{dtype:?} step {step}"
+                );
+                wide.set(&rounded.to_dtype(DType::F32)?)?;
+            }
+            let got = half.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            assert!(got.iter().all(|x| x.is_finite()), "{dtype:?}: {got:?}");
+        }
+        Ok(())
+    }
+
+    /// Every hyper-parameter out of range or not finite is refused with its name and value,
+    /// at construction and (after `set_params` / `set_learning_rate`) at the step, before
+    /// anything is written or the step counter advances.
+    #[test]
+    fn hyper_parameters_are_checked() -> Result<()> {
+        let good = ParamsAdamW::default();
+        type Edit = fn(&mut ParamsAdamW, f64);
+        let fields: [(&str, Edit, &[f64]); 5] = [
+            ("lr", |p, x| p.lr = x, &[f64::NAN, -1.0, f64::INFINITY]),
+            ("eps", |p, x| p.eps = x, &[f64::NAN, -1e-8, f64::INFINITY]),
+            ("beta1", |p, x| p.beta1 = x, &[f64::NAN, -0.1, 1.0, 1.5]),
+            (
+                "beta2",
+                |p, x| p.beta2 = x,
+                &[f64::NAN, -0.1, 1.0, f64::INFINITY],
+            ),
+            (
+                "weight_decay",
+                |p, x| p.weight_decay = x,
+                &[f64::NAN, -0.01, f64::INFINITY],
+            ),
+        ];
+        for (name, edit, bad_values) in fields {
+            for &bad in bad_values {
+                let mut params = good.clone();
+                edit(&mut params, bad);
+                let expect = |err: Option<candle_core::Error>| {
+                    let msg = err.map(|e| e.to_string()).unwrap_or_default();
+                    assert!(
+                        msg.contains(&format!("fused-adamw: {name} must be"))
+                            && msg.contains(&format!("got {bad}")),
+                        "{name} = {bad}: got {msg:?}"
+                    );
+                };
+                let var = Var::new(&[1f32, -2.0], &Device::Cpu)?;
+                expect(FusedAdamW::new(vec![var.clone()], params.clone()).err());
+                let mut opt = FusedAdamW::new(vec![var.clone()], good.clone())?;
+                opt.set_params(params);
+                let grads = var.as_tensor().sum_all()?.backward()?;
+                expect(opt.step(&grads).err());
+                assert_eq!(opt.step_count(), 0, "{name} = {bad}");
+                assert_eq!(var.as_tensor().to_vec1::<f32>()?, [1.0, -2.0]);
+            }
+        }
+        // The edges that are allowed.
+        let var = Var::new(&[1f32, -2.0], &Device::Cpu)?;
+        let edges = ParamsAdamW {
+            lr: 0.0,
+            beta1: 0.0,
+            beta2: 0.0,
+            eps: 0.0,
+            weight_decay: 0.0,
+        };
+        FusedAdamW::new(vec![var.clone()], edges)?;
+        // set_learning_rate cannot fail; the step refuses.
+        let mut opt = FusedAdamW::new_lr(vec![var.clone()], 0.1)?;
+        assert!(FusedAdamW::new_lr(vec![var.clone()], f64::NAN).is_err());
+        assert!(FusedAdamW::new_lr(vec![var.clone()], -1.0).is_err());
+        opt.set_learning_rate(f64::NAN);
+        let err = opt
+            .backward_step(&var.as_tensor().sum_all()?)
+            .err()
+            .map(|e| e.to_string());
+        // The first line (candle appends a backtrace when RUST_BACKTRACE is set).
+        assert_eq!(
+            err.as_deref().and_then(|e| e.lines().next()),
+            Some("fused-adamw: lr must be finite and >= 0, got NaN")
+        );
+        assert_eq!(opt.step_count(), 0);
+        assert_eq!(var.as_tensor().to_vec1::<f32>()?, [1.0, -2.0]);
+        opt.set_learning_rate(0.1);
+        opt.backward_step(&var.as_tensor().sum_all()?)?;
+        assert_eq!(opt.step_count(), 1);
+        Ok(())
+    }
+
     #[test]
     fn gradient_of_wrong_dtype_is_an_error() -> Result<()> {
         let var = Var::new(&[1f32, 2.0], &Device::Cpu)?;
@@ -715,6 +963,18 @@ mod tests {
         assert!(
             err.as_deref().is_some_and(|e| e.contains("F64")),
             "expected a dtype error naming F64, got {err:?}"
+        );
+        // The tensor-op path too: an f32 gradient for an f16 parameter is not widened
+        // silently.
+        let var =
+            Var::from_tensor(&Tensor::new(&[1f32, 2.0], &Device::Cpu)?.to_dtype(DType::F16)?)?;
+        let mut opt = FusedAdamW::new_lr(vec![var.clone()], 0.1)?;
+        let mut grads = var.as_tensor().sum_all()?.backward()?;
+        grads.insert(var.as_tensor(), Tensor::new(&[1f32, 1.0], &Device::Cpu)?);
+        let err = opt.step(&grads).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref().is_some_and(|e| e.contains("F32")),
+            "expected a dtype error naming F32, got {err:?}"
         );
         Ok(())
     }
