@@ -11,6 +11,13 @@
 //! Inputs may have any shape (…, d), like `candle_nn::Linear`: the leading dimensions are
 //! flattened and restored on the output.
 //!
+//! To fit a density by gradient descent on the NLL (`gauss_losses::layer_nll`), mind the
+//! start: a fresh layer's centers are near 0 and its precisions near `I/d`, so data far from
+//! the origin (e.g. offset by +100) should be standardized first, or the layer started from
+//! the data ([`GaussLayer::from_covariance`] with the sample mean and covariance,
+//! [`crate::GaussianMixture::fit`] for a mixture); otherwise Adam can stall far from the
+//! optimum (see `layer_nll`'s docs).
+//!
 //! ```
 //! use candle_core::{Device, Tensor};
 //! use gauss_layer::{GaussLayer, GaussLayerConfig};
@@ -30,11 +37,12 @@
 //! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor, WithDType, D};
 use rand::Rng;
 use rand_distr::StandardNormal;
 
 use crate::config::{GaussLayerConfig, Parameterization};
+use crate::cpu;
 use crate::error::{check_device, check_dtype, check_float_dtype, GaussError, Result};
 use crate::layer::GaussLayer;
 use crate::linalg::host::HostMatrix;
@@ -42,10 +50,69 @@ use crate::linalg::{self, host};
 use crate::ops::{flatten_leading, log_prob_from_mahalanobis};
 use crate::precision::Precision;
 use crate::repair;
+use crate::route::host_reads_are_free;
 
 /// `leading` followed by `tail`.
 pub(crate) fn with_tail(leading: &[usize], tail: &[usize]) -> Vec<usize> {
     leading.iter().chain(tail).copied().collect()
+}
+
+/// The rows of `x` (over its last dimension) that hold ±∞ and no NaN: samples at infinity,
+/// whose log-density is −∞ under every normal ([`GaussLayer::log_prob`] and the density
+/// views). Returns the mask (…, 1) (u8) and `x` with those rows zeroed, so that no ∞ reaches
+/// the computation (where `0·∞` makes NaN, which the mask would hide from the value but not
+/// from the gradient); `None` and `x` itself when `x` is known to hold no ∞.
+///
+/// On the CPU one scan of `x` tells (reading it is free, and the masking would cost more
+/// than the distances of a diagonal layer: measured, it doubled a diag `layer_nll` step);
+/// elsewhere, and for a `portable` layer (which runs on the CPU what a GPU runs), the mask is
+/// built in tensor ops, since a read would stall the device.
+pub(crate) fn infinite_rows(x: &Tensor, portable: bool) -> Result<(Option<Tensor>, Tensor)> {
+    if !portable && holds_no_infinity_on_host(x)? {
+        return Ok((None, x.clone()));
+    }
+    // 0·x is NaN exactly where x is ±∞ or NaN.
+    let zeroed = (x * 0.0)?;
+    let non_finite = zeroed.ne(&zeroed)?.max_keepdim(D::Minus1)?;
+    let nan = x.ne(x)?.max_keepdim(D::Minus1)?;
+    let mask = non_finite.gt(&nan)?;
+    let finite = mask
+        .broadcast_as(x.shape())?
+        .where_cond(&x.zeros_like()?, x)?;
+    Ok((Some(mask), finite))
+}
+
+/// Whether `x` is a CPU tensor known to hold no ±∞ (one scan of its storage); `false` when
+/// it holds one, or lives on another device, or has a dtype without ∞.
+fn holds_no_infinity_on_host(x: &Tensor) -> Result<bool> {
+    // A fold without early exit, so the f32 and f64 scans vectorize.
+    fn scan<T: WithDType>(x: &Tensor, is_infinite: impl Fn(T) -> bool) -> Result<bool> {
+        Ok(cpu::with_row_major::<T, _>(x, |values| {
+            Ok(!values.iter().fold(false, |any, &v| any | is_infinite(v)))
+        })?)
+    }
+    if !host_reads_are_free(x.device()) {
+        return Ok(false);
+    }
+    match x.dtype() {
+        DType::F32 => scan(x, f32::is_infinite),
+        DType::F64 => scan(x, f64::is_infinite),
+        DType::F16 => scan(x, half::f16::is_infinite),
+        DType::BF16 => scan(x, half::bf16::is_infinite),
+        _ => Ok(false),
+    }
+}
+
+/// `log_p` with the entries of the rows that `mask` marks set to −∞ (`mask` broadcasts to
+/// `log_p`'s shape); `log_p` itself without a mask.
+pub(crate) fn minus_infinity_where(mask: Option<&Tensor>, log_p: Tensor) -> Result<Tensor> {
+    let Some(mask) = mask else {
+        return Ok(log_p);
+    };
+    let minus_infinity = (log_p.ones_like()? * f64::NEG_INFINITY)?;
+    Ok(mask
+        .broadcast_as(log_p.shape())?
+        .where_cond(&minus_infinity, &log_p)?)
 }
 
 /// `v` in scientific notation with at most 3 significant digits (`1e-12`, `2.5e3`): bounds in
@@ -374,9 +441,12 @@ impl GaussLayer {
     /// `−m2/2 + ½·log det P_z − ½·d·log 2π`, with `m2` from the layer's distance kernel.
     /// For a layer with a linear part the density is that of its Gaussian factor.
     ///
-    /// Input is not checked for NaN (a NaN sample gives NaN); [`GaussLayer::log_prob_validated`]
-    /// and [`crate::MultivariateNormal`] (on by default) check it, as torch's
-    /// `validate_args`.
+    /// A sample holding ±∞ (and no NaN) gets −∞ under every neuron, as in the density views
+    /// and torch: the layer's distance kernels alone would give NaN (`∞ − ∞`), so such rows
+    /// are zeroed before the kernel and set to −∞ after it, in tensor ops on every device (no
+    /// read back; no ∞ reaches the gradient). Input is not checked for NaN (a NaN sample
+    /// gives NaN); [`GaussLayer::log_prob_validated`] and [`crate::MultivariateNormal`] (on
+    /// by default) check it, as torch's `validate_args`.
     ///
     /// # Accuracy
     /// In f64 the result matches SciPy to about 1e-14 at condition number κ ≤ 1e2 and 1e-9 at
@@ -405,9 +475,19 @@ impl GaussLayer {
         if self.precision().parameterization() == Parameterization::Direct {
             repair::ensure_positive_definite(self.precision())?;
         }
-        let m2 = self.mahalanobis_sq(&flat)?;
+        // Checked before `infinite_rows` computes with `x` (an integer `x` would get there).
+        check_dtype("input x", &flat, self.center().dtype(), "center")?;
+        check_device(
+            "input x",
+            &flat,
+            self.center().device(),
+            "the layer's center",
+        )?;
+        let (infinite, finite) = infinite_rows(&flat, self.config().precision.portable)?;
+        let m2 = self.mahalanobis_sq(&finite)?;
         let log_det = self.precision().log_det_precision()?;
-        Ok(log_prob_from_mahalanobis(&m2, &log_det, d)?.reshape(out_shape)?)
+        let log_p = log_prob_from_mahalanobis(&m2, &log_det, d)?;
+        Ok(minus_infinity_where(infinite.as_ref(), log_p)?.reshape(out_shape)?)
     }
 
     /// A matrix `A_z` per neuron with `A_z A_zᵀ = Σ_z`, or the standard deviations when the

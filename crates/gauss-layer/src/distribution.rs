@@ -17,7 +17,8 @@
 //! Like torch's `validate_args` (on by default there), the view checks its input by default:
 //! `log_prob` rejects a sample holding NaN with an error instead of returning NaN (infinities
 //! pass, as in torch, and give a log-density of −∞). [`GaussLayer::log_prob`] itself does not
-//! check (a pass over the input costs a reduction); [`GaussLayer::log_prob_validated`] does.
+//! check for NaN (the check reads back from the device), and gives −∞ for infinities as the
+//! views do; [`GaussLayer::log_prob_validated`] checks.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -71,6 +72,7 @@ use candle_core::{Tensor, D};
 use rand::Rng;
 
 use crate::config::{GaussLayerConfig, Parameterization};
+use crate::density::{infinite_rows, minus_infinity_where};
 use crate::error::{check_device, check_dtype, GaussError, Result};
 use crate::layer::GaussLayer;
 use crate::linalg;
@@ -110,14 +112,15 @@ impl GaussLayer {
     /// for a layer with a linear part), sharing the layer's tensors.
     ///
     /// # Errors
-    /// A neuron index out of range.
+    /// [`GaussError::IndexOutOfRange`] for `neuron` ≥ Z.
     pub fn distribution(&self, neuron: usize) -> Result<MultivariateNormal> {
         let z = self.out_features();
         if neuron >= z {
-            return Err(GaussError::config(
-                "neuron",
-                format!("must be below the layer's {z} neurons, got {neuron}"),
-            ));
+            return Err(GaussError::IndexOutOfRange {
+                what: "neuron of the layer".into(),
+                index: neuron,
+                len: z,
+            });
         }
         let center = self.center().narrow(0, neuron, 1)?;
         let precision = self.precision();
@@ -129,6 +132,7 @@ impl GaussLayer {
 
     /// [`GaussLayer::log_prob`] after checking that `x` holds no NaN (torch's
     /// `validate_args`): the checked path; `log_prob` itself returns NaN for a NaN sample.
+    /// A sample holding ±∞ (and no NaN) passes and gets −∞, as in `log_prob`.
     ///
     /// # Shapes
     /// `x`: (…, d) → (…, Z)
@@ -163,31 +167,6 @@ fn check_no_nan(x: &Tensor, d: usize) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// The rows of `x` (over its last dimension) that hold ±∞ and no NaN: samples at infinity,
-/// whose log-density is −∞ under every normal (the module docs). Returns the mask (…, 1)
-/// (u8) and `x` with those rows zeroed, so that no ∞ reaches the computation (where
-/// `0·∞` makes NaN, which the mask would hide from the value but not from the gradient).
-fn infinite_rows(x: &Tensor) -> Result<(Tensor, Tensor)> {
-    // 0·x is NaN exactly where x is ±∞ or NaN.
-    let zeroed = (x * 0.0)?;
-    let non_finite = zeroed.ne(&zeroed)?.max_keepdim(D::Minus1)?;
-    let nan = x.ne(x)?.max_keepdim(D::Minus1)?;
-    let mask = non_finite.gt(&nan)?;
-    let finite = mask
-        .broadcast_as(x.shape())?
-        .where_cond(&x.zeros_like()?, x)?;
-    Ok((mask, finite))
-}
-
-/// `log_p` with the entries of the rows that `mask` marks set to −∞ (`mask` broadcasts to
-/// `log_p`'s shape).
-fn minus_infinity_where(mask: &Tensor, log_p: &Tensor) -> Result<Tensor> {
-    let minus_infinity = (log_p.ones_like()? * f64::NEG_INFINITY)?;
-    Ok(mask
-        .broadcast_as(log_p.shape())?
-        .where_cond(&minus_infinity, log_p)?)
 }
 
 impl MultivariateNormalBatch {
@@ -312,17 +291,11 @@ impl MultivariateNormalBatch {
         } else {
             flatten_leading(x, self.dim(), "input x")?;
         }
-        // Checked before `infinite_rows` computes with `x` (the layer checks them again).
+        // Checked here to name the layer in the message, as `log_prob` does.
         check_dtype("input x", x, self.layer.center().dtype(), "the layer")?;
         check_device("input x", x, self.layer.center().device(), "the layer")?;
-        // An empty batch: the layer's empty answer (`infinite_rows`' max over the rows would
-        // be Candle's "empty tensor for reduce").
-        if x.elem_count() == 0 {
-            return self.layer.log_prob(x);
-        }
-        // The layer's kernels give NaN for a row holding ±∞; the view promises −∞.
-        let (infinite, finite) = infinite_rows(x)?;
-        minus_infinity_where(&infinite, &self.layer.log_prob(&finite)?)
+        // The layer gives −∞ for a row holding ±∞ itself.
+        self.layer.log_prob(x)
     }
 
     /// torch's batch semantics: member z scores its own sample, `out[…, z] =
@@ -361,7 +334,7 @@ impl MultivariateNormalBatch {
             repair::ensure_positive_definite(precision)?;
         }
         // Samples holding ±∞ get −∞ at the end; they enter the computation as zeros.
-        let (infinite, x) = infinite_rows(x)?;
+        let (infinite, x) = infinite_rows(x, self.layer.config().precision.portable)?;
         // (n, Z, d) → differences per member, (Z, n, d).
         let delta = x
             .reshape((n, z, d))?
@@ -383,7 +356,8 @@ impl MultivariateNormalBatch {
         }; // (Z, n)
         let log_det = precision.log_det_precision()?;
         let log_p = log_prob_from_mahalanobis(&m2.t()?, &log_det, d)?.reshape(out_shape)?;
-        minus_infinity_where(&infinite.squeeze(D::Minus1)?, &log_p)
+        let infinite = infinite.map(|mask| mask.squeeze(D::Minus1)).transpose()?;
+        minus_infinity_where(infinite.as_ref(), log_p)
     }
 
     /// The differential entropies `½·d·(1 + ln 2π) − ½·ln det P_z`, nats.

@@ -78,6 +78,18 @@ pub enum GaussError {
         reason: String,
     },
 
+    /// An index (of a neuron, a component, ...) at or past the end of what it indexes. Not a
+    /// config error: it is an argument.
+    #[error("{what}: index {index} is out of range for {len}")]
+    IndexOutOfRange {
+        /// What was indexed, e.g. `"neuron of the layer"`.
+        what: String,
+        /// The index that came.
+        index: usize,
+        /// How many there are (valid indices are below it).
+        len: usize,
+    },
+
     /// A precision matrix that should be positive definite is not.
     #[error("precision of neuron {neuron} is not positive definite (smallest eigenvalue {min_eigenvalue:e})")]
     NotPositiveDefinite {

@@ -12,6 +12,8 @@
 //!   build on, differentiable on every device (`tril_inverse` is a Candle op with a
 //!   closed-form backward on the CPU, faer per block, and on CUDA, the project's kernel;
 //!   matmuls elsewhere).
+//! - [`log_sum_exp`]: the stable log-sum-exp of the mixture densities and their NLL, −∞
+//!   (not Candle's NaN) for a slice whose entries are all −∞.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -37,7 +39,7 @@ use crate::error::{check_device, check_dtype, check_float_dtype, GaussError, Res
 use crate::kernels;
 use crate::precision::Precision;
 
-pub use crate::linalg::{diagonal, tril, tril_inverse};
+pub use crate::linalg::{diagonal, log_sum_exp, tril, tril_inverse};
 
 /// Checks x (B, d), center (Z, d) against the precision's Z and d: the one check of the
 /// functional core's entry, whose sizes the kernels then take as given.

@@ -21,7 +21,7 @@ use crate::error::{GaussError, Result};
 pub use candle_core::Device as __Device;
 
 /// The crate-private batched linear algebra, for tests that build reference values with it
-/// (not part of the API: the library's users get [`crate::ops`]'s three helpers).
+/// (not part of the API: the library's users get [`crate::ops`]'s four helpers).
 pub mod linalg {
     pub use crate::linalg::{
         cholesky, diag_embed, diagonal, expm_symmetric, matmul, strict_tril, trace,

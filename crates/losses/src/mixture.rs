@@ -3,9 +3,13 @@
 //!
 //! `nll(x) = −log Σ_z π_z N(x | c_z, P_z⁻¹) = −logsumexp_z(log π_z − nll_z(x))`.
 //!
-//! Everything stays in the log domain, so far-away samples give large finite losses rather
-//! than `log 0`. Minimizing the mean over the layer's centers, precisions and the logits fits
-//! the layer as a mixture by gradient descent.
+//! Everything stays in the log domain (a stable log-sum-exp,
+//! [`gauss_layer::ops::log_sum_exp`]), so far-away samples give large finite losses rather
+//! than `−log 0` while their squared Mahalanobis distances are representable in the dtype
+//! (f64 to |x| ≈ 1e154, f32 to ≈ 1e19 for unit precisions); beyond that, or for a sample
+//! holding ±∞, every component's NLL is +∞ and so is the mixture's (never NaN).
+//! Minimizing the mean over the layer's centers, precisions and the logits fits the layer as
+//! a mixture by gradient descent.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -24,7 +28,7 @@
 
 use candle_core::Tensor;
 use candle_nn::{Init, VarBuilder};
-use gauss_layer::GaussLayer;
+use gauss_layer::{ops, GaussLayer};
 
 use crate::check;
 use crate::layer_nll::layer_nll;
@@ -44,7 +48,8 @@ pub fn mixture_logits(num_components: usize, vb: VarBuilder) -> Result<Tensor> {
 }
 
 /// Mixture NLL from the per-component NLLs; the logits are normalized with `log_softmax`,
-/// so any real logits are valid.
+/// so any real logits are valid. A sample whose every component NLL is +∞ has mixture NLL
+/// +∞ (see the module docs).
 ///
 /// # Shapes
 /// `component_nll`: (B, Z), `logits`: (Z) → (B) for [`Reduction::None`], () otherwise
@@ -81,7 +86,8 @@ pub fn mixture_nll_from_components(
     )?;
     let log_weights = candle_nn::ops::log_softmax(logits, 0)?;
     let log_joint = log_weights.broadcast_sub(component_nll)?;
-    let nll = log_joint.log_sum_exp(1)?.neg()?;
+    // +∞ (not Candle's NaN) for a sample whose every component NLL is +∞.
+    let nll = ops::log_sum_exp(&log_joint, 1)?.neg()?;
     reduction.apply(&nll)
 }
 

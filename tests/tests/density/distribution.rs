@@ -15,7 +15,8 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use gauss_layer::testing::tolerance;
 use gauss_layer::{
-    GaussLayer, GaussLayerConfig, MultivariateNormal, MultivariateNormalBatch, Parameterization,
+    GaussError, GaussLayer, GaussLayerConfig, MultivariateNormal, MultivariateNormalBatch,
+    Parameterization,
 };
 use gauss_tests::{host_matrix, host_scalar, host_values, on_device};
 
@@ -193,7 +194,19 @@ fn shapes_validation_and_sampling() -> Result<()> {
         ENTROPY_P,
         "neuron 1 entropy",
     );
-    assert!(layer.distribution(2).is_err());
+    // An index past the last neuron is an index error (it was `InvalidConfig`, but an index
+    // is not a config), naming the index and the count.
+    match layer.distribution(2) {
+        Err(
+            err @ GaussError::IndexOutOfRange {
+                index: 2, len: 2, ..
+            },
+        ) => assert_eq!(
+            err.to_string(),
+            "neuron of the layer: index 2 is out of range for 2"
+        ),
+        other => panic!("expected IndexOutOfRange, got {:?}", other.map(|_| ())),
+    }
     Ok(())
 }
 
@@ -493,4 +506,87 @@ fn batch_2d() -> Result<MultivariateNormalBatch> {
         &Tensor::new(&[[[1.0f64, 0.0], [0.0, 1.0]]], &dev)?,
         GaussLayerConfig::default(),
     )?)
+}
+
+gauss_layer::test_device_dtypes!(
+    layer_log_prob_of_infinite_samples_is_minus_infinity,
+    infinite_samples
+);
+
+/// A sample holding ±∞ (and no NaN) has log-density −∞ under every normal: the density
+/// views said so, but `GaussLayer::log_prob` and `log_prob_validated` (which checks only for
+/// NaN) gave NaN, through every kernel (`∞ − ∞` in the distances). All three paths agree
+/// now, for every parameterization; the finite row keeps its value, the layer's gradient
+/// stays finite (the ∞ never enters the computation), and a NaN row still gives NaN.
+fn infinite_samples(dtype: DType, dev: &Device) -> Result<()> {
+    let inf = f64::INFINITY;
+    let x = on_device(
+        &Tensor::new(
+            &[[inf, 0.0f64], [-inf, 1.0], [0.5, -1.0], [inf, -inf]],
+            &Device::Cpu,
+        )?,
+        dtype,
+        dev,
+    )?;
+    for parameterization in Parameterization::ALL {
+        let varmap = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, dtype, dev);
+        let config = GaussLayerConfig {
+            gaussian_only: true,
+            ..GaussLayerConfig::with_parameterization(parameterization)
+        };
+        let layer = gauss_layer::gauss_layer(2, 2, config, vb)?;
+        let log_prob = layer.log_prob(&x)?;
+        let plain = host_matrix(&log_prob)?;
+        let validated = host_matrix(&layer.log_prob_validated(&x)?)?;
+        let single = host_values(&layer.distribution(1)?.log_prob(&x)?)?;
+        for row in [0, 1, 3] {
+            assert_eq!(
+                plain[row],
+                [-inf, -inf],
+                "{parameterization} {dtype:?} row {row}"
+            );
+            assert_eq!(validated[row], [-inf, -inf], "{parameterization} {dtype:?}");
+            assert_eq!(single[row], -inf, "{parameterization} {dtype:?} row {row}");
+        }
+        // The finite row: the same under every path, and as computed alone.
+        let alone = host_matrix(&layer.log_prob(&x.narrow(0, 2, 1)?)?)?;
+        assert!(plain[2].iter().all(|v| v.is_finite()), "{parameterization}");
+        let close = |got: f64, expected: f64| {
+            (got - expected).abs() <= tolerance(dtype) * expected.abs().max(1.0)
+        };
+        for z in 0..2 {
+            assert!(
+                close(plain[2][z], alone[0][z]),
+                "{parameterization} {dtype:?}"
+            );
+            assert!(
+                close(validated[2][z], alone[0][z]),
+                "{parameterization} {dtype:?}"
+            );
+        }
+        assert!(
+            close(single[2], alone[0][1]),
+            "{parameterization} {dtype:?}"
+        );
+        // No NaN reaches the gradient from the infinite rows.
+        let grads = log_prob.sum_all()?.backward()?;
+        for var in varmap.all_vars() {
+            if let Some(grad) = grads.get(var.as_tensor()) {
+                let values = host_values(grad)?;
+                assert!(
+                    values.iter().all(|g| g.is_finite()),
+                    "{parameterization} {dtype:?}: {values:?}"
+                );
+            }
+        }
+        // NaN stays NaN (not −∞): a NaN sample has no density.
+        let nan = on_device(&Tensor::new(&[[f64::NAN, inf]], &Device::Cpu)?, dtype, dev)?;
+        let nan = host_values(&layer.log_prob(&nan)?)?;
+        assert!(
+            nan.iter().all(|v| v.is_nan()),
+            "{parameterization}: {nan:?}"
+        );
+    }
+    Ok(())
 }

@@ -394,3 +394,73 @@ fn zero_starts_name_the_option_at_fault() -> Result<()> {
     }
     Ok(())
 }
+
+gauss_layer::test_device_dtypes!(
+    far_away_and_infinite_samples_have_log_density_minus_infinity,
+    far_away_samples
+);
+
+/// A sample so far away that every component's squared Mahalanobis distance overflows the
+/// dtype (f64 from |x| ≈ 1e155, f32 from ≈ 1e20), or one holding ±∞, has log-density −∞
+/// under every component, and Candle's `log_sum_exp` made the mixture's `−∞ − (−∞)` NaN:
+/// `log_prob` [NaN, −2.17] for the first two rows below, and `score` NaN. Now −∞, as SciPy's
+/// `logsumexp` (and scikit-learn's `score_samples`) give; the other rows are unchanged.
+/// Expected value of row 1, x = (0.5, 0.5), in closed form: with m2₁ = 0.5/1.75 under
+/// Σ₁ = [[1, .5], [.5, 2]] (det 1.75) and m2₂ = 0.5 under I,
+/// `ln(½·e^{−m2₁/2}/(2π√1.75) + ½·e^{−m2₂/2}/(2π))` = −2.1704875530852283 (SciPy
+/// `logsumexp` of `multivariate_normal.logpdf` agrees to the last digit).
+fn far_away_samples(dtype: DType, dev: &Device) -> Result<()> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, dtype, dev);
+    let mixture = gaussian_mixture(2, 2, GaussLayerConfig::default(), vb)?;
+    let host = |values: &[f64], shape: &[usize]| -> Result<Tensor> {
+        on_device(
+            &Tensor::from_slice(values, shape, &Device::Cpu)?,
+            dtype,
+            dev,
+        )
+    };
+    mixture.set_parameters(
+        &host(&[0.5, 0.5], &[2])?,
+        &host(&[0.0, 0.0, 1.0, 1.0], &[2, 2])?,
+        &host(&[1.0, 0.5, 0.5, 2.0, 1.0, 0.0, 0.0, 1.0], &[2, 2, 2])?,
+    )?;
+    // |x|² · λ_max(P) overflows: f64's largest is 1.8e308, f32's 3.4e38.
+    let far = if dtype == DType::F64 { 1e155 } else { 1e20 };
+    let inf = f64::INFINITY;
+    let x = host(
+        &[far, 0.0, 0.5, 0.5, inf, 0.0, -inf, 1.0, 0.0, -far],
+        &[5, 2],
+    )?;
+    let log_prob = host_values(&mixture.log_prob(&x)?)?;
+    let expected = -2.1704875530852283;
+    assert!(
+        (log_prob[1] - expected).abs() < tolerance(dtype),
+        "{dtype:?}: {log_prob:?}"
+    );
+    for row in [0, 2, 3, 4] {
+        assert_eq!(log_prob[row], -inf, "{dtype:?} row {row}: {log_prob:?}");
+    }
+    assert_eq!(mixture.score(&x)?, -inf, "{dtype:?}");
+    // The rows every component gives −∞ have no defined responsibilities (NaN, as
+    // scikit-learn's `predict_proba`); the finite row's still sum to 1.
+    let proba = host_matrix(&mixture.predict_proba(&x)?)?;
+    assert!((proba[1][0] + proba[1][1] - 1.0).abs() < tolerance(dtype));
+    assert!(
+        proba[0][0].is_nan() && proba[2][1].is_nan(),
+        "{dtype:?}: {proba:?}"
+    );
+    // `predict` does not check its input (documented): the finite row gets its component,
+    // the others some component below K, never an error or an out-of-range label.
+    let labels = mixture
+        .predict(&x)?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<u32>()?;
+    assert_eq!(labels[1], 1, "{dtype:?}: {labels:?}");
+    assert!(labels.iter().all(|&l| l < 2), "{dtype:?}: {labels:?}");
+    // The documented way to find the rows `predict` cannot place: a non-finite `log_prob`
+    // (−∞ for these, NaN for a row holding NaN).
+    let nan = host(&[f64::NAN, 0.0], &[1, 2])?;
+    assert!(host_values(&mixture.log_prob(&nan)?)?[0].is_nan());
+    Ok(())
+}

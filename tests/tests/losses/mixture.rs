@@ -93,3 +93,62 @@ fn log_sum_exp(dtype: DType, device: &Device) -> Result<()> {
     );
     Ok(())
 }
+
+gauss_layer::test_device_dtypes!(
+    mixture_nll_of_far_away_samples_is_infinite,
+    far_away_samples
+);
+
+/// A sample whose NLL is +∞ under every component (its squared Mahalanobis distance
+/// overflows the dtype: f64 from |x| ≈ 1e155, f32 from ≈ 1e20) has mixture NLL +∞, the
+/// `−log 0` of an empty mixture sum: Candle's `log_sum_exp` gave NaN there (its shift is
+/// `−∞ − (−∞)`), and one such sample made the mean NaN. The finite row keeps its value,
+/// `−ln Σ_z π_z e^{−nll_z}` with `π = softmax(0, 0) = (½, ½)`, and the gradient of the
+/// finite rows' mean stays finite.
+fn far_away_samples(dtype: DType, device: &Device) -> Result<()> {
+    let inf = f64::INFINITY;
+    // From the components' NLLs directly: a row of +∞ and a finite row (nll 1 and 2).
+    let comp = on_device(
+        &Tensor::new(&[[inf, inf], [1.0f64, 2.0]], &Device::Cpu)?,
+        dtype,
+        device,
+    )?;
+    let logits = Var::from_tensor(&on_device(
+        &Tensor::new(&[0.0f64, 0.0], &Device::Cpu)?,
+        dtype,
+        device,
+    )?)?;
+    let got = host_values(&mixture_nll_from_components(
+        &comp,
+        &logits,
+        Reduction::None,
+    )?)?;
+    // −ln(½e^{−1} + ½e^{−2}).
+    let expected = -(0.5 * (-1f64).exp() + 0.5 * (-2f64).exp()).ln();
+    assert_eq!(got[0], inf, "{dtype:?}: {got:?}");
+    assert!(
+        (got[1] - expected).abs() < tolerance(dtype),
+        "{dtype:?}: {got:?}"
+    );
+    let mean = mixture_nll_from_components(&comp, &logits, Reduction::Mean)?;
+    assert_eq!(host_values(&mean)?, vec![inf], "{dtype:?}");
+    let finite = mixture_nll_from_components(&comp.narrow(0, 1, 1)?, &logits, Reduction::Mean)?;
+    let grad = host_values(&gradient_of(&finite, &logits)?)?;
+    assert!(grad.iter().all(|g| g.is_finite()), "{dtype:?}: {grad:?}");
+    // Through a layer: a sample far from both neurons.
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, dtype, device);
+    let layer = gauss_layer(2, 2, GaussLayerConfig::default(), vb.pp("layer"))?;
+    let logits = mixture_logits(2, vb.pp("mixture"))?;
+    // |x|² · λ_max(P) overflows: f64's largest is 1.8e308, f32's 3.4e38.
+    let far = if dtype == DType::F64 { 1e155 } else { 1e20 };
+    let x = on_device(
+        &Tensor::new(&[[far, 0.0f64], [0.0, 0.0]], &Device::Cpu)?,
+        dtype,
+        device,
+    )?;
+    let nll = host_values(&mixture_nll(&layer, &x, &logits, Reduction::None)?)?;
+    assert_eq!(nll[0], inf, "{dtype:?}: {nll:?}");
+    assert!(nll[1].is_finite(), "{dtype:?}: {nll:?}");
+    Ok(())
+}

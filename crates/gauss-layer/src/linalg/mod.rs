@@ -4,9 +4,10 @@
 //! backward) with the tensor-op recursion as its portable form. The host side
 //! (eigendecompositions with `faer`, in f64 on the CPU) lives in `host`.
 //!
-//! Crate-private: the three helpers the losses build on (`tril`, `tril_inverse`, `diagonal`)
-//! are public as [`crate::ops`]'s, [`HostReadLog`] at the crate root; the integration tests
-//! reach the rest through `gauss_layer::testing::linalg` (the `testing` feature).
+//! Crate-private: the four helpers the losses build on (`tril`, `tril_inverse`, `diagonal`,
+//! `log_sum_exp`) are public as [`crate::ops`]'s, [`HostReadLog`] at the crate root; the
+//! integration tests reach the rest through `gauss_layer::testing::linalg` (the `testing`
+//! feature).
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -20,7 +21,7 @@
 
 use candle_core::{DType, Tensor, D};
 
-use crate::error::{GaussError, Result};
+use crate::error::{check_float_dtype, GaussError, Result};
 use crate::route::{backend, Backend};
 
 mod expm;
@@ -239,6 +240,41 @@ pub(crate) fn accumulation_dtype(dtype: DType) -> DType {
         DType::F16 | DType::BF16 => DType::F32,
         other => other,
     }
+}
+
+/// `log Σ exp(t)` over dimension `dim`, shifted by each slice's largest entry so that no
+/// `exp` overflows: the one log-sum-exp of this crate and `gauss-losses` (mixture densities,
+/// their NLL, the E-step).
+///
+/// Unlike Candle's `log_sum_exp`, a slice whose entries are all −∞ (a sample so far away that
+/// every component's log-density overflowed to −∞, or a sample at infinity) gives −∞, the
+/// log of an empty sum, as SciPy's `logsumexp` does: Candle shifts by that −∞ itself and
+/// `−∞ − (−∞)` is NaN. Here the shift is the slice's maximum clamped to the dtype's finite
+/// range, so it is finite whatever the slice holds (a +∞ entry gives +∞, as SciPy too). The
+/// result does not depend on the shift, so it is held constant in the backward pass: the
+/// gradient is exactly the slice's softmax (undefined, NaN, only for a slice of −∞ alone).
+///
+/// # Shapes
+/// `t`: (…, n, …) → the same without dimension `dim` (−∞ where n = 0)
+///
+/// # Errors
+/// A `dim` out of range; [`GaussError::DType`] for a tensor of an integer dtype.
+pub fn log_sum_exp<T: candle_core::shape::Dim>(t: &Tensor, dim: T) -> Result<Tensor> {
+    check_float_dtype("log_sum_exp: t", t.dtype())?;
+    let dim = dim.to_index(t.shape(), "log_sum_exp")?;
+    if t.elem_count() == 0 {
+        // Candle refuses a max over an empty tensor; the sum of no terms is 0, its log −∞.
+        let mut dims = t.dims().to_vec();
+        dims.remove(dim);
+        return Ok(Tensor::zeros(dims, t.dtype(), t.device())?.log()?);
+    }
+    // The clamp bounds are f64 scalars that Candle makes on the host and casts there to
+    // `t`'s dtype before moving them.
+    let bound = max_finite(t.dtype());
+    let shift = t.max_keepdim(dim)?.detach().clamp(-bound, bound)?;
+    // Summed in f32 for f16 and bf16 (see `sum_accumulated`).
+    let sum = sum_accumulated(&t.broadcast_sub(&shift)?.exp()?, dim)?;
+    Ok((sum.log()? + shift.squeeze(dim)?)?)
 }
 
 /// Batched `A B` with both operands made contiguous first (cuBLAS and Metal accept fewer
@@ -623,4 +659,75 @@ mod tests {
             assert_eq!(grad, expect_grad.repeat(copies), "{shape:?}");
         }
     }
+
+    /// Candle's `log_sum_exp` shifts by the slice's maximum, so a slice of −∞ alone gave
+    /// `log Σ exp(−∞ − (−∞))` = NaN (a mixture's log-density of a far-away sample);
+    /// [`log_sum_exp`] gives −∞ there, as SciPy's `logsumexp`, and +∞ for a slice holding
+    /// +∞. Expected values in closed form: `log(1 + 3) = ln 4`, `log(e^1000 + 3e^1000) =
+    /// 1000 + ln 4`; the gradient of a finite row is its softmax, `(1/4, 3/4, 0)`.
+    fn log_sum_exp_of_minus_infinity_is_minus_infinity(device: &Device) -> Result<()> {
+        let (inf, ln3, ln4) = (f64::INFINITY, 3f64.ln(), 4f64.ln());
+        let rows = [
+            [-inf, -inf, -inf],
+            [0.0, ln3, -inf],
+            [1000.0, 1000.0 + ln3, -inf],
+            [inf, 0.0, -inf],
+        ];
+        let expected = [-inf, ln4, 1000.0 + ln4, inf];
+        let dtypes = crate::testing::float_dtypes(device)
+            .into_iter()
+            .chain([DType::F16, DType::BF16]);
+        for dtype in dtypes {
+            // f64: host values, cast on the CPU to `dtype` before moving to `device`.
+            let t = Tensor::new(&rows, &Device::Cpu)?.to_dtype(dtype)?;
+            let t = Var::from_tensor(&t.to_device(device)?)?;
+            let got = log_sum_exp(t.as_tensor(), 1)?;
+            assert_eq!(got.dtype(), dtype);
+            // f64: read back to the host first, widened there.
+            let got = got
+                .to_device(&Device::Cpu)?
+                .to_dtype(DType::F64)?
+                .to_vec1::<f64>()?;
+            // Rows 1 and 2 in f16 and bf16: 1000 + ln 3 rounds to a few units of 1000's ulp.
+            let tol = match dtype {
+                DType::F64 => 1e-12,
+                DType::F32 => 1e-4,
+                _ => 4.0,
+            };
+            for (row, (g, e)) in got.iter().zip(expected).enumerate() {
+                if e.is_infinite() {
+                    assert_eq!(*g, e, "{dtype:?} row {row}");
+                } else {
+                    assert!((g - e).abs() <= tol, "{dtype:?} row {row}: {g} vs {e}");
+                }
+            }
+            // The gradient of the finite rows (row 0's is undefined, NaN; row 3's too); row 2
+            // only where 1000 + ln 3 is not rounded to 1000 (bf16's ulp there is 4).
+            let finite = if matches!(dtype, DType::F16 | DType::BF16) {
+                1
+            } else {
+                2
+            };
+            let loss = log_sum_exp(t.as_tensor(), 1)?
+                .narrow(0, 1, finite)?
+                .sum_all()?;
+            let grads = loss.backward()?;
+            let grad = grads
+                .get(t.as_tensor())
+                .ok_or_else(|| GaussError::data("log_sum_exp test", "no gradient for t"))?
+                .narrow(0, 1, finite)?
+                .to_device(&Device::Cpu)?
+                // f64: cast on the host.
+                .to_dtype(DType::F64)?
+                .to_vec2::<f64>()?;
+            let tol = if dtype == DType::F64 { 1e-12 } else { 1e-2 };
+            for row in grad {
+                for (g, e) in row.iter().zip([0.25, 0.75, 0.0]) {
+                    assert!((g - e).abs() <= tol, "{dtype:?} gradient {g} vs {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+    crate::test_device!(log_sum_exp_of_minus_infinity_is_minus_infinity);
 }

@@ -93,7 +93,8 @@ impl GaussianMixture {
         let joint = self
             .joint_log_prob(x)?
             .to_dtype(linalg::accumulation_dtype(x.dtype()))?;
-        let log_norm = joint.log_sum_exp(1)?; // (N)
+        // −∞ (not NaN) for a sample every component gives −∞; its responsibilities are NaN.
+        let log_norm = linalg::log_sum_exp(&joint, 1)?; // (N)
         let mean = linalg::read_scalar(&log_norm.mean_all()?)?;
         let resp = joint.broadcast_sub(&log_norm.unsqueeze(1)?)?.exp()?;
         Ok((mean, resp))
@@ -634,4 +635,25 @@ mod tests {
         Ok(())
     }
     crate::test_device!(samples_on_another_device_are_refused);
+
+    /// The E-step's log-normalizer of a sample that every component gives −∞ (its squared
+    /// distances overflow f32) was Candle's `log_sum_exp` of −∞ alone, NaN, so EM's
+    /// log-likelihood was NaN; it is −∞ now (the log of an empty sum, as SciPy's
+    /// `logsumexp`), and the finite sample's responsibilities still sum to 1.
+    fn e_step_of_a_far_away_sample_is_minus_infinity(device: &Device) -> Result<()> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let mixture = gaussian_mixture(2, 2, GaussLayerConfig::default(), vb)?;
+        // |x|²/d = 1e40/2 overflows f32 (largest 3.4e38) under the initial precision I/d.
+        let x = Tensor::new(&[[1e20f32, 0.0], [0.0, 0.0]], &Device::Cpu)?.to_device(device)?;
+        let (mean, resp) = mixture.e_step(&x)?;
+        assert_eq!(mean, f64::NEG_INFINITY);
+        let finite = resp.get(1)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+        assert!(
+            (finite.iter().sum::<f32>() - 1.0).abs() < 1e-6,
+            "{finite:?}"
+        );
+        Ok(())
+    }
+    crate::test_device!(e_step_of_a_far_away_sample_is_minus_infinity);
 }

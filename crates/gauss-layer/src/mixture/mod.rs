@@ -76,7 +76,7 @@ use crate::config::GaussLayerConfig;
 use crate::density::{check_draw_count, CovarianceRoot};
 use crate::error::{check_device, check_dtype, GaussError, Result};
 use crate::layer::{gauss_layer, GaussLayer};
-use crate::linalg::host;
+use crate::linalg::{self, host};
 
 use kmeans::host_values;
 
@@ -389,7 +389,12 @@ impl GaussianMixture {
     }
 
     /// Log-density of the mixture, `logsumexp_k(log π_k + log N(x | c_k, P_k⁻¹))`, in the
-    /// log domain throughout (far-away samples give large finite values, not `log 0`).
+    /// log domain throughout ([`crate::ops::log_sum_exp`]): far-away samples give large
+    /// finite values, not `log 0`, while their squared Mahalanobis distances are representable
+    /// in the dtype (for unit precisions, f64 to |x| ≈ 1e154, f32 to ≈ 1e19). Beyond that,
+    /// and for a sample holding ±∞, every component's log-density is −∞ and so is the
+    /// mixture's (as SciPy's `logsumexp`; never NaN), and one such sample makes
+    /// [`GaussianMixture::score`] −∞. A sample holding NaN gives NaN.
     ///
     /// # Shapes
     /// `x`: (…, d) → (…)
@@ -407,10 +412,16 @@ impl GaussianMixture {
                 joint.device(),
             )?);
         }
-        Ok(joint.log_sum_exp(D::Minus1)?)
+        linalg::log_sum_exp(&joint, D::Minus1)
     }
 
     /// Posterior probability of each component given `x` (rows sum to 1).
+    ///
+    /// A sample whose log-density is −∞ under every component (see
+    /// [`GaussianMixture::log_prob`]: far away, or holding ±∞) has no defined posterior: its
+    /// row is NaN, as in scikit-learn's `predict_proba`; so is a row holding NaN. The input
+    /// is not checked (a check would read back from the device); check it first where such
+    /// rows can occur.
     ///
     /// # Shapes
     /// `x`: (…, d) → (…, K)
@@ -426,7 +437,7 @@ impl GaussianMixture {
     /// on every device).
     ///
     /// # Shapes
-    /// → (n, d)
+    /// → (draws (n, d), components: `n` indices below K on the host)
     ///
     /// # Errors
     /// A `direct` precision that is not positive definite; (field `n`) an `n` whose draws

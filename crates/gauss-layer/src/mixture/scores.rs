@@ -15,6 +15,14 @@ impl GaussianMixture {
     /// The most probable component of each sample (scikit-learn's `predict`): the argmax of
     /// `log π_k + log N(x | c_k, P_k⁻¹)`.
     ///
+    /// The input is not checked: a sample holding NaN or ±∞, or one so far away that every
+    /// component gives it log-density −∞ (see [`GaussianMixture::log_prob`]), has no most
+    /// probable component, and gets some component below K (component 0 on the CPU), where
+    /// scikit-learn raises. Refusing it would take a read back from the device, which
+    /// `predict` does not otherwise do (the labels stay on the device). To find such samples,
+    /// look for the non-finite entries of [`GaussianMixture::log_prob`] (−∞, or NaN for a
+    /// sample holding NaN).
+    ///
     /// # Shapes
     /// `x`: (…, d) → (…), u32
     ///
@@ -34,7 +42,7 @@ impl GaussianMixture {
     }
 
     /// The posterior probability of each component (scikit-learn's `predict_proba`; the
-    /// same as [`GaussianMixture::responsibilities`]).
+    /// same as [`GaussianMixture::responsibilities`], NaN rows included).
     ///
     /// # Shapes
     /// `x`: (…, d) → (…, K)
@@ -57,7 +65,8 @@ impl GaussianMixture {
         self.log_prob(x)
     }
 
-    /// The mean log-density of the samples, nats per sample (scikit-learn's `score`).
+    /// The mean log-density of the samples, nats per sample (scikit-learn's `score`): −∞
+    /// when one sample's log-density is −∞ (see [`GaussianMixture::log_prob`]).
     ///
     /// # Shapes
     /// `x`: (…, d)
