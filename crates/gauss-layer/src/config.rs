@@ -44,7 +44,8 @@ pub enum Parameterization {
     Sphere,
     /// `P = diag(exp θ) + U Uᵀ` with `U` of `rank` columns: between diag and the full forms,
     /// O(d·(rank + 1)) per neuron and input (see [`crate::Precision`]). Positive definite for
-    /// every finite raw value. Written `lowrank:R` in CLIs and configs' string forms.
+    /// every finite raw value. Written `lowrank:R` on command lines
+    /// ([`Parameterization::from_name`]) and `{"lowrank": {"rank": R}}` in JSON configs.
     #[serde(rename = "lowrank")]
     LowRank {
         /// Columns of `U`, at least 1.

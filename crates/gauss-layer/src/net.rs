@@ -89,7 +89,10 @@ impl GaussNetConfig {
     /// # Errors
     /// [`GaussError::InvalidConfig`] naming the field: a zero width, a dropout outside
     /// [0, 1), a non-positive batch-norm epsilon, or what [`GaussLayerConfig::validate_sizes`]
-    /// refuses for a layer (a lowrank rank above its inputs, tensors too large to allocate).
+    /// refuses for a layer (a lowrank rank above its inputs, a tensor whose size in bytes
+    /// would overflow the address space). A network that only exceeds the machine's memory
+    /// passes; creating it then aborts the process when an allocation fails (Rust's response
+    /// to running out of memory).
     pub fn validate(&self) -> Result<()> {
         if self.in_features == 0 {
             return Err(GaussError::config("in_features", "must be >= 1, got 0"));

@@ -19,6 +19,11 @@
 //! ```
 #![warn(missing_docs)]
 
+/// The crate README's code blocks, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 mod check;
 mod classification;
 mod covariance_factor;

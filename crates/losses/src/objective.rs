@@ -36,15 +36,21 @@ use crate::lambda::{LambdaLoss, TraceEstimator};
 use crate::weight_l2::weight_l2_of_layers;
 use gauss_layer::{GaussError, Result};
 
-/// Weights of the FGN objective's regularizers. Deserialized strictly, as the layer's
-/// configs: a missing field takes its default, an unknown one (a misspelt weight) is an error.
+/// Weights of the FGN objective's regularizers.
+///
+/// Deserialization fills a missing field with its default (unlike the layer's configs, which
+/// require every field: a checkpoint must not rebuild a different network) and refuses an
+/// unknown one (a misspelt weight) by name.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FgnObjectiveConfig {
     /// Weight `λ_l2` of the mean squared linear weight. Default `1e-4`.
     pub lambda_l2: f64,
     /// Weight `λ_sig` of the λ-loss. Default `1e-3`: a mild pull towards narrow Gaussians
-    /// that leaves the accuracy to the cross-entropy; raise it for tighter neurons.
+    /// that leaves the accuracy to the cross-entropy; raise it for tighter neurons. The
+    /// default λ-loss (the mean covariance eigenvalue) starts at `d` for `d` inputs and its
+    /// gradient grows with `d`, so a weight tuned at one width is too strong at a wider one:
+    /// `fgn-classifier` uses `0.05·(64/d)²` (0.05 on 64 inputs, 3.3e-4 on MNIST's 784).
     pub lambda_sigma: f64,
     /// Which λ-loss. Default [`LambdaLoss::TraceCovariance`].
     pub lambda_loss: LambdaLoss,
