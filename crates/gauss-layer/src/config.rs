@@ -195,6 +195,10 @@ pub enum DistanceKernel {
     /// One GEMM of the inputs against the stacked factors (needs a factor `P = F Fᵀ`).
     Projected,
     /// `<x⊗x, P> - 2 x·(P c) + cᵀ P c` over the d(d+1)/2 distinct products (centered, clamped).
+    ///
+    /// Forced, it loses digits by cancellation when the centers are far apart or `P` is ill
+    /// conditioned (in f32 with centers 1e3 apart, `g` was off by up to 0.7): `Auto` takes it
+    /// only where its conditioning check allows.
     Expanded,
     /// The (B, Z, d) broadcast form. Slow and memory hungry: a test oracle.
     Naive,
