@@ -1,8 +1,9 @@
 //! What the workspace's example binaries share (as `candle-examples` is for Candle's):
 //! start-up ([`run_on_thread_pool`], the global [`Allocator`] through [`global_allocator!`]), the
 //! one-line error report of a failed command ([`exit_on_error`]), `--device` names
-//! ([`device`], [`dtype`]), `--param` names ([`parameterization_parser`]) and the timing
-//! fields of a JSON report ([`insert_timings`]).
+//! ([`device`], [`dtype`]), `--param` names ([`parameterization_parser`],
+//! [`parameterization`]), the up-front check of an output directory ([`check_dir_writable`])
+//! and the timing fields of a JSON report ([`insert_timings`]).
 //!
 //! ```ignore
 //! examples_support::global_allocator!();
@@ -12,11 +13,13 @@
 //! }
 //! ```
 
+use std::ffi::OsStr;
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use clap::builder::{PossibleValue, PossibleValuesParser};
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use gauss_layer::Parameterization;
 use serde_json::{json, Map, Value};
 
@@ -156,13 +159,105 @@ pub fn dtype(name: &str) -> Result<DType> {
     })
 }
 
-/// A `--param` parser: accepts the names of [`Parameterization::ALL`], listed with their
-/// summaries in `--help`; lowrank's rank comes from `--rank`
-/// ([`Parameterization::from_name`]).
-pub fn parameterization_parser() -> PossibleValuesParser {
-    PossibleValuesParser::new(
+/// The `--param` parser of every example: the names of [`Parameterization::ALL`], listed with
+/// their summaries in `--help`, and `lowrank:R` (lowrank with its rank in the name), which
+/// [`parameterization`] checks together with `--rank`.
+pub fn parameterization_parser() -> ParamParser {
+    ParamParser(PossibleValuesParser::new(
         Parameterization::ALL.map(|p| PossibleValue::new(p.name()).help(p.summary())),
-    )
+    ))
+}
+
+/// See [`parameterization_parser`].
+#[derive(Clone)]
+pub struct ParamParser(PossibleValuesParser);
+
+impl TypedValueParser for ParamParser {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> std::result::Result<String, clap::Error> {
+        match value.to_str() {
+            // Checked by `parameterization`, whose errors speak of `--param` and `--rank`.
+            Some(name) if name.starts_with("lowrank:") => Ok(name.to_owned()),
+            _ => self.0.parse_ref(cmd, arg, value),
+        }
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        let named_rank = PossibleValue::new("lowrank:R")
+            .help("lowrank with its rank R >= 1 in the name (the same as `lowrank --rank R`)");
+        Some(Box::new(
+            self.0.possible_values()?.chain(std::iter::once(named_rank)),
+        ))
+    }
+}
+
+/// The parameterization of `--param` (from [`parameterization_parser`]) and `--rank`,
+/// refused in the command line's terms: `--param lowrank --rank R` or `--param lowrank:R`
+/// (both: the same R), R >= 1; `--rank` with no other parameterization.
+pub fn parameterization(param: &str, rank: Option<usize>) -> Result<Parameterization> {
+    if rank == Some(0) {
+        bail!("--rank must be >= 1, got 0");
+    }
+    let (name, named) = match param.split_once(':') {
+        Some((name, text)) => match text.parse::<usize>() {
+            Ok(r) if r >= 1 => (name, Some(r)),
+            _ => bail!("--param {param}: the rank R of lowrank:R must be a whole number >= 1"),
+        },
+        None => (param, None),
+    };
+    match (name, named, rank) {
+        ("lowrank", Some(a), Some(b)) if a != b => {
+            bail!("--param {param} and --rank {b} name two ranks; give it once")
+        }
+        ("lowrank", Some(rank), _) | ("lowrank", None, Some(rank)) => {
+            Ok(Parameterization::LowRank { rank })
+        }
+        ("lowrank", None, None) => {
+            bail!(
+                "--param lowrank needs its rank: add --rank R (R >= 1), or write --param lowrank:R"
+            )
+        }
+        (other, _, Some(r)) => {
+            bail!("--rank {r} is lowrank's rank; --param {other} has none (drop --rank, or use --param lowrank)")
+        }
+        (other, _, None) => Ok(other.parse()?),
+    }
+}
+
+/// Checks, before any work, that the directory `dir` accepts new files (a save writes a
+/// temporary file there and renames it; pictures are written there), so that a read-only
+/// directory or file system fails the command at once rather than after training: creates
+/// and removes an empty probe file. `what` names the option in the error.
+pub fn check_dir_writable(dir: &Path, what: &str) -> Result<()> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let probe = dir.join(format!(
+        ".gauss-example-write-probe-{}-{nanos}",
+        std::process::id()
+    ));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(file) => {
+            drop(file);
+            // A probe that cannot be removed is left behind, but the directory is writable.
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => bail!(
+            "{what}: cannot create files in the directory {} ({e}); nothing was done: choose a writable directory",
+            dir.display()
+        ),
+    }
 }
 
 /// Seconds rounded to hundredths, as the reports print them.

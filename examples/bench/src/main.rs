@@ -1,6 +1,7 @@
 //! Times one Gaussian-neuron layer (forward, and forward + backward of `sum(y)` to every
 //! parameter) against one Candle matmul of equal FLOPs, (B, d) × (d, Z·d), in the same run,
-//! and measures the peak heap during one forward. Prints one JSON line.
+//! and measures the peak heap during one forward. Prints one JSON line; an error is one line
+//! on stderr (`error: ...`) and exit status 1.
 //!
 //! Timing runs in rounds: each round runs the matmul, the forward and (with `--backward`)
 //! forward + backward once each, back to back, after warm-up rounds. Times are medians over
@@ -15,11 +16,12 @@ mod alloc;
 mod timing;
 
 use anyhow::{bail, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use candle_nn::{Module, VarBuilder, VarMap};
 use clap::Parser;
 use gauss_layer::{
-    gauss_layer, DistanceKernel, GaussLayerConfig, Parameterization, PrecisionConfig,
+    gauss_layer, memory, DistanceKernel, GaussLayerConfig, GaussNetConfig, Parameterization,
+    PrecisionConfig,
 };
 use serde::Serialize;
 use timing::{interleaved_ms, median_ratio, Timing};
@@ -30,16 +32,17 @@ static ALLOCATOR: alloc::CountingAllocator = alloc::CountingAllocator;
 #[derive(Parser, Debug)]
 #[command(about = "Time a Gaussian-neuron layer against a matmul of equal FLOPs")]
 struct Args {
-    /// Batch size B.
-    #[arg(long)]
+    /// Batch size B (>= 1).
+    #[arg(long, value_parser = count)]
     batch: usize,
-    /// Input width d.
-    #[arg(long = "in")]
+    /// Input width d (>= 1).
+    #[arg(long = "in", value_parser = count)]
     in_features: usize,
-    /// Number of neurons Z.
-    #[arg(long = "out")]
+    /// Number of neurons Z (>= 1).
+    #[arg(long = "out", value_parser = count)]
     out_features: usize,
-    /// Parameterization: cholesky, direct, expm, diag, sphere.
+    /// Parameterization: cholesky, direct, expm, diag, sphere, or lowrank:R (precision
+    /// diag(e^θ) + U Uᵀ with R columns of U, 1 <= R <= --in).
     #[arg(long, default_value = "cholesky")]
     param: String,
     /// f32 or f64.
@@ -51,8 +54,8 @@ struct Args {
     /// cpu, cuda or metal.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Timed repetitions (the median is reported).
-    #[arg(long, default_value_t = 30)]
+    /// Timed repetitions (>= 1; the median is reported).
+    #[arg(long, default_value_t = 30, value_parser = count)]
     iters: usize,
     /// Untimed repetitions first.
     #[arg(long, default_value_t = 5)]
@@ -116,14 +119,65 @@ fn parse_kernel(name: &str) -> Result<DistanceKernel> {
     })
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
-    examples_support::run_on_thread_pool(move || run(args))
+/// A count of the command line: a whole number >= 1 (0 would time or build nothing).
+fn count(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1, got 0".to_string()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("must be a whole number >= 1 ({e})")),
+    }
 }
 
-fn run(args: Args) -> Result<()> {
-    println!("{}", serde_json::to_string(&report(args)?)?);
+/// Refuses sizes whose tensors cannot fit before any is allocated (a run past the machine's
+/// memory is otherwise killed by the OOM killer, without a message). The estimate is a lower
+/// bound: the parameters, the input, the matmul's two operands and the larger of its
+/// (B, Z·d) product and the layer's (B, Z) output, all live at once; the forward's and the
+/// backward's temporaries come on top. Checked against the machine's memory and `ulimit -v`
+/// (where the system says, [`memory::check_fits`]) on the CPU; on an accelerator only an
+/// overflowing size is refused (its own allocator reports running out of memory).
+fn check_size(args: &Args, config: &GaussLayerConfig, dtype: DType, cpu: bool) -> Result<()> {
+    let (b, d, z) = (
+        args.batch as u64,
+        args.in_features as u64,
+        args.out_features as u64,
+    );
+    let params = memory::network_elements(&GaussNetConfig {
+        in_features: args.in_features,
+        hidden: Vec::new(),
+        out_features: args.out_features,
+        layer: config.clone(),
+        gate: false,
+        ..Default::default()
+    })?;
+    let elements = (|| {
+        let bd = b.checked_mul(d)?;
+        let product = bd.checked_mul(z)?;
+        let rhs = d.checked_mul(d)?.checked_mul(z)?;
+        let output = b.checked_mul(z)?;
+        params
+            .checked_add(bd.checked_mul(2)?)?
+            .checked_add(rhs)?
+            .checked_add(product.max(output))
+    })();
+    let estimate = elements.and_then(|e| e.checked_mul(dtype.size_in_bytes() as u64));
+    if cpu || estimate.is_none() {
+        memory::check_fits(
+            &format!(
+                "timing {z} neurons on {d} inputs at batch {b} ({}, with its (B, Z·d) matmul)",
+                args.param
+            ),
+            estimate,
+        )?;
+    }
     Ok(())
+}
+
+fn main() {
+    let args = Args::parse();
+    let report = examples_support::run_on_thread_pool(move || {
+        report(args).and_then(|r| Ok(serde_json::to_string(&r)?))
+    });
+    println!("{}", examples_support::exit_on_error(report));
 }
 
 fn report(args: Args) -> Result<Report> {
@@ -140,6 +194,7 @@ fn report(args: Args) -> Result<Report> {
         kernel: parse_kernel(&args.kernel)?,
         ..Default::default()
     };
+    check_size(&args, &config, dtype, device.is_cpu())?;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, dtype, &device);
     let layer = gauss_layer(d, z, config, vb)?;
@@ -212,9 +267,7 @@ fn report(args: Args) -> Result<Report> {
         kernel,
         path: if args.portable { "portable" } else { "layer" },
         threads: rayon::current_num_threads(),
-        // The rounds timed (`interleaved_ms` times at least one), as bench-train reports
-        // its `rounds`.
-        iters: args.iters.max(1),
+        iters: args.iters,
         forward_ms: forward_timing.median,
         forward_backward_ms: forward_backward.map(|t| t.median),
         matmul_equal_flops_ms: matmul.median,
@@ -256,16 +309,45 @@ mod tests {
         Ok(())
     }
 
-    /// `iters` is the number of rounds the medians are over: `--iters 0` still times one
-    /// round (`interleaved_ms`), and the report says 1, not 0.
+    /// A count of 0 (an empty batch, no timed round, an empty layer) is refused by the
+    /// command line, naming the option, instead of timing nothing or reporting another count.
     #[test]
-    fn report_counts_the_rounds_it_timed() -> Result<()> {
-        let args = Args::parse_from([
-            "bench", "--batch", "2", "--in", "3", "--out", "2", "--iters", "0", "--warmup", "0",
-        ]);
-        let report = report(args)?;
-        assert_eq!(report.iters, 1);
-        assert!(report.forward_ms.is_finite() && report.matmul_equal_flops_ms.is_finite());
-        Ok(())
+    fn zero_counts_are_refused_naming_the_option() {
+        let base = [
+            "bench", "--batch", "2", "--in", "3", "--out", "2", "--iters", "1", "--warmup", "0",
+        ];
+        for option in ["--batch", "--in", "--out", "--iters"] {
+            let mut line = base.to_vec();
+            let at = line.iter().position(|a| *a == option).expect("in base");
+            line[at + 1] = "0";
+            let e = Args::try_parse_from(line).unwrap_err().to_string();
+            assert!(e.contains(option) && e.contains("at least 1, got 0"), "{e}");
+        }
+        assert_eq!(
+            report(Args::parse_from(base)).map(|r| r.iters).ok(),
+            Some(1)
+        );
+    }
+
+    /// Sizes whose tensors cannot fit (the (B, Z·d) matmul product alone is 6.7 TB here) or
+    /// whose size overflows are refused before anything is allocated.
+    #[test]
+    fn sizes_that_cannot_fit_are_refused_first() {
+        let args = |batch: &str, width: &str| {
+            Args::parse_from([
+                "bench", "--batch", batch, "--in", width, "--out", width, "--iters", "1",
+            ])
+        };
+        let e = report(args("100000", "4096"))
+            .err()
+            .expect("too large")
+            .to_string();
+        assert!(e.contains("needs about") || e.contains("overflows"), "{e}");
+        let huge = (1u64 << 40).to_string();
+        let e = report(args(&huge, &huge))
+            .err()
+            .expect("overflow")
+            .to_string();
+        assert!(e.contains("overflows"), "{e}");
     }
 }

@@ -10,7 +10,8 @@
 //! round runs `--steps` steps of each pair back to back, so a slow spell of a shared machine
 //! hits them alike. Times are medians over rounds; `speedup` is the median per-round ratio of
 //! candle-nn's step time to this one's. Both optimizers must end on identical parameters
-//! (`identical_to_candle_adamw`).
+//! (`identical_to_candle_adamw`). An error is one line on stderr (`error: ...`) and exit
+//! status 1.
 //!
 //! ```text
 //! cargo run --release -p bench --bin bench-train -- --steps 20 --rounds 5
@@ -22,13 +23,13 @@ mod timing;
 
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
 use gauss_layer::FusedAdamW;
 use gauss_layer::{
-    repair, GaussLayerConfig, GaussNet, GaussNetConfig, InitConfig, Parameterization,
+    memory, repair, GaussLayerConfig, GaussNet, GaussNetConfig, InitConfig, Parameterization,
     PrecisionConfig,
 };
 use gauss_losses::{fgn_objective, FgnObjectiveConfig, TraceEstimator};
@@ -46,39 +47,41 @@ static ALLOCATOR: alloc::CountingAllocator = alloc::CountingAllocator;
 #[derive(Parser, Debug)]
 #[command(about = "Time GaussNet training steps with candle-nn's AdamW and FusedAdamW")]
 struct Args {
-    /// Parameterizations, comma separated.
+    /// Parameterizations, comma separated: cholesky, direct, expm, diag, sphere, or
+    /// lowrank:R (precision diag(e^θ) + U Uᵀ with R columns of U, 1 <= R <= the layer's
+    /// input width), e.g. `diag,lowrank:4`.
     #[arg(
         long,
         default_value = "cholesky,direct,expm,diag,sphere",
         value_delimiter = ','
     )]
     params: Vec<String>,
-    /// Input width.
-    #[arg(long = "in", default_value_t = 64)]
+    /// Input width (>= 1).
+    #[arg(long = "in", default_value_t = 64, value_parser = count)]
     in_features: usize,
-    /// Hidden width(s) (repeat for more layers).
-    #[arg(long, default_values_t = vec![64])]
+    /// Hidden width(s), each >= 1 (repeat for more layers).
+    #[arg(long, default_values_t = vec![64], value_parser = count)]
     hidden: Vec<usize>,
-    /// Classes (output width).
-    #[arg(long, default_value_t = 10)]
+    /// Classes (output width, >= 1).
+    #[arg(long, default_value_t = 10, value_parser = count)]
     classes: usize,
-    /// Mini-batch size.
-    #[arg(long, default_value_t = 64)]
+    /// Mini-batch size (>= 1).
+    #[arg(long, default_value_t = 64, value_parser = count)]
     batch: usize,
-    /// Synthetic training points (cycled through in order).
-    #[arg(long, default_value_t = 1024)]
+    /// Synthetic training points (>= 1; cycled through in order).
+    #[arg(long, default_value_t = 1024, value_parser = count)]
     samples: usize,
-    /// Optimizer steps per round and network.
-    #[arg(long, default_value_t = 20)]
+    /// Optimizer steps per round and network (>= 1).
+    #[arg(long, default_value_t = 20, value_parser = count)]
     steps: usize,
-    /// Timed rounds (medians are reported).
-    #[arg(long, default_value_t = 5)]
+    /// Timed rounds (>= 1; medians are reported).
+    #[arg(long, default_value_t = 5, value_parser = count)]
     rounds: usize,
     /// Untimed rounds first.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// Adam learning rate.
-    #[arg(long, default_value_t = 1e-2)]
+    /// Adam learning rate (finite, > 0).
+    #[arg(long, default_value_t = 1e-2, value_parser = learning_rate)]
     lr: f64,
     /// Weight of the mean squared linear weight.
     #[arg(long, default_value_t = 1e-3)]
@@ -382,24 +385,62 @@ fn bits(varmap: &VarMap) -> Result<Vec<(String, Vec<u64>)>> {
     Ok(out)
 }
 
-fn main() -> Result<()> {
+fn main() {
     let args = Args::parse();
-    examples_support::run_on_thread_pool(move || run(args))
+    let report = examples_support::run_on_thread_pool(move || {
+        report(&args).and_then(|r| Ok(serde_json::to_string(&r)?))
+    });
+    println!("{}", examples_support::exit_on_error(report));
 }
 
-fn run(args: Args) -> Result<()> {
-    println!("{}", serde_json::to_string(&report(&args)?)?);
-    Ok(())
-}
-
-/// Refuses sizes the benchmark cannot run with before any work: `synthetic` draws labels from
-/// `0..classes`, which panics when empty.
-fn check_args(args: &Args) -> Result<()> {
-    if args.batch == 0 || args.samples == 0 || args.steps == 0 {
-        bail!("--batch, --samples and --steps must be positive");
+/// A count of the command line: a whole number >= 1 (0 would time or build nothing, and
+/// `synthetic` draws labels from `0..classes`, which panics when empty).
+fn count(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1, got 0".to_string()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("must be a whole number >= 1 ({e})")),
     }
-    if args.classes == 0 {
-        bail!("--classes must be >= 1, got 0");
+}
+
+/// A learning rate: finite and > 0 (0 trains nothing; the optimizers refuse a negative one
+/// only when built).
+fn learning_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(lr) if lr.is_finite() && lr > 0.0 => Ok(lr),
+        Ok(lr) => Err(format!("must be a finite number > 0, got {lr}")),
+        Err(e) => Err(format!("must be a finite number > 0 ({e})")),
+    }
+}
+
+/// Refuses networks and data that cannot fit before any is allocated: per parameterization
+/// two networks (candle-nn's and the fused optimizer's), each parameter with its gradient and
+/// Adam's two moments, and the synthetic data (built on the host, then copied). A lower
+/// bound: the activations come on top. Checked against the machine's memory and
+/// `ulimit -v` on the CPU ([`memory::check_fits`]); elsewhere only an overflow is refused.
+fn check_size(args: &Args, params: &[Parameterization], dtype: DType, cpu: bool) -> Result<()> {
+    let mut elements = args
+        .samples
+        .checked_mul(args.in_features)
+        .and_then(|n| n.checked_mul(2))
+        .map(|n| n as u64);
+    for &param in params {
+        let net = memory::network_elements(&net_config(args, param))?;
+        elements = elements.and_then(|e| e.checked_add(net.checked_mul(2 * 4)?));
+    }
+    let estimate = elements.and_then(|e| e.checked_mul(dtype.size_in_bytes() as u64));
+    if cpu || estimate.is_none() {
+        memory::check_fits(
+            &format!(
+                "training {} network(s) of widths {} -> {:?} -> {} on {} samples",
+                2 * params.len(),
+                args.in_features,
+                args.hidden,
+                args.classes,
+                args.samples
+            ),
+            estimate,
+        )?;
     }
     Ok(())
 }
@@ -412,10 +453,15 @@ fn probe_seed(seed: u64, round: usize, param: usize) -> u64 {
 }
 
 fn report(args: &Args) -> Result<Report> {
-    check_args(args)?;
+    let params = args
+        .params
+        .iter()
+        .map(|name| name.trim().parse())
+        .collect::<gauss_layer::Result<Vec<Parameterization>>>()?;
     gauss_layer::seed_trace_probes(args.seed);
     let device = examples_support::device(&args.device)?;
     let dtype = examples_support::dtype(&args.dtype)?;
+    check_size(args, &params, dtype, device.is_cpu())?;
     let (images, labels) = synthetic(args, dtype, &device)?;
     let objective = FgnObjectiveConfig {
         lambda_l2: args.lambda_l2,
@@ -427,13 +473,12 @@ fn report(args: &Args) -> Result<Report> {
         ..Default::default()
     };
     let mut pairs = Vec::new();
-    for name in &args.params {
-        let param: Parameterization = name.trim().parse()?;
+    for &param in &params {
         for fused in [false, true] {
             pairs.push(build_pair(args, param, fused, &images, dtype, &device)?);
         }
     }
-    for round in 0..args.warmup + args.rounds.max(1) {
+    for round in 0..args.warmup + args.rounds {
         for (i, pair) in pairs.iter_mut().enumerate() {
             // Both optimizers of a parameterization draw the same Hutchinson probes (a
             // process-wide stream): otherwise their gradients differ from the first step
@@ -495,7 +540,7 @@ fn report(args: &Args) -> Result<Report> {
         classes: args.classes,
         batch: args.batch,
         steps: args.steps,
-        rounds: args.rounds.max(1),
+        rounds: args.rounds,
         dtype: args.dtype.clone(),
         device: args.device.clone(),
         threads: rayon::current_num_threads(),
@@ -523,13 +568,46 @@ mod tests {
         Args::parse_from(base.iter().chain(&tiny).chain(extra))
     }
 
-    #[test]
-    fn zero_classes_is_refused_naming_the_option() {
-        let e = report(&args(&["--classes", "0"]))
+    fn parse_err(extra: &[&str]) -> String {
+        Args::try_parse_from(std::iter::once(&"bench-train").chain(extra))
             .err()
-            .expect("--classes 0 must fail")
-            .to_string();
-        assert!(e.contains("--classes") && e.contains("got 0"), "{e}");
+            .unwrap_or_else(|| panic!("{extra:?} must be refused"))
+            .to_string()
+    }
+
+    /// Counts of 0 and learning rates that are not finite and > 0 are refused by the
+    /// command line, naming the option, instead of being run or reported as another value.
+    #[test]
+    fn zero_counts_and_bad_learning_rates_are_refused_naming_the_option() {
+        for option in [
+            "--in",
+            "--hidden",
+            "--classes",
+            "--batch",
+            "--samples",
+            "--steps",
+            "--rounds",
+        ] {
+            let e = parse_err(&[option, "0"]);
+            assert!(e.contains(option) && e.contains("at least 1, got 0"), "{e}");
+        }
+        for lr in ["0", "-1", "nan", "inf", "-inf", "x"] {
+            let e = parse_err(&[&format!("--lr={lr}")]);
+            assert!(e.contains("--lr") && e.contains("finite number > 0"), "{e}");
+        }
+        assert!(Args::try_parse_from(["bench-train", "--lr", "1e-3", "--warmup", "0"]).is_ok());
+    }
+
+    /// Networks that cannot fit (or whose size overflows) are refused before any is built.
+    #[test]
+    fn sizes_that_cannot_fit_are_refused_first() {
+        for hidden in ["1000000", "4611686018427387904"] {
+            let e = report(&args(&["--params", "cholesky", "--hidden", hidden]))
+                .err()
+                .expect("too large")
+                .to_string();
+            assert!(e.contains("needs about") || e.contains("overflows"), "{e}");
+        }
     }
 
     /// The trace probes are a process-wide stream: tests that train take turns.

@@ -251,6 +251,8 @@ pub fn eval(
             trunk.width,
         );
     }
+    // Before any work: each --ood set holds images of the trunk's size.
+    ood::check(sets, ood::InDistribution::Size(trunk.height, trunk.width))?;
     let temperature = calibration::recorded(&loaded.user_metadata)?;
     let mirror = test_time_mirror || mirror::recorded(&loaded.user_metadata)?;
     let calibrated = calibration::Calibrated {
@@ -281,18 +283,22 @@ fn images_as_rows(bytes: &[u8], input: &Path, rows: usize, cols: usize) -> Resul
 }
 
 /// `predict` of a CNN checkpoint: `x` (N, H·W) or (N, 1, H, W) of any float or integer
-/// dtype, divided by the recorded `input_scale`; writes `output` and each Gaussian layer's
-/// `g{i}`.
+/// dtype, divided by `input_scale` or the recorded scale as the MLP's `predict` decides
+/// ([`crate::predict::divisor`]); writes `output` and each Gaussian layer's `g{i}`.
 pub fn predict(
     checkpoint: &Path,
     input: &Path,
     device: &Device,
     dtype: Option<DType>,
+    input_scale: Option<f64>,
     test_time_mirror: bool,
 ) -> Result<(HashMap<String, Tensor>, Value)> {
     let loaded = cnn::load(checkpoint, device, dtype)?;
     let model = &loaded.model;
-    let scale = crate::validate::recorded_input_scale(&loaded.user_metadata, 1.0)?;
+    let scale = crate::data::InputScale {
+        recorded: crate::validate::recorded_input_scale(&loaded.user_metadata, 1.0)?,
+        declared: input_scale,
+    };
     let run_dtype = model
         .net
         .layers()
@@ -323,6 +329,7 @@ pub fn predict(
     // Read as the MLP's `predict` reads it (`DataFile::matrix`: every float and integer dtype,
     // each value finite), then checked finite after the scaling and the conversion to the
     // network's dtype (a finite 1e300 overflows f32), on the host.
+    let scale = crate::predict::divisor(scale, file.is_float("x")?, input)?;
     let mut x = if shape.len() == 4 {
         images_as_rows(&bytes, input, shape[0], h * w)?
     } else {
@@ -363,8 +370,8 @@ mod tests {
     use crate::evaluate::Classifier;
 
     /// CNN `predict` reads `x` as the MLP's does: integer images (I32, I16, in either shape)
-    /// give exactly what the same values as f32 give, which is the model's own forward of
-    /// `x / input_scale`.
+    /// give exactly what the same values as f32 of a declared `--input-scale 255` give, which
+    /// is the model's own forward of `x / input_scale`; f32 without it is refused.
     #[test]
     fn predict_reads_integer_images_as_the_mlp_predict_does() -> Result<()> {
         let (model, _vars) = cnn::tests::small();
@@ -385,10 +392,10 @@ mod tests {
         // f64: a unit test on the CPU (`as_i32` is built there)
         let scaled = (as_i32.to_dtype(DType::F64)? / 255.0)?.to_dtype(DType::F32)?;
         let expected = model.logits(&scaled)?.to_vec2::<f32>()?;
-        let run = |name: &str, x: Tensor| -> Result<Vec<Vec<f32>>> {
+        let run = |name: &str, x: Tensor, declared: Option<f64>| -> Result<Vec<Vec<f32>>> {
             let input = dir.join(format!("{name}.safetensors"));
             candle_core::safetensors::save(&HashMap::from([("x".to_string(), x)]), &input)?;
-            let (out, _) = predict(&ckpt, &input, &cpu, None, false)?;
+            let (out, _) = predict(&ckpt, &input, &cpu, None, declared, false)?;
             Ok(out["output"].to_vec2::<f32>()?)
         };
         let i16_images = Tensor::from_vec(
@@ -396,12 +403,16 @@ mod tests {
             (2, 1, 8, 6),
             &cpu,
         )?;
+        // Float images need their scale declared (the checkpoint records 255, not 1).
+        let undeclared = run("f32-undeclared", as_f32.clone(), None);
         let results = [
-            ("f32", run("f32", as_f32)?),
-            ("i32", run("i32", as_i32)?),
-            ("i16-images", run("i16", i16_images)?),
+            ("f32", run("f32", as_f32, Some(255.0))?),
+            ("i32", run("i32", as_i32, None)?),
+            ("i16-images", run("i16", i16_images, None)?),
         ];
         std::fs::remove_dir_all(&dir)?;
+        let e = format!("{:#}", undeclared.unwrap_err());
+        assert!(e.contains("--input-scale 255"), "{e}");
         for (name, got) in results {
             assert_eq!(got, expected, "{name}");
         }

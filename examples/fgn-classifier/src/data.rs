@@ -16,6 +16,8 @@ static DIGITS: &[u8] = include_bytes!("../../../data/digits.safetensors");
 
 /// Pixel scale of the digits (values 0..=16).
 pub const DIGITS_SCALE: f64 = 16.0;
+/// Pixels of a bundled digit (8×8).
+pub const DIGITS_FEATURES: usize = 64;
 /// Pixel scale of MNIST (values 0..=255).
 pub const MNIST_SCALE: f64 = 255.0;
 

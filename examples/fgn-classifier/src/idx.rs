@@ -65,11 +65,21 @@ fn find(dir: &Path, stem: &str) -> Result<PathBuf> {
     }
 }
 
-/// Reads an IDX file of unsigned bytes with `rank` dims: returns the dims and the items.
-/// Gzip is recognised by its magic bytes, not by the name.
-pub fn read_idx(path: &Path, magic: u32, rank: usize) -> Result<(Vec<usize>, Vec<u8>)> {
+/// An IDX file opened and its header read: the dims, the item count they promise, the
+/// reader positioned at the items, and the length on disk of a plain (not gzip) file.
+struct Opened {
+    dims: Vec<usize>,
+    count: u64,
+    reader: Box<dyn Read>,
+    plain_len: Option<u64>,
+}
+
+/// Opens an IDX file of unsigned bytes with `rank` dims and reads its header (magic and
+/// dims, checked). Gzip is recognised by its magic bytes, not by the name.
+fn open_idx(path: &Path, magic: u32, rank: usize) -> Result<Opened> {
     let origin = path.display();
     let file = gauss_layer::files::open_regular(path)?;
+    let file_len = file.metadata().ok().map(|m| m.len());
     let mut head = [0u8; 2];
     let mut peek = std::io::BufReader::new(file);
     let gz = {
@@ -110,23 +120,63 @@ pub fn read_idx(path: &Path, magic: u32, rank: usize) -> Result<(Vec<usize>, Vec
     let Some(count) = count else {
         bail!("{origin}: IDX dims {dims:?} hold no item or more than {MAX_PAYLOAD} bytes");
     };
+    Ok(Opened {
+        dims,
+        count,
+        reader,
+        plain_len: if gz {
+            None
+        } else {
+            file_len.map(|len| len.saturating_sub(header_len as u64))
+        },
+    })
+}
+
+/// The items of `path` number exactly `count` (`found`: how many are there).
+fn check_item_count(path: &Path, dims: &[usize], count: u64, found: u64) -> Result<()> {
+    let origin = path.display();
+    if found > count {
+        bail!("{origin}: the file has more bytes than its IDX dims {dims:?} need ({count})");
+    }
+    if found < count {
+        bail!("{origin}: IDX dims {dims:?} need {count} bytes of items, the file has {found}");
+    }
+    Ok(())
+}
+
+/// Reads an IDX file of unsigned bytes with `rank` dims: returns the dims and the items.
+/// Gzip is recognised by its magic bytes, not by the name.
+pub fn read_idx(path: &Path, magic: u32, rank: usize) -> Result<(Vec<usize>, Vec<u8>)> {
+    let Opened {
+        dims,
+        count,
+        mut reader,
+        ..
+    } = open_idx(path, magic, rank)?;
     // Reads at most count + 1 bytes: memory follows the data actually there, not the header.
     let mut items = Vec::new();
     reader
         .by_ref()
         .take(count + 1)
         .read_to_end(&mut items)
-        .with_context(|| format!("{origin}: cannot read the items (broken gzip stream?)"))?;
-    if items.len() as u64 > count {
-        bail!("{origin}: the file has more bytes than its IDX dims {dims:?} need ({count})");
-    }
-    if (items.len() as u64) < count {
-        bail!(
-            "{origin}: IDX dims {dims:?} need {count} bytes of items, the file has {}",
-            items.len()
-        );
-    }
+        .with_context(|| {
+            format!(
+                "{}: cannot read the items (broken gzip stream?)",
+                path.display()
+            )
+        })?;
+    check_item_count(path, &dims, count, items.len() as u64)?;
     Ok((dims, items))
+}
+
+/// The dims of an IDX file from its header alone (a plain file's length is checked against
+/// them too; a gzip file's items are only checked when they are read).
+fn read_dims(path: &Path, magic: u32, rank: usize) -> Result<Vec<usize>> {
+    let opened = open_idx(path, magic, rank)?;
+    if let Some(found) = opened.plain_len {
+        check_item_count(path, &opened.dims, opened.count, found)?;
+    }
+    Ok(opened.dims)
 }
 
 struct RawSplit {
@@ -171,6 +221,23 @@ fn to_split(raw: RawSplit) -> Result<Split> {
         images: (images.to_dtype(DType::F32)? / MNIST_SCALE)?,
         labels: Tensor::from_vec(raw.labels, raw.n, &Device::Cpu)?.to_dtype(DType::U32)?,
     })
+}
+
+/// The image size (height, width) of the test split in `dir`, from the IDX headers alone
+/// (both `t10k` files found, their magic numbers and dims checked, as many labels as
+/// images): what an `--ood` directory is checked by before any work.
+pub fn test_image_size(dir: &Path) -> Result<(usize, usize)> {
+    let images = read_dims(&find(dir, "t10k-images-idx3-ubyte")?, IMAGES_MAGIC, 3)?;
+    let labels = read_dims(&find(dir, "t10k-labels-idx1-ubyte")?, LABELS_MAGIC, 1)?;
+    if images[0] != labels[0] {
+        bail!(
+            "{}: t10k has {} images but {} labels",
+            dir.display(),
+            images[0],
+            labels[0]
+        );
+    }
+    Ok((images[1], images[2]))
 }
 
 /// Only the test split of the IDX set in `dir` (for `eval` and out-of-distribution sets: the

@@ -95,7 +95,7 @@ pub struct ConvertArgs {
     #[arg(long, value_enum)]
     covar: CovarArg,
     /// The original's init_factor: each layer's inv_covars starts at 1/(init_factor·Z).
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = DEFAULT_INIT_FACTOR)]
     init_factor: f64,
     /// No tanh on the hidden layers (the original FGN net built with non_lin=False; the
     /// classical net applies tanh, so by default the converted one does too).
@@ -182,15 +182,90 @@ pub fn import(args: ImportArgs) -> Result<Value> {
     Ok(Value::Object(out))
 }
 
+/// When the conversion failed because of `--init-factor` alone (the same conversion with
+/// the original's default init_factor, 10, succeeds), the error in the command line's
+/// terms: the layer whose initial precision `2σ²` (`2σ` for full), σ = 1/(init_factor·Z),
+/// overflows, underflows or leaves the range a checkpoint holds. `None` when the failure has
+/// another cause. Runs only on the error path (it converts a second time to learn each
+/// layer's width Z).
+fn init_factor_error(
+    args: &ConvertArgs,
+    options: &ConvertOptions,
+    dtype: DType,
+) -> Option<anyhow::Error> {
+    let covar: FgnCovarType = args.covar.into();
+    let reference = ConvertOptions {
+        width: ConvertOptions::fgn_original(covar, DEFAULT_INIT_FACTOR).width,
+        ..options.clone()
+    };
+    let net = convert_classic_net(&args.classic, &Device::Cpu, dtype, &reference).ok()?;
+    let factor = args.init_factor;
+    let precision = |z: usize| {
+        let sigma = 1.0 / (factor * z as f64);
+        match covar {
+            FgnCovarType::Full => 2.0 * sigma,
+            _ => 2.0 * sigma * sigma,
+        }
+    };
+    // The layer of the most extreme precision (an overflow or underflow first).
+    let widths: Vec<usize> = net.layers().iter().map(|l| l.out_features()).collect();
+    // Reversed: `max_by` keeps the last of equals, so the first layer wins a tie.
+    let (layer, z) = widths
+        .into_iter()
+        .enumerate()
+        .rev()
+        .max_by(|&(_, a), &(_, b)| {
+            let extremity = |z: usize| {
+                let p = precision(z);
+                if p.is_finite() && p > 0.0 {
+                    p.ln().abs()
+                } else {
+                    f64::INFINITY
+                }
+            };
+            extremity(a).total_cmp(&extremity(b))
+        })?;
+    let value = precision(z);
+    let formula = match covar {
+        FgnCovarType::Full => "2σ",
+        _ => "2σ²",
+    };
+    let (what, fix) = if value == 0.0 {
+        ("underflows to 0 in f64".to_string(), "a smaller")
+    } else if !value.is_finite() {
+        ("overflows to inf in f64".to_string(), "a larger")
+    } else if value > 1.0 {
+        (
+            format!("is {value:.2e}, too large for the checkpoint"),
+            "a larger",
+        )
+    } else {
+        (
+            format!("is {value:.2e}, too small for the checkpoint"),
+            "a smaller",
+        )
+    };
+    Some(anyhow::anyhow!(
+        "--init-factor {factor:e}: the initial precision of layer {layer} ({z} neurons), {formula} with σ = 1/(init_factor·{z}), {what}; give {fix} --init-factor (default {DEFAULT_INIT_FACTOR})"
+    ))
+}
+
+/// `convert --init-factor` by default, the original's.
+const DEFAULT_INIT_FACTOR: f64 = 10.0;
+
 /// `fgn-classifier convert`.
 pub fn convert(args: ConvertArgs) -> Result<Value> {
     check_out_dir(&args.out, &[&args.classic])?;
+    crate::validate::finite_positive("--init-factor", args.init_factor)?;
     let covar: FgnCovarType = args.covar.into();
     let mut options = ConvertOptions::fgn_original(covar, args.init_factor);
     options.tanh = !args.no_non_lin;
     options.gate = !args.no_gate;
     let dtype = DType::from(args.dtype);
-    let net = convert_classic_net(&args.classic, &Device::Cpu, dtype, &options)?;
+    let net = match convert_classic_net(&args.classic, &Device::Cpu, dtype, &options) {
+        Ok(net) => net,
+        Err(e) => return Err(init_factor_error(&args, &options, dtype).unwrap_or_else(|| e.into())),
+    };
     let mut meta = BTreeMap::new();
     meta.insert("source".into(), "pytorch-classic-convert".into());
     meta.insert("source_file".into(), args.classic.display().to_string());

@@ -33,6 +33,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Parser, Subcommand, ValueEnum};
+use examples_support::parameterization;
 use gauss_layer::checkpoint;
 use gauss_layer::{
     GaussLayerConfig, GaussNetConfig, InitConfig, Parameterization, PrecisionConfig,
@@ -89,10 +90,12 @@ struct TrainArgs {
     /// 20 with --mnist (more images per epoch).
     #[arg(long)]
     epochs: Option<usize>,
-    /// Precision parameterization of the FGN layers.
+    /// Precision parameterization of the FGN layers (`lowrank:R` also names lowrank's rank,
+    /// as `--param lowrank --rank R`).
     #[arg(long, default_value = "diag", value_parser = examples_support::parameterization_parser())]
     param: String,
-    /// Columns of U for `--param lowrank` (required there; 1 <= R <= input dimension).
+    /// Columns of U for `--param lowrank` (required there unless given as `lowrank:R`;
+    /// 1 <= R <= the inputs of every Gaussian layer).
     #[arg(long)]
     rank: Option<usize>,
     /// Width of the hidden layer(s) (repeat for more layers).
@@ -192,6 +195,21 @@ struct TrainArgs {
     test_time_mirror: bool,
 }
 
+/// lowrank's R is at most the inputs of every Gaussian layer (`features`, then each
+/// `--hidden` width), checked before any work with the options' names.
+fn check_rank(parameterization: Parameterization, features: usize, hidden: &[usize]) -> Result<()> {
+    let Parameterization::LowRank { rank } = parameterization else {
+        return Ok(());
+    };
+    let inputs = std::iter::once(features).chain(hidden.iter().copied());
+    if let Some((layer, width)) = inputs.enumerate().find(|&(_, w)| rank > w) {
+        bail!(
+            "--rank {rank} is more than the {width} inputs of Gaussian layer {layer}; lowrank needs 1 <= rank <= the inputs of every layer (the input features, then each --hidden width)"
+        );
+    }
+    Ok(())
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Arch {
     /// Gaussian layers on the pixels (and a classical MLP).
@@ -246,6 +264,14 @@ fn load_data(mnist: Option<&Path>) -> Result<DataSet> {
     }
 }
 
+/// The IDX set in `dir` for the CNN, with every `--ood` set checked against its image size
+/// before any training.
+fn checked_idx(dir: &Path, sets: &[ood::OodSource]) -> Result<idx::IdxData> {
+    let data = idx::load(dir)?;
+    ood::check(sets, ood::InDistribution::Size(data.height, data.width))?;
+    Ok(data)
+}
+
 fn report_json(report: &Report) -> Result<Value> {
     Ok(serde_json::to_value(report)?)
 }
@@ -298,7 +324,7 @@ fn cnn_only_option(args: &TrainArgs) -> Option<&'static str> {
 fn train(args: TrainArgs) -> Result<Value> {
     // The λ-loss's random trace probes (cholesky at 256+ inputs) follow the seed too.
     gauss_layer::seed_trace_probes(args.seed);
-    let parameterization = Parameterization::from_name(&args.param, args.rank)?;
+    let parameterization = parameterization(&args.param, args.rank)?;
     let cnn = args.arch == Arch::Cnn;
     let epochs = args.epochs.unwrap_or(if cnn {
         cnn_cli::DEFAULT_EPOCHS
@@ -344,6 +370,9 @@ fn train(args: TrainArgs) -> Result<Value> {
             bail!("--arch cnn needs images: pass --data-dir DIR");
         };
         // The Gaussian layers read the trunk's `--features`.
+        if !args.classical_only {
+            check_rank(parameterization, args.features, &args.hidden)?;
+        }
         let trace_probes = args
             .trace_probes
             .unwrap_or(default_trace_probes(args.features));
@@ -380,7 +409,7 @@ fn train(args: TrainArgs) -> Result<Value> {
                 augment: args.augment,
                 test_time_mirror: args.test_time_mirror,
             },
-            idx::load(dir)?,
+            checked_idx(dir, &args.ood)?,
             &device,
         );
     }
@@ -388,6 +417,14 @@ fn train(args: TrainArgs) -> Result<Value> {
         Some(dir) => idx::load(dir)?.set,
         None => load_data(args.mnist.as_deref())?,
     };
+    // Before any training (or saving): each --ood set holds images of the training size.
+    ood::check(
+        &args.ood,
+        ood::InDistribution::Pixels(data.train.features()),
+    )?;
+    if !args.classical_only {
+        check_rank(parameterization, data.train.features(), &args.hidden)?;
+    }
     limits::check_train(&limits::TrainSize {
         features: data.train.features(),
         classes: data.classes,
@@ -575,6 +612,43 @@ fn train(args: TrainArgs) -> Result<Value> {
     Ok(Value::Object(out))
 }
 
+/// The error of `eval` on data of `got` features for a checkpoint of `expected`, with a hint
+/// that fits the data option given (`--data`, `--mnist`, `--data-dir` or none: the bundled
+/// digits).
+fn width_mismatch(args: &EvalArgs, expected: usize, got: usize) -> String {
+    let digits = data::DIGITS_FEATURES;
+    let (data, hint) = if let Some(file) = &args.data {
+        (
+            format!("`images` of {} have {got} columns", file.display()),
+            if expected == digits {
+                format!("give a file of (N, {expected}) images, or leave out --data to evaluate on the bundled 8×8 digits")
+            } else {
+                format!("give a file of (N, {expected}) images")
+            },
+        )
+    } else if let Some((option, dir)) = args
+        .mnist
+        .as_ref()
+        .map(|dir| ("--mnist", dir))
+        .or(args.data_dir.as_ref().map(|dir| ("--data-dir", dir)))
+    {
+        (
+            format!("the test images in {} have {got} pixels", dir.display()),
+            if expected == digits {
+                format!("it takes the 8×8 digits: leave out {option} to evaluate on the bundled ones, or pass --data FILE")
+            } else {
+                format!("give {option} a directory of images of {expected} pixels, or --data FILE")
+            },
+        )
+    } else {
+        (
+            format!("the bundled 8×8 digits have {got}"),
+            format!("pass its test data: --mnist DIR or --data-dir DIR (IDX images of {expected} pixels), or --data FILE"),
+        )
+    };
+    format!("the checkpoint expects {expected} input features, {data}; {hint}")
+}
+
 fn eval(args: EvalArgs) -> Result<Value> {
     if let Some(scale) = args.input_scale {
         validate::finite_positive("--input-scale", scale)?;
@@ -620,11 +694,10 @@ fn eval(args: EvalArgs) -> Result<Value> {
     };
     let expected = loaded.net.config().in_features;
     if split.features() != expected {
-        bail!(
-            "the checkpoint expects {expected} input features, the data has {} (pass --data or --mnist)",
-            split.features()
-        );
+        bail!(width_mismatch(&args, expected, split.features()));
     }
+    // Before any work: each --ood set holds images of the network's input size.
+    ood::check(&args.ood, ood::InDistribution::Pixels(expected))?;
     let temperature = calibration::recorded(meta)?;
     let calibrated = calibration::Calibrated {
         model: &loaded.net,
@@ -706,6 +779,27 @@ mod tests {
         Ok(())
     }
 
+    /// An untrained MLP checkpoint of `in_features` inputs (`mlp.safetensors`) and the small
+    /// CNN's (`cnn.safetensors`) in `dir`.
+    fn save_small_checkpoints(dir: &Path, in_features: usize) -> Result<(PathBuf, PathBuf)> {
+        let vars = VarMap::new();
+        let net = GaussNet::new(
+            GaussNetConfig {
+                in_features,
+                hidden: vec![4],
+                out_features: 3,
+                ..Default::default()
+            },
+            VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu),
+        )?;
+        let mlp = dir.join("mlp.safetensors");
+        checkpoint::save(&net, &mlp)?;
+        let (model, _vars) = cnn::tests::small();
+        let cnn_ckpt = dir.join("cnn.safetensors");
+        cnn::save(&model, &cnn_ckpt, &BTreeMap::new())?;
+        Ok((mlp, cnn_ckpt))
+    }
+
     /// `eval` reads only the test split it scores: a directory holding only the `t10k` files
     /// evaluates an MLP (`--data-dir`, `--mnist`) and a CNN checkpoint on all of its images.
     #[test]
@@ -719,21 +813,7 @@ mod tests {
         write_test_only(&mlp_data, 5, 4, 3)?;
         write_test_only(&cnn_data, 4, 8, 6)?;
 
-        let vars = VarMap::new();
-        let net = GaussNet::new(
-            GaussNetConfig {
-                in_features: 12,
-                hidden: vec![4],
-                out_features: 3,
-                ..Default::default()
-            },
-            VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu),
-        )?;
-        let mlp = dir.join("mlp.safetensors");
-        checkpoint::save(&net, &mlp)?;
-        let (model, _vars) = cnn::tests::small();
-        let cnn_ckpt = dir.join("cnn.safetensors");
-        cnn::save(&model, &cnn_ckpt, &BTreeMap::new())?;
+        let (mlp, cnn_ckpt) = save_small_checkpoints(&dir, 12)?;
 
         let (mlp, mlp_data) = (mlp.display().to_string(), mlp_data.display().to_string());
         let by_dir = run_eval(&[&mlp, "--data-dir", &mlp_data]);
@@ -902,5 +982,219 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("--epochs"), "{e}");
+    }
+
+    /// Every `--ood` set is checked before any training or saving: a directory without the
+    /// IDX test files, or of images of another size (FashionMNIST's 28×28 beside the 8×8
+    /// digits), ends `train` at once with an error naming `--ood`, and no checkpoint is
+    /// written; the CNN's sets must match its images' height and width, not only their pixel
+    /// count.
+    #[test]
+    fn train_checks_every_ood_set_before_any_work() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("fgn-train-ood-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (empty, small, cnn_data, turned) = (
+            dir.join("empty"),
+            dir.join("small"),
+            dir.join("cnn"),
+            dir.join("turned"),
+        );
+        for d in [&empty, &small, &cnn_data, &turned] {
+            std::fs::create_dir_all(d)?;
+        }
+        write_test_only(&small, 3, 4, 3)?;
+        write_idx_set(&cnn_data, 12, 8, 6)?;
+        write_test_only(&turned, 3, 6, 8)?;
+        let out = dir.join("net.safetensors");
+        let out_arg = out.display().to_string();
+        let path = |d: &Path| d.display().to_string();
+        let mut errors = Vec::new();
+        for ood in [&empty, &small] {
+            for only in ["--fgn-only", "--classical-only"] {
+                let args = [only, "--epochs", "1", "--out", &out_arg, "--ood", "noise"];
+                let e = run_train(&[&args[..], &["--ood", &path(ood)]].concat());
+                errors.push(format!("{:#}", e.unwrap_err()));
+            }
+        }
+        let cnn = run_train(&[
+            "--arch",
+            "cnn",
+            "--data-dir",
+            &path(&cnn_data),
+            "--channels",
+            "2",
+            "--features",
+            "4",
+            "--epochs",
+            "1",
+            "--out",
+            &out_arg,
+            "--ood",
+            &path(&turned),
+        ]);
+        let written = out.exists();
+        std::fs::remove_dir_all(&dir)?;
+        assert!(!written, "a checkpoint was saved");
+        for e in &errors[..2] {
+            assert!(e.starts_with("--ood") && e.contains("no IDX file"), "{e}");
+        }
+        for e in &errors[2..] {
+            assert!(
+                e.contains("4×3 (12 pixels)") && e.contains("have 64 pixels"),
+                "{e}"
+            );
+        }
+        let e = format!("{:#}", cnn.unwrap_err());
+        assert!(
+            e.contains("6×8 (48 pixels)") && e.contains("are 8×6"),
+            "{e}"
+        );
+        Ok(())
+    }
+
+    /// `eval --ood` is checked before any evaluation, for an MLP and a CNN checkpoint.
+    #[test]
+    fn eval_checks_every_ood_set_before_any_work() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("fgn-eval-ood-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (data, turned, empty) = (dir.join("data"), dir.join("turned"), dir.join("empty"));
+        for d in [&data, &turned, &empty] {
+            std::fs::create_dir_all(d)?;
+        }
+        write_test_only(&data, 4, 8, 6)?;
+        write_test_only(&turned, 3, 6, 8)?;
+        let (mlp, cnn_ckpt) = save_small_checkpoints(&dir, 48)?;
+        let path = |d: &Path| d.display().to_string();
+        let data_arg = path(&data);
+        let cnn_turned = run_eval(&[
+            &path(&cnn_ckpt),
+            "--data-dir",
+            &data_arg,
+            "--ood",
+            &path(&turned),
+        ]);
+        let cnn_empty = run_eval(&[
+            &path(&cnn_ckpt),
+            "--data-dir",
+            &data_arg,
+            "--ood",
+            &path(&empty),
+        ]);
+        let mlp_empty = run_eval(&[&path(&mlp), "--data-dir", &data_arg, "--ood", &path(&empty)]);
+        // The MLP reads images as vectors: 6×8 beside 8×6 is scored.
+        let mlp_turned = run_eval(&[
+            &path(&mlp),
+            "--data-dir",
+            &data_arg,
+            "--ood",
+            &path(&turned),
+        ]);
+        std::fs::remove_dir_all(&dir)?;
+        let e = format!("{:#}", cnn_turned.unwrap_err());
+        assert!(e.starts_with("--ood") && e.contains("are 8×6"), "{e}");
+        for result in [cnn_empty, mlp_empty] {
+            let e = format!("{:#}", result.unwrap_err());
+            assert!(e.starts_with("--ood") && e.contains("no IDX file"), "{e}");
+        }
+        let report = mlp_turned?;
+        assert!(report["ood_report"]["ood"].is_object(), "{report}");
+        Ok(())
+    }
+
+    /// `--param lowrank --rank R` and `--param lowrank:R` name one parameterization; the
+    /// errors speak of the options (`--rank must be >= 1`), never of the library's
+    /// `lowrank:R` form as if the user had written it.
+    #[test]
+    fn param_and_rank_are_read_and_refused_in_the_options_terms() {
+        let lowrank = |rank| Parameterization::LowRank { rank };
+        assert_eq!(parameterization("lowrank", Some(3)).unwrap(), lowrank(3));
+        assert_eq!(parameterization("lowrank:3", None).unwrap(), lowrank(3));
+        assert_eq!(parameterization("lowrank:3", Some(3)).unwrap(), lowrank(3));
+        assert_eq!(
+            parameterization("cholesky", None).unwrap(),
+            Parameterization::Cholesky
+        );
+        for (param, rank, needle) in [
+            ("lowrank", Some(0), "--rank must be >= 1, got 0"),
+            ("lowrank:0", None, "--param lowrank:0"),
+            ("lowrank:x", None, "whole number >= 1"),
+            ("lowrank:3", Some(4), "--rank 4"),
+            ("lowrank", None, "add --rank R"),
+            ("diag", Some(2), "--param diag has none"),
+        ] {
+            let e = parameterization(param, rank).unwrap_err().to_string();
+            assert!(
+                e.contains(needle) && !e.contains("got \"lowrank"),
+                "{param} {rank:?}: {e}"
+            );
+        }
+        // Through clap: `lowrank:R` passes the value parser, which still lists the names.
+        let e = run_train(&["--param", "lowrank:0"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--param lowrank:0"), "{e}");
+        let e = run_train(&["--param", "lowrank", "--rank", "0"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "--rank must be >= 1, got 0");
+        let e = run_train(&["--param", "low"]).unwrap_err().to_string();
+        assert!(e.contains("possible values"), "{e}");
+        // R above a layer's inputs names --rank before any training.
+        let e = run_train(&["--fgn-only", "--param", "lowrank:9", "--hidden", "8"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--rank 9") && e.contains("8 inputs"), "{e}");
+    }
+
+    /// A checkpoint of another input width: the hint fits the data option given.
+    #[test]
+    fn eval_width_errors_fit_the_option_given() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("fgn-eval-width-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        write_test_only(&dir, 3, 4, 3)?;
+        let save = |in_features: usize, name: &str| -> Result<String> {
+            let vars = VarMap::new();
+            let net = GaussNet::new(
+                GaussNetConfig {
+                    in_features,
+                    hidden: vec![4],
+                    out_features: 10,
+                    ..Default::default()
+                },
+                VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu),
+            )?;
+            let path = dir.join(name);
+            checkpoint::save(&net, &path)?;
+            Ok(path.display().to_string())
+        };
+        let (digits, wide) = (
+            save(64, "digits.safetensors")?,
+            save(784, "wide.safetensors")?,
+        );
+        let data = dir.display().to_string();
+        let error = |args: &[&str]| format!("{:#}", run_eval(args).unwrap_err());
+        let by_mnist = error(&[&digits, "--mnist", &data]);
+        let by_dir = error(&[&digits, "--data-dir", &data]);
+        let wide_dir = error(&[&wide, "--data-dir", &data]);
+        let bundled = error(&[&wide]);
+        std::fs::remove_dir_all(&dir)?;
+        assert!(
+            by_mnist.contains("have 12 pixels") && by_mnist.contains("leave out --mnist"),
+            "{by_mnist}"
+        );
+        assert!(by_dir.contains("leave out --data-dir"), "{by_dir}");
+        assert!(
+            wide_dir.contains("give --data-dir a directory of images of 784 pixels"),
+            "{wide_dir}"
+        );
+        assert!(
+            bundled.contains("the bundled 8×8 digits have 64") && bundled.contains("--mnist DIR"),
+            "{bundled}"
+        );
+        for e in [by_mnist, by_dir, wide_dir, bundled] {
+            assert!(!e.contains("pass --data or --mnist"), "{e}");
+        }
+        Ok(())
     }
 }

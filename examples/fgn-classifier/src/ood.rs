@@ -10,7 +10,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use gauss_layer::GaussNet;
 use rand::rngs::StdRng;
@@ -78,6 +78,29 @@ impl Scorer for CnnClassical {
     }
 }
 
+/// What an OOD set's images must match: the in-distribution images' pixel count (the MLP
+/// reads an image as a vector) or their height and width (the CNN's trunk reads them as
+/// such).
+#[derive(Clone, Copy, Debug)]
+pub enum InDistribution {
+    Pixels(usize),
+    Size(usize, usize),
+}
+
+impl std::fmt::Display for InDistribution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Self::Pixels(pixels) => write!(f, "have {pixels} pixels"),
+            Self::Size(h, w) => write!(f, "are {h}×{w}"),
+        }
+    }
+}
+
+/// [`OodSource::check`] of every set in `sets`.
+pub fn check(sets: &[OodSource], expected: InDistribution) -> Result<()> {
+    sets.iter().try_for_each(|set| set.check(expected))
+}
+
 /// An OOD set as named on the command line.
 #[derive(Clone, Debug)]
 pub enum OodSource {
@@ -114,6 +137,28 @@ impl OodSource {
             Self::Shuffled => "shuffled".into(),
             Self::Inverted => "inverted".into(),
         }
+    }
+
+    /// Checks, before any work, that this set can be scored beside `expected`: a directory
+    /// holds an IDX test split (both `t10k` files, headers valid) of images of the
+    /// in-distribution size, read from the IDX headers alone. Generated sets always can.
+    pub fn check(&self, expected: InDistribution) -> Result<()> {
+        let Self::Dir(dir) = self else {
+            return Ok(());
+        };
+        let (height, width) = crate::idx::test_image_size(dir).context("--ood")?;
+        let fits = match expected {
+            InDistribution::Pixels(pixels) => height * width == pixels,
+            InDistribution::Size(h, w) => (height, width) == (h, w),
+        };
+        if !fits {
+            bail!(
+                "--ood {}: its test images are {height}×{width} ({} pixels), the in-distribution images {expected}; an OOD set must have their size (or use noise, shuffled, inverted)",
+                dir.display(),
+                height * width
+            );
+        }
+        Ok(())
     }
 
     /// The OOD images (N, D) as f32 in [0, 1] on the host.
@@ -344,6 +389,59 @@ mod tests {
         let evaluated = crate::evaluate::evaluate(&net, &test, &Device::Cpu).unwrap();
         assert_eq!(report["accuracy"], json!(round(evaluated.test_accuracy)));
         assert!(report["ood"]["inverted"]["fgn"]["auroc"].is_number());
+    }
+
+    /// `--ood` directories are checked from the IDX headers alone: the `t10k` files there,
+    /// valid, with as many labels as images, of the in-distribution size (the pixel count for
+    /// the MLP, height and width for the CNN); generated sets always pass.
+    #[test]
+    fn directories_are_checked_by_their_headers() {
+        let dir = crate::idx::tests::write_set("ood-check", 3, 2, false);
+        let set = OodSource::Dir(dir.clone());
+        let ok = [InDistribution::Pixels(12), InDistribution::Size(4, 3)];
+        let results: Vec<_> = ok.iter().map(|&e| set.check(e)).collect();
+        let wrong = [
+            InDistribution::Pixels(64),
+            InDistribution::Size(3, 4),
+            InDistribution::Size(2, 6),
+        ]
+        .map(|e| format!("{:#}", set.check(e).unwrap_err()));
+        // A plain file shorter than its header promises, then a missing label file.
+        let images = dir.join("t10k-images-idx3-ubyte");
+        let bytes = std::fs::read(&images).unwrap();
+        std::fs::write(&images, &bytes[..bytes.len() - 1]).unwrap();
+        let short = format!("{:#}", set.check(InDistribution::Pixels(12)).unwrap_err());
+        std::fs::write(&images, &bytes).unwrap();
+        std::fs::remove_file(dir.join("t10k-labels-idx1-ubyte")).unwrap();
+        let no_labels = format!(
+            "{:#}",
+            check(&[set], InDistribution::Pixels(12)).unwrap_err()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        for result in results {
+            result.unwrap();
+        }
+        assert!(
+            wrong[0].starts_with("--ood ") && wrong[0].contains("4×3 (12 pixels)"),
+            "{}",
+            wrong[0]
+        );
+        assert!(wrong[0].contains("have 64 pixels"), "{}", wrong[0]);
+        assert!(wrong[1].contains("are 3×4"), "{}", wrong[1]);
+        assert!(wrong[2].contains("are 2×6"), "{}", wrong[2]);
+        assert!(short.contains("need 36 bytes"), "{short}");
+        assert!(
+            no_labels.starts_with("--ood") && no_labels.contains("t10k-labels-idx1-ubyte"),
+            "{no_labels}"
+        );
+        // Gzip files: the header is read through the decoder.
+        let gz = crate::idx::tests::write_set("ood-check-gz", 3, 2, true);
+        let gz_result = OodSource::Dir(gz.clone()).check(InDistribution::Size(4, 3));
+        std::fs::remove_dir_all(&gz).unwrap();
+        gz_result.unwrap();
+        for generated in [OodSource::Noise, OodSource::Shuffled, OodSource::Inverted] {
+            generated.check(InDistribution::Size(1, 1)).unwrap();
+        }
     }
 
     #[test]

@@ -2,9 +2,12 @@
 //! network's `output` (N, out) and the Gaussian activations `g{i}` (N, Z_i) of every layer
 //! (gated, in layer order), in the dtype the network ran in.
 //!
-//! `x` is used as given, except that a checkpoint recording `input_scale` in its metadata
-//! (written by `train`, which divides pixels by it) gets `x / input_scale`; `import` and
-//! `convert` record 1.
+//! `x` is divided by a scale, decided as `eval --data` decides it for its images:
+//! `--input-scale S` when given; else, for integer `x`, the `input_scale` the checkpoint
+//! records (`train` divided its pixels by it: 16 for the digits, 255 for IDX sets; `import`
+//! and `convert` record 1, a checkpoint without it counts as 1). Float `x` is taken as given
+//! by a checkpoint of scale 1 and refused without `--input-scale` by any other: its scale
+//! cannot be guessed (raw pixels in 0..16, or already in [0, 1]?).
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +16,7 @@ use candle_core::{DType, Tensor};
 use gauss_layer::{checkpoint, files};
 use serde_json::{json, Value};
 
+use crate::data::InputScale;
 use crate::interop::DTypeArg;
 use crate::DeviceArg;
 
@@ -20,9 +24,16 @@ use crate::DeviceArg;
 pub struct PredictArgs {
     /// A checkpoint written by train, import or convert.
     checkpoint: PathBuf,
-    /// A safetensors file holding `x` (N, D).
+    /// A safetensors file holding `x` (N, D). Integer `x` is divided by the checkpoint's
+    /// recorded `input_scale` (16 for train's digits, 255 for its IDX sets, 1 for import and
+    /// convert). Float `x` is used as given by a checkpoint of scale 1; for a trained one it
+    /// needs --input-scale (as eval --data's float images do).
     #[arg(long)]
     input: PathBuf,
+    /// Divide `x` by this instead (1: `x` is already in [0, 1], as the network's training
+    /// pixels were after their division).
+    #[arg(long)]
+    input_scale: Option<f64>,
     /// Where to write `output` and `g0`, `g1`, … (safetensors).
     #[arg(long)]
     output: PathBuf,
@@ -41,7 +52,12 @@ pub struct PredictArgs {
 /// is opened), checked: rank 2 with `features` columns, numbers that are finite before *and*
 /// after the division by `input_scale` and the conversion to `dtype` (1e300 into f32 is
 /// refused, not turned into ∞); converted on the host.
-fn read_input(path: &Path, features: usize, input_scale: f64, dtype: DType) -> Result<Tensor> {
+fn read_input(
+    path: &Path,
+    features: usize,
+    scale: InputScale,
+    dtype: DType,
+) -> Result<(Tensor, f64)> {
     let bytes = files::read_regular(path)?;
     let file = files::DataFile::parse(&bytes, path)?;
     let shape = file.shape("x").with_context(|| {
@@ -56,14 +72,36 @@ fn read_input(path: &Path, features: usize, input_scale: f64, dtype: DType) -> R
             path.display()
         );
     }
+    let input_scale = divisor(scale, file.is_float("x")?, path)?;
     let mut x = file.matrix("x")?;
     x.divide(input_scale);
-    Ok(x.to_tensor(dtype, &candle_core::Device::Cpu)?)
+    Ok((x.to_tensor(dtype, &candle_core::Device::Cpu)?, input_scale))
+}
+
+/// What `x` is divided by (see the module docs): the declared scale, else the recorded one
+/// for integer `x` and for float `x` when it is 1; float `x` of a checkpoint trained on
+/// scaled pixels is refused, with the two likely fixes.
+pub fn divisor(scale: InputScale, is_float: bool, path: &Path) -> Result<f64> {
+    match (scale.declared, is_float) {
+        (Some(declared), _) => Ok(declared),
+        (None, false) => Ok(scale.recorded),
+        (None, true) if scale.recorded == 1.0 => Ok(1.0),
+        (None, true) => bail!(
+            "{}: `x` holds floats, whose scale cannot be guessed, and the checkpoint was trained on pixels divided by {}: pass --input-scale 1 if `x` is already in [0, 1], or --input-scale {} if it holds raw pixels (integer `x` is divided by {} without it)",
+            path.display(),
+            scale.recorded,
+            scale.recorded,
+            scale.recorded
+        ),
+    }
 }
 
 /// `fgn-classifier predict`.
 pub fn predict(args: PredictArgs) -> Result<Value> {
     files::check_output(&args.output, &[&args.checkpoint, &args.input])?;
+    if let Some(scale) = args.input_scale {
+        crate::validate::finite_positive("--input-scale", scale)?;
+    }
     let device = crate::device(args.device)?;
     if crate::cnn::is_cnn_checkpoint(&args.checkpoint)? {
         let (tensors, mut summary) = crate::cnn_cli::predict(
@@ -71,6 +109,7 @@ pub fn predict(args: PredictArgs) -> Result<Value> {
             &args.input,
             &device,
             args.dtype.map(DType::from),
+            args.input_scale,
             args.test_time_mirror,
         )?;
         let mut named: Vec<(&str, &Tensor)> =
@@ -87,14 +126,18 @@ pub fn predict(args: PredictArgs) -> Result<Value> {
     let loaded = checkpoint::load(&args.checkpoint, &device, args.dtype.map(DType::from))?;
     crate::validate::note_converted_dtype(&loaded, &device);
     let net = &loaded.net;
-    let input_scale = crate::validate::recorded_input_scale(&loaded.user_metadata, 1.0)?;
+    let scale = InputScale {
+        recorded: crate::validate::recorded_input_scale(&loaded.user_metadata, 1.0)?,
+        declared: args.input_scale,
+    };
     let dtype = net
         .layers()
         .first()
         .map(|l| l.center().dtype())
         .context("the checkpoint's network has no layers")?;
     let features = net.config().in_features;
-    let x = read_input(&args.input, features, input_scale, dtype)?.to_device(&device)?;
+    let (x, input_scale) = read_input(&args.input, features, scale, dtype)?;
+    let x = x.to_device(&device)?;
     let temperature = crate::calibration::recorded(&loaded.user_metadata)?;
     let (logits, gaussians) = net.forward_with_gaussians(&x, false)?;
     let output = (logits / temperature)?;

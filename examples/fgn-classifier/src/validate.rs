@@ -3,7 +3,6 @@
 //! training for minutes and then failing (or, worse, saving a network of NaN).
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -84,23 +83,7 @@ pub fn writable_output(out: &Path) -> Result<()> {
             dir.display()
         );
     }
-    let probe = dir.join(format!(
-        ".fgn-classifier-write-probe.{}",
-        std::process::id()
-    ));
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&probe)
-        .with_context(|| {
-            format!(
-                "--out {}: cannot create a file in {}",
-                out.display(),
-                dir.display()
-            )
-        })?;
-    let _ = std::fs::remove_file(&probe);
-    Ok(())
+    examples_support::check_dir_writable(&dir, &format!("--out {}", out.display()))
 }
 
 /// The pixel scale recorded in a checkpoint's metadata (`input_scale`), `default` when absent.

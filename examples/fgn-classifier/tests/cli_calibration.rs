@@ -50,6 +50,7 @@ fn the_fitted_temperature_is_recorded_and_applied() -> Result<()> {
     let input = dir.join("x.safetensors");
     candle_core::safetensors::save(&HashMap::from([("x".to_string(), x.clone())]), &input)?;
     let output = dir.join("out.safetensors");
+    // Float pixels 0..16: their scale is declared (predict refuses float `x` without it).
     let predicted = run_ok(&[
         "predict",
         &ckpt,
@@ -57,6 +58,8 @@ fn the_fitted_temperature_is_recorded_and_applied() -> Result<()> {
         &input.display().to_string(),
         "--output",
         &output.display().to_string(),
+        "--input-scale",
+        "16",
     ])?;
     assert_eq!(predicted["temperature"].as_f64(), Some(temperature));
     let got = candle_core::safetensors::load(&output, &Device::Cpu)?["output"].clone();
@@ -182,6 +185,8 @@ fn a_cnn_records_and_applies_its_temperature() -> Result<()> {
             &input.display().to_string(),
             "--output",
             &output.display().to_string(),
+            "--input-scale",
+            "255",
         ])?;
         outputs.push((
             predicted["temperature"].as_f64(),

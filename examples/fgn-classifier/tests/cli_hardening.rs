@@ -253,11 +253,28 @@ fn values_that_overflow_after_scaling_or_casting_are_refused() -> Result<()> {
     let tiny = tiny.display().to_string();
     let line = run_err(&["eval", &tiny, "--data", &u8_images])?;
     assert!(line.contains("after scaling"), "{line}");
+    // Integer `x`, which predict divides by the recorded scale (float `x` would need
+    // --input-scale with a scale other than 1).
+    let u8_ones = save(
+        &dir.join("u8-ones.safetensors"),
+        vec![("x", Tensor::ones((1, 64), DType::U8, &Device::Cpu)?)],
+    )?;
+    let line = run_err(&["predict", &tiny, "--input", &u8_ones, "--output", &out])?;
+    assert!(line.contains("after scaling"), "{line}");
     let ones = save(
         &dir.join("ones.safetensors"),
         vec![("x", Tensor::ones((1, 64), DType::F32, &Device::Cpu)?)],
     )?;
-    let line = run_err(&["predict", &tiny, "--input", &ones, "--output", &out])?;
+    let line = run_err(&[
+        "predict",
+        &tiny,
+        "--input",
+        &ones,
+        "--output",
+        &out,
+        "--input-scale",
+        "1e-40",
+    ])?;
     assert!(line.contains("after scaling"), "{line}");
     // The valid run of the same input: finite outputs.
     let json = run_ok(&["predict", &ckpt32, "--input", &ones, "--output", &out])?;

@@ -3,6 +3,8 @@
 //! cannot fit are refused before anything is allocated; a result that is not finite is an
 //! error, never a JSON `null` with exit status 0.
 
+use std::path::{Path, PathBuf};
+
 use anyhow::{bail, Result};
 use gauss_layer::{memory, Parameterization};
 use serde_json::Value;
@@ -82,6 +84,20 @@ pub fn sizes(samples: usize, dim: usize, components: usize) -> Result<()> {
         estimate,
     )?;
     Ok(())
+}
+
+/// Checks, before any work, that the directory `out` is saved to accepts new files: the save
+/// writes a temporary file there and renames it over `out`, so a read-only directory (or
+/// file system) would fail only after the whole fit. Creates and removes an empty probe file;
+/// [`gauss_layer::files::check_output`] has already refused a missing directory.
+pub fn writable_dir(out: &Path) -> Result<()> {
+    // Through a symbolic link the link's target is written.
+    let target = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
+    let dir = match target.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    examples_support::check_dir_writable(&dir, &format!("--out {}", out.display()))
 }
 
 /// The path (`covariance[1][2]`) of the first `null` in `value`: serde_json writes a
@@ -186,6 +202,31 @@ mod tests {
         // N·d·32 and K·d²·96 fit in u64 but the (N, K) term N·K·32 does not.
         let e = sizes(1 << 58, 1, 4).unwrap_err().to_string();
         assert!(e.contains("overflows"), "{e}");
+    }
+
+    #[test]
+    fn an_output_directory_is_probed_and_left_as_it_was() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("fit-gaussian-probe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        writable_dir(&dir.join("g.safetensors"))?;
+        assert_eq!(
+            std::fs::read_dir(&dir)?.count(),
+            0,
+            "the probe was left behind"
+        );
+        std::fs::remove_dir_all(&dir)?;
+        // procfs takes no new files, even from root (a read-only directory does not stop root).
+        #[cfg(target_os = "linux")]
+        {
+            let e = writable_dir(Path::new("/proc/g.safetensors"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("--out /proc/g.safetensors: cannot create files"),
+                "{e}"
+            );
+        }
+        Ok(())
     }
 
     #[test]

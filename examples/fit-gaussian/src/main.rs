@@ -10,11 +10,11 @@
 //! cargo run --release -p fit-gaussian -- --data x.safetensors --components 3 --param cholesky
 //! ```
 //!
-//! One Gaussian: progress goes to stderr; a human summary and, as the last line of stdout,
-//! one JSON object (`mean`, `covariance`, `nll`, `mle_nll`, `mle_method`, `steps`, errors
-//! against the MLE, ...) go to stdout. A mixture: a summary goes to stderr and stdout is one JSON line
-//! (`mean_log_likelihood` in nats per sample, the quantity of scikit-learn's `score`,
-//! `weights`, `means`, `covariances`, `steps`, `seconds`, ...).
+//! Progress and a human summary go to stderr; stdout is exactly one JSON line, so it pipes
+//! into a JSON reader. One Gaussian: `mean`, `covariance`, `nll`, `mle_nll`, `mle_method`,
+//! `steps`, errors against the MLE, ... A mixture: `mean_log_likelihood` in nats per sample
+//! (the quantity of scikit-learn's `score`), `weights`, `means`, `covariances`, `steps`,
+//! `seconds`, ...
 
 mod checks;
 mod data;
@@ -42,16 +42,17 @@ struct Args {
     /// --seed, --dim and --samples.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Precision parameterization of every Gaussian.
+    /// Precision parameterization of every Gaussian (`lowrank:R` also names lowrank's rank,
+    /// as `--param lowrank --rank R`).
     #[arg(long, default_value = "cholesky", value_parser = examples_support::parameterization_parser())]
     param: String,
-    /// Columns of U for `--param lowrank` (required there; 1 <= R <= input dimension).
+    /// Columns of U for `--param lowrank` (required there unless given as `lowrank:R`;
+    /// 1 <= R <= input dimension).
     #[arg(long)]
     rank: Option<usize>,
     /// Fit a mixture of this many components (k-means++ start, EM) instead of one Gaussian by
-    /// gradient descent; stdout is then one JSON line with `mean_log_likelihood` (nats per
-    /// sample, as scikit-learn's `score`), `weights`, `means`, `covariances`, `steps`,
-    /// `seconds`.
+    /// gradient descent; its JSON line then has `mean_log_likelihood` (nats per sample, as
+    /// scikit-learn's `score`), `weights`, `means`, `covariances`, `steps`, `seconds`.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     components: Option<u32>,
     /// One Gaussian: most optimizer steps (training stops earlier once the gradient vanishes).
@@ -178,7 +179,7 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
-    let parameterization = Parameterization::from_name(&args.param, args.rank)?;
+    let parameterization = examples_support::parameterization(&args.param, args.rank)?;
     checks::options(&checks::Options {
         parameterization,
         lr: args.lr,
@@ -191,6 +192,7 @@ fn run(args: Args) -> Result<()> {
     if let Some(out) = &args.out {
         let inputs: Vec<&std::path::Path> = args.data.iter().map(|p| p.as_path()).collect();
         gauss_layer::files::check_output(out, &inputs)?;
+        checks::writable_dir(out)?;
     }
     let device = Device::Cpu;
     if let Some(components) = args.components {
@@ -201,6 +203,9 @@ fn run(args: Args) -> Result<()> {
             "--tied shares one covariance among a mixture's components; it needs --components K"
         );
     }
+    // The human summary, for stderr once the run has succeeded: a failed run's stderr is its
+    // one `error:` line.
+    let mut notes = Vec::new();
     let (x, source) = match &args.data {
         Some(path) => (
             data::load_samples(path, None, &device)?,
@@ -216,17 +221,16 @@ fn run(args: Args) -> Result<()> {
             }
             checks::sizes(args.samples, args.dim, 1)?;
             let known = data::KnownGaussian::random(args.dim, args.seed);
-            println!("true mean:       {:?}", known.mean);
-            println!("true covariance: {:?}", known.covariance());
+            notes.push(format!("true mean:       {:?}", known.mean));
+            notes.push(format!("true covariance: {:?}", known.covariance()));
             let x = known.sample(args.samples, args.seed.wrapping_add(1), &device)?;
             (x, format!("synthetic (seed {})", args.seed))
         }
     };
     let (n, d) = x.dims2()?;
-    println!(
-        "data: {source}, {n} samples in {d} dimensions, parameterization {}",
-        parameterization
-    );
+    notes.push(format!(
+        "data: {source}, {n} samples in {d} dimensions, parameterization {parameterization}"
+    ));
 
     // A singular or overflowing sample covariance (its factor fails or its NLL is not
     // finite) is a data problem: say so, instead of fitting toward `null`s.
@@ -257,26 +261,19 @@ fn run(args: Args) -> Result<()> {
     let mean_error = mle::max_abs_error(&mean, &mle.mean)?;
     let covariance_error = mle::relative_frobenius_error(&covariance, &mle.covariance)?;
 
-    println!(
+    notes.push(format!(
         "steps: {}{}",
         fitted.steps,
         if fitted.converged { " (converged)" } else { "" }
-    );
-    println!(
+    ));
+    notes.push(format!(
         "mean NLL: fitted {:.9}, MLE ({}) {:.9}",
         fitted.nll, mle.method, mle.nll
-    );
-    println!("mean vs MLE: max-abs error {mean_error:.3e}");
-    println!("covariance vs MLE: relative Frobenius error {covariance_error:.3e}");
-
-    if let Some(path) = &args.out {
-        let mut metadata = BTreeMap::new();
-        metadata.insert("nll".to_string(), fitted.nll.to_string());
-        metadata.insert("data".to_string(), source.clone());
-        checkpoint::save_with_metadata(&fitted.net, path, &metadata)
-            .with_context(|| format!("saving {}", path.display()))?;
-        println!("saved the fitted layer to {}", path.display());
-    }
+    ));
+    notes.push(format!("mean vs MLE: max-abs error {mean_error:.3e}"));
+    notes.push(format!(
+        "covariance vs MLE: relative Frobenius error {covariance_error:.3e}"
+    ));
 
     let summary = json!({
         // `lowrank:R`, not `lowrank`: runs of two ranks stay apart.
@@ -294,7 +291,19 @@ fn run(args: Args) -> Result<()> {
         "mean_max_abs_error": mean_error,
         "covariance_rel_frobenius_error": covariance_error,
     });
+    // A fit that is not finite is an error, and is not saved.
     checks::finite_summary(&summary)?;
+    if let Some(path) = &args.out {
+        let mut metadata = BTreeMap::new();
+        metadata.insert("nll".to_string(), fitted.nll.to_string());
+        metadata.insert("data".to_string(), source);
+        checkpoint::save_with_metadata(&fitted.net, path, &metadata)
+            .with_context(|| format!("saving {}", path.display()))?;
+        notes.push(format!("saved the fitted layer to {}", path.display()));
+    }
+    for note in notes {
+        eprintln!("{note}");
+    }
     println!("{summary}");
     Ok(())
 }

@@ -174,3 +174,41 @@ fn a_mixture_saved_over_a_directory_fails_first_and_leaves_nothing() -> Result<(
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// An output directory that takes no new files is refused before the fit, not after it: a
+/// directory without write permission (not for root, whom permissions do not stop) and, on
+/// Linux, procfs (which refuses root too).
+#[test]
+fn an_unwritable_output_directory_is_refused_before_fitting() -> Result<()> {
+    let mut outs = Vec::new();
+    let dir = temp_dir("read-only-out")?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o555))?;
+        if std::fs::File::create(dir.join("probe")).is_err() {
+            outs.push(dir.join("g.safetensors").display().to_string());
+        }
+    }
+    if cfg!(target_os = "linux") {
+        outs.push("/proc/g.safetensors".to_string());
+    }
+    for out in &outs {
+        for extra in [&[][..], &["--components", "2", "--samples", "200"][..]] {
+            let mut args = vec!["--out", out.as_str()];
+            args.extend(extra);
+            let line = run_err(&args)?;
+            assert!(
+                line.contains("cannot create files in the directory"),
+                "{line}"
+            );
+        }
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -1,16 +1,47 @@
-//! The JSON line of the built `fit-gaussian`: lowrank's rank is part of `param`, so runs of
-//! two ranks stay apart, and a one-Gaussian run says which maximum-likelihood reference it
-//! was compared with.
+//! The JSON line of the built `fit-gaussian`: stdout is that one line and nothing else (the
+//! human summary goes to stderr), lowrank's rank is part of `param`, so runs of two ranks
+//! stay apart, and a one-Gaussian run says which maximum-likelihood reference it was
+//! compared with.
 
 use anyhow::{Context, Result};
 use serde_json::Value;
 
-/// The last stdout line of a successful run, parsed.
+/// The stdout of a successful run, which must be exactly one JSON line, parsed.
 fn json_line(args: &[&str]) -> Result<Value> {
     let (ok, stdout, stderr) = gauss_tests::run_limited(env!("CARGO_BIN_EXE_fit-gaussian"), args)?;
     assert!(ok, "{args:?}: {stderr}");
-    let line = stdout.lines().last().context("no stdout")?;
+    assert_eq!(stdout.lines().count(), 1, "{args:?}: stdout {stdout}");
+    let line = stdout.lines().next().context("no stdout")?;
     Ok(serde_json::from_str(line)?)
+}
+
+/// As `fit-gaussian ... | python3 -c 'import json,sys; json.load(sys.stdin)'` reads it: the
+/// whole stdout is one JSON document, for a synthetic Gaussian (which also prints the true
+/// mean), the bundled data and a save; the human summary is on stderr.
+#[test]
+fn one_gaussian_stdout_is_one_json_document() -> Result<()> {
+    let dir = gauss_tests::temp_dir("one-json")?;
+    let out = dir.join("g.safetensors").display().to_string();
+    let data = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/data/reference/nll_1.safetensors"
+    );
+    for args in [
+        vec!["--steps", "20"],
+        vec![
+            "--data", data, "--param", "cholesky", "--steps", "20", "--out", &out,
+        ],
+    ] {
+        let (ok, stdout, stderr) =
+            gauss_tests::run_limited(env!("CARGO_BIN_EXE_fit-gaussian"), &args)?;
+        assert!(ok, "{args:?}: {stderr}");
+        let whole: Value = serde_json::from_str(&stdout)?;
+        assert!(whole["nll"].is_number(), "{whole}");
+        assert!(stderr.contains("mean NLL:"), "{args:?}: {stderr}");
+    }
+    assert!(std::fs::metadata(&out)?.is_file());
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
 }
 
 #[test]

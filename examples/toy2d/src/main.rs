@@ -12,11 +12,14 @@ mod font;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor, D};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{AdamW, Linear, Module, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
-use gauss_layer::{GaussLayerConfig, GaussNet, GaussNetConfig, Parameterization, PrecisionConfig};
+use examples_support::parameterization;
+use gauss_layer::{
+    repair, GaussLayerConfig, GaussNet, GaussNetConfig, Parameterization, PrecisionConfig,
+};
 use gauss_losses::{fgn_objective, FgnObjectiveConfig};
 use plotters::prelude::*;
 use rand::rngs::StdRng;
@@ -35,7 +38,7 @@ on the map's border, far from the data. Runs with the same --seed give the same 
 numbers: the seed draws the data and both networks' initial weights."
 )]
 struct Args {
-    /// Directory for the PNG files (created if missing).
+    /// Directory for the PNG files (created if missing; checked writable before training).
     #[arg(long, default_value = "toy2d-out")]
     out_dir: PathBuf,
     /// Full-batch training steps of each network.
@@ -49,15 +52,34 @@ struct Args {
     /// the Gaussians tighter around the data.
     #[arg(long, default_value_t = 0.1)]
     lambda_sigma: f64,
-    /// Precision parameterization of the FGN layers.
+    /// Precision parameterization of the FGN layers. lowrank needs its rank: `--param
+    /// lowrank:R` or `--param lowrank --rank R`.
     #[arg(long, default_value = "cholesky", value_parser = examples_support::parameterization_parser())]
     param: String,
-    /// Columns of U for `--param lowrank` (required there; 1 <= R <= input dimension).
+    /// Columns of U for `--param lowrank` (1 <= R <= 2, the input dimension); `--param
+    /// lowrank:R` names it too (the two must agree).
     #[arg(long)]
     rank: Option<usize>,
     /// Side of the square map in pixels (the PNG adds margins for axes, legend and colour bar).
     #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u32).range(64..=4096))]
     size: u32,
+}
+
+/// Makes `--out-dir` (if missing) and checks it takes files, so a run that cannot save its
+/// pictures fails before training rather than after: a probe file is created and removed.
+fn prepare_out_dir(dir: &Path) -> Result<()> {
+    if std::fs::metadata(dir).is_ok_and(|m| !m.is_dir()) {
+        bail!(
+            "--out-dir {} is a file, not a directory: name a directory (it is created if missing)",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create --out-dir {}", dir.display()))?;
+    examples_support::check_dir_writable(
+        dir,
+        &format!("--out-dir {} (the PNG files go there)", dir.display()),
+    )
 }
 
 /// The plotted square: the moons live in about [-1.2, 2.2] × [-0.7, 1.2].
@@ -154,16 +176,20 @@ fn train_mlp(x: &Tensor, y: &Tensor, steps: usize, rng: &mut StdRng) -> Result<M
     Ok(mlp)
 }
 
-fn train_fgn(x: &Tensor, y: &Tensor, args: &Args) -> Result<GaussNet> {
-    let parameterization = Parameterization::from_name(&args.param, args.rank)?;
-    let (steps, lambda_sigma) = (args.steps, args.lambda_sigma);
+/// Smallest eigenvalue a `direct` precision is repaired to after a step (as `fgn-classifier`).
+const DIRECT_MIN_EIGENVALUE: f64 = 1e-3;
+
+/// The FGN network (2-16-2, gated; its initial weights drawn from `seed`) and its variables.
+/// Built before any training, so a config the layers refuse (e.g. a rank above 2) fails at
+/// once.
+fn build_fgn(parameterization: Parameterization, seed: u64) -> Result<(GaussNet, VarMap)> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let layer = GaussLayerConfig {
         precision: PrecisionConfig::with_parameterization(parameterization),
         tanh: true,
         init: gauss_layer::InitConfig {
-            seed: Some(args.seed),
+            seed: Some(seed),
             ..Default::default()
         },
         ..Default::default()
@@ -181,17 +207,62 @@ fn train_fgn(x: &Tensor, y: &Tensor, args: &Args) -> Result<GaussNet> {
         ..Default::default()
     };
     let net = GaussNet::new(config, vb)?;
-    let mut opt = adam(&varmap, 0.02)?;
+    Ok((net, varmap))
+}
+
+/// The `direct` precisions (`layers.{i}.precision`): an optimizer step can push them out of
+/// the positive-definite cone, so [`train_fgn`] repairs them after every step (README,
+/// "Training `Direct`"). Empty for the other parameterizations.
+fn direct_precisions(varmap: &VarMap, net: &GaussNet) -> Result<Vec<Var>> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow!("VarMap lock poisoned"))?;
+    net.layers()
+        .iter()
+        .enumerate()
+        .filter(|(_, layer)| layer.precision().parameterization() == Parameterization::Direct)
+        .map(|(i, _)| {
+            let name = format!("layers.{i}.precision");
+            data.get(&name)
+                .cloned()
+                .with_context(|| format!("the direct layer {i} has no variable {name}"))
+        })
+        .collect()
+}
+
+/// The FGN objective of `--lambda-sigma` (an error for a negative or non-finite weight).
+fn objective(lambda_sigma: f64) -> Result<FgnObjectiveConfig> {
     let objective = FgnObjectiveConfig {
         lambda_sigma,
         ..Default::default()
     };
+    objective.validate().context("--lambda-sigma")?;
+    Ok(objective)
+}
+
+/// Trains the FGN network full batch: AdamW on the FGN objective, each `direct` precision
+/// repaired after each step.
+fn train_fgn(
+    net: &GaussNet,
+    varmap: &VarMap,
+    x: &Tensor,
+    y: &Tensor,
+    steps: usize,
+    lambda_sigma: f64,
+) -> Result<()> {
+    let direct = direct_precisions(varmap, net)?;
+    let mut opt = adam(varmap, 0.02)?;
+    let objective = objective(lambda_sigma)?;
     for _ in 0..steps {
         let logits = net.forward(x, true)?;
         let loss = fgn_objective(&logits, y, net.layers(), &objective)?;
         opt.backward_step(&loss.total)?;
+        for precision in &direct {
+            repair::repair_var_if_needed(precision, DIRECT_MIN_EIGENVALUE)?;
+        }
     }
-    Ok(net)
+    Ok(())
 }
 
 fn accuracy(logits: &Tensor, y: &Tensor) -> Result<f64> {
@@ -425,15 +496,20 @@ fn render_map(
 
 examples_support::global_allocator!();
 
-fn main() -> Result<()> {
+fn main() {
     let args = Args::parse();
-    examples_support::run_on_thread_pool(move || run(args))
+    // A failure is one line on stderr (`error: ` and its causes) and exit status 1.
+    examples_support::exit_on_error(examples_support::run_on_thread_pool(move || run(args)));
 }
 
 fn run(args: Args) -> Result<()> {
-    let parameterization = Parameterization::from_name(&args.param, args.rank)?;
-    std::fs::create_dir_all(&args.out_dir)
-        .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
+    // Everything the user can get wrong is checked before training: the parameterization,
+    // --lambda-sigma, the layers' config (the FGN is built first; its initial weights come
+    // from its own seed, so the order changes none) and the output directory.
+    let parameterization = parameterization(&args.param, args.rank)?;
+    objective(args.lambda_sigma)?;
+    let (fgn, fgn_vars) = build_fgn(parameterization, args.seed)?;
+    prepare_out_dir(&args.out_dir)?;
     let mut rng = StdRng::seed_from_u64(args.seed);
     let (points, labels) = moons(400, 0.1, &mut rng)?;
     let x = tensor(&points)?;
@@ -441,7 +517,7 @@ fn run(args: Args) -> Result<()> {
 
     // The MLP's initial weights continue the data's random stream.
     let mlp = train_mlp(&x, &y, args.steps, &mut rng)?;
-    let fgn = train_fgn(&x, &y, &args)?;
+    train_fgn(&fgn, &fgn_vars, &x, &y, args.steps, args.lambda_sigma)?;
 
     let grid = grid()?;
     let mlp_probs = candle_nn::ops::softmax_last_dim(&mlp.forward(&grid)?)?;
@@ -581,6 +657,83 @@ mod tests {
         let first = train(3)?;
         assert_eq!(first, train(3)?);
         assert_ne!(first, train(4)?);
+        Ok(())
+    }
+
+    /// `direct` trains: every step's repair keeps the precisions positive definite (without
+    /// it the loss fails within the first steps, `precision of neuron 0 is not positive
+    /// definite`), and the trained network is finite and better than chance.
+    #[test]
+    fn direct_trains_with_a_repair_after_each_step() -> Result<()> {
+        let mut rng = StdRng::seed_from_u64(0);
+        let (points, labels) = moons(100, 0.1, &mut rng)?;
+        let (x, y) = (
+            tensor(&points)?,
+            Tensor::new(labels.as_slice(), &Device::Cpu)?,
+        );
+        let (net, varmap) = build_fgn(Parameterization::Direct, 0)?;
+        assert_eq!(direct_precisions(&varmap, &net)?.len(), 2);
+        train_fgn(&net, &varmap, &x, &y, 60, 0.1)?;
+        for precision in direct_precisions(&varmap, &net)? {
+            let report = repair::check_positive_definite_matrices(precision.as_tensor())?;
+            assert!(report.neurons.iter().all(|n| n.positive_definite));
+        }
+        let logits = net.forward(&x, false)?;
+        assert!(logits
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|v| v.is_finite()));
+        assert!(accuracy(&logits, &y)? > 0.6);
+        let (other, other_vars) = build_fgn(Parameterization::Cholesky, 0)?;
+        assert!(direct_precisions(&other_vars, &other)?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn lowrank_takes_its_rank_from_the_name_or_rank_and_both_must_agree() -> Result<()> {
+        let lowrank = |rank| Parameterization::LowRank { rank };
+        assert_eq!(parameterization("lowrank:2", None)?, lowrank(2));
+        assert_eq!(parameterization("lowrank", Some(2))?, lowrank(2));
+        assert_eq!(parameterization("lowrank:2", Some(2))?, lowrank(2));
+        let err = parameterization("lowrank:2", Some(1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("two ranks"), "{err}");
+        assert!(parameterization("lowrank", None).is_err());
+        assert!(parameterization("lowrank:0", None).is_err());
+        assert!(parameterization("direct", Some(2)).is_err());
+        assert_eq!(parameterization("direct", None)?, Parameterization::Direct);
+        // Through the command line: `lowrank:R` is accepted, a bad rank refused by clap.
+        let args = Args::try_parse_from(["toy2d", "--param", "lowrank:2"])?;
+        assert_eq!(parameterization(&args.param, args.rank)?, lowrank(2));
+        let args = Args::try_parse_from(["toy2d", "--param", "lowrank:x"])?;
+        assert!(parameterization(&args.param, args.rank).is_err());
+        assert!(Args::try_parse_from(["toy2d", "--param", "nope"]).is_err());
+        // A rank the 2-input layer cannot have fails when the network is built (before
+        // training), not later.
+        assert!(build_fgn(lowrank(8), 0).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn out_dir_is_created_checked_and_left_clean() -> Result<()> {
+        let root = std::env::temp_dir().join(format!("toy2d-test-{}", std::process::id()));
+        let dir = root.join("a/b");
+        prepare_out_dir(&dir)?;
+        assert!(dir.is_dir());
+        assert_eq!(
+            std::fs::read_dir(&dir)?.count(),
+            0,
+            "the probe file is removed"
+        );
+        prepare_out_dir(&dir)?;
+        let file = root.join("file");
+        std::fs::write(&file, b"x")?;
+        let err = examples_support::one_line(&prepare_out_dir(&file).unwrap_err());
+        assert!(err.contains("is a file, not a directory"), "{err}");
+        assert!(prepare_out_dir(&file.join("sub")).is_err());
+        std::fs::remove_dir_all(&root)?;
         Ok(())
     }
 
