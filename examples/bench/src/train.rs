@@ -83,11 +83,11 @@ struct Args {
     /// Adam learning rate (finite, > 0).
     #[arg(long, default_value_t = 1e-2, value_parser = learning_rate)]
     lr: f64,
-    /// Weight of the mean squared linear weight.
-    #[arg(long, default_value_t = 1e-3)]
+    /// Weight of the mean squared linear weight (finite, >= 0).
+    #[arg(long, default_value_t = 1e-3, value_parser = loss_weight)]
     lambda_l2: f64,
-    /// Weight of the λ-loss.
-    #[arg(long, default_value_t = 0.05)]
+    /// Weight of the λ-loss (finite, >= 0).
+    #[arg(long, default_value_t = 0.05, value_parser = loss_weight)]
     lambda_sigma: f64,
     /// Probe vectors per neuron and step for the λ-loss's tr Σ of cholesky layers (a
     /// Hutchinson estimate); 0 = the exact trace.
@@ -413,6 +413,15 @@ fn learning_rate(text: &str) -> Result<f64, String> {
     }
 }
 
+/// A loss weight (`--lambda-l2`, `--lambda-sigma`): finite and >= 0, refused while parsing.
+fn loss_weight(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(w) if w.is_finite() && w >= 0.0 => Ok(w),
+        Ok(w) => Err(format!("must be a finite number >= 0, got {w}")),
+        Err(e) => Err(format!("must be a finite number >= 0 ({e})")),
+    }
+}
+
 /// Refuses networks and data that cannot fit before any is allocated: per parameterization
 /// two networks (candle-nn's and the fused optimizer's), each parameter with its gradient and
 /// Adam's two moments, and the synthetic data (built on the host, then copied). A lower
@@ -596,6 +605,16 @@ mod tests {
             assert!(e.contains("--lr") && e.contains("finite number > 0"), "{e}");
         }
         assert!(Args::try_parse_from(["bench-train", "--lr", "1e-3", "--warmup", "0"]).is_ok());
+        for option in ["--lambda-l2", "--lambda-sigma"] {
+            for weight in ["-1", "nan", "inf", "x"] {
+                let e = parse_err(&[&format!("{option}={weight}")]);
+                assert!(
+                    e.contains(option) && e.contains("finite number >= 0"),
+                    "{e}"
+                );
+            }
+            assert!(Args::try_parse_from(["bench-train", option, "0"]).is_ok());
+        }
     }
 
     /// Networks that cannot fit (or whose size overflows) are refused before any is built.

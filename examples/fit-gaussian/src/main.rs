@@ -166,8 +166,8 @@ fn run_mixture(
         },
         out: args.out.clone(),
     };
+    // `run` checks the summary is finite before it saves anything.
     let summary = mixture::run(&x, &source, &mixture_args)?;
-    checks::finite_summary(&summary)?;
     println!("{summary}");
     Ok(())
 }

@@ -97,11 +97,7 @@ pub fn run(x: &Tensor, source: &str, args: &MixtureArgs) -> Result<Value> {
         if fit.converged { " (converged)" } else { "" },
         fit.refine_steps,
     );
-    if let Some(path) = &args.out {
-        save(&varmap, path)?;
-        eprintln!("saved the mixture's tensors to {}", path.display());
-    }
-    Ok(json!({
+    let summary = json!({
         // `lowrank:R`, not `lowrank`: runs of two ranks stay apart.
         "param": args.parameterization.to_string(),
         "data": source,
@@ -121,7 +117,14 @@ pub fn run(x: &Tensor, source: &str, args: &MixtureArgs) -> Result<Value> {
         "refine_steps": fit.refine_steps,
         "converged": fit.converged,
         "seconds": seconds,
-    }))
+    });
+    // A fit that is not finite is an error, and is not saved (as the one-Gaussian mode).
+    crate::checks::finite_summary(&summary)?;
+    if let Some(path) = &args.out {
+        save(&varmap, path)?;
+        eprintln!("saved the mixture's tensors to {}", path.display());
+    }
+    Ok(summary)
 }
 
 /// cholesky's `factor_diag_floor` relative to the data's scale: the default 1e-6 divided by
