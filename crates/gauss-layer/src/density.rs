@@ -443,8 +443,9 @@ impl GaussLayer {
     ///
     /// A sample holding ±∞ (and no NaN) gets −∞ under every neuron, as in the density views
     /// and torch: the layer's distance kernels alone would give NaN (`∞ − ∞`), so such rows
-    /// are zeroed before the kernel and set to −∞ after it, in tensor ops on every device (no
-    /// read back; no ∞ reaches the gradient). Input is not checked for NaN (a NaN sample
+    /// are zeroed before the kernel and set to −∞ after it (no ∞ reaches the gradient). On
+    /// the CPU one scan of `x` decides whether any row needs it; elsewhere, and for a
+    /// `portable` layer, the masking runs in tensor ops (no read back). Input is not checked for NaN (a NaN sample
     /// gives NaN); [`GaussLayer::log_prob_validated`] and [`crate::MultivariateNormal`] (on
     /// by default) check it, as torch's `validate_args`.
     ///

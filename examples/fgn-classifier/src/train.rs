@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{anyhow, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Linear, Module, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use examples_support::direct_precisions;
 use gauss_layer::FusedAdamW;
 use gauss_layer::{repair, GaussNet, GaussNetConfig, Parameterization};
 use gauss_losses::{fgn_objective, FgnObjectiveConfig};
@@ -245,22 +246,6 @@ pub fn fgn_step(
         repair::repair_var_if_needed(precision, DIRECT_MIN_EIGENVALUE)?;
     }
     Ok(loss)
-}
-
-/// The `direct` precisions (`layers.{i}.precision`): an optimizer step can push them out of
-/// the positive-definite cone, so the loop projects them back after every step.
-pub fn direct_precisions(varmap: &VarMap, net: &GaussNet) -> Result<Vec<Var>> {
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| anyhow!("VarMap lock poisoned"))?;
-    Ok(net
-        .layers()
-        .iter()
-        .enumerate()
-        .filter(|(_, layer)| layer.precision().parameterization() == Parameterization::Direct)
-        .filter_map(|(i, _)| data.get(&format!("layers.{i}.precision")).cloned())
-        .collect())
 }
 
 /// Trains a classical MLP with cross-entropy; returns it with its variables and the seconds

@@ -12,11 +12,11 @@ mod font;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{AdamW, Linear, Module, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
-use examples_support::parameterization;
+use examples_support::{direct_precisions, parameterization};
 use gauss_layer::{
     repair, GaussLayerConfig, GaussNet, GaussNetConfig, Parameterization, PrecisionConfig,
 };
@@ -208,27 +208,6 @@ fn build_fgn(parameterization: Parameterization, seed: u64) -> Result<(GaussNet,
     };
     let net = GaussNet::new(config, vb)?;
     Ok((net, varmap))
-}
-
-/// The `direct` precisions (`layers.{i}.precision`): an optimizer step can push them out of
-/// the positive-definite cone, so [`train_fgn`] repairs them after every step (README,
-/// "Training `Direct`"). Empty for the other parameterizations.
-fn direct_precisions(varmap: &VarMap, net: &GaussNet) -> Result<Vec<Var>> {
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| anyhow!("VarMap lock poisoned"))?;
-    net.layers()
-        .iter()
-        .enumerate()
-        .filter(|(_, layer)| layer.precision().parameterization() == Parameterization::Direct)
-        .map(|(i, _)| {
-            let name = format!("layers.{i}.precision");
-            data.get(&name)
-                .cloned()
-                .with_context(|| format!("the direct layer {i} has no variable {name}"))
-        })
-        .collect()
 }
 
 /// The FGN objective of `--lambda-sigma` (an error for a negative or non-finite weight).
