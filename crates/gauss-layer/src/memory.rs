@@ -52,7 +52,8 @@ pub fn network_elements(config: &GaussNetConfig) -> Result<u64> {
             .ok_or_else(|| "the number of parameters overflows".to_string())?;
         Ok(())
     })
-    .map_err(|reason| GaussError::config("hidden", reason))?;
+    // Any width can be the one at fault (the reason names the tensor that overflows).
+    .map_err(|reason| GaussError::config("in_features, hidden, out_features", reason))?;
     Ok(total)
 }
 

@@ -15,7 +15,7 @@
 mod alloc;
 mod timing;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::{Module, VarBuilder, VarMap};
 use clap::Parser;
@@ -148,7 +148,8 @@ fn check_size(args: &Args, config: &GaussLayerConfig, dtype: DType, cpu: bool) -
         layer: config.clone(),
         gate: false,
         ..Default::default()
-    })?;
+    })
+    .with_context(|| format!("--in {d} --out {z}"))?;
     let elements = (|| {
         let bd = b.checked_mul(d)?;
         let product = bd.checked_mul(z)?;
@@ -344,10 +345,9 @@ mod tests {
             .to_string();
         assert!(e.contains("needs about") || e.contains("overflows"), "{e}");
         let huge = (1u64 << 40).to_string();
-        let e = report(args(&huge, &huge))
-            .err()
-            .expect("overflow")
-            .to_string();
+        let e = format!("{:#}", report(args(&huge, &huge)).err().expect("overflow"));
         assert!(e.contains("overflows"), "{e}");
+        // The parameters' count overflows: the message names the options, as given.
+        assert!(e.starts_with(&format!("--in {huge} --out {huge}: ")), "{e}");
     }
 }

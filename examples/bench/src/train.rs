@@ -434,7 +434,12 @@ fn check_size(args: &Args, params: &[Parameterization], dtype: DType, cpu: bool)
         .and_then(|n| n.checked_mul(2))
         .map(|n| n as u64);
     for &param in params {
-        let net = memory::network_elements(&net_config(args, param))?;
+        let net = memory::network_elements(&net_config(args, param)).with_context(|| {
+            format!(
+                "--in {} --hidden {:?} --classes {}",
+                args.in_features, args.hidden, args.classes
+            )
+        })?;
         elements = elements.and_then(|e| e.checked_add(net.checked_mul(2 * 4)?));
     }
     let estimate = elements.and_then(|e| e.checked_mul(dtype.size_in_bytes() as u64));
@@ -621,11 +626,19 @@ mod tests {
     #[test]
     fn sizes_that_cannot_fit_are_refused_first() {
         for hidden in ["1000000", "4611686018427387904"] {
-            let e = report(&args(&["--params", "cholesky", "--hidden", hidden]))
-                .err()
-                .expect("too large")
-                .to_string();
+            let e = format!(
+                "{:#}",
+                report(&args(&["--params", "cholesky", "--hidden", hidden]))
+                    .err()
+                    .expect("too large")
+            );
             assert!(e.contains("needs about") || e.contains("overflows"), "{e}");
+            if e.contains("overflows") {
+                assert!(
+                    e.starts_with("--in ") && e.contains(&format!("{hidden}]")),
+                    "{e}"
+                );
+            }
         }
     }
 

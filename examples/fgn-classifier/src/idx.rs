@@ -22,7 +22,7 @@ const MAX_PAYLOAD: u64 = 1 << 31;
 /// Most classes a label file may name (EMNIST byclass has 62).
 const MAX_CLASSES: usize = 1000;
 
-const IMAGES_MAGIC: u32 = 0x803;
+pub(crate) const IMAGES_MAGIC: u32 = 0x803;
 const LABELS_MAGIC: u32 = 0x801;
 
 /// An IDX data set with its image size (for the convolutional trunk).
@@ -169,14 +169,29 @@ pub fn read_idx(path: &Path, magic: u32, rank: usize) -> Result<(Vec<usize>, Vec
     Ok((dims, items))
 }
 
-/// The dims of an IDX file from its header alone (a plain file's length is checked against
-/// them too; a gzip file's items are only checked when they are read).
+/// The dims of an IDX file, with its item count checked against them: a plain file's by its
+/// length, a gzip file's by decompressing it once and keeping nothing (a cut-short `.gz`
+/// fails here, before any work, not when its items are read).
 fn read_dims(path: &Path, magic: u32, rank: usize) -> Result<Vec<usize>> {
-    let opened = open_idx(path, magic, rank)?;
-    if let Some(found) = opened.plain_len {
-        check_item_count(path, &opened.dims, opened.count, found)?;
-    }
-    Ok(opened.dims)
+    let Opened {
+        dims,
+        count,
+        reader,
+        plain_len,
+    } = open_idx(path, magic, rank)?;
+    let found = match plain_len {
+        Some(len) => len,
+        None => {
+            std::io::copy(&mut reader.take(count + 1), &mut std::io::sink()).with_context(|| {
+                format!(
+                    "{}: cannot read the items (broken gzip stream?)",
+                    path.display()
+                )
+            })?
+        }
+    };
+    check_item_count(path, &dims, count, found)?;
+    Ok(dims)
 }
 
 struct RawSplit {

@@ -437,8 +437,24 @@ mod tests {
         // Gzip files: the header is read through the decoder.
         let gz = crate::idx::tests::write_set("ood-check-gz", 3, 2, true);
         let gz_result = OodSource::Dir(gz.clone()).check(InDistribution::Size(4, 3));
+        // A cut-short `.gz` (its header intact) is refused up front too, by decompressing it.
+        let images_gz = gz.join("t10k-images-idx3-ubyte.gz");
+        let whole = std::fs::read(&images_gz).unwrap();
+        std::fs::write(&images_gz, &whole[..whole.len() - 12]).unwrap();
+        let cut_gz = OodSource::Dir(gz.clone()).check(InDistribution::Size(4, 3));
+        let header_only = crate::idx::tests::gzip(&crate::idx::tests::idx_bytes(
+            crate::idx::IMAGES_MAGIC,
+            &[3, 4, 3],
+            &[0; 35],
+        ));
+        std::fs::write(&images_gz, header_only).unwrap();
+        let short_gz = OodSource::Dir(gz.clone()).check(InDistribution::Size(4, 3));
         std::fs::remove_dir_all(&gz).unwrap();
         gz_result.unwrap();
+        let cut_gz = format!("{:#}", cut_gz.unwrap_err());
+        assert!(cut_gz.contains("t10k-images-idx3-ubyte.gz"), "{cut_gz}");
+        let short_gz = format!("{:#}", short_gz.unwrap_err());
+        assert!(short_gz.contains("need 36 bytes"), "{short_gz}");
         for generated in [OodSource::Noise, OodSource::Shuffled, OodSource::Inverted] {
             generated.check(InDistribution::Size(1, 1)).unwrap();
         }
