@@ -18,10 +18,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Var};
-use candle_nn::VarMap;
+use candle_core::{DType, Device};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
-use gauss_layer::{GaussNet, Parameterization};
+use gauss_layer::Parameterization;
 use serde_json::{json, Map, Value};
 
 /// The examples' global allocator: mimalloc with the `mimalloc` feature (each example's
@@ -229,29 +228,6 @@ pub fn parameterization(param: &str, rank: Option<usize>) -> Result<Parameteriza
         }
         (other, _, None) => Ok(other.parse()?),
     }
-}
-
-/// The `direct` precisions of a network built over `varmap` at its root
-/// (`layers.{i}.precision`): an optimizer step can push them out of the positive-definite
-/// cone, so the examples repair them after every step
-/// (`gauss_layer::repair::repair_var_if_needed`; README, "Training `Direct`"). Empty for the
-/// other parameterizations.
-pub fn direct_precisions(varmap: &VarMap, net: &GaussNet) -> Result<Vec<Var>> {
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?;
-    net.layers()
-        .iter()
-        .enumerate()
-        .filter(|(_, layer)| layer.precision().parameterization() == Parameterization::Direct)
-        .map(|(i, _)| {
-            let name = format!("layers.{i}.precision");
-            data.get(&name)
-                .cloned()
-                .with_context(|| format!("the direct layer {i} has no variable {name}"))
-        })
-        .collect()
 }
 
 /// Checks, before any work, that the directory `dir` accepts new files (a save writes a

@@ -32,10 +32,12 @@
 //! ```
 
 use candle_core::{DType, Tensor, Var};
+use candle_nn::VarMap;
 use rayon::prelude::*;
 
 use crate::config::Parameterization;
 use crate::error::{GaussError, Result};
+use crate::layer::GaussLayer;
 use crate::linalg::{self, host};
 use crate::precision::Precision;
 use crate::route::{backend, Backend};
@@ -350,6 +352,66 @@ pub fn repair_var_if_needed(var: &Var, min_eigenvalue: f64) -> Result<bool> {
     Ok(below_floor(&report, min_eigenvalue))
 }
 
+/// The variables of `varmap` that hold the raw precision of the `direct` layers among
+/// `layers`, in the layers' order: what a training loop passes to [`repair_var_if_needed`]
+/// after each optimizer step. Found by tensor identity, so any `VarBuilder` prefix works (a
+/// `GaussNet` at the root, a layer under `"model.gauss"`). Empty when no layer is `direct`.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use gauss_layer::{gauss_layer, repair, GaussLayerConfig, Parameterization, PrecisionConfig};
+/// let varmap = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+/// let config = GaussLayerConfig {
+///     precision: PrecisionConfig {
+///         parameterization: Parameterization::Direct,
+///         ..Default::default()
+///     },
+///     ..Default::default()
+/// };
+/// let layer = gauss_layer(3, 2, config, vb.pp("model").pp("gauss"))?;
+/// let direct = repair::direct_vars(&varmap, [&layer])?;
+/// assert_eq!(direct.len(), 1);
+/// // After each optimizer step:
+/// for var in &direct {
+///     repair::repair_var_if_needed(var, 1e-3)?;
+/// }
+/// # Ok::<(), gauss_layer::GaussError>(())
+/// ```
+///
+/// # Errors
+/// [`GaussError::Data`] when a `direct` layer's precision is not a variable of `varmap` (the
+/// layer was built over another `VarMap`, or loaded from a file without one: it then has
+/// nothing to train).
+pub fn direct_vars<'a>(
+    varmap: &VarMap,
+    layers: impl IntoIterator<Item = &'a GaussLayer>,
+) -> Result<Vec<Var>> {
+    let data = varmap.data().lock().map_err(|_| GaussError::Data {
+        origin: "varmap".into(),
+        reason: "its lock is poisoned (a thread panicked while holding it)".into(),
+    })?;
+    layers
+        .into_iter()
+        .enumerate()
+        .filter(|(_, layer)| layer.precision().parameterization() == Parameterization::Direct)
+        .map(|(i, layer)| {
+            let id = layer.precision().raw().id();
+            data.values()
+                .find(|var| var.as_tensor().id() == id)
+                .cloned()
+                .ok_or_else(|| GaussError::Data {
+                    origin: "varmap".into(),
+                    reason: format!(
+                        "the direct precision of layer {i} ({:?}) is not one of its variables (the layer was built over another VarMap, or loaded without one)",
+                        layer.precision().raw().dims()
+                    ),
+                })
+        })
+        .collect()
+}
+
 /// Whether some neuron of `report` has its smallest eigenvalue below `floor` (or NaN).
 fn below_floor(report: &PdReport, floor: f64) -> bool {
     report
@@ -384,6 +446,57 @@ mod tests {
     use super::*;
     use crate::config::PrecisionConfig;
     use candle_core::Device;
+
+    /// `direct_vars` finds the direct layers' variables under any prefix, skips the other
+    /// parameterizations, and refuses a layer whose precision is not in the map.
+    #[test]
+    fn direct_vars_are_found_by_identity_under_any_prefix() {
+        use crate::config::GaussLayerConfig;
+        use crate::layer::gauss_layer;
+        use candle_nn::VarBuilder;
+        let config = |parameterization| GaussLayerConfig {
+            precision: PrecisionConfig {
+                parameterization,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let first = gauss_layer(3, 4, config(Parameterization::Direct), vb.pp("a.b")).unwrap();
+        let middle = gauss_layer(4, 4, config(Parameterization::Cholesky), vb.pp("c")).unwrap();
+        let last = gauss_layer(4, 2, config(Parameterization::Direct), vb.pp("d")).unwrap();
+        let found = direct_vars(&varmap, [&first, &middle, &last]).unwrap();
+        let ids: Vec<_> = found.iter().map(|var| var.as_tensor().id()).collect();
+        assert_eq!(
+            ids,
+            vec![first.precision().raw().id(), last.precision().raw().id()]
+        );
+        // The variable is the layer's tensor: a repair through it is what the layer computes with.
+        let broken = Tensor::new(&[[[1.0f32, 2.0], [2.0, 1.0]]; 2], &Device::Cpu).unwrap();
+        let small = gauss_layer(2, 2, config(Parameterization::Direct), vb.pp("e")).unwrap();
+        let var = direct_vars(&varmap, [&small]).unwrap().remove(0);
+        var.set(&broken).unwrap();
+        assert!(!check_positive_definite(small.precision())
+            .unwrap()
+            .all_positive_definite());
+        assert!(repair_var_if_needed(&var, 1e-3).unwrap());
+        assert!(check_positive_definite(small.precision())
+            .unwrap()
+            .all_positive_definite());
+        // Not one of the map's variables.
+        let other = VarMap::new();
+        let elsewhere = gauss_layer(
+            3,
+            2,
+            config(Parameterization::Direct),
+            VarBuilder::from_varmap(&other, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let err = direct_vars(&varmap, [&middle, &elsewhere]).unwrap_err();
+        assert!(matches!(err, GaussError::Data { .. }), "{err}");
+        assert!(err.to_string().contains("layer 1 ([2, 3, 3])"), "{err}");
+    }
 
     #[test]
     fn portable_check_catches_nan_pivots() {

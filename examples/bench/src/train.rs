@@ -275,17 +275,7 @@ fn build_pair(
     } else {
         Opt::Candle(AdamW::new(varmap.all_vars(), params)?)
     };
-    let direct = if param == Parameterization::Direct {
-        let data = varmap
-            .data()
-            .lock()
-            .map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?;
-        (0..net.layers().len())
-            .filter_map(|i| data.get(&format!("layers.{i}.precision")).cloned())
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let direct = repair::direct_vars(&varmap, net.layers())?;
     Ok(Pair {
         param,
         net,

@@ -9,7 +9,6 @@ use std::time::Instant;
 use anyhow::{anyhow, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Linear, Module, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use examples_support::direct_precisions;
 use gauss_layer::FusedAdamW;
 use gauss_layer::{repair, GaussNet, GaussNetConfig, Parameterization};
 use gauss_losses::{fgn_objective, FgnObjectiveConfig};
@@ -293,7 +292,7 @@ pub fn train_fgn(
     let net = GaussNet::new(config, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
     crate::init::centers_on_training_images(&mut varmap, &net, train, rng)?;
     let mut opt = FgnOptimizer::new(&varmap, &net, schedule)?;
-    let direct = direct_precisions(&varmap, &net)?;
+    let direct = repair::direct_vars(&varmap, net.layers())?;
     let bar = progress("fgn", schedule.epochs as u64);
     let fit = Instant::now();
     for _ in 0..schedule.epochs {

@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{AdamW, Linear, Module, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
-use examples_support::{direct_precisions, parameterization};
+use examples_support::parameterization;
 use gauss_layer::{
     repair, GaussLayerConfig, GaussNet, GaussNetConfig, Parameterization, PrecisionConfig,
 };
@@ -230,7 +230,7 @@ fn train_fgn(
     steps: usize,
     lambda_sigma: f64,
 ) -> Result<()> {
-    let direct = direct_precisions(varmap, net)?;
+    let direct = repair::direct_vars(varmap, net.layers())?;
     let mut opt = adam(varmap, 0.02)?;
     let objective = objective(lambda_sigma)?;
     for _ in 0..steps {
@@ -651,9 +651,9 @@ mod tests {
             Tensor::new(labels.as_slice(), &Device::Cpu)?,
         );
         let (net, varmap) = build_fgn(Parameterization::Direct, 0)?;
-        assert_eq!(direct_precisions(&varmap, &net)?.len(), 2);
+        assert_eq!(repair::direct_vars(&varmap, net.layers())?.len(), 2);
         train_fgn(&net, &varmap, &x, &y, 60, 0.1)?;
-        for precision in direct_precisions(&varmap, &net)? {
+        for precision in repair::direct_vars(&varmap, net.layers())? {
             let report = repair::check_positive_definite_matrices(precision.as_tensor())?;
             assert!(report.neurons.iter().all(|n| n.positive_definite));
         }
@@ -665,7 +665,7 @@ mod tests {
             .all(|v| v.is_finite()));
         assert!(accuracy(&logits, &y)? > 0.6);
         let (other, other_vars) = build_fgn(Parameterization::Cholesky, 0)?;
-        assert!(direct_precisions(&other_vars, &other)?.is_empty());
+        assert!(repair::direct_vars(&other_vars, other.layers())?.is_empty());
         Ok(())
     }
 
