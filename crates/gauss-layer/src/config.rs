@@ -212,7 +212,9 @@ pub enum DistanceKernel {
 pub struct InitConfig {
     /// Standard deviation of the centers, drawn from N(0, std²). FGN: 0.1.
     pub center_std: f64,
-    /// Initial precision `P ≈ precision_scale · I`; `None` means `1 / in_features`.
+    /// Initial precision `P ≈ precision_scale · I`; `None` means `1 / in_features`. The forms
+    /// that store `ln P` (diag, sphere, lowrank, expm) need `|ln precision_scale| ≤ ½ ln M` of
+    /// the dtype: in f16 ±5.5449, so the default fits up to 255 inputs.
     #[serde(deserialize_with = "required_option")]
     pub precision_scale: Option<f64>,
     /// Size of the tiny symmetric random perturbation added to the initial precision

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::check;
 use crate::gaussian::log_det_from_triangular;
-use crate::reduction::accumulated;
+use crate::reduction::mean_over_layers;
 
 /// Which penalty on the covariance eigenvalues to use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -139,13 +139,15 @@ impl LambdaLoss {
 
     /// The loss of one or several layers: the mean of the per-neuron terms over all neurons
     /// of all layers (so a layer weighs by its width, and the value does not grow with depth).
-    /// f16 and bf16 terms are summed in f32.
+    /// f16 and bf16 terms are summed in f32 and the mean rounded back once (a half-precision
+    /// sum of many neurons would overflow where the mean does not).
     ///
     /// # Shapes
     /// → ()
     ///
     /// # Errors
-    /// No layers ([`GaussError::NoLayers`]); as [`LambdaLoss::per_neuron`].
+    /// No layers ([`GaussError::NoLayers`]); layers of different dtypes
+    /// ([`GaussError::DType`]); as [`LambdaLoss::per_neuron`].
     pub fn of_layers<'a>(self, layers: impl IntoIterator<Item = &'a GaussLayer>) -> Result<Tensor> {
         self.of_layers_with(layers, TraceEstimator::Exact)
     }
@@ -162,19 +164,10 @@ impl LambdaLoss {
         layers: impl IntoIterator<Item = &'a GaussLayer>,
         estimator: TraceEstimator,
     ) -> Result<Tensor> {
-        let mut total: Option<Tensor> = None;
-        let mut neurons = 0usize;
-        for layer in layers {
-            let terms = self.per_neuron_with(layer.precision(), estimator)?;
-            neurons += terms.elem_count();
-            let sum = accumulated(&terms, |t| Ok(t.sum_all()?))?;
-            total = Some(match total {
-                None => sum,
-                Some(acc) => (acc + sum)?,
-            });
-        }
-        let total = total.ok_or(GaussError::NoLayers { what: "λ-loss" })?;
-        Ok((total / neurons as f64)?)
+        let terms = layers
+            .into_iter()
+            .map(|layer| self.per_neuron_with(layer.precision(), estimator).map(Some));
+        mean_over_layers("λ-loss terms", terms)?.ok_or(GaussError::NoLayers { what: "λ-loss" })
     }
 
     /// The per-neuron term from precision factors `P_z = L_z L_z ᵀ` given directly (the

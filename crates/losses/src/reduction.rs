@@ -56,6 +56,51 @@ impl Reduction {
     }
 }
 
+/// The mean of every element of the per-layer `terms` (the λ-loss's per-neuron terms, the
+/// weights' squares), or `None` when no layer gave any. f16 and bf16 terms are summed in f32
+/// and the mean rounded back once, after the division: a half-precision running total is
+/// infinite past 65504 even where the mean is small (1100 neurons of `log|Σ|` ≈ 266).
+///
+/// # Errors
+/// `what`'s terms of different dtypes ([`GaussError::DType`], naming the layer, counted
+/// from 0): one mean has one dtype.
+pub(crate) fn mean_over_layers(
+    what: &str,
+    terms: impl IntoIterator<Item = Result<Option<Tensor>>>,
+) -> Result<Option<Tensor>> {
+    let mut total: Option<(Tensor, DType)> = None;
+    let mut count = 0usize;
+    for (layer, terms) in terms.into_iter().enumerate() {
+        let Some(terms) = terms? else { continue };
+        count += terms.elem_count();
+        let sum = widened(&terms)?.sum_all()?;
+        total = Some(match total {
+            None => (sum, terms.dtype()),
+            Some((acc, dtype)) => {
+                if terms.dtype() != dtype {
+                    return Err(GaussError::dtype(
+                        format!("{what} of layer {layer}"),
+                        format!("{dtype:?} (the dtype of the layers before it)"),
+                        terms.dtype(),
+                    ));
+                }
+                ((acc + sum)?, dtype)
+            }
+        });
+    }
+    total
+        .map(|(sum, dtype)| Ok((sum / count as f64)?.to_dtype(dtype)?))
+        .transpose()
+}
+
+/// `t` in the dtype its sums run in: f32 for f16 and bf16, its own otherwise.
+fn widened(t: &Tensor) -> Result<Tensor> {
+    Ok(match t.dtype() {
+        DType::F16 | DType::BF16 => t.to_dtype(DType::F32)?,
+        _ => t.clone(),
+    })
+}
+
 /// Runs the reduction `reduce` on `t` widened to f32 when `t` is f16 or bf16, and rounds its
 /// result back to `t`'s dtype; other dtypes as they are. Candle's CPU sum accumulates in the
 /// tensor's dtype, and a running sum in 11 (f16) or 8 (bf16) significant bits stops growing
@@ -65,8 +110,5 @@ pub(crate) fn accumulated(
     t: &Tensor,
     reduce: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    match t.dtype() {
-        DType::F16 | DType::BF16 => Ok(reduce(&t.to_dtype(DType::F32)?)?.to_dtype(t.dtype())?),
-        _ => reduce(t),
-    }
+    Ok(reduce(&widened(t)?)?.to_dtype(t.dtype())?)
 }

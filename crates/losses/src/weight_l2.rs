@@ -18,7 +18,7 @@
 use candle_core::Tensor;
 use gauss_layer::GaussLayer;
 
-use crate::reduction::accumulated;
+use crate::reduction::mean_over_layers;
 
 use gauss_layer::{GaussError, Result};
 
@@ -35,32 +35,25 @@ pub fn weight_l2(layer: &GaussLayer) -> Result<Tensor> {
 
 /// Mean of the squared weights over all weights of all layers (one pooled mean, so a wide
 /// layer weighs by its size); zero when no layer has weights. Errors when there are no
-/// layers. f16 and bf16 weights are summed in f32.
+/// layers. f16 and bf16 weights are summed in f32 and the mean rounded back once (a
+/// half-precision sum of many weights would overflow where the mean does not).
 ///
 /// # Shapes
 /// → ()
 ///
 /// # Errors
-/// No layers ([`GaussError::NoLayers`]).
+/// No layers ([`GaussError::NoLayers`]); layers of different dtypes ([`GaussError::DType`]).
 pub fn weight_l2_of_layers<'a>(layers: impl IntoIterator<Item = &'a GaussLayer>) -> Result<Tensor> {
-    let mut any_layer: Option<&GaussLayer> = None;
-    let mut total: Option<Tensor> = None;
-    let mut count = 0usize;
-    for layer in layers {
-        any_layer = Some(layer);
-        if let Some(weight) = layer.weight() {
-            count += weight.elem_count();
-            let sum = accumulated(&weight.sqr()?, |t| Ok(t.sum_all()?))?;
-            total = Some(match total {
-                None => sum,
-                Some(acc) => (acc + sum)?,
-            });
-        }
-    }
-    let layer = any_layer.ok_or(GaussError::NoLayers { what: "weight L2" })?;
-    match total {
-        Some(total) if count > 0 => Ok((total / count as f64)?),
-        _ => {
+    let mut first_layer: Option<&GaussLayer> = None;
+    let squares = layers.into_iter().map(|layer| {
+        first_layer.get_or_insert(layer);
+        layer.weight().map(|weight| Ok(weight.sqr()?)).transpose()
+    });
+    let mean = mean_over_layers("weights", squares)?;
+    let layer = first_layer.ok_or(GaussError::NoLayers { what: "weight L2" })?;
+    match mean {
+        Some(mean) => Ok(mean),
+        None => {
             let center = layer.center();
             Ok(Tensor::zeros((), center.dtype(), center.device())?)
         }

@@ -7,9 +7,10 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
-use gauss_layer::{GaussLayer, GaussLayerConfig, Parameterization, Precision};
+use gauss_layer::{GaussError, GaussLayer, GaussLayerConfig, Parameterization, Precision};
 use gauss_losses::{
-    checked_cross_entropy, log_det_from_triangular, weight_l2, LambdaLoss, Reduction,
+    checked_cross_entropy, log_det_from_triangular, weight_l2, weight_l2_of_layers, LambdaLoss,
+    Reduction,
 };
 
 fn host(t: &Tensor) -> Result<f32> {
@@ -84,43 +85,93 @@ fn half_precision_cross_entropy_accumulates_in_f32() -> Result<()> {
     Ok(())
 }
 
-/// A layer of 64 × 64 weights all 0.05: the weight L2 is 0.0025 (bf16 summed its 4096
-/// squares to about 1, a mean of 2.4e-4).
+/// A diag layer of Z × 64 weights all `w` in half precision (θ = 0).
+fn half_precision_layer(z: usize, w: f32, dtype: DType) -> Result<GaussLayer> {
+    let d = 64;
+    let config = GaussLayerConfig::with_parameterization(Parameterization::Diag);
+    let raw = Tensor::zeros((z, d), dtype, &Device::Cpu)?;
+    let precision = Precision::from_raw(raw, d, &config)?;
+    let weight = Tensor::full(w, (z, d), &Device::Cpu)?.to_dtype(dtype)?;
+    let bias = Tensor::zeros(z, dtype, &Device::Cpu)?;
+    let center = Tensor::zeros((z, d), dtype, &Device::Cpu)?;
+    Ok(GaussLayer::new(
+        Some(weight),
+        Some(bias),
+        center,
+        precision,
+        config,
+    )?)
+}
+
+/// The weight L2 is the mean of the squares: 0.0025 for 64 × 64 weights all 0.05 (bf16
+/// summed its 4096 squares to about 1, a mean of 2.4e-4), and 1 for 1100 × 64 weights all 1
+/// (their sum, 70400, is past f16's largest value: rounded back before the division, the
+/// mean was ∞).
 #[test]
 fn half_precision_weight_l2_accumulates_in_f32() -> Result<()> {
-    let (z, d) = (64usize, 64usize);
     for dtype in [DType::BF16, DType::F16] {
-        let config = GaussLayerConfig::with_parameterization(Parameterization::Diag);
-        let raw = Tensor::zeros((z, d), dtype, &Device::Cpu)?;
-        let precision = Precision::from_raw(raw, d, &config)?;
-        let weight = Tensor::full(0.05f32, (z, d), &Device::Cpu)?.to_dtype(dtype)?;
-        let bias = Tensor::zeros(z, dtype, &Device::Cpu)?;
-        let center = Tensor::zeros((z, d), dtype, &Device::Cpu)?;
-        let layer = GaussLayer::new(Some(weight), Some(bias), center, precision, config)?;
-        let l2 = weight_l2(&layer)?;
-        assert_eq!(l2.dtype(), dtype);
-        assert_rel(host(&l2)?, 0.0025, dtype, "weight L2");
+        for (z, w, expected) in [(64usize, 0.05f32, 0.0025f32), (1100, 1.0, 1.0)] {
+            let l2 = weight_l2(&half_precision_layer(z, w, dtype)?)?;
+            assert_eq!(l2.dtype(), dtype);
+            assert_rel(
+                host(&l2)?,
+                expected,
+                dtype,
+                &format!("weight L2 of {z} neurons"),
+            );
+        }
     }
     Ok(())
 }
 
 /// 2000 diag neurons with θ = 0 (P = I): every per-neuron trace term `tr Σ/d` is 1, and so is
-/// their mean (bf16 stalled its sum at 256, a mean of 0.128).
+/// their mean (bf16 stalled its sum at 256, a mean of 0.128). With θ = −4 each term is e⁴ and
+/// their sum, 1.1e5, is past f16's largest value (rounded back before the division, the mean
+/// was ∞).
 #[test]
 fn half_precision_lambda_pooling_accumulates_in_f32() -> Result<()> {
     let (z, d) = (2000usize, 2usize);
     for dtype in [DType::BF16, DType::F16] {
-        let config = GaussLayerConfig {
-            gaussian_only: true,
-            ..GaussLayerConfig::with_parameterization(Parameterization::Diag)
-        };
-        let raw = Tensor::zeros((z, d), dtype, &Device::Cpu)?;
-        let precision = Precision::from_raw(raw, d, &config)?;
-        let center = Tensor::zeros((z, d), dtype, &Device::Cpu)?;
-        let layer = GaussLayer::new(None, None, center, precision, config)?;
-        let lambda = LambdaLoss::TraceCovariance.of_layers([&layer])?;
-        assert_eq!(lambda.dtype(), dtype);
-        assert_rel(host(&lambda)?, 1.0, dtype, "λ-loss");
+        for theta in [0.0f32, -4.0] {
+            let config = GaussLayerConfig {
+                gaussian_only: true,
+                ..GaussLayerConfig::with_parameterization(Parameterization::Diag)
+            };
+            let raw = Tensor::full(theta, (z, d), &Device::Cpu)?.to_dtype(dtype)?;
+            let precision = Precision::from_raw(raw, d, &config)?;
+            let center = Tensor::zeros((z, d), dtype, &Device::Cpu)?;
+            let layer = GaussLayer::new(None, None, center, precision, config)?;
+            let lambda = LambdaLoss::TraceCovariance.of_layers([&layer])?;
+            assert_eq!(lambda.dtype(), dtype);
+            let expected = (-theta).exp();
+            assert_rel(
+                host(&lambda)?,
+                expected,
+                dtype,
+                &format!("λ-loss at θ = {theta}"),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One mean has one dtype: layers of f32 and bf16 are refused with the layer named, not
+/// with Candle's "dtype mismatch in add".
+#[test]
+fn pooled_losses_refuse_layers_of_different_dtypes() -> Result<()> {
+    let f32_layer = half_precision_layer(2, 1.0, DType::F32)?;
+    let bf16_layer = half_precision_layer(2, 1.0, DType::BF16)?;
+    let layers = [&f32_layer, &bf16_layer];
+    for error in [
+        weight_l2_of_layers(layers).unwrap_err(),
+        LambdaLoss::TraceCovariance.of_layers(layers).unwrap_err(),
+    ] {
+        assert!(matches!(error, GaussError::DType { .. }), "{error}");
+        let message = error.to_string();
+        assert!(
+            message.contains("of layer 1") && message.contains("BF16"),
+            "{message}"
+        );
     }
     Ok(())
 }

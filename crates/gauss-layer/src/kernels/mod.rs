@@ -7,7 +7,7 @@
 //!
 //! | precision | CPU, f32/f64 (fused) | portable (CUDA, Metal, other dtypes, `portable: true`) |
 //! |---|---|---|
-//! | diag, sphere (any kernel but `Naive`) | fused diagonal op (exact, B·Z·d) | diagonal portable form (matmuls, clamped) |
+//! | diag, sphere (any kernel but `Naive`) | fused diagonal op (exact, B·Z·d) | diagonal portable form ((B, Z, d) differences, exact terms) |
 //! | cholesky, expm: `Auto`, B ≤ 2d | fused projected op (no check) | projected portable form |
 //! | cholesky, expm: `Auto`, B > 2d, check passes | fused expanded op (projected forward where d is large) | projected portable form |
 //! | cholesky, expm: `Auto`, B > 2d, check fails | fused projected op | projected portable form |

@@ -160,7 +160,7 @@ fn check_entries(raw: &Tensor, config: &PrecisionConfig) -> Result<()> {
         if outside {
             let name = Precision::tensor_name(config.parameterization);
             let range = match bound {
-                Some((low, high)) => format!("finite values in [{low:.6e}, {high:.6e}] (the range where P stays finite in {dtype:?})"),
+                Some((low, high)) => format!("finite values in [{low:.6e}, {high:.6e}] (the range in which P, the covariance and the products P·δ² the layer forms stay finite in {dtype:?})"),
                 None => "finite values".to_string(),
             };
             return Err(GaussError::Numerical {

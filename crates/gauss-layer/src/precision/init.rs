@@ -67,6 +67,39 @@ fn check_direct_diagonal(
     }
 }
 
+/// diag, sphere, lowrank and expm store `ln P` (diag's `θ = ln scale` at the start), which
+/// the raw-value bounds keep within `±½ ln M` of the dtype ([`super::bounds`]). In f16 that is
+/// ±5.5449 (P between 1/255.9 and 255.9), so the default scale `1/d` does not fit past d = 255: say
+/// so in the init's terms, with the ways out, rather than as a raw value out of range.
+fn check_log_scale(config: &GaussLayerConfig, scale: f64, d: usize, dtype: DType) -> Result<()> {
+    let stores_log = matches!(
+        config.precision.parameterization,
+        Parameterization::Diag
+            | Parameterization::Sphere
+            | Parameterization::LowRank { .. }
+            | Parameterization::Expm
+    );
+    let bound = super::bounds::log_bound(dtype);
+    // A scale that is not positive and finite is the config validation's to refuse.
+    let log = scale.ln();
+    if !stores_log || !log.is_finite() || log.abs() <= bound {
+        return Ok(());
+    }
+    let given = match config.init.precision_scale {
+        Some(_) => format!("{scale:e}"),
+        None => format!("the default 1/d = {scale:e} (d = {d})"),
+    };
+    Err(GaussError::config(
+        "init.precision_scale",
+        format!(
+            "{given} does not fit the {} parameterization in {dtype:?}: it stores ln P, which {dtype:?} holds within ±{bound:.4} (P from {:.4e} to {:.4e}); set init.precision_scale within that range, or build the layer in f32",
+            config.precision.parameterization,
+            (-bound).exp(),
+            bound.exp()
+        ),
+    ))
+}
+
 impl Precision {
     /// The FGN initial raw tensor: `P ≈ scale · I` with a tiny symmetric random perturbation
     /// of relative size `config.init.perturbation` (`scale = config.init.precision_scale`,
@@ -95,6 +128,7 @@ impl Precision {
         let scale = config.init.precision_scale.unwrap_or(1.0 / d as f64);
         let eps = config.init.perturbation;
         let shape = Self::raw_shape(config.precision.parameterization, z, d);
+        check_log_scale(config, scale, d, dtype)?;
         let values = match config.precision.parameterization {
             // log p = log(scale · (1 + eps · n)), one draw per diagonal entry (diag) or neuron.
             Parameterization::Diag | Parameterization::Sphere => {

@@ -353,6 +353,43 @@ fn half_precision_statistics_accumulate_in_f32() {
     }
 }
 
+/// f16 holds ln P within ±½ ln 65504 = ±5.5449, so the default scale 1/d fits up to d = 255:
+/// past it the log-scale forms are refused in the init's terms (`init.precision_scale`, with
+/// the way out), where the error was a raw value out of range. Cholesky and direct store a
+/// factor or P itself and still start; an explicit scale in range starts every form.
+#[test]
+fn half_precision_log_scale_forms_name_the_init_scale_past_d_255() {
+    for parameterization in Parameterization::ALL {
+        let cfg = config(parameterization, None);
+        let fits = Precision::initial_raw(2, 255, &cfg, DType::F16, &Device::Cpu);
+        assert!(fits.is_ok(), "{parameterization} at d = 255: {fits:?}");
+        let result = Precision::initial_raw(2, 300, &cfg, DType::F16, &Device::Cpu);
+        let stores_log = matches!(
+            parameterization,
+            Parameterization::Diag
+                | Parameterization::Sphere
+                | Parameterization::LowRank { .. }
+                | Parameterization::Expm
+        );
+        if !stores_log {
+            assert!(result.is_ok(), "{parameterization}: {result:?}");
+            continue;
+        }
+        let message = result.unwrap_err().to_string();
+        assert!(
+            message.contains("init.precision_scale")
+                && message.contains("the default 1/d")
+                && message.contains("d = 300")
+                && message.contains("f32"),
+            "{message}"
+        );
+        let mut in_range = cfg.clone();
+        in_range.init.precision_scale = Some(1.0 / 200.0);
+        let raw = Precision::initial_raw(2, 300, &in_range, DType::F16, &Device::Cpu).unwrap();
+        Precision::from_raw(raw, 300, &in_range).unwrap();
+    }
+}
+
 /// A NaN or ∞ in a precision matrix is refused by every parameterization's inverse map,
 /// naming the neuron and the entry: diag and sphere read only the diagonal and tested the
 /// off-diagonal entries with `f64::max`, which drops NaN, so a NaN there was silently

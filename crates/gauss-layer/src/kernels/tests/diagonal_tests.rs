@@ -132,6 +132,27 @@ fn diagonal_portable_keeps_its_digits_away_from_the_origin() -> TestResult {
 }
 
 #[test]
+fn diagonal_portable_keeps_every_neuron_when_one_center_is_far() -> TestResult {
+    // One center at 1e4 (as `convert` places a nearly dead neuron's), the others within 0.5 of
+    // the inputs, P = I/2. The expanded form, shifted by the centers' mean (≈ 3300), had terms
+    // of about 2e7 that cancelled to m2 ≈ 0.5 for the near neurons: f32 m2 off by about 0.2.
+    let (batch, dim) = (5, 4);
+    let mut rng = StdRng::seed_from_u64(7);
+    let x = (normal(&mut rng, &[batch, dim], 0.1) + 1.0)?;
+    let near = (normal(&mut rng, &[2, dim], 0.1) + 0.5)?;
+    let far = Tensor::new(&[[1e4f64, 0.0, 0.0, 0.0]], &Device::Cpu)?;
+    let center = Tensor::cat(&[&near, &far], 0)?;
+    let diagonal = Tensor::full(0.5f64, (3, dim), &Device::Cpu)?;
+    let expected = oracle_diagonal(&x, &center, &diagonal)?;
+    let as_f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let portable =
+        super::super::diagonal::portable(&as_f32(&x)?, &as_f32(&center)?, &as_f32(&diagonal)?)?;
+    // Each term is formed from its own difference: a few f32 roundings of m2 itself.
+    assert!(max_relative_error(&portable, &expected, 0.0) < 1e-6);
+    Ok(())
+}
+
+#[test]
 fn portable_forms_keep_a_finite_row_whose_sum_overflows() -> TestResult {
     // The portable rule for non-finite rows adds Σ 0·x (NaN only for a non-finite row); it
     // summed x first, and [3e38, 3e38] sums to ∞ in f32, so a finite row came out NaN.
