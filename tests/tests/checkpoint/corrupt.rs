@@ -129,8 +129,12 @@ fn damaged_checkpoints_name_what_is_wrong() -> Result<()> {
     let r = reason(&p, None);
     assert!(r.contains("`format`") && r.contains("missing"), "{r}");
 
-    // Unknown format version, and a version that is not a number.
-    for (version, needle) in [("99", "99"), ("one", "not an integer")] {
+    // Unknown format versions (one past u32), and a version that is not a number.
+    for (version, needle) in [
+        ("99", "99, this build reads versions 1 to"),
+        ("99999999999", "99999999999, this build reads versions 1 to"),
+        ("one", "not an integer"),
+    ] {
         let mut m = metadata.clone();
         m.insert("format_version".into(), version.into());
         let p = dir.join(format!("version-{version}.safetensors"));

@@ -69,6 +69,50 @@ fn non_finite_parameters_are_refused_unless_asked_for() -> Result<()> {
     Ok(())
 }
 
+/// A negative running variance makes every output of the network NaN (the batch norm divides
+/// by √(var + eps)): the loader refuses it, naming the tensor and the element, as the importer
+/// does; a variance of 0 loads (eps > 0 keeps the division finite).
+#[test]
+fn a_negative_running_variance_is_refused() -> Result<()> {
+    let dir = temp_dir("ckpt-variance")?;
+    let config = GaussNetConfig {
+        input_batch_norm: true,
+        batch_norm: true,
+        ..small_diag_net_config()
+    };
+    for name in ["norms.0.running_var", "input_norm.running_var"] {
+        let (net, varmap) = new_net(config.clone(), DType::F32)?;
+        let var = varmap.data().lock().expect("lock")[name].clone();
+        let width = var.dims()[0];
+        let path = dir.join("variance.safetensors");
+        for (value, refused) in [(-5.0f32, true), (0.0, false)] {
+            let mut values = vec![1.0f32; width];
+            values[1] = value;
+            var.set(&Tensor::from_vec(values, width, &Device::Cpu)?)?;
+            net.save(&path)?;
+            let loaded = checkpoint::load(&path, &Device::Cpu, None);
+            if refused {
+                let reason = checkpoint_reason(loaded);
+                assert!(
+                    reason.contains(name) && reason.contains("index 1") && reason.contains(">= 0"),
+                    "{reason}"
+                );
+            } else {
+                let y = loaded?
+                    .net
+                    .forward(&Tensor::ones((2, 3), DType::F32, &Device::Cpu)?, false)?;
+                assert!(y
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .all(|v| v.is_finite()));
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
 #[test]
 fn an_overflowing_matrix_exponential_is_an_error_not_nan() -> Result<()> {
     // expm(800 I) = e^800 I overflows f32 (largest e^88.7); expm(1e5 I) overflows f64.

@@ -33,7 +33,8 @@
 //! declared size. A non-finite value (NaN, ±∞), or one that overflows the requested dtype,
 //! is an error naming the tensor and the element; [`LoadOptions::allow_non_finite`] turns
 //! that check off for inspection tools (except in the precision tensors, whose range every
-//! layer checks when it is built).
+//! layer checks when it is built). A negative batch-norm running variance is refused always
+//! (no setting makes it a variance).
 //!
 //! Memory: the header is read once (at most the file's size) and its parse takes a small
 //! multiple of it; the tensors take their own bytes in the loaded dtype (while one tensor is
@@ -236,7 +237,8 @@ pub fn save_with_metadata(
 /// naming the file and the field or tensor at fault for everything else: not a regular file,
 /// not a safetensors file, truncated, duplicate keys, a wrong format name or an unknown
 /// version, a config that does not parse strictly or does not validate, a missing,
-/// unexpected, misshapen or wrongly typed tensor, a non-finite value.
+/// unexpected, misshapen or wrongly typed tensor, a non-finite value, a negative running
+/// variance.
 pub fn load(
     path: impl AsRef<Path>,
     device: &Device,
@@ -351,6 +353,12 @@ fn load_from_source(
         Ok(other) => {
             return Err(fail(format!(
                 "metadata field `format_version` is {other}, this build reads versions 1 to {FORMAT_VERSION}"
+            )))
+        }
+        // Digits beyond u32 are a version too, just not one this build reads.
+        Err(_) if !version_text.is_empty() && version_text.bytes().all(|b| b.is_ascii_digit()) => {
+            return Err(fail(format!(
+                "metadata field `format_version` is {version_text}, this build reads versions 1 to {FORMAT_VERSION}"
             )))
         }
         Err(_) => {
@@ -585,6 +593,9 @@ fn read_typed<T: Element>(
     let mut buffer = vec![0u8; CHUNK_BYTES.min(entry.len as usize)];
     let per_chunk = buffer.len() / T::SIZE;
     let mut offset = entry.offset;
+    // A batch norm divides by √(var + eps): a negative running variance makes every output
+    // NaN, so it is refused as the importer refuses it (0 is a variance, and eps > 0).
+    let is_variance = name.ends_with(".running_var");
     while values.len() < entry.numel {
         let count = per_chunk.min(entry.numel - values.len());
         let bytes = &mut buffer[..count * T::SIZE];
@@ -610,6 +621,13 @@ fn read_typed<T: Element>(
                         values.len()
                     )));
                 }
+            }
+            if is_variance && value.as_f64() < 0.0 {
+                return Err(ReadError::Invalid(format!(
+                    "tensor `{name}` is {:e} at flat index {}: a variance must be >= 0 (a batch norm of it gives only NaN)",
+                    value.as_f64(),
+                    values.len()
+                )));
             }
             values.push(value);
         }

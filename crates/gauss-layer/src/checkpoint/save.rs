@@ -120,7 +120,24 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()>
         Err(e) => return Err(e),
     };
     let tmp = dir.join(temp_name(file_name));
-    let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| {
+            let why = match e.kind() {
+                std::io::ErrorKind::NotFound => "it does not exist".to_string(),
+                std::io::ErrorKind::PermissionDenied => {
+                    "permission denied: the save writes a temporary file there, then renames it over the target"
+                        .to_string()
+                }
+                _ => e.to_string(),
+            };
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot create a file in the directory {}: {why}", dir.display()),
+            )
+        })?;
     let mut guard = TempGuard {
         path: tmp,
         armed: true,
@@ -250,6 +267,22 @@ pub fn clean_stale_temp_files(dir: impl AsRef<Path>) -> crate::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A save into a directory that does not exist says that the directory is missing (the
+    /// system's error named only the file: "No such file or directory").
+    #[test]
+    fn a_missing_directory_is_named() {
+        let dir = std::env::temp_dir().join(format!("gauss-save-missing-{}", std::process::id()));
+        let target = dir.join("net.safetensors");
+        let error = write_atomically(&target, b"x").unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::NotFound);
+        let message = error.to_string();
+        assert!(
+            message.contains(&format!("the directory {}", dir.display()))
+                && message.contains("does not exist"),
+            "{message}"
+        );
+    }
 
     #[test]
     fn temp_names_are_recognized_and_unique() {

@@ -14,8 +14,8 @@ use crate::cpu::{
 use crate::error::Result;
 
 /// The portable twin: `Σ_i p_zi (x_bi − c_zi)²` in broadcast tensor ops (every device,
-/// autograd), through the (B, Z, d) differences, the size of the projected form's (B, Z·d)
-/// GEMM output. Each term is non-negative and formed from its own difference, so `m2` keeps
+/// autograd), through the (B, Z, d) differences, as the projected and naive portable forms.
+/// Each term is non-negative and formed from its own difference, so `m2` keeps
 /// its digits wherever the centers are. The expanded form in matmuls (`Σ p x²` minus the cross
 /// term plus `Σ p c²`, no (B, Z, d) tensor) did not: its terms cancel to `m2`, with an error
 /// set by their size, and one center far from the others (its terms shifted by the centers'

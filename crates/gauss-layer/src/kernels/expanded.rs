@@ -97,7 +97,7 @@ pub(crate) fn portable(x: &Tensor, center: &Tensor, precision: &Tensor) -> Resul
     let m2 = quadratic
         .sub(&linear.affine(2.0, 0.0)?)?
         .broadcast_add(&constant.unsqueeze(0)?)?;
-    Ok(m2.relu()?)
+    super::clamp_at_zero(&m2)
 }
 
 /// d(d+1)/2 distinct products of a symmetric matrix.

@@ -366,7 +366,7 @@ fn run_operand(
         (Operand::LowRank(diagonal, u), ResolvedKernel::LowRankFused) => {
             let diagonal_part =
                 distance_op::apply(sizes, x, center, diagonal, FusedPlan::Diagonal)?;
-            return Ok((diagonal_part + projected::portable(x, center, u)?)?);
+            return Ok((diagonal_part + projected::stacked(x, center, u)?)?);
         }
         (Operand::LowRank(diagonal, u), _) => {
             (diagonal::portable(x, center, diagonal)? + projected::portable(x, center, u)?)?
@@ -388,6 +388,15 @@ fn run_operand(
 fn poison_non_finite_rows(x: &Tensor, m2: &Tensor) -> Result<Tensor> {
     let poison = (x.detach() * 0.0)?.sum_keepdim(1)?;
     Ok(m2.broadcast_add(&poison)?)
+}
+
+/// `max(m2, 0)` that keeps NaN (a comparison is false for NaN on every device): the
+/// tensor-op forms that can come out negative (naive with a precision that is not positive
+/// definite, expanded) clamp with it. Candle's `relu` (and CUDA's `maximum`, `fmaxf`) map NaN
+/// to 0, so clamping with it turned an `m2` that overflowed to NaN (∞ − ∞, f32 inputs of 1e20)
+/// into 0: `g = 1`, full confidence where the layer should say "I don't know".
+fn clamp_at_zero(m2: &Tensor) -> Result<Tensor> {
+    Ok(m2.lt(0.0)?.where_cond(&m2.zeros_like()?, m2)?)
 }
 
 /// Squared Mahalanobis distances through the resolver (see the module table).

@@ -16,5 +16,5 @@ pub(crate) fn portable(x: &Tensor, center: &Tensor, precision: &Tensor) -> Resul
     // (Z, B, d): the difference of every input to every center, neuron-major.
     let diff = x.unsqueeze(0)?.broadcast_sub(&center.unsqueeze(1)?)?;
     let weighted = linalg::matmul(&diff, precision)?;
-    Ok((weighted * diff)?.sum(D::Minus1)?.t()?.relu()?)
+    super::clamp_at_zero(&(weighted * diff)?.sum(D::Minus1)?.t()?)
 }

@@ -21,20 +21,43 @@ use crate::cpu::{
 use crate::error::Result;
 use crate::linalg;
 
-/// The portable twin: `m2 = |F_zᵀ x_b − F_zᵀ c_z|²` with one GEMM of `x` against the factors
-/// stacked side by side, in tensor ops (every device, autograd). No (B, Z, d) difference
-/// tensor is built; the GEMM's (B, Z·d) output is the only large intermediate.
+/// The portable twin: `m2 = |F_zᵀ (x_b − c_z)|²` from the (Z, B, d) differences and one
+/// batched matmul against the factors, in tensor ops (every device, autograd), as the original
+/// FGN code does. Each difference is formed before it is projected, so `m2` keeps its digits
+/// wherever the inputs and centers are: projecting first (`F_zᵀ x_b − F_zᵀ c_z`, one GEMM
+/// against the stacked factors, [`stacked`]) lost them for data far from the origin (f32
+/// relative error 7.6e-4 at 1e4), and shifting by the centers' mean instead loses them for
+/// the other neurons when one center is far.
 ///
 /// Factors may be rectangular (d, k), as lowrank's `U` is.
 ///
 /// # Shapes
 /// `x`: (B, d), `center`: (Z, d), `factor`: (Z, d, k) → (B, Z)
 pub(crate) fn portable(x: &Tensor, center: &Tensor, factor: &Tensor) -> Result<Tensor> {
+    let difference = x.unsqueeze(0)?.broadcast_sub(&center.unsqueeze(1)?)?;
+    let projected = linalg::matmul(&difference, factor)?;
+    Ok(projected.sqr()?.sum(D::Minus1)?.t()?)
+}
+
+/// `m2 = |F_zᵀ (x_b − s) − F_zᵀ (c_z − s)|²` with one GEMM of the shifted inputs against the
+/// factors stacked side by side (`s` the centers' mean, as the fused projected op shifts), in
+/// tensor ops: no (B, Z, d) tensor, the GEMM's (B, Z·k) output the only large intermediate.
+/// The fused lowrank path runs its `U` part so on the CPU (k = rank is small there, and the
+/// (Z, B, d) differences of [`portable`] would be its largest tensor); its digits are those
+/// of the fused projected op.
+///
+/// # Shapes
+/// `x`: (B, d), `center`: (Z, d), `factor`: (Z, d, k) → (B, Z)
+pub(crate) fn stacked(x: &Tensor, center: &Tensor, factor: &Tensor) -> Result<Tensor> {
     let (b, d) = x.dims2()?;
     let (z, _, k) = factor.dims3()?;
+    // m2 does not change when x and c move together, so the shift carries no gradient.
+    let shift = center.detach().mean_keepdim(0)?;
+    let x = x.broadcast_sub(&shift)?.contiguous()?;
+    let center = center.broadcast_sub(&shift)?;
     // stacked[i, z·k + j] = F_z[i, j], so (x · stacked)[b, z·k + j] = (F_zᵀ x_b)_j.
     let stacked = factor.permute((1, 0, 2))?.reshape((d, z * k))?;
-    let projected = x.contiguous()?.matmul(&stacked)?.reshape((b, z, k))?;
+    let projected = x.matmul(&stacked)?.reshape((b, z, k))?;
     // (F_zᵀ c_z)ᵀ = c_zᵀ F_z, one small batched matmul.
     let projected_center = linalg::matmul(&center.unsqueeze(1)?, factor)?.squeeze(1)?;
     Ok(projected

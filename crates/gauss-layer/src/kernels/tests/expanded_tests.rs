@@ -352,3 +352,50 @@ fn expanded_fused_passes_no_gradient_through_a_clamped_negative_m2() -> TestResu
     }
     Ok(())
 }
+
+/// f32 inputs of ±1e20 overflow the products of the tensor-op forms that cancel (∞ − ∞): `m2`
+/// is NaN there, as the fused forms give, never the 0 that `relu` made of it (g = 1: full
+/// confidence far from the data). A negative `m2` (a precision that is not positive
+/// definite) still clamps to 0, and the other row is untouched.
+#[test]
+fn tensor_op_clamps_keep_an_overflowed_m2_nan() -> TestResult {
+    let x = Tensor::new(&[[1e20f32, 1e20], [0.5, 0.0]], &Device::Cpu)?;
+    let center = Tensor::zeros((2, 2), DType::F32, &Device::Cpu)?;
+    // Neuron 0: positive definite with a negative off-diagonal; neuron 1: eigenvalues 3, −1.
+    let precision = Tensor::new(
+        &[[[1.0f32, -0.5], [-0.5, 1.0]], [[1.0, 2.0], [2.0, 1.0]]],
+        &Device::Cpu,
+    )?;
+    for (name, m2) in [
+        (
+            "naive",
+            super::super::naive::portable(&x, &center, &precision)?,
+        ),
+        (
+            "expanded",
+            super::super::expanded::portable(&x, &center, &precision)?,
+        ),
+    ] {
+        let m2 = m2.to_vec2::<f32>()?;
+        // The true m2 of row 0 are 1e40 and 6e40: NaN or ∞ in f32, never a finite value.
+        assert!(
+            m2[0].iter().all(|v| v.is_nan() || *v == f32::INFINITY),
+            "{name}: {m2:?}"
+        );
+        // Row 1, (0.5, 0): 0.25 for neuron 0, 0.25 for neuron 1 (its x sits on a positive
+        // direction's component), to rounding.
+        assert!(
+            (m2[1][0] - 0.25).abs() < 1e-6 && (m2[1][1] - 0.25).abs() < 1e-6,
+            "{name}: {m2:?}"
+        );
+    }
+    // A negative m2 clamps to 0: x = (1, −1) against neuron 1 gives 1 − 4 + 1 = −2.
+    let x = Tensor::new(&[[1.0f32, -1.0]], &Device::Cpu)?;
+    for m2 in [
+        super::super::naive::portable(&x, &center, &precision)?,
+        super::super::expanded::portable(&x, &center, &precision)?,
+    ] {
+        assert_eq!(m2.to_vec2::<f32>()?[0][1], 0.0);
+    }
+    Ok(())
+}

@@ -179,3 +179,58 @@ fn cholesky_fused_matches_tensor_op_factor_forward_and_backward() -> TestResult 
     }
     Ok(())
 }
+
+/// Data 1e4 from the origin (pixels, sensor readings), inputs near the centers: projecting
+/// first (`F_zᵀ x − F_zᵀ c`, terms of about 3e4 cancelling to m2 ≈ 1) lost the portable f32
+/// form 7.6e-4 of m2 (the fused op shifts by the centers' mean); from the differences it keeps
+/// f32 rounding. The stacked form (the fused lowrank path's `U` part) shifts as the fused op.
+/// Expected: the f64 oracle on the very f32 values.
+#[test]
+fn projected_tensor_op_forms_keep_their_digits_far_from_the_origin() -> TestResult {
+    let c = case(21, 40, 6, 5, 1.0);
+    let offset = 1e4;
+    let (x, center, factor) = (
+        (c.x + offset)?.to_dtype(DType::F32)?,
+        (c.center + offset)?.to_dtype(DType::F32)?,
+        c.factor.to_dtype(DType::F32)?,
+    );
+    // f64: the oracle of f32 values, on the CPU
+    let as_f64 = |t: &Tensor| t.to_dtype(DType::F64);
+    let expected = oracle_projected(&as_f64(&x)?, &as_f64(&center)?, &as_f64(&factor)?)?;
+    for (name, got) in [
+        (
+            "portable",
+            super::super::projected::portable(&x, &center, &factor)?,
+        ),
+        (
+            "stacked",
+            super::super::projected::stacked(&x, &center, &factor)?,
+        ),
+    ] {
+        let err = max_relative_error(&got, &expected, 1.0);
+        assert!(err < 1e-5, "{name}: relative error {err:e}");
+    }
+    Ok(())
+}
+
+/// One center 1e4 from the others, whose inputs sit near the origin: the portable form's
+/// differences keep every neuron's digits (a shift by the centers' mean would move the near
+/// neurons' terms 2000 away).
+#[test]
+fn projected_portable_keeps_every_neuron_when_one_center_is_far() -> TestResult {
+    let c = case(22, 30, 4, 5, 1.0);
+    let far = Tensor::new(&[[1e4f64, 0.0, 0.0, 0.0]], &Device::Cpu)?;
+    let center = Tensor::cat(&[&c.center.narrow(0, 0, 4)?, &far], 0)?;
+    let (x, center, factor) = (
+        c.x.to_dtype(DType::F32)?,
+        center.to_dtype(DType::F32)?,
+        c.factor.to_dtype(DType::F32)?,
+    );
+    // f64: the oracle of f32 values, on the CPU
+    let as_f64 = |t: &Tensor| t.to_dtype(DType::F64);
+    let expected = oracle_projected(&as_f64(&x)?, &as_f64(&center)?, &as_f64(&factor)?)?;
+    let got = super::super::projected::portable(&x, &center, &factor)?;
+    let err = max_relative_error(&got, &expected, 1.0);
+    assert!(err < 1e-5, "relative error {err:e}");
+    Ok(())
+}
