@@ -2,8 +2,7 @@
 //! work. The fused CPU form ([`FusedPlan::Diagonal`](super::distance_op::FusedPlan) of the
 //! fused distance op; layers compose it with their linear part) computes it exactly (no
 //! expansion, no cancellation) in one pass with its fused backward, no (B, Z, d) temporary;
-//! its portable twin computes the same sum in broadcast tensor ops, through (B, Z, d)
-//! differences, as the original FGN code does.
+//! its portable twin is the expanded form in matmuls (tensor ops), clamped at 0.
 
 use candle_core::{Tensor, D};
 
@@ -13,22 +12,29 @@ use crate::cpu::{
 };
 use crate::error::Result;
 
-/// The portable twin: `Σ_i p_zi (x_bi − c_zi)²` in broadcast tensor ops (every device,
-/// autograd), through the (B, Z, d) differences, as the projected and naive portable forms.
-/// Each term is non-negative and formed from its own difference, so `m2` keeps
-/// its digits wherever the centers are. The expanded form in matmuls (`Σ p x²` minus the cross
-/// term plus `Σ p c²`, no (B, Z, d) tensor) did not: its terms cancel to `m2`, with an error
-/// set by their size, and one center far from the others (its terms shifted by the centers'
-/// mean) took the digits of every neuron's `m2` with it (an f32 `y` 28% off).
+/// The portable twin: `(x∘x) pᵀ − 2 x (p∘c)ᵀ + Σ_i p_zi c_zi²` in tensor ops (every device,
+/// autograd), no (B, Z, d) tensor, clamped at 0 against cancellation. x and the centers are
+/// shifted by the centers' mean `c̄` first: the three terms cancel to `m2`, and their size sets
+/// the rounding error, about `ε · Σ_i p_zi ((x_bi − c̄_i)² + (c_zi − c̄_i)²)`. The shift keeps
+/// data far from the origin (pixels around 128) exact near a center; what it cannot help is a
+/// spread of centers: one center far from the others moves `c̄`, and the others' `m2` lose
+/// digits with it (f32, P = I/2, one center 1e4 away among centers near 0.5: `m2` off by 0.2).
+/// It is the expansion `torch.cdist` makes for speed, with the same limit; the (B, Z, d)
+/// difference form (the original FGN code's) was exact but 30× slower in a CPU backward and
+/// 25× the memory (784 → 64, batch 128). `DistanceKernel::Naive` gives the exact form.
 ///
 /// # Shapes
 /// `x`: (B, d), `center`: (Z, d), `diagonal`: (Z, d) → (B, Z)
 pub(crate) fn portable(x: &Tensor, center: &Tensor, diagonal: &Tensor) -> Result<Tensor> {
-    let difference = x.unsqueeze(1)?.broadcast_sub(&center.unsqueeze(0)?)?;
-    Ok(difference
-        .sqr()?
-        .broadcast_mul(&diagonal.unsqueeze(0)?)?
-        .sum(D::Minus1)?)
+    // m2 does not change when x and c move together, so the shift carries no gradient.
+    let shift = center.detach().mean_keepdim(0)?;
+    let x = x.broadcast_sub(&shift)?.contiguous()?;
+    let center = center.broadcast_sub(&shift)?;
+    let weighted_center = (diagonal * &center)?;
+    let quadratic = x.sqr()?.matmul(&diagonal.t()?)?;
+    let cross = x.matmul(&weighted_center.t()?)?;
+    let constant = (weighted_center * &center)?.sum(D::Minus1)?.unsqueeze(0)?;
+    super::clamp_at_zero(&(quadratic - (cross * 2.0)?)?.broadcast_add(&constant)?)
 }
 
 /// Input rows handled together by the loops below: each neuron's center and diagonal are read

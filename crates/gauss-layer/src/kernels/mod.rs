@@ -7,7 +7,7 @@
 //!
 //! | precision | CPU, f32/f64 (fused) | portable (CUDA, Metal, other dtypes, `portable: true`) |
 //! |---|---|---|
-//! | diag, sphere (any kernel but `Naive`) | fused diagonal op (exact, B·Z·d) | diagonal portable form ((B, Z, d) differences, exact terms) |
+//! | diag, sphere (any kernel but `Naive`) | fused diagonal op (exact, B·Z·d) | diagonal portable form (matmuls, shifted by the centers' mean, clamped) |
 //! | cholesky, expm: `Auto`, B ≤ 2d | fused projected op (no check) | projected portable form |
 //! | cholesky, expm: `Auto`, B > 2d, check passes | fused expanded op (projected forward where d is large) | projected portable form |
 //! | cholesky, expm: `Auto`, B > 2d, check fails | fused projected op | projected portable form |
@@ -20,7 +20,9 @@
 //!
 //! The check ([`conditioning`]) reads the centers and the precision operand on the host, which
 //! is free on the CPU; the portable path never reads device data to decide (no device
-//! synchronization per call), so it takes the form that is accurate for every input.
+//! synchronization per call), so among the full forms it takes the one accurate for every
+//! input (projected, from the differences `x − c_z`); the diagonal forms' portable expansion
+//! trades digits under a wide spread of centers for speed ([`diagonal`]).
 //! cholesky without a width floor feeds its raw parameter to the fused ops, which build `L`
 //! inside (no (Z, d, d) temporaries for the map or its backward); direct without a width
 //! floor feeds its raw `A` (the ops use its symmetric part).
@@ -369,7 +371,7 @@ fn run_operand(
             return Ok((diagonal_part + projected::stacked(x, center, u)?)?);
         }
         (Operand::LowRank(diagonal, u), _) => {
-            (diagonal::portable(x, center, diagonal)? + projected::portable(x, center, u)?)?
+            (diagonal::portable(x, center, diagonal)? + projected::stacked(x, center, u)?)?
         }
         (Operand::Diagonal(p), _) => diagonal::portable(x, center, p)?,
         (Operand::Factor(f), _) => projected::portable(x, center, f)?,

@@ -42,9 +42,10 @@ pub(crate) fn portable(x: &Tensor, center: &Tensor, factor: &Tensor) -> Result<T
 /// `m2 = |F_zᵀ (x_b − s) − F_zᵀ (c_z − s)|²` with one GEMM of the shifted inputs against the
 /// factors stacked side by side (`s` the centers' mean, as the fused projected op shifts), in
 /// tensor ops: no (B, Z, d) tensor, the GEMM's (B, Z·k) output the only large intermediate.
-/// The fused lowrank path runs its `U` part so on the CPU (k = rank is small there, and the
-/// (Z, B, d) differences of [`portable`] would be its largest tensor); its digits are those
-/// of the fused projected op.
+/// lowrank runs its `U` part so on both paths (k = rank is small, and the (Z, B, d)
+/// differences of [`portable`] would be its largest tensor: 10× slower in a CPU backward at
+/// rank 8, 784 → 64); its digits are those of the fused projected op and of the diagonal part's
+/// shifted expansion.
 ///
 /// # Shapes
 /// `x`: (B, d), `center`: (Z, d), `factor`: (Z, d, k) → (B, Z)
