@@ -149,7 +149,15 @@ impl GaussLayer {
             ));
         }
         let expected_raw = Precision::raw_shape(config.precision.parameterization, z, d);
-        if precision.raw().dims() != expected_raw.as_slice() || precision.dim() != d {
+        if precision.dim() != d {
+            // sphere's raw (Z) does not show d: its shape can fit while the width does not.
+            return Err(GaussError::shape(
+                format!("precision `{name}` (built for d inputs)"),
+                format!("d = {d} (the width of center)"),
+                &[precision.dim()],
+            ));
+        }
+        if precision.raw().dims() != expected_raw.as_slice() {
             return Err(GaussError::shape(
                 format!("precision tensor `{name}`"),
                 format!("{expected_raw:?} (Z = {z} neurons over d = {d} inputs)"),
@@ -801,6 +809,26 @@ mod tests {
         Ok(())
     }
     crate::test_device!(seeded_layers_are_bit_identical);
+
+    /// A sphere precision built for another width: its raw (Z) shape fits any d, so the error
+    /// names the widths (it said "expected shape [3] …, got [3]").
+    #[test]
+    fn a_precision_built_for_another_width_names_both_widths() {
+        let config = GaussLayerConfig {
+            gaussian_only: true,
+            ..GaussLayerConfig::with_parameterization(Parameterization::Sphere)
+        };
+        let raw = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+        let precision = Precision::from_raw(raw, 5, &config).unwrap();
+        let center = Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap();
+        let error = GaussLayer::new(None, None, center, precision, config)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("d = 2 (the width of center)") && error.contains("got [5]"),
+            "{error}"
+        );
+    }
 
     /// A perturbation too large for the initial precision to stay positive definite is a
     /// config error naming `init.perturbation` (it surfaced as a NaN raw value or a neuron that

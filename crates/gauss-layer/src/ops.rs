@@ -234,12 +234,28 @@ pub fn log_normalizer(dim: usize) -> f64 {
 /// `mahalanobis_sq`: (B, Z), `log_det_precision`: (Z) → (B, Z)
 ///
 /// # Errors
-/// Shapes that do not broadcast.
+/// A `log_det_precision` whose shape is not the trailing dims of `mahalanobis_sq`'s
+/// ([`GaussError::Shape`]), or of another dtype ([`GaussError::DType`]).
 pub fn log_prob_from_mahalanobis(
     mahalanobis_sq: &Tensor,
     log_det_precision: &Tensor,
     dim: usize,
 ) -> Result<Tensor> {
+    let dims = mahalanobis_sq.dims();
+    let trailing = &dims[dims.len().saturating_sub(log_det_precision.rank())..];
+    if log_det_precision.rank() > dims.len() || log_det_precision.dims() != trailing {
+        return Err(GaussError::shape(
+            "log_det_precision",
+            format!("{trailing:?} (the trailing dims of mahalanobis_sq {dims:?})"),
+            log_det_precision.dims(),
+        ));
+    }
+    check_dtype(
+        "log_det_precision",
+        log_det_precision,
+        mahalanobis_sq.dtype(),
+        "mahalanobis_sq",
+    )?;
     Ok((mahalanobis_sq * -0.5)?
         .broadcast_add(&(log_det_precision * 0.5)?)?
         .affine(1.0, -log_normalizer(dim))?)
@@ -248,6 +264,30 @@ pub fn log_prob_from_mahalanobis(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// log_det_precision must be the trailing dims of mahalanobis_sq (one value per neuron):
+    /// Candle's broadcast error named neither argument.
+    #[test]
+    fn log_prob_from_mahalanobis_names_a_misshapen_log_det() {
+        let device = candle_core::Device::Cpu;
+        let m2 = Tensor::zeros((2, 3), candle_core::DType::F32, &device).unwrap();
+        let error = log_prob_from_mahalanobis(
+            &m2,
+            &Tensor::zeros(4, candle_core::DType::F32, &device).unwrap(),
+            2,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("log_det_precision") && error.contains("[3]") && error.contains("[4]"),
+            "{error}"
+        );
+        // (Z) and (B, Z) both fit.
+        for shape in [vec![3], vec![2, 3]] {
+            let log_det = Tensor::zeros(shape, candle_core::DType::F32, &device).unwrap();
+            assert!(log_prob_from_mahalanobis(&m2, &log_det, 2).is_ok());
+        }
+    }
     use candle_core::{DType, Device};
 
     /// `gaussian` of an integer tensor panicked in Candle's `exp` ("no unary function for

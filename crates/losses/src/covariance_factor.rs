@@ -34,6 +34,10 @@ use gauss_layer::Result;
 
 /// NLL of samples `x` under N(`mean`, Λ Λᵀ), `Λ` the lower triangle of `scale_tril`.
 ///
+/// A sample holding ±∞ is not masked here: its NLL is +∞, or NaN where the projection meets
+/// ∞ − ∞ (as in torch's `MultivariateNormal.log_prob`). [`crate::layer_nll`] and
+/// `GaussLayer::log_prob` give +∞ (−∞ log-density) for such a sample.
+///
 /// # Shapes
 /// `x`: (N, d), `mean`: (d), `scale_tril`: (d, d) → (N) for [`Reduction::None`], () otherwise
 ///

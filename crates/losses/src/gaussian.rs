@@ -91,6 +91,10 @@ pub fn nll_from_mahalanobis(
 /// A tensor that is not a batch of square matrices, or not of a float dtype.
 pub fn log_det_from_triangular(factors: &Tensor) -> Result<Tensor> {
     check::float_dtype(factors, "triangular factors")?;
+    let dims = factors.dims();
+    if dims.len() < 2 || dims[dims.len() - 1] != dims[dims.len() - 2] {
+        return Err(GaussError::shape("triangular factors", "(..., d, d)", dims));
+    }
     let diagonal = ops::diagonal(factors)?;
     // The sum runs over each matrix's own diagonal, the last axis, whatever the batch rank.
     Ok((diagonal.abs()?.log()?.sum(D::Minus1)? * 2.0)?)

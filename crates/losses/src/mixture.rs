@@ -6,8 +6,12 @@
 //! Everything stays in the log domain (a stable log-sum-exp,
 //! [`gauss_layer::ops::log_sum_exp`]), so far-away samples give large finite losses rather
 //! than `−log 0` while their squared Mahalanobis distances are representable in the dtype
-//! (f64 to |x| ≈ 1e154, f32 to ≈ 1e19 for unit precisions); beyond that, or for a sample
-//! holding ±∞, every component's NLL is +∞ and so is the mixture's (never NaN).
+//! (f64 to |x| ≈ 1e154, f32 to ≈ 1e19 for unit precisions). A sample holding ±∞ (and no NaN)
+//! has NLL +∞ in every component and in the mixture, never NaN. A finite sample beyond that
+//! range overflows `m2`: +∞ in most kernels, but NaN where the expanded form's terms of
+//! opposite signs overflow (`direct` on the CPU; `docs/design.md`, "Edge semantics"), and NaN in any
+//! component makes the mixture NaN. Where every component is +∞ the loss is +∞ and the
+//! gradient of the logits for that sample is NaN (the softmax of −∞ alone, as in torch).
 //! Minimizing the mean over the layer's centers, precisions and the logits fits the layer as
 //! a mixture by gradient descent.
 //!
@@ -42,9 +46,24 @@ use gauss_layer::{GaussError, Result};
 /// → (Z)
 ///
 /// # Errors
-/// A tensor the builder already holds under that name with another shape.
+/// A tensor the builder already holds under that name with another shape
+/// ([`GaussError::InvalidConfig`] on `num_components`).
 pub fn mixture_logits(num_components: usize, vb: VarBuilder) -> Result<Tensor> {
-    Ok(vb.get_with_hints(num_components, "mixture_logits", Init::Const(0.0))?)
+    const NAME: &str = "mixture_logits";
+    vb.get_with_hints(num_components, NAME, Init::Const(0.0))
+        .map_err(|error| {
+            if vb.contains_tensor(NAME) {
+                // Candle's message ("shape mismatch on …: [2] <> [1]") comes with a backtrace.
+                GaussError::config(
+                    "num_components",
+                    format!(
+                        "{num_components}: the VarBuilder already holds `{NAME}` for another number of components"
+                    ),
+                )
+            } else {
+                error.into()
+            }
+        })
 }
 
 /// Mixture NLL from the per-component NLLs; the logits are normalized with `log_softmax`,

@@ -112,10 +112,17 @@ pub struct ConvertArgs {
     out: PathBuf,
 }
 
-/// Checks, before any work, that `out` can be written: its directory exists, it is not a
-/// directory, FIFO or device, and it is none of `inputs` ([`gauss_layer::files::check_output`]).
-pub(crate) fn check_out_dir(out: &Path, inputs: &[&Path]) -> Result<()> {
-    Ok(gauss_layer::files::check_output(out, inputs)?)
+/// Checks, before any work, that `out` (given as `option`) can be written: its directory
+/// exists, it is not a directory, FIFO or device, it is none of `inputs`
+/// ([`gauss_layer::files::check_output`]), and a file can be created in its directory (a
+/// read-only one failed only at the save, after the whole import or prediction).
+pub(crate) fn check_out_dir(option: &str, out: &Path, inputs: &[&Path]) -> Result<()> {
+    gauss_layer::files::check_output(out, inputs)?;
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    examples_support::check_dir_writable(dir, &format!("{option} {}", out.display()))
 }
 
 fn dtype_name(dtype: DType) -> &'static str {
@@ -150,7 +157,7 @@ fn layer_summaries(net: &GaussNet) -> Vec<Value> {
 
 /// `fgn-classifier import`.
 pub fn import(args: ImportArgs) -> Result<Value> {
-    check_out_dir(&args.out, &[&args.model])?;
+    check_out_dir("--out", &args.out, &[&args.model])?;
     let options = FgnImportOptions {
         covar_type: Some(args.covar.into()),
         non_lin: args.non_lin,
@@ -255,7 +262,7 @@ const DEFAULT_INIT_FACTOR: f64 = 10.0;
 
 /// `fgn-classifier convert`.
 pub fn convert(args: ConvertArgs) -> Result<Value> {
-    check_out_dir(&args.out, &[&args.classic])?;
+    check_out_dir("--out", &args.out, &[&args.classic])?;
     crate::validate::finite_positive("--init-factor", args.init_factor)?;
     let covar: FgnCovarType = args.covar.into();
     let mut options = ConvertOptions::fgn_original(covar, args.init_factor);
@@ -291,4 +298,29 @@ pub fn convert(args: ConvertArgs) -> Result<Value> {
         "precision_scales": precision_scales,
         "layers": layer_summaries(&net),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An output directory that takes no new files is refused before the import (or
+    /// prediction) runs, naming the option: procfs refuses new files even to root, whom
+    /// permissions do not stop.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn an_unwritable_output_directory_is_refused_up_front() {
+        for option in ["--out", "--output"] {
+            let error = check_out_dir(option, Path::new("/proc/net.safetensors"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.starts_with(&format!("{option} /proc/net.safetensors"))
+                    && error.contains("cannot create files in the directory"),
+                "{error}"
+            );
+        }
+        let dir = std::env::temp_dir();
+        check_out_dir("--out", &dir.join("fgn-interop-probe.safetensors"), &[]).unwrap();
+    }
 }

@@ -98,7 +98,7 @@ pub fn divisor(scale: InputScale, is_float: bool, path: &Path) -> Result<f64> {
 
 /// `fgn-classifier predict`.
 pub fn predict(args: PredictArgs) -> Result<Value> {
-    files::check_output(&args.output, &[&args.checkpoint, &args.input])?;
+    crate::interop::check_out_dir("--output", &args.output, &[&args.checkpoint, &args.input])?;
     if let Some(scale) = args.input_scale {
         crate::validate::finite_positive("--input-scale", scale)?;
     }

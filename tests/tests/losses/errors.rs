@@ -338,3 +338,19 @@ fn nll_from_mahalanobis_names_mismatched_log_dets() -> Result<()> {
     assert_eq!(nll_from_mahalanobis(&column, &scalar, 2)?.dims(), [3]);
     Ok(())
 }
+
+/// `log_det_from_triangular` of a tensor that is not a batch of square matrices names its
+/// argument ("triangular factors") and the shape that came, not the internal diagonal op.
+#[test]
+fn log_det_from_triangular_names_a_non_square_argument() -> Result<()> {
+    for dims in [vec![3usize, 2], vec![4], vec![2, 3, 2]] {
+        let factors = Tensor::zeros(dims.as_slice(), DType::F32, &dev())?;
+        let message = log_det_from_triangular(&factors).unwrap_err().to_string();
+        assert!(
+            message.starts_with("triangular factors: expected shape (..., d, d)")
+                && message.contains(&format!("{dims:?}")),
+            "{message}"
+        );
+    }
+    Ok(())
+}

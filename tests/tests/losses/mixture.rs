@@ -7,7 +7,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use gauss_layer::testing::tolerance;
-use gauss_layer::{gauss_layer, GaussLayerConfig};
+use gauss_layer::{gauss_layer, GaussError, GaussLayerConfig};
 use gauss_losses::{
     layer_nll, mixture_logits, mixture_nll, mixture_nll_from_components, Reduction,
 };
@@ -150,5 +150,26 @@ fn far_away_samples(dtype: DType, device: &Device) -> Result<()> {
     let nll = host_values(&mixture_nll(&layer, &x, &logits, Reduction::None)?)?;
     assert_eq!(nll[0], inf, "{dtype:?}: {nll:?}");
     assert!(nll[1].is_finite(), "{dtype:?}: {nll:?}");
+    Ok(())
+}
+
+/// Logits asked for again with another number of components: an error on `num_components`
+/// (Candle's "shape mismatch on mixture_logits: [2] <> [1]" came with a backtrace); the same
+/// size returns the same variable.
+#[test]
+fn mixture_logits_of_another_size_are_named() -> Result<()> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let first = mixture_logits(1, vb.pp("mixture"))?;
+    let again = mixture_logits(1, vb.pp("mixture"))?;
+    assert_eq!(first.id(), again.id());
+    let error = mixture_logits(2, vb.pp("mixture")).unwrap_err();
+    assert!(matches!(error, GaussError::InvalidConfig { .. }), "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains("`num_components` 2: the VarBuilder already holds `mixture_logits`")
+            && !message.contains("backtrace"),
+        "{message}"
+    );
     Ok(())
 }
