@@ -234,28 +234,45 @@ pub fn log_normalizer(dim: usize) -> f64 {
 /// `mahalanobis_sq`: (B, Z), `log_det_precision`: (Z) → (B, Z)
 ///
 /// # Errors
-/// A `log_det_precision` whose shape is not the trailing dims of `mahalanobis_sq`'s
-/// ([`GaussError::Shape`]), or of another dtype ([`GaussError::DType`]).
+/// A tensor of a non-float dtype, or two of different dtypes ([`GaussError::DType`]); on
+/// different devices ([`GaussError::DeviceMismatch`]); a `mahalanobis_sq` without a batch
+/// dimension, or a `log_det_precision` whose shape is not a trailing part of
+/// `mahalanobis_sq`'s after it ([`GaussError::Shape`]).
 pub fn log_prob_from_mahalanobis(
     mahalanobis_sq: &Tensor,
     log_det_precision: &Tensor,
     dim: usize,
 ) -> Result<Tensor> {
-    let dims = mahalanobis_sq.dims();
-    let trailing = &dims[dims.len().saturating_sub(log_det_precision.rank())..];
-    if log_det_precision.rank() > dims.len() || log_det_precision.dims() != trailing {
-        return Err(GaussError::shape(
-            "log_det_precision",
-            format!("{trailing:?} (the trailing dims of mahalanobis_sq {dims:?})"),
-            log_det_precision.dims(),
-        ));
-    }
+    check_float_dtype("mahalanobis_sq", mahalanobis_sq.dtype())?;
+    check_float_dtype("log_det_precision", log_det_precision.dtype())?;
     check_dtype(
         "log_det_precision",
         log_det_precision,
         mahalanobis_sq.dtype(),
         "mahalanobis_sq",
     )?;
+    check_device(
+        "log_det_precision",
+        log_det_precision,
+        mahalanobis_sq.device(),
+        "mahalanobis_sq",
+    )?;
+    // Checked here: a mismatch was Candle's bare "shape mismatch in broadcast_add".
+    let m2 = mahalanobis_sq.dims();
+    if m2.is_empty() {
+        return Err(GaussError::shape("mahalanobis_sq", "(batch, ...)", m2));
+    }
+    let log_det = log_det_precision.dims();
+    if log_det.len() >= m2.len() || m2[m2.len() - log_det.len()..] != *log_det {
+        return Err(GaussError::shape(
+            "log_det_precision",
+            format!(
+                "{:?} or a trailing part of it (mahalanobis_sq's {m2:?} after its batch dimension)",
+                &m2[1..]
+            ),
+            log_det,
+        ));
+    }
     Ok((mahalanobis_sq * -0.5)?
         .broadcast_add(&(log_det_precision * 0.5)?)?
         .affine(1.0, -log_normalizer(dim))?)
@@ -282,10 +299,10 @@ mod tests {
             error.contains("log_det_precision") && error.contains("[3]") && error.contains("[4]"),
             "{error}"
         );
-        // (Z) and (B, Z) both fit.
-        for shape in [vec![3], vec![2, 3]] {
+        // (Z) fits; (B, Z) does not: the first dimension is the batch.
+        for (shape, fits) in [(vec![3], true), (vec![2, 3], false)] {
             let log_det = Tensor::zeros(shape, candle_core::DType::F32, &device).unwrap();
-            assert!(log_prob_from_mahalanobis(&m2, &log_det, 2).is_ok());
+            assert_eq!(log_prob_from_mahalanobis(&m2, &log_det, 2).is_ok(), fits);
         }
     }
     use candle_core::{DType, Device};

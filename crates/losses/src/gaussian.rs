@@ -23,7 +23,7 @@ use gauss_layer::ops::{self, log_prob_from_mahalanobis};
 
 use crate::check;
 
-use gauss_layer::{check_device, check_dtype, GaussError, Result};
+use gauss_layer::{GaussError, Result};
 
 /// `d/2 · log 2π`, the normalizing constant of a d-dimensional normal (the layer crate's
 /// [`gauss_layer::ops::log_normalizer`], one definition for both crates).
@@ -48,36 +48,7 @@ pub fn nll_from_mahalanobis(
     log_det_precision: &Tensor,
     dim: usize,
 ) -> Result<Tensor> {
-    check::float_dtype(mahalanobis_sq, "mahalanobis_sq")?;
-    check::float_dtype(log_det_precision, "log_det_precision")?;
-    check_dtype(
-        "log_det_precision",
-        log_det_precision,
-        mahalanobis_sq.dtype(),
-        "mahalanobis_sq",
-    )?;
-    check_device(
-        "log_det_precision",
-        log_det_precision,
-        mahalanobis_sq.device(),
-        "mahalanobis_sq",
-    )?;
-    // Checked here: a mismatch was Candle's bare "shape mismatch in broadcast_add".
-    let m2 = mahalanobis_sq.dims();
-    if m2.is_empty() {
-        return Err(GaussError::shape("mahalanobis_sq", "(batch, ...)", m2));
-    }
-    let log_det = log_det_precision.dims();
-    if log_det.len() >= m2.len() || m2[m2.len() - log_det.len()..] != *log_det {
-        return Err(GaussError::shape(
-            "log_det_precision",
-            format!(
-                "{:?} or a trailing part of it (mahalanobis_sq's {m2:?} after its batch dimension)",
-                &m2[1..]
-            ),
-            log_det,
-        ));
-    }
+    // The checks are log_prob_from_mahalanobis's (the functional core's).
     Ok(log_prob_from_mahalanobis(mahalanobis_sq, log_det_precision, dim)?.neg()?)
 }
 

@@ -134,7 +134,7 @@ fn diagonal_portable_keeps_its_digits_away_from_the_origin() -> TestResult {
 /// The documented limit of the portable diagonal form: one center at 1e4 among centers near
 /// 0.5 (as `convert` places a nearly dead neuron's), P = I/2, f32. The near neurons' `m2`
 /// lose digits, within the documented bound `ε · Σ_i p ((x − c̄)² + (c − c̄)²)` (a few times
-/// it: three terms, each rounded), and the exact forms (fused, `Naive`) keep them.
+/// it: three terms, each rounded), and the fused op keeps them.
 #[test]
 fn diagonal_portable_error_stays_within_its_documented_bound() -> TestResult {
     let (batch, dim) = (5, 4);

@@ -183,7 +183,7 @@ fn cholesky_fused_matches_tensor_op_factor_forward_and_backward() -> TestResult 
 /// Data 1e4 from the origin (pixels, sensor readings), inputs near the centers: projecting
 /// first (`F_zᵀ x − F_zᵀ c`, terms of about 3e4 cancelling to m2 ≈ 1) lost the portable f32
 /// form 7.6e-4 of m2 (the fused op shifts by the centers' mean); from the differences it keeps
-/// f32 rounding. The stacked form (the fused lowrank path's `U` part) shifts as the fused op.
+/// f32 rounding. The stacked form (lowrank's `U` part) shifts as the fused op.
 /// Expected: the f64 oracle on the very f32 values.
 #[test]
 fn projected_tensor_op_forms_keep_their_digits_far_from_the_origin() -> TestResult {
