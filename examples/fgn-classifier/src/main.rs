@@ -669,7 +669,7 @@ fn eval(args: EvalArgs) -> Result<Value> {
     if args.test_time_mirror {
         bail!("--test-time-mirror applies to CNN checkpoints; this one is an MLP");
     }
-    let loaded = checkpoint::load(&args.checkpoint, &device, None)?;
+    let loaded = validate::load_checkpoint(&args.checkpoint, &device, None)?;
     validate::note_converted_dtype(&loaded, &device);
     let meta = &loaded.user_metadata;
     let scale = data::InputScale {

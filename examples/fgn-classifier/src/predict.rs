@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
-use gauss_layer::{checkpoint, files};
+use gauss_layer::files;
 use serde_json::{json, Value};
 
 use crate::data::InputScale;
@@ -123,7 +123,8 @@ pub fn predict(args: PredictArgs) -> Result<Value> {
     if args.test_time_mirror {
         bail!("--test-time-mirror applies to CNN checkpoints; this one is an MLP");
     }
-    let loaded = checkpoint::load(&args.checkpoint, &device, args.dtype.map(DType::from))?;
+    let loaded =
+        crate::validate::load_checkpoint(&args.checkpoint, &device, args.dtype.map(DType::from))?;
     crate::validate::note_converted_dtype(&loaded, &device);
     let net = &loaded.net;
     let scale = InputScale {

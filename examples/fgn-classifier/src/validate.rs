@@ -100,6 +100,29 @@ pub fn recorded_input_scale(metadata: &BTreeMap<String, String>, default: f64) -
     Ok(scale)
 }
 
+/// [`gauss_layer::checkpoint::load`], with the way on where the file is a safetensors file
+/// without this library's metadata: most often a network of the original PyTorch FGN code,
+/// which `import` (or, classical, `convert`) turns into a checkpoint.
+pub fn load_checkpoint(
+    path: &Path,
+    device: &Device,
+    dtype: Option<DType>,
+) -> Result<gauss_layer::checkpoint::LoadedCheckpoint> {
+    gauss_layer::checkpoint::load(path, device, dtype).map_err(|error| {
+        let foreign = matches!(
+            &error,
+            gauss_layer::GaussError::Checkpoint { reason, .. } if reason.contains("`format` is missing")
+        );
+        if foreign {
+            anyhow::anyhow!(
+                "{error}; a state dict of the original PyTorch FGN code becomes one with `fgn-classifier import`, a classical one with `fgn-classifier convert`"
+            )
+        } else {
+            error.into()
+        }
+    })
+}
+
 /// Says on stderr when a checkpoint loaded in another dtype than it was stored in without
 /// being asked (an f64 checkpoint on Metal, which has no f64, runs in f32).
 pub fn note_converted_dtype(loaded: &gauss_layer::checkpoint::LoadedCheckpoint, device: &Device) {
@@ -267,5 +290,21 @@ mod tests {
             meta.insert("input_scale".to_string(), bad.to_string());
             assert!(recorded_input_scale(&meta, 16.0).is_err(), "{bad}");
         }
+    }
+
+    /// A network of the original PyTorch FGN code given where a checkpoint belongs (`eval`,
+    /// `predict`): the error says which command turns it into one.
+    #[test]
+    fn a_pytorch_state_dict_is_pointed_to_import() {
+        let state_dict = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/data/interop/net_diag_base/model.safetensors");
+        let Err(error) = load_checkpoint(&state_dict, &Device::Cpu, None) else {
+            panic!("a state dict loaded as a checkpoint");
+        };
+        let error = error.to_string();
+        assert!(
+            error.contains("`format` is missing") && error.contains("`fgn-classifier import`"),
+            "{error}"
+        );
     }
 }
