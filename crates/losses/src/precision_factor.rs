@@ -32,7 +32,7 @@ use gauss_layer::Result;
 /// NLL of samples `x` under N(`mean`, (L Lᵀ)⁻¹), `L` the lower triangle of `tril`.
 ///
 /// A sample holding ±∞ is not masked here: its NLL is +∞, or NaN where the projection meets
-/// ∞ − ∞ (as in torch's `MultivariateNormal.log_prob`). [`crate::layer_nll`] and
+/// ∞ − ∞ (as in torch's `MultivariateNormal.log_prob`). [`crate::layer_nll()`] and
 /// `GaussLayer::log_prob` give +∞ (−∞ log-density) for such a sample.
 ///
 /// # Shapes
