@@ -18,10 +18,11 @@ use crate::error::Result;
 /// the rounding error, about `ε · Σ_i p_zi ((x_bi − c̄_i)² + (c_zi − c̄_i)²)`. The shift keeps
 /// data far from the origin (pixels around 128) exact near a center; what it cannot help is a
 /// spread of centers: one center far from the others moves `c̄`, and the others' `m2` lose
-/// digits with it (f32, P = I/2, one center 1e4 away among centers near 0.5: `m2` off by 0.2).
-/// It is the expansion `torch.cdist` makes for speed, with the same limit; the (B, Z, d)
-/// difference form (the original FGN code's) was exact but 30× slower in a CPU backward and
-/// 25× the memory (784 → 64, batch 128). `DistanceKernel::Naive` gives the exact form.
+/// digits with it (f32, P = I/2, one center 1e4 away among centers near 0.5: `m2` off by up to
+/// 0.63, the test `diagonal_portable_error_stays_within_its_documented_bound`). It is the
+/// expansion `torch.cdist` makes for speed, with the same limit; the (B, Z, d) difference form
+/// (the original FGN code's) was exact but 30× slower in a CPU backward and 25× the memory
+/// (784 → 64, batch 128). `DistanceKernel::Naive` gives the exact form.
 ///
 /// # Shapes
 /// `x`: (B, d), `center`: (Z, d), `diagonal`: (Z, d) → (B, Z)
