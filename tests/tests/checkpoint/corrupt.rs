@@ -129,11 +129,16 @@ fn damaged_checkpoints_name_what_is_wrong() -> Result<()> {
     let r = reason(&p, None);
     assert!(r.contains("`format`") && r.contains("missing"), "{r}");
 
-    // Unknown format versions (one past u32), and a version that is not a number.
+    // Unknown format versions (one past u32), a version that is not a number, and spellings
+    // of a known version the writer never makes (leading zero, sign, blank).
     for (version, needle) in [
         ("99", "99, this build reads versions 1 to"),
         ("99999999999", "99999999999, this build reads versions 1 to"),
         ("one", "not an integer"),
+        ("03", "\"03\", not an integer in canonical decimal"),
+        ("+3", "\"+3\", not an integer in canonical decimal"),
+        (" 3", "\" 3\", not an integer in canonical decimal"),
+        ("", "\"\", not an integer"),
     ] {
         let mut m = metadata.clone();
         m.insert("format_version".into(), version.into());

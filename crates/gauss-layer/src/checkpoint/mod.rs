@@ -348,7 +348,13 @@ fn load_from_source(
         )));
     }
     let version_text = field(KEY_VERSION)?;
-    let version = match version_text.parse::<u32>() {
+    // The writer spells the version in canonical decimal: "03" or "+3" were written by
+    // something else, so they are refused rather than read as 3.
+    let canonical = version_text
+        .parse::<u32>()
+        .ok()
+        .filter(|v| v.to_string() == *version_text);
+    let version = match canonical.ok_or(()) {
         Ok(v) if (1..=FORMAT_VERSION).contains(&v) => v,
         Ok(other) => {
             return Err(fail(format!(
@@ -356,14 +362,18 @@ fn load_from_source(
             )))
         }
         // Digits beyond u32 are a version too, just not one this build reads.
-        Err(_) if !version_text.is_empty() && version_text.bytes().all(|b| b.is_ascii_digit()) => {
+        Err(())
+            if !version_text.is_empty()
+                && !version_text.starts_with('0')
+                && version_text.bytes().all(|b| b.is_ascii_digit()) =>
+        {
             return Err(fail(format!(
                 "metadata field `format_version` is {version_text}, this build reads versions 1 to {FORMAT_VERSION}"
             )))
         }
-        Err(_) => {
+        Err(()) => {
             return Err(fail(format!(
-                "metadata field `format_version` is {version_text:?}, not an integer"
+                "metadata field `format_version` is {version_text:?}, not an integer in canonical decimal (as \"3\")"
             )))
         }
     };
