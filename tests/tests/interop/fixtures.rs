@@ -196,6 +196,9 @@ fn precisions_and_layouts_are_the_originals() -> Result<()> {
             "layer" => {
                 assert_eq!(report.kind, FgnModelKind::Layer);
                 assert_eq!(net.layers()[0].config().tanh, case.non_lin);
+                // Nothing before the lone layer gates it, so neither the report nor the
+                // checkpoint says it is gated.
+                assert!(!report.gate && !net.config().gate);
             }
             _ => {
                 assert_eq!(report.kind, FgnModelKind::Net);

@@ -185,7 +185,8 @@ pub struct FgnImportOptions {
     /// Default `None`.
     pub parameterization: Option<Parameterization>,
     /// Gate each layer by the previous layer's Gaussians, as the original's network forward
-    /// does. Default `true`.
+    /// does. Default `true`. A lone layer has nothing before it, so it imports ungated (its
+    /// report and checkpoint say `gate: false`) whatever this says.
     pub gate: bool,
 }
 
@@ -295,7 +296,7 @@ pub struct FgnImportReport {
     pub batch_norm: bool,
     /// The module indices showed the `drop_p > 0` layout.
     pub dropout: bool,
-    /// Layers gate by the previous layer's Gaussians.
+    /// Layers gate by the previous layer's Gaussians (always `false` for a lone layer).
     pub gate: bool,
     /// Every key carried this prefix, which was ignored (`module.` of `nn.DataParallel`).
     pub stripped_prefix: Option<String>,

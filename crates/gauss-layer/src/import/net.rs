@@ -404,7 +404,9 @@ fn lone_layer_in_f64(
         notes.push(tied_note());
     }
     let reports = vec![layer_report("", &layer)];
-    let net = GaussNet::from_layers(None, Vec::new(), layer, options.gate, 1e-5, "")?;
+    // One layer has no previous Gaussians to gate by, whatever the options ask.
+    let gate = false;
+    let net = GaussNet::from_layers(None, Vec::new(), layer, gate, 1e-5, "")?;
     let report = FgnImportReport {
         kind: FgnModelKind::Layer,
         covar_type,
@@ -412,7 +414,7 @@ fn lone_layer_in_f64(
         input_batch_norm: false,
         batch_norm: false,
         dropout: false,
-        gate: options.gate,
+        gate,
         stripped_prefix: dict.stripped_prefix().map(str::to_string),
         notes,
     };
