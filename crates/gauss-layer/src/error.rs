@@ -32,7 +32,7 @@ pub enum GaussError {
         /// Which tensor was at fault.
         what: String,
         /// The dtype(s) that would work, in words, e.g. `"F32 (the dtype of center)"` or
-        /// `"a float dtype (F16, BF16, F32, F64)"`.
+        /// `"one of F16, BF16, F32 or F64"`.
         expected: String,
         /// The dtype that came.
         got: DType,
@@ -231,17 +231,21 @@ pub fn check_device(what: &str, tensor: &Tensor, expected: &Device, whose: &str)
     Ok(())
 }
 
-/// Checks that `dtype` is a float dtype the layer supports (F16, BF16, F32, F64).
-pub(crate) fn check_float_dtype(what: &str, dtype: DType) -> Result<()> {
+/// Checks that `dtype` is a float dtype the layer supports (F16, BF16, F32, F64), naming
+/// `what` when it is not (public for the losses, as [`check_dtype`]: Candle has no integer
+/// kernels for the logarithms and exponentials, and panics on them).
+///
+/// # Errors
+/// [`GaussError::DType`] for any other dtype.
+pub fn check_float_dtype(what: &str, dtype: DType) -> Result<()> {
     match dtype {
         DType::F16 | DType::BF16 | DType::F32 | DType::F64 => Ok(()),
-        other => Err(GaussError::dtype(
-            what,
-            "a float dtype (F16, BF16, F32 or F64)",
-            other,
-        )),
+        other => Err(GaussError::dtype(what, FLOAT_DTYPES, other)),
     }
 }
+
+/// What [`check_float_dtype`] accepts, in the words of its error: "expected dtype {this}".
+pub(crate) const FLOAT_DTYPES: &str = "one of F16, BF16, F32 or F64";
 
 /// Lets errors flow through Candle's `Result` (e.g. in `Module::forward`).
 impl From<GaussError> for candle_core::Error {

@@ -80,7 +80,7 @@ pub use config::{
     DistanceKernel, GaussLayerConfig, InitConfig, Parameterization, PositiveMap, PrecisionConfig,
 };
 pub use distribution::{MultivariateNormal, MultivariateNormalBatch};
-pub use error::{check_device, check_dtype, GaussError, Result};
+pub use error::{check_device, check_dtype, check_float_dtype, GaussError, Result};
 pub use init::layer_seed;
 pub use kernels::ResolvedKernel;
 pub use layer::{gauss_layer, GaussLayer};

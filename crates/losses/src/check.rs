@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Tensor};
 
-use gauss_layer::{check_device, check_dtype, GaussError, Result};
+use gauss_layer::{check_device, check_dtype, check_float_dtype, GaussError, Result};
 
 /// Checks a batch of samples `x`: rank 2, at least one row, `width` columns when given.
 /// Returns `(batch, width)`.
@@ -31,14 +31,7 @@ pub(crate) fn samples(x: &Tensor, what: &str, width: Option<usize>) -> Result<(u
 /// Checks that `t` has a float dtype (F16, BF16, F32 or F64): the losses take logarithms and
 /// exponentials, which Candle has no integer kernels for (it panics on them).
 pub(crate) fn float_dtype(t: &Tensor, what: &str) -> Result<()> {
-    match t.dtype() {
-        DType::F16 | DType::BF16 | DType::F32 | DType::F64 => Ok(()),
-        other => Err(GaussError::dtype(
-            what,
-            "a float dtype (F16, BF16, F32 or F64)",
-            other,
-        )),
-    }
+    check_float_dtype(what, t.dtype())
 }
 
 /// Checks a vector of length `len`.

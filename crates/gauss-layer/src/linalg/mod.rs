@@ -46,7 +46,7 @@ pub(crate) fn read_scalar(scalar: &Tensor) -> Result<f64> {
         other => {
             return Err(GaussError::dtype(
                 "scalar read back from the device",
-                "a float dtype",
+                crate::error::FLOAT_DTYPES,
                 other,
             ))
         }
