@@ -59,20 +59,22 @@ fn check_arguments(x: &Tensor, center: &Tensor, precision: &Precision) -> Result
             x.dims(),
         ));
     }
-    check_dtype("center", center, x.dtype(), "the input x")?;
+    // The parameters are checked against each other first, so that an input of another dtype
+    // or device is the one blamed (not the center, which agrees with the precision).
     check_dtype(
         "precision raw tensor",
         precision.raw(),
-        x.dtype(),
-        "the input x",
+        center.dtype(),
+        "center",
     )?;
-    check_device("center", center, x.device(), "the input x")?;
+    check_dtype("input x", x, center.dtype(), "center and precision")?;
     check_device(
         "precision raw tensor",
         precision.raw(),
-        x.device(),
-        "the input x",
+        center.device(),
+        "center",
     )?;
+    check_device("input x", x, center.device(), "center and precision")?;
     Ok(Sizes {
         batch: x.dims()[0],
         dim: d,
@@ -145,10 +147,10 @@ pub fn mahalanobis_sq_naive(x: &Tensor, center: &Tensor, precision: &Tensor) -> 
             precision.dims(),
         ));
     }
-    check_dtype("center", center, x.dtype(), "the input x")?;
-    check_dtype("precision", precision, x.dtype(), "the input x")?;
-    check_device("center", center, x.device(), "the input x")?;
-    check_device("precision", precision, x.device(), "the input x")?;
+    check_dtype("precision", precision, center.dtype(), "center")?;
+    check_dtype("input x", x, center.dtype(), "center and precision")?;
+    check_device("precision", precision, center.device(), "center")?;
+    check_device("input x", x, center.device(), "center and precision")?;
     kernels::naive::portable(x, center, precision)
 }
 
@@ -306,6 +308,42 @@ mod tests {
         }
     }
     use candle_core::{DType, Device};
+
+    /// An input of another dtype than the parameters' is the one blamed: the center agrees
+    /// with the precision (the message named the center before), in both distance functions.
+    #[test]
+    fn an_input_of_another_dtype_is_blamed_not_the_center() -> Result<()> {
+        let dev = Device::Cpu;
+        let center = Tensor::zeros((4, 3), DType::F32, &dev)?;
+        let raw = Tensor::zeros((4, 3, 3), DType::F32, &dev)?;
+        let precision = Precision::from_raw(raw.clone(), 3, &crate::GaussLayerConfig::default())?;
+        // f64: the odd input out, the dtype this test is about.
+        let x = Tensor::zeros((2, 3), DType::F64, &dev)?;
+        let naive = mahalanobis_sq_naive(&x, &center, &raw);
+        for result in [
+            mahalanobis_sq(&x, &center, &precision, DistanceKernel::Auto),
+            naive,
+        ] {
+            match result {
+                Err(GaussError::DType {
+                    what,
+                    got,
+                    expected,
+                }) => {
+                    assert_eq!((what.as_str(), got), ("input x", DType::F64));
+                    assert!(expected.starts_with("F32"), "{expected}");
+                }
+                other => panic!("expected a DType error on x, got {other:?}"),
+            }
+        }
+        // Parameters that disagree with each other: the precision is named against the center.
+        let center64 = center.to_dtype(DType::F64)?;
+        match mahalanobis_sq(&x, &center64, &precision, DistanceKernel::Auto) {
+            Err(GaussError::DType { what, .. }) => assert!(what.starts_with("precision"), "{what}"),
+            other => panic!("expected a DType error on the precision, got {other:?}"),
+        }
+        Ok(())
+    }
 
     /// `gaussian` of an integer tensor panicked in Candle's `exp` ("no unary function for
     /// u8"); `gate` with a `prev_gaussian` of another dtype was Candle's "dtype mismatch in
