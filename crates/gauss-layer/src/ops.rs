@@ -337,6 +337,7 @@ mod tests {
             }
         }
         // Parameters that disagree with each other: the precision is named against the center.
+        // f64: a center of the input's dtype, against an f32 precision.
         let center64 = center.to_dtype(DType::F64)?;
         match mahalanobis_sq(&x, &center64, &precision, DistanceKernel::Auto) {
             Err(GaussError::DType { what, .. }) => assert!(what.starts_with("precision"), "{what}"),
