@@ -191,16 +191,20 @@ pub fn ensure_positive_definite(precision: &Precision) -> Result<()> {
 }
 
 /// Whether every pivot of a tensor-op Cholesky factorization is `> 0`, NaN-safe on every
-/// device: a failed pivot is NaN, and min/max reductions may drop NaN (CUDA's do), so count
-/// the pivots that compare `> 0` (NaN compares false) instead of taking the smallest.
-/// One scalar read, in the working dtype (exact: the count stays far below 2^24).
+/// device: a failed pivot is NaN, and min/max reductions may drop NaN (CUDA's do), so the
+/// pivots are first compared `> 0` (NaN compares false) and the smallest of those 0/1 flags
+/// is read: one scalar, exact for any count. (A sum of the flags in the working dtype was
+/// not: bf16 counts exactly only to 256 and f16 to 2048, so every larger half-precision
+/// layer was refused.) The flags are f32, which every device reduces.
 fn all_pivots_positive(pivots: &Tensor) -> Result<bool> {
-    let count = pivots.elem_count();
-    let positive = pivots
+    if pivots.elem_count() == 0 {
+        return Ok(true);
+    }
+    let smallest_flag = pivots
         .gt(&pivots.zeros_like()?)?
-        .to_dtype(pivots.dtype())?
-        .sum_all()?;
-    Ok(linalg::read_scalar(&positive)? == count as f64)
+        .to_dtype(DType::F32)?
+        .min_all()?;
+    Ok(linalg::read_scalar(&smallest_flag)? == 1.0)
 }
 
 fn check_floor(min_eigenvalue: f64) -> Result<()> {
@@ -529,6 +533,54 @@ mod tests {
             match ensure_positive_definite(&precision) {
                 Err(GaussError::NotPositiveDefinite { neuron: 1, .. }) => {}
                 other => panic!("expected neuron 1 not positive definite, got {other:?}"),
+            }
+        }
+    }
+
+    /// Half-precision layers past 256 (bf16) or 2048 (f16) pivots: the pivots were counted
+    /// in the working dtype, which stops counting exactly there, so `P = I/2` was "not
+    /// positive definite (smallest eigenvalue 0.5)" and the repair copied to the host on
+    /// every call. The check reads the smallest 0/1 flag now.
+    #[test]
+    fn half_precision_checks_hold_for_many_pivots() {
+        use crate::config::GaussLayerConfig;
+        let config = GaussLayerConfig {
+            precision: PrecisionConfig {
+                parameterization: Parameterization::Direct,
+                portable: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        // Z·d = 8·300 = 2400 pivots: past both limits.
+        let (z, d) = (8, 300);
+        let half_identity = (Tensor::eye(d, DType::F32, &Device::Cpu).unwrap() * 0.5)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+            .repeat((z, 1, 1))
+            .unwrap();
+        for dtype in [DType::BF16, DType::F16] {
+            let raw = half_identity.to_dtype(dtype).unwrap();
+            let precision = Precision::from_raw(raw.clone(), d, &config).unwrap();
+            ensure_positive_definite(&precision)
+                .unwrap_or_else(|e| panic!("{dtype:?}: I/2 refused: {e}"));
+            assert!(above_floor_in_tensor_ops(&raw, 0.25).unwrap(), "{dtype:?}");
+            assert!(!above_floor_in_tensor_ops(&raw, 0.75).unwrap(), "{dtype:?}");
+            // One failed pivot among the 2400 is still seen.
+            let broken = raw
+                .slice_assign(
+                    &[3..4, 5..6, 5..6],
+                    &Tensor::new(&[[[-1.0f32]]], &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap(),
+                )
+                .unwrap();
+            let precision = Precision::from_raw(broken, d, &config).unwrap();
+            match ensure_positive_definite(&precision) {
+                Err(GaussError::NotPositiveDefinite { neuron: 3, .. }) => {}
+                other => panic!("{dtype:?}: expected neuron 3 refused, got {other:?}"),
             }
         }
     }
