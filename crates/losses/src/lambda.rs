@@ -21,7 +21,7 @@
 //! # Ok::<(), gauss_layer::GaussError>(())
 //! ```
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use gauss_layer::repair::ensure_positive_definite;
 use gauss_layer::{ops, GaussError, GaussLayer, Precision, Result};
 use serde::{Deserialize, Serialize};
@@ -94,6 +94,8 @@ impl LambdaLoss {
     }
 
     /// The per-neuron term whose mean is the loss (of one layer: `per_neuron(..).mean_all()`).
+    /// For an f16 or bf16 precision the term is computed in f32 and rounded to the working
+    /// dtype once: the traces it divides by d overflow f16 from d = 256 at the default init.
     ///
     /// # Shapes
     /// → (Z)
@@ -120,6 +122,15 @@ impl LambdaLoss {
         estimator: TraceEstimator,
     ) -> Result<Tensor> {
         estimator.validate()?;
+        let working = precision.raw().dtype();
+        if is_half(working) {
+            // The traces are sums over d (tr Σ = d² for a default f16 layer at d = 256, past
+            // f16's 65504) and f16/bf16 lose digits along them: the term is computed in f32,
+            // where it fits, and rounded back once (the mean eigenvalue fits where tr Σ does
+            // not). The positive-definiteness check runs there too, once.
+            let wide = self.per_neuron_with(&precision.to_dtype(DType::F32)?, estimator)?;
+            return Ok(wide.to_dtype(working)?);
+        }
         ensure_positive_definite(precision)?;
         let d = precision.dim() as f64;
         Ok(match self {
@@ -185,6 +196,11 @@ impl LambdaLoss {
     pub fn per_neuron_from_factor(self, tril: &Tensor) -> Result<Tensor> {
         let (_, d) = check::square_batch(tril, "precision factors tril")?;
         check::float_dtype(tril, "precision factors tril")?;
+        if is_half(tril.dtype()) {
+            // As in `per_neuron_with`: in f32, rounded back once.
+            let wide = self.per_neuron_from_factor(&tril.to_dtype(DType::F32)?)?;
+            return Ok(wide.to_dtype(tril.dtype())?);
+        }
         let factor = ops::tril(tril)?;
         if self != LambdaLoss::NegTracePrecision {
             check::nonsingular_triangular_batch(&factor, "precision factors tril")?;
@@ -196,6 +212,11 @@ impl LambdaLoss {
             LambdaLoss::NegTracePrecision => (factor.sqr()?.sum((1, 2))? / -d)?,
         })
     }
+}
+
+/// f16 and bf16, whose per-neuron λ terms are computed in f32.
+fn is_half(dtype: DType) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16)
 }
 
 impl std::fmt::Display for LambdaLoss {

@@ -155,6 +155,58 @@ fn half_precision_lambda_pooling_accumulates_in_f32() -> Result<()> {
     Ok(())
 }
 
+/// Each neuron's own term: a default cholesky layer over d = 300 inputs (no perturbation) has
+/// P ≈ I/d, so Σ ≈ d·I and tr Σ ≈ d² = 90000, past f16's 65504, while the term tr Σ/d ≈ 300
+/// is not. Formed in f16 the trace was ∞ (and the FGN objective with it). Expected: the
+/// closed forms of a diagonal factor L, from its stored (rounded) diagonal in f64:
+/// tr Σ/d = mean 1/L_ii², log det Σ = −2 Σ ln L_ii, −tr P/d = −mean L_ii².
+#[test]
+fn half_precision_lambda_terms_do_not_overflow_on_wide_layers() -> Result<()> {
+    let (z, d) = (3usize, 300usize);
+    let mut config = GaussLayerConfig::with_parameterization(Parameterization::Cholesky);
+    config.init.perturbation = 0.0;
+    for dtype in [DType::F16, DType::BF16] {
+        let varmap = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
+        let layer = gauss_layer::gauss_layer(d, z, config.clone(), vb)?;
+        let factor = layer.precision().factor()?.expect("cholesky has a factor");
+        // f64: the closed forms, on the host.
+        let diagonal = gauss_layer::ops::diagonal(&factor)?
+            .to_dtype(DType::F64)?
+            .to_vec2::<f64>()?;
+        assert!(diagonal.iter().flatten().all(|&l| l > 0.0));
+        for variant in LambdaLoss::ALL {
+            let expected: Vec<f32> = diagonal
+                .iter()
+                .map(|l| {
+                    let n = l.len() as f64;
+                    (match variant {
+                        LambdaLoss::TraceCovariance => {
+                            l.iter().map(|v| 1.0 / (v * v)).sum::<f64>() / n
+                        }
+                        LambdaLoss::LogdetCovariance => {
+                            -2.0 * l.iter().map(|v| v.ln()).sum::<f64>()
+                        }
+                        LambdaLoss::NegTracePrecision => -l.iter().map(|v| v * v).sum::<f64>() / n,
+                    }) as f32
+                })
+                .collect();
+            assert!(expected[0].abs() > 0.0 && expected[0].is_finite());
+            let terms = variant.per_neuron(layer.precision())?;
+            // The functional core, from the factor L itself, gives the same.
+            let from_factor = variant.per_neuron_from_factor(&factor)?;
+            for (what, got) in [("per neuron", terms), ("from the factor", from_factor)] {
+                assert_eq!(got.dtype(), dtype);
+                let got = got.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                for (g, e) in got.iter().zip(&expected) {
+                    assert_rel(*g, *e, dtype, &format!("{variant} {what}"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One mean has one dtype: layers of f32 and bf16 are refused with the layer named, not
 /// with Candle's "dtype mismatch in add".
 #[test]

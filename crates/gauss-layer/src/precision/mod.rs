@@ -63,6 +63,16 @@ pub(crate) use low_rank_fit::LowRankFit;
 pub(crate) use operand::DistanceOperand;
 pub use trace_estimate::seed_trace_probes;
 
+/// Whether converting from `from` to `to` keeps every value and every range (the same dtype,
+/// or a wider float: f16 and bf16 both fit in f32).
+fn widens(from: DType, to: DType) -> bool {
+    from == to
+        || matches!(
+            (from, to),
+            (DType::F16 | DType::BF16, DType::F32 | DType::F64) | (DType::F32, DType::F64)
+        )
+}
+
 /// `Σ_j e^{−x_ij}` per row of a (Z, d) tensor: `cpu::sum_exp_negated` (one fused op on the
 /// `CpuFused` route), its sum [`linalg::sum_accumulated`] in f16 and bf16 (always the
 /// portable route).
@@ -196,12 +206,25 @@ impl Precision {
         Self::from_raw(raw, self.dim, self.config)
     }
 
-    /// The same precision with its raw tensor converted to `dtype`.
+    /// The same precision with its raw tensor converted to `dtype` (differentiable: the
+    /// conversion is a tensor op). A conversion to a wider dtype (f16 or bf16 to f32 or f64,
+    /// f32 to f64) keeps every value, and the ranges [`Precision::from_raw`] holds raw values
+    /// to only widen with the dtype, so it checks nothing again (and reads nothing from the
+    /// device); a narrower one is checked as `from_raw`.
     ///
     /// # Errors
-    /// A dtype that is not a float.
+    /// A dtype that is not a float; for a narrower dtype, as [`Precision::from_raw`].
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
-        self.with_raw(self.raw.to_dtype(dtype)?)
+        check_float_dtype("precision dtype", dtype)?;
+        let raw = self.raw.to_dtype(dtype)?;
+        if widens(self.raw.dtype(), dtype) {
+            return Ok(Self {
+                config: self.config,
+                raw,
+                dim: self.dim,
+            });
+        }
+        self.with_raw(raw)
     }
 
     /// The map from the raw tensor to `P` (parameterization, positive map, floors).

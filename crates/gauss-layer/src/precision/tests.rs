@@ -493,3 +493,38 @@ fn lowrank_rank_above_d_from_a_matrix_is_a_config_error() {
     let cfg = config(Parameterization::LowRank { rank: 2 }, None);
     assert!(Precision::from_precision_matrix(&p, &cfg).is_ok());
 }
+
+/// `to_dtype` to a wider dtype keeps the values and needs no check (every range widens);
+/// to a narrower one it is checked as `from_raw`: a diag log-precision of 10 is within f32's
+/// bound (½ ln M ≈ 44) but past f16's (≈ 5.5449), so narrowing it to f16 is refused.
+#[test]
+fn to_dtype_checks_only_narrowing_conversions() {
+    let config = config(Parameterization::Diag, None);
+    let dev = Device::Cpu;
+    let half = Tensor::new(&[[0.5f32, -2.0], [1.0, 3.0]], &dev)
+        .unwrap()
+        .to_dtype(DType::F16)
+        .unwrap();
+    let precision = Precision::from_raw(half, 2, &config).unwrap();
+    for wider in [DType::F32, DType::F64] {
+        let widened = precision.to_dtype(wider).unwrap();
+        assert_eq!(widened.raw().dtype(), wider);
+        assert_eq!(
+            widened
+                .raw()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap(),
+            [[0.5f32, -2.0], [1.0, 3.0]]
+        );
+    }
+    let wide = Tensor::new(&[[10.0f32, 0.0]], &dev).unwrap();
+    let precision = Precision::from_raw(wide, 2, &config).unwrap();
+    let err = precision.to_dtype(DType::F16).unwrap_err();
+    assert!(matches!(err, GaussError::Numerical { .. }), "{err}");
+    assert!(matches!(
+        precision.to_dtype(DType::U8),
+        Err(GaussError::DType { .. })
+    ));
+}
