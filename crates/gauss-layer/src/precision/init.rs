@@ -92,10 +92,17 @@ fn check_log_scale(config: &GaussLayerConfig, scale: f64, d: usize, dtype: DType
     Err(GaussError::config(
         "init.precision_scale",
         format!(
-            "{given} does not fit the {} parameterization in {dtype:?}: it stores ln P, which {dtype:?} holds within ±{bound:.4} (P from {:.4e} to {:.4e}); set init.precision_scale within that range, or build the layer in f32",
+            "{given} does not fit the {} parameterization in {dtype:?}: it stores ln P, which {dtype:?} holds within ±{bound:.4} (P from {:.4e} to {:.4e}); set init.precision_scale within that range{}",
             config.precision.parameterization,
             (-bound).exp(),
-            bound.exp()
+            bound.exp(),
+            // A wider dtype widens the range, where there is one.
+            match dtype {
+                DType::F16 => ", or build the layer in f32",
+                // bf16's range is f32's: only f64 widens it.
+                DType::BF16 | DType::F32 => ", or build the layer in f64",
+                _ => "",
+            }
         ),
     ))
 }
@@ -181,6 +188,16 @@ impl Precision {
                             other => other,
                         })?;
                     if config.precision.parameterization == Parameterization::Direct {
+                        // direct keeps the block as it is, so the perturbation's effect is
+                        // checked here, as the factoring forms' inverse map checks it: else a
+                        // perturbation that breaks P was reported as a scale too small for
+                        // the diagonal it had made negative.
+                        if eps > 0.0 && host::cholesky_lower(&raw, d).is_none() {
+                            return Err(perturbation_too_large(
+                                eps,
+                                format!("the perturbed matrix of neuron {neuron} is not positive definite"),
+                            ));
+                        }
                         check_direct_diagonal(&raw, d, dtype, scale, neuron)?;
                     }
                     values.extend(raw);

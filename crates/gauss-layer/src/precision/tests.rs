@@ -390,6 +390,48 @@ fn half_precision_log_scale_forms_name_the_init_scale_past_d_255() {
     }
 }
 
+/// The way out an init error offers fits the dtype: an f32 diag layer with a scale of 1e30
+/// (ln P = 69, past f32's ±44.4) was told to "build the layer in f32"; bf16's range is f32's,
+/// so both are pointed at f64. A direct perturbation so large that P is not positive definite
+/// (1e6: a diagonal entry of −1.2e5 at d = 3) blamed `init.precision_scale`; it names
+/// `init.perturbation` now, as the factoring forms do.
+#[test]
+fn init_errors_name_the_cause_and_a_way_out_that_fits_the_dtype() {
+    let mut diag = config(Parameterization::Diag, None);
+    diag.init.precision_scale = Some(1e30);
+    for dtype in [DType::F32, DType::BF16] {
+        let message = Precision::initial_raw(2, 3, &diag, dtype, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("init.precision_scale")
+                && message.contains("build the layer in f64")
+                && !message.contains("build the layer in f32"),
+            "{dtype:?}: {message}"
+        );
+    }
+    let mut direct = config(Parameterization::Direct, None);
+    direct.init.perturbation = 1e6;
+    direct.init.seed = Some(0);
+    for parameterization in [Parameterization::Direct, Parameterization::Cholesky] {
+        let cfg = GaussLayerConfig {
+            precision: PrecisionConfig {
+                parameterization,
+                ..direct.precision
+            },
+            ..direct.clone()
+        };
+        match Precision::initial_raw(4, 3, &cfg, DType::F32, &Device::Cpu) {
+            Err(GaussError::InvalidConfig { field, reason }) => {
+                assert_eq!(field, "init.perturbation", "{parameterization}: {reason}")
+            }
+            other => {
+                panic!("{parameterization}: expected an init.perturbation error, got {other:?}")
+            }
+        }
+    }
+}
+
 /// A NaN or ∞ in a precision matrix is refused by every parameterization's inverse map,
 /// naming the neuron and the entry: diag and sphere read only the diagonal and tested the
 /// off-diagonal entries with `f64::max`, which drops NaN, so a NaN there was silently
