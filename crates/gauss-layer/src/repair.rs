@@ -36,7 +36,7 @@ use candle_nn::VarMap;
 use rayon::prelude::*;
 
 use crate::config::Parameterization;
-use crate::error::{GaussError, Result};
+use crate::error::{check_float_dtype, GaussError, Result};
 use crate::layer::GaussLayer;
 use crate::linalg::{self, host};
 use crate::precision::Precision;
@@ -105,8 +105,10 @@ impl PdReport {
 /// `matrices`: (Z, d, d)
 ///
 /// # Errors
-/// A tensor that is not (Z, d, d); NaN or infinite entries ([`GaussError::Numerical`]).
+/// A tensor that is not (Z, d, d) or not of a float dtype; NaN or infinite entries
+/// ([`GaussError::Numerical`]).
 pub fn check_positive_definite_matrices(matrices: &Tensor) -> Result<PdReport> {
+    check_float_dtype("precision matrices", matrices.dtype())?;
     let (z, d, values) = host::to_host_matrices(matrices, "precision matrices")?;
     // Eigenvalues only, neurons in parallel: this runs after every optimizer step of a
     // `direct` layer.
@@ -235,9 +237,11 @@ fn check_floor(min_eigenvalue: f64) -> Result<()> {
 /// `matrices`: (Z, d, d) → (Z, d, d)
 ///
 /// # Errors
-/// A `min_eigenvalue` that is not finite and > 0; as [`check_positive_definite_matrices`].
+/// A `min_eigenvalue` that is not finite and > 0; as [`check_positive_definite_matrices`];
+/// a repaired entry beyond the dtype's largest finite value ([`GaussError::Numerical`]).
 pub fn repair_matrices(matrices: &Tensor, min_eigenvalue: f64) -> Result<Tensor> {
     check_floor(min_eigenvalue)?;
+    check_float_dtype("precision matrices", matrices.dtype())?;
     let (_, d, mut values) = host::to_host_matrices(matrices, "precision matrices")?;
     // Neurons in parallel; the first error in neuron order is reported.
     let outcomes: Vec<Result<()>> = values
@@ -287,6 +291,20 @@ fn repair_block(
     let largest = eigenvalues.iter().fold(floor, |m, l| m.max(l.abs()));
     let raised = floor + 2.0 * linalg::unit_roundoff(dtype) * (d as f64).sqrt() * largest;
     let fixed = host::from_eigen(&eigenvalues, &eigenvectors, |l| l.max(raised));
+    // A floor (or an input) near the dtype's largest value repairs to entries the dtype
+    // cannot hold: they would be stored as ∞ and the "repaired" layer would compute NaN.
+    let largest_finite = linalg::max_finite(dtype);
+    if let Some(i) = fixed.iter().position(|v| v.abs() > largest_finite) {
+        return Err(GaussError::Numerical {
+            what: "repair_matrices".to_string(),
+            reason: format!(
+                "the repaired matrix of neuron {neuron} has the entry {:e} at ({}, {}), beyond the largest finite {dtype:?} ({largest_finite:e}); lower min_eigenvalue (now {floor:e}) or rescale",
+                fixed[i],
+                i / d,
+                i % d
+            ),
+        });
+    }
     block_values.copy_from_slice(&fixed);
     Ok(())
 }
@@ -342,6 +360,8 @@ pub fn repair_var_in_place(var: &Var, min_eigenvalue: f64) -> Result<PdReport> {
 pub fn repair_var_if_needed(var: &Var, min_eigenvalue: f64) -> Result<bool> {
     check_floor(min_eigenvalue)?;
     let raw = var.as_tensor();
+    // Candle's tensor-op factorization panics on integer tensors.
+    check_float_dtype("precision matrices", raw.dtype())?;
     let above_floor = if backend(raw.device(), raw.dtype(), false) == Backend::CpuFused {
         above_floor_on_host(raw, min_eigenvalue)?
     } else {
@@ -583,6 +603,39 @@ mod tests {
                 other => panic!("{dtype:?}: expected neuron 3 refused, got {other:?}"),
             }
         }
+    }
+
+    /// Integer matrices are dtype errors in every entry point (`repair_var_if_needed` panicked
+    /// in Candle's tensor-op factorization; the others returned `Ok`), and a repair whose
+    /// result the dtype cannot hold is refused: f32 entries of 3e38 raised past f32's largest
+    /// value, or a floor of 1e300 in f32, came back as ∞.
+    #[test]
+    fn integer_matrices_and_unrepresentable_repairs_are_errors() {
+        let ints = Tensor::zeros((1, 2, 2), DType::U8, &Device::Cpu).unwrap();
+        let var = Var::from_tensor(&ints).unwrap();
+        for result in [
+            repair_var_if_needed(&var, 1e-3).map(|_| ()),
+            repair_var_in_place(&var, 1e-3).map(|_| ()),
+            repair_matrices(&ints, 1e-3).map(|_| ()),
+            check_positive_definite_matrices(&ints).map(|_| ()),
+        ] {
+            match result {
+                Err(GaussError::DType { got: DType::U8, .. }) => {}
+                other => panic!("expected a U8 dtype error, got {other:?}"),
+            }
+        }
+        let huge = Tensor::new(&[[[3e38f32, 3e38], [3e38, -3e38]]], &Device::Cpu).unwrap();
+        let small = Tensor::new(&[[[1.0f32, 0.0], [0.0, 1.0]]], &Device::Cpu).unwrap();
+        for (matrices, floor) in [(&huge, 1e-3), (&small, 1e300)] {
+            match repair_matrices(matrices, floor) {
+                Err(GaussError::Numerical { reason, .. }) => {
+                    assert!(reason.contains("beyond the largest finite F32"), "{reason}")
+                }
+                other => panic!("floor {floor:e}: expected a Numerical error, got {other:?}"),
+            }
+        }
+        // A floor the dtype holds still repairs.
+        assert!(repair_matrices(&huge.affine(1e-30, 0.0).unwrap(), 1e-3).is_ok());
     }
 
     #[test]
