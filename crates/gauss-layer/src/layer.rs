@@ -455,6 +455,21 @@ pub fn gauss_layer(
             seed.map(|s| (s, InitStream::Bias)),
         )?)
     };
+    // Normal draws stay within 10 standard deviations (beyond is a chance below 1e-23 per
+    // draw): a std whose draws the dtype cannot hold would give infinite centers, which the
+    // layer computes NaN with and a checkpoint refuses to load.
+    let largest_finite = crate::linalg::max_finite(vb.dtype());
+    if 10.0 * config.init.center_std > largest_finite && !vb.contains_tensor("center") {
+        return Err(GaussError::config(
+            "init.center_std",
+            format!(
+                "{:e} draws centers beyond the largest finite {:?} ({largest_finite:e}); it must be at most {:e}",
+                config.init.center_std,
+                vb.dtype(),
+                largest_finite / 10.0
+            ),
+        ));
+    }
     let center_init = if config.init.center_std > 0.0 {
         Init::Randn {
             mean: 0.0,
@@ -542,6 +557,40 @@ mod tests {
     use crate::testing::{all_finite, relative_error};
     use candle_core::{DType, Device, Var};
     use candle_nn::{Module, VarMap};
+
+    /// A center std whose draws the dtype cannot hold (1e300 in f32 gave centers of ±∞, a
+    /// layer that computes NaN and saves a checkpoint that does not load) is refused by name;
+    /// the same std builds in f64, and an f32 std at the bound builds with finite centers.
+    #[test]
+    fn a_center_std_beyond_the_dtype_is_refused() {
+        let build = |std: f64, dtype: DType| {
+            let config = GaussLayerConfig {
+                init: InitConfig {
+                    center_std: std,
+                    seed: Some(0),
+                    ..Default::default()
+                },
+                ..GaussLayerConfig::with_parameterization(Parameterization::Diag)
+            };
+            let varmap = VarMap::new();
+            gauss_layer(
+                3,
+                2,
+                config,
+                VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu),
+            )
+        };
+        match build(1e300, DType::F32) {
+            Err(GaussError::InvalidConfig { field, reason }) => {
+                assert_eq!(field, "init.center_std");
+                assert!(reason.contains("F32"), "{reason}");
+            }
+            other => panic!("expected an init.center_std error, got {other:?}"),
+        }
+        build(1e300, DType::F64).unwrap();
+        let at_bound = build(3e37, DType::F32).unwrap();
+        assert!(all_finite(at_bound.center()).unwrap());
+    }
 
     fn build(
         config: GaussLayerConfig,
