@@ -128,7 +128,7 @@ pub fn mahalanobis_sq_portable(
 /// `x`: (B, d), `center`: (Z, d), `precision`: (Z, d, d) → (B, Z)
 ///
 /// # Errors
-/// Shapes that do not fit together; mixed dtypes or devices.
+/// Shapes that do not fit together; a dtype that is not a float; mixed dtypes or devices.
 pub fn mahalanobis_sq_naive(x: &Tensor, center: &Tensor, precision: &Tensor) -> Result<Tensor> {
     let &[z, d] = center.dims() else {
         return Err(GaussError::shape("center", "(Z, d)", center.dims()));
@@ -147,6 +147,7 @@ pub fn mahalanobis_sq_naive(x: &Tensor, center: &Tensor, precision: &Tensor) -> 
             precision.dims(),
         ));
     }
+    check_float_dtype("center", center.dtype())?;
     check_dtype("precision", precision, center.dtype(), "center")?;
     check_dtype("input x", x, center.dtype(), "center and precision")?;
     check_device("precision", precision, center.device(), "center")?;
@@ -335,6 +336,15 @@ mod tests {
                 }
                 other => panic!("expected a DType error on x, got {other:?}"),
             }
+        }
+        // Integer tensors throughout: a dtype error naming the center (Candle's matmul said
+        // only "unsupported dtype U8 for op matmul").
+        let ints = |shape: &[usize]| Tensor::zeros(shape, DType::U8, &dev);
+        match mahalanobis_sq_naive(&ints(&[2, 3])?, &ints(&[4, 3])?, &ints(&[4, 3, 3])?) {
+            Err(GaussError::DType { what, got, .. }) => {
+                assert_eq!((what.as_str(), got), ("center", DType::U8))
+            }
+            other => panic!("expected a DType error on the center, got {other:?}"),
         }
         // Parameters that disagree with each other: the precision is named against the center.
         // f64: a center of the input's dtype, against an f32 precision.
