@@ -261,8 +261,13 @@ pub struct PrecisionConfig {
     #[serde(deserialize_with = "required_option")]
     pub width_floor: Option<f64>,
     /// Run the portable tensor-op forms of the kernels (what CUDA and Metal run) even on the
-    /// CPU, instead of the fused CPU ops. The results agree to rounding; the fused ops are
-    /// faster. Default `false`. Useful to test the GPU path on a machine without a GPU.
+    /// CPU, instead of the fused CPU ops. The full forms (cholesky, direct, expm) agree with
+    /// the fused ops to rounding; the diagonal forms (diag, sphere and lowrank's diagonal)
+    /// expand `|x|² − 2x·c + |c|²` as `torch.cdist` does, which loses digits when the centers
+    /// are spread far from each other (f32, P = I/2, one center 1e4 away among centers near 0.5: `m2` off by
+    /// up to 0.63; `kernels/diagonal.rs` states the bound; [`DistanceKernel::Naive`] is
+    /// exact). The fused ops are faster. Default `false`. Useful to test the GPU path on a
+    /// machine without a GPU.
     pub portable: bool,
 }
 

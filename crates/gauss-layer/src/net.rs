@@ -420,6 +420,12 @@ impl GaussNet {
     /// batch of fewer than two samples ([`GaussError::EmptyBatch`] for none,
     /// [`GaussError::Shape`] for one, as PyTorch's `BatchNorm1d` does): its batch variance
     /// is undefined and would turn the running statistics into NaN for good. Candle errors.
+    ///
+    /// A NaN or ±∞ input stays in its own row everywhere but in a batch norm's training
+    /// statistics: one such row in a training batch makes the running mean or variance NaN
+    /// for good (as in PyTorch), so every later evaluation is NaN. The rows are not checked
+    /// (that would read the batch on the host each step): filter non-finite samples from the
+    /// training data of a network with batch norms.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         Ok(self.run(x, train, false)?.0)
     }
