@@ -378,7 +378,9 @@ impl Precision {
     }
 
     /// `tr S` (sum of covariance eigenvalues) per neuron. For cholesky `‖L⁻¹‖²_F` through a
-    /// triangular inverse built from matmuls (no general inverse).
+    /// triangular inverse built from matmuls (no general inverse). In the raw tensor's dtype:
+    /// f16 overflows past 65504 (a default layer's `tr S = d²` from d = 256), so for half
+    /// precision take it from [`Precision::to_dtype`]`(F32)`, as the λ-loss does.
     ///
     /// # Shapes
     /// → (Z)
