@@ -65,6 +65,19 @@ fn find(dir: &Path, stem: &str) -> Result<PathBuf> {
     }
 }
 
+/// The IDX files of `splits` (`"train"`, `"t10k"`) that the loader would read from `dir`:
+/// the inputs an output path is checked against before any work. A file that is missing or
+/// ambiguous is left out (the loader reports it when it reads).
+pub fn input_files(dir: &Path, splits: &[&str]) -> Vec<PathBuf> {
+    splits
+        .iter()
+        .flat_map(|split| {
+            ["images-idx3-ubyte", "labels-idx1-ubyte"].map(|kind| format!("{split}-{kind}"))
+        })
+        .filter_map(|stem| find(dir, &stem).ok())
+        .collect()
+}
+
 /// An IDX file opened and its header read: the dims, the item count they promise, the
 /// reader positioned at the items, and the length on disk of a plain (not gzip) file.
 struct Opened {

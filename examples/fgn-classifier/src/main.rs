@@ -341,6 +341,16 @@ fn train(args: TrainArgs) -> Result<Value> {
             bail!("{option} sets the CNN (trunk or its Gaussian head); the MLP has none (add --arch cnn)");
         }
     }
+    // What training reads, which the checkpoint must not overwrite.
+    let mut inputs = Vec::new();
+    if let Some(dir) = args.data_dir.as_deref().or(args.mnist.as_deref()) {
+        inputs.extend(idx::input_files(dir, &["train", "t10k"]));
+    }
+    for set in &args.ood {
+        if let ood::OodSource::Dir(dir) = set {
+            inputs.extend(idx::input_files(dir, &["t10k"]));
+        }
+    }
     validate::train(&validate::TrainOptions {
         lr,
         batch_size: args.batch_size,
@@ -349,6 +359,7 @@ fn train(args: TrainArgs) -> Result<Value> {
         lambda_sigma: args.lambda_sigma.unwrap_or(0.0),
         lambda_l2: args.lambda_l2,
         out: (!args.classical_only).then_some(args.out.as_path()),
+        inputs: &inputs,
     })?;
     if !cnn && args.test_time_mirror {
         bail!("--test-time-mirror averages a CNN's views of each test image; add --arch cnn");
@@ -677,18 +688,35 @@ fn eval(args: EvalArgs) -> Result<Value> {
         declared: args.input_scale,
     };
     let classes = loaded.net.config().out_features;
+    // The IDX sets and the bundled digits come divided by their own pixel range (255, 16);
+    // the network takes its integer pixels divided by the scale its checkpoint records
+    // (imported and converted networks record 1: raw pixels), so they are rescaled to it.
+    // A checkpoint that records none (saved by other code) takes each set's own range.
+    let records_scale = meta.contains_key("input_scale");
+    let to_recorded = |split: Split, divided_by: f64| -> Result<Split> {
+        if !records_scale || divided_by == scale.recorded {
+            return Ok(split);
+        }
+        Ok(Split {
+            images: (split.images * (divided_by / scale.recorded))?,
+            labels: split.labels,
+        })
+    };
     let (split, bundled): (Split, bool) = match (&args.data, &args.mnist) {
         (Some(path), _) => (data::eval_file(path, scale, classes)?, false),
         (None, None) if args.data_dir.is_some() => (
-            idx::test_split(args.data_dir.as_deref().unwrap_or(Path::new(".")))?.0,
+            to_recorded(
+                idx::test_split(args.data_dir.as_deref().unwrap_or(Path::new(".")))?.0,
+                data::MNIST_SCALE,
+            )?,
             false,
         ),
         (None, Some(dir)) => (
-            data::mnist_test(dir)?,
+            to_recorded(data::mnist_test(dir)?, data::MNIST_SCALE)?,
             meta.get("dataset").is_some_and(|d| d == "mnist"),
         ),
         (None, None) => (
-            data::digits()?.test,
+            to_recorded(data::digits()?.test, data::DIGITS_SCALE)?,
             meta.get("dataset").is_none_or(|d| d == "digits"),
         ),
     };

@@ -19,6 +19,9 @@ pub struct TrainOptions<'a> {
     pub lambda_l2: f64,
     /// The checkpoint path, when one will be written.
     pub out: Option<&'a Path>,
+    /// The files training reads (the IDX files of `--mnist`/`--data-dir` and of every
+    /// `--ood` directory), which `out` must not be.
+    pub inputs: &'a [PathBuf],
 }
 
 /// Every check of `train`'s options (see the module docs).
@@ -37,6 +40,8 @@ pub fn train(options: &TrainOptions) -> Result<()> {
     finite_non_negative("--lambda-l2", options.lambda_l2)?;
     if let Some(out) = options.out {
         writable_output(out)?;
+        let inputs: Vec<&Path> = options.inputs.iter().map(PathBuf::as_path).collect();
+        gauss_layer::files::check_output(out, &inputs).context("--out")?;
     }
     Ok(())
 }
@@ -181,6 +186,42 @@ mod tests {
             lambda_sigma: 0.0,
             lambda_l2: 0.0,
             out: None,
+            inputs: &[],
+        }
+    }
+
+    /// `--out` naming one of the IDX files training reads (plain or .gz) is refused before
+    /// any work: it was overwritten by the checkpoint, and the data set was gone. A new file
+    /// in the data directory is fine.
+    #[test]
+    fn an_output_that_is_a_training_input_is_refused() {
+        for compressed in [false, true] {
+            let dir = crate::idx::tests::write_set(
+                &format!("out-is-input-{compressed}"),
+                4,
+                2,
+                compressed,
+            );
+            let inputs = crate::idx::input_files(&dir, &["train", "t10k"]);
+            assert_eq!(inputs.len(), 4, "{inputs:?}");
+            for input in &inputs {
+                let e = train(&TrainOptions {
+                    out: Some(input),
+                    inputs: &inputs,
+                    ..options(1e-2)
+                })
+                .unwrap_err();
+                let e = format!("{e:#}");
+                assert!(e.starts_with("--out") && e.contains("input"), "{e}");
+            }
+            let fresh = dir.join("net.safetensors");
+            train(&TrainOptions {
+                out: Some(&fresh),
+                inputs: &inputs,
+                ..options(1e-2)
+            })
+            .unwrap();
+            std::fs::remove_dir_all(&dir).unwrap();
         }
     }
 
