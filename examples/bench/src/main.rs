@@ -178,7 +178,7 @@ fn main() {
     let report = examples_support::run_on_thread_pool(move || {
         report(args).and_then(|r| Ok(serde_json::to_string(&r)?))
     });
-    println!("{}", examples_support::exit_on_error(report));
+    examples_support::print_or_exit(report);
 }
 
 fn report(args: Args) -> Result<Report> {

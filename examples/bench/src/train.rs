@@ -23,7 +23,7 @@ mod timing;
 
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
@@ -304,10 +304,19 @@ impl Pair {
         let mut phases = Phases::default();
         let mut last = None;
         for _ in 0..steps {
-            let len = batch.min(n - self.cursor);
-            let x = images.narrow(0, self.cursor, len)?;
-            let y = labels.narrow(0, self.cursor, len)?;
-            self.cursor = (self.cursor + len) % n;
+            // Every batch is full (the JSON's `batch`): one that runs past the end wraps to
+            // the start (`--batch` ≤ `--samples` is checked up front).
+            let rows = |t: &Tensor| -> Result<Tensor> {
+                let head = batch.min(n - self.cursor);
+                let first = t.narrow(0, self.cursor, head)?;
+                Ok(if head == batch {
+                    first
+                } else {
+                    Tensor::cat(&[&first, &t.narrow(0, 0, batch - head)?], 0)?
+                })
+            };
+            let (x, y) = (rows(images)?, rows(labels)?);
+            self.cursor = (self.cursor + batch) % n;
             let live = alloc::live_bytes();
             alloc::reset_peak();
             let (allocs0, bytes0) = alloc::allocations();
@@ -380,7 +389,7 @@ fn main() {
     let report = examples_support::run_on_thread_pool(move || {
         report(&args).and_then(|r| Ok(serde_json::to_string(&r)?))
     });
-    println!("{}", examples_support::exit_on_error(report));
+    examples_support::print_or_exit(report);
 }
 
 /// A count of the command line: a whole number >= 1 (0 would time or build nothing, and
@@ -465,7 +474,21 @@ fn report(args: &Args) -> Result<Report> {
     gauss_layer::seed_trace_probes(args.seed);
     let device = examples_support::device(&args.device)?;
     let dtype = examples_support::dtype(&args.dtype)?;
+    if args.batch > args.samples {
+        bail!(
+            "--batch {} is more than the {} --samples; every step takes a full batch",
+            args.batch,
+            args.samples
+        );
+    }
     check_size(args, &params, dtype, device.is_cpu())?;
+    let widths: Vec<usize> = std::iter::once(args.in_features)
+        .chain(args.hidden.iter().copied())
+        .chain(std::iter::once(args.classes))
+        .collect();
+    for &param in &params {
+        examples_support::check_trace_probes(&widths, param, args.trace_probes, dtype)?;
+    }
     let (images, labels) = synthetic(args, dtype, &device)?;
     let objective = FgnObjectiveConfig {
         lambda_l2: args.lambda_l2,
@@ -630,6 +653,47 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A batch larger than the data (it was shrunk to the data while the JSON reported the
+    /// requested size) and probe counts that cannot fit are refused before any work.
+    #[test]
+    fn batches_past_the_data_and_unfit_probe_counts_are_refused_first() {
+        let e = format!(
+            "{:#}",
+            report(&Args::parse_from([
+                "bench-train",
+                "--in",
+                "3",
+                "--hidden",
+                "4",
+                "--samples",
+                "8",
+                "--batch",
+                "9",
+                "--steps",
+                "1",
+                "--rounds",
+                "1",
+                "--warmup",
+                "0",
+            ]))
+            .err()
+            .expect("batch 9 of 8 samples")
+        );
+        assert!(e.contains("--batch 9") && e.contains("8 --samples"), "{e}");
+        let e = format!(
+            "{:#}",
+            report(&args(&[
+                "--params",
+                "cholesky",
+                "--trace-probes",
+                "100000000000000"
+            ]))
+            .err()
+            .expect("too many probes")
+        );
+        assert!(e.contains("--trace-probes 100000000000000"), "{e}");
     }
 
     /// The trace probes are a process-wide stream: tests that train take turns.

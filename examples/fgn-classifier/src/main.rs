@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use clap::{Parser, Subcommand, ValueEnum};
 use examples_support::parameterization;
 use gauss_layer::checkpoint;
@@ -387,6 +387,17 @@ fn train(args: TrainArgs) -> Result<Value> {
         let trace_probes = args
             .trace_probes
             .unwrap_or(default_trace_probes(args.features));
+        // The Gaussian head's layers from the features on (the output width is not known
+        // before the data is read; the first layer dominates).
+        let head_widths: Vec<usize> = std::iter::once(args.features)
+            .chain(args.hidden.iter().copied())
+            .collect();
+        examples_support::check_trace_probes(
+            &head_widths,
+            parameterization,
+            trace_probes,
+            DType::F32,
+        )?;
         return cnn_cli::train(
             &cnn_cli::CnnRun {
                 parameterization,
@@ -450,6 +461,13 @@ fn train(args: TrainArgs) -> Result<Value> {
     let trace_probes = args
         .trace_probes
         .unwrap_or(default_trace_probes(data.train.features()));
+    if !args.classical_only {
+        let widths: Vec<usize> = std::iter::once(data.train.features())
+            .chain(args.hidden.iter().copied())
+            .chain(std::iter::once(data.classes))
+            .collect();
+        examples_support::check_trace_probes(&widths, parameterization, trace_probes, DType::F32)?;
+    }
     let trace_estimator = trace_estimator(trace_probes);
     let mut rng = StdRng::seed_from_u64(args.seed);
     // Its own stream, so the split does not shift the training's random draws.
@@ -774,7 +792,7 @@ fn main() {
         Command::Convert(args) => interop::convert(args),
         Command::Predict(args) => predict::predict(args),
     });
-    println!("{}", examples_support::exit_on_error(result));
+    examples_support::print_or_exit(result);
 }
 
 #[cfg(test)]

@@ -360,3 +360,35 @@ fn the_next_write_removes_a_killed_writers_temporary_file() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// A standard output that cannot be written (a full disk here; a closed pipe alike) ends in
+/// the one-line error and exit status 1: `println!` panicked with exit status 101.
+#[cfg(target_os = "linux")]
+#[test]
+fn an_unwritable_stdout_is_a_one_line_error() -> Result<()> {
+    let dir = temp_dir("stdout-full")?;
+    let checkpoint = dir.join("imported.safetensors");
+    let checkpoint = checkpoint.display().to_string();
+    run_ok(&[
+        "import",
+        &fixture("net_diag_base"),
+        "--covar",
+        "diag",
+        "--out",
+        &checkpoint,
+    ])?;
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full")?;
+    let output = Command::new(env!("CARGO_BIN_EXE_fgn-classifier"))
+        .args(["eval", &checkpoint])
+        .stdout(full)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.starts_with("error: cannot write to standard output") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -583,7 +583,7 @@ fn run(args: Args) -> Result<()> {
         classical_far: far_mean(&mlp_conf),
         fgn_far: far_mean(&fgn_conf),
     };
-    println!("{}", summary.json_line(out));
+    examples_support::print_line(summary.json_line(out))?;
     Ok(())
 }
 
