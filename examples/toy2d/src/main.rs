@@ -41,8 +41,8 @@ struct Args {
     /// Directory for the PNG files (created if missing; checked writable before training).
     #[arg(long, default_value = "toy2d-out")]
     out_dir: PathBuf,
-    /// Full-batch training steps of each network.
-    #[arg(long, default_value_t = 600)]
+    /// Full-batch training steps of each network (>= 1).
+    #[arg(long, default_value_t = 600, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     steps: usize,
     /// Seed of the data set and of both networks' initialization (the classical MLP's and the
     /// FGN's).
@@ -618,6 +618,23 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--steps 0` trained nothing and drew the untrained maps; it is refused by name.
+    #[test]
+    fn zero_steps_are_refused() {
+        use clap::Parser;
+        let e = Args::try_parse_from(["toy2d", "--steps", "0"])
+            .err()
+            .expect("--steps 0 must be refused")
+            .to_string();
+        assert!(e.contains("--steps"), "{e}");
+        assert_eq!(
+            Args::try_parse_from(["toy2d", "--steps", "1"])
+                .unwrap()
+                .steps,
+            1
+        );
+    }
 
     /// The classical MLP is a function of the seed: two trainings from the same seed give
     /// bit-identical logits, another seed other ones.
