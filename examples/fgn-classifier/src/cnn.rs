@@ -109,6 +109,31 @@ impl TrunkConfig {
         Ok(())
     }
 
+    /// Refuses a trunk whose training cannot fit in this process's memory, before any
+    /// tensor is made: each parameter is held four times while training (value, gradient,
+    /// Adam's two moments) in f32. Every option can be in range while their product is not
+    /// (`--channels 1024 --channels 1024 --features 65536` on 28×28: a 13 GB `fc` weight,
+    /// which aborted the process on its allocation).
+    pub fn check_training_fits(&self) -> Result<()> {
+        let elements = self
+            .tensor_shapes()
+            .iter()
+            .try_fold(0u64, |total, (_, shape)| {
+                shape
+                    .iter()
+                    .try_fold(1u64, |product, &dim| product.checked_mul(dim as u64))?
+                    .checked_add(total)
+            });
+        gauss_layer::memory::check_fits(
+            &format!(
+                "training the CNN trunk (--channels {:?}, --features {}, {}×{} images)",
+                self.channels, self.features, self.height, self.width
+            ),
+            elements.and_then(|e| e.checked_mul(4 * 4)),
+        )?;
+        Ok(())
+    }
+
     /// Spatial size after the blocks (each 2×2 pool floors).
     fn pooled(&self) -> (usize, usize) {
         let blocks = self.channels.len() as u32;
@@ -603,6 +628,29 @@ pub(crate) mod tests {
         )
         .unwrap();
         (CnnFgn { trunk, net }, net_vars)
+    }
+
+    /// Options each in range whose product cannot be trained here are refused before any
+    /// tensor is made; a small trunk fits.
+    #[test]
+    fn a_trunk_too_large_to_train_is_refused_first() {
+        let config = |side: usize, channels: Vec<usize>, features| TrunkConfig {
+            height: side,
+            width: side,
+            channels,
+            features,
+            activation: Activation::Relu,
+            batch_norm: false,
+        };
+        // 1024×1024 images: an `fc` weight of 65536 × (256·256·1024) f32, ~70 TB to train.
+        let huge = config(1024, vec![1024, 1024], 65_536);
+        huge.validate().unwrap();
+        let e = huge.check_training_fits().unwrap_err().to_string();
+        assert!(
+            e.contains("--channels [1024, 1024]") && e.contains("--features 65536"),
+            "{e}"
+        );
+        config(28, vec![16, 32], 64).check_training_fits().unwrap();
     }
 
     /// Test-time mirroring averages a view and its mirror, so the mirrored network gives an

@@ -77,6 +77,7 @@ pub fn train(run: &CnnRun, data: IdxData, device: &Device) -> Result<Value> {
         batch_norm: run.trunk_batch_norm,
     };
     trunk.validate()?;
+    trunk.check_training_fits()?;
     let mut rng = StdRng::seed_from_u64(run.seed);
     let started = Instant::now();
     let mut out = serde_json::Map::new();
