@@ -204,7 +204,7 @@ fn check_rank(parameterization: Parameterization, features: usize, hidden: &[usi
     let inputs = std::iter::once(features).chain(hidden.iter().copied());
     if let Some((layer, width)) = inputs.enumerate().find(|&(_, w)| rank > w) {
         bail!(
-            "--rank {rank} is more than the {width} inputs of Gaussian layer {layer}; lowrank needs 1 <= rank <= the inputs of every layer (the input features, then each --hidden width)"
+            "lowrank's rank {rank} (--param lowrank:R or --rank) is more than the {width} inputs of Gaussian layer {layer}; lowrank needs 1 <= rank <= the inputs of every layer (the input features, then each --hidden width)"
         );
     }
     Ok(())
