@@ -548,6 +548,7 @@ fn to_dtype_checks_only_narrowing_conversions() {
         .to_dtype(DType::F16)
         .unwrap();
     let precision = Precision::from_raw(half, 2, &config).unwrap();
+    // f64: one of the two wider dtypes a conversion is checked into.
     for wider in [DType::F32, DType::F64] {
         let widened = precision.to_dtype(wider).unwrap();
         assert_eq!(widened.raw().dtype(), wider);
