@@ -1185,11 +1185,15 @@ mod tests {
         assert_eq!(e, "--rank must be >= 1, got 0");
         let e = run_train(&["--param", "low"]).unwrap_err().to_string();
         assert!(e.contains("possible values"), "{e}");
-        // R above a layer's inputs names --rank before any training.
+        // R above a layer's inputs is refused before any training, naming both ways of
+        // giving R (this one came as lowrank:9, not --rank).
         let e = run_train(&["--fgn-only", "--param", "lowrank:9", "--hidden", "8"])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("--rank 9") && e.contains("8 inputs"), "{e}");
+        assert!(
+            e.contains("rank 9 (--param lowrank:R or --rank)") && e.contains("8 inputs"),
+            "{e}"
+        );
     }
 
     /// A checkpoint of another input width: the hint fits the data option given.
