@@ -134,6 +134,33 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// A column of standard deviation about 1e9 leaves the sample covariance valid (its
+    /// correlation matrix is that of the unscaled data), in 2-D as in 3-D: the 2-D case was
+    /// refused as singular (the host eigensolver gave its small eigenvalue as 0). Closed
+    /// form: scaling column j by s multiplies det Σ by s², so the mean NLL
+    /// `½·d·(1 + ln 2π) + ½·ln det Σ` grows by exactly ln s.
+    #[test]
+    fn a_wide_column_keeps_the_mle_in_two_dimensions_as_in_three() -> Result<()> {
+        let scale = 1e9f64;
+        for d in [2usize, 3] {
+            let known = crate::data::KnownGaussian::random(d, 5);
+            // f64: a unit test on Device::Cpu (the samples are f64, as fit-gaussian reads them).
+            let x = known.sample(200, 6, &Device::Cpu)?;
+            let factors: Vec<f64> = (0..d).map(|j| if j == 1 { scale } else { 1.0 }).collect();
+            let wide = x.broadcast_mul(&Tensor::new(factors, &Device::Cpu)?.unsqueeze(0)?)?;
+            let plain = maximum_likelihood(&x, Parameterization::Direct)?;
+            let scaled = maximum_likelihood(&wide, Parameterization::Direct)
+                .with_context(|| format!("d = {d}"))?;
+            let expected = plain.nll + scale.ln();
+            assert!(
+                ((scaled.nll - expected) / expected).abs() < 1e-12,
+                "d = {d}: NLL {} vs {expected}",
+                scaled.nll
+            );
+        }
+        Ok(())
+    }
+
     /// lowrank:1 in 3-D cannot hold this correlated sample covariance: the reference must be
     /// what gradient descent within the family converges to (the target it can reach), and
     /// score between the diag fit and the full covariance.

@@ -75,10 +75,13 @@ fn check_finite_matrix(matrix: &Mat<f64>, what: &str, neuron: usize) -> Result<(
 }
 
 /// The eigenvalues of `neuron`'s symmetric matrix, without eigenvectors (a fraction of the
-/// cost), with the same checks as [`symmetric_eigen`].
+/// cost), with the same checks as [`symmetric_eigen`]; ascending.
 pub(crate) fn symmetric_eigenvalues(matrix: &Mat<f64>, neuron: usize) -> Result<Vec<f64>> {
     let what = "symmetric eigenvalues";
     check_finite_matrix(matrix, what, neuron)?;
+    if matrix.nrows() == 2 {
+        return Ok(symmetric_eigen_2x2(matrix).0.to_vec());
+    }
     matrix
         .self_adjoint_eigenvalues(Side::Lower)
         .map_err(|e| eigen_failure(what, neuron, format!("faer did not converge: {e:?}")))
@@ -86,15 +89,105 @@ pub(crate) fn symmetric_eigenvalues(matrix: &Mat<f64>, neuron: usize) -> Result<
 
 /// Eigenvalues (ascending) and eigenvectors (columns) of `neuron`'s symmetric matrix; a
 /// failure ([`GaussError::Numerical`]) names the neuron.
+///
+/// 2×2 matrices take the closed form of [`symmetric_eigen_2x2`]: faer 0.24 loses the small
+/// eigenvalue of a 2×2 block to the large one's rounding (0 for diag(1e-17, 1), 1.0000334e-12
+/// for diag(1e-12, 1)), which its 3×3 path does not, so valid 2-D covariances were refused as
+/// singular and the eigenvalue-based parameterizations (expm, lowrank) lost digits in d = 2
+/// only.
 pub(crate) fn symmetric_eigen(matrix: &Mat<f64>, neuron: usize) -> Result<(Vec<f64>, Mat<f64>)> {
     let what = "symmetric eigendecomposition";
     check_finite_matrix(matrix, what, neuron)?;
+    if matrix.nrows() == 2 {
+        let (values, vectors) = symmetric_eigen_2x2(matrix);
+        return Ok((values.to_vec(), Mat::from_fn(2, 2, |i, j| vectors[i][j])));
+    }
     let evd = matrix
         .self_adjoint_eigen(Side::Lower)
         .map_err(|e| eigen_failure(what, neuron, format!("faer did not converge: {e:?}")))?;
     let s = evd.S().column_vector();
     let values = (0..matrix.nrows()).map(|i| s[i]).collect();
     Ok((values, evd.U().to_owned()))
+}
+
+/// `2^e` for `e` in [-1022, 1023], exactly (built from its bits).
+fn power_of_two(e: i32) -> f64 {
+    f64::from_bits(((1023 + e) as u64) << 52)
+}
+
+/// Eigenvalues (ascending) and unit eigenvectors (`vectors[i][j]`: row i of column j, the
+/// column of eigenvalue j) of the symmetric 2×2 matrix `[[a, b], [b, c]]` (its lower
+/// triangle is read), accurate where faer's are not (see [`symmetric_eigen`]); the entries
+/// must be finite.
+///
+/// LAPACK's `dlaev2`: the eigenvalue of larger magnitude is `(a + c ± √((a − c)² + 4b²)) / 2`
+/// with the sign of `a + c` (no cancellation), the rotation is built from the better
+/// conditioned of its two formulas. The other eigenvalue is `det / rt1`, with the
+/// determinant `a·c − b²` by Kahan's fused difference of products: accurate to a few ulps
+/// even where `a·c` and `b²` agree to many digits (a rotated ill-conditioned block), where
+/// `dlaev2`'s own `(a/rt1)·c − (b/rt1)·b` loses them all. The matrix is first scaled by a
+/// power of two (exact) so that its largest entry is near 1, so that neither `a·c` nor
+/// `b²` overflows or underflows before the eigenvalues themselves would.
+pub(crate) fn symmetric_eigen_2x2(matrix: &Mat<f64>) -> ([f64; 2], [[f64; 2]; 2]) {
+    let (a, b, c) = (matrix[(0, 0)], matrix[(1, 0)], matrix[(1, 1)]);
+    if b == 0.0 {
+        // Diagonal (the zero matrix too): the spectrum is the diagonal itself, exactly.
+        return if a <= c {
+            ([a, c], [[1.0, 0.0], [0.0, 1.0]])
+        } else {
+            ([c, a], [[0.0, 1.0], [1.0, 0.0]])
+        };
+    }
+    let largest = a.abs().max(b.abs()).max(c.abs());
+    // The binary exponent of `largest`, kept where both 2^-e and 2^e are normal numbers.
+    let exponent = (largest.log2().floor() as i32).clamp(-1000, 1000);
+    let (down, up) = (power_of_two(-exponent), power_of_two(exponent));
+    let (a, b, c) = (a * down, b * down, c * down);
+
+    let sum = a + c;
+    let difference = a - c;
+    let two_b = b + b;
+    // √((a − c)² + 4b²) without overflow (the entries are at most 2 in magnitude now).
+    let root = difference.hypot(two_b);
+    let rt1 = if sum < 0.0 {
+        0.5 * (sum - root)
+    } else {
+        0.5 * (sum + root)
+    };
+    // |rt1| ≥ |b| > 0.
+    let products = b * b;
+    let product_error = b.mul_add(-b, products); // b² − products, exactly
+    let determinant = a.mul_add(c, -products) + product_error;
+    let rt2 = determinant / rt1;
+
+    // The unit eigenvector (cs, sn) of rt1, as dlaev2 builds it.
+    let (ratio_term, sgn2) = if difference >= 0.0 {
+        (difference + root, 1.0)
+    } else {
+        (difference - root, -1.0)
+    };
+    let (mut cs, mut sn) = if ratio_term.abs() > two_b.abs() {
+        let ct = -two_b / ratio_term;
+        let sn = 1.0 / ct.mul_add(ct, 1.0).sqrt();
+        (ct * sn, sn)
+    } else if two_b == 0.0 {
+        (1.0, 0.0)
+    } else {
+        let tn = -ratio_term / two_b;
+        let cs = 1.0 / tn.mul_add(tn, 1.0).sqrt();
+        (cs, tn * cs)
+    };
+    let sgn1 = if sum < 0.0 { -1.0 } else { 1.0 };
+    if sgn1 == sgn2 {
+        (cs, sn) = (-sn, cs);
+    }
+    // (cs, sn) belongs to rt1 and (−sn, cs) to rt2.
+    let (rt1, rt2) = (rt1 * up, rt2 * up);
+    if rt2 <= rt1 {
+        ([rt2, rt1], [[-sn, cs], [cs, sn]])
+    } else {
+        ([rt1, rt2], [[cs, -sn], [sn, cs]])
+    }
 }
 
 /// `U diag(f(λ)) Uᵀ` as row-major values.
@@ -353,6 +446,117 @@ mod tests {
         // The same matrix without the NaN passes.
         let fine = symmetric_block(&[2.0, 0.0, 0.0, 2.0], 2);
         assert_eq!(symmetric_eigenvalues(&fine, 3).unwrap(), vec![2.0, 2.0]);
+    }
+
+    /// Relative error of `got` against `expected`.
+    fn relative(got: f64, expected: f64) -> f64 {
+        ((got - expected) / expected).abs()
+    }
+
+    /// Diagonal 2×2 blocks have their diagonal as spectrum, exactly, and the axes as
+    /// eigenvectors, at every condition number, in either order and of either sign; faer
+    /// 0.24 gave 0 for diag(1e-17, 1) and 1.0000334e-12 for diag(1e-12, 1).
+    #[test]
+    fn two_by_two_diagonal_spectra_are_exact() {
+        for small in [1e-8, 1e-12, 1e-17, 1e-20, 3e-300, -1e-17] {
+            for (big, scale) in [(1.0, 1.0), (7e9, 1.0), (1.0, 1e250), (1.0, 1e-250)] {
+                let (small, big) = (small * scale, big * scale);
+                for diagonal in [[small, big], [big, small]] {
+                    let matrix = symmetric_block(&[diagonal[0], 0.0, 0.0, diagonal[1]], 2);
+                    let (values, vectors) = symmetric_eigen(&matrix, 0).unwrap();
+                    let mut expected = diagonal;
+                    expected.sort_by(f64::total_cmp);
+                    assert_eq!(values, expected, "diag{diagonal:?}");
+                    assert_eq!(symmetric_eigenvalues(&matrix, 0).unwrap(), expected);
+                    assert_eq!(smallest_eigenvalue(&matrix, 0).unwrap(), expected[0]);
+                    // Column j is the axis of eigenvalue j, up to its sign.
+                    for (j, value) in expected.iter().enumerate() {
+                        let axis = diagonal.iter().position(|v| v == value).unwrap();
+                        assert_eq!(vectors[(axis, j)].abs(), 1.0, "diag{diagonal:?}");
+                        assert_eq!(vectors[(1 - axis, j)], 0.0, "diag{diagonal:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rotated ill-conditioned 2×2 blocks with exactly known spectra: the Fibonacci powers
+    /// `Q^k = [[F(k+1), F(k)], [F(k), F(k−1)]]` of `Q = [[1, 1], [1, 0]]` hold integers (exact
+    /// in f64 up to k = 78), have determinant (−1)^k (Cassini's identity) and eigenvalues
+    /// φ^k and ψ^k (ψ = −1/φ), with `Q`'s eigenvectors (φ, 1) and (1, −φ). For even k the
+    /// spectrum is {1/λ, λ}, λ = (L + √(L² − 4))/2 with L = F(k+1) + F(k−1) the trace: the
+    /// condition number λ² reaches 7.9e20 at k = 50 and 1.3e29 at k = 70. faer's small
+    /// eigenvalue erred by about 1e-16·λ (absolute), so relatively by up to 1e13 there.
+    #[test]
+    fn two_by_two_rotated_spectra_match_the_fibonacci_closed_form() {
+        let phi = (1.0 + 5f64.sqrt()) / 2.0;
+        let mut fibonacci = vec![0f64, 1.0];
+        while fibonacci.len() < 80 {
+            let n = fibonacci.len();
+            fibonacci.push(fibonacci[n - 1] + fibonacci[n - 2]);
+        }
+        for k in [2usize, 10, 20, 30, 40, 50, 60, 70] {
+            // Powers of two keep the entries exact and scale the spectrum exactly.
+            for scale in [1.0, 2f64.powi(-60), 2f64.powi(80)] {
+                let (a, b, c) = (fibonacci[k + 1], fibonacci[k], fibonacci[k - 1]);
+                let block = [a * scale, b * scale, b * scale, c * scale];
+                let matrix = symmetric_block(&block, 2);
+                let (values, vectors) = symmetric_eigen(&matrix, 0).unwrap();
+                let trace = a + c;
+                let big = 0.5 * (trace + (trace * trace - 4.0).sqrt());
+                let expected = [scale / big, scale * big];
+                for j in 0..2 {
+                    let error = relative(values[j], expected[j]);
+                    assert!(
+                        error < 4e-16,
+                        "k {k}, scale {scale:e}: eigenvalue {j} {} vs {}, relative error {error:e}",
+                        values[j],
+                        expected[j]
+                    );
+                }
+                assert_eq!(symmetric_eigenvalues(&matrix, 0).unwrap(), values);
+                // Eigenvectors: unit, orthogonal, and along (1, −φ) and (φ, 1).
+                let norm = (1.0 + phi * phi).sqrt();
+                let exact = [[1.0 / norm, -phi / norm], [phi / norm, 1.0 / norm]];
+                for (j, direction) in exact.iter().enumerate() {
+                    let (x, y) = (vectors[(0, j)], vectors[(1, j)]);
+                    assert!(
+                        (x.hypot(y) - 1.0).abs() < 4e-16,
+                        "k {k}: column {j} not unit"
+                    );
+                    let cosine = (x * direction[0] + y * direction[1]).abs();
+                    assert!(
+                        1.0 - cosine < 4e-16,
+                        "k {k}: column {j} off by {:e}",
+                        1.0 - cosine
+                    );
+                }
+                let dot = vectors[(0, 0)] * vectors[(0, 1)] + vectors[(1, 0)] * vectors[(1, 1)];
+                assert!(dot.abs() < 4e-16, "k {k}: columns not orthogonal ({dot:e})");
+            }
+        }
+    }
+
+    /// Indefinite and negative 2×2 blocks keep the ascending order, and a block with both
+    /// eigenvalues equal (a multiple of the identity, or zero) gives the axes.
+    #[test]
+    fn two_by_two_signs_and_ties() {
+        // [[1, 2], [2, −2]]: eigenvalues −3 and 2 (trace −1, determinant −6).
+        let (values, _) = symmetric_eigen(&symmetric_block(&[1.0, 2.0, 2.0, -2.0], 2), 0).unwrap();
+        assert!(
+            relative(values[0], -3.0) < 4e-16 && relative(values[1], 2.0) < 4e-16,
+            "{values:?}"
+        );
+        // [[−5, 0], [0, −1e-17]].
+        let (values, _) =
+            symmetric_eigen(&symmetric_block(&[-5.0, 0.0, 0.0, -1e-17], 2), 0).unwrap();
+        assert_eq!(values, vec![-5.0, -1e-17]);
+        for diagonal in [3.0, 0.0] {
+            let block = symmetric_block(&[diagonal, 0.0, 0.0, diagonal], 2);
+            let (values, vectors) = symmetric_eigen(&block, 0).unwrap();
+            assert_eq!(values, vec![diagonal, diagonal]);
+            assert_eq!(vectors[(0, 0)].abs() + vectors[(1, 1)].abs(), 2.0);
+        }
     }
 
     /// The triangular products against the dense definition `tril(Mᵀ M Mᵀ)`, summed term by
