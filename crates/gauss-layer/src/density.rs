@@ -286,6 +286,26 @@ pub(crate) fn check_precision_blocks(
     Ok(())
 }
 
+/// Refuses a non-finite mean (its log-density would be NaN everywhere), naming the element:
+/// `means` holds Z rows of `d` values, given as one mean (d) when `one_neuron`.
+fn check_finite_means(means: &[f64], d: usize, one_neuron: bool) -> Result<()> {
+    let Some(at) = means.iter().position(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    let element = if one_neuron {
+        format!("mean[{at}]")
+    } else {
+        format!("mean[{}][{}]", at / d, at % d)
+    };
+    Err(GaussError::data(
+        "mean",
+        format!(
+            "{element} is {}; every element of a mean must be finite",
+            means[at]
+        ),
+    ))
+}
+
 /// Checks `mean` (Z, d) or (d) against `matrix` (Z, d, d) or (d, d); returns them as
 /// (Z, d) and (Z, d, d).
 fn neuron_batch(mean: &Tensor, matrix: &Tensor, given: Given) -> Result<(Tensor, Tensor)> {
@@ -337,7 +357,8 @@ impl GaussLayer {
     /// for one neuron.
     ///
     /// # Errors
-    /// Shapes, dtypes or devices that do not match; a covariance that is not finite,
+    /// Shapes, dtypes or devices that do not match; a mean that is not finite
+    /// ([`GaussError::Data`] naming the element); a covariance that is not finite,
     /// symmetric (to 1e-8 relative) and positive definite; a covariance the config cannot
     /// hold, with the floor named and its bound stated: `width_floor` σ (every covariance
     /// eigenvalue must exceed σ²), cholesky's `factor_diag_floor` f (variances up to about
@@ -400,13 +421,25 @@ impl GaussLayer {
         config: GaussLayerConfig,
         given: Given,
     ) -> Result<Self> {
+        let one_neuron = mean.rank() == 1;
         let config = GaussLayerConfig {
             gaussian_only: true,
             ..config
         };
         config.validate()?;
         let (mean, matrix) = neuron_batch(mean, matrix, given)?;
-        let (z, d, values) = host::to_host_matrices(&matrix, given.name())?;
+        let (z, d) = mean.dims2()?;
+        // One read for both: the means ride along with the matrices, which are read anyway.
+        let block = d * d;
+        let both = Tensor::cat(&[&matrix.reshape((z, block))?, &mean], 1)?;
+        let both = host::to_host_values(&both)?;
+        let mut values = Vec::with_capacity(z * block);
+        let mut means = Vec::with_capacity(z * d);
+        for row in both.chunks(block + d) {
+            values.extend_from_slice(&row[..block]);
+            means.extend_from_slice(&row[block..]);
+        }
+        check_finite_means(&means, d, one_neuron)?;
         let mut precision = Vec::with_capacity(z * d * d);
         for neuron in 0..z {
             let host = host_neuron(
@@ -607,6 +640,45 @@ mod tests {
         let bad = Tensor::zeros((2, 4), DType::F32, &dev)?;
         let err = layer.log_prob(&bad).unwrap_err().to_string();
         assert!(err.contains("(…, 3)"), "{err}");
+        Ok(())
+    }
+
+    /// A non-finite mean is refused, naming the element, by both constructors, for one
+    /// neuron and a batch, as the non-finite covariance is: it was accepted, and every
+    /// log-density was then NaN (the covariance was checked for finiteness, the mean not).
+    #[test]
+    fn non_finite_means_are_refused_naming_the_element() -> Result<()> {
+        let dev = Device::Cpu;
+        let eye = Tensor::eye(2, DType::F32, &dev)?;
+        let eyes = eye.unsqueeze(0)?.repeat((2, 1, 1))?;
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let one = Tensor::new(&[0.0f32, bad], &dev)?;
+            let two = Tensor::new(&[[0.0f32, 0.0], [bad, 1.0]], &dev)?;
+            for (mean, matrix, element) in [(&one, &eye, "mean[1]"), (&two, &eyes, "mean[1][0]")] {
+                for result in [
+                    GaussLayer::from_covariance(mean, matrix, GaussLayerConfig::default()),
+                    GaussLayer::from_precision(mean, matrix, GaussLayerConfig::default()),
+                ] {
+                    match result {
+                        Err(GaussError::Data { origin, reason }) => {
+                            assert_eq!(origin, "mean");
+                            assert!(
+                                reason.starts_with(&format!("{element} is {bad}")),
+                                "{reason}"
+                            );
+                        }
+                        other => panic!(
+                            "mean {bad} at {element}: expected a Data error, got {:?}",
+                            other.map(|l| l.out_features())
+                        ),
+                    }
+                }
+            }
+        }
+        // Finite means (a batch, a view, a transposed one) are taken as they are.
+        let means = Tensor::new(&[[0.0f32, 1.0], [2.0, 3.0]], &dev)?.t()?;
+        let layer = GaussLayer::from_covariance(&means, &eyes, GaussLayerConfig::default())?;
+        assert_eq!(layer.center().to_vec2::<f32>()?, [[0.0, 2.0], [1.0, 3.0]]);
         Ok(())
     }
 

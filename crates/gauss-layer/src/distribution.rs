@@ -453,6 +453,25 @@ impl MultivariateNormalBatch {
     }
 }
 
+/// The shapes of one normal: `mean` (d) and `matrix` (d, d). The layer's constructors also
+/// take a batch ((Z, d) and (Z, d, d)), of which a single normal would keep only the first.
+fn check_one_normal(mean: &Tensor, matrix: &Tensor, name: &str) -> Result<()> {
+    let batch = |what: &str| {
+        format!("{what} (one normal; a batch of them is MultivariateNormalBatch::from_{name})")
+    };
+    let &[d] = mean.dims() else {
+        return Err(GaussError::shape("mean", batch("(d)"), mean.dims()));
+    };
+    if matrix.dims() != [d, d] {
+        return Err(GaussError::shape(
+            name,
+            batch(&format!("({d}, {d}) for a mean of shape ({d})")),
+            matrix.dims(),
+        ));
+    }
+    Ok(())
+}
+
 impl MultivariateNormal {
     /// N(`mean`, `covariance`) held in `config`'s parameterization.
     ///
@@ -460,12 +479,15 @@ impl MultivariateNormal {
     /// `mean`: (d), `covariance`: (d, d)
     ///
     /// # Errors
-    /// As [`GaussLayer::from_covariance`].
+    /// A `mean` that is not (d) or a `covariance` that is not (d, d)
+    /// ([`GaussError::Shape`]; a batch of normals is [`MultivariateNormalBatch::from_covariance`]);
+    /// otherwise as [`GaussLayer::from_covariance`].
     pub fn from_covariance(
         mean: &Tensor,
         covariance: &Tensor,
         config: GaussLayerConfig,
     ) -> Result<Self> {
+        check_one_normal(mean, covariance, "covariance")?;
         GaussLayer::from_covariance(mean, covariance, config)?.distribution(0)
     }
 
@@ -475,12 +497,15 @@ impl MultivariateNormal {
     /// `mean`: (d), `precision`: (d, d)
     ///
     /// # Errors
-    /// As [`GaussLayer::from_precision`].
+    /// A `mean` that is not (d) or a `precision` that is not (d, d)
+    /// ([`GaussError::Shape`]; a batch of normals is [`MultivariateNormalBatch::from_precision`]);
+    /// otherwise as [`GaussLayer::from_precision`].
     pub fn from_precision(
         mean: &Tensor,
         precision: &Tensor,
         config: GaussLayerConfig,
     ) -> Result<Self> {
+        check_one_normal(mean, precision, "precision")?;
         GaussLayer::from_precision(mean, precision, config)?.distribution(0)
     }
 
@@ -614,6 +639,85 @@ mod tests {
             precision: PrecisionConfig::with_parameterization(parameterization),
             ..Default::default()
         }
+    }
+
+    /// One normal's constructors take one normal: a batch (means (2, 2), matrices
+    /// (2, 2, 2)) was accepted and all but its first member silently dropped; now it is a
+    /// Shape error naming the argument and the expected shape (and pointing to the batch
+    /// constructors, which take it).
+    #[test]
+    fn one_normal_refuses_a_batch_and_other_ranks() -> Result<()> {
+        let device = Device::Cpu;
+        let means = Tensor::new(&[[0.0f64, 0.0], [5.0, 5.0]], &device)?;
+        let matrices = Tensor::new(
+            &[[[1.0f64, 0.0], [0.0, 1.0]], [[9.0, 0.0], [0.0, 9.0]]],
+            &device,
+        )?;
+        let mean = means.get(0)?;
+        let matrix = matrices.get(0)?;
+        let cases = [
+            (&means, &matrices, "mean", "(d)"),
+            (&means, &matrix, "mean", "(d)"),
+            (&mean, &matrices, "", "(2, 2) for a mean of shape (2)"),
+            (&mean.unsqueeze(0)?.unsqueeze(0)?, &matrix, "mean", "(d)"),
+            (&mean, &matrix.narrow(1, 0, 1)?, "", "(2, 2)"),
+        ];
+        for (mean, matrix, what, expected) in cases {
+            for (name, result) in [
+                (
+                    "covariance",
+                    MultivariateNormal::from_covariance(
+                        mean,
+                        matrix,
+                        config(Parameterization::Cholesky),
+                    ),
+                ),
+                (
+                    "precision",
+                    MultivariateNormal::from_precision(
+                        mean,
+                        matrix,
+                        config(Parameterization::Cholesky),
+                    ),
+                ),
+            ] {
+                let what = if what.is_empty() { name } else { what };
+                match result {
+                    Err(GaussError::Shape {
+                        what: got,
+                        expected: text,
+                        ..
+                    }) => {
+                        assert_eq!(got, what);
+                        assert!(text.contains(expected), "{text}");
+                        assert!(
+                            text.contains(&format!("MultivariateNormalBatch::from_{name}")),
+                            "{text}"
+                        );
+                    }
+                    other => panic!(
+                        "{name} {:?} {:?}: expected a Shape error naming {what}, got {:?}",
+                        mean.dims(),
+                        matrix.dims(),
+                        other.map(|n| n.dim())
+                    ),
+                }
+            }
+        }
+        // The batch itself goes to the batch constructors, which keep both members.
+        let batch = MultivariateNormalBatch::from_covariance(
+            &means,
+            &matrices,
+            config(Parameterization::Cholesky),
+        )?;
+        assert_eq!(batch.batch_size(), 2);
+        let one = MultivariateNormal::from_covariance(
+            &mean,
+            &matrix,
+            config(Parameterization::Cholesky),
+        )?;
+        assert_eq!(one.dim(), 2);
+        Ok(())
     }
 
     /// The view promises (module docs) that a sample holding ±∞ (and no NaN) gets log-density
