@@ -115,7 +115,14 @@ impl GaussianMixture {
         let counts = (resp.sum(0)? + 10.0 * eps)?.unsqueeze(1)?; // (K, 1), as scikit-learn
         let resp_t = resp.t()?;
         let means = resp_t.matmul(x)?.broadcast_div(&counts)?; // (K, d)
-        let counts_host = host_values(&counts)?;
+
+        // The counts and the means in one read: (K, 1 + d) rows `[n_k, μ_k]`.
+        let counts_and_means = host_values(&Tensor::cat(&[&counts, &means], 1)?)?;
+        let counts_host: Vec<f64> = counts_and_means.chunks(d + 1).map(|row| row[0]).collect();
+        let means_host: Vec<&[f64]> = counts_and_means
+            .chunks(d + 1)
+            .map(|row| &row[1..])
+            .collect();
         // Per component: the weighted covariance around its own mean (d × d, row-major),
         // before `reg_covar`.
         let mut spreads: Vec<Vec<f64>> = Vec::with_capacity(k);
@@ -123,23 +130,41 @@ impl GaussianMixture {
             for (component, count) in counts_host.iter().enumerate() {
                 let centered = x.broadcast_sub(&means.narrow(0, component, 1)?)?;
                 let weighted = centered.broadcast_mul(&resp.narrow(1, component, 1)?)?;
-                let block = host_values(&weighted.t()?.matmul(&centered)?)?;
+                // The scatter Σ r (x − μ)(x − μ)ᵀ (d rows) and the drift Σ r (x − μ) (one
+                // more row), in one read.
+                let scatter = Tensor::cat(
+                    &[&weighted.t()?.matmul(&centered)?, &weighted.sum_keepdim(0)?],
+                    0,
+                )?;
+                let values = host_values(&scatter)?;
+                let (block, drift) = values.split_at(d * d);
+                // The corrected two-pass formula (Chan, Golub & LeVeque): the drift is the
+                // rounding error of μ times the weight, and `drift driftᵀ / n` takes its
+                // square back out of the scatter. Without it, a component collapsed onto
+                // identical points kept a scatter of μ's rounding error squared (7e-32 for
+                // points at (1, 1)) and, with `reg_covar = 0`, a singular covariance that
+                // passed for a fit.
                 spreads.push(
                     (0..d * d)
                         .map(|ij| {
                             let (i, j) = (ij / d, ij % d);
-                            0.5 * (block[i * d + j] + block[j * d + i]) / count
+                            let scatter = 0.5 * (block[i * d + j] + block[j * d + i]);
+                            (scatter - drift[i] * drift[j] / count) / count
                         })
                         .collect(),
                 );
             }
         } else {
-            // E_k[(x − μ_k)²] = E_k[x̃²] − (μ_k − m)² with x̃ = x − m, m the data mean: two
+            // E_k[(x − μ_k)²] = E_k[x̃²] − E_k[x̃]² with x̃ = x − m, m the data mean: three
             // matmuls for all components, and no cancellation beyond the spread of the means.
+            // E_k[x̃] (= μ_k − m) is summed from the same x̃ as E_k[x̃²]: a component of
+            // identical samples then gets a variance of the order of ε·x̃², not the square of
+            // the difference between the roundings of μ_k and m (which let 1000 copies of
+            // (0.1, 0.3) pass for a fit with variance 1e-28 at `reg_covar = 0`).
             let second = resp_t
                 .matmul(&samples.centered_sq)?
                 .broadcast_div(&counts)?;
-            let shifted = means.broadcast_sub(&samples.offset)?;
+            let shifted = resp_t.matmul(&samples.centered)?.broadcast_div(&counts)?;
             let variances = host_values(&(second - shifted.sqr()?)?)?;
             for row in variances.chunks(d) {
                 spreads.push(
@@ -179,6 +204,12 @@ impl GaussianMixture {
                 }
             });
             project_covariance(&mut cov, config, component)?;
+            let means: &[&[f64]] = if self.tied {
+                &means_host
+            } else {
+                &means_host[component..=component]
+            };
+            check_not_collapsed(&cov, means, eps, component)?;
             covariances.extend((0..d * d).map(|ij| cov[(ij / d, ij % d)]));
         }
         let blocks = spreads.len();
@@ -239,8 +270,8 @@ impl GaussianMixture {
         }
     }
 
-    /// k-means++ on the data, then the M-step of the hard clusters; returns the Lloyd
-    /// iterations of the best of `kmeans_inits` seedings.
+    /// k-means on the data (k-means++ seeding, Lloyd's iterations), then the M-step of the
+    /// hard clusters; returns the Lloyd iterations of the best of `kmeans_inits` runs.
     fn init_from_data(
         &self,
         samples: &Samples,
@@ -299,8 +330,9 @@ impl GaussianMixture {
         }
     }
 
-    /// The start alone: k-means++ seeding (best of `options.kmeans_inits` by inertia),
-    /// Lloyd's iterations, then the M-step of the hard clusters written into the mixture.
+    /// The start alone: k-means++ seeding and Lloyd's iterations (best of
+    /// `options.kmeans_inits` runs by inertia), then the M-step of the hard clusters written
+    /// into the mixture (scikit-learn's `init_params='kmeans'`).
     /// Returns the Lloyd iterations.
     ///
     /// # Shapes
@@ -379,7 +411,8 @@ impl GaussianMixture {
         Ok(())
     }
 
-    /// Fits the mixture to `x` by maximum likelihood: k-means++ start (or `means_init`, or
+    /// Fits the mixture to `x` by maximum likelihood: k-means start (k-means++ seeding and
+    /// Lloyd's iterations, scikit-learn's `init_params='kmeans'`; or `means_init`, or
     /// the current values with `warm_start`), EM, and, only when asked (`refine_steps`),
     /// gradient refinement; see the module docs. The fitted values are written into the
     /// mixture's tensors in place. A tied mixture
@@ -393,7 +426,9 @@ impl GaussianMixture {
     /// # Errors
     /// Samples on another device than the mixture's ([`GaussError::DeviceMismatch`]), of the
     /// wrong width or dtype, too few, with fewer distinct samples than
-    /// components, or non-finite; invalid options (`means_init` of the wrong length); a
+    /// components, or non-finite; invalid options (`means_init` of the wrong length); an
+    /// M-step covariance that is not positive definite, e.g. for samples identical along a
+    /// coordinate with `reg_covar = 0` ([`GaussError::InvalidConfig`] naming `reg_covar`); a
     /// covariance the config cannot hold (e.g. variances beyond cholesky's
     /// `factor_diag_floor`, stated in the message); refinement of a mixture whose tensors are
     /// not variables, or of a tied mixture.
@@ -539,6 +574,41 @@ fn project_covariance(
     Ok(())
 }
 
+/// The error of an M-step covariance that is not positive definite (one message for every
+/// parameterization and cause).
+fn not_positive_definite(component: usize) -> GaussError {
+    GaussError::config(
+        "reg_covar",
+        format!("component {component}: the M-step covariance is not positive definite; raise `reg_covar`"),
+    )
+}
+
+/// Refuses an M-step covariance `cov` (with `reg_covar`, projected) that has collapsed along
+/// a coordinate: a variance at most the square of one unit in the last place (`eps`, of the
+/// dtype the M-step sums in) of the component's mean there, so that its samples are
+/// identical there to working precision, and the covariance is singular but for rounding
+/// (`means`: the component's mean, or every component's for a tied covariance). For five
+/// copies of (1, 1), diag's variances came out 0 and failed as not positive definite, while
+/// the full forms' rounding left a remainder of 7e-32, so cholesky reported a converged fit
+/// with a singular covariance and expm failed elsewhere; now all of them refuse with this
+/// one error.
+fn check_not_collapsed(
+    cov: &HostMatrix,
+    means: &[&[f64]],
+    eps: f64,
+    component: usize,
+) -> Result<()> {
+    for i in 0..cov.nrows() {
+        let position = means.iter().fold(0.0f64, |m, mean| m.max(mean[i].abs()));
+        let resolution = eps * position;
+        let variance = cov[(i, i)];
+        if variance.is_nan() || variance <= resolution * resolution {
+            return Err(not_positive_definite(component));
+        }
+    }
+    Ok(())
+}
+
 /// The raw precision tensor (CPU, f64) holding covariances `values` ((K, d, d) row-major),
 /// through [`Precision::from_precision_matrix`]; a failure is explained with the floors.
 fn raw_from_covariances(
@@ -551,12 +621,7 @@ fn raw_from_covariances(
     for component in 0..k {
         let block = &values[component * d * d..(component + 1) * d * d];
         let cov = HostMatrix::from_fn(d, d, |i, j| block[i * d + j]);
-        let inverse = host::spd_inverse(&cov).ok_or_else(|| {
-            GaussError::config(
-                "reg_covar",
-                format!("component {component}: the M-step covariance is not positive definite; raise `reg_covar`"),
-            )
-        })?;
+        let inverse = host::spd_inverse(&cov).ok_or_else(|| not_positive_definite(component))?;
         for i in 0..d {
             for j in 0..d {
                 precision.push(0.5 * (inverse[(i, j)] + inverse[(j, i)]));
@@ -656,4 +721,91 @@ mod tests {
         Ok(())
     }
     crate::test_device!(e_step_of_a_far_away_sample_is_minus_infinity);
+
+    /// Samples identical along a coordinate give a component no spread there: with
+    /// `reg_covar = 0` its covariance is singular, and every parameterization refuses it
+    /// with one error naming `reg_covar` (diag did; cholesky reported a converged fit with
+    /// covariance [[7.1e-32, 7.1e-32], [7.1e-32, 7.1e-32]] for five copies of (1, 1), and
+    /// expm failed with another error). A tied covariance over two such clusters too. With
+    /// `reg_covar > 0` the fit is the closed form: the scatter is 0, so the covariance is
+    /// `reg_covar · I` (scikit-learn's `_estimate_gaussian_covariances_full` adds `reg_covar`
+    /// to the diagonal of the scatter).
+    #[test]
+    fn identical_samples_need_reg_covar_in_every_parameterization() -> Result<()> {
+        use crate::config::Parameterization;
+        let parameterizations = [
+            Parameterization::Cholesky,
+            Parameterization::Direct,
+            Parameterization::Expm,
+            Parameterization::Diag,
+            Parameterization::Sphere,
+            Parameterization::LowRank { rank: 1 },
+            Parameterization::LowRank { rank: 2 },
+        ];
+        // (points, copies, components, tied); 0.1 and 0.3 have no exact binary form, so
+        // their means carry rounding; a thousand copies sum it up.
+        let cases: [(&[[f64; 2]], usize, usize, bool); 5] = [
+            (&[[1.0, 1.0]], 5, 1, false),
+            (&[[0.1, 0.3]], 1000, 1, false),
+            (&[[0.0, 0.0]], 4, 1, false),
+            (&[[-3.0, 7.5]], 3, 1, false),
+            (&[[1.0, 1.0], [5.0, -5.0]], 3, 2, true),
+        ];
+        for parameterization in parameterizations {
+            for (points, copies, k, tied) in cases {
+                if tied && !super::needs_full_covariance(parameterization) {
+                    // diag's and sphere's variances come from one pass of sums (E[x̃²] −
+                    // E[x̃]²), whose rounding is of the order of ε·E[x̃²]: two clusters of
+                    // identical points away from the data mean keep a variance of that order
+                    // (3e-15 here), as before. Their untied cases above are caught.
+                    continue;
+                }
+                let rows: Vec<f64> = points
+                    .iter()
+                    .flat_map(|p| std::iter::repeat_n(p, copies).flatten().copied())
+                    .collect();
+                let n = rows.len() / 2;
+                let x = Tensor::from_vec(rows, (n, 2), &Device::Cpu)?;
+                let what = format!("{parameterization} {points:?} x{copies}, tied {tied}");
+                for reg_covar in [0.0, 1e-6] {
+                    let varmap = VarMap::new();
+                    // f64: a host (Device::Cpu) mixture, the precision the check is about.
+                    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+                    let config = GaussLayerConfig::with_parameterization(parameterization);
+                    let mixture = gaussian_mixture(2, k, config, vb)?.with_tied_covariance(tied)?;
+                    let options = MixtureFitOptions {
+                        reg_covar,
+                        ..Default::default()
+                    };
+                    let result = mixture.fit(&x, &options);
+                    if reg_covar == 0.0 {
+                        match result {
+                            Err(GaussError::InvalidConfig { field, reason }) => {
+                                assert_eq!(field, "reg_covar", "{what}");
+                                assert!(
+                                    reason.ends_with("the M-step covariance is not positive definite; raise `reg_covar`"),
+                                    "{what}: {reason}"
+                                );
+                            }
+                            other => panic!("{what}: expected the reg_covar error, got {other:?}"),
+                        }
+                        continue;
+                    }
+                    assert!(result?.converged, "{what}");
+                    for block in mixture.covariances()?.to_vec3::<f64>()? {
+                        for (i, row) in block.iter().enumerate() {
+                            for (j, &v) in row.iter().enumerate() {
+                                let expected = if i == j { reg_covar } else { 0.0 };
+                                assert!(
+                                    (v - expected).abs() < 1e-9 * reg_covar,
+                                    "{what}: covariance {block:?}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }

@@ -1,5 +1,9 @@
 //! The data-driven start: k-means++ seeding and Lloyd's iterations on the centered samples,
-//! as scikit-learn's `GaussianMixture(init_params='k-means++')` starts.
+//! as scikit-learn's `GaussianMixture(init_params='kmeans')` (its default) starts: a `KMeans`
+//! run, whose seeding is greedy k-means++, and the hard clusters it ends with. (scikit-learn's
+//! `init_params='k-means++'` is another start: the k-means++ seeds alone, with no Lloyd
+//! iterations.) Unlike scikit-learn, which runs `KMeans` once per start, the best of
+//! `kmeans_inits` runs by inertia is kept.
 
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;

@@ -1,11 +1,17 @@
 //! Gaussian mixtures: a Gaussian-only [`GaussLayer`] (one neuron per component) plus mixing
 //! logits, `p(x) = Σ_k softmax(logits)_k · N(x | c_k, P_k⁻¹)`.
 //!
-//! [`GaussianMixture::fit`] fits it to data the way scikit-learn's `GaussianMixture` does, so
-//! it reaches the same mean log-likelihood (its `score`):
-//! 1. **k-means++ on the data** (the greedy variant scikit-learn uses, best of a few seedings
-//!    by inertia), then Lloyd's iterations (a cluster left empty takes the sample farthest
-//!    from its center, as in scikit-learn); the hard clusters give the first M-step;
+//! [`GaussianMixture::fit`] fits it to data the way scikit-learn's `GaussianMixture` does
+//! with its default start, `init_params='kmeans'`. EM finds a local maximum, so the mean
+//! log-likelihood (its `score`) it reaches depends on the start: it is that of scikit-learn's
+//! `init_params='kmeans'`, while another start may end elsewhere (on
+//! `make_moons(400, noise=0.08, random_state=0)`, K = 2, full covariances: −1.708982 here and
+//! with `'kmeans'`, −1.690346 with `init_params='k-means++'`, `n_init=5`):
+//! 1. **k-means on the data**: k-means++ seeding (the greedy variant scikit-learn uses, best
+//!    of `kmeans_inits` k-means runs by inertia), then Lloyd's iterations (a cluster left
+//!    empty takes the sample farthest from its center, as in scikit-learn); the hard clusters
+//!    give the first M-step. This is scikit-learn's `init_params='kmeans'` (a `KMeans` run),
+//!    not its `init_params='k-means++'` (the seeds alone, no Lloyd iterations);
 //! 2. **EM** until the mean log-likelihood changes by less than `tol` per iteration. The
 //!    M-step computes each component's weighted mean and covariance (plus `reg_covar` on the
 //!    diagonal), projects the covariance onto the parameterization's family (its diagonal for
@@ -134,8 +140,8 @@ pub struct MixtureFitOptions {
     /// of `tools/density/mixtures.py` (32-D, 5 overlapping components) stopped in a local
     /// optimum 0.96 nats per sample below scikit-learn's; with 5, none did.
     pub n_init: usize,
-    /// k-means++ seedings per start; the k-means run with the lowest inertia is kept.
-    /// Default 3.
+    /// k-means runs (k-means++ seeding, then Lloyd's iterations) per start; the run with the
+    /// lowest inertia is kept. Default 3 (scikit-learn's `GaussianMixture` runs one).
     pub kmeans_inits: usize,
     /// Most Lloyd iterations per k-means run. Default 300 (scikit-learn's `KMeans`).
     pub max_kmeans_steps: usize,
@@ -151,10 +157,13 @@ pub struct MixtureFitOptions {
     /// after a previous `fit` on similar data): no k-means and a single start (`n_init` and
     /// `means_init` are not used). Default false.
     pub warm_start: bool,
-    /// Initial means (K·d values, row-major), as scikit-learn's `means_init`: each sample is
-    /// assigned to its nearest mean, the first M-step takes the weights and covariances of
-    /// those clusters and keeps these means, then EM runs (one start; no k-means). Default
-    /// `None` (the k-means++ start).
+    /// Initial means (K·d values, row-major): each sample is assigned to its nearest given
+    /// mean, the first M-step takes the weights and covariances of those clusters (around
+    /// their own means) and keeps the given means, then EM runs (one start; no k-means).
+    /// scikit-learn's `means_init` starts the means the same way but takes the weights and
+    /// covariances from a `KMeans` run on the data (which does not see `means_init`), so
+    /// the two starts, and possibly the optima EM reaches from them, differ. Default `None`
+    /// (the k-means start).
     pub means_init: Option<Vec<f64>>,
 }
 
@@ -226,11 +235,16 @@ pub struct MixtureFit {
 impl GaussianMixture {
     /// A mixture from a Gaussian-only layer and its logits.
     ///
+    /// A logit of −∞ is a component of weight 0 (as torch's `Categorical(logits=…)` takes
+    /// it): it is never drawn and adds nothing to the density (`fit` writes finite logits
+    /// again). NaN, +∞ (its softmax is ∞/∞) and all logits −∞ (0/0) define no weights.
+    ///
     /// # Shapes
     /// `logits`: (Z), Z the layer's neurons.
     ///
     /// # Errors
-    /// A layer with a linear part; logits of another shape, dtype or device.
+    /// A layer with a linear part; logits of another shape, dtype or device; logits holding
+    /// NaN or +∞, or all −∞ ([`GaussError::Data`], naming the logit).
     pub fn new(layer: GaussLayer, logits: Tensor) -> Result<Self> {
         if !layer.config().gaussian_only {
             return Err(GaussError::config(
@@ -258,6 +272,7 @@ impl GaussianMixture {
             layer.center().device(),
             "the layer's center",
         )?;
+        check_logits(&host_values(&logits)?)?;
         Ok(Self {
             layer,
             logits,
@@ -571,6 +586,31 @@ impl GaussianMixture {
     }
 }
 
+/// Logits whose softmax is a distribution: no NaN, no +∞, not all −∞ (see
+/// [`GaussianMixture::new`]); NaN logits made every weight and log-density NaN, and
+/// `sample_with_components` then drew every sample from the last component.
+fn check_logits(logits: &[f64]) -> Result<()> {
+    if let Some(k) = logits
+        .iter()
+        .position(|v| v.is_nan() || *v == f64::INFINITY)
+    {
+        return Err(GaussError::data(
+            "mixture logits",
+            format!(
+                "logit {k} is {}; a logit must be finite, or −∞ for a component of weight 0",
+                logits[k]
+            ),
+        ));
+    }
+    if !logits.is_empty() && logits.iter().all(|v| *v == f64::NEG_INFINITY) {
+        return Err(GaussError::data(
+            "mixture logits",
+            "every logit is −∞, so no component has weight; at least one must be finite",
+        ));
+    }
+    Ok(())
+}
+
 /// The dimensions of a (…, K) tensor but its last: the (…) of a per-sample result.
 pub(super) fn leading_dims(joint: &Tensor) -> Vec<usize> {
     let dims = joint.dims();
@@ -599,4 +639,51 @@ fn check_equal_blocks(values: &[f64], k: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// NaN or +∞ logits, or all of them −∞, define no weights and are refused naming the
+    /// logit; they were accepted, and then every weight and log-density was NaN and every
+    /// sample came from the last component. A −∞ logit beside finite ones is a component of
+    /// weight 0: its weight is 0, it is never drawn, and the density is the other
+    /// component's alone (closed form: N(x | 0, I) at x = 0 is 1/(2π) in 2-D).
+    #[test]
+    fn logits_must_define_weights() -> Result<()> {
+        let device = Device::Cpu;
+        let means = Tensor::new(&[[0.0f32, 0.0], [5.0, 5.0]], &device)?;
+        let eyes = Tensor::eye(2, DType::F32, &device)?
+            .unsqueeze(0)?
+            .repeat((2, 1, 1))?;
+        let layer = GaussLayer::from_covariance(&means, &eyes, GaussLayerConfig::default())?;
+        let inf = f32::INFINITY;
+        for (logits, needle) in [
+            ([f32::NAN, 0.0], "logit 0 is NaN"),
+            ([0.0, f32::NAN], "logit 1 is NaN"),
+            ([0.0, inf], "logit 1 is inf"),
+            ([-inf, -inf], "every logit is −∞"),
+        ] {
+            let logits = Tensor::new(&logits, &device)?;
+            match GaussianMixture::new(layer.clone(), logits) {
+                Err(GaussError::Data { origin, reason }) => {
+                    assert_eq!(origin, "mixture logits");
+                    assert!(reason.contains(needle), "{reason}");
+                }
+                other => panic!("expected a Data error with `{needle}`, got {other:?}"),
+            }
+        }
+        let mixture = GaussianMixture::new(layer, Tensor::new(&[0.0f32, -inf], &device)?)?;
+        assert_eq!(mixture.weights()?.to_vec1::<f32>()?, [1.0, 0.0]);
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+        let (_, components) = mixture.sample_with_components(100, &mut rng)?;
+        assert!(components.iter().all(|&c| c == 0), "{components:?}");
+        let x = Tensor::new(&[[0.0f32, 0.0]], &device)?;
+        let log_p = mixture.log_prob(&x)?.to_vec1::<f32>()?[0] as f64;
+        let expected = -(2.0 * std::f64::consts::PI).ln();
+        assert!((log_p - expected).abs() < 1e-6, "{log_p} vs {expected}");
+        Ok(())
+    }
 }
