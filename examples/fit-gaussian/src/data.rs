@@ -70,8 +70,18 @@ impl KnownGaussian {
     }
 }
 
+/// The dtype of tensor `name` as the safetensors header spells it (`I32`), for messages;
+/// `None` if the header cannot be read (the file was parsed already, so it can).
+fn header_dtype(bytes: &[u8], name: &str) -> Option<String> {
+    let length = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let header = bytes.get(8..8usize.checked_add(usize::try_from(length).ok()?)?)?;
+    let header: serde_json::Value = serde_json::from_slice(header).ok()?;
+    Some(header.get(name)?.get("dtype")?.as_str()?.to_string())
+}
+
 /// Reads tensor `x` (N, d) from a safetensors file, converted to f64; errors name the file
-/// and what is wrong (missing tensor, wrong rank, too few samples, non-finite values).
+/// and what is wrong (missing tensor, not a float dtype, wrong rank, too few samples,
+/// non-finite values).
 /// One Gaussian (`components` `None`) needs N > d for a full-rank maximum-likelihood
 /// covariance; a mixture of K components needs N >= K, as scikit-learn (its `reg_covar`
 /// keeps every covariance positive definite whatever N and d).
@@ -85,6 +95,15 @@ pub fn load_samples(path: &Path, components: Option<usize>, device: &Device) -> 
     let shape = file
         .shape("x")
         .context("expected a tensor named `x` of shape (N, d)")?;
+    // `--data` takes samples as floats; integers (labels, pixel counts, a wrong tensor) are
+    // refused rather than silently converted.
+    if !file.is_float("x")? {
+        let dtype = header_dtype(&bytes, "x").unwrap_or_else(|| "not a float".to_string());
+        bail!(
+            "{}: tensor `x` has dtype {dtype}; --data takes samples of a float dtype (F16, BF16, F32 or F64)",
+            path.display()
+        );
+    }
     let &[n, d] = shape.as_slice() else {
         bail!(
             "{}: tensor `x` must have shape (N, d), got {shape:?}",
@@ -112,6 +131,62 @@ pub fn load_samples(path: &Path, components: Option<usize>, device: &Device) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A safetensors file holding one tensor `x` of `dtype` and `shape` (zero bytes), written
+    /// by hand: the dtypes candle cannot build.
+    fn write_raw(
+        path: &Path,
+        dtype: &str,
+        shape: [usize; 2],
+        bytes_per_value: usize,
+    ) -> Result<()> {
+        let size = shape[0] * shape[1] * bytes_per_value;
+        let mut header = format!(
+            r#"{{"x":{{"dtype":"{dtype}","shape":[{},{}],"data_offsets":[0,{size}]}}}}"#,
+            shape[0], shape[1]
+        );
+        while header.len() % 8 != 0 {
+            header.push(' ');
+        }
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend(header.as_bytes());
+        file.extend(vec![0u8; size]);
+        std::fs::write(path, file)?;
+        Ok(())
+    }
+
+    /// `--data` takes "any float dtype": an integer `x` was converted and fitted; now it is
+    /// refused naming the dtype, and the float dtypes still load.
+    #[test]
+    fn integer_samples_are_refused_naming_the_dtype() -> Result<()> {
+        let device = Device::Cpu;
+        let dir = gauss_tests::temp_dir("fit-gaussian-int-data")?;
+        for (dtype, bytes) in [("I32", 4), ("I64", 8), ("U8", 1), ("I16", 2)] {
+            let path = dir.join(format!("{dtype}.safetensors"));
+            write_raw(&path, dtype, [5, 2], bytes)?;
+            for components in [None, Some(2)] {
+                let text = load_samples(&path, components, &device)
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    text.contains(&format!("tensor `x` has dtype {dtype}")),
+                    "{text}"
+                );
+                assert!(text.contains("float dtype"), "{text}");
+            }
+        }
+        for (dtype, bytes) in [("F32", 4), ("F16", 2), ("BF16", 2), ("F64", 8)] {
+            let path = dir.join(format!("{dtype}.safetensors"));
+            write_raw(&path, dtype, [5, 2], bytes)?;
+            assert_eq!(
+                load_samples(&path, None, &device)?.dims(),
+                &[5, 2],
+                "{dtype}"
+            );
+        }
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
 
     /// A mixture needs one sample per component, not N > d: 6 samples in 10 dimensions fit
     /// 2 components (scikit-learn fits them too; `reg_covar` keeps the covariances positive

@@ -2,7 +2,8 @@
 //! log-likelihood, and compares the result with the maximum-likelihood fit within the
 //! parameterization's family (closed form; for lowrank below full rank, EM; see `mle`); or,
 //! with `--components K`, fits a mixture of K normals the way scikit-learn's
-//! `GaussianMixture` does (k-means++ start on the data, then EM).
+//! `GaussianMixture` does with its default `init_params='kmeans'` (k-means on the data:
+//! k-means++ seeds, Lloyd's iterations; then EM).
 //!
 //! ```text
 //! cargo run --release -p fit-gaussian -- --data tests/data/reference/nll_1.safetensors
@@ -33,9 +34,13 @@ use gauss_layer::{checkpoint, Parameterization};
 use serde_json::json;
 
 /// Fit a multivariate normal by gradient descent on its NLL, or (--components K) a mixture of
-/// K normals by k-means++ and EM.
+/// K normals by k-means and EM.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+// Negative numbers are values, so that `--reg-covar -1` meets the program's own check of the
+// option (which names it and says what it takes) instead of clap's "unexpected argument"; the
+// float options also take any hyphenated value (`-1e-3`, `-inf`, which clap does not count as
+// numbers) for their checks to refuse.
+#[command(version, about, allow_negative_numbers = true)]
 struct Args {
     /// safetensors file with a tensor `x` of shape (N, d) (any float dtype, read as f64);
     /// default: samples of a random known Gaussian (or mixture, with --components) drawn with
@@ -50,7 +55,7 @@ struct Args {
     /// 1 <= R <= input dimension).
     #[arg(long)]
     rank: Option<usize>,
-    /// Fit a mixture of this many components (k-means++ start, EM) instead of one Gaussian by
+    /// Fit a mixture of this many components (k-means start, EM) instead of one Gaussian by
     /// gradient descent; its JSON line then has `mean_log_likelihood` (nats per sample, as
     /// scikit-learn's `score`), `weights`, `means`, `covariances`, `steps`, `seconds`.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
@@ -59,16 +64,16 @@ struct Args {
     #[arg(long, default_value_t = 3000)]
     steps: usize,
     /// One Gaussian: peak AdamW learning rate (cosine decay over the steps).
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, allow_hyphen_values = true)]
     lr: f64,
     /// One Gaussian: stop once every gradient entry is below this.
-    #[arg(long, default_value_t = 1e-7)]
+    #[arg(long, default_value_t = 1e-7, allow_hyphen_values = true)]
     grad_tol: f64,
     /// One Gaussian: floor on the eigenvalues of a repaired `direct` precision; default
     /// 0.1 / tr(sample covariance), at least ten times below the smallest precision eigenvalue
     /// of the MLE (a floor near zero lets one repair feed Adam a huge `P⁻¹` gradient that
     /// stalls it).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     min_eigenvalue: Option<f64>,
     /// Mixture: one covariance shared by all components (scikit-learn's
     /// `covariance_type='tied'` with the full parameterizations; with diag, sphere or lowrank
@@ -80,17 +85,18 @@ struct Args {
     em_steps: usize,
     /// Mixture: EM stops once the mean log-likelihood changes by less than this (nats per
     /// sample) between iterations (scikit-learn's default is 1e-3).
-    #[arg(long, default_value_t = 1e-6)]
+    #[arg(long, default_value_t = 1e-6, allow_hyphen_values = true)]
     tol: f64,
     /// Mixture: added to every covariance's diagonal in each M-step (scikit-learn's
     /// `reg_covar`).
-    #[arg(long, default_value_t = 1e-6)]
+    #[arg(long, default_value_t = 1e-6, allow_hyphen_values = true)]
     reg_covar: f64,
-    /// Mixture: independent starts (k-means++, EM); the best log-likelihood is kept (the
+    /// Mixture: independent starts (k-means, EM); the best log-likelihood is kept (the
     /// library's default, 5).
     #[arg(long, default_value_t = 5)]
     n_init: usize,
-    /// Mixture: k-means++ seedings per start; the k-means run of lowest inertia is kept.
+    /// Mixture: k-means runs (k-means++ seeding, Lloyd's iterations) per start; the run of
+    /// lowest inertia is kept.
     #[arg(long, default_value_t = 3)]
     kmeans_inits: usize,
     /// Mixture: AdamW steps on the mixture NLL after EM; default 0 (EM maximizes over every
@@ -99,7 +105,7 @@ struct Args {
     #[arg(long)]
     refine_steps: Option<usize>,
     /// Mixture: peak learning rate of the refinement (cosine decay).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, allow_hyphen_values = true)]
     refine_lr: f64,
     /// Seed of the synthetic data, of the initialization (one Gaussian) and of the k-means++
     /// draws (mixture).
@@ -168,7 +174,7 @@ fn run_mixture(
     };
     // `run` checks the summary is finite before it saves anything.
     let summary = mixture::run(&x, &source, &mixture_args)?;
-    println!("{summary}");
+    examples_support::print_line(summary)?;
     Ok(())
 }
 
@@ -301,9 +307,18 @@ fn run(args: Args) -> Result<()> {
             .with_context(|| format!("saving {}", path.display()))?;
         notes.push(format!("saved the fitted layer to {}", path.display()));
     }
+    if !fitted.converged {
+        // The JSON says `"converged": false`, but an unconverged fit can be far from the MLE
+        // (unstandardized data: NLL 8992 against 12.04 for columns of sd 1e4), so say it
+        // where a person reads, with what to try.
+        notes.push(format!(
+            "warning: gradient descent did not converge in {} steps (a gradient entry is still above --grad-tol {:e}); its mean NLL {:.6} may be far from the maximum-likelihood {:.6}: raise --steps, or standardize the data (zero mean, unit variance per column)",
+            fitted.steps, args.grad_tol, fitted.nll, mle.nll
+        ));
+    }
     for note in notes {
         eprintln!("{note}");
     }
-    println!("{summary}");
+    examples_support::print_line(summary)?;
     Ok(())
 }

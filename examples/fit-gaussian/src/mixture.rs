@@ -1,6 +1,6 @@
 //! `--components K`: a Gaussian mixture fitted like scikit-learn's `GaussianMixture`
-//! (k-means++ start on the data, EM, optional gradient refinement; see
-//! `gauss_layer::GaussianMixture`), reported as one JSON line.
+//! with its default `init_params='kmeans'` (k-means start on the data, EM, optional gradient
+//! refinement; see `gauss_layer::GaussianMixture`), reported as one JSON line.
 
 use std::path::Path;
 use std::time::Instant;

@@ -86,6 +86,67 @@ fn nonsense_options_and_sizes_get_one_line() -> Result<()> {
     Ok(())
 }
 
+/// A negative number after an option is its value: `--reg-covar -1` met clap's "unexpected
+/// argument '-1' found" (only `--reg-covar=-1` reached the program's check); now both
+/// spellings get the check that names the option and what it takes, and an integer option
+/// gets clap's message naming it.
+#[test]
+fn negative_values_reach_the_option_checks() -> Result<()> {
+    let cases: [(&[&str], &str); 8] = [
+        (
+            &["--lr", "-inf"],
+            "--lr must be a finite number in (0, 1], got -inf",
+        ),
+        (
+            &["--reg-covar", "-1"],
+            "--reg-covar must be a finite number >= 0, got -1",
+        ),
+        (
+            &["--lr", "-1"],
+            "--lr must be a finite number in (0, 1], got -1",
+        ),
+        (
+            &["--grad-tol", "-1"],
+            "--grad-tol must be a finite number >= 0, got -1",
+        ),
+        (
+            &["--tol", "-1e-3"],
+            "--tol must be a finite number > 0, got -0.001",
+        ),
+        (
+            &["--refine-lr", "-1"],
+            "--refine-lr must be a finite number in (0, 1], got -1",
+        ),
+        (
+            &["--param", "direct", "--min-eigenvalue", "-1"],
+            "--min-eigenvalue must be a finite number > 0, got -1",
+        ),
+        (
+            &["--components", "2", "--reg-covar", "-0.5"],
+            "--reg-covar must be a finite number >= 0, got -0.5",
+        ),
+    ];
+    for (args, needle) in cases {
+        let line = run_err(args)?;
+        assert!(line.contains(needle), "{args:?}: {line}");
+        let joined = format!("{}={}", args[args.len() - 2], args[args.len() - 1]);
+        let mut equals: Vec<&str> = args[..args.len() - 2].to_vec();
+        equals.push(&joined);
+        let line = run_err(&equals)?;
+        assert!(line.contains(needle), "{equals:?}: {line}");
+    }
+    for option in ["--seed", "--steps", "--dim"] {
+        let (ok, _, stderr) = run(&[option, "-1"])?;
+        assert!(!ok, "{option} -1 was accepted");
+        let first = stderr.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with(&format!("error: invalid value '-1' for '{option} ")),
+            "{option}: {stderr}"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn hostile_files_and_degenerate_data_get_one_line() -> Result<()> {
     let dir = temp_dir("data")?;

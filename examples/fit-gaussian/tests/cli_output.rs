@@ -72,3 +72,34 @@ fn lowrank_mixture_param_carries_its_rank() -> Result<()> {
     assert_eq!(mixture["param"], "lowrank:2", "{mixture}");
     Ok(())
 }
+
+/// A fit that stops before its gradient test is met says so on stderr, in one line with what
+/// to try, besides `"converged": false` in the JSON; the exit status stays 0. A converged fit
+/// (here: a gradient tolerance met at the first check) has no such line.
+#[test]
+fn an_unconverged_fit_warns_on_stderr() -> Result<()> {
+    let bin = env!("CARGO_BIN_EXE_fit-gaussian");
+    let (ok, stdout, stderr) = gauss_tests::run_limited(bin, &["--steps", "20"])?;
+    assert!(ok, "{stderr}");
+    let json: Value = serde_json::from_str(&stdout)?;
+    assert_eq!(json["converged"], false, "{json}");
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("warning:"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    for needle in [
+        "did not converge in 20 steps",
+        "raise --steps",
+        "standardize the data",
+    ] {
+        assert!(warnings[0].contains(needle), "{}", warnings[0]);
+    }
+    let (ok, stdout, stderr) =
+        gauss_tests::run_limited(bin, &["--steps", "20", "--grad-tol", "1e9"])?;
+    assert!(ok, "{stderr}");
+    let json: Value = serde_json::from_str(&stdout)?;
+    assert_eq!(json["converged"], true, "{json}");
+    assert!(!stderr.contains("warning:"), "{stderr}");
+    Ok(())
+}
