@@ -522,19 +522,23 @@ mod tests {
         assert!(err.to_string().contains("layer 1 ([2, 3, 3])"), "{err}");
     }
 
-    #[test]
-    fn portable_check_catches_nan_pivots() {
-        // Issue 21's reproduction: [[1, 2], [2, 1]] (eigenvalues 3 and −1) has a NaN second
-        // pivot, which a min reduction may drop; the check must still fail on neuron 1.
-        use crate::config::GaussLayerConfig;
-        let config = GaussLayerConfig {
+    /// A direct layer's config on the portable path (the tensor-op check GPUs run).
+    fn portable_direct() -> crate::config::GaussLayerConfig {
+        crate::config::GaussLayerConfig {
             precision: PrecisionConfig {
                 parameterization: Parameterization::Direct,
                 portable: true,
                 ..Default::default()
             },
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn portable_check_catches_nan_pivots() {
+        // Issue 21's reproduction: [[1, 2], [2, 1]] (eigenvalues 3 and −1) has a NaN second
+        // pivot, which a min reduction may drop; the check must still fail on neuron 1.
+        let config = portable_direct();
         for raw in [
             Tensor::new(
                 &[[[2.0f32, 0.0], [0.0, 2.0]], [[1.0, 2.0], [2.0, 1.0]]],
@@ -563,15 +567,7 @@ mod tests {
     /// every call. The check reads the smallest 0/1 flag now.
     #[test]
     fn half_precision_checks_hold_for_many_pivots() {
-        use crate::config::GaussLayerConfig;
-        let config = GaussLayerConfig {
-            precision: PrecisionConfig {
-                parameterization: Parameterization::Direct,
-                portable: true,
-                ..Default::default()
-            },
-            ..Default::default()
-        };
+        let config = portable_direct();
         // Z·d = 8·300 = 2400 pivots: past both limits.
         let (z, d) = (8, 300);
         let half_identity = (Tensor::eye(d, DType::F32, &Device::Cpu).unwrap() * 0.5)

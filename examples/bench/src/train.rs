@@ -580,6 +580,11 @@ mod tests {
     use super::*;
 
     fn args(extra: &[&str]) -> Args {
+        args_with_batch("4", extra)
+    }
+
+    /// The tiny run of `args` with `--batch batch`.
+    fn args_with_batch(batch: &str, extra: &[&str]) -> Args {
         let base = [
             "bench-train",
             "--in",
@@ -590,7 +595,7 @@ mod tests {
             "8",
         ];
         let tiny = [
-            "--batch", "4", "--steps", "1", "--rounds", "1", "--warmup", "0",
+            "--batch", batch, "--steps", "1", "--rounds", "1", "--warmup", "0",
         ];
         Args::parse_from(base.iter().chain(&tiny).chain(extra))
     }
@@ -661,25 +666,9 @@ mod tests {
     fn batches_past_the_data_and_unfit_probe_counts_are_refused_first() {
         let e = format!(
             "{:#}",
-            report(&Args::parse_from([
-                "bench-train",
-                "--in",
-                "3",
-                "--hidden",
-                "4",
-                "--samples",
-                "8",
-                "--batch",
-                "9",
-                "--steps",
-                "1",
-                "--rounds",
-                "1",
-                "--warmup",
-                "0",
-            ]))
-            .err()
-            .expect("batch 9 of 8 samples")
+            report(&args_with_batch("9", &[]))
+                .err()
+                .expect("batch 9 of 8 samples")
         );
         assert!(e.contains("--batch 9") && e.contains("8 --samples"), "{e}");
         let e = format!(
