@@ -299,6 +299,7 @@ pub fn predict(
     let scale = crate::data::InputScale {
         recorded: crate::validate::recorded_input_scale(&loaded.user_metadata, 1.0)?,
         declared: input_scale,
+        unit_range: false,
     };
     let run_dtype = model
         .net

@@ -121,6 +121,9 @@ pub struct InputScale {
     pub recorded: f64,
     /// The scale the user declared with `--input-scale` (`None`: not declared).
     pub declared: Option<f64>,
+    /// The network was trained on pixels in [0, 1] (a checkpoint `train` wrote: it records
+    /// its data set), so scaled images outside that range are a wrong scale, not data.
+    pub unit_range: bool,
 }
 
 /// A safetensors file with `images` (N, D) and integer `labels` (N), checked before use:
@@ -175,6 +178,27 @@ pub fn eval_file(path: &Path, scale: InputScale, classes: usize) -> Result<Split
     // scale, or f64 pixels of 1e300, would otherwise become ∞).
     let mut pixels = file.matrix("images")?;
     pixels.divide(divide_by);
+    if scale.unit_range {
+        // 0..255 images on a digits checkpoint (0..16) evaluated silently to chance, and the
+        // FGSM figures, which clamp to [0, 1], then beat the clean accuracy.
+        let (lowest, highest) = pixels
+            .values
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
+        // A little slack for pixels scaled before they were saved.
+        if lowest < -1e-6 || highest > 1.0 + 1e-6 {
+            let hint = match scale.declared {
+                Some(declared) => format!("--input-scale {declared} does not map them there"),
+                None => "pass --input-scale with the value that maps them there".to_string(),
+            };
+            bail!(
+                "{origin}: `images` divided by {divide_by} span {lowest} to {highest}, outside the [0, 1] this checkpoint's network was trained on (its pixels divided by {}); {hint}",
+                scale.recorded
+            );
+        }
+    }
     let images = pixels.to_tensor(DType::F32, &Device::Cpu)?;
     let labels: Vec<u32> = label_values.iter().map(|&l| l as u32).collect();
     Ok(Split {
@@ -246,6 +270,7 @@ mod tests {
     const SCALE: InputScale = InputScale {
         recorded: 16.0,
         declared: None,
+        unit_range: true,
     };
 
     fn error(path: &Path, scale: InputScale) -> String {
@@ -354,6 +379,48 @@ mod tests {
             vec![vec![0.25, 1.0]]
         );
         assert_eq!(split.labels.to_vec1::<u32>().unwrap(), vec![9]);
+    }
+
+    /// Images that the scale leaves outside [0, 1] on a checkpoint `train` wrote are a wrong
+    /// scale: 0..255 pixels on a digits checkpoint (recorded 16) evaluated to chance without a
+    /// word. With a declared scale that maps them, or on a checkpoint of raw pixels (an
+    /// imported one: no range known), they are taken.
+    #[test]
+    fn images_outside_the_trained_range_are_refused() {
+        let tensors = [
+            ("images", "U8", vec![1, 2], vec![0, 255]),
+            ("labels", "U8", vec![1], vec![3]),
+        ];
+        let e = error(&file("range-recorded", &tensors), SCALE);
+        assert!(
+            e.contains("span 0 to 15.9375") && e.contains("pass --input-scale"),
+            "{e}"
+        );
+        let path = file("range", &tensors);
+        let declared = InputScale {
+            declared: Some(255.0),
+            ..SCALE
+        };
+        assert_eq!(
+            eval_file(&path, declared, 10)
+                .unwrap()
+                .images
+                .to_vec2::<f32>()
+                .unwrap(),
+            vec![vec![0.0, 1.0]]
+        );
+        let raw_pixels = InputScale {
+            recorded: 1.0,
+            declared: None,
+            unit_range: false,
+        };
+        assert!(eval_file(&path, raw_pixels, 10).is_ok());
+        let too_small = InputScale {
+            declared: Some(100.0),
+            ..SCALE
+        };
+        let e = error(&path, too_small);
+        assert!(e.contains("--input-scale 100 does not map them"), "{e}");
     }
 
     #[test]

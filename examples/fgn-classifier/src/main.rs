@@ -704,6 +704,8 @@ fn eval(args: EvalArgs) -> Result<Value> {
     let scale = data::InputScale {
         recorded: validate::recorded_input_scale(meta, data::DIGITS_SCALE)?,
         declared: args.input_scale,
+        // `train` records its data set; its networks saw pixels in [0, 1].
+        unit_range: meta.contains_key("dataset"),
     };
     let classes = loaded.net.config().out_features;
     // The IDX sets and the bundled digits come divided by their own pixel range (255, 16);

@@ -130,6 +130,8 @@ pub fn predict(args: PredictArgs) -> Result<Value> {
     let scale = InputScale {
         recorded: crate::validate::recorded_input_scale(&loaded.user_metadata, 1.0)?,
         declared: args.input_scale,
+        // predict computes for any input; eval holds data to the trained range.
+        unit_range: false,
     };
     let dtype = net
         .layers()
