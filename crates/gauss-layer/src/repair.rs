@@ -108,7 +108,6 @@ impl PdReport {
 /// A tensor that is not (Z, d, d) or not of a float dtype; NaN or infinite entries
 /// ([`GaussError::Numerical`]).
 pub fn check_positive_definite_matrices(matrices: &Tensor) -> Result<PdReport> {
-    check_float_dtype("precision matrices", matrices.dtype())?;
     let (z, d, values) = host::to_host_matrices(matrices, "precision matrices")?;
     // Eigenvalues only, neurons in parallel: this runs after every optimizer step of a
     // `direct` layer.
@@ -241,7 +240,6 @@ fn check_floor(min_eigenvalue: f64) -> Result<()> {
 /// a repaired entry beyond the dtype's largest finite value ([`GaussError::Numerical`]).
 pub fn repair_matrices(matrices: &Tensor, min_eigenvalue: f64) -> Result<Tensor> {
     check_floor(min_eigenvalue)?;
-    check_float_dtype("precision matrices", matrices.dtype())?;
     let (_, d, mut values) = host::to_host_matrices(matrices, "precision matrices")?;
     // Neurons in parallel; the first error in neuron order is reported.
     let outcomes: Vec<Result<()>> = values

@@ -17,12 +17,15 @@ use crate::error::{GaussError, Result};
 /// that faer is named only here).
 pub(crate) type HostMatrix = Mat<f64>;
 
-/// Copies a (Z, d, d) tensor to the host as f64, returning (Z, d, row-major values).
+/// Copies a (Z, d, d) float tensor to the host as f64, returning (Z, d, row-major values).
 pub(crate) fn to_host_matrices(matrices: &Tensor, what: &str) -> Result<(usize, usize, Vec<f64>)> {
     let dims = matrices.dims();
     if dims.len() != 3 || dims[1] != dims[2] {
         return Err(GaussError::shape(what, "(Z, d, d)", dims));
     }
+    // Every caller takes precision or covariance matrices: an integer tensor is a mistake
+    // the f64 read would hide.
+    crate::error::check_float_dtype(what, matrices.dtype())?;
     Ok((dims[0], dims[1], to_host_values(matrices)?))
 }
 
