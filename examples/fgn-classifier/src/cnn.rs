@@ -110,8 +110,8 @@ impl TrunkConfig {
     }
 
     /// Refuses a trunk whose training cannot fit in this process's memory, before any
-    /// tensor is made: each parameter is held four times while training (value, gradient,
-    /// Adam's two moments) in f32. Every option can be in range while their product is not
+    /// tensor is made: each parameter is held as often while training as the MLP's are
+    /// counted (`limits`: value, gradient, Adam's two moments, in f32). Every option can be in range while their product is not
     /// (`--channels 1024 --channels 1024 --features 65536` on 28×28: a 13 GB `fc` weight,
     /// which aborted the process on its allocation).
     pub fn check_training_fits(&self) -> Result<()> {
@@ -129,7 +129,7 @@ impl TrunkConfig {
                 "training the CNN trunk (--channels {:?}, --features {}, {}×{} images)",
                 self.channels, self.features, self.height, self.width
             ),
-            elements.and_then(|e| e.checked_mul(4 * 4)),
+            elements.and_then(|e| e.checked_mul(crate::limits::BYTES * crate::limits::COPIES)),
         )?;
         Ok(())
     }

@@ -9,8 +9,8 @@ use gauss_layer::{memory, GaussLayerConfig, GaussNetConfig, Parameterization};
 
 /// Bytes per f32 parameter, and the copies training keeps of each: the value, its
 /// gradient, Adam's two moments.
-const BYTES: u64 = 4;
-const COPIES: u64 = 4;
+pub(crate) const BYTES: u64 = 4;
+pub(crate) const COPIES: u64 = 4;
 /// Evaluation batch rows (`evaluate::BATCH`) and the (rows, width) tensors kept per layer
 /// while evaluating and attacking (pre-activation, distance, Gaussian, output, gradients).
 const EVAL_ROWS: u64 = 2048;
